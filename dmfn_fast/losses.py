@@ -1,0 +1,96 @@
+"""DMFN's losses, with the authors' weights as defaults.
+
+`out` is the composite (generated pixels in the hole, known pixels elsewhere),
+`tgt` the ground truth; both in [-1, 1].
+"""
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .ops.centroid_align import centroid_align_loss
+from .vgg import CHANNELS
+
+# w_l = 1e3 / C_l^2 for relu1_1 .. relu5_1, and for the discriminator's 5 local features.
+LAYER_WEIGHTS = tuple(1e3 / c**2 for c in CHANNELS)
+
+
+def reconstruction_loss(out, tgt):
+    return (out - tgt).abs().mean()
+
+
+def guidance_map(out, tgt):
+    """Per-image normalized error map En = E / max(E), E = channel-mean squared error (detached)."""
+    e = (out.detach().float() - tgt.detach().float()).pow(2).mean(1, keepdim=True)
+    m = e.amax(dim=(2, 3), keepdim=True)
+    return e / torch.where(m > 0, m, torch.ones_like(m))  # a perfect image gives 0, not NaN
+
+
+def self_guided_loss(feats_out, feats_tgt, out, tgt, layer_weights=LAYER_WEIGHTS):
+    """Guided L1 on relu1_1 (G1 = 1 + En) and relu2_1 (G2 = 1 + avgpool2(En))."""
+    en = guidance_map(out, tgt)
+    guides = (1 + en, 1 + F.avg_pool2d(en, 2))
+    loss = 0.0
+    for fo, ft, g, w in zip(feats_out[:2], feats_tgt[:2], guides, layer_weights[:2]):
+        g = g.to(fo.dtype)
+        loss = loss + w * (fo * g - ft * g).abs().mean()
+    return loss
+
+
+def feature_matching_loss(feats_out, feats_tgt, layer_weights=LAYER_WEIGHTS):
+    """L1 on relu3_1, relu4_1, relu5_1."""
+    return sum(w * (fo - ft).abs().mean() for fo, ft, w in zip(feats_out[2:], feats_tgt[2:], layer_weights[2:]))
+
+
+def _bce(logits, target: float):
+    return F.binary_cross_entropy_with_logits(logits, torch.full_like(logits, target))
+
+
+def rals_d_loss(real_logits, fake_logits):
+    """Relativistic average GAN loss for the discriminator."""
+    r, f = real_logits, fake_logits
+    return (_bce(r - f.mean(), 1.0) + _bce(f - r.mean(), 0.0)) / 2
+
+
+def rals_g_loss(real_logits, fake_logits):
+    """Relativistic average GAN loss for the generator; the real logits carry no gradient."""
+    r, f = real_logits.detach(), fake_logits
+    return (_bce(r - f.mean(), 0.0) + _bce(f - r.mean(), 1.0)) / 2
+
+
+def disc_feature_matching_loss(feats_fake, feats_real, layer_weights=LAYER_WEIGHTS):
+    """L1 between the discriminator's local features of the output and of the (detached) target."""
+    return sum(w * (a - b.detach()).abs().mean() for a, b, w in zip(feats_fake, feats_real, layer_weights))
+
+
+class DMFNLoss(nn.Module):
+    """The generator's total loss. Returns (total, {term: value}) so training can log every term.
+
+    Terms whose inputs are not given (no discriminator outputs) are left out.
+    `impl` picks the alignment loss's implementation ("auto", "reference", "fused")."""
+
+    def __init__(self, vgg, w_rec=1.0, w_vgg=25.0, w_align=1.0, w_adv=0.003, w_dfm=5.0,
+                 layer_weights=LAYER_WEIGHTS, impl="auto"):
+        super().__init__()
+        self.vgg = vgg
+        self.w_rec, self.w_vgg, self.w_align, self.w_adv, self.w_dfm = w_rec, w_vgg, w_align, w_adv, w_dfm
+        self.layer_weights = tuple(layer_weights)
+        self.impl = impl
+
+    def forward(self, out, tgt, real_logits=None, fake_logits=None, feats_fake=None, feats_real=None):
+        if out.shape != tgt.shape:
+            raise ValueError(f"out and tgt differ in shape: {tuple(out.shape)} vs {tuple(tgt.shape)}")
+        fo = self.vgg(out)
+        with torch.no_grad():
+            ft = self.vgg(tgt)
+        terms = {
+            "rec": self.w_rec * reconstruction_loss(out, tgt),
+            "guided": self.w_vgg * self_guided_loss(fo, ft, out, tgt, self.layer_weights),
+            "fm_vgg": self.w_vgg * feature_matching_loss(fo, ft, self.layer_weights),
+            "align": self.w_align * centroid_align_loss(fo[3], ft[3], impl=self.impl),
+        }
+        if real_logits is not None and fake_logits is not None:
+            terms["adv"] = self.w_adv * rals_g_loss(real_logits, fake_logits)
+        if feats_fake is not None and feats_real is not None:
+            terms["fm_dis"] = self.w_dfm * disc_feature_matching_loss(feats_fake, feats_real, self.layer_weights)
+        total = sum(t.float() for t in terms.values())
+        return total, terms

@@ -1,0 +1,253 @@
+"""DMFN generator and discriminator, module for module as in the authors' code,
+so that their released `latest_G.pth` loads with strict=True."""
+from collections import OrderedDict
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .ops import dmfb as _dmfb_ops
+from .ops._impl import check_impl, use_fast
+
+
+def conv_block(in_ch, out_ch, k, stride=1, padding=0, dilation=1, norm="none", act="relu"):
+    """Conv2d (submodule `conv`), then optional norm (`norm`), then activation."""
+    layers = [("conv", nn.Conv2d(in_ch, out_ch, k, stride, padding, dilation))]
+    if norm == "in":
+        layers.append(("norm", nn.InstanceNorm2d(out_ch, affine=False)))
+    elif norm == "bn":
+        layers.append(("norm", nn.BatchNorm2d(out_ch, affine=True)))
+    elif norm != "none":
+        raise ValueError(f"unknown norm {norm!r}")
+    acts = {"relu": nn.ReLU(True), "lrelu": nn.LeakyReLU(0.2, True), "tanh": nn.Tanh(), "none": None}
+    if acts[act] is not None:
+        layers.append(("act", acts[act]))
+    return nn.Sequential(OrderedDict(layers))
+
+
+class UpBlock(nn.Module):
+    """ConvTranspose2d x2 upsampling, IN, ReLU, then a 3x3 conv_block."""
+
+    def __init__(self, in_ch, out_ch):
+        super().__init__()
+        self.deconv = nn.ConvTranspose2d(in_ch, out_ch, 4, 2, 1)
+        self.norm = nn.InstanceNorm2d(out_ch, affine=False)
+        self.conv = conv_block(out_ch, out_ch, 3, 1, 1, norm="in", act="relu")
+
+    def forward(self, x):
+        return self.conv(F.relu(self.norm(self.deconv(x))))
+
+
+class DMFB(nn.Module):
+    """Dense multi-scale fusion block: four dilated 3x3 branches, summed cumulatively."""
+
+    dilations = (1, 2, 4, 8)
+
+    def __init__(self, channels=256, inner=64, impl="auto"):
+        super().__init__()
+        self.impl = check_impl(impl)
+        self.c1 = nn.Conv2d(channels, inner, 3, 1, 1)
+        for i, d in enumerate(self.dilations, 1):
+            setattr(self, f"d{i}", nn.Conv2d(inner, inner, 3, 1, d, d))
+        self.c2 = nn.Conv2d(4 * inner, channels, 3, 1, 1)
+
+    def forward(self, x):
+        ok, why = _dmfb_ops.can_fuse(x)
+        if use_fast(self.impl, ok, why):
+            return _dmfb_ops.dmfb_fused(self, x)
+        return self.forward_reference(x)
+
+    def forward_reference(self, x):
+        h = F.relu(F.instance_norm(self.c1(x)))
+        k1 = self.d1(h)
+        k2 = k1 + self.d2(h)
+        k3 = k2 + self.d3(h)
+        k4 = k3 + self.d4(h)
+        t = F.relu(F.instance_norm(torch.cat([k1, k2, k3, k4], 1)))
+        return x + F.instance_norm(self.c2(t))
+
+
+def init_weights(module: nn.Module, std: float = 0.02) -> None:
+    """The authors' training init: conv/linear N(0, std), bias 0; BatchNorm weight N(1, std)."""
+    for m in module.modules():
+        if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear)):
+            nn.init.normal_(m.weight, 0.0, std)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.normal_(m.weight, 1.0, std)
+            nn.init.zeros_(m.bias)
+
+
+def _describe_mismatch(name, missing, unexpected):
+    def few(keys):
+        keys = sorted(keys)
+        return ", ".join(keys[:4]) + (" ..." if len(keys) > 4 else "")
+
+    msg = f"this state dict is not a DMFN {name}"
+    if missing:
+        msg += f"; {len(missing)} keys missing (e.g. {few(missing)})"
+    if unexpected:
+        msg += f"; {len(unexpected)} unexpected keys (e.g. {few(unexpected)})"
+    return msg
+
+
+def _strict_load(model, state_dict, name):
+    """load_state_dict(strict=True) with an error that says which model was expected."""
+    if not isinstance(state_dict, dict) or not all(isinstance(k, str) for k in state_dict):
+        raise ValueError(f"expected a state dict for a DMFN {name}, got {type(state_dict).__name__}")
+    state_dict = {k[len("module."):] if k.startswith("module.") else k: v for k, v in state_dict.items()}
+    own = model.state_dict()
+    missing = set(own) - set(state_dict)
+    unexpected = set(state_dict) - set(own)
+    if missing or unexpected:
+        raise ValueError(_describe_mismatch(name, missing, unexpected))
+    bad = [k for k in own if own[k].shape != state_dict[k].shape]
+    if bad:
+        k = bad[0]
+        raise ValueError(
+            f"this state dict does not fit this DMFN {name}: {len(bad)} tensors differ in shape, "
+            f"e.g. {k}: {tuple(state_dict[k].shape)} in the file vs {tuple(own[k].shape)} here "
+            "(were nf / n_blocks / channels different?)"
+        )
+    return nn.Module.load_state_dict(model, state_dict, strict=True)
+
+
+class Generator(nn.Module):
+    """DMFN generator. Input [N, 4, H, W]: the image in [-1, 1] with holes zeroed,
+    then the mask (1 = missing). Output [N, 3, H, W] in [-1, 1]. H, W divisible by 4."""
+
+    def __init__(self, in_channels=4, out_channels=3, nf=64, n_blocks=8, impl="auto", init=True):
+        super().__init__()
+        self.in_channels, self.out_channels = in_channels, out_channels
+        self.encoder = nn.Sequential(
+            conv_block(in_channels, nf, 5, 1, 2, norm="none"),
+            conv_block(nf, 2 * nf, 3, 2, 1, norm="in"),
+            conv_block(2 * nf, 2 * nf, 3, 1, 1, norm="in"),
+            conv_block(2 * nf, 4 * nf, 3, 2, 1, norm="in"),
+        )
+        self.blocks = nn.Sequential(*[DMFB(4 * nf, nf, impl) for _ in range(n_blocks)])
+        self.decoder = nn.Sequential(
+            conv_block(4 * nf, 4 * nf, 3, 1, 1, norm="in"),
+            UpBlock(4 * nf, 2 * nf),
+            UpBlock(2 * nf, nf),
+            conv_block(nf, out_channels, 3, 1, 1, norm="none", act="tanh"),
+        )
+        self.impl = impl
+        if init:
+            init_weights(self)
+
+    @property
+    def impl(self):
+        return self._impl
+
+    @impl.setter
+    def impl(self, value):
+        self._impl = check_impl(value)
+        for b in self.blocks:
+            b.impl = value
+
+    def forward(self, x):
+        if x.dim() != 4 or x.shape[1] != self.in_channels:
+            raise ValueError(
+                f"Generator expects [N, {self.in_channels}, H, W] (masked image + mask), got {tuple(x.shape)}"
+            )
+        if x.shape[2] % 4 or x.shape[3] % 4:
+            raise ValueError(
+                f"Generator.forward needs H and W divisible by 4, got {x.shape[2]}x{x.shape[3]}; "
+                "use Generator.inpaint for any size"
+            )
+        return self.decoder(self.blocks(self.encoder(x)))
+
+    def inpaint(self, image: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Fill the holes of `image` ([N, C, H, W] in [-1, 1]) where `mask` ([N, 1, H, W],
+        values 0/1, 1 = missing) is 1. Any H, W. Known pixels come back bit-exact."""
+        image, mask = check_image_and_mask(image, mask, self.in_channels - 1)
+        H, W = image.shape[-2:]
+        ph, pw = (-H) % 4, (-W) % 4
+        m = mask.to(image.dtype)
+        x = torch.cat([image * (1 - m), m], 1)
+        if ph or pw:
+            x = F.pad(x, (0, pw, 0, ph), mode="replicate")
+        out = self(x)[..., :H, :W].to(image.dtype)
+        return torch.where(mask.bool(), out, image)
+
+    def load_state_dict(self, state_dict, strict=True, assign=False):
+        if not strict:
+            return super().load_state_dict(state_dict, strict=False, assign=assign)
+        return _strict_load(self, state_dict, "Generator")
+
+
+class Discriminator(nn.Module):
+    """Global + local discriminator. forward(x_local [N,3,128,128], x_global [N,3,256,256])
+    -> (logits [N, 1], the 5 local feature maps)."""
+
+    def __init__(self, in_channels=3, nf=64, init=True):
+        super().__init__()
+
+        def block(i, o):
+            return conv_block(i, o, 5, 2, 2, norm="bn", act="lrelu")
+
+        g = [in_channels, nf, 2 * nf, 4 * nf, 8 * nf, 8 * nf, 8 * nf]
+        self.global_model = nn.Sequential(*[block(g[i], g[i + 1]) for i in range(6)])
+        for i in range(5):
+            setattr(self, f"local_fea{i + 1}", block(g[i], g[i + 1]))
+        self.global_classifier = nn.Linear(8 * nf * 16, 512)
+        self.local_classifier = nn.Linear(8 * nf * 16, 512)
+        self.classifier = nn.Sequential(nn.LeakyReLU(0.2), nn.Linear(1024, 1))
+        if init:
+            init_weights(self)
+
+    def forward(self, x_local, x_global):
+        for name, x, size in (("x_local", x_local, 128), ("x_global", x_global, 256)):
+            if x.dim() != 4 or tuple(x.shape[1:]) != (self.local_fea1.conv.in_channels, size, size):
+                raise ValueError(f"Discriminator {name} must be [N, 3, {size}, {size}], got {tuple(x.shape)}")
+        feats = []
+        h = x_local
+        for i in range(5):
+            h = getattr(self, f"local_fea{i + 1}")(h)
+            feats.append(h)
+        loc = self.local_classifier(h.flatten(1))
+        glob = self.global_classifier(self.global_model(x_global).flatten(1))
+        return self.classifier(torch.cat([loc, glob], 1)), feats
+
+    def load_state_dict(self, state_dict, strict=True, assign=False):
+        if not strict:
+            return super().load_state_dict(state_dict, strict=False, assign=assign)
+        return _strict_load(self, state_dict, "Discriminator")
+
+
+def check_image_and_mask(image, mask, channels=3):
+    """Validate an image/mask pair; returns them with a [N, 1, H, W] mask."""
+    if not torch.is_tensor(image) or not torch.is_tensor(mask):
+        raise TypeError("image and mask must be tensors")
+    if image.dim() == 3:
+        image = image.unsqueeze(0)
+    if mask.dim() == 2:
+        mask = mask[None, None]
+    elif mask.dim() == 3:
+        mask = mask.unsqueeze(1)
+    if image.dim() != 4 or image.shape[1] != channels:
+        raise ValueError(f"image must be [N, {channels}, H, W], got {tuple(image.shape)}")
+    if mask.dim() != 4 or mask.shape[1] != 1:
+        raise ValueError(f"mask must have 1 channel ([N, 1, H, W]), got {tuple(mask.shape)}")
+    if mask.shape[-2:] != image.shape[-2:]:
+        raise ValueError(f"mask size {tuple(mask.shape[-2:])} does not match image size {tuple(image.shape[-2:])}")
+    if mask.shape[0] not in (1, image.shape[0]):
+        raise ValueError(f"mask batch {mask.shape[0]} does not match image batch {image.shape[0]}")
+    if not image.is_floating_point():
+        raise TypeError(f"image must be a float tensor in [-1, 1], got {image.dtype}")
+    if not torch.isfinite(image).all():
+        raise ValueError("image contains NaN or Inf")
+    if image.numel() and (image.min() < -1 - 1e-3 or image.max() > 1 + 1e-3):
+        raise ValueError(
+            f"image values must lie in [-1, 1], got [{image.min().item():.3g}, {image.max().item():.3g}]; "
+            "map uint8 images with x / 127.5 - 1"
+        )
+    if mask.dtype != torch.bool and not ((mask == 0) | (mask == 1)).all():
+        raise ValueError(
+            "mask values must be 0 (known) or 1 (missing), as bool or a number type; "
+            "binarize soft masks first, e.g. (mask > 0.5).float()"
+        )
+    return image, mask.expand(image.shape[0], -1, -1, -1)
+

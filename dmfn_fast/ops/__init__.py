@@ -1,0 +1,1 @@
+"""Custom ops, each in one file beside its PyTorch reference."""

@@ -1,0 +1,84 @@
+"""Frozen VGG19 feature extractor for the perceptual losses.
+
+Defined here (not imported from torchvision, which does not run beside the CPU
+torch wheel) with torchvision's layer indices, so its `vgg19` state dict loads."""
+import os
+
+import torch
+import torch.nn as nn
+
+VGG19_URL = "https://download.pytorch.org/models/vgg19-dcbb9e9d.pth"
+# torchvision vgg19 config; "M" is a 2x2 max-pool.
+_CFG = [64, 64, "M", 128, 128, "M", 256, 256, 256, 256, "M", 512, 512, 512, 512, "M", 512]
+# Indices in `features` of relu1_1, relu2_1, relu3_1, relu4_1, relu5_1.
+LAYERS = (1, 6, 11, 20, 29)
+CHANNELS = (64, 128, 256, 512, 512)
+HOW_TO = (
+    "VGG19 weights are needed for the perceptual losses. Download torchvision's file "
+    f"{VGG19_URL} and pass its path (VGG19Features(weights=PATH), train.py --vgg-weights PATH, "
+    "or the DMFN_VGG19_WEIGHTS environment variable), or put it in the torch hub cache "
+    "(<torch.hub.get_dir()>/checkpoints/). For smoke tests only, weights='random'."
+)
+
+
+def _build_features():
+    layers, c = [], 3
+    for v in _CFG:
+        if v == "M":
+            layers.append(nn.MaxPool2d(2, 2))
+        else:
+            layers += [nn.Conv2d(c, v, 3, padding=1), nn.ReLU(inplace=False)]
+            c = v
+    return nn.Sequential(*layers[: LAYERS[-1] + 1])
+
+
+def _load_weights(weights):
+    """A state dict from a path, the hub cache, or a download; None for 'random'."""
+    if weights == "random":
+        return None
+    if weights == "auto":
+        weights = os.environ.get("DMFN_VGG19_WEIGHTS") or None
+    if weights is not None:
+        if not os.path.isfile(weights):
+            raise FileNotFoundError(f"VGG19 weights file not found: {weights}. {HOW_TO}")
+        return torch.load(weights, map_location="cpu", weights_only=True)
+    try:
+        return torch.hub.load_state_dict_from_url(VGG19_URL, map_location="cpu", progress=False, weights_only=True)
+    except Exception as e:  # no network, no cache
+        raise RuntimeError(f"Could not get VGG19 weights ({type(e).__name__}: {e}). {HOW_TO}") from None
+
+
+class VGG19Features(nn.Module):
+    """relu1_1 .. relu5_1 of an image in [-1, 1], ImageNet-normalized. Frozen, eval mode.
+
+    weights: "auto" (DMFN_VGG19_WEIGHTS, then the hub cache or a download), a file path
+    in torchvision's vgg19 format, or "random" (tests and smoke runs only)."""
+
+    def __init__(self, weights="auto"):
+        super().__init__()
+        self.features = _build_features()
+        sd = _load_weights(weights)
+        self.pretrained = sd is not None
+        if sd is not None:
+            sd = {k: v for k, v in sd.items() if k.startswith("features.")}
+            own = self.state_dict()
+            missing = [k for k in own if k not in sd]
+            if missing:
+                raise ValueError(f"not a torchvision vgg19 state dict: missing {missing[:3]}. {HOW_TO}")
+            self.load_state_dict({k: sd[k] for k in own})
+        self.register_buffer("mean", torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1), persistent=False)
+        self.requires_grad_(False)
+        self.eval()
+
+    def train(self, mode=True):
+        return super().train(False)  # always frozen
+
+    def forward(self, x):
+        x = ((x + 1) / 2 - self.mean.to(x.dtype)) / self.std.to(x.dtype)
+        out = []
+        for i, layer in enumerate(self.features):
+            x = layer(x)
+            if i in LAYERS:
+                out.append(x)
+        return out

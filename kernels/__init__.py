@@ -1,0 +1,1 @@
+"""Triton kernels, installed as `dmfn_fast.kernels`. Importing needs triton."""
