@@ -9,6 +9,13 @@ setup(
     packages=["dmfn_fast", "dmfn_fast.ops", "dmfn_fast.kernels"],
     package_dir={"dmfn_fast.kernels": "kernels"},
     install_requires=["torch>=2.5", "numpy", "pillow"],
+    entry_points={
+        "console_scripts": [
+            "dmfn-inpaint=dmfn_fast.inpaint:main",
+            "dmfn-eval=dmfn_fast.evaluate:main",
+            "dmfn-export=dmfn_fast.export:main",
+        ]
+    },
     extras_require={
         "triton": ["triton>=3.1"],
         "train": ["scikit-image", "tqdm", "pyyaml", "matplotlib"],
