@@ -20,7 +20,8 @@ def reconstruction_loss(out, tgt):
 
 def guidance_map(out, tgt):
     """Per-image normalized error map En = E / max(E), E = channel-mean squared error (detached)."""
-    e = (out.detach().float() - tgt.detach().float()).pow(2).mean(1, keepdim=True)
+    dt = torch.promote_types(out.dtype, torch.float32)  # fp16 squares underflow
+    e = (out.detach().to(dt) - tgt.detach().to(dt)).pow(2).mean(1, keepdim=True)
     m = e.amax(dim=(2, 3), keepdim=True)
     return e / torch.where(m > 0, m, torch.ones_like(m))  # a perfect image gives 0, not NaN
 

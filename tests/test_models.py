@@ -1,0 +1,183 @@
+"""The reference Generator and Discriminator: the authors' key names and sizes, and input checks."""
+import pytest
+import torch
+
+from dmfn_fast import DMFB, Discriminator, Generator
+
+# Key names from the authors' released code (issue: "Reference DMFN in PyTorch").
+_BLOCK_KEYS = ["c1", "d1", "d2", "d3", "d4", "c2"]
+G_KEYS = (
+    [f"encoder.{i}.conv.{p}" for i in range(4) for p in ("weight", "bias")]
+    + [f"blocks.{b}.{c}.{p}" for b in range(8) for c in _BLOCK_KEYS for p in ("weight", "bias")]
+    + [
+        "decoder.0.conv.weight", "decoder.0.conv.bias",
+        "decoder.1.deconv.weight", "decoder.1.deconv.bias",
+        "decoder.1.conv.conv.weight", "decoder.1.conv.conv.bias",
+        "decoder.2.deconv.weight", "decoder.2.deconv.bias",
+        "decoder.2.conv.conv.weight", "decoder.2.conv.conv.bias",
+        "decoder.3.conv.weight", "decoder.3.conv.bias",
+    ]
+)
+_D_BLOCK = ["conv.weight", "conv.bias", "norm.weight", "norm.bias", "norm.running_mean",
+            "norm.running_var", "norm.num_batches_tracked"]
+D_KEYS = (
+    [f"global_model.{i}.{k}" for i in range(6) for k in _D_BLOCK]
+    + [f"local_fea{i}.{k}" for i in range(1, 6) for k in _D_BLOCK]
+    + ["global_classifier.weight", "global_classifier.bias", "local_classifier.weight",
+       "local_classifier.bias", "classifier.1.weight", "classifier.1.bias"]
+)
+
+
+def _input(n=2, h=32, w=28, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    img = torch.rand(n, 3, h, w, generator=g) * 2 - 1
+    mask = (torch.rand(n, 1, h, w, generator=g) > 0.6).float()
+    return img, mask
+
+
+def test_generator_keys_and_parameter_count():
+    g = Generator()
+    assert len(G_KEYS) == 116
+    assert list(g.state_dict()) == G_KEYS
+    assert sum(p.numel() for p in g.parameters()) == 9_037_443
+
+
+def test_discriminator_keys_and_parameter_count():
+    d = Discriminator()
+    assert len(D_KEYS) == 83
+    assert list(d.state_dict()) == D_KEYS
+    assert sum(p.numel() for p in d.parameters()) == 36_673_025
+
+
+def test_dmfb_dilations_and_shapes():
+    b = DMFB(32, 16)
+    for i, d in enumerate((1, 2, 4, 8), 1):
+        conv = getattr(b, f"d{i}")
+        assert conv.dilation == (d, d) and conv.padding == (d, d)
+    x = torch.randn(2, 32, 13, 11)
+    assert b(x).shape == x.shape
+
+
+def test_dmfb_reference_matches_spec_by_hand():
+    """forward_reference against the spec's equations written out with functional ops."""
+    import torch.nn.functional as F
+
+    torch.manual_seed(1)
+    b = DMFB(32, 16).double()
+    x = torch.randn(2, 32, 9, 7, dtype=torch.float64)
+    h = F.relu(F.instance_norm(F.conv2d(x, b.c1.weight, b.c1.bias, padding=1)))
+    ks, acc = [], 0
+    for i, d in enumerate((1, 2, 4, 8), 1):
+        conv = getattr(b, f"d{i}")
+        acc = acc + F.conv2d(h, conv.weight, conv.bias, padding=d, dilation=d)
+        ks.append(acc)
+    t = F.relu(F.instance_norm(torch.cat(ks, 1)))
+    want = x + F.instance_norm(F.conv2d(t, b.c2.weight, b.c2.bias, padding=1))
+    torch.testing.assert_close(b(x), want, rtol=1e-12, atol=1e-12)
+
+
+def test_state_dict_round_trip_gives_identical_outputs():
+    g1, g2 = Generator(nf=16, n_blocks=2), Generator(nf=16, n_blocks=2)
+    img, mask = _input()
+    x = torch.cat([img * (1 - mask), mask], 1)
+    assert not torch.equal(g1(x), g2(x))
+    g2.load_state_dict(g1.state_dict())
+    assert torch.equal(g1(x), g2(x))
+
+
+def test_authors_module_prefix_is_accepted():
+    g1, g2 = Generator(nf=16, n_blocks=1), Generator(nf=16, n_blocks=1)
+    g2.load_state_dict({"module." + k: v for k, v in g1.state_dict().items()})
+    for a, b in zip(g1.parameters(), g2.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_other_models_checkpoint_is_rejected_clearly():
+    g = Generator()
+    with pytest.raises(ValueError, match="not a DMFN Generator"):
+        g.load_state_dict(Discriminator().state_dict())
+    with pytest.raises(ValueError, match="differ in shape"):
+        g.load_state_dict(Generator(nf=32).state_dict())
+    with pytest.raises(ValueError, match="not a DMFN Discriminator"):
+        Discriminator().load_state_dict(g.state_dict())
+
+
+def test_init_statistics():
+    g, d = Generator(), Discriminator()
+    w = torch.cat([b.c2.weight.flatten() for b in g.blocks])
+    assert abs(w.std().item() - 0.02) < 1e-3 and abs(w.mean().item()) < 1e-3
+    assert all(torch.all(m.bias == 0) for m in g.modules() if isinstance(m, torch.nn.Conv2d))
+    bn = d.global_model[1].norm.weight
+    assert abs(bn.mean().item() - 1) < 0.01 and 0 < bn.std().item() < 0.05
+
+
+def test_generator_output_range_and_shape():
+    g = Generator(nf=16, n_blocks=2)
+    img, mask = _input(n=1, h=20, w=36)
+    out = g(torch.cat([img * (1 - mask), mask], 1))
+    assert out.shape == (1, 3, 20, 36)
+    assert out.abs().max() <= 1
+
+
+@pytest.mark.parametrize("h,w", [(301, 257), (32, 28), (5, 3)])
+def test_inpaint_keeps_known_pixels_bit_exact(h, w):
+    g = Generator(nf=16, n_blocks=1)
+    img, mask = _input(n=2, h=h, w=w)
+    out = g.inpaint(img, mask)
+    assert out.shape == img.shape
+    known = (mask == 0).expand_as(img)
+    assert torch.equal(out[known], img[known])
+    # The hole comes from the network, not the input.
+    assert not torch.equal(out[~known], img[~known])
+
+
+def test_inpaint_accepts_bool_mask_and_broadcasts_one_mask():
+    g = Generator(nf=16, n_blocks=1)
+    img, mask = _input(n=3, h=16, w=12)
+    a = g.inpaint(img, mask[:1].bool())
+    b = g.inpaint(img, mask[:1].expand(3, -1, -1, -1))
+    assert torch.equal(a, b)
+
+
+def test_forward_rejects_bad_input():
+    g = Generator(nf=16, n_blocks=1)
+    with pytest.raises(ValueError, match=r"\[N, 4, H, W\]"):
+        g(torch.randn(1, 3, 16, 16))
+    with pytest.raises(ValueError, match="divisible by 4"):
+        g(torch.randn(1, 4, 18, 16))
+
+
+def test_inpaint_rejects_bad_masks_and_images():
+    g = Generator(nf=16, n_blocks=1)
+    img, mask = _input(n=1, h=16, w=16)
+    with pytest.raises(ValueError, match="1 channel"):
+        g.inpaint(img, mask.expand(1, 3, 16, 16))
+    with pytest.raises(ValueError, match="does not match image size"):
+        g.inpaint(img, mask[..., :12])
+    with pytest.raises(ValueError, match="0 \\(known\\) or 1 \\(missing\\)"):
+        g.inpaint(img, mask * 0.5)
+    with pytest.raises(ValueError, match=r"image must be \[N, 3, H, W\]"):
+        g.inpaint(img[:, :2], mask)
+    with pytest.raises(ValueError, match=r"\[-1, 1\]"):
+        g.inpaint(img * 255, mask)
+    with pytest.raises(ValueError, match="NaN"):
+        g.inpaint(img.clone().fill_(float("nan")), mask)
+
+
+def test_discriminator_outputs_and_input_checks():
+    d = Discriminator()
+    torch.manual_seed(0)
+    logits, feats = d(torch.randn(2, 3, 128, 128), torch.randn(2, 3, 256, 256))
+    assert logits.shape == (2, 1)
+    assert [f.shape[1:] for f in feats] == [(64, 64, 64), (128, 32, 32), (256, 16, 16), (512, 8, 8), (512, 4, 4)]
+    with pytest.raises(ValueError, match="x_local"):
+        d(torch.randn(2, 3, 64, 64), torch.randn(2, 3, 256, 256))
+
+
+def test_impl_switch_propagates_and_validates():
+    g = Generator(nf=16, n_blocks=2, impl="reference")
+    assert all(b.impl == "reference" for b in g.blocks)
+    g.impl = "auto"
+    assert all(b.impl == "auto" for b in g.blocks)
+    with pytest.raises(ValueError, match="impl must be one of"):
+        Generator(impl="fast")
