@@ -1,5 +1,36 @@
-"""Install with torch already present: pip install --no-build-isolation -e ."""
+"""Install with torch already present: pip install --no-build-isolation -e .
+
+Builds the C++ extension dmfn_fast._C (CPU kernels always; CUDA kernels too when
+torch has CUDA and a CUDA toolkit is found). DMFN_NO_EXT=1 skips the build; the
+package then JIT-builds on first use or falls back to the PyTorch reference.
+"""
+import os
+
 from setuptools import setup
+
+
+def extension_modules():
+    if os.environ.get("DMFN_NO_EXT", "") not in ("", "0"):
+        return [], {}
+    try:
+        import torch
+        from torch.utils import cpp_extension
+    except ImportError:  # plain `pip install` without torch first: no extension
+        return [], {}
+    sources = ["csrc/centroid_align.cpp"]
+    cxx = ["-O3", "-fopenmp", "-DDMFN_PY_MODULE"]
+    kwargs = dict(extra_link_args=["-fopenmp"])
+    if torch.version.cuda and cpp_extension.CUDA_HOME:
+        sources += ["csrc/centroid_align_cuda.cpp", "csrc/centroid_align_kernel.cu"]
+        ext = cpp_extension.CUDAExtension(
+            "dmfn_fast._C", sources,
+            extra_compile_args={"cxx": cxx, "nvcc": ["-O3"]}, **kwargs)
+    else:
+        ext = cpp_extension.CppExtension("dmfn_fast._C", sources, extra_compile_args={"cxx": cxx}, **kwargs)
+    return [ext], {"build_ext": cpp_extension.BuildExtension}
+
+
+ext_modules, cmdclass = extension_modules()
 
 setup(
     name="dmfn-fast",
@@ -9,6 +40,8 @@ setup(
     packages=["dmfn_fast", "dmfn_fast.ops", "dmfn_fast.kernels"],
     package_dir={"dmfn_fast.kernels": "kernels"},
     install_requires=["torch>=2.5", "numpy", "pillow"],
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
     entry_points={
         "console_scripts": [
             "dmfn-inpaint=dmfn_fast.inpaint:main",

@@ -32,7 +32,7 @@ def load_image(path) -> np.ndarray:
     im = _open(path)
     if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
         raise ValueError(f"{path}: {im.mode} (16/32-bit) images are not supported; save it as 8-bit RGB")
-    return np.asarray(im.convert("RGB"))
+    return np.array(im.convert("RGB"))
 
 
 def load_mask(path) -> np.ndarray:

@@ -28,10 +28,20 @@ def _gaussian(size=11, sigma=1.5, dtype=torch.float64, device=None):
     return g / g.sum()
 
 
-def ssim(x, y, mask=None, data_range=1.0, win=11, sigma=1.5):
-    """Per-image SSIM (Wang et al. 2004: Gaussian window 11, sigma 1.5, K1 0.01, K2 0.03),
-    averaged over the SSIM map, or over the map's pixels inside `mask`.
-    The map is computed with 'same' reflect padding so it covers every pixel."""
+def _symmetric_pad(t, p):
+    """Pad the last two dims by p with edge-including mirroring (scipy.ndimage mode 'reflect'), as skimage does."""
+    for dim in (-1, -2):
+        n = t.shape[dim]
+        while n < p:  # tiny images: mirror repeatedly
+            t = torch.cat([t.flip(dim), t, t.flip(dim)], dim)
+            n = t.shape[dim]
+        t = torch.cat([t.narrow(dim, 0, p).flip(dim), t, t.narrow(dim, n - p, p).flip(dim)], dim)
+    return t
+
+
+def ssim_map(x, y, data_range=1.0, win=11, sigma=1.5):
+    """SSIM at every pixel, [N, C, H, W]: scikit-image's structural_similarity(full=True) with
+    gaussian_weights=True, sigma=1.5, use_sample_covariance=False (borders mirrored like scipy)."""
     x, y = x.double(), y.double()
     C = x.shape[1]
     g = _gaussian(win, sigma, device=x.device)
@@ -39,16 +49,25 @@ def ssim(x, y, mask=None, data_range=1.0, win=11, sigma=1.5):
     pad = win // 2
 
     def blur(t):
-        if min(t.shape[-2:]) > pad:
-            t = F.pad(t, (pad,) * 4, mode="reflect")
-        else:
-            t = F.pad(t, (pad,) * 4, mode="replicate")
-        return F.conv2d(t, k, groups=C)
+        return F.conv2d(_symmetric_pad(t, pad), k, groups=C)
 
     c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
     mx, my = blur(x), blur(y)
     sxx = blur(x * x) - mx**2
     syy = blur(y * y) - my**2
     sxy = blur(x * y) - mx * my
-    s = ((2 * mx * my + c1) * (2 * sxy + c2)) / ((mx**2 + my**2 + c1) * (sxx + syy + c2))
+    return ((2 * mx * my + c1) * (2 * sxy + c2)) / ((mx**2 + my**2 + c1) * (sxx + syy + c2))
+
+
+def ssim(x, y, mask=None, data_range=1.0, win=11, sigma=1.5):
+    """Per-image SSIM (Wang et al. 2004: Gaussian window 11, sigma 1.5, K1 0.01, K2 0.03).
+
+    Without a mask: the mean of the map without its win // 2 border, like scikit-image's
+    structural_similarity (the border depends on padding; images smaller than the window use
+    the whole map). With a mask: the mean over the map's pixels inside the mask, border included."""
+    s = ssim_map(x, y, data_range, win, sigma)
+    if mask is None:
+        p = win // 2
+        if min(s.shape[-2:]) > 2 * p:
+            s = s[..., p:-p, p:-p]
     return _masked_mean(s, mask)

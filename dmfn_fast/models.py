@@ -113,6 +113,61 @@ def _strict_load(model, state_dict, name):
     return nn.Module.load_state_dict(model, state_dict, strict=True)
 
 
+def _generator_state(obj, path="checkpoint"):
+    """The generator state dict in a loaded file: ours ("format": "dmfn-fast-train-v1", key "G")
+    or the authors' bare `latest_G.pth` state dict."""
+    if isinstance(obj, dict) and "format" in obj:
+        if obj["format"] != "dmfn-fast-train-v1" or not isinstance(obj.get("G"), dict):
+            raise ValueError(f"{path}: unknown checkpoint format {obj['format']!r} (expected dmfn-fast-train-v1)")
+        obj = obj["G"]
+    if not isinstance(obj, dict) or not all(isinstance(k, str) for k in obj):
+        raise ValueError(f"{path}: not a DMFN checkpoint (a {type(obj).__name__}, not a state dict)")
+    return {k[len("module."):] if k.startswith("module.") else k: v for k, v in obj.items()}
+
+
+def _generator_arch(sd, path="checkpoint"):
+    """Generator(...) keyword arguments read off the state dict's shapes."""
+    try:
+        w = sd["encoder.0.conv.weight"]
+        out_channels = sd["decoder.3.conv.weight"].shape[0]
+    except KeyError:
+        raise ValueError(f"{path}: not a DMFN generator state dict (no encoder.0.conv.weight)") from None
+    blocks = {k.split(".")[1] for k in sd if k.startswith("blocks.")}
+    return dict(in_channels=w.shape[1], out_channels=out_channels, nf=w.shape[0], n_blocks=len(blocks))
+
+
+def _inpaint_picture(model, image, mask):
+    """Generator.inpaint for a PIL image or numpy array: same type and dtype out, known pixels as given."""
+    import numpy as np
+    from PIL import Image
+
+    from .io import mask_to_bool
+
+    if not isinstance(image, (Image.Image, np.ndarray)):
+        raise TypeError(f"image must be a tensor, PIL image or numpy array, got {type(image).__name__}")
+    is_pil = isinstance(image, Image.Image)
+    arr = np.asarray(image.convert("RGB")) if is_pil else image
+    if arr.ndim != 3 or arr.shape[2] != 3:
+        raise ValueError(f"image array must be [H, W, 3] (RGB), got shape {arr.shape}")
+    hole = mask_to_bool(mask)
+    if hole.shape != arr.shape[:2]:
+        raise ValueError(f"mask size {hole.shape} does not match image size {arr.shape[:2]}")
+    if arr.dtype == np.uint8:
+        x = torch.tensor(arr).permute(2, 0, 1).float() / 127.5 - 1
+    elif np.issubdtype(arr.dtype, np.floating):
+        if not np.isfinite(arr).all() or arr.min() < 0 or arr.max() > 1:
+            raise ValueError("float image arrays must be finite and in [0, 1]")
+        x = torch.from_numpy(arr.astype(np.float32)).permute(2, 0, 1) * 2 - 1
+    else:
+        raise TypeError(f"image array must be uint8 or float in [0, 1], got {arr.dtype}")
+    m = torch.from_numpy(hole)[None, None].float()
+    y = model.inpaint(x[None].clamp(-1, 1), m)[0].permute(1, 2, 0).float().numpy()
+    y = (y + 1) / 2
+    y = np.clip(np.round(y * 255), 0, 255).astype(np.uint8) if arr.dtype == np.uint8 else y.astype(arr.dtype)
+    out = np.where(hole[..., None], y, arr)
+    return Image.fromarray(out) if is_pil else out
+
+
 class Generator(nn.Module):
     """DMFN generator. Input [N, 4, H, W]: the image in [-1, 1] with holes zeroed,
     then the mask (1 = missing). Output [N, 3, H, W] in [-1, 1]. H, W divisible by 4."""
@@ -159,17 +214,42 @@ class Generator(nn.Module):
             )
         return self.decoder(self.blocks(self.encoder(x)))
 
-    def inpaint(self, image: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """Fill the holes of `image` ([N, C, H, W] in [-1, 1]) where `mask` ([N, 1, H, W],
-        values 0/1, 1 = missing) is 1. Any H, W. Known pixels come back bit-exact."""
+    @classmethod
+    def from_pretrained(cls, path, impl="auto", map_location="cpu"):
+        """A generator in eval mode from our training checkpoint or the authors' `latest_G.pth`
+        (recognised automatically; nf and n_blocks are read off the weights' shapes)."""
+        try:
+            obj = torch.load(path, map_location=map_location, weights_only=True)
+        except FileNotFoundError:
+            raise FileNotFoundError(f"checkpoint not found: {path}") from None
+        except Exception as e:
+            raise ValueError(f"{path}: cannot load checkpoint ({type(e).__name__}: {str(e)[:300]})") from None
+        sd = _generator_state(obj, path)
+        model = cls(**_generator_arch(sd, path), impl=impl, init=False)
+        model.load_state_dict(sd)
+        return model.eval()
+
+    def inpaint(self, image, mask):
+        """Fill the holes of `image` where `mask` is a hole. Any H, W; known pixels come back bit-exact.
+
+        Tensors: image [N, C, H, W] (or [C, H, W]) float in [-1, 1], mask [N, 1, H, W] 0/1 (1 = missing);
+        returns a tensor like `image`, with gradients. PIL image / numpy array (uint8 [H, W, 3], or float
+        in [0, 1]): mask a PIL image or array, white / non-zero = hole (see dmfn_fast.io.mask_to_bool);
+        returns the same type and dtype as `image`, computed without gradients."""
+        if not torch.is_tensor(image):
+            with torch.no_grad():
+                return _inpaint_picture(self, image, mask)
         image, mask = check_image_and_mask(image, mask, self.in_channels - 1)
         H, W = image.shape[-2:]
-        ph, pw = (-H) % 4, (-W) % 4
+        # Multiples of 4 for the two stride-2 stages, and at least 8 so that instance norm
+        # at the bottleneck sees more than one pixel.
+        Hp, Wp = max(8, H + (-H) % 4), max(8, W + (-W) % 4)
         m = mask.to(image.dtype)
         x = torch.cat([image * (1 - m), m], 1)
-        if ph or pw:
-            x = F.pad(x, (0, pw, 0, ph), mode="replicate")
-        out = self(x)[..., :H, :W].to(image.dtype)
+        if (Hp, Wp) != (H, W):
+            x = F.pad(x, (0, Wp - W, 0, Hp - H), mode="replicate")
+        p = next(self.parameters())
+        out = self(x.to(p.device, p.dtype))[..., :H, :W].to(image.device, image.dtype)
         return torch.where(mask.bool(), out, image)
 
     def load_state_dict(self, state_dict, strict=True, assign=False):

@@ -6,12 +6,21 @@ the mean over (n, c, {x, y}) of the squared centroid difference.
 
 The authors' public code builds its vertical grid along the width axis, so both
 of its components measure horizontal position; we follow the paper (v along H).
+
+The fast path is the C++/CUDA op dmfn_fast::centroid_align_fwd/_bwd (csrc/):
+one read of each map forward, one write backward. It comes from the module
+built by setup.py, else from a one-off JIT build (cached by torch), else the
+reference runs with one warning.
 """
+import os
+
 import torch
 
-from ._impl import use_fast
+from ._impl import check_impl, forced_reference, use_fast, warn_once
 
 EPS = 1e-7
+_FAST_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+_CSRC = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "csrc")
 
 
 def centroids_reference(f: torch.Tensor) -> torch.Tensor:
@@ -35,8 +44,128 @@ def centroid_align_loss_reference(f_out: torch.Tensor, f_tgt: torch.Tensor) -> t
     return (centroids_reference(f_out) - centroids_reference(f_tgt)).pow(2).mean()
 
 
+# ---------------------------------------------------------------- extension loading
+
+# loaded: None = not tried yet, then True / False; devices: device types the op has kernels for.
+_ext_state = {"loaded": None, "why": "", "devices": ()}
+
+
+def _import_built():
+    """The module setup.py built; importing it registers the ops."""
+    from dmfn_fast import _C  # noqa: F401
+
+
+def _jit_build():
+    """Compile csrc/ once with torch's JIT builder (cached in TORCH_EXTENSIONS_DIR)."""
+    from torch.utils import cpp_extension
+
+    cpp_extension.load(
+        name="dmfn_fast_centroid_cpu",
+        sources=[os.path.join(_CSRC, "centroid_align.cpp")],
+        extra_cflags=["-O3", "-fopenmp"],
+        extra_ldflags=["-fopenmp"],
+        is_python_module=False,
+        verbose=False,
+    )
+
+
+def _ops_registered() -> bool:
+    return hasattr(torch.ops.dmfn_fast, "centroid_align_fwd")
+
+
+@torch.compiler.assume_constant_result  # torch.compile runs it eagerly, once
+def extension_available() -> bool:
+    """Load the op once: built module, else JIT build, else False (with one warning)."""
+    if _ext_state["loaded"] is None:
+        errors = []
+        for load in (_import_built, _jit_build):
+            if _ops_registered():
+                break
+            try:
+                load()
+            except Exception as e:  # a failed build or import must not crash training
+                errors.append(f"{load.__name__}: {type(e).__name__}: {e}".splitlines()[0])
+        _ext_state["loaded"] = _ops_registered()
+        if _ext_state["loaded"]:
+            _register_python_side()
+            # Asked once here, not per call: torch.compile cannot trace the dispatcher query.
+            _ext_state["devices"] = tuple(d for d in ("cpu", "cuda") if torch._C._dispatch_has_kernel_for_dispatch_key(
+                "dmfn_fast::centroid_align_fwd", d.upper()))
+        else:
+            _ext_state["why"] = "; ".join(errors)
+            warn_once("centroid_align_ext", "dmfn_fast C++ extension unavailable, centroid loss uses the "
+                      f"PyTorch reference ({_ext_state['why']}). Build it: pip install --no-build-isolation -e .")
+    return _ext_state["loaded"]
+
+
+def has_kernel(device_type: str) -> bool:
+    """Whether the loaded op has a kernel for this device type ("cpu", "cuda")."""
+    return extension_available() and device_type in _ext_state["devices"]
+
+
+def _grad_channels_last(like: torch.Tensor) -> bool:
+    # Mirrors grad_channels_last() in csrc/centroid_align.h.
+    return like.is_contiguous(memory_format=torch.channels_last) and not like.is_contiguous()
+
+
+def _fwd_fake(f_out, f_tgt):
+    acc = torch.float64 if f_out.dtype == torch.float64 else torch.float32
+    N, C = f_out.shape[:2]
+    return f_out.new_empty((), dtype=acc), f_out.new_empty((2, N, C, 3), dtype=acc)
+
+
+def _bwd_fake(grad, stats, like, which):
+    fmt = torch.channels_last if _grad_channels_last(like) else torch.contiguous_format
+    return torch.empty(like.shape, dtype=like.dtype, device=like.device, memory_format=fmt)
+
+
+def _setup_context(ctx, inputs, output):
+    f_out, f_tgt = inputs
+    ctx.save_for_backward(output[1], f_out, f_tgt)
+    ctx.mark_non_differentiable(output[1])
+
+
+def _backward(ctx, grad_loss, _grad_stats):
+    stats, f_out, f_tgt = ctx.saved_tensors
+    bwd = torch.ops.dmfn_fast.centroid_align_bwd
+    g_out = bwd(grad_loss, stats, f_out, 0) if ctx.needs_input_grad[0] else None
+    g_tgt = bwd(grad_loss, stats, f_tgt, 1) if ctx.needs_input_grad[1] else None
+    return g_out, g_tgt
+
+
+def _register_python_side():
+    torch.library.register_fake("dmfn_fast::centroid_align_fwd")(_fwd_fake)
+    torch.library.register_fake("dmfn_fast::centroid_align_bwd")(_bwd_fake)
+    torch.library.register_autograd("dmfn_fast::centroid_align_fwd", _backward, setup_context=_setup_context)
+
+
+# ---------------------------------------------------------------- public entry point
+
+def _fast_why_not(f_out: torch.Tensor) -> str:
+    if f_out.dim() != 4:
+        return f"feature map must be [N, C, H, W], got shape {tuple(f_out.shape)}"
+    if f_out.numel() == 0:
+        return "empty feature map"
+    if f_out.dtype not in _FAST_DTYPES:
+        return f"dtype {f_out.dtype} is not one of {_FAST_DTYPES}"
+    if not extension_available():
+        return f"the dmfn_fast C++ extension is not available ({_ext_state['why']})"
+    if not has_kernel(f_out.device.type):
+        return f"the dmfn_fast extension has no kernel for device {f_out.device.type} (built without it?)"
+    return ""
+
+
 def centroid_align_loss(f_out: torch.Tensor, f_tgt: torch.Tensor, impl: str = "auto") -> torch.Tensor:
     """The alignment loss; the C++/CUDA extension where it is built, else the reference."""
-    if use_fast(impl, False, "the dmfn_fast C++ extension is not built"):
-        raise AssertionError("unreachable")
+    if f_out.shape != f_tgt.shape:
+        raise ValueError(f"feature maps differ in shape: {tuple(f_out.shape)} vs {tuple(f_tgt.shape)}")
+    if f_out.dtype != f_tgt.dtype:  # e.g. bf16 autocast features vs fp32: same promotion as the reference
+        dtype = torch.promote_types(f_out.dtype, f_tgt.dtype)
+        f_out, f_tgt = f_out.to(dtype), f_tgt.to(dtype)
+    if f_out.device != f_tgt.device:
+        raise ValueError(f"feature maps on different devices: {f_out.device} vs {f_tgt.device}")
+    want_fast = check_impl(impl) != "reference" and not forced_reference()
+    why_not = _fast_why_not(f_out) if want_fast else ""  # no extension load when the reference is forced
+    if use_fast(impl, not why_not, why_not):
+        return torch.ops.dmfn_fast.centroid_align_fwd(f_out, f_tgt)[0]
     return centroid_align_loss_reference(f_out, f_tgt)

@@ -1,12 +1,370 @@
-"""The DMFB's fused fast path (Triton). Placeholder until the kernels land:
-`can_fuse` reports False, so every block runs its PyTorch reference."""
+"""The DMFB's fused fast path: Triton kernels (dmfn_fast.kernels) behind torch.library custom ops.
+
+Ops (namespace `dmfn_fast`), each with a Triton backward registered through register_autograd:
+- dmfb_branches(h, w, b, dilations) -> cat[k1..k4], k_j = d_1(h) + ... + d_j(h)
+- dmfb_branches_in_relu(h, w, b, dilations) -> (relu(IN(cat)), mean, rstd)
+- instance_norm_act(x, res, relu) -> (relu?(IN(x)) (+ res), mean, rstd)
+Weights are packed as w[j, 3*ky + kx, ci, co] (`pack_branches`). Activations are channels-last;
+NCHW inputs are converted. The fused DMFB saves h, the pre-norm c1/c2 outputs and the block's
+tensors the convolutions keep anyway; never d1..d4 or the cat (the backward recomputes the cat).
+"""
+import os
+from typing import Optional
+
 import torch
+import torch.nn.functional as F
+
+from ._impl import warn_once
+
+EPS = 1e-5
+DILATIONS = (1, 2, 4, 8)
+
+try:
+    import triton
+
+    from dmfn_fast.kernels import dmfb_branches as _kb
+    from dmfn_fast.kernels import instance_norm as _kn
+
+    _TRITON_ERROR = None
+except Exception as e:  # ImportError, or a broken triton install
+    triton = _kb = _kn = None
+    _TRITON_ERROR = f"{type(e).__name__}: {e}"
+
+# Under TRITON_INTERPRET=1 the kernels run on CPU tensors (tests); otherwise they need CUDA.
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+_HAS_TRITON_OP = hasattr(torch.library, "triton_op") and hasattr(torch.library, "wrap_triton")
+_FLOATS = (torch.float32, torch.float16, torch.bfloat16)
+
+
+# ----------------------------------------------------------------------------- references
+
+
+def dmfb_branches_reference(h, weights, biases, dilations=DILATIONS):
+    """cat[k1..k4] with PyTorch convolutions; the ground truth for `dmfb_branches`."""
+    ks, k = [], None
+    for w, b, d in zip(weights, biases, dilations):
+        y = F.conv2d(h, w, b, 1, d, d)
+        k = y if k is None else k + y
+        ks.append(k)
+    return torch.cat(ks, 1)
+
+
+def instance_norm_act_reference(x, res=None, relu=False):
+    y = F.instance_norm(x, eps=EPS)
+    if relu:
+        y = F.relu(y)
+    return y if res is None else res + y
+
+
+# ----------------------------------------------------------------------------- launch helpers
+
+
+def _kernel(k):
+    return torch.library.wrap_triton(k) if _HAS_TRITON_OP else k
+
+
+def _cl(x):
+    return x.contiguous(memory_format=torch.channels_last)
+
+
+def _empty_cl(n, c, h, w, like, dtype=None):
+    return torch.empty((n, c, h, w), device=like.device, dtype=dtype or like.dtype,
+                       memory_format=torch.channels_last)
+
+
+def _conv_flags(dtype):
+    """(autotuned kernel variant suffix, UPCAST, PREC). The interpreter's bf16/fp16 dots are
+    unreliable, so it computes them in fp32; compiled kernels use tensor cores."""
+    if dtype == torch.float32:
+        return "f32", False, "ieee"
+    return "lowp", INTERPRET, "ieee" if INTERPRET else "tf32"
+
+
+def _zeros32(*shape, like):
+    return torch.zeros(shape, device=like.device, dtype=torch.float32)
+
+
+def _branches_forward(h, w, b, dil, stats, grad=None):
+    """Launch the branch kernel. grad=None: returns (cat, sum, sumsq) (sums only with stats).
+    grad=(dt, mean, rstd, sa, sb): returns the suffix sums G of dk (MODE 1)."""
+    N, C, H, W = h.shape
+    suffix, upcast, prec = _conv_flags(h.dtype)
+    kern = getattr(_kb, "branches_fwd_" + suffix)
+    out = _empty_cl(N, 4 * C, H, W, h)
+    s = _zeros32(N, 4 * C if stats else 1, like=h)
+    ss = _zeros32(N, 4 * C if stats else 1, like=h)
+    dt, mean, rstd, sa, sb = grad if grad is not None else (s, s, s, s, s)
+    grid = lambda META: (N * triton.cdiv(H * W, META["BLOCK_P"]), triton.cdiv(C, META["BLOCK_N"]))  # noqa: E731
+    _kernel(kern)[grid](
+        h, w, b, out, s, ss, dt, mean, rstd, sa, sb, H, W, C,
+        D1=dil[0], D2=dil[1], D3=dil[2], D4=dil[3],
+        MODE=0 if grad is None else 1, STATS=stats, UPCAST=upcast, PREC=prec)
+    return out, s, ss
+
+
+def _branches_backward(h, w, G, dil):
+    """(dh, dw fp32, db fp32) from the suffix sums G = [G_1..G_4]."""
+    N, C, H, W = h.shape
+    suffix, upcast, prec = _conv_flags(h.dtype)
+    dh = _empty_cl(N, C, H, W, h)
+    grid = lambda META: (N * triton.cdiv(H * W, META["BLOCK_P"]), triton.cdiv(C, META["BLOCK_N"]))  # noqa: E731
+    _kernel(getattr(_kb, "branches_dgrad_" + suffix))[grid](
+        G, w, dh, H, W, C, D1=dil[0], D2=dil[1], D3=dil[2], D4=dil[3], UPCAST=upcast, PREC=prec)
+
+    dw = _zeros32(4, 9, C, C, like=h)
+    db = _zeros32(4, C, like=h)
+    NP = N * H * W
+    # Split the pixel reduction into about 28 runs per (branch, tap): ~1000 programs on a big input
+    # (one run under the interpreter, where programs are slow). The run length is a multiple of
+    # every config's BLOCK_P.
+    unit, runs = (512, 1) if INTERPRET else (128, 28)
+    pix_per_split = unit * max(1, triton.cdiv(triton.cdiv(NP, unit), runs))
+
+    def wgrid(META):
+        tiles_c = triton.cdiv(C, META["BLOCK_CI"]) * triton.cdiv(C, META["BLOCK_CO"])
+        return (triton.cdiv(NP, pix_per_split), 36, tiles_c)
+
+    _kernel(getattr(_kb, "branches_wgrad_" + suffix))[wgrid](
+        h, G, dw, db, NP, H, W, C, pix_per_split,
+        D1=dil[0], D2=dil[1], D3=dil[2], D4=dil[3], UPCAST=upcast, PREC=prec)
+    return dh, dw, db
+
+
+def _suffix(g):
+    N, C4, H, W = g.shape
+    out = torch.empty_like(g)
+    NP = N * H * W
+    C = C4 // 4
+    _kernel(_kb.suffix_sum)[(triton.cdiv(NP, 64), triton.cdiv(C, 64))](g, out, NP, C, BLOCK_P=64, BLOCK_C=64)
+    return out
+
+
+def _in_grid(N, C, H, W):
+    return (N * triton.cdiv(H * W, _kn.BLOCK_P), triton.cdiv(C, _kn.BLOCK_C))
+
+
+def _in_forward(x, s, ss, res, relu, out_dtype):
+    N, C, H, W = x.shape
+    y = _empty_cl(N, C, H, W, x, out_dtype)
+    mean = torch.empty((N, C), device=x.device, dtype=torch.float32)
+    rstd = torch.empty_like(mean)
+    _kernel(_kn.in_apply)[_in_grid(N, C, H, W)](
+        x, res if res is not None else x, y, s, ss, mean, rstd, H * W, C, EPS,
+        RELU=relu, RESIDUAL=res is not None, BLOCK_P=_kn.BLOCK_P, BLOCK_C=_kn.BLOCK_C,
+        num_warps=_kn.NUM_WARPS)
+    return y, mean, rstd
+
+
+def _in_backward_sums(dy, x, mean, rstd, relu, from_y):
+    N, C, H, W = x.shape
+    sa = _zeros32(N, C, like=x)
+    sb = _zeros32(N, C, like=x)
+    _kernel(_kn.in_bwd_reduce)[_in_grid(N, C, H, W)](
+        dy, x, mean, rstd, sa, sb, H * W, C, RELU=relu, FROM_Y=from_y,
+        BLOCK_P=_kn.BLOCK_P, BLOCK_C=_kn.BLOCK_C, num_warps=_kn.NUM_WARPS)
+    return sa, sb
+
+
+# ----------------------------------------------------------------------------- custom ops
+
+
+def _define(name, fn, backward=None, setup_context=None):
+    """A torch.library triton_op (traceable by torch.compile), or a plain autograd.Function on a
+    torch without triton_op."""
+    if _HAS_TRITON_OP:
+        op = torch.library.triton_op(f"dmfn_fast::{name}", fn, mutates_args=())
+        if backward is not None:
+            op.register_autograd(backward, setup_context=setup_context)
+        return op
+    if backward is None:
+        return fn
+
+    class _Fn(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, *args):
+            out = fn(*args)
+            setup_context(ctx, args, out)
+            return out
+
+        @staticmethod
+        def backward(ctx, *grads):
+            return backward(ctx, *grads)
+
+    _Fn.__name__ = name
+    return _Fn.apply
+
+
+def _branches_bwd_fn(h: torch.Tensor, w: torch.Tensor, g: torch.Tensor, dilations: list[int],
+                     suffix: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    G = _suffix(_cl(g)) if suffix else g
+    return _branches_backward(h, w, G, dilations)
+
+
+def _branches_fn(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor, dilations: list[int]) -> torch.Tensor:
+    return _branches_forward(h, w, b, dilations, stats=False)[0]
+
+
+def _branches_in_relu_fn(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor, dilations: list[int]
+                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    k, s, ss = _branches_forward(h, w, b, dilations, stats=True)
+    return _in_forward(k, s, ss, None, True, h.dtype)
+
+
+def _branches_in_relu_bwd_fn(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor, t: torch.Tensor,
+                             mean: torch.Tensor, rstd: torch.Tensor, dt: torch.Tensor, dilations: list[int]
+                             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    dt = _cl(dt).to(h.dtype)
+    sa, sb = _in_backward_sums(dt, t, mean, rstd, relu=True, from_y=True)
+    G = _branches_forward(h, w, b, dilations, stats=False, grad=(dt, mean, rstd, sa, sb))[0]
+    return _branches_backward(h, w, G, dilations)
+
+
+def _in_act_fn(x: torch.Tensor, res: Optional[torch.Tensor], relu: bool
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    N, C, H, W = x.shape
+    s = _zeros32(N, C, like=x)
+    ss = _zeros32(N, C, like=x)
+    _kernel(_kn.in_stats)[_in_grid(N, C, H, W)](
+        x, s, ss, H * W, C, BLOCK_P=_kn.BLOCK_P, BLOCK_C=_kn.BLOCK_C, num_warps=_kn.NUM_WARPS)
+    out_dtype = x.dtype if res is None else torch.promote_types(x.dtype, res.dtype)
+    return _in_forward(x, s, ss, res, relu, out_dtype)
+
+
+def _in_act_bwd_fn(dy: torch.Tensor, x: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor,
+                   relu: bool) -> torch.Tensor:
+    N, C, H, W = x.shape
+    dy = _cl(dy)
+    sa, sb = _in_backward_sums(dy, x, mean, rstd, relu=relu, from_y=False)
+    dx = _empty_cl(N, C, H, W, x)
+    _kernel(_kn.in_bwd_apply)[_in_grid(N, C, H, W)](
+        dy, x, mean, rstd, sa, sb, dx, H * W, C, RELU=relu,
+        BLOCK_P=_kn.BLOCK_P, BLOCK_C=_kn.BLOCK_C, num_warps=_kn.NUM_WARPS)
+    return dx
+
+
+def _setup_branches(ctx, inputs, output):
+    h, w, b, dil = inputs
+    ctx.save_for_backward(h, w)
+    ctx.dil = dil
+
+
+def _bwd_branches(ctx, g):
+    h, w = ctx.saved_tensors
+    dh, dw, db = _branches_bwd_op(h, w, g, ctx.dil, True)
+    return dh, dw.to(w.dtype), db.to(w.dtype), None
+
+
+def _setup_branches_in_relu(ctx, inputs, output):
+    h, w, b, dil = inputs
+    t, mean, rstd = output
+    ctx.save_for_backward(h, w, b, t, mean, rstd)
+    ctx.dil = dil
+
+
+def _bwd_branches_in_relu(ctx, dt, _dmean, _drstd):
+    h, w, b, t, mean, rstd = ctx.saved_tensors
+    dh, dw, db = _branches_in_relu_bwd_op(h, w, b, t, mean, rstd, dt, ctx.dil)
+    return dh, dw.to(w.dtype), db.to(b.dtype), None
+
+
+def _setup_in_act(ctx, inputs, output):
+    x, res, relu = inputs
+    _, mean, rstd = output
+    ctx.save_for_backward(x, mean, rstd)
+    ctx.relu = relu
+    ctx.res_dtype = None if res is None else res.dtype
+
+
+def _bwd_in_act(ctx, dy, _dmean, _drstd):
+    x, mean, rstd = ctx.saved_tensors
+    dx = _in_act_bwd_op(dy, x, mean, rstd, ctx.relu)
+    dres = None if ctx.res_dtype is None else dy.to(ctx.res_dtype)
+    return dx, dres, None
+
+
+if _kb is not None:
+    _branches_bwd_op = _define("dmfb_branches_backward", _branches_bwd_fn)
+    _branches_in_relu_bwd_op = _define("dmfb_branches_in_relu_backward", _branches_in_relu_bwd_fn)
+    _in_act_bwd_op = _define("instance_norm_act_backward", _in_act_bwd_fn)
+    _branches_op = _define("dmfb_branches", _branches_fn, _bwd_branches, _setup_branches)
+    _branches_in_relu_op = _define("dmfb_branches_in_relu", _branches_in_relu_fn,
+                                   _bwd_branches_in_relu, _setup_branches_in_relu)
+    _in_act_op = _define("instance_norm_act", _in_act_fn, _bwd_in_act, _setup_in_act)
+
+
+# ----------------------------------------------------------------------------- public API
+
+
+def triton_unavailable_reason():
+    """None when the Triton kernels can be used, else why not."""
+    return None if _TRITON_ERROR is None else f"triton could not be imported ({_TRITON_ERROR})"
+
+
+def pack_branches(weights, biases, dtype):
+    """Four [C, C, 3, 3] weights and [C] biases -> (w [4, 9, C, C] as (tap, ci, co), b [4, C]), in `dtype`."""
+    w = torch.stack(list(weights)).permute(0, 3, 4, 2, 1)
+    C = w.shape[-1]
+    return w.reshape(4, 9, w.shape[-2], C).to(dtype).contiguous(), torch.stack(list(biases)).to(dtype)
+
+
+def _check_branches(h, weights, biases, dilations):
+    if _kb is None:
+        raise RuntimeError(triton_unavailable_reason())
+    if h.dim() != 4 or h.dtype not in _FLOATS:
+        raise ValueError(f"h must be a float32/16/bf16 [N, C, H, W] tensor, got {h.dtype} {tuple(h.shape)}")
+    C = h.shape[1]
+    if len(weights) != 4 or len(biases) != 4 or len(dilations) != 4:
+        raise ValueError("need exactly four branch weights, biases and dilations")
+    for w, b in zip(weights, biases):
+        if tuple(w.shape) != (C, C, 3, 3) or tuple(b.shape) != (C,):
+            raise ValueError(f"branch weights must be [{C}, {C}, 3, 3] with [{C}] biases, "
+                             f"got {tuple(w.shape)} and {tuple(b.shape)}")
+    if not (h.is_cuda or INTERPRET):
+        raise RuntimeError("the Triton DMFB kernels need CUDA tensors")
+
+
+def dmfb_branches(h, weights, biases, dilations=DILATIONS):
+    """cat[k1, k2, k3, k4] with k_j = conv_1(h) + ... + conv_j(h), conv_j a 3x3 conv with dilation
+    (and padding) dilations[j]. Channels-last output in h's dtype; differentiable in h, weights, biases."""
+    _check_branches(h, weights, biases, dilations)
+    w, b = pack_branches(weights, biases, h.dtype)
+    return _branches_op(_cl(h), w, b, [int(d) for d in dilations])
+
+
+def branches_in_relu(h, weights, biases, dilations=DILATIONS):
+    """relu(instance_norm(dmfb_branches(h, ...))), the cat never stored for backward."""
+    _check_branches(h, weights, biases, dilations)
+    w, b = pack_branches(weights, biases, h.dtype)
+    return _branches_in_relu_op(_cl(h), w, b, [int(d) for d in dilations])[0]
+
+
+def instance_norm_act(x, res=None, relu=False):
+    """relu?(instance_norm(x)) (+ res), affine-free, eps 1e-5, channels-last out; dtype of
+    x, promoted with res's."""
+    if res is not None:
+        res = _cl(res)
+    return _in_act_op(_cl(x), res, bool(relu))[0]
 
 
 def can_fuse(x: torch.Tensor):
     """(ok, reason): whether the fused DMFB can run on this input."""
-    return False, "the fused Triton DMFB is not implemented yet"
+    if not (x.is_cuda or (INTERPRET and x.device.type == "cpu")):
+        return False, f"the fused DMFB runs on CUDA tensors, got a {x.device.type} tensor"
+    if _kb is not None:
+        pass
+    else:
+        why = triton_unavailable_reason()
+        warn_once("dmfb-triton", f"dmfn_fast: {why}; the DMFB uses its PyTorch reference")
+        return False, why
+    if x.dim() != 4 or x.dtype not in _FLOATS:
+        return False, f"expected a float32/16/bf16 [N, C, H, W] tensor, got {x.dtype} {tuple(x.shape)}"
+    return True, ""
 
 
 def dmfb_fused(block, x: torch.Tensor) -> torch.Tensor:
-    raise NotImplementedError
+    """DMFB.forward_reference with the branch part and all three instance norms in Triton;
+    c1 and c2 stay cuDNN convolutions. Under autocast every kernel runs in the dtype of c1's output."""
+    h = instance_norm_act(block.c1(x), relu=True)
+    ds = [getattr(block, f"d{i}") for i in range(1, 5)]
+    t = branches_in_relu(h, [d.weight for d in ds], [d.bias for d in ds], block.dilations)
+    return instance_norm_act(block.c2(t), res=x)

@@ -1,0 +1,84 @@
+// Binds the raw-pointer CUDA launchers of centroid_align_kernel.cu to the
+// dmfn_fast::centroid_align_{fwd,bwd} ops declared in centroid_align.cpp.
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include <limits>
+
+#include "centroid_align.h"
+#include "centroid_align_kernel.h"
+
+namespace dmfn_fast {
+namespace {
+
+dmfn_fast_cuda::DType dtype_of(at::ScalarType st) {
+  switch (st) {
+    case at::kFloat: return dmfn_fast_cuda::kFloat32;
+    case at::kHalf: return dmfn_fast_cuda::kFloat16;
+    case at::kBFloat16: return dmfn_fast_cuda::kBFloat16;
+    case at::kDouble: return dmfn_fast_cuda::kFloat64;
+    default: TORCH_CHECK(false, "centroid_align: unsupported dtype ", st);
+  }
+}
+
+dmfn_fast_cuda::MapView view_of(const at::Tensor& f) {
+  return {f.const_data_ptr(), f.stride(0), f.stride(1), f.stride(2), f.stride(3)};
+}
+
+void check_launch(cudaError_t err, const char* what) {
+  TORCH_CHECK(err == cudaSuccess, "centroid_align: ", what, " failed: ", cudaGetErrorString(err));
+}
+
+void check_sizes(const at::Tensor& f) {
+  constexpr int64_t kMax = std::numeric_limits<int32_t>::max();
+  TORCH_CHECK(f.size(2) * f.size(3) <= kMax && f.size(0) * f.size(1) <= kMax && f.size(0) * f.size(2) <= kMax,
+              "centroid_align: map too large for the CUDA kernels: ", f.sizes());
+}
+
+std::tuple<at::Tensor, at::Tensor> fwd_cuda(const at::Tensor& f_out_in, const at::Tensor& f_tgt_in) {
+  check_fwd_inputs(f_out_in, f_tgt_in);
+  check_sizes(f_out_in);
+  const c10::cuda::CUDAGuard guard(f_out_in.device());
+  const at::Tensor f_out = walkable(f_out_in), f_tgt = walkable(f_tgt_in);
+  const int64_t N = f_out.size(0), C = f_out.size(1);
+  const int H = static_cast<int>(f_out.size(2)), W = static_cast<int>(f_out.size(3));
+  const auto acc = acc_type(f_out.scalar_type());
+  at::Tensor stats = at::empty({2, N, C, 3}, f_out.options().dtype(acc));
+  at::Tensor loss = at::empty({}, f_out.options().dtype(acc));
+  const auto dt = dtype_of(f_out.scalar_type());
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  check_launch(dmfn_fast_cuda::launch_map_sums(view_of(f_out), dt, N, C, H, W, stats[0].data_ptr(), stream),
+               "forward sums (out)");
+  check_launch(dmfn_fast_cuda::launch_map_sums(view_of(f_tgt), dt, N, C, H, W, stats[1].data_ptr(), stream),
+               "forward sums (tgt)");
+  check_launch(dmfn_fast_cuda::launch_finish(stats.data_ptr(), dt, N * C, H, W, loss.data_ptr(), stream),
+               "forward loss");
+  return {loss, stats};
+}
+
+at::Tensor bwd_cuda(const at::Tensor& grad, const at::Tensor& stats_in, const at::Tensor& like, int64_t which) {
+  check_bwd_inputs(grad, stats_in, like, which);
+  check_sizes(like);
+  const c10::cuda::CUDAGuard guard(like.device());
+  const bool cl = grad_channels_last(like);
+  at::Tensor out = at::empty(like.sizes(), like.options().memory_format(cl ? at::MemoryFormat::ChannelsLast
+                                                                           : at::MemoryFormat::Contiguous));
+  const at::Tensor stats = stats_in.contiguous();
+  const at::Tensor g = grad.to(stats.options()).contiguous();  // stays on the GPU: no sync
+  check_launch(dmfn_fast_cuda::launch_grad(g.const_data_ptr(), stats.const_data_ptr(), dtype_of(like.scalar_type()),
+                                           like.size(0), like.size(1), static_cast<int>(like.size(2)),
+                                           static_cast<int>(like.size(3)), static_cast<int>(which), cl,
+                                           out.data_ptr(), at::cuda::getCurrentCUDAStream()),
+               "backward");
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(dmfn_fast, CUDA, m) {
+  m.impl("centroid_align_fwd", &fwd_cuda);
+  m.impl("centroid_align_bwd", &bwd_cuda);
+}
+
+}  // namespace dmfn_fast

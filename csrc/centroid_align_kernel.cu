@@ -1,0 +1,350 @@
+// CUDA kernels of the centroid alignment loss. Only CUDA headers here, so CI
+// compile-checks this file with plain nvcc (no spills, no local memory).
+//
+// Forward: one block per (n, c) plane (NCHW) or per (n, 32 channels) (channels
+// last) reads the map once, accumulating S0, Sx, Sy in fp32 (fp64 for fp64)
+// with u, v made from the pixel index. A one-block kernel turns the sums into
+// centroids and the loss. Backward writes A*u[w] + B*v[h] + K per element.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include "centroid_align_kernel.h"
+
+namespace dmfn_fast_cuda {
+namespace {
+
+constexpr int kPlaneThreads = 128;
+constexpr int kFinishThreads = 1024;
+constexpr double kEps = 1e-7;  // added to every element by the reference
+
+template <typename T> struct AccOf { using type = float; };
+template <> struct AccOf<double> { using type = double; };
+
+// 16-byte vector loads and stores, unpacked to / packed from the accumulation type.
+template <typename T> struct Vec;
+template <> struct Vec<float> {
+  static constexpr int n = 4;
+  __device__ static void load(const float* p, float (&x)[4]) {
+    const float4 v = __ldg(reinterpret_cast<const float4*>(p));
+    x[0] = v.x; x[1] = v.y; x[2] = v.z; x[3] = v.w;
+  }
+  __device__ static void store(float* p, const float (&x)[4]) {
+    *reinterpret_cast<float4*>(p) = make_float4(x[0], x[1], x[2], x[3]);
+  }
+};
+template <> struct Vec<double> {
+  static constexpr int n = 2;
+  __device__ static void load(const double* p, double (&x)[2]) {
+    const double2 v = __ldg(reinterpret_cast<const double2*>(p));
+    x[0] = v.x; x[1] = v.y;
+  }
+  __device__ static void store(double* p, const double (&x)[2]) {
+    *reinterpret_cast<double2*>(p) = make_double2(x[0], x[1]);
+  }
+};
+template <typename H, float (*ToF)(unsigned short), unsigned short (*FromF)(float)>
+struct Vec16 {  // eight 16-bit floats in one uint4
+  static constexpr int n = 8;
+  __device__ static void load(const H* p, float (&x)[8]) {
+    const uint4 v = __ldg(reinterpret_cast<const uint4*>(p));
+    const unsigned words[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      x[2 * i] = ToF(static_cast<unsigned short>(words[i] & 0xffffu));
+      x[2 * i + 1] = ToF(static_cast<unsigned short>(words[i] >> 16));
+    }
+  }
+  __device__ static void store(H* p, const float (&x)[8]) {
+    unsigned w[4];
+#pragma unroll
+    for (int i = 0; i < 4; ++i) w[i] = FromF(x[2 * i]) | (static_cast<unsigned>(FromF(x[2 * i + 1])) << 16);
+    *reinterpret_cast<uint4*>(p) = make_uint4(w[0], w[1], w[2], w[3]);
+  }
+};
+__device__ float half_bits_to_f(unsigned short b) { return __half2float(__ushort_as_half(b)); }
+__device__ unsigned short f_to_half_bits(float x) { return __half_as_ushort(__float2half_rn(x)); }
+__device__ float bf16_bits_to_f(unsigned short b) { return __bfloat162float(__ushort_as_bfloat16(b)); }
+__device__ unsigned short f_to_bf16_bits(float x) { return __bfloat16_as_ushort(__float2bfloat16_rn(x)); }
+template <> struct Vec<__half> : Vec16<__half, half_bits_to_f, f_to_half_bits> {};
+template <> struct Vec<__nv_bfloat16> : Vec16<__nv_bfloat16, bf16_bits_to_f, f_to_bf16_bits> {};
+
+__device__ __forceinline__ float to_acc(float x) { return x; }
+__device__ __forceinline__ double to_acc(double x) { return x; }
+__device__ __forceinline__ float to_acc(__half x) { return __half2float(x); }
+__device__ __forceinline__ float to_acc(__nv_bfloat16 x) { return __bfloat162float(x); }
+template <typename T, typename A> __device__ __forceinline__ T from_acc(A x) { return static_cast<T>(x); }
+template <> __device__ __forceinline__ __half from_acc<__half, float>(float x) { return __float2half_rn(x); }
+template <> __device__ __forceinline__ __nv_bfloat16 from_acc<__nv_bfloat16, float>(float x) {
+  return __float2bfloat16_rn(x);
+}
+
+template <typename A>
+__device__ __forceinline__ A warp_sum(A x) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) x += __shfl_xor_sync(0xffffffffu, x, o);
+  return x;
+}
+
+// Sums of three values over the block; the result is valid in warp 0.
+template <typename A, int THREADS>
+__device__ __forceinline__ void block_sum3(A& a, A& b, A& c) {
+  __shared__ A part[3][THREADS / 32];
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  a = warp_sum(a); b = warp_sum(b); c = warp_sum(c);
+  if (lane == 0) { part[0][warp] = a; part[1][warp] = b; part[2][warp] = c; }
+  __syncthreads();
+  if (warp == 0) {
+    a = warp_sum(lane < THREADS / 32 ? part[0][lane] : A(0));
+    b = warp_sum(lane < THREADS / 32 ? part[1][lane] : A(0));
+    c = warp_sum(lane < THREADS / 32 ? part[2][lane] : A(0));
+  }
+}
+
+// One block per (n, c) plane of a map whose rows have unit stride.
+template <typename T, bool VEC>
+__global__ void __launch_bounds__(kPlaneThreads)
+plane_sums(MapView m, long long C, int H, int W, typename AccOf<T>::type step_u,
+           typename AccOf<T>::type step_v, typename AccOf<T>::type* sums) {
+  using A = typename AccOf<T>::type;
+  const long long nc = blockIdx.x;
+  const T* plane = static_cast<const T*>(m.data) + (nc / C) * m.sN + (nc % C) * m.sC;
+  A s0 = 0, sx = 0, sy = 0;
+  if (VEC) {
+    constexpr int V = Vec<T>::n;
+    const int wv = W / V;
+    for (int i = threadIdx.x; i < H * wv; i += kPlaneThreads) {
+      const int h = i / wv, w0 = (i - h * wv) * V;
+      A x[V];
+      Vec<T>::load(plane + h * m.sH + w0, x);
+      A r0 = 0, rx = 0;
+#pragma unroll
+      for (int j = 0; j < V; ++j) {
+        r0 += x[j];
+        rx += x[j] * (static_cast<A>(w0 + j) * step_u - A(1));
+      }
+      s0 += r0;
+      sx += rx;
+      sy += r0 * (static_cast<A>(h) * step_v - A(1));
+    }
+  } else {
+    for (int i = threadIdx.x; i < H * W; i += kPlaneThreads) {
+      const int h = i / W, w = i - h * W;
+      const A x = to_acc(plane[h * m.sH + w * m.sW]);
+      s0 += x;
+      sx += x * (static_cast<A>(w) * step_u - A(1));
+      sy += x * (static_cast<A>(h) * step_v - A(1));
+    }
+  }
+  block_sum3<A, kPlaneThreads>(s0, sx, sy);
+  if (threadIdx.x == 0) {
+    sums[nc * 3 + 0] = s0;
+    sums[nc * 3 + 1] = sx;
+    sums[nc * 3 + 2] = sy;
+  }
+}
+
+// Channels last: one block per (n, 32 channels); lanes take channels (coalesced
+// reads), the 32 warps take pixels; a shared-memory pass adds the warps up.
+template <typename T>
+__global__ void __launch_bounds__(1024)
+channel_sums(MapView m, int C, int H, int W, typename AccOf<T>::type step_u, typename AccOf<T>::type step_v,
+             typename AccOf<T>::type* sums) {
+  using A = typename AccOf<T>::type;
+  __shared__ A part[3][32][32];
+  const int groups = (C + 31) / 32;
+  const long long n = blockIdx.x / groups;
+  const int c = (blockIdx.x % groups) * 32 + threadIdx.x;
+  A s0 = 0, sx = 0, sy = 0;
+  if (c < C) {
+    const T* img = static_cast<const T*>(m.data) + n * m.sN + c * m.sC;
+    for (int p = threadIdx.y; p < H * W; p += 32) {
+      const int h = p / W, w = p - h * W;
+      const A x = to_acc(img[h * m.sH + w * m.sW]);
+      s0 += x;
+      sx += x * (static_cast<A>(w) * step_u - A(1));
+      sy += x * (static_cast<A>(h) * step_v - A(1));
+    }
+  }
+  part[0][threadIdx.y][threadIdx.x] = s0;
+  part[1][threadIdx.y][threadIdx.x] = sx;
+  part[2][threadIdx.y][threadIdx.x] = sy;
+  __syncthreads();
+  if (threadIdx.y < 3 && c < C) {
+    A s = 0;
+#pragma unroll 8
+    for (int r = 0; r < 32; ++r) s += part[threadIdx.y][r][threadIdx.x];
+    sums[(n * C + c) * 3 + threadIdx.y] = s;
+  }
+}
+
+template <typename A>
+__global__ void __launch_bounds__(kFinishThreads)
+finish(A* stats, long long NC, A e0, A ex, A ey, A* loss) {
+  double acc = 0;
+  for (long long i = threadIdx.x; i < NC; i += kFinishThreads) {
+    A c[2][2];
+#pragma unroll
+    for (int m = 0; m < 2; ++m) {
+      A* s = stats + (m * NC + i) * 3;
+      const A s0 = s[0] + e0;
+      c[m][0] = (s[1] + ex) / s0;
+      c[m][1] = (s[2] + ey) / s0;
+      s[0] = s0; s[1] = c[m][0]; s[2] = c[m][1];
+    }
+    const double dx = static_cast<double>(c[0][0] - c[1][0]), dy = static_cast<double>(c[0][1] - c[1][1]);
+    acc += dx * dx + dy * dy;
+  }
+  double unused1 = 0, unused2 = 0;
+  block_sum3<double, kFinishThreads>(acc, unused1, unused2);
+  if (threadIdx.x == 0) *loss = static_cast<A>(acc / static_cast<double>(2 * NC));
+}
+
+// grad = a*u[w] + b*v[h] + k for plane i of map `which`.
+template <typename A>
+__device__ __forceinline__ void grad_coeffs(const A* grad, const A* stats, long long NC, long long i, int which,
+                                            A& a, A& b, A& k) {
+  const A* o = stats + i * 3;
+  const A* t = stats + (NC + i) * 3;
+  const A* mine = which ? t : o;
+  const A g = (which ? -*grad : *grad) / static_cast<A>(NC);
+  const A gx = g * (o[1] - t[1]), gy = g * (o[2] - t[2]);
+  a = gx / mine[0];
+  b = gy / mine[0];
+  k = -(gx * mine[1] + gy * mine[2]) / mine[0];
+}
+
+template <typename T, bool VEC>
+__global__ void __launch_bounds__(kPlaneThreads)
+grad_planes(const typename AccOf<T>::type* grad, const typename AccOf<T>::type* stats, long long NC, int which,
+            int H, int W, typename AccOf<T>::type step_u, typename AccOf<T>::type step_v, T* out) {
+  using A = typename AccOf<T>::type;
+  const long long nc = blockIdx.x;
+  A a, b, k;
+  grad_coeffs(grad, stats, NC, nc, which, a, b, k);
+  T* plane = out + nc * H * W;
+  if (VEC) {
+    constexpr int V = Vec<T>::n;
+    const int wv = W / V;
+    for (int i = threadIdx.x; i < H * wv; i += kPlaneThreads) {
+      const int h = i / wv, w0 = (i - h * wv) * V;
+      const A rk = b * (static_cast<A>(h) * step_v - A(1)) + k;
+      A x[V];
+#pragma unroll
+      for (int j = 0; j < V; ++j) x[j] = a * (static_cast<A>(w0 + j) * step_u - A(1)) + rk;
+      Vec<T>::store(plane + h * W + w0, x);
+    }
+  } else {
+    for (int i = threadIdx.x; i < H * W; i += kPlaneThreads) {
+      const int h = i / W, w = i - h * W;
+      plane[i] = from_acc<T, A>(a * (static_cast<A>(w) * step_u - A(1)) + b * (static_cast<A>(h) * step_v - A(1)) + k);
+    }
+  }
+}
+
+// NHWC: blockIdx.x = one (n, h) row, blockIdx.y = 32 channels, warps split W.
+template <typename T>
+__global__ void __launch_bounds__(256)
+grad_channels(const typename AccOf<T>::type* grad, const typename AccOf<T>::type* stats, int C, int which, int H,
+              int W, typename AccOf<T>::type step_u, typename AccOf<T>::type step_v, T* out) {
+  using A = typename AccOf<T>::type;
+  const long long nh = blockIdx.x, n = nh / H;
+  const int h = static_cast<int>(nh - n * H);
+  const int c = blockIdx.y * 32 + threadIdx.x;
+  if (c >= C) return;
+  const long long NC = static_cast<long long>(gridDim.x / H) * C;
+  A a, b, k;
+  grad_coeffs(grad, stats, NC, n * C + c, which, a, b, k);
+  const A rk = b * (static_cast<A>(h) * step_v - A(1)) + k;
+  T* row = out + nh * W * C + c;
+  for (int w = threadIdx.y; w < W; w += 8) row[static_cast<long long>(w) * C] = from_acc<T, A>(a * (static_cast<A>(w) * step_u - A(1)) + rk);
+}
+
+template <typename T>
+bool aligned_for_vec(const void* p, long long stride) {
+  constexpr int V = 16 / sizeof(T);
+  return reinterpret_cast<unsigned long long>(p) % 16 == 0 && stride % V == 0;
+}
+
+template <typename T>
+cudaError_t map_sums_t(MapView m, long long N, long long C, int H, int W, void* sums, cudaStream_t stream) {
+  using A = typename AccOf<T>::type;
+  const A su = static_cast<A>(2.0 / W), sv = static_cast<A>(2.0 / H);
+  A* out = static_cast<A*>(sums);
+  if (m.sW == 1 || W == 1) {
+    constexpr int V = 16 / sizeof(T);
+    const bool vec = m.sW == 1 && W % V == 0 && aligned_for_vec<T>(m.data, m.sH) &&
+                     (C == 1 || m.sC % V == 0) && (N == 1 || m.sN % V == 0);
+    if (vec) plane_sums<T, true><<<N * C, kPlaneThreads, 0, stream>>>(m, C, H, W, su, sv, out);
+    else plane_sums<T, false><<<N * C, kPlaneThreads, 0, stream>>>(m, C, H, W, su, sv, out);
+  } else if (m.sC == 1 || C == 1) {
+    const long long groups = (C + 31) / 32;
+    channel_sums<T><<<N * groups, dim3(32, 32), 0, stream>>>(m, static_cast<int>(C), H, W, su, sv, out);
+  } else {
+    return cudaErrorInvalidValue;
+  }
+  return cudaGetLastError();
+}
+
+template <typename A>
+cudaError_t finish_t(void* stats, long long NC, int H, int W, void* loss, cudaStream_t stream) {
+  // The reference's eps in closed form: sum(eps), sum(eps*u), sum(eps*v).
+  const A su = static_cast<A>(2.0 / W), sv = static_cast<A>(2.0 / H);
+  double sum_u = 0, sum_v = 0;
+  for (int w = 0; w < W; ++w) sum_u += static_cast<A>(w) * su - A(1);
+  for (int h = 0; h < H; ++h) sum_v += static_cast<A>(h) * sv - A(1);
+  finish<A><<<1, kFinishThreads, 0, stream>>>(static_cast<A*>(stats), NC, static_cast<A>(kEps * H * W),
+                                              static_cast<A>(kEps * H * sum_u), static_cast<A>(kEps * W * sum_v),
+                                              static_cast<A*>(loss));
+  return cudaGetLastError();
+}
+
+template <typename T>
+cudaError_t grad_t(const void* grad, const void* stats, long long N, long long C, int H, int W, int which,
+                   bool channels_last, void* out, cudaStream_t stream) {
+  using A = typename AccOf<T>::type;
+  const A su = static_cast<A>(2.0 / W), sv = static_cast<A>(2.0 / H);
+  const A* g = static_cast<const A*>(grad);
+  const A* st = static_cast<const A*>(stats);
+  T* o = static_cast<T*>(out);
+  if (channels_last) {
+    grad_channels<T><<<dim3(N * H, (C + 31) / 32), dim3(32, 8), 0, stream>>>(g, st, static_cast<int>(C), which, H,
+                                                                              W, su, sv, o);
+  } else if (W % (16 / sizeof(T)) == 0 && reinterpret_cast<unsigned long long>(out) % 16 == 0) {
+    grad_planes<T, true><<<N * C, kPlaneThreads, 0, stream>>>(g, st, N * C, which, H, W, su, sv, o);
+  } else {
+    grad_planes<T, false><<<N * C, kPlaneThreads, 0, stream>>>(g, st, N * C, which, H, W, su, sv, o);
+  }
+  return cudaGetLastError();
+}
+
+}  // namespace
+
+cudaError_t launch_map_sums(MapView map, DType dtype, long long N, long long C, int H, int W, void* sums,
+                            cudaStream_t stream) {
+  switch (dtype) {
+    case kFloat32: return map_sums_t<float>(map, N, C, H, W, sums, stream);
+    case kFloat16: return map_sums_t<__half>(map, N, C, H, W, sums, stream);
+    case kBFloat16: return map_sums_t<__nv_bfloat16>(map, N, C, H, W, sums, stream);
+    case kFloat64: return map_sums_t<double>(map, N, C, H, W, sums, stream);
+  }
+  return cudaErrorInvalidValue;
+}
+
+cudaError_t launch_finish(void* stats, DType dtype, long long NC, int H, int W, void* loss, cudaStream_t stream) {
+  return dtype == kFloat64 ? finish_t<double>(stats, NC, H, W, loss, stream)
+                           : finish_t<float>(stats, NC, H, W, loss, stream);
+}
+
+cudaError_t launch_grad(const void* grad, const void* stats, DType dtype, long long N, long long C, int H, int W,
+                        int which, bool channels_last, void* out, cudaStream_t stream) {
+  switch (dtype) {
+    case kFloat32: return grad_t<float>(grad, stats, N, C, H, W, which, channels_last, out, stream);
+    case kFloat16: return grad_t<__half>(grad, stats, N, C, H, W, which, channels_last, out, stream);
+    case kBFloat16: return grad_t<__nv_bfloat16>(grad, stats, N, C, H, W, which, channels_last, out, stream);
+    case kFloat64: return grad_t<double>(grad, stats, N, C, H, W, which, channels_last, out, stream);
+  }
+  return cudaErrorInvalidValue;
+}
+
+}  // namespace dmfn_fast_cuda

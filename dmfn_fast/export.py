@@ -1,0 +1,176 @@
+"""dmfn-export: the reference-path generator as TorchScript or ONNX, with dynamic N, H and W.
+
+The exported model takes image [N, 3, H, W] float32 in [-1, 1] and mask [N, 1, H, W] float32
+(> 0.5 = hole), any H and W, and returns [N, 3, H, W] in [-1, 1] with the known pixels of `image`
+unchanged: the same as Generator.inpaint on tensors. After exporting, the file is loaded back and
+run on a real image at two sizes and compared with the eager model; the max error is printed.
+Exit status: 0 exported and verified, 1 the check failed, 2 could not export."""
+import argparse
+import sys
+import warnings
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .models import Generator
+
+TOLERANCE = {"torchscript": 1e-4, "onnx": 1e-3}  # max abs error on the [-1, 1] scale, fp32
+
+
+class _Core(nn.Module):
+    """Generator.forward on the reference path, without its Python-side checks (they would be baked into a trace)."""
+
+    def __init__(self, g: Generator):
+        super().__init__()
+        self.encoder, self.blocks, self.decoder = g.encoder, g.blocks, g.decoder
+
+    def forward(self, x):
+        h = self.encoder(x)
+        for b in self.blocks:
+            h = b.forward_reference(h)
+        return self.decoder(h)
+
+
+class InpaintModule(nn.Module):
+    """Generator.inpaint as plain tensor code: pad to a multiple of 4 (at least 8), run, crop, keep known pixels."""
+
+    def __init__(self, core: nn.Module):
+        super().__init__()
+        self.core = core
+
+    def forward(self, image, mask):
+        H, W = image.shape[-2], image.shape[-1]
+        Hp, Wp = max(8, H + (4 - H % 4) % 4), max(8, W + (4 - W % 4) % 4)
+        m = (mask > 0.5).to(image.dtype)
+        x = torch.cat([image * (1 - m), m], 1)
+        x = F.pad(x, [0, Wp - W, 0, Hp - H], mode="replicate")
+        out = self.core(x)[:, :, :H, :W]
+        return torch.where(m > 0.5, out, image)
+
+
+def _example(h, w, n=1):
+    g = torch.Generator().manual_seed(0)
+    return torch.rand(n, 3, h, w, generator=g) * 2 - 1, (torch.rand(n, 1, h, w, generator=g) > 0.7).float()
+
+
+def export_torchscript(g: Generator, path):
+    """Trace the shape-agnostic core, script the padding around it so H and W stay dynamic."""
+    g = g.float().cpu().eval()
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*torch.jit.trace.* is deprecated", category=Warning)
+        core = torch.jit.trace(_Core(g), torch.rand(1, 4, 64, 64) * 2 - 1, check_trace=False)  # verify() checks
+        module = torch.jit.script(InpaintModule(core))
+    module.save(str(path))
+    return path
+
+
+def export_onnx(g: Generator, path, opset=18):
+    """torch.onnx.export (torch.export based) with dynamic N, H, W; needs the onnx and onnxscript packages."""
+    for pkg in ("onnx", "onnxscript"):
+        try:
+            __import__(pkg)
+        except ImportError:
+            raise RuntimeError(f"ONNX export needs the '{pkg}' package: pip install onnx onnxscript") from None
+    g = g.float().cpu().eval()
+    N, H, W = torch.export.Dim("N"), torch.export.Dim("H"), torch.export.Dim("W")
+    dims = {0: N, 2: H, 3: W}
+    torch.onnx.export(InpaintModule(_Core(g)).eval(), _example(64, 64), str(path), input_names=["image", "mask"],
+                      output_names=["output"], opset_version=opset, dynamo=True, verbose=False,
+                      dynamic_shapes={"image": dims, "mask": dims})
+    return path
+
+
+def load_runner(fmt, path):
+    """A function (image, mask) -> output tensor running the exported file; None if no runtime is installed."""
+    if fmt == "torchscript":
+        m = torch.jit.load(str(path), map_location="cpu")
+        return lambda x, mk: m(x, mk)
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        return None
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return lambda x, mk: torch.from_numpy(sess.run(None, {"image": x.numpy(), "mask": mk.numpy()})[0])
+
+
+def verification_images():
+    """Real photographs at two sizes (one odd, one not a multiple of 4) with a hole in each."""
+    try:
+        from skimage import data
+        img = data.astronaut()
+        name = "skimage.data.astronaut"
+    except ImportError:  # scikit-image missing: a smooth synthetic image still exercises every path
+        yy, xx = np.mgrid[0:512, 0:512]
+        img = np.stack([xx % 256, yy % 256, (xx + yy) % 256], -1).astype(np.uint8)
+        name = "a synthetic gradient (scikit-image not installed)"
+    out = []
+    for h, w in ((256, 256), (301, 257)):
+        x = torch.from_numpy(np.array(img[:h, :w])).permute(2, 0, 1)[None].float() / 127.5 - 1
+        m = torch.zeros(1, 1, h, w)
+        m[..., h // 4: h // 2 + 20, w // 3: 2 * w // 3] = 1
+        m[..., h - 40: h - 30, 10: w - 10] = 1
+        out.append((f"{name} {h}x{w}", x, m))
+    return out
+
+
+def verify(g: Generator, fmt, path):
+    """Max abs error of the exported model vs eager Generator.inpaint per test image, or None if it cannot run."""
+    run = load_runner(fmt, path)
+    if run is None:
+        return None
+    g = g.float().cpu().eval()
+    errors = {}
+    with torch.no_grad():
+        for name, x, m in verification_images():
+            want = g.inpaint(x, m)
+            got = run(x, m)
+            if got.shape != want.shape:
+                raise RuntimeError(f"exported model returned {tuple(got.shape)} for {name}, expected {tuple(want.shape)}")
+            if not torch.equal(got[m.expand_as(got) == 0], x[m.expand_as(x) == 0]):
+                raise RuntimeError(f"exported model changed known pixels on {name}")
+            errors[name] = (got - want).abs().max().item()
+    return errors
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="dmfn-export", description=__doc__.split("\n")[0])
+    ap.add_argument("--checkpoint", required=True, help="our training checkpoint or the authors' latest_G.pth")
+    ap.add_argument("--format", choices=("torchscript", "onnx"), default="torchscript")
+    ap.add_argument("--out", required=True, help="output file (e.g. dmfn.pt or dmfn.onnx)")
+    ap.add_argument("--opset", type=int, default=18, help="ONNX opset (default 18)")
+    ap.add_argument("--no-verify", action="store_true", help="skip running the exported model")
+    args = ap.parse_args(argv)
+    try:
+        g = Generator.from_pretrained(args.checkpoint, impl="reference")
+        if args.format == "torchscript":
+            export_torchscript(g, args.out)
+        else:
+            export_onnx(g, args.out, args.opset)
+    except Exception as e:
+        print(f"dmfn-export: error: {type(e).__name__}: {e}", file=sys.stderr)
+        return 2
+    print(f"dmfn-export: wrote {args.format} model to {args.out}")
+    if args.no_verify:
+        return 0
+    try:
+        errors = verify(g, args.format, args.out)
+    except Exception as e:
+        print(f"dmfn-export: verification failed: {e}", file=sys.stderr)
+        return 1
+    if errors is None:
+        print("dmfn-export: not verified: onnxruntime is not installed (pip install onnxruntime)")
+        return 0
+    tol = TOLERANCE[args.format]
+    for name, err in errors.items():
+        print(f"  {name}: max abs error vs eager {err:.3g} (on [-1, 1]; tolerance {tol:g})")
+    if max(errors.values()) > tol:
+        print("dmfn-export: verification failed: error above tolerance", file=sys.stderr)
+        return 1
+    print("dmfn-export: verified (known pixels unchanged, dynamic H and W)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,248 @@
+"""The DMFB's four dilated 3x3 branches and their prefix sums, forward and backward, in Triton.
+
+Layout: every activation is channels-last contiguous, seen as [N, H*W, C]. Weights are packed as
+wp[j, tap, ci, co] (branch j, tap = 3*ky + kx) so that a tap is a [C_in, C_out] matrix for tl.dot.
+All dots accumulate in fp32; fp32 inputs use IEEE dots.
+"""
+import os
+
+import triton
+import triton.language as tl
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _cfg(bp, bn, bk, warps, stages):
+    return triton.Config({"BLOCK_P": bp, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=warps, num_stages=stages)
+
+
+# One config under the interpreter: its autotuner cannot benchmark ("0 active drivers").
+CONV_CONFIGS_LOWP = [_cfg(256, 64, 64, 4, 1)] if INTERPRET else [
+    _cfg(128, 64, 64, 4, 3), _cfg(64, 64, 64, 4, 3), _cfg(128, 64, 32, 4, 4)]
+CONV_CONFIGS_F32 = [_cfg(256, 64, 64, 4, 1)] if INTERPRET else [
+    _cfg(64, 64, 32, 4, 2), _cfg(32, 64, 32, 4, 2)]
+
+
+def _wcfg(bp, bci, bco, warps, stages):
+    return triton.Config({"BLOCK_P": bp, "BLOCK_CI": bci, "BLOCK_CO": bco}, num_warps=warps, num_stages=stages)
+
+
+WGRAD_CONFIGS_LOWP = [_wcfg(512, 64, 64, 4, 1)] if INTERPRET else [
+    _wcfg(64, 64, 64, 4, 3), _wcfg(128, 64, 64, 4, 3)]
+WGRAD_CONFIGS_F32 = [_wcfg(512, 64, 64, 4, 1)] if INTERPRET else [
+    _wcfg(32, 64, 64, 4, 2), _wcfg(64, 32, 64, 4, 2)]
+
+
+@triton.jit
+def _dilation(j: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr, D3: tl.constexpr, D4: tl.constexpr):
+    return D1 * (j == 0) + D2 * (j == 1) + D3 * (j == 2) + D4 * (j == 3)
+
+
+@triton.jit
+def _branches_fwd(
+    h_ptr, w_ptr, b_ptr, out_ptr, sum_ptr, sumsq_ptr,
+    dt_ptr, mean_ptr, rstd_ptr, sa_ptr, sb_ptr,
+    H, W, C,
+    D1: tl.constexpr, D2: tl.constexpr, D3: tl.constexpr, D4: tl.constexpr,
+    MODE: tl.constexpr, STATS: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """k_j = d_1(h) + ... + d_j(h), written as out[..., j*C:(j+1)*C].
+
+    MODE 0: write k (and, with STATS, add its per-(n, c) sum and sum of squares for the next
+    instance norm). MODE 1 (backward of IN + ReLU after the branches): recompute k, turn the
+    incoming gradient dt of relu(IN(k)) into dk, and write the suffix sums G_j = dk_j + ... + dk_4.
+    """
+    pid_p = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    HW = H * W
+    C4 = 4 * C
+    tiles = tl.cdiv(HW, BLOCK_P)
+    n = pid_p // tiles
+    p = (pid_p % tiles) * BLOCK_P + tl.arange(0, BLOCK_P)
+    pmask = p < HW
+    y = p // W
+    x = p % W
+    co = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    cmask = co < C
+    ks = tl.arange(0, BLOCK_K)
+    h_base = h_ptr + n.to(tl.int64) * HW * C
+    o_rows = n.to(tl.int64) * HW * C4 + p[:, None] * C4
+    omask = pmask[:, None] & cmask[None, :]
+    KT = tl.cdiv(C, BLOCK_K)
+    acc = tl.zeros([BLOCK_P, BLOCK_N], dtype=tl.float32)
+    for j in tl.static_range(4):
+        D = _dilation(j, D1, D2, D3, D4)
+        w_base = w_ptr + j * 9 * C * C
+        for it in range(0, 9 * KT):
+            tap = it // KT
+            kk = (it % KT) * BLOCK_K + ks
+            yy = y + (tap // 3 - 1) * D
+            xx = x + (tap % 3 - 1) * D
+            valid = pmask & (yy >= 0) & (yy < H) & (xx >= 0) & (xx < W)
+            kmask = kk < C
+            a = tl.load(h_base + (yy * W + xx)[:, None] * C + kk[None, :],
+                        mask=valid[:, None] & kmask[None, :], other=0.0)
+            b = tl.load(w_base + (tap * C + kk)[:, None] * C + co[None, :],
+                        mask=kmask[:, None] & cmask[None, :], other=0.0)
+            if UPCAST:
+                a = a.to(tl.float32)
+                b = b.to(tl.float32)
+            acc = tl.dot(a, b, acc, input_precision=PREC)
+        acc += tl.load(b_ptr + j * C + co, mask=cmask, other=0.0).to(tl.float32)[None, :]
+        # Round as the stored output is rounded, so that statistics (and the backward's
+        # recomputation) see exactly the values the instance norm reads.
+        k = acc.to(out_ptr.dtype.element_ty)
+        if MODE == 0:
+            tl.store(out_ptr + o_rows + j * C + co[None, :], k, mask=omask)
+            if STATS:
+                kf = tl.where(omask, k.to(tl.float32), 0.0)
+                s_off = n * C4 + j * C + co
+                tl.atomic_add(sum_ptr + s_off, tl.sum(kf, 0), mask=cmask)
+                tl.atomic_add(sumsq_ptr + s_off, tl.sum(kf * kf, 0), mask=cmask)
+        else:
+            s_off = n * C4 + j * C + co
+            mean = tl.load(mean_ptr + s_off, mask=cmask, other=0.0)
+            rstd = tl.load(rstd_ptr + s_off, mask=cmask, other=0.0)
+            ga = tl.load(sa_ptr + s_off, mask=cmask, other=0.0) / HW
+            gb = tl.load(sb_ptr + s_off, mask=cmask, other=0.0) / HW
+            xh = (k.to(tl.float32) - mean[None, :]) * rstd[None, :]
+            dt = tl.load(dt_ptr + o_rows + j * C + co[None, :], mask=omask, other=0.0).to(tl.float32)
+            dz = tl.where(xh > 0, dt, 0.0)
+            dk = rstd[None, :] * (dz - ga[None, :] - xh * gb[None, :])
+            tl.store(out_ptr + o_rows + j * C + co[None, :], dk.to(out_ptr.dtype.element_ty), mask=omask)
+    if MODE == 1:
+        # Suffix sums in place. The barrier makes this CTA's stores above visible to all its threads.
+        tl.debug_barrier()
+        g = tl.load(out_ptr + o_rows + 3 * C + co[None, :], mask=omask, other=0.0).to(tl.float32)
+        for jj in tl.static_range(3):
+            j = 2 - jj
+            ptrs = out_ptr + o_rows + j * C + co[None, :]
+            g += tl.load(ptrs, mask=omask, other=0.0).to(tl.float32)
+            tl.store(ptrs, g.to(out_ptr.dtype.element_ty), mask=omask)
+
+
+@triton.jit
+def _branches_dgrad(
+    g_ptr, w_ptr, dh_ptr, H, W, C,
+    D1: tl.constexpr, D2: tl.constexpr, D3: tl.constexpr, D4: tl.constexpr,
+    UPCAST: tl.constexpr, PREC: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """dh = sum_j conv_transpose_j(G_j): a dilated conv of the suffix sums G_j with flipped,
+    transposed weights. g_ptr holds G = [G_1..G_4] as [N, H*W, 4C]."""
+    pid_p = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    HW = H * W
+    C4 = 4 * C
+    tiles = tl.cdiv(HW, BLOCK_P)
+    n = pid_p // tiles
+    p = (pid_p % tiles) * BLOCK_P + tl.arange(0, BLOCK_P)
+    pmask = p < HW
+    y = p // W
+    x = p % W
+    ci = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    cimask = ci < C
+    ks = tl.arange(0, BLOCK_K)
+    g_base = g_ptr + n.to(tl.int64) * HW * C4
+    KT = tl.cdiv(C, BLOCK_K)
+    acc = tl.zeros([BLOCK_P, BLOCK_N], dtype=tl.float32)
+    for j in tl.static_range(4):
+        D = _dilation(j, D1, D2, D3, D4)
+        w_base = w_ptr + j * 9 * C * C
+        for it in range(0, 9 * KT):
+            tap = it // KT
+            kk = (it % KT) * BLOCK_K + ks
+            yy = y - (tap // 3 - 1) * D
+            xx = x - (tap % 3 - 1) * D
+            valid = pmask & (yy >= 0) & (yy < H) & (xx >= 0) & (xx < W)
+            kmask = kk < C
+            a = tl.load(g_base + (yy * W + xx)[:, None] * C4 + j * C + kk[None, :],
+                        mask=valid[:, None] & kmask[None, :], other=0.0)
+            b = tl.load(w_base + (tap * C + ci[None, :]) * C + kk[:, None],
+                        mask=kmask[:, None] & cimask[None, :], other=0.0)
+            if UPCAST:
+                a = a.to(tl.float32)
+                b = b.to(tl.float32)
+            acc = tl.dot(a, b, acc, input_precision=PREC)
+    dh = dh_ptr + n.to(tl.int64) * HW * C + p[:, None] * C + ci[None, :]
+    tl.store(dh, acc.to(dh_ptr.dtype.element_ty), mask=pmask[:, None] & cimask[None, :])
+
+
+@triton.jit
+def _branches_wgrad(
+    h_ptr, g_ptr, dw_ptr, db_ptr, NP, H, W, C, PIX_PER_SPLIT,
+    D1: tl.constexpr, D2: tl.constexpr, D3: tl.constexpr, D4: tl.constexpr,
+    UPCAST: tl.constexpr, PREC: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_CI: tl.constexpr, BLOCK_CO: tl.constexpr,
+):
+    """dW_j[tap, ci, co] = sum_p h[p + off_j(tap), ci] * G_j[p, co] and db_j = sum_p G_j[p],
+    each program summing PIX_PER_SPLIT pixels (a multiple of BLOCK_P) in fp32 and adding the partial
+    atomically into dw/db (fp32). Grid: (pixel splits, 36 = branch * 9 + tap, ci tiles * co tiles)."""
+    pid_s = tl.program_id(0)
+    jt = tl.program_id(1)
+    pid_c = tl.program_id(2)
+    j = jt // 9
+    tap = jt % 9
+    D = tl.where(j == 0, D1, tl.where(j == 1, D2, tl.where(j == 2, D3, D4)))
+    dy = (tap // 3 - 1) * D
+    dx = (tap % 3 - 1) * D
+    n_ci = tl.cdiv(C, BLOCK_CI)
+    ci = (pid_c % n_ci) * BLOCK_CI + tl.arange(0, BLOCK_CI)
+    co = (pid_c // n_ci) * BLOCK_CO + tl.arange(0, BLOCK_CO)
+    cimask = ci < C
+    comask = co < C
+    HW = H * W
+    C4 = 4 * C
+    acc = tl.zeros([BLOCK_CI, BLOCK_CO], dtype=tl.float32)
+    bacc = tl.zeros([BLOCK_CO], dtype=tl.float32)
+    p_end = tl.minimum((pid_s + 1) * PIX_PER_SPLIT, NP)
+    for p0 in range(pid_s * PIX_PER_SPLIT, p_end, BLOCK_P):
+        p = p0 + tl.arange(0, BLOCK_P)
+        pm = p < NP
+        n = p // HW
+        r = p % HW
+        yy = r // W + dy
+        xx = r % W + dx
+        valid = pm & (yy >= 0) & (yy < H) & (xx >= 0) & (xx < W)
+        src = (n.to(tl.int64) * HW + yy * W + xx) * C
+        a = tl.load(h_ptr + src[:, None] + ci[None, :], mask=valid[:, None] & cimask[None, :], other=0.0)
+        g = tl.load(g_ptr + p.to(tl.int64)[:, None] * C4 + j * C + co[None, :],
+                    mask=pm[:, None] & comask[None, :], other=0.0)
+        if UPCAST:
+            a = a.to(tl.float32)
+            g = g.to(tl.float32)
+        acc = tl.dot(tl.trans(a), g, acc, input_precision=PREC)
+        bacc += tl.sum(g.to(tl.float32), 0)
+    w_off = (jt * C + ci[:, None]) * C + co[None, :]
+    tl.atomic_add(dw_ptr + w_off, acc, mask=cimask[:, None] & comask[None, :])
+    if (tap == 4) & (pid_c % n_ci == 0):
+        tl.atomic_add(db_ptr + j * C + co, bacc, mask=comask)
+
+
+@triton.jit
+def _suffix_sum(g_ptr, out_ptr, NP, C, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+    """G_j = g_j + ... + g_4 over the four C-channel chunks of [NP, 4C]."""
+    p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
+    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    m = (p < NP)[:, None] & (c < C)[None, :]
+    rows = p.to(tl.int64)[:, None] * (4 * C) + c[None, :]
+    acc = tl.zeros([BLOCK_P, BLOCK_C], dtype=tl.float32)
+    for jj in tl.static_range(4):
+        j = 3 - jj
+        acc += tl.load(g_ptr + rows + j * C, mask=m, other=0.0).to(tl.float32)
+        tl.store(out_ptr + rows + j * C, acc.to(out_ptr.dtype.element_ty), mask=m)
+
+
+def _autotuned(fn, configs, key, reset=()):
+    return triton.autotune(configs=configs, key=key, reset_to_zero=list(reset) or None)(fn)
+
+
+_CONV_KEY = ["H", "W", "C"]
+branches_fwd_lowp = _autotuned(_branches_fwd, CONV_CONFIGS_LOWP, _CONV_KEY + ["MODE"], ("sum_ptr", "sumsq_ptr"))
+branches_fwd_f32 = _autotuned(_branches_fwd, CONV_CONFIGS_F32, _CONV_KEY + ["MODE"], ("sum_ptr", "sumsq_ptr"))
+branches_dgrad_lowp = _autotuned(_branches_dgrad, CONV_CONFIGS_LOWP, _CONV_KEY)
+branches_dgrad_f32 = _autotuned(_branches_dgrad, CONV_CONFIGS_F32, _CONV_KEY)
+branches_wgrad_lowp = _autotuned(_branches_wgrad, WGRAD_CONFIGS_LOWP, ["NP", "C"], ("dw_ptr", "db_ptr"))
+branches_wgrad_f32 = _autotuned(_branches_wgrad, WGRAD_CONFIGS_F32, ["NP", "C"], ("dw_ptr", "db_ptr"))
+suffix_sum = _suffix_sum

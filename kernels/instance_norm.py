@@ -1,0 +1,109 @@
+"""Instance norm (affine=False, biased variance) over channels-last [N, H*W, C] tensors, fused with
+ReLU or a residual add, from per-(n, c) sums and sums of squares; and its backward."""
+import triton
+import triton.language as tl
+
+# Elementwise/reduction tiles: one config is enough (memory bound), no autotuning.
+BLOCK_P = 64
+BLOCK_C = 64
+NUM_WARPS = 4
+
+
+@triton.jit
+def _in_stats(x_ptr, sum_ptr, sumsq_ptr, HW, C, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+    """sum_ptr[n, c] += sum over a pixel tile of x, sumsq_ptr likewise of x^2 (fp32 atomics)."""
+    tiles = tl.cdiv(HW, BLOCK_P)
+    n = tl.program_id(0) // tiles
+    p = (tl.program_id(0) % tiles) * BLOCK_P + tl.arange(0, BLOCK_P)
+    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    cm = c < C
+    m = (p < HW)[:, None] & cm[None, :]
+    x = tl.load(x_ptr + n.to(tl.int64) * HW * C + p[:, None] * C + c[None, :], mask=m, other=0.0).to(tl.float32)
+    tl.atomic_add(sum_ptr + n * C + c, tl.sum(x, 0), mask=cm)
+    tl.atomic_add(sumsq_ptr + n * C + c, tl.sum(x * x, 0), mask=cm)
+
+
+@triton.jit
+def _in_apply(x_ptr, res_ptr, y_ptr, sum_ptr, sumsq_ptr, mean_ptr, rstd_ptr, HW, C, eps,
+              RELU: tl.constexpr, RESIDUAL: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+    """y = relu?((x - mean) * rstd) (+ res); the first pixel tile of each image also writes mean and rstd."""
+    tiles = tl.cdiv(HW, BLOCK_P)
+    n = tl.program_id(0) // tiles
+    t = tl.program_id(0) % tiles
+    p = t * BLOCK_P + tl.arange(0, BLOCK_P)
+    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    cm = c < C
+    m = (p < HW)[:, None] & cm[None, :]
+    s = tl.load(sum_ptr + n * C + c, mask=cm, other=0.0)
+    ss = tl.load(sumsq_ptr + n * C + c, mask=cm, other=0.0)
+    mean = s / HW
+    var = tl.maximum(ss / HW - mean * mean, 0.0)
+    rstd = 1.0 / tl.sqrt(var + eps)
+    if t == 0:
+        tl.store(mean_ptr + n * C + c, mean, mask=cm)
+        tl.store(rstd_ptr + n * C + c, rstd, mask=cm)
+    off = n.to(tl.int64) * HW * C + p[:, None] * C + c[None, :]
+    x = tl.load(x_ptr + off, mask=m, other=0.0).to(tl.float32)
+    y = (x - mean[None, :]) * rstd[None, :]
+    if RELU:
+        y = tl.maximum(y, 0.0)
+    if RESIDUAL:
+        y += tl.load(res_ptr + off, mask=m, other=0.0).to(tl.float32)
+    tl.store(y_ptr + off, y.to(y_ptr.dtype.element_ty), mask=m)
+
+
+@triton.jit
+def _in_bwd_reduce(dy_ptr, x_ptr, mean_ptr, rstd_ptr, sa_ptr, sb_ptr, HW, C,
+                   RELU: tl.constexpr, FROM_Y: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+    """sa += sum dz, sb += sum dz * xhat, with dz = dy (masked by xhat > 0 under ReLU).
+    FROM_Y: x_ptr holds y = relu(xhat), which equals xhat wherever dz is non-zero."""
+    tiles = tl.cdiv(HW, BLOCK_P)
+    n = tl.program_id(0) // tiles
+    p = (tl.program_id(0) % tiles) * BLOCK_P + tl.arange(0, BLOCK_P)
+    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    cm = c < C
+    m = (p < HW)[:, None] & cm[None, :]
+    off = n.to(tl.int64) * HW * C + p[:, None] * C + c[None, :]
+    dy = tl.load(dy_ptr + off, mask=m, other=0.0).to(tl.float32)
+    x = tl.load(x_ptr + off, mask=m, other=0.0).to(tl.float32)
+    if FROM_Y:
+        xh = x
+    else:
+        mean = tl.load(mean_ptr + n * C + c, mask=cm, other=0.0)
+        rstd = tl.load(rstd_ptr + n * C + c, mask=cm, other=0.0)
+        xh = (x - mean[None, :]) * rstd[None, :]
+    dz = dy
+    if RELU:
+        dz = tl.where(xh > 0, dy, 0.0)
+    tl.atomic_add(sa_ptr + n * C + c, tl.sum(dz, 0), mask=cm)
+    tl.atomic_add(sb_ptr + n * C + c, tl.sum(dz * xh, 0), mask=cm)
+
+
+@triton.jit
+def _in_bwd_apply(dy_ptr, x_ptr, mean_ptr, rstd_ptr, sa_ptr, sb_ptr, dx_ptr, HW, C,
+                  RELU: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+    """dx = rstd * (dz - mean(dz) - xhat * mean(dz * xhat))."""
+    tiles = tl.cdiv(HW, BLOCK_P)
+    n = tl.program_id(0) // tiles
+    p = (tl.program_id(0) % tiles) * BLOCK_P + tl.arange(0, BLOCK_P)
+    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    cm = c < C
+    m = (p < HW)[:, None] & cm[None, :]
+    off = n.to(tl.int64) * HW * C + p[:, None] * C + c[None, :]
+    mean = tl.load(mean_ptr + n * C + c, mask=cm, other=0.0)
+    rstd = tl.load(rstd_ptr + n * C + c, mask=cm, other=0.0)
+    ga = tl.load(sa_ptr + n * C + c, mask=cm, other=0.0) / HW
+    gb = tl.load(sb_ptr + n * C + c, mask=cm, other=0.0) / HW
+    dy = tl.load(dy_ptr + off, mask=m, other=0.0).to(tl.float32)
+    xh = (tl.load(x_ptr + off, mask=m, other=0.0).to(tl.float32) - mean[None, :]) * rstd[None, :]
+    dz = dy
+    if RELU:
+        dz = tl.where(xh > 0, dy, 0.0)
+    dx = rstd[None, :] * (dz - ga[None, :] - xh * gb[None, :])
+    tl.store(dx_ptr + off, dx.to(dx_ptr.dtype.element_ty), mask=m)
+
+
+in_stats = _in_stats
+in_apply = _in_apply
+in_bwd_reduce = _in_bwd_reduce
+in_bwd_apply = _in_bwd_apply

@@ -1,0 +1,271 @@
+"""The C++/CUDA centroid alignment op against the PyTorch reference (the ground truth).
+
+Tolerances: fp32 centroids and S0 1e-6 relative; the fp32 loss 1e-6 relative where centroids differ
+clearly, 1e-5 on i.i.d. noise, where the squared difference of two nearly equal centroids amplifies the
+rounding of either implementation (the reference itself is ~4e-7 off the float64 value there);
+bf16/fp16 1e-2.
+"""
+import os
+import shutil
+import subprocess
+import warnings
+
+import pytest
+import torch
+
+from dmfn_fast.ops import _impl
+from dmfn_fast.ops import centroid_align as ca
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ext = pytest.mark.skipif(not ca.extension_available(), reason=f"dmfn_fast extension not available: "
+                         f"{ca._ext_state['why']}")
+cuda_ext = pytest.mark.skipif(not (torch.cuda.is_available() and ca.has_kernel("cuda")),
+                              reason="needs a CUDA GPU and the extension built with CUDA")
+
+
+def fast(a, b):
+    return ca.centroid_align_loss(a, b, impl="fused")
+
+
+def rand(shape, seed, dtype=torch.float32, device="cpu", layout="contiguous"):
+    g = torch.Generator().manual_seed(seed)
+    t = torch.rand(shape, generator=g, dtype=torch.float64)
+    if layout == "channels_last":
+        t = t.to(memory_format=torch.channels_last)
+    elif layout == "strided":  # every other column of a wider map, and channels seen through a transpose
+        wide = torch.rand((shape[0], shape[2], shape[1], 2 * shape[3]), generator=g, dtype=torch.float64)
+        t = wide.transpose(1, 2)[..., ::2]
+        assert not t.is_contiguous() and not t.is_contiguous(memory_format=torch.channels_last)
+    return t.to(device=device, dtype=dtype)
+
+
+def stats(a, b):
+    return torch.ops.dmfn_fast.centroid_align_fwd(a, b)[1]
+
+
+def grads(fn, a, b):
+    a, b = a.detach().requires_grad_(), b.detach().requires_grad_()
+    loss = fn(a, b)
+    loss.backward()
+    return loss.detach(), a.grad, b.grad
+
+
+def assert_grads_close(got, want, rtol):
+    scale = want.abs().max().item()
+    torch.testing.assert_close(got.float(), want.float(), rtol=rtol, atol=rtol * scale)
+
+
+LAYOUTS = ["contiguous", "channels_last", "strided"]
+SHAPES = [(1, 3, 1, 1), (2, 5, 3, 5), (1, 16, 32, 32), (2, 7, 17, 19)]
+
+
+@ext
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_gradcheck_float64(layout):
+    a = rand((2, 3, 5, 7), 1, torch.float64, layout=layout).requires_grad_()
+    b = rand((2, 3, 5, 7), 2, torch.float64, layout=layout).requires_grad_()
+    assert torch.autograd.gradcheck(fast, (a, b))
+
+
+@ext
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_fp32_parity(shape, layout):
+    a, b = rand(shape, 3, layout=layout), rand(shape, 4, layout=layout)
+    st = stats(a, b)
+    for m, f in enumerate((a, b)):
+        torch.testing.assert_close(st[m, ..., 1:], ca.centroids_reference(f), rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(st[m, ..., 0], (f + ca.EPS).sum(dim=(2, 3)), rtol=1e-6, atol=0)
+    loss, ga, gb = grads(fast, a, b)
+    want, wa, wb = grads(ca.centroid_align_loss_reference, a, b)
+    assert loss.dtype == want.dtype == torch.float32
+    torch.testing.assert_close(loss, want, rtol=1e-5, atol=1e-12)
+    assert_grads_close(ga, wa, 1e-5)
+    assert_grads_close(gb, wb, 1e-5)
+
+
+@ext
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_fp32_loss_parity_1e6_when_centroids_differ(layout):
+    shape = (2, 16, 13, 24)
+    ramp = torch.linspace(0.1, 3.0, shape[3]).view(1, 1, 1, -1)
+    a = rand(shape, 5, layout=layout) * ramp            # mass pushed right
+    b = rand(shape, 6, layout=layout) * ramp.flip(-1)   # mass pushed left
+    torch.testing.assert_close(fast(a, b), ca.centroid_align_loss_reference(a, b), rtol=1e-6, atol=0)
+
+
+@ext
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_half_parity(dtype, layout):
+    a, b = rand((2, 8, 9, 11), 7, dtype, layout=layout), rand((2, 8, 9, 11), 8, dtype, layout=layout)
+    loss, ga, gb = grads(fast, a, b)
+    want, wa, wb = grads(ca.centroid_align_loss_reference, a, b)
+    assert loss.dtype == torch.float32 and ga.dtype == gb.dtype == dtype
+    torch.testing.assert_close(loss, want, rtol=1e-2, atol=0)
+    assert_grads_close(ga, wa, 1e-2)
+    assert_grads_close(gb, wb, 1e-2)
+
+
+@ext
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_zero_and_negative_sum_channels(layout):
+    a, b = rand((2, 4, 6, 5), 9), rand((2, 4, 6, 5), 10)
+    a[:, 0] = 0                 # the eps alone sets the centroid: the mean of the grid
+    b[:, 1] = -b[:, 1]          # negative sum
+    b[0, 2] = 0
+    a, b = a.contiguous(memory_format=torch.channels_last) if layout != "contiguous" else a, b
+    loss, ga, gb = grads(fast, a, b)
+    want, wa, wb = grads(ca.centroid_align_loss_reference, a, b)
+    assert torch.isfinite(loss) and torch.isfinite(ga).all() and torch.isfinite(gb).all()
+    torch.testing.assert_close(loss, want, rtol=1e-5, atol=0)
+    assert_grads_close(ga, wa, 1e-4)  # 1/S0 ~ 3e5 on the zero channel
+    assert_grads_close(gb, wb, 1e-4)
+
+
+@ext
+def test_target_without_grad_gets_none_and_out_grad_matches():
+    a, b = rand((2, 3, 4, 6), 11).requires_grad_(), rand((2, 3, 4, 6), 12)
+    fast(a, b).backward()
+    assert b.grad is None
+    a2 = a.detach().clone().requires_grad_()
+    ca.centroid_align_loss_reference(a2, b).backward()
+    assert_grads_close(a.grad, a2.grad, 1e-5)
+
+
+@ext
+def test_mixed_dtypes_promote_like_the_reference():
+    a, b = rand((1, 4, 5, 6), 13, torch.bfloat16), rand((1, 4, 5, 6), 14)
+    torch.testing.assert_close(fast(a, b), ca.centroid_align_loss_reference(a, b), rtol=1e-5, atol=0)
+
+
+@ext
+def test_bad_inputs_raise_clear_errors():
+    a = rand((1, 2, 3, 4), 15)
+    with pytest.raises(ValueError, match="differ in shape"):
+        fast(a, rand((1, 2, 4, 3), 16))
+    with pytest.raises(ValueError, match=r"\[N, C, H, W\]"):
+        ca.centroid_align_loss(a[0], a[0])
+    with pytest.raises(RuntimeError, match="differ in dtype"):
+        torch.ops.dmfn_fast.centroid_align_fwd(a, a.double())
+    with pytest.raises(RuntimeError, match="dtype must be"):
+        torch.ops.dmfn_fast.centroid_align_fwd(a.int(), a.int())
+
+
+@ext
+def test_opcheck():
+    for layout in ("contiguous", "channels_last"):
+        a = rand((2, 3, 5, 4), 17, layout=layout).requires_grad_()
+        b = rand((2, 3, 5, 4), 18, layout=layout)
+        torch.library.opcheck(torch.ops.dmfn_fast.centroid_align_fwd.default, (a, b))
+        loss, st = torch.ops.dmfn_fast.centroid_align_fwd(a.detach(), b)
+        torch.library.opcheck(torch.ops.dmfn_fast.centroid_align_bwd.default, (torch.ones(()), st, a.detach(), 1))
+
+
+@ext
+def test_torch_compile_smoke():
+    torch._dynamo.reset()
+    a, b = rand((2, 4, 6, 10), 19).requires_grad_(), rand((2, 4, 6, 10), 20)
+
+    @torch.compile(fullgraph=True, backend="aot_eager")
+    def weighted(x, y):
+        return 2.0 * ca.centroid_align_loss(x, y)
+
+    loss = weighted(a, b)
+    loss.backward()
+    a2 = a.detach().clone().requires_grad_()
+    want = 2.0 * ca.centroid_align_loss_reference(a2, b)
+    want.backward()
+    torch.testing.assert_close(loss, want, rtol=1e-5, atol=0)
+    assert_grads_close(a.grad, a2.grad, 1e-5)
+
+
+@ext
+def test_auto_uses_the_extension():
+    a, b = rand((1, 3, 4, 5), 21), rand((1, 3, 4, 5), 22)
+    assert ca.centroid_align_loss(a, b).item() == torch.ops.dmfn_fast.centroid_align_fwd(a, b)[0].item()
+
+
+def _refuse_extension():
+    raise AssertionError("the extension must not be consulted")
+
+
+@pytest.mark.parametrize("how", ["impl", "env"])
+def test_reference_forced(how, monkeypatch):
+    monkeypatch.setattr(ca, "extension_available", _refuse_extension)
+    a, b = rand((2, 3, 4, 5), 23), rand((2, 3, 4, 5), 24)
+    if how == "env":
+        monkeypatch.setenv("DMFN_IMPL", "reference")
+        got = ca.centroid_align_loss(a, b, impl="auto")
+    else:
+        got = ca.centroid_align_loss(a, b, impl="reference")
+    assert torch.equal(got, ca.centroid_align_loss_reference(a, b))
+
+
+def test_missing_extension_falls_back_with_one_warning(monkeypatch):
+    def missing():
+        raise ImportError("simulated: no module")
+
+    monkeypatch.setattr(ca, "_import_built", missing)
+    monkeypatch.setattr(ca, "_jit_build", missing)
+    monkeypatch.setattr(ca, "_ops_registered", lambda: False)
+    monkeypatch.setitem(ca._ext_state, "loaded", None)
+    monkeypatch.setattr(_impl, "_warned", set())
+    a, b = rand((2, 3, 4, 5), 25), rand((2, 3, 4, 5), 26)
+    with pytest.warns(RuntimeWarning, match="reference") as record:
+        first = ca.centroid_align_loss(a, b)
+        second = ca.centroid_align_loss(a, b)
+    assert len([w for w in record if "extension" in str(w.message)]) == 1
+    assert "simulated" in str(record[0].message)
+    assert torch.equal(first, ca.centroid_align_loss_reference(a, b)) and torch.equal(first, second)
+    with pytest.raises(RuntimeError, match="fused"):
+        ca.centroid_align_loss(a, b, impl="fused")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ca.centroid_align_loss(a, b)  # no second warning
+
+
+def test_jit_build_is_tried_when_the_built_module_is_missing(monkeypatch):
+    tried = []
+    monkeypatch.setattr(ca, "_import_built", lambda: tried.append("built") or (_ for _ in ()).throw(ImportError()))
+    monkeypatch.setattr(ca, "_jit_build", lambda: tried.append("jit"))
+    monkeypatch.setattr(ca, "_ops_registered", lambda: False)
+    monkeypatch.setitem(ca._ext_state, "loaded", None)
+    monkeypatch.setattr(_impl, "_warned", set())
+    with pytest.warns(RuntimeWarning):  # the fake JIT registers nothing, so it still falls back
+        ca.extension_available()
+    assert tried == ["built", "jit"]
+
+
+# ---------------------------------------------------------------- CUDA
+
+@cuda_ext
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("shape", [(1, 3, 1, 1), (2, 5, 3, 5), (2, 64, 32, 32), (2, 40, 17, 19)])
+def test_cuda_parity_and_grads(shape, layout, dtype):
+    a, b = rand(shape, 27, dtype, "cuda", layout), rand(shape, 28, dtype, "cuda", layout)
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    loss, ga, gb = grads(fast, a, b)
+    want, wa, wb = grads(ca.centroid_align_loss_reference, a, b)
+    torch.testing.assert_close(loss, want, rtol=tol, atol=1e-12)
+    assert_grads_close(ga, wa, tol)
+    assert_grads_close(gb, wb, tol)
+    if dtype == torch.float32:
+        torch.testing.assert_close(stats(a, b)[0, ..., 1:], ca.centroids_reference(a), rtol=1e-6, atol=1e-6)
+
+
+@cuda_ext
+def test_cuda_matches_cpu_op_and_compiles():
+    a, b = rand((2, 32, 9, 12), 29, device="cuda"), rand((2, 32, 9, 12), 30, device="cuda")
+    torch.testing.assert_close(stats(a, b).cpu(), stats(a.cpu(), b.cpu()), rtol=1e-6, atol=1e-6)
+    torch.library.opcheck(torch.ops.dmfn_fast.centroid_align_fwd.default, (a.requires_grad_(), b))
+
+
+# ---------------------------------------------------------------- nvcc compile check
+
+def test_cuda_kernels_compile_without_spills():
+    if shutil.which("nvcc") is None:
+        pytest.skip("nvcc not on PATH: the CUDA kernel compile check needs the CUDA toolkit")
+    r = subprocess.run(["bash", os.path.join(ROOT, ".ci", "nvcc_check.sh")], capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
