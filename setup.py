@@ -18,7 +18,7 @@ def extension_modules():
     except ImportError:  # plain `pip install` without torch first: no extension
         return [], {}
     sources = ["csrc/centroid_align.cpp"]
-    cxx = ["-O3", "-fopenmp", "-DDMFN_PY_MODULE"]
+    cxx = ["-O3", "-g0", "-fopenmp", "-DDMFN_PY_MODULE"]  # -g0: Python's CFLAGS add -g, slow to build
     kwargs = dict(extra_link_args=["-fopenmp"])
     if torch.version.cuda and cpp_extension.CUDA_HOME:
         sources += ["csrc/centroid_align_cuda.cpp", "csrc/centroid_align_kernel.cu"]

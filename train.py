@@ -8,9 +8,7 @@ DATA is a folder of images (searched recursively) or a list file. Every flag can
 from --config FILE (YAML or JSON, keys named like the flags). See the README, section "Training".
 """
 import argparse
-import contextlib
 import json
-import math
 import os
 import sys
 import time
@@ -30,9 +28,9 @@ from dmfn_fast.vgg import HOW_TO, VGG19Features
 
 # Paper defaults; the demo (no DATA) replaces those still unset by this CPU-sized preset.
 PAPER = dict(size=256, batch=16, steps=100_000, n_val=8, min_scale=1.0, log_every=50, sample_every=500,
-             val_every=1000, ckpt_every=2000)
-DEMO = dict(size=64, batch=8, steps=150, n_val=4, min_scale=0.4, log_every=10, sample_every=50,
-            val_every=50, ckpt_every=50)
+             val_every=1000, ckpt_every=2000, nf=64, n_blocks=8, d_nf=64)
+DEMO = dict(size=64, batch=4, steps=100, n_val=4, min_scale=0.4, log_every=5, sample_every=25,
+            val_every=25, ckpt_every=25, nf=32, n_blocks=4, d_nf=16)
 DEMO_VAL = ("coffee", "rocket", "chelsea", "camera")  # held out from the demo's training set
 
 
@@ -45,17 +43,17 @@ def build_parser():
     a("--val-data", help="held-out images (folder or list); default: the last --n-val images of DATA")
     a("--n-val", type=int, help="held-out images when --val-data is not given (8; demo 4)")
     a("--size", type=int, help="training size, divisible by 4 (256; demo 64)")
-    a("--batch", type=int, help="batch per process; global batch = batch x processes (16; demo 8)")
-    a("--steps", type=int, help="total G+D updates (100000; demo 150)")
+    a("--batch", type=int, help="batch per process; global batch = batch x processes (16; demo 4)")
+    a("--steps", type=int, help="total G+D updates (100000; demo 100)")
     a("--min-scale", type=float, help="random crop side as a fraction of the short side: U(min, 1) (1.0; demo 0.4)")
     a("--lr-g", type=float, default=2e-4)
     a("--lr-d", type=float, default=2e-4)
     a("--betas", type=float, nargs=2, default=[0.5, 0.999])
     a("--lr-steps", type=int, nargs="+", default=[100_000], help="MultiStepLR milestones")
     a("--lr-gamma", type=float, default=0.5)
-    a("--nf", type=int, default=64, help="generator width")
-    a("--n-blocks", type=int, default=8, help="DMFB blocks")
-    a("--d-nf", type=int, default=64, help="discriminator width")
+    a("--nf", type=int, help="generator width (64; demo 32)")
+    a("--n-blocks", type=int, help="DMFB blocks (8; demo 4)")
+    a("--d-nf", type=int, help="discriminator width (64; demo 16)")
     a("--masks", choices=KINDS, default="rect")
     a("--mask-dir", help="folder of mask PNGs for irregular / mixed masks")
     a("--mask-probs", help="for mixed masks, e.g. rect=0.5,stroke=0.3,irregular=0.2")
@@ -72,10 +70,10 @@ def build_parser():
     a("--workers", type=int, help="data loader processes per rank (CUDA: 4; CPU: 0)")
     a("--vgg-weights", default="auto", help="torchvision vgg19 .pth (auto: DMFN_VGG19_WEIGHTS, hub cache, download)")
     a("--random-vgg", action="store_true", help="train with a RANDOM VGG19 (smoke tests only)")
-    a("--log-every", type=int, help="steps between log lines (50; demo 10)")
-    a("--sample-every", type=int, help="steps between sample grids (500; demo 50)")
-    a("--val-every", type=int, help="steps between validations (1000; demo 50)")
-    a("--ckpt-every", type=int, help="steps between checkpoints (2000; demo 50)")
+    a("--log-every", type=int, help="steps between log lines (50; demo 5)")
+    a("--sample-every", type=int, help="steps between sample grids (500; demo 25)")
+    a("--val-every", type=int, help="steps between validations (1000; demo 25)")
+    a("--ckpt-every", type=int, help="steps between checkpoints (2000; demo 25)")
     a("--keep", type=int, default=3, help="checkpoints kept")
     a("--resume", nargs="?", const="latest", help="a checkpoint, or (no value) the latest in --out")
     a("--max-bad-steps", type=int, default=10, help="stop after this many non-finite steps in a row")
@@ -167,7 +165,6 @@ def main(argv=None):
     cuda = device.type == "cuda"
     channels_last = cuda if args.channels_last is None else args.channels_last
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
-    torch.manual_seed(args.seed)  # the same on every rank: identical initial weights
     np.random.seed(args.seed)
     if args.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
@@ -176,8 +173,13 @@ def main(argv=None):
     if cuda:
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     amp_dtype = None
-    if args.amp:
-        amp_dtype = torch.bfloat16 if (not cuda or torch.cuda.is_bf16_supported()) else torch.float16
+    if args.amp and cuda:
+        amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    elif args.amp and _cpu_has_bf16():
+        amp_dtype = torch.bfloat16
+    elif args.amp and master:
+        print("note: --amp: this CPU has no native bf16 (no AVX512-BF16/AMX), where bf16 autocast is several "
+              "times slower than fp32; training in fp32", file=sys.stderr)
     autocast = lambda: torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None)  # noqa: E731
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
 
@@ -194,6 +196,7 @@ def main(argv=None):
                    for b in torch.utils.data.DataLoader(val_set, batch_size=min(8, args.batch), collate_fn=collate)]
 
     # ---- models, loss, optimizers
+    torch.manual_seed(args.seed)  # the same on every rank: identical initial weights
     G = Generator(nf=args.nf, n_blocks=args.n_blocks, impl=args.impl).to(device, memory_format=memory_format)
     D = Discriminator(nf=args.d_nf).to(device, memory_format=memory_format)
     if ddp and not master:
@@ -229,6 +232,11 @@ def main(argv=None):
         step, last_val = ckpt["step"], ckpt["val"]
         if master:
             print(f"resumed from {path} at step {step}")
+            log_file = os.path.join(args.out, "log.jsonl")
+            if os.path.exists(log_file):  # forget what was logged after the checkpoint
+                rows = [r for r in T.read_log(log_file) if r["step"] <= step]
+                with open(log_file, "w") as f:
+                    f.writelines(json.dumps(r) + "\n" for r in rows)
 
     # The generator step calls the bare D (frozen, no gradient sync); the D step calls it
     # through DDP, real and fake in one forward of the wrapper so DDP sees one pass.
@@ -424,6 +432,13 @@ def _all_ranks_finite(loss, ddp):
     if ddp:  # every rank must take the same branch, or the next all-reduce hangs
         dist.all_reduce(ok, op=dist.ReduceOp.MIN)
     return bool(ok.item())
+
+
+def _cpu_has_bf16():
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
 
 
 def _parse_probs(s):

@@ -20,7 +20,9 @@ if ! "$PY" -c "import torch, sys; sys.exit(not (torch.__version__.startswith('$T
   echo "cuda_ext_check: creating $VENV with torch==$TORCH_PIN (CUDA build)"
   rm -rf "$VENV"
   python3 -m venv "$VENV"
-  "$PY" -m pip install -q "torch==$TORCH_PIN" setuptools
+  # --no-compile: byte-compiling torch's sources would double the install time.
+  { "$PY" -m pip install -q --no-compile "torch==$TORCH_PIN" numpy setuptools 2>&1; } \
+    | { grep -v "is ignored: it is neither a file nor a directory" || true; }
 fi
 
 # The toolkit root of the nvcc on PATH (/usr/local/bin/nvcc may be a wrapper script).

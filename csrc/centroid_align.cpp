@@ -12,6 +12,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <vector>
 
 #ifdef DMFN_PY_MODULE
@@ -35,6 +36,13 @@ std::vector<acc_t> grid(int64_t n) {
   return g;
 }
 
+// Tasks per thread chunk so that a chunk holds ~32K elements: small maps run
+// serially instead of waking every OpenMP thread.
+constexpr int64_t kGrainElems = 32768;
+int64_t grain(int64_t elems_per_task) {
+  return std::max<int64_t>(1, kGrainElems / std::max<int64_t>(1, elems_per_task));
+}
+
 template <typename acc_t>
 acc_t sum_of(const std::vector<acc_t>& g) {
   acc_t s = 0;
@@ -53,7 +61,7 @@ void map_sums(const at::Tensor& f, const acc_t* u, const acc_t* v, acc_t* sums) 
     // One (n, c) plane per task; L independent lanes so the compiler vectorizes
     // the reduction without reassociating it.
     constexpr int L = 16;
-    at::parallel_for(0, N * C, 1, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, N * C, grain(H * W), [&](int64_t begin, int64_t end) {
       for (int64_t nc = begin; nc < end; ++nc) {
         const scalar_t* plane = p + (nc / C) * sN + (nc % C) * sC;
         acc_t a0[L] = {}, ax[L] = {}, ay[L] = {};
@@ -91,7 +99,7 @@ void map_sums(const at::Tensor& f, const acc_t* u, const acc_t* v, acc_t* sums) 
     // Channels-last: one (n, block of CB channels) per task, vectorized over channels.
     constexpr int64_t CB = 16;
     const int64_t blocks = (C + CB - 1) / CB;
-    at::parallel_for(0, N * blocks, 1, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, N * blocks, grain(CB * H * W), [&](int64_t begin, int64_t end) {
       for (int64_t t = begin; t < end; ++t) {
         const int64_t n = t / blocks, c0 = (t % blocks) * CB, cb = std::min(CB, C - c0);
         acc_t a0[CB] = {}, ax[CB] = {}, ay[CB] = {};
@@ -195,7 +203,7 @@ at::Tensor bwd_cpu(const at::Tensor& grad, const at::Tensor& stats_in, const at:
     }
     scalar_t* o = out.data_ptr<scalar_t>();
     if (!cl) {
-      at::parallel_for(0, N * C, 1, [&](int64_t begin, int64_t end) {
+      at::parallel_for(0, N * C, grain(H * W), [&](int64_t begin, int64_t end) {
         for (int64_t nc = begin; nc < end; ++nc) {
           scalar_t* plane = o + nc * H * W;
           for (int64_t h = 0; h < H; ++h) {
@@ -205,7 +213,7 @@ at::Tensor bwd_cpu(const at::Tensor& grad, const at::Tensor& stats_in, const at:
         }
       });
     } else {
-      at::parallel_for(0, N * H, 1, [&](int64_t begin, int64_t end) {
+      at::parallel_for(0, N * H, grain(W * C), [&](int64_t begin, int64_t end) {
         for (int64_t nh = begin; nh < end; ++nh) {
           const int64_t n = nh / H, h = nh % H;
           const acc_t *a = A.data() + n * C, *b = B.data() + n * C, *k = K.data() + n * C;

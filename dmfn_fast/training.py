@@ -151,7 +151,8 @@ def plot_losses(log_path, png_path):
     rows = read_log(log_path)
     train = [r for r in rows if r.get("kind") == "train"]
     val = [r for r in rows if r.get("kind") == "val"]
-    keys = [k for k in train[-1] if k not in ("kind", "step", "lr", "it_s", "bad_steps")] if train else []
+    keys = [k for k in train[-1] if k not in ("kind", "step", "lr", "it_s")] if train else []
+    keys.sort(key=lambda k: (k not in ("G", "D"), k != "G"))  # G and D first, then the terms
     panels = keys + (["psnr_hole"] if val else [])
     if not panels:
         return

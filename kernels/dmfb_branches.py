@@ -4,38 +4,35 @@ Layout: every activation is channels-last contiguous, seen as [N, H*W, C]. Weigh
 wp[j, tap, ci, co] (branch j, tap = 3*ky + kx) so that a tap is a [C_in, C_out] matrix for tl.dot.
 All dots accumulate in fp32; fp32 inputs use IEEE dots.
 """
-import os
-
 import triton
 import triton.language as tl
-
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def _cfg(bp, bn, bk, warps, stages):
     return triton.Config({"BLOCK_P": bp, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=warps, num_stages=stages)
 
 
-# One config under the interpreter: its autotuner cannot benchmark ("0 active drivers").
-CONV_CONFIGS_LOWP = [_cfg(256, 64, 64, 4, 1)] if INTERPRET else [
-    _cfg(128, 64, 64, 4, 3), _cfg(64, 64, 64, 4, 3), _cfg(128, 64, 32, 4, 4)]
-CONV_CONFIGS_F32 = [_cfg(256, 64, 64, 4, 1)] if INTERPRET else [
-    _cfg(64, 64, 32, 4, 2), _cfg(32, 64, 32, 4, 2)]
-
-
 def _wcfg(bp, bci, bco, warps, stages):
     return triton.Config({"BLOCK_P": bp, "BLOCK_CI": bci, "BLOCK_CO": bco}, num_warps=warps, num_stages=stages)
 
 
-WGRAD_CONFIGS_LOWP = [_wcfg(512, 64, 64, 4, 1)] if INTERPRET else [
-    _wcfg(64, 64, 64, 4, 3), _wcfg(128, 64, 64, 4, 3)]
-WGRAD_CONFIGS_F32 = [_wcfg(512, 64, 64, 4, 1)] if INTERPRET else [
-    _wcfg(32, 64, 64, 4, 2), _wcfg(64, 32, 64, 4, 2)]
+# Autotune configs per kernel and dtype class ("lowp": fp16/bf16 on tensor cores, "f32": IEEE fp32).
+# Each was checked to compile without register spills for sm_80 and sm_90 (tests/test_dmfb_compile.py).
+CONFIGS = {
+    "fwd_lowp": [_cfg(64, 64, 64, 4, 3), _cfg(128, 64, 64, 8, 3)],
+    "fwd_f32": [_cfg(64, 64, 32, 4, 2)],
+    "grad_lowp": [_cfg(64, 32, 64, 4, 3)],
+    "grad_f32": [_cfg(64, 32, 32, 4, 2)],
+    "dgrad_lowp": [_cfg(64, 64, 64, 4, 3), _cfg(128, 64, 64, 4, 3)],
+    "dgrad_f32": [_cfg(64, 64, 32, 4, 2)],
+    "wgrad_lowp": [_wcfg(64, 64, 64, 4, 3)],
+    "wgrad_f32": [_wcfg(32, 64, 64, 4, 2)],
+}
 
 
 @triton.jit
-def _dilation(j: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr, D3: tl.constexpr, D4: tl.constexpr):
-    return D1 * (j == 0) + D2 * (j == 1) + D3 * (j == 2) + D4 * (j == 3)
+def _dilation(j, D1: tl.constexpr, D2: tl.constexpr, D3: tl.constexpr, D4: tl.constexpr):
+    return tl.where(j == 0, D1, tl.where(j == 1, D2, tl.where(j == 2, D3, D4)))
 
 
 @triton.jit
@@ -49,8 +46,8 @@ def _branches_fwd(
 ):
     """k_j = d_1(h) + ... + d_j(h), written as out[..., j*C:(j+1)*C].
 
-    MODE 0: write k (and, with STATS, add its per-(n, c) sum and sum of squares for the next
-    instance norm). MODE 1 (backward of IN + ReLU after the branches): recompute k, turn the
+    MODE 0: write k (and, with STATS, add the per-(n, c) sum and sum of squares of k - (b_1 + ... + b_j)
+    for the next instance norm; the shift keeps the variance exact when the biases dominate the mean). MODE 1 (backward of IN + ReLU after the branches): recompute k, turn the
     incoming gradient dt of relu(IN(k)) into dk, and write the suffix sums G_j = dk_j + ... + dk_4.
     """
     pid_p = tl.program_id(0)
@@ -71,7 +68,9 @@ def _branches_fwd(
     omask = pmask[:, None] & cmask[None, :]
     KT = tl.cdiv(C, BLOCK_K)
     acc = tl.zeros([BLOCK_P, BLOCK_N], dtype=tl.float32)
-    for j in tl.static_range(4):
+    bsum = tl.zeros([BLOCK_N], dtype=tl.float32)
+    # A runtime loop over the branches keeps the code (and compile time) small.
+    for j in range(4):
         D = _dilation(j, D1, D2, D3, D4)
         w_base = w_ptr + j * 9 * C * C
         for it in range(0, 9 * KT):
@@ -89,14 +88,16 @@ def _branches_fwd(
                 a = a.to(tl.float32)
                 b = b.to(tl.float32)
             acc = tl.dot(a, b, acc, input_precision=PREC)
-        acc += tl.load(b_ptr + j * C + co, mask=cmask, other=0.0).to(tl.float32)[None, :]
+        bias = tl.load(b_ptr + j * C + co, mask=cmask, other=0.0).to(tl.float32)
+        acc += bias[None, :]
+        bsum += bias
         # Round as the stored output is rounded, so that statistics (and the backward's
         # recomputation) see exactly the values the instance norm reads.
         k = acc.to(out_ptr.dtype.element_ty)
         if MODE == 0:
             tl.store(out_ptr + o_rows + j * C + co[None, :], k, mask=omask)
             if STATS:
-                kf = tl.where(omask, k.to(tl.float32), 0.0)
+                kf = tl.where(omask, k.to(tl.float32) - bsum[None, :], 0.0)
                 s_off = n * C4 + j * C + co
                 tl.atomic_add(sum_ptr + s_off, tl.sum(kf, 0), mask=cmask)
                 tl.atomic_add(sumsq_ptr + s_off, tl.sum(kf * kf, 0), mask=cmask)
@@ -147,7 +148,7 @@ def _branches_dgrad(
     g_base = g_ptr + n.to(tl.int64) * HW * C4
     KT = tl.cdiv(C, BLOCK_K)
     acc = tl.zeros([BLOCK_P, BLOCK_N], dtype=tl.float32)
-    for j in tl.static_range(4):
+    for j in range(4):
         D = _dilation(j, D1, D2, D3, D4)
         w_base = w_ptr + j * 9 * C * C
         for it in range(0, 9 * KT):
@@ -184,7 +185,7 @@ def _branches_wgrad(
     pid_c = tl.program_id(2)
     j = jt // 9
     tap = jt % 9
-    D = tl.where(j == 0, D1, tl.where(j == 1, D2, tl.where(j == 2, D3, D4)))
+    D = _dilation(j, D1, D2, D3, D4)
     dy = (tap // 3 - 1) * D
     dx = (tap % 3 - 1) * D
     n_ci = tl.cdiv(C, BLOCK_CI)
@@ -234,15 +235,51 @@ def _suffix_sum(g_ptr, out_ptr, NP, C, BLOCK_P: tl.constexpr, BLOCK_C: tl.conste
         tl.store(out_ptr + rows + j * C, acc.to(out_ptr.dtype.element_ty), mask=m)
 
 
-def _autotuned(fn, configs, key, reset=()):
-    return triton.autotune(configs=configs, key=key, reset_to_zero=list(reset) or None)(fn)
+def _autotuned(fn, name, key, reset=()):
+    return triton.autotune(configs=CONFIGS[name], key=key, reset_to_zero=list(reset) or None)(fn)
 
 
 _CONV_KEY = ["H", "W", "C"]
-branches_fwd_lowp = _autotuned(_branches_fwd, CONV_CONFIGS_LOWP, _CONV_KEY + ["MODE"], ("sum_ptr", "sumsq_ptr"))
-branches_fwd_f32 = _autotuned(_branches_fwd, CONV_CONFIGS_F32, _CONV_KEY + ["MODE"], ("sum_ptr", "sumsq_ptr"))
-branches_dgrad_lowp = _autotuned(_branches_dgrad, CONV_CONFIGS_LOWP, _CONV_KEY)
-branches_dgrad_f32 = _autotuned(_branches_dgrad, CONV_CONFIGS_F32, _CONV_KEY)
-branches_wgrad_lowp = _autotuned(_branches_wgrad, WGRAD_CONFIGS_LOWP, ["NP", "C"], ("dw_ptr", "db_ptr"))
-branches_wgrad_f32 = _autotuned(_branches_wgrad, WGRAD_CONFIGS_F32, ["NP", "C"], ("dw_ptr", "db_ptr"))
+_STATS = ("sum_ptr", "sumsq_ptr")
+branches_fwd_lowp = _autotuned(_branches_fwd, "fwd_lowp", _CONV_KEY, _STATS)
+branches_fwd_f32 = _autotuned(_branches_fwd, "fwd_f32", _CONV_KEY, _STATS)
+branches_grad_lowp = _autotuned(_branches_fwd, "grad_lowp", _CONV_KEY)
+branches_grad_f32 = _autotuned(_branches_fwd, "grad_f32", _CONV_KEY)
+branches_dgrad_lowp = _autotuned(_branches_dgrad, "dgrad_lowp", _CONV_KEY)
+branches_dgrad_f32 = _autotuned(_branches_dgrad, "dgrad_f32", _CONV_KEY)
+branches_wgrad_lowp = _autotuned(_branches_wgrad, "wgrad_lowp", ["NP", "C"], ("dw_ptr", "db_ptr"))
+branches_wgrad_f32 = _autotuned(_branches_wgrad, "wgrad_f32", ["NP", "C"], ("dw_ptr", "db_ptr"))
 suffix_sum = _suffix_sum
+
+
+def compile_specs(dtype="bf16"):
+    """(name, jit fn, signature, constexprs, options, args divisible by 16) for every kernel at
+    every config, as a launch on `dtype` activations with C % 16 == 0 specializes them."""
+    lowp = dtype != "fp32"
+    cls = "lowp" if lowp else "f32"
+    act = "*" + dtype
+    dil = dict(D1=1, D2=2, D3=4, D4=8)
+    flags = dict(UPCAST=False, PREC="tf32" if lowp else "ieee")
+    f32 = "*fp32"
+    fwd_sig = dict(h_ptr=act, w_ptr=act, b_ptr=act, out_ptr=act, sum_ptr=f32, sumsq_ptr=f32, dt_ptr=act,
+                   mean_ptr=f32, rstd_ptr=f32, sa_ptr=f32, sb_ptr=f32, H="i32", W="i32", C="i32")
+    dgrad_sig = dict(g_ptr=act, w_ptr=act, dh_ptr=act, H="i32", W="i32", C="i32")
+    wgrad_sig = dict(h_ptr=act, g_ptr=act, dw_ptr=f32, db_ptr=f32, NP="i32", H="i32", W="i32", C="i32",
+                     PIX_PER_SPLIT="i32")
+    specs = []
+    for name, fn, sig, extra, div in (
+        ("fwd", _branches_fwd, fwd_sig, dict(MODE=0, STATS=True), ("C",)),
+        ("grad", _branches_fwd, fwd_sig, dict(MODE=1, STATS=False), ("C",)),
+        ("dgrad", _branches_dgrad, dgrad_sig, {}, ("C",)),
+        ("wgrad", _branches_wgrad, wgrad_sig, {}, ("C", "PIX_PER_SPLIT")),
+    ):
+        for cfg in CONFIGS[f"{name}_{cls}"]:
+            cx = dict(dil, **flags, **extra, **cfg.kwargs)
+            full = dict(sig, **{k: "constexpr" for k in cx})
+            ptrs = tuple(k for k, v in sig.items() if v.startswith("*"))
+            opts = dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+            specs.append((f"{name}_{cls}[{cfg}]", fn, full, cx, opts, ptrs + div))
+    sig = dict(g_ptr=act, out_ptr=act, NP="i32", C="i32", BLOCK_P="constexpr", BLOCK_C="constexpr")
+    specs.append(("suffix_sum", _suffix_sum, sig, dict(BLOCK_P=64, BLOCK_C=64), dict(num_warps=4),
+                  ("g_ptr", "out_ptr", "C")))
+    return specs

@@ -10,23 +10,10 @@ NUM_WARPS = 4
 
 
 @triton.jit
-def _in_stats(x_ptr, sum_ptr, sumsq_ptr, HW, C, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
-    """sum_ptr[n, c] += sum over a pixel tile of x, sumsq_ptr likewise of x^2 (fp32 atomics)."""
-    tiles = tl.cdiv(HW, BLOCK_P)
-    n = tl.program_id(0) // tiles
-    p = (tl.program_id(0) % tiles) * BLOCK_P + tl.arange(0, BLOCK_P)
-    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    cm = c < C
-    m = (p < HW)[:, None] & cm[None, :]
-    x = tl.load(x_ptr + n.to(tl.int64) * HW * C + p[:, None] * C + c[None, :], mask=m, other=0.0).to(tl.float32)
-    tl.atomic_add(sum_ptr + n * C + c, tl.sum(x, 0), mask=cm)
-    tl.atomic_add(sumsq_ptr + n * C + c, tl.sum(x * x, 0), mask=cm)
-
-
-@triton.jit
-def _in_apply(x_ptr, res_ptr, y_ptr, sum_ptr, sumsq_ptr, mean_ptr, rstd_ptr, HW, C, eps,
-              RELU: tl.constexpr, RESIDUAL: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
-    """y = relu?((x - mean) * rstd) (+ res); the first pixel tile of each image also writes mean and rstd."""
+def _in_stats(x_ptr, shift_ptr, sum_ptr, sumsq_ptr, HW, C, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+    """sum_ptr[n, c] += sum over a pixel tile of (x - shift), sumsq_ptr of its square (fp32 atomics).
+    The shift, x at the image's first pixel, keeps E[d^2] - E[d]^2 exact when |mean| >> std;
+    the first tile stores it for _in_apply."""
     tiles = tl.cdiv(HW, BLOCK_P)
     n = tl.program_id(0) // tiles
     t = tl.program_id(0) % tiles
@@ -34,10 +21,32 @@ def _in_apply(x_ptr, res_ptr, y_ptr, sum_ptr, sumsq_ptr, mean_ptr, rstd_ptr, HW,
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     cm = c < C
     m = (p < HW)[:, None] & cm[None, :]
-    s = tl.load(sum_ptr + n * C + c, mask=cm, other=0.0)
-    ss = tl.load(sumsq_ptr + n * C + c, mask=cm, other=0.0)
-    mean = s / HW
-    var = tl.maximum(ss / HW - mean * mean, 0.0)
+    base = x_ptr + n.to(tl.int64) * HW * C
+    shift = tl.load(base + c, mask=cm, other=0.0).to(tl.float32)
+    x = tl.load(base + p[:, None] * C + c[None, :], mask=m, other=0.0).to(tl.float32)
+    d = tl.where(m, x - shift[None, :], 0.0)
+    tl.atomic_add(sum_ptr + n * C + c, tl.sum(d, 0), mask=cm)
+    tl.atomic_add(sumsq_ptr + n * C + c, tl.sum(d * d, 0), mask=cm)
+    if t == 0:
+        tl.store(shift_ptr + n * C + c, shift, mask=cm)
+
+
+@triton.jit
+def _in_apply(x_ptr, res_ptr, y_ptr, shift_ptr, sum_ptr, sumsq_ptr, mean_ptr, rstd_ptr, HW, C, eps,
+              RELU: tl.constexpr, RESIDUAL: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+    """y = relu?((x - mean) * rstd) (+ res), from sums of x - shift and their squares; the first pixel
+    tile of each image also writes mean and rstd."""
+    tiles = tl.cdiv(HW, BLOCK_P)
+    n = tl.program_id(0) // tiles
+    t = tl.program_id(0) % tiles
+    p = t * BLOCK_P + tl.arange(0, BLOCK_P)
+    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    cm = c < C
+    m = (p < HW)[:, None] & cm[None, :]
+    d1 = tl.load(sum_ptr + n * C + c, mask=cm, other=0.0) / HW
+    d2 = tl.load(sumsq_ptr + n * C + c, mask=cm, other=0.0) / HW
+    mean = tl.load(shift_ptr + n * C + c, mask=cm, other=0.0) + d1
+    var = tl.maximum(d2 - d1 * d1, 0.0)
     rstd = 1.0 / tl.sqrt(var + eps)
     if t == 0:
         tl.store(mean_ptr + n * C + c, mean, mask=cm)
@@ -107,3 +116,27 @@ in_stats = _in_stats
 in_apply = _in_apply
 in_bwd_reduce = _in_bwd_reduce
 in_bwd_apply = _in_bwd_apply
+
+
+def compile_specs(dtype="bf16"):
+    """(name, jit fn, signature, constexprs, options, args divisible by 16) for every kernel, as a
+    launch on `dtype` activations with C % 16 == 0 specializes them."""
+    act, f32 = "*" + dtype, "*fp32"
+    tiles = dict(BLOCK_P=BLOCK_P, BLOCK_C=BLOCK_C)
+    opts = dict(num_warps=NUM_WARPS)
+    specs = [
+        ("in_stats", _in_stats, dict(x_ptr=act, shift_ptr=f32, sum_ptr=f32, sumsq_ptr=f32, HW="i32", C="i32"), {}),
+        ("in_apply", _in_apply, dict(x_ptr=act, res_ptr=act, y_ptr=act, shift_ptr=f32, sum_ptr=f32, sumsq_ptr=f32,
+                                     mean_ptr=f32, rstd_ptr=f32, HW="i32", C="i32", eps="fp32"),
+         dict(RELU=True, RESIDUAL=True)),
+        ("in_bwd_reduce", _in_bwd_reduce, dict(dy_ptr=act, x_ptr=act, mean_ptr=f32, rstd_ptr=f32, sa_ptr=f32,
+                                               sb_ptr=f32, HW="i32", C="i32"), dict(RELU=True, FROM_Y=False)),
+        ("in_bwd_apply", _in_bwd_apply, dict(dy_ptr=act, x_ptr=act, mean_ptr=f32, rstd_ptr=f32, sa_ptr=f32,
+                                             sb_ptr=f32, dx_ptr=act, HW="i32", C="i32"), dict(RELU=True)),
+    ]
+    out = []
+    for name, fn, sig, cx in specs:
+        cx = dict(cx, **tiles)
+        ptrs = tuple(k for k, v in sig.items() if v.startswith("*"))
+        out.append((name, fn, dict(sig, **{k: "constexpr" for k in cx}), cx, opts, ptrs + ("C",)))
+    return out

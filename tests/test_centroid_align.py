@@ -36,6 +36,12 @@ def rand(shape, seed, dtype=torch.float32, device="cpu", layout="contiguous"):
         wide = torch.rand((shape[0], shape[2], shape[1], 2 * shape[3]), generator=g, dtype=torch.float64)
         t = wide.transpose(1, 2)[..., ::2]
         assert not t.is_contiguous() and not t.is_contiguous(memory_format=torch.channels_last)
+    elif layout == "cropped":  # unit-stride rows inside a bigger map: walked by planes, in place
+        big = torch.rand((shape[0], shape[1], shape[2] + 2, shape[3] + 3), generator=g, dtype=torch.float64)
+        t = big[:, :, 1:-1, 2:-1]
+    elif layout == "cl_sliced":  # unit-stride channels inside a wider channels-last map: walked by channels
+        big = torch.rand((shape[0], shape[1] + 3, shape[2], shape[3]), generator=g, dtype=torch.float64)
+        t = big.to(memory_format=torch.channels_last)[:, 1:-2]
     return t.to(device=device, dtype=dtype)
 
 
@@ -55,15 +61,15 @@ def assert_grads_close(got, want, rtol):
     torch.testing.assert_close(got.float(), want.float(), rtol=rtol, atol=rtol * scale)
 
 
-LAYOUTS = ["contiguous", "channels_last", "strided"]
+LAYOUTS = ["contiguous", "channels_last", "strided", "cropped", "cl_sliced"]
 SHAPES = [(1, 3, 1, 1), (2, 5, 3, 5), (1, 16, 32, 32), (2, 7, 17, 19)]
 
 
 @ext
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_gradcheck_float64(layout):
-    a = rand((2, 3, 5, 7), 1, torch.float64, layout=layout).requires_grad_()
-    b = rand((2, 3, 5, 7), 2, torch.float64, layout=layout).requires_grad_()
+    a = rand((2, 2, 3, 5), 1, torch.float64, layout=layout).requires_grad_()
+    b = rand((2, 2, 3, 5), 2, torch.float64, layout=layout).requires_grad_()
     assert torch.autograd.gradcheck(fast, (a, b))
 
 
@@ -158,8 +164,9 @@ def test_opcheck():
         a = rand((2, 3, 5, 4), 17, layout=layout).requires_grad_()
         b = rand((2, 3, 5, 4), 18, layout=layout)
         torch.library.opcheck(torch.ops.dmfn_fast.centroid_align_fwd.default, (a, b))
-        loss, st = torch.ops.dmfn_fast.centroid_align_fwd(a.detach(), b)
-        torch.library.opcheck(torch.ops.dmfn_fast.centroid_align_bwd.default, (torch.ones(()), st, a.detach(), 1))
+    # The backward op on a channels-last map: its fake kernel must predict the gradient's strides.
+    loss, st = torch.ops.dmfn_fast.centroid_align_fwd(a.detach(), b)
+    torch.library.opcheck(torch.ops.dmfn_fast.centroid_align_bwd.default, (torch.ones(()), st, a.detach(), 1))
 
 
 @ext

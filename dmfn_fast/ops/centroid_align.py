@@ -56,14 +56,19 @@ def _import_built():
 
 
 def _jit_build():
-    """Compile csrc/ once with torch's JIT builder (cached in TORCH_EXTENSIONS_DIR)."""
+    """Compile csrc/ once with torch's JIT builder (cached in TORCH_EXTENSIONS_DIR); CUDA too where it can."""
     from torch.utils import cpp_extension
 
+    sources = [os.path.join(_CSRC, "centroid_align.cpp")]
+    with_cuda = bool(torch.version.cuda and cpp_extension.CUDA_HOME)
+    if with_cuda:
+        sources += [os.path.join(_CSRC, f) for f in ("centroid_align_cuda.cpp", "centroid_align_kernel.cu")]
     cpp_extension.load(
-        name="dmfn_fast_centroid_cpu",
-        sources=[os.path.join(_CSRC, "centroid_align.cpp")],
+        name="dmfn_fast_centroid_" + ("cuda" if with_cuda else "cpu"),
+        sources=sources,
         extra_cflags=["-O3", "-fopenmp"],
         extra_ldflags=["-fopenmp"],
+        extra_cuda_cflags=["-O3"],
         is_python_module=False,
         verbose=False,
     )
@@ -134,6 +139,9 @@ def _backward(ctx, grad_loss, _grad_stats):
 
 
 def _register_python_side():
+    if _ext_state.get("registered"):  # torch refuses a second fake kernel for the same op
+        return
+    _ext_state["registered"] = True
     torch.library.register_fake("dmfn_fast::centroid_align_fwd")(_fwd_fake)
     torch.library.register_fake("dmfn_fast::centroid_align_bwd")(_bwd_fake)
     torch.library.register_autograd("dmfn_fast::centroid_align_fwd", _backward, setup_context=_setup_context)
@@ -169,3 +177,7 @@ def centroid_align_loss(f_out: torch.Tensor, f_tgt: torch.Tensor, impl: str = "a
     if use_fast(impl, not why_not, why_not):
         return torch.ops.dmfn_fast.centroid_align_fwd(f_out, f_tgt)[0]
     return centroid_align_loss_reference(f_out, f_tgt)
+
+
+if _ops_registered():  # the library was loaded directly (torch.ops.load_library): add fake and autograd now
+    extension_available()

@@ -32,7 +32,9 @@ except Exception as e:  # ImportError, or a broken triton install
 
 # Under TRITON_INTERPRET=1 the kernels run on CPU tensors (tests); otherwise they need CUDA.
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-_HAS_TRITON_OP = hasattr(torch.library, "triton_op") and hasattr(torch.library, "wrap_triton")
+# triton_op + wrap_triton (torch >= 2.6) let torch.compile trace into the kernels; wrap_triton cannot
+# trace interpreted kernels, so under the interpreter the ops are opaque custom ops instead.
+_USE_TRITON_OP = hasattr(torch.library, "triton_op") and hasattr(torch.library, "wrap_triton") and not INTERPRET
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 
 
@@ -59,8 +61,19 @@ def instance_norm_act_reference(x, res=None, relu=False):
 # ----------------------------------------------------------------------------- launch helpers
 
 
-def _kernel(k):
-    return torch.library.wrap_triton(k) if _HAS_TRITON_OP else k
+class _Skip:
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: None
+
+
+def _kernel(k, *tensors):
+    """k, ready for k[grid](...). triton_op: wrapped for tracing. Opaque custom op: launches nothing
+    on fake tensors (its fake impl is the same function)."""
+    if _USE_TRITON_OP:
+        return torch.library.wrap_triton(k)
+    from torch._subclasses.fake_tensor import is_fake
+
+    return _Skip() if any(is_fake(t) for t in tensors) else k
 
 
 def _cl(x):
@@ -72,12 +85,22 @@ def _empty_cl(n, c, h, w, like, dtype=None):
                        memory_format=torch.channels_last)
 
 
-def _conv_flags(dtype):
-    """(autotuned kernel variant suffix, UPCAST, PREC). The interpreter's bf16/fp16 dots are
-    unreliable, so it computes them in fp32; compiled kernels use tensor cores."""
-    if dtype == torch.float32:
-        return "f32", False, "ieee"
-    return "lowp", INTERPRET, "ieee" if INTERPRET else "tf32"
+def _conv_kernel(name, dtype, pixels, C):
+    """(kernel, launch kwargs) for one of the branch kernels ("fwd", "grad", "dgrad", "wgrad").
+
+    Compiled: the autotuned variant for the dtype class (tensor cores for fp16/bf16, IEEE fp32).
+    Interpreter: the plain kernel with one tile as big as the image and the channels, because the
+    interpreter's cost is per op and per program and its autotuner cannot benchmark; its bf16/fp16
+    dots are unreliable, so they run in fp32 there."""
+    lowp = dtype != torch.float32
+    flags = dict(UPCAST=lowp and INTERPRET, PREC="tf32" if lowp and not INTERPRET else "ieee")
+    if not INTERPRET:
+        return getattr(_kb, f"branches_{name}_{'lowp' if lowp else 'f32'}"), flags
+    raw = {"fwd": _kb._branches_fwd, "grad": _kb._branches_fwd, "dgrad": _kb._branches_dgrad,
+           "wgrad": _kb._branches_wgrad}[name]
+    bp, bc = min(4096, triton.next_power_of_2(pixels)), max(16, triton.next_power_of_2(C))
+    tiles = dict(BLOCK_CI=bc, BLOCK_CO=bc) if name == "wgrad" else dict(BLOCK_N=bc, BLOCK_K=bc)
+    return raw, dict(flags, BLOCK_P=bp, **tiles)
 
 
 def _zeros32(*shape, like):
@@ -88,45 +111,40 @@ def _branches_forward(h, w, b, dil, stats, grad=None):
     """Launch the branch kernel. grad=None: returns (cat, sum, sumsq) (sums only with stats).
     grad=(dt, mean, rstd, sa, sb): returns the suffix sums G of dk (MODE 1)."""
     N, C, H, W = h.shape
-    suffix, upcast, prec = _conv_flags(h.dtype)
-    kern = getattr(_kb, "branches_fwd_" + suffix)
+    kern, kw = _conv_kernel("fwd" if grad is None else "grad", h.dtype, H * W, C)
     out = _empty_cl(N, 4 * C, H, W, h)
     s = _zeros32(N, 4 * C if stats else 1, like=h)
     ss = _zeros32(N, 4 * C if stats else 1, like=h)
     dt, mean, rstd, sa, sb = grad if grad is not None else (s, s, s, s, s)
     grid = lambda META: (N * triton.cdiv(H * W, META["BLOCK_P"]), triton.cdiv(C, META["BLOCK_N"]))  # noqa: E731
-    _kernel(kern)[grid](
+    _kernel(kern, h)[grid](
         h, w, b, out, s, ss, dt, mean, rstd, sa, sb, H, W, C,
-        D1=dil[0], D2=dil[1], D3=dil[2], D4=dil[3],
-        MODE=0 if grad is None else 1, STATS=stats, UPCAST=upcast, PREC=prec)
+        D1=dil[0], D2=dil[1], D3=dil[2], D4=dil[3], MODE=0 if grad is None else 1, STATS=stats, **kw)
     return out, s, ss
 
 
 def _branches_backward(h, w, G, dil):
     """(dh, dw fp32, db fp32) from the suffix sums G = [G_1..G_4]."""
     N, C, H, W = h.shape
-    suffix, upcast, prec = _conv_flags(h.dtype)
     dh = _empty_cl(N, C, H, W, h)
     grid = lambda META: (N * triton.cdiv(H * W, META["BLOCK_P"]), triton.cdiv(C, META["BLOCK_N"]))  # noqa: E731
-    _kernel(getattr(_kb, "branches_dgrad_" + suffix))[grid](
-        G, w, dh, H, W, C, D1=dil[0], D2=dil[1], D3=dil[2], D4=dil[3], UPCAST=upcast, PREC=prec)
+    kern, kw = _conv_kernel("dgrad", h.dtype, H * W, C)
+    _kernel(kern, h)[grid](G, w, dh, H, W, C, D1=dil[0], D2=dil[1], D3=dil[2], D4=dil[3], **kw)
 
     dw = _zeros32(4, 9, C, C, like=h)
     db = _zeros32(4, C, like=h)
     NP = N * H * W
+    kern, kw = _conv_kernel("wgrad", h.dtype, NP, C)
     # Split the pixel reduction into about 28 runs per (branch, tap): ~1000 programs on a big input
-    # (one run under the interpreter, where programs are slow). The run length is a multiple of
-    # every config's BLOCK_P.
-    unit, runs = (512, 1) if INTERPRET else (128, 28)
+    # (one run under the interpreter). The run length is a multiple of every config's BLOCK_P.
+    unit, runs = (kw["BLOCK_P"], 1) if INTERPRET else (128, 28)
     pix_per_split = unit * max(1, triton.cdiv(triton.cdiv(NP, unit), runs))
 
     def wgrid(META):
         tiles_c = triton.cdiv(C, META["BLOCK_CI"]) * triton.cdiv(C, META["BLOCK_CO"])
         return (triton.cdiv(NP, pix_per_split), 36, tiles_c)
 
-    _kernel(getattr(_kb, "branches_wgrad_" + suffix))[wgrid](
-        h, G, dw, db, NP, H, W, C, pix_per_split,
-        D1=dil[0], D2=dil[1], D3=dil[2], D4=dil[3], UPCAST=upcast, PREC=prec)
+    _kernel(kern, h)[wgrid](h, G, dw, db, NP, H, W, C, pix_per_split, D1=dil[0], D2=dil[1], D3=dil[2], D4=dil[3], **kw)
     return dh, dw, db
 
 
@@ -135,7 +153,7 @@ def _suffix(g):
     out = torch.empty_like(g)
     NP = N * H * W
     C = C4 // 4
-    _kernel(_kb.suffix_sum)[(triton.cdiv(NP, 64), triton.cdiv(C, 64))](g, out, NP, C, BLOCK_P=64, BLOCK_C=64)
+    _kernel(_kb.suffix_sum, g)[(triton.cdiv(NP, 64), triton.cdiv(C, 64))](g, out, NP, C, BLOCK_P=64, BLOCK_C=64)
     return out
 
 
@@ -143,13 +161,14 @@ def _in_grid(N, C, H, W):
     return (N * triton.cdiv(H * W, _kn.BLOCK_P), triton.cdiv(C, _kn.BLOCK_C))
 
 
-def _in_forward(x, s, ss, res, relu, out_dtype):
+def _in_forward(x, shift, s, ss, res, relu, out_dtype):
+    """Normalize x from sums of x - shift and their squares (shift [N, C] fp32)."""
     N, C, H, W = x.shape
     y = _empty_cl(N, C, H, W, x, out_dtype)
     mean = torch.empty((N, C), device=x.device, dtype=torch.float32)
     rstd = torch.empty_like(mean)
-    _kernel(_kn.in_apply)[_in_grid(N, C, H, W)](
-        x, res if res is not None else x, y, s, ss, mean, rstd, H * W, C, EPS,
+    _kernel(_kn.in_apply, x)[_in_grid(N, C, H, W)](
+        x, res if res is not None else x, y, shift, s, ss, mean, rstd, H * W, C, EPS,
         RELU=relu, RESIDUAL=res is not None, BLOCK_P=_kn.BLOCK_P, BLOCK_C=_kn.BLOCK_C,
         num_warps=_kn.NUM_WARPS)
     return y, mean, rstd
@@ -159,7 +178,7 @@ def _in_backward_sums(dy, x, mean, rstd, relu, from_y):
     N, C, H, W = x.shape
     sa = _zeros32(N, C, like=x)
     sb = _zeros32(N, C, like=x)
-    _kernel(_kn.in_bwd_reduce)[_in_grid(N, C, H, W)](
+    _kernel(_kn.in_bwd_reduce, x)[_in_grid(N, C, H, W)](
         dy, x, mean, rstd, sa, sb, H * W, C, RELU=relu, FROM_Y=from_y,
         BLOCK_P=_kn.BLOCK_P, BLOCK_C=_kn.BLOCK_C, num_warps=_kn.NUM_WARPS)
     return sa, sb
@@ -169,29 +188,17 @@ def _in_backward_sums(dy, x, mean, rstd, relu, from_y):
 
 
 def _define(name, fn, backward=None, setup_context=None):
-    """A torch.library triton_op (traceable by torch.compile), or a plain autograd.Function on a
-    torch without triton_op."""
-    if _HAS_TRITON_OP:
-        op = torch.library.triton_op(f"dmfn_fast::{name}", fn, mutates_args=())
-        if backward is not None:
-            op.register_autograd(backward, setup_context=setup_context)
-        return op
-    if backward is None:
-        return fn
-
-    class _Fn(torch.autograd.Function):
-        @staticmethod
-        def forward(ctx, *args):
-            out = fn(*args)
-            setup_context(ctx, args, out)
-            return out
-
-        @staticmethod
-        def backward(ctx, *grads):
-            return backward(ctx, *grads)
-
-    _Fn.__name__ = name
-    return _Fn.apply
+    """The op `dmfn_fast::name`: a triton_op, or else an opaque custom_op whose fake impl is `fn`
+    itself (its launches skip fake tensors)."""
+    qualname = f"dmfn_fast::{name}"
+    if _USE_TRITON_OP:
+        op = torch.library.triton_op(qualname, fn, mutates_args=())
+    else:
+        op = torch.library.custom_op(qualname, fn, mutates_args=())
+        op.register_fake(fn)
+    if backward is not None:
+        op.register_autograd(backward, setup_context=setup_context)
+    return op
 
 
 def _branches_bwd_fn(h: torch.Tensor, w: torch.Tensor, g: torch.Tensor, dilations: list[int],
@@ -207,7 +214,9 @@ def _branches_fn(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor, dilations: l
 def _branches_in_relu_fn(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor, dilations: list[int]
                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     k, s, ss = _branches_forward(h, w, b, dilations, stats=True)
-    return _in_forward(k, s, ss, None, True, h.dtype)
+    # The kernel's sums are of k_j - (b_1 + ... + b_j).
+    shift = b.float().cumsum(0).reshape(1, -1).expand(h.shape[0], -1).contiguous()
+    return _in_forward(k, shift, s, ss, None, True, h.dtype)
 
 
 def _branches_in_relu_bwd_fn(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor, t: torch.Tensor,
@@ -224,10 +233,11 @@ def _in_act_fn(x: torch.Tensor, res: Optional[torch.Tensor], relu: bool
     N, C, H, W = x.shape
     s = _zeros32(N, C, like=x)
     ss = _zeros32(N, C, like=x)
-    _kernel(_kn.in_stats)[_in_grid(N, C, H, W)](
-        x, s, ss, H * W, C, BLOCK_P=_kn.BLOCK_P, BLOCK_C=_kn.BLOCK_C, num_warps=_kn.NUM_WARPS)
+    shift = torch.empty_like(s)
+    _kernel(_kn.in_stats, x)[_in_grid(N, C, H, W)](
+        x, shift, s, ss, H * W, C, BLOCK_P=_kn.BLOCK_P, BLOCK_C=_kn.BLOCK_C, num_warps=_kn.NUM_WARPS)
     out_dtype = x.dtype if res is None else torch.promote_types(x.dtype, res.dtype)
-    return _in_forward(x, s, ss, res, relu, out_dtype)
+    return _in_forward(x, shift, s, ss, res, relu, out_dtype)
 
 
 def _in_act_bwd_fn(dy: torch.Tensor, x: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor,
@@ -236,7 +246,7 @@ def _in_act_bwd_fn(dy: torch.Tensor, x: torch.Tensor, mean: torch.Tensor, rstd: 
     dy = _cl(dy)
     sa, sb = _in_backward_sums(dy, x, mean, rstd, relu=relu, from_y=False)
     dx = _empty_cl(N, C, H, W, x)
-    _kernel(_kn.in_bwd_apply)[_in_grid(N, C, H, W)](
+    _kernel(_kn.in_bwd_apply, x)[_in_grid(N, C, H, W)](
         dy, x, mean, rstd, sa, sb, dx, H * W, C, RELU=relu,
         BLOCK_P=_kn.BLOCK_P, BLOCK_C=_kn.BLOCK_C, num_warps=_kn.NUM_WARPS)
     return dx
@@ -350,9 +360,7 @@ def can_fuse(x: torch.Tensor):
     """(ok, reason): whether the fused DMFB can run on this input."""
     if not (x.is_cuda or (INTERPRET and x.device.type == "cpu")):
         return False, f"the fused DMFB runs on CUDA tensors, got a {x.device.type} tensor"
-    if _kb is not None:
-        pass
-    else:
+    if _kb is None:
         why = triton_unavailable_reason()
         warn_once("dmfb-triton", f"dmfn_fast: {why}; the DMFB uses its PyTorch reference")
         return False, why

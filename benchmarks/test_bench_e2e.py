@@ -1,0 +1,59 @@
+"""End-to-end: generator inference and one full training step, in the four variants of one run:
+baseline (fp32, NCHW, reference ops, as the authors), amp (bf16 autocast + channels-last), fast (amp + fused
+DMFB + alignment extension) and fast+compile. benchmarks/summarize.py turns the JSON into the speedup table.
+
+CUDA: 256x256, inference batch 1/16/64, training batch 16. CPU (DMFN_BENCH_QUICK=1 in CI): tiny shapes so
+the harness never rots; CPU numbers are CPU numbers, nothing more."""
+import pytest
+import torch
+
+from dmfn_fast import Generator
+from e2e_common import VARIANTS, bf16_peak, count_flops, run_timed
+from conftest import QUICK
+
+CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if CUDA else "cpu"
+if CUDA:
+    SIZE, INFER_BATCHES, NF, NB, ROUNDS, WARMUP = 256, (1, 16, 64), 64, 8, 20, 5
+elif QUICK:
+    SIZE, INFER_BATCHES, NF, NB, ROUNDS, WARMUP = 64, (1,), 16, 2, 3, 1
+else:
+    SIZE, INFER_BATCHES, NF, NB, ROUNDS, WARMUP = 256, (1, 4), 64, 8, 5, 1
+
+
+def _skip_unrunnable(variant):
+    if variant == "fast+compile" and not CUDA:
+        pytest.skip("torch.compile variant is timed on CUDA only (compiling on CPU takes minutes)")
+
+
+def build_generator(variant):
+    dtype, channels_last, impl, compile_ = VARIANTS[variant]
+    torch.manual_seed(0)
+    G = Generator(nf=NF, n_blocks=NB, impl=impl).to(DEVICE).eval()
+    if channels_last:
+        G = G.to(memory_format=torch.channels_last)
+    fwd = torch.compile(G) if compile_ else G
+    return G, fwd, dtype, channels_last
+
+
+@pytest.mark.parametrize("batch", INFER_BATCHES)
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_generator_inference(benchmark, variant, batch):
+    _skip_unrunnable(variant)
+    G, fwd, dtype, channels_last = build_generator(variant)
+    x = torch.rand(batch, 4, SIZE, SIZE, device=DEVICE) * 2 - 1
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+
+    def run():
+        with torch.no_grad(), torch.autocast(DEVICE, dtype=dtype or torch.float32, enabled=dtype is not None):
+            return fwd(x)
+
+    benchmark.group = f"inference {SIZE}px batch {batch} ({DEVICE})"
+    flops = count_flops(lambda: G(x[:1])) * batch
+    med, peak = run_timed(benchmark, run, DEVICE, ROUNDS, WARMUP)
+    info = benchmark.extra_info
+    info.update(variant=variant, images_per_s=batch / med, tflops=flops / med / 1e12, peak_mem_mb=peak)
+    if bf16_peak(DEVICE):
+        info["pct_peak"] = 100 * info["tflops"] / bf16_peak(DEVICE)
+    assert torch.isfinite(run()).all()

@@ -1,0 +1,175 @@
+"""GPU parity of the fused Triton DMFB against the cuDNN reference at full size (skipped without CUDA).
+
+Same checks as tests/test_dmfb_triton.py (which runs them on CPU under the interpreter), at the
+model's real sizes and in bf16 too. References run in fp32 from the same rounded inputs.
+Tolerances: fp32 1e-5 (IEEE dots), fp16 1e-2, bf16 3e-2 (relative to the largest reference value).
+"""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dmfn_fast.ops import dmfb
+
+pytestmark = [
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+    pytest.mark.skipif(dmfb.triton_unavailable_reason() is not None, reason="triton is not importable"),
+]
+
+@pytest.fixture(autouse=True)
+def no_tf32():
+    """fp32 means fp32: cuDNN's default TF32 convolutions (c1, c2 and the reference) would differ by ~1e-3."""
+    with torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
+        yield
+
+
+TOL = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 3e-2}
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+def _err(a, b, scale=None):
+    a, b = a.detach().float(), b.detach().float()
+    scale = b.abs().max().item() if scale is None else scale
+    return (a - b).abs().max().item() / scale
+
+
+def _leaf(t):
+    return t.detach().clone().requires_grad_()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(16, 64, 64, 64), (1, 64, 128, 128), (3, 64, 13, 11), (2, 48, 37, 29)])
+def test_branches_parity(dtype, shape):
+    N, C, H, W = shape
+    torch.manual_seed(0)
+    dev = "cuda"
+    h = torch.randn(N, C, H, W, device=dev).to(dtype).contiguous(memory_format=torch.channels_last)
+    ws = [(torch.randn(C, C, 3, 3, device=dev) / (3 * C ** 0.5)).to(dtype) for _ in range(4)]
+    bs = [(0.1 * torch.randn(C, device=dev)).to(dtype) for _ in range(4)]
+    ref_in = [_leaf(h.float())] + [_leaf(w.float()) for w in ws] + [_leaf(b.float()) for b in bs]
+    ref = dmfb.dmfb_branches_reference(ref_in[0], ref_in[1:5], ref_in[5:])
+    g = torch.randn_like(ref).to(dtype)
+    ref.backward(g.float())
+    fast_in = [_leaf(h)] + [_leaf(w) for w in ws] + [_leaf(b) for b in bs]
+    out = dmfb.dmfb_branches(fast_in[0], fast_in[1:5], fast_in[5:])
+    out.backward(g)
+    tol = TOL[dtype]
+    assert _err(out, ref) <= tol
+    for f, r in zip(fast_in, ref_in):
+        assert _err(f.grad, r.grad) <= tol
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_nchw_input_accepted(dtype):
+    torch.manual_seed(0)
+    h = torch.randn(2, 32, 19, 23, device="cuda").to(dtype)
+    ws = [(torch.randn(32, 32, 3, 3, device="cuda") / 17).to(dtype) for _ in range(4)]
+    bs = [torch.zeros(32, device="cuda", dtype=dtype) for _ in range(4)]
+    out = dmfb.dmfb_branches(h, ws, bs)
+    ref = dmfb.dmfb_branches_reference(h.float(), [w.float() for w in ws], [b.float() for b in bs])
+    assert _err(out, ref) <= TOL[dtype]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("res", [False, True])
+def test_instance_norm_parity(dtype, res):
+    torch.manual_seed(0)
+    x = (2 * torch.randn(16, 256, 64, 64, device="cuda") + 1).to(dtype).contiguous(memory_format=torch.channels_last)
+    r = torch.randn_like(x) if res else None
+    xr, rr = _leaf(x.float()), (_leaf(r.float()) if res else None)
+    ref = dmfb.instance_norm_act_reference(xr, rr, relu=not res)
+    g = torch.randn_like(ref).to(dtype)
+    ref.backward(g.float())
+    xf, rf = _leaf(x), (_leaf(r) if res else None)
+    out = dmfb.instance_norm_act(xf, rf, relu=not res)
+    out.backward(g)
+    assert _err(out, ref) <= TOL[dtype]
+    assert _err(xf.grad, xr.grad) <= TOL[dtype]
+    if res:
+        assert _err(rf.grad, rr.grad) <= TOL[dtype]
+
+
+def _block_pair(dtype):
+    from dmfn_fast.models import DMFB
+
+    torch.manual_seed(0)
+    block = DMFB(256, 64, impl="fused").cuda()
+    for name, p in block.named_parameters():
+        torch.nn.init.normal_(p, 0.0, 0.05 if name.endswith("weight") else 0.5)
+    return block.to(dtype)
+
+
+def _block_grads(block, fn, x, g):
+    """[output, grad x, grad of every weight] of fn(x) with output gradient g, all fp32."""
+    block.zero_grad()
+    xl = _leaf(x)
+    y = fn(xl)
+    y.backward(g.to(y.dtype))
+    return [y.float(), xl.grad.float()] + [p.grad.float() for n, p in block.named_parameters()
+                                          if n.endswith("weight")]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(4, 64, 64), (1, 128, 128), (2, 13, 11)])
+def test_block_parity(dtype, shape):
+    """fp32: fused vs reference to 1e-5 (max-norm). fp16/bf16: both the fused block and the reference
+    in that dtype are compared with the fp32 reference (relative L2: ReLU's kink flips the pixels whose
+    pre-activation lies within rounding of 0), and the fused error must stay within twice the
+    reference's own plus 1e-2."""
+    N, H, W = shape
+    block = _block_pair(dtype)
+    exact_block = _block_pair(torch.float32)
+    exact_block.load_state_dict({k: v.float() for k, v in block.state_dict().items()})
+    x = torch.randn(N, 256, H, W, device="cuda").to(dtype)
+    g = torch.randn(N, 256, H, W, device="cuda")
+    exact = _block_grads(exact_block, exact_block.forward_reference, x.float(), g)
+    fused = _block_grads(block, block, x, g)
+    if dtype == torch.float32:
+        for f, e in zip(fused, exact):
+            assert _err(f, e) <= TOL[dtype]
+        return
+    ref = _block_grads(block, block.forward_reference, x, g)
+    for i, (f, r, e) in enumerate(zip(fused, ref, exact)):
+        l2 = lambda a: ((a - e).norm() / e.norm()).item()  # noqa: E731
+        assert l2(f) <= 2 * l2(r) + 1e-2, (i, l2(f), l2(r))
+
+
+def test_block_saves_less_memory():
+    """The fused block keeps h, the pre-norm conv outputs and t (which c2 keeps anyway) for backward;
+    not d1..d4 and the cat: at least half a cat's bytes less than the reference."""
+    block = _block_pair(torch.bfloat16)
+    x = torch.randn(8, 256, 64, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+
+    def saved_bytes(fn):
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        y = fn(x)
+        torch.cuda.synchronize()
+        used = torch.cuda.memory_allocated() - base - y.numel() * y.element_size()
+        del y
+        return used
+
+    fused = saved_bytes(block)
+    ref = saved_bytes(block.forward_reference)
+    cat_bytes = x.numel() * x.element_size()  # the cat has 4 * 64 = 256 channels, like x
+    assert fused <= ref - cat_bytes // 2, (fused, ref)
+
+
+def test_generator_autocast_and_compile():
+    from dmfn_fast.models import Generator
+
+    torch.manual_seed(0)
+    G = Generator(impl="fused").cuda()
+    G_ref = Generator(impl="reference", init=False).cuda()
+    G_ref.load_state_dict(G.state_dict())
+    x = torch.cat([torch.rand(2, 3, 64, 64, device="cuda") * 2 - 1,
+                   (torch.rand(2, 1, 64, 64, device="cuda") > 0.5).float()], 1)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        y, y_ref = G(x), G_ref(x)
+    assert y.dtype == y_ref.dtype
+    assert ((y.float() - y_ref.float()).norm() / y_ref.float().norm()).item() <= 5e-2
+    compiled = torch.compile(G)
+    y_c = compiled(x)
+    y_c.float().sum().backward()
+    assert all(p.grad is not None for p in G.parameters())
+    with torch.no_grad():
+        assert _err(y_c, G_ref(x)) <= 1e-4

@@ -1,0 +1,383 @@
+"""Numerics of the Triton DMFB kernels against the PyTorch reference, on CPU under the Triton interpreter.
+
+TRITON_INTERPRET=1 must be set before triton is imported, so the checks run in two child processes
+(this file run as a script with case names; two because CI has two cores), and one test per case
+asserts on what they report. Forward and every gradient are compared on fresh random inputs.
+Errors are max |fast - ref| / max |ref| (for parameter groups, over the group's largest gradient,
+since the biases before an instance norm have zero true gradient). Tolerances: fp32 1e-5, fp16 1e-2.
+"""
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import traceback
+import warnings
+
+import pytest
+import torch
+
+TOL = {"fp32": 1e-5, "fp16": 1e-2, "bf16": 3e-2}
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+# name -> (check, kwargs). Channel counts are small (the interpreter costs per op, per program).
+CASES = {}
+for _dt in ("fp32", "fp16"):
+    for _n, _h, _w in ((1, 13, 11), (3, 13, 11), (1, 32, 32), (3, 32, 32), (1, 48, 40)):
+        CASES[f"branches-{_dt}-{_n}x{_h}x{_w}"] = ("branches", dict(dtype=_dt, N=_n, H=_h, W=_w, C=16,
+                                                                   channels_last=_n == 3))
+CASES["branches-fp32-1x13x11-C80"] = ("branches", dict(dtype="fp32", N=1, H=13, W=11, C=80, channels_last=True))
+CASES["branches-fp16-1x9x7-C24"] = ("branches", dict(dtype="fp16", N=1, H=9, W=7, C=24, channels_last=False))
+for _dt in ("fp32", "fp16"):
+    for _relu, _res in ((True, False), (False, True)):
+        _kind = "relu" if _relu else "residual"
+        CASES[f"in-{_kind}-{_dt}-3x13x11-C32"] = ("instance_norm", dict(dtype=_dt, N=3, H=13, W=11, C=32,
+                                                                          relu=_relu, res=_res))
+    CASES[f"in-relu-{_dt}-1x32x32-C80"] = ("instance_norm", dict(dtype=_dt, N=1, H=32, W=32, C=80,
+                                                                    relu=True, res=False))
+    CASES[f"branches-in-relu-{_dt}-3x13x11"] = ("branches_in_relu", dict(dtype=_dt, N=3, H=13, W=11, C=16))
+CASES["dmfb-block-fp32-2x13x11"] = ("block", dict(N=2, H=13, W=11))
+CASES["dmfb-block-autocast-bf16"] = ("block_autocast", dict(N=2, H=12, W=10))
+CASES["generator-fp32-2x20x16"] = ("generator", dict(N=2, H=20, W=16))
+CASES["torch-compile-aot-eager"] = ("compiled", dict(N=2, H=13, W=11))
+
+
+# ----------------------------------------------------------------------------- checks (child process)
+
+
+def _err(a, b, scale=None, l2=False):
+    a, b = a.detach().float(), b.detach().float()
+    if l2:
+        return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+    scale = b.abs().max().item() if scale is None else scale
+    return (a - b).abs().max().item() / max(scale, 1e-30)
+
+
+def _leaf(t):
+    return t.detach().clone().requires_grad_()
+
+
+def check_branches(dtype, N, H, W, C, channels_last):
+    from dmfn_fast.ops.dmfb import dmfb_branches, dmfb_branches_reference
+
+    dt = DTYPES[dtype]
+    h = torch.randn(N, C, H, W).to(dt)
+    if channels_last:
+        h = h.contiguous(memory_format=torch.channels_last)
+    ws = [(torch.randn(C, C, 3, 3) / (3 * C ** 0.5)).to(dt) for _ in range(4)]
+    bs = [(0.1 * torch.randn(C)).to(dt) for _ in range(4)]
+    ref_in = [_leaf(h.float())] + [_leaf(w.float()) for w in ws] + [_leaf(b.float()) for b in bs]
+    ref = dmfb_branches_reference(ref_in[0], ref_in[1:5], ref_in[5:])
+    g = torch.randn_like(ref).to(dt)
+    ref.backward(g.float())
+    fast_in = [_leaf(h)] + [_leaf(w) for w in ws] + [_leaf(b) for b in bs]
+    out = dmfb_branches(fast_in[0], fast_in[1:5], fast_in[5:])
+    out.backward(g)
+    assert out.dtype == dt and out.shape == ref.shape
+    names = ["h"] + [f"w{i}" for i in range(1, 5)] + [f"b{i}" for i in range(1, 5)]
+    errs = [("out", _err(out, ref))]
+    errs += [(f"grad {n}", _err(f.grad, r.grad)) for n, f, r in zip(names, fast_in, ref_in)]
+    return errs
+
+
+def check_instance_norm(dtype, N, H, W, C, relu, res):
+    from dmfn_fast.ops.dmfb import instance_norm_act, instance_norm_act_reference
+
+    dt = DTYPES[dtype]
+    x = (1.5 * torch.randn(N, C, H, W) + 10 * torch.randn(1, C, 1, 1)).to(dt)  # |mean| >> std
+    r = torch.randn(N, C, H, W).to(dt) if res else None
+    xr, rr = _leaf(x.float()), (_leaf(r.float()) if res else None)
+    ref = instance_norm_act_reference(xr, rr, relu)
+    g = torch.randn_like(ref).to(dt)
+    ref.backward(g.float())
+    xf, rf = _leaf(x), (_leaf(r) if res else None)
+    out = instance_norm_act(xf, rf, relu)
+    out.backward(g)
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    errs = [("out", _err(out, ref)), ("grad x", _err(xf.grad, xr.grad))]
+    if res:
+        errs.append(("grad res", _err(rf.grad, rr.grad)))
+    return errs
+
+
+def check_branches_in_relu(dtype, N, H, W, C):
+    import torch.nn.functional as F
+
+    from dmfn_fast.ops.dmfb import branches_in_relu, dmfb_branches_reference
+
+    dt = DTYPES[dtype]
+    h = torch.relu(torch.randn(N, C, H, W)).to(dt)
+    ws = [(torch.randn(C, C, 3, 3) / (3 * C ** 0.5)).to(dt) for _ in range(4)]
+    bs = [(3 * torch.randn(C)).to(dt) for _ in range(4)]  # channel means well above the spread
+    ref_in = [_leaf(h.float())] + [_leaf(w.float()) for w in ws] + [_leaf(b.float()) for b in bs]
+    # The cat rounded to the storage dtype, as the kernel stores it: otherwise ReLU's kink flips a few
+    # pixels with |xhat| below the rounding error, and each flip is an O(1) gradient difference.
+    k = dmfb_branches_reference(ref_in[0], ref_in[1:5], ref_in[5:])
+    ref = F.relu(F.instance_norm(k.to(dt).float()))
+    g = torch.randn_like(ref).to(dt)
+    ref.backward(g.float())
+    fast_in = [_leaf(h)] + [_leaf(w) for w in ws] + [_leaf(b) for b in bs]
+    out = branches_in_relu(fast_in[0], fast_in[1:5], fast_in[5:])
+    out.backward(g)
+    errs = [("out", _err(out, ref)), ("grad h", _err(fast_in[0].grad, ref_in[0].grad))]
+    scale = max(r.grad.abs().max().item() for r in ref_in[1:])
+    names = [f"w{i}" for i in range(1, 5)] + [f"b{i}" for i in range(1, 5)]
+    errs += [(f"grad {n}", _err(f.grad, r.grad, scale)) for n, f, r in zip(names, fast_in[1:], ref_in[1:])]
+    return errs
+
+
+def _compare_module(model, fast_fn, ref_fn, x, l2=False):
+    """Run both paths (fresh grads each), return errors of output, input grad and every param grad.
+    l2: relative L2 errors of the gradients (bf16: ReLU's kink flips pixels whose pre-activation is
+    within rounding of 0, a few O(1) differences that a max-norm would report at full size)."""
+    xr, xf = _leaf(x), _leaf(x)
+    ref = ref_fn(xr)
+    g = torch.randn_like(ref)
+    ref.backward(g)
+    ref_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    out = fast_fn(xf)
+    out.backward(g.to(out.dtype))
+    errs = [("out", _err(out, ref)), ("grad x", _err(xf.grad, xr.grad, l2=l2))]
+    if l2:
+        errs += [(f"grad {n}", _err(p.grad, ref_grads[n], l2=True)) for n, p in model.named_parameters()
+                 if not n.endswith("bias")]  # zero true gradient (bias before an instance norm)
+    else:
+        scale = max(gr.abs().max().item() for gr in ref_grads.values())
+        errs += [(f"grad {n}", _err(p.grad, ref_grads[n], scale)) for n, p in model.named_parameters()]
+    return errs
+
+
+def _assert_fused_runs(x):
+    from dmfn_fast.ops import dmfb
+
+    ok, why = dmfb.can_fuse(x)
+    assert ok, f"the fused path would not run: {why}"
+
+
+def _random_block(C, inner):
+    from dmfn_fast.models import DMFB
+
+    block = DMFB(C, inner, impl="fused")
+    for name, p in block.named_parameters():
+        torch.nn.init.normal_(p, 0.0, 0.1 if name.endswith("weight") else 0.5)
+    return block
+
+
+def check_block(N, H, W):
+    block = _random_block(32, 16)
+    x = torch.randn(N, 32, H, W)
+    _assert_fused_runs(x)
+    return _compare_module(block, block, block.forward_reference, x)
+
+
+def check_block_autocast(N, H, W):
+    """bf16 under CPU autocast: the kernels run in the dtype of c1's output (bf16; the interpreter
+    computes its dots in fp32). Both the fused block and the reference under autocast are compared
+    with the fp32 reference; the fused error must stay within twice the reference's own plus 1e-2."""
+    block = _random_block(32, 16)
+    x = torch.randn(N, 32, H, W)
+
+    def run(fn, autocast):
+        block.zero_grad()
+        xl = _leaf(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            y = fn(xl)
+        y.float().backward(g)
+        return [y, xl.grad] + [p.grad.clone() for n, p in block.named_parameters() if n.endswith("weight")]
+
+    torch.manual_seed(1)
+    g = torch.randn(N, 32, H, W)
+    exact = run(block.forward_reference, False)
+    ref = run(block.forward_reference, True)
+    fused = run(block, True)
+    assert fused[0].dtype == ref[0].dtype
+    labels = ["out", "grad x"] + [f"grad {n}" for n, _ in block.named_parameters() if n.endswith("weight")]
+    out = []
+    for label, f, r, e in zip(labels, fused, ref, exact):
+        out.append((label, _err(f, e, l2=True), 2 * _err(r, e, l2=True) + 1e-2))
+    return out
+
+
+def check_generator(N, H, W):
+    from dmfn_fast.models import Generator
+
+    torch.manual_seed(1)
+    G = Generator(nf=16, n_blocks=2, impl="fused")
+    x = torch.cat([torch.rand(N, 3, H, W) * 2 - 1, (torch.rand(N, 1, H, W) > 0.5).float()], 1)
+    _assert_fused_runs(x)
+    G_ref = Generator(nf=16, n_blocks=2, impl="reference", init=False)
+    G_ref.load_state_dict(G.state_dict())
+
+    def ref_fn(inp):  # same parameters, so the gradients land on G too
+        G.impl = "reference"
+        try:
+            return G(inp)
+        finally:
+            G.impl = "fused"
+
+    errs = _compare_module(G, G, ref_fn, x)
+    errs.append(("reference-model out", _err(G(x), G_ref(x))))
+    return errs
+
+
+def check_compiled(N, H, W):
+    """torch.compile(fullgraph=True, aot_eager) of the fused block: no graph breaks, autograd through
+    the ops. Under the interpreter the ops are opaque custom ops (wrap_triton cannot trace
+    interpreted kernels); the inductor path through triton_op is tested on CUDA."""
+    block = _random_block(32, 16)
+    x = torch.randn(N, 32, H, W)
+    compiled = torch.compile(block, backend="aot_eager", fullgraph=True)
+    return _compare_module(block, compiled, block.forward_reference, x)
+
+
+def _run_case(name):
+    kind, kw = CASES[name]
+    torch.manual_seed(0)
+    tol = TOL["bf16" if "autocast" in name else kw.get("dtype", "fp32")]
+    return [r if len(r) == 3 else (*r, tol) for r in globals()["check_" + kind](**kw)]
+
+
+def _worker(names):
+    torch.set_num_threads(1)
+    warnings.simplefilter("ignore")
+    out = {}
+    for name in names:
+        try:
+            out[name] = {"errors": _run_case(name)}
+        except Exception:
+            out[name] = {"exception": traceback.format_exc()[-3000:]}
+    print("RESULTS " + json.dumps(out))
+
+
+# ----------------------------------------------------------------------------- tests (pytest process)
+
+_NEEDS_TRITON = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
+
+
+def _child_env(**extra):
+    env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1", **extra)
+    env.pop("DMFN_IMPL", None)
+    return env
+
+
+@pytest.fixture(scope="module")
+def results():
+    names = list(CASES)
+    halves = [names[0::2], names[1::2]]
+    procs = [subprocess.Popen([sys.executable, __file__, *half], env=_child_env(), stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for half in halves]
+    out = {}
+    for p in procs:
+        stdout, stderr = p.communicate(timeout=900)
+        lines = [ln for ln in stdout.splitlines() if ln.startswith("RESULTS ")]
+        if not lines:
+            pytest.fail(f"interpreter worker crashed (rc {p.returncode}):\n{stderr[-3000:]}")
+        out.update(json.loads(lines[-1][len("RESULTS "):]))
+    return out
+
+
+@_NEEDS_TRITON
+@pytest.mark.parametrize("name", list(CASES))
+def test_interpreter_matches_reference(results, name):
+    r = results[name]
+    assert "exception" not in r, r.get("exception")
+    bad = [f"{label}: {err:.3g} > {tol:g}" for label, err, tol in r["errors"] if not err <= tol]
+    assert not bad, "; ".join(bad)
+
+
+def test_cpu_uses_reference_and_fused_refuses(monkeypatch):
+    from dmfn_fast.models import DMFB
+    from dmfn_fast.ops import dmfb
+
+    monkeypatch.delenv("DMFN_IMPL", raising=False)  # it would silence impl="fused"
+
+    if dmfb.INTERPRET:
+        pytest.skip("TRITON_INTERPRET=1 in this process: CPU tensors take the fused path")
+    torch.manual_seed(0)
+    block = DMFB(32, 16)
+    x = torch.randn(1, 32, 9, 7)
+    ok, why = dmfb.can_fuse(x)
+    assert not ok and "CUDA" in why
+    with torch.no_grad():
+        assert torch.equal(block(x), block.forward_reference(x))
+    block.impl = "fused"
+    with pytest.raises(RuntimeError, match="fused"):
+        block(x)
+
+
+@_NEEDS_TRITON
+def test_compile_traces_into_triton_kernels(monkeypatch):
+    """torch.compile(fullgraph=True) of the fused block turns the triton_ops into Triton kernel nodes
+    in the AOT forward graph (traced with CPU tensors: the graph is captured, never run)."""
+    from torch._dynamo.backends.common import aot_autograd
+
+    from dmfn_fast.models import DMFB
+    from dmfn_fast.ops import dmfb
+
+    if dmfb.INTERPRET or not dmfb._USE_TRITON_OP:
+        pytest.skip("needs torch.library.triton_op and TRITON_INTERPRET unset")
+    monkeypatch.setattr(dmfb, "_check_branches", lambda *args: None)  # it refuses CPU tensors
+    graphs = []
+
+    class Captured(Exception):
+        pass
+
+    def capture(gm, example_inputs):
+        graphs.append(gm.code)
+
+        def run(*args):
+            raise Captured
+
+        return run
+
+    block = DMFB(32, 16)
+    fn = torch.compile(lambda x: dmfb.dmfb_fused(block, x), fullgraph=True,
+                       backend=aot_autograd(fw_compiler=capture, bw_compiler=capture))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(Captured):
+            fn(torch.randn(2, 32, 13, 11, requires_grad=True))
+    torch._dynamo.reset()
+    launches = [ln for ln in graphs[0].splitlines() if "triton_kernel_wrapper" in ln and "= torch.ops" in ln]
+    # in_stats + in_apply (h), branches + in_apply (t), in_stats + in_apply (output)
+    assert len(launches) == 6, graphs[0]
+    assert "dmfn_fast" not in graphs[0]
+
+
+_NO_TRITON_SCRIPT = r"""
+import sys, warnings
+sys.modules["triton"] = None  # what an install without triton looks like
+import torch
+from dmfn_fast.models import DMFB
+from dmfn_fast.ops import dmfb
+assert dmfb.triton_unavailable_reason() is not None
+block = DMFB(32, 16)
+x = torch.randn(1, 32, 9, 7)
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    with torch.no_grad():
+        y1, y2 = block(x), block(x)
+msgs = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
+assert len(msgs) == 1 and "triton" in msgs[0], msgs
+assert torch.equal(y1, block.forward_reference(x))
+block.impl = "fused"
+try:
+    block(x)
+except RuntimeError as e:
+    assert "triton" in str(e), e
+else:
+    raise AssertionError("impl='fused' without triton must raise")
+print("OK")
+"""
+
+
+def test_missing_triton_warns_once_and_falls_back():
+    # The interpreter env makes CPU tensors eligible, so the missing-triton branch is what decides.
+    p = subprocess.run([sys.executable, "-c", _NO_TRITON_SCRIPT], env=_child_env(), capture_output=True,
+                       text=True, timeout=300)
+    assert p.returncode == 0 and "OK" in p.stdout, p.stderr[-3000:]
+
+
+if __name__ == "__main__":
+    _worker(sys.argv[1:])

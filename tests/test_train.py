@@ -1,0 +1,180 @@
+"""train.py end to end on the demo set, tiny: 32 px, nf 8, 2 DMFBs, D nf 4, random VGG."""
+import json
+import os
+import sys
+
+import pytest
+import torch
+from PIL import Image
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import train  # noqa: E402
+from dmfn_fast import training as T  # noqa: E402
+from dmfn_fast.models import Generator  # noqa: E402
+
+TINY = ["--size", "32", "--nf", "8", "--n-blocks", "2", "--d-nf", "4", "--random-vgg", "--seed", "0",
+        "--n-val", "2", "--log-every", "1"]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # tiny convolutions on a shared 2-core machine: one thread is several times faster than two
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def main(*args):
+    return train.main(TINY + [str(a) for a in args])
+
+
+def run(tmp, *extra):
+    return main("--out", tmp, *extra)
+
+
+def test_demo_artefacts_and_exact_resume(tmp_path):
+    # batch 5 of 16 demo photos: 3 steps an epoch, so the resumed half skips 2 batches and crosses an epoch
+    a = tmp_path / "a"
+    run(a, "--batch", 5, "--steps", 4, "--ckpt-every", 1, "--keep", 3, "--val-every", 2, "--sample-every", 2)
+    names = sorted(os.listdir(a))
+    assert [n for n in names if n.startswith("ckpt_")] == ["ckpt_0000002.pt", "ckpt_0000003.pt", "ckpt_0000004.pt"]
+    assert not [n for n in names if n.endswith(".tmp")]
+    assert {"log.jsonl", "loss_curve.png", "config.json", "samples"} <= set(names)
+    assert sorted(os.listdir(a / "samples")) == ["step_0000002.png", "step_0000004.png"]
+    grid = Image.open(a / "samples" / "step_0000004.png")
+    assert grid.size == (3 * 32, 2 * 32)  # input | output | target, one row per validation image
+    assert Image.open(a / "loss_curve.png").size[0] > 200
+    rows = T.read_log(a / "log.jsonl")
+    train_rows = [r for r in rows if r["kind"] == "train"]
+    assert [r["step"] for r in train_rows] == [1, 2, 3, 4]
+    for key in ("G", "D", "rec", "guided", "fm_vgg", "align", "adv", "fm_dis"):
+        assert all(torch.isfinite(torch.tensor(r[key])) for r in train_rows), key
+    assert [r["step"] for r in rows if r["kind"] == "val"] == [2, 4]
+
+    ckpt = torch.load(a / "ckpt_0000004.pt", weights_only=True)
+    assert ckpt["format"] == "dmfn-fast-train-v1" and ckpt["step"] == 4
+    assert set(ckpt) == {"format", "G", "D", "opt_G", "opt_D", "sched_G", "sched_D", "scaler", "step", "rng",
+                         "config", "val"}
+    assert ckpt["config"]["nf"] == 8 and json.loads(json.dumps(ckpt["config"])) == ckpt["config"]
+    assert set(ckpt["val"]) >= {"psnr", "ssim", "psnr_hole", "ssim_hole"} and ckpt["val"]["step"] == 4
+    assert 5 < ckpt["val"]["psnr"] < 60
+    Generator(nf=8, n_blocks=2).load_state_dict(ckpt["G"])
+
+    # 2 steps, then a resume to 4: the same weights and optimizer states as 4 straight
+    b = tmp_path / "b"
+    run(b, "--batch", 5, "--steps", 4, "--resume", a / "ckpt_0000002.pt", "--ckpt-every", 100)
+    resumed = torch.load(b / "ckpt_0000004.pt", weights_only=True)
+    for part in ("G", "D"):
+        for k, v in ckpt[part].items():
+            assert torch.equal(v, resumed[part][k]), f"{part}.{k} differs after resume"
+    for part in ("opt_G", "opt_D"):
+        for i, s in ckpt[part]["state"].items():
+            for k, v in s.items():
+                assert torch.equal(v, resumed[part]["state"][i][k]), f"{part} state {i}.{k}"
+    assert resumed["sched_G"] == ckpt["sched_G"]
+
+
+def _bad_loss(monkeypatch, when, term="align", exc=None):
+    """Make DMFNLoss's `term` NaN (or raise `exc`) on the calls numbered in `when`."""
+    calls = []
+    real_forward = train.DMFNLoss.forward
+
+    def forward(self, *a, **k):
+        calls.append(1)
+        total, terms = real_forward(self, *a, **k)
+        if len(calls) in when:
+            if exc is not None:
+                raise exc
+            terms[term] = terms[term] * float("nan")
+            total = sum(t.float() for t in terms.values())
+        return total, terms
+
+    monkeypatch.setattr(train.DMFNLoss, "forward", forward)
+
+
+def test_nan_guard_skips_then_stops(tmp_path, monkeypatch, capsys):
+    # call 2 is NaN (skipped, training goes on), then calls 5.. are NaN: stop after 3 in a row
+    _bad_loss(monkeypatch, {2, 5, 6, 7, 8, 9})
+    with pytest.raises(SystemExit, match=r"3 steps in a row .*\(align"):
+        run(tmp_path, "--batch", 2, "--steps", 10, "--ckpt-every", 1, "--keep", 10, "--max-bad-steps", 3,
+            "--val-every", 100, "--sample-every", 100)
+    assert "non-finite loss (align, G); skipped (1 in a row)" in capsys.readouterr().out
+    ckpts = T.list_checkpoints(tmp_path)
+    assert [os.path.basename(p) for p in ckpts] == [f"ckpt_000000{i}.pt" for i in (1, 2, 3)]
+    for p in ckpts:
+        c = torch.load(p, weights_only=True)
+        assert all(torch.isfinite(v).all() for v in c["G"].values())
+    rows = T.read_log(tmp_path / "log.jsonl")
+    assert [r["step"] for r in rows] == [1, 2, 3]
+
+
+def test_no_checkpoint_from_nan_weights(tmp_path):
+    g = Generator(nf=8, n_blocks=1)
+    assert T.nonfinite_params(g) == []
+    with torch.no_grad():
+        g.encoder[0].conv.weight[0, 0, 0, 0] = float("nan")
+    assert T.nonfinite_params(g) == ["0:encoder.0.conv.weight"]
+
+
+def test_ctrl_c_saves_and_exits(tmp_path, monkeypatch):
+    _bad_loss(monkeypatch, {3}, exc=KeyboardInterrupt())
+    with pytest.raises(SystemExit) as e:
+        run(tmp_path, "--batch", 2, "--steps", 10, "--ckpt-every", 100, "--val-every", 100, "--sample-every", 100)
+    assert e.value.code == 130
+    assert [os.path.basename(p) for p in T.list_checkpoints(tmp_path)] == ["ckpt_0000002.pt"]
+    assert torch.load(T.list_checkpoints(tmp_path)[0], weights_only=True)["step"] == 2
+
+
+def _folder(path, n, size=48):
+    path.mkdir()
+    g = torch.Generator().manual_seed(0)
+    for i in range(n):
+        a = (torch.rand(size, size + 8, 3, generator=g) * 255).to(torch.uint8).numpy()
+        Image.fromarray(a).save(path / f"{i}.png")
+    return path
+
+
+def test_data_folder_bad_input(tmp_path, monkeypatch, capsys):
+    data = _folder(tmp_path / "data", 6)
+    (data / "00broken.jpg").write_bytes(b"not a jpeg")  # sorts into training; the last image is held out
+    out = main(data, "--out", tmp_path / "r1", "--batch", 5, "--steps", 1, "--n-val", 1, "--max-bad-images", 0.5,
+               "--channels-last", "--masks", "stroke")
+    assert out["step"] == 1
+    assert "skipped unreadable image" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="unreadable"):
+        main(data, "--out", tmp_path / "r2", "--batch", 5, "--steps", 1, "--n-val", 1, "--max-bad-images", 0.01)
+    with pytest.raises(FileNotFoundError, match="not found"):
+        main(tmp_path / "missing", "--out", tmp_path / "r3")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="no images"):
+        main(tmp_path / "empty", "--out", tmp_path / "r3")
+    # real data without VGG weights is refused unless --random-vgg says so
+    monkeypatch.setenv("DMFN_VGG19_WEIGHTS", str(tmp_path / "no_vgg.pth"))
+    monkeypatch.setattr(sys.modules[__name__], "TINY", [a for a in TINY if a != "--random-vgg"])
+    with pytest.raises(SystemExit, match="--random-vgg"):
+        main(data, "--out", tmp_path / "r4", "--batch", 2, "--steps", 1)
+
+
+def test_config_file(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("size: 128\nlr-g: 0.001\nmasks: stroke\nlr_steps: [10, 20]\n")
+    args = train.parse_args(["--config", str(cfg), "--size", "64"])
+    assert args.size == 64 and args.lr_g == 0.001 and args.masks == "stroke" and args.lr_steps == [10, 20]
+    assert args.batch == 4  # demo preset fills what neither set
+    (tmp_path / "c.json").write_text(json.dumps({"steps": 7, "bogus": 1}))
+    with pytest.raises(SystemExit):
+        train.parse_args(["--config", str(tmp_path / "c.json")])
+
+
+def test_rng_state_round_trip(tmp_path):
+    import random
+
+    import numpy as np
+
+    state = T.rng_state()
+    torch.save(state, tmp_path / "rng.pt")
+    first = (torch.rand(3), np.random.rand(3), random.random())
+    T.set_rng_state(torch.load(tmp_path / "rng.pt", weights_only=True))
+    second = (torch.rand(3), np.random.rand(3), random.random())
+    assert torch.equal(first[0], second[0]) and np.array_equal(first[1], second[1]) and first[2] == second[2]
