@@ -52,6 +52,9 @@ setup(
     extras_require={
         "triton": ["triton>=3.1"],
         "train": ["scikit-image", "tqdm", "pyyaml", "matplotlib"],
-        "test": ["pytest", "pytest-benchmark", "scikit-image", "tqdm", "pyyaml", "matplotlib"],
+        "eval": ["torchmetrics>=1.0"],
+        "export": ["onnx", "onnxscript", "onnxruntime"],
+        "test": ["pytest", "pytest-benchmark", "scikit-image", "tqdm", "pyyaml", "matplotlib",
+                 "torchmetrics>=1.0", "onnx", "onnxscript", "onnxruntime"],
     },
 )
