@@ -21,7 +21,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from dmfn_fast import training as T
 from dmfn_fast.data import InpaintDataset, collate, demo_images, list_images
-from dmfn_fast.losses import DMFNLoss, rals_d_loss
+from dmfn_fast.losses import DMFNLoss
 from dmfn_fast.masks import KINDS, MaskSource
 from dmfn_fast.models import Discriminator, Generator
 from dmfn_fast.vgg import HOW_TO, VGG19Features
@@ -61,6 +61,8 @@ def build_parser():
     a("--jitter", type=int, help="max px each side of a rect hole shrinks (16 at 256, scaled)")
     a("--center-mask", action="store_true", help="rect holes at the centre instead of random")
     a("--amp", action="store_true", help="CUDA: bf16 autocast (fp16 + GradScaler without bf16); CPU: bf16")
+    a("--amp-dtype", choices=("auto", "bf16", "fp16"), default="auto",
+      help="with --amp: auto picks as above (fp32 on a CPU without native bf16); bf16/fp16 force it")
     a("--channels-last", action=argparse.BooleanOptionalAction, default=None, help="default: on with CUDA")
     a("--compile", action="store_true", help="torch.compile the generator")
     a("--impl", choices=("auto", "reference", "fused"), default="auto", help="DMFB / alignment loss kernels")
@@ -173,9 +175,11 @@ def main(argv=None):
     if cuda:
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     amp_dtype = None
-    if args.amp and cuda:
+    if args.amp and args.amp_dtype != "auto":
+        amp_dtype = torch.bfloat16 if args.amp_dtype == "bf16" else torch.float16
+    elif args.amp and cuda:
         amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    elif args.amp and _cpu_has_bf16():
+    elif args.amp and T.cpu_has_bf16():
         amp_dtype = torch.bfloat16
     elif args.amp and master:
         print("note: --amp: this CPU has no native bf16 (no AVX512-BF16/AMX), where bf16 autocast is several "
@@ -241,7 +245,7 @@ def main(argv=None):
     # The generator step calls the bare D (frozen, no gradient sync); the D step calls it
     # through DDP, real and fake in one forward of the wrapper so DDP sees one pass.
     G_raw, D_raw = G, D
-    D_pair = _RealFake(D)
+    D_pair = T.RealFake(D)
     if ddp:
         G = DDP(G, device_ids=[device.index] if cuda else None)
         D_pair = DDP(D_pair, device_ids=[device.index] if cuda else None)
@@ -328,37 +332,8 @@ def main(argv=None):
             mask = batch["mask"].to(device, non_blocking=True)
             box = batch["box"]
 
-            # generator step, discriminator frozen
-            D_raw.requires_grad_(False)
-            with autocast():
-                raw = G(torch.cat([image * (1 - mask), mask], 1))
-                out = mask * raw + (1 - mask) * image  # the composite, as the authors
-                pred_fake, feats_fake = D_raw(T.crop_boxes(out, box), T.global_view(out))
-                pred_real, feats_real = D_raw(T.crop_boxes(image, box), T.global_view(image))
-                loss_g, terms = criterion(out, image, pred_real, pred_fake, feats_fake, feats_real)
-            terms = {k: v.detach().float() for k, v in terms.items()}
-            terms["G"] = loss_g.detach().float()
-            ok = _all_ranks_finite(loss_g, ddp)
-            if ok:
-                opt_G.zero_grad(set_to_none=True)
-                scaler.scale(loss_g).backward()
-                scaler.step(opt_G)
-
-                # discriminator step on the detached composite
-                D_raw.requires_grad_(True)
-                fake = out.detach()
-                with autocast():
-                    pred_real, pred_fake = D_pair(T.crop_boxes(image, box), T.global_view(image),
-                                                  T.crop_boxes(fake, box), T.global_view(fake))
-                    loss_d = rals_d_loss(pred_real.float(), pred_fake.float())
-                terms["D"] = loss_d.detach()
-                ok = _all_ranks_finite(loss_d, ddp)
-                if ok:
-                    opt_D.zero_grad(set_to_none=True)
-                    scaler.scale(loss_d).backward()
-                    scaler.step(opt_D)
-                scaler.update()
-            D_raw.requires_grad_(True)
+            terms, ok = T.train_step(G, D_raw, D_pair, criterion, opt_G, opt_D, scaler, image, mask, box,
+                                     autocast, lambda loss: _all_ranks_finite(loss, ddp))
             if not ok:  # the G update of a step whose D loss is non-finite stays; D's is skipped
                 bad_steps += 1
                 named = ", ".join(k for k, v in terms.items() if not torch.isfinite(v)) or "on another rank"
@@ -407,15 +382,6 @@ def main(argv=None):
     return {"step": step, "val": last_val, "G": G_raw, "D": D_raw}
 
 
-class _RealFake(torch.nn.Module):
-    def __init__(self, D):
-        super().__init__()
-        self.D = D
-
-    def forward(self, real_local, real_global, fake_local, fake_global):
-        return self.D(real_local, real_global)[0], self.D(fake_local, fake_global)[0]
-
-
 def _epoch_batches(dataset, args, world, rank, epoch, skip, workers, cuda):
     """An iterator over one epoch's batches, the first `skip` left out (for resuming)."""
     sampler = torch.utils.data.DistributedSampler(dataset, world, rank, shuffle=True, seed=args.seed, drop_last=True)
@@ -432,13 +398,6 @@ def _all_ranks_finite(loss, ddp):
     if ddp:  # every rank must take the same branch, or the next all-reduce hangs
         dist.all_reduce(ok, op=dist.ReduceOp.MIN)
     return bool(ok.item())
-
-
-def _cpu_has_bf16():
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
 
 
 def _parse_probs(s):

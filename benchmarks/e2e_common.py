@@ -64,3 +64,58 @@ def median_time(fn, device, rounds=5, warmup=1):
         sync(device)
         ts.append(time.perf_counter() - t)
     return statistics.median(ts)
+
+
+def build_training(variant, size, batch, nf, n_blocks, d_nf, device, seed=0):
+    """Everything one training step needs, for one variant, from fixed weights and a fixed batch.
+    Returns step() -> (terms, ok)."""
+    from dmfn_fast import Discriminator, Generator, VGG19Features
+    from dmfn_fast.losses import DMFNLoss
+    from dmfn_fast.training import RealFake, train_step
+
+    dtype, channels_last, impl, compile_ = VARIANTS[variant]
+    mf = torch.channels_last if channels_last else torch.contiguous_format
+    torch.manual_seed(seed)
+    G = Generator(nf=nf, n_blocks=n_blocks, impl=impl).to(device, memory_format=mf)
+    D = Discriminator(nf=d_nf).to(device, memory_format=mf)
+    vgg = VGG19Features(weights="random").to(device, memory_format=mf)
+    crit = DMFNLoss(vgg, impl=impl)
+    opt_G = torch.optim.Adam(G.parameters(), lr=2e-4, betas=(0.5, 0.999))
+    opt_D = torch.optim.Adam(D.parameters(), lr=2e-4, betas=(0.5, 0.999))
+    scaler = torch.amp.GradScaler(torch.device(device).type, enabled=False)  # bf16 needs no scaling
+    g = torch.Generator().manual_seed(seed + 1)
+    image = (torch.rand(batch, 3, size, size, generator=g) * 2 - 1).to(device, memory_format=mf)
+    mask = torch.zeros(batch, 1, size, size)
+    q = size // 4
+    mask[..., q:3 * q, q:3 * q] = 1
+    mask = mask.to(device)
+    box = torch.tensor([[q, q, 2 * q, 2 * q]] * batch)
+    Gc = torch.compile(G) if compile_ else G
+    dev = torch.device(device).type
+
+    def autocast():
+        return torch.autocast(dev, dtype=dtype or torch.float32, enabled=dtype is not None)
+
+    def step():
+        return train_step(Gc, D, RealFake(D), crit, opt_G, opt_D, scaler, image, mask, box, autocast,
+                          lambda loss: bool(torch.isfinite(loss)))
+
+    return step
+
+
+def profile_shares(step, device, steps=3):
+    """Share of step time in each labelled part (G forward/backward, VGG, D, losses, optimizer)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.device(device).type == "cuda" else [])
+    with profile(activities=acts) as prof:
+        for _ in range(steps):
+            step()
+        sync(device)
+    cuda = torch.device(device).type == "cuda"
+    times = {}
+    for e in prof.key_averages():
+        if e.key in ("G forward", "D forward (G step)", "losses", "VGG", "G backward", "D step", "optimizer"):
+            times[e.key] = (e.device_time_total if cuda else e.cpu_time_total) / steps
+    total = sum(v for k, v in times.items() if k != "VGG")  # VGG lies inside "losses"
+    return {k: round(100 * v / total, 1) for k, v in times.items()} if total else {}

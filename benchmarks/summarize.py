@@ -36,6 +36,12 @@ def main(bench_json, env_txt=None):
             sa = f"{amp / med:.2f}x" if amp else ""
             extra = " | ".join(f"{info[k]:.4g}" if isinstance(info.get(k), (int, float)) else "" for k in EXTRA)
             print(f"| {group} | {variant} | {med * 1e3:.3f} | {sb} | {sa} | {extra} |")
+    shares = [(g, v, i["profile_share"]) for g in sorted(groups) for v, (_, i) in groups[g].items()
+              if i.get("profile_share")]
+    if shares:
+        print("\nShare of training-step time per part (%, from torch.profiler; VGG lies inside losses):")
+        for g, v, share in shares:
+            print(f"- {g} / {v}: " + ", ".join(f"{k} {p}" for k, p in share.items()))
 
 
 if __name__ == "__main__":

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from dmfn_fast import Generator
-from e2e_common import VARIANTS, bf16_peak, count_flops, run_timed
+from dmfn_fast.training import cpu_has_bf16
+from e2e_common import VARIANTS, bf16_peak, build_training, count_flops, profile_shares, run_timed
 from conftest import QUICK
 
 CUDA = torch.cuda.is_available()
@@ -24,6 +25,9 @@ else:
 def _skip_unrunnable(variant):
     if variant == "fast+compile" and not CUDA:
         pytest.skip("torch.compile variant is timed on CUDA only (compiling on CPU takes minutes)")
+    if VARIANTS[variant][0] is not None and not CUDA and not cpu_has_bf16():
+        pytest.skip("this CPU has no native bf16, where bf16 autocast is several times slower than fp32; "
+                    "train.py --amp also stays fp32 here")
 
 
 def build_generator(variant):
@@ -57,3 +61,32 @@ def test_generator_inference(benchmark, variant, batch):
     if bf16_peak(DEVICE):
         info["pct_peak"] = 100 * info["tflops"] / bf16_peak(DEVICE)
     assert torch.isfinite(run()).all()
+
+
+TRAIN_BATCH, TRAIN_SIZE, D_NF = (16, 256, 64) if CUDA else (2, 64, 16)
+_train_flops = {}
+
+
+def _train_step_flops():
+    """Model FLOPs of one training step, counted on the reference structure (custom kernels are opaque
+    to the counter), so every variant is credited with the same work."""
+    if "v" not in _train_flops:
+        step = build_training("baseline", TRAIN_SIZE, TRAIN_BATCH, NF, NB, D_NF, DEVICE)
+        _train_flops["v"] = count_flops(step)
+    return _train_flops["v"]
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_training_step(benchmark, variant):
+    _skip_unrunnable(variant)
+    benchmark.group = f"train step {TRAIN_SIZE}px batch {TRAIN_BATCH} ({DEVICE})"
+    flops = _train_step_flops()
+    step = build_training(variant, TRAIN_SIZE, TRAIN_BATCH, NF, NB, D_NF, DEVICE)
+    med, peak = run_timed(benchmark, step, DEVICE, ROUNDS if CUDA else 2, WARMUP)
+    terms, ok = step()
+    assert ok and all(torch.isfinite(v) for v in terms.values())
+    info = benchmark.extra_info
+    info.update(variant=variant, images_per_s=TRAIN_BATCH / med, tflops=flops / med / 1e12, peak_mem_mb=peak,
+                profile_share=profile_shares(step, DEVICE, steps=3 if CUDA else 1))
+    if bf16_peak(DEVICE):
+        info["pct_peak"] = 100 * info["tflops"] / bf16_peak(DEVICE)

@@ -6,6 +6,7 @@
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.profiler import record_function
 
 from .ops.centroid_align import centroid_align_loss
 from .vgg import CHANNELS
@@ -80,9 +81,10 @@ class DMFNLoss(nn.Module):
     def forward(self, out, tgt, real_logits=None, fake_logits=None, feats_fake=None, feats_real=None):
         if out.shape != tgt.shape:
             raise ValueError(f"out and tgt differ in shape: {tuple(out.shape)} vs {tuple(tgt.shape)}")
-        fo = self.vgg(out)
-        with torch.no_grad():
-            ft = self.vgg(tgt)
+        with record_function("VGG"):
+            fo = self.vgg(out)
+            with torch.no_grad():
+                ft = self.vgg(tgt)
         terms = {
             "rec": self.w_rec * reconstruction_loss(out, tgt),
             "guided": self.w_vgg * self_guided_loss(fo, ft, out, tgt, self.layer_weights),
