@@ -50,7 +50,7 @@ setup(
         ]
     },
     extras_require={
-        "triton": ["triton>=3.1"],
+        "triton": ["triton>=3.1,<3.8"],
         "train": ["scikit-image", "tqdm", "pyyaml", "matplotlib"],
         "eval": ["torchmetrics>=1.0"],
         "export": ["onnx", "onnxscript", "onnxruntime"],
