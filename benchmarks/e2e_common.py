@@ -9,6 +9,7 @@ from torch.utils.flop_counter import FlopCounterMode
 VARIANTS = {
     "baseline": (None, False, "reference", False),
     "amp": (torch.bfloat16, True, "reference", False),
+    "amp+compile": (torch.bfloat16, True, "reference", True),
     "fast": (torch.bfloat16, True, "auto", False),
     "fast+compile": (torch.bfloat16, True, "auto", True),
 }

@@ -123,14 +123,19 @@ def _branches_forward(h, w, b, dil, stats, grad=None):
     return out, s, ss
 
 
-def _branches_backward(h, w, G, dil):
-    """(dh, dw fp32, db fp32) from the suffix sums G = [G_1..G_4]."""
-    N, C, H, W = h.shape
-    dh = _empty_cl(N, C, H, W, h)
+def _branches_dgrad(w, G, dil, like):
+    """dh from the suffix sums G = [G_1..G_4]; `like` is h (shape, dtype, device)."""
+    N, C, H, W = like.shape
+    dh = _empty_cl(N, C, H, W, like)
     grid = lambda META: (N * triton.cdiv(H * W, META["BLOCK_P"]), triton.cdiv(C, META["BLOCK_N"]))  # noqa: E731
-    kern, kw = _conv_kernel("dgrad", h.dtype, H * W, C)
-    _kernel(kern, h)[grid](G, w, dh, H, W, C, D1=dil[0], D2=dil[1], D3=dil[2], D4=dil[3], **kw)
+    kern, kw = _conv_kernel("dgrad", like.dtype, H * W, C)
+    _kernel(kern, like)[grid](G, w, dh, H, W, C, D1=dil[0], D2=dil[1], D3=dil[2], D4=dil[3], **kw)
+    return dh
 
+
+def _branches_wgrad(h, G, dil):
+    """(dw fp32 [4, 9, C, C], db fp32 [4, C]) from h and the suffix sums G."""
+    N, C, H, W = h.shape
     dw = _zeros32(4, 9, C, C, like=h)
     db = _zeros32(4, C, like=h)
     NP = N * H * W
@@ -145,7 +150,12 @@ def _branches_backward(h, w, G, dil):
         return (triton.cdiv(NP, pix_per_split), 36, tiles_c)
 
     _kernel(kern, h)[wgrid](h, G, dw, db, NP, H, W, C, pix_per_split, D1=dil[0], D2=dil[1], D3=dil[2], D4=dil[3], **kw)
-    return dh, dw, db
+    return dw, db
+
+
+def _branches_backward(h, w, G, dil):
+    """(dh, dw fp32, db fp32) from the suffix sums G = [G_1..G_4]."""
+    return (_branches_dgrad(w, G, dil, h),) + _branches_wgrad(h, G, dil)
 
 
 def _suffix(g):

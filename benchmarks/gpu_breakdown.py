@@ -1,0 +1,312 @@
+"""Per-kernel breakdown of the fused DMFB and the centroid op against their baselines (one GPU run).
+
+    python benchmarks/gpu_breakdown.py OUT_DIR          # CUDA: N=16, 64x64, C=64 (the 256x256 training shape)
+    python benchmarks/gpu_breakdown.py OUT_DIR --dry    # CPU, kernels interpreted, tiny sizes: checks the script
+
+Appends one JSON object per measurement to OUT_DIR/breakdown.jsonl as it goes (a timeout loses only what
+had not run yet) and prints a line for each. Times are medians of triton.testing.do_bench (CUDA events,
+after warm-up, so autotuning and compilation stay out); --dry times wall clock and means nothing.
+Each row carries the FLOPs and the fewest bytes the step must move, and from them TFLOP/s and TB/s
+against the card's ceilings measured in the same run (bf16 8192^3 matmul, device-to-device copy).
+Baselines: cuDNN channels-last in the same dtype (eager), and torch.compile of the same reference.
+"""
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+import traceback
+
+ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+ap.add_argument("out")
+ap.add_argument("--dry", action="store_true", help="CPU, TRITON_INTERPRET=1, tiny sizes")
+ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile baselines")
+args = ap.parse_args()
+if args.dry:
+    os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from dmfn_fast.models import DMFB  # noqa: E402
+from dmfn_fast.ops import centroid_align as ca  # noqa: E402
+from dmfn_fast.ops import dmfb as ops  # noqa: E402
+
+CUDA = torch.cuda.is_available() and not args.dry
+DEV = "cuda" if CUDA else "cpu"
+N, C, H, W = (16, 64, 64, 64) if CUDA else (2, 16, 9, 7)
+CENTROID = (16, 512, 32, 32) if CUDA else (2, 8, 5, 6)
+DIL = [1, 2, 4, 8]
+os.makedirs(args.out, exist_ok=True)
+LOG = os.path.join(args.out, "breakdown.jsonl")
+torch.backends.cudnn.benchmark = True
+ceil = {}
+
+
+def bench_ms(fn):
+    if CUDA:
+        import triton.testing
+
+        return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+    fn()
+    ts = []
+    for _ in range(2):
+        t = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t)
+    return statistics.median(ts) * 1e3
+
+
+def record(group, name, fn, flop=0, nbytes=0, **extra):
+    """Time fn, write one JSON line; an error is recorded, not raised, so later rows still run."""
+    row = dict(group=group, name=name, device=torch.cuda.get_device_name() if CUDA else "cpu (dry)")
+    try:
+        ms = bench_ms(fn)
+        row.update(ms=ms, flop=flop, bytes=nbytes)
+        if flop:
+            row["tflops"] = flop / ms / 1e9
+            if ceil.get("bf16_tflops"):
+                row["pct_bf16_peak"] = 100 * row["tflops"] / ceil["bf16_tflops"]
+        if nbytes:
+            row["tbs"] = nbytes / ms / 1e9
+            if ceil.get("copy_tbs"):
+                row["pct_copy_bw"] = 100 * row["tbs"] / ceil["copy_tbs"]
+    except Exception as e:  # noqa: BLE001: a failed row must not stop the breakdown
+        row["error"] = f"{type(e).__name__}: {e}"[:500]
+        traceback.print_exc()
+    row.update(extra)
+    with open(LOG, "a") as f:
+        f.write(json.dumps(row) + "\n")
+    msg = f"{row.get('ms', float('nan')):9.4f} ms" if "ms" in row else "ERROR " + row["error"][:200]
+    perf = "".join(f"  {k}={row[k]:.3g}" for k in ("tflops", "pct_bf16_peak", "tbs", "pct_copy_bw") if k in row)
+    print(f"[{group}] {name}: {msg}{perf}", flush=True)
+    return row.get("ms")
+
+
+def cl(t):
+    return t.contiguous(memory_format=torch.channels_last)
+
+
+def grads(fn, inputs, gy):
+    """fn(*inputs) then autograd.grad into every input: a forward+backward with no .grad accumulation."""
+    def step():
+        y = fn(*inputs)
+        y = y[0] if isinstance(y, tuple) else y
+        return torch.autograd.grad(y, inputs, gy)
+    return step
+
+
+# ----------------------------------------------------------------------------- ceilings
+if CUDA:
+    x8 = torch.empty(512 * 2 ** 20, device=DEV, dtype=torch.uint8)
+    y8 = torch.empty_like(x8)
+    ms = bench_ms(lambda: y8.copy_(x8))
+    ceil["copy_tbs"] = 2 * x8.numel() / ms / 1e9
+    del x8, y8
+    a = torch.randn(8192, 8192, device=DEV, dtype=torch.bfloat16)
+    b = torch.randn(8192, 8192, device=DEV, dtype=torch.bfloat16)
+    ms = bench_ms(lambda: a @ b)
+    ceil["bf16_tflops"] = 2 * 8192 ** 3 / ms / 1e9
+    del a, b
+    with open(LOG, "a") as f:
+        f.write(json.dumps(dict(group="ceilings", name="measured", **ceil,
+                                device=torch.cuda.get_device_name(), torch=torch.__version__)) + "\n")
+    print(f"ceilings: copy {ceil['copy_tbs']:.2f} TB/s (read+write), bf16 matmul {ceil['bf16_tflops']:.0f} TFLOP/s")
+
+# ----------------------------------------------------------------------------- branch op, piece by piece
+CONV = 2 * N * H * W * C * C * 9  # one 3x3 conv C->C
+
+
+def branch_inputs(dt, seed=0):
+    torch.manual_seed(seed)
+    h = cl(torch.randn(N, C, H, W, device=DEV).to(dt))
+    ws = [cl((torch.randn(C, C, 3, 3, device=DEV) / (3 * C ** 0.5)).to(dt)) for _ in DIL]
+    bs = [(0.1 * torch.randn(C, device=DEV)).to(dt) for _ in DIL]
+    return h, ws, bs
+
+
+def best_configs(cls):
+    if not CUDA:
+        return {}
+    from dmfn_fast.kernels import dmfb_branches as kb
+
+    out = {}
+    for k in ("fwd", "grad", "dgrad", "wgrad"):
+        cfg = getattr(getattr(kb, f"branches_{k}_{cls}"), "best_config", None)
+        out[k] = None if cfg is None else str(cfg)
+    return out
+
+
+for dt in (torch.bfloat16, torch.float32):
+    tag = str(dt).replace("torch.", "")
+    es = torch.empty((), dtype=dt).element_size()
+    act = N * H * W * C * es  # bytes of one C-channel activation
+    h, ws, bs = branch_inputs(dt)
+    w, b = ops.pack_branches(ws, bs, dt)
+    g = f"pieces {tag}"
+    for d, wj, bj in zip(DIL, ws, bs):
+        record(g, f"cudnn conv d{d}", lambda: F.conv2d(h, wj, bj, 1, d, d), CONV, 2 * act)
+    record(g, "reference branches fwd (4 cudnn convs, adds, cat)", lambda: ops.dmfb_branches_reference(h, ws, bs),
+           4 * CONV, 5 * act)
+    try:
+        record(g, "fused fwd kernel", lambda: ops._branches_forward(h, w, b, DIL, stats=False), 4 * CONV, 5 * act)
+        record(g, "fused fwd kernel + IN stats", lambda: ops._branches_forward(h, w, b, DIL, stats=True),
+               4 * CONV, 5 * act)
+        k, s, ss = ops._branches_forward(h, w, b, DIL, stats=True)
+        shift = b.float().cumsum(0).reshape(1, -1).expand(N, -1).contiguous()
+        record(g, "IN apply+ReLU on the cat", lambda: ops._in_forward(k, shift, s, ss, None, True, dt), 0, 8 * act)
+        t, mean, rstd = ops._in_forward(k, shift, s, ss, None, True, dt)
+        dtg = cl(torch.randn_like(t))
+        record(g, "IN backward sums", lambda: ops._in_backward_sums(dtg, t, mean, rstd, relu=True, from_y=True),
+               0, 8 * act)
+        sa, sb = ops._in_backward_sums(dtg, t, mean, rstd, relu=True, from_y=True)
+        record(g, "fused grad kernel (recompute + IN/ReLU bwd + suffix)",
+               lambda: ops._branches_forward(h, w, b, DIL, stats=False, grad=(dtg, mean, rstd, sa, sb)),
+               4 * CONV, 9 * act)
+        G = ops._branches_forward(h, w, b, DIL, stats=False, grad=(dtg, mean, rstd, sa, sb))[0]
+        record(g, "suffix kernel (branches without IN)", lambda: ops._suffix(dtg), 0, 8 * act)
+        record(g, "fused dgrad kernel", lambda: ops._branches_dgrad(w, G, DIL, h), 4 * CONV, 5 * act)
+        record(g, "fused wgrad kernel", lambda: ops._branches_wgrad(h, G, DIL), 4 * CONV, 5 * act,
+               configs=best_configs("lowp" if dt != torch.float32 else "f32"))
+        del k, t, dtg, G
+    except Exception:  # noqa: BLE001
+        traceback.print_exc()
+
+# ----------------------------------------------------------------------------- ops, forward+backward
+
+
+def in_relu_cl(x):
+    """relu(instance_norm(x)) that keeps channels-last (F.instance_norm returns NCHW): fp32 statistics."""
+    xf = x.float()
+    var, mean = torch.var_mean(xf, (2, 3), unbiased=False, keepdim=True)
+    return F.relu((xf - mean) * torch.rsqrt(var + ops.EPS)).to(x.dtype)
+
+
+def ref_in_relu(h, *p):
+    return ops.instance_norm_act_reference(ops.dmfb_branches_reference(h, p[:4], p[4:]), relu=True)
+
+
+def ref_in_relu_cl(h, *p):
+    return in_relu_cl(ops.dmfb_branches_reference(h, p[:4], p[4:]))
+
+
+def fused_in_relu(h, *p):
+    return ops.branches_in_relu(h, p[:4], p[4:])
+
+
+def ref_branches(h, *p):
+    return ops.dmfb_branches_reference(h, p[:4], p[4:])
+
+
+def fused_branches(h, *p):
+    return ops.dmfb_branches(h, p[:4], p[4:])
+
+
+compiled = {}
+for dt in (torch.bfloat16, torch.float32):
+    tag = str(dt).replace("torch.", "")
+    h, ws, bs = branch_inputs(dt, seed=1)
+    leaves = [x.detach().requires_grad_() for x in [h] + ws + bs]
+    gy = cl(torch.randn(N, 4 * C, H, W, device=DEV).to(dt))
+    flop = 3 * 4 * CONV  # forward, dgrad, wgrad
+    g = f"op fwd+bwd {tag}" + (" (cudnn TF32 allowed)" if dt == torch.float32 else "")
+    record(g, "branches_in_relu eager reference (F.instance_norm)", grads(ref_in_relu, leaves, gy), flop)
+    record(g, "branches_in_relu eager reference (channels-last IN)", grads(ref_in_relu_cl, leaves, gy), flop)
+    record(g, "branches_in_relu fused", grads(fused_in_relu, leaves, gy), flop)
+    record(g, "branches eager reference", grads(ref_branches, leaves, gy), flop)
+    record(g, "branches fused", grads(fused_branches, leaves, gy), flop)
+    compiled[dt] = (g, leaves, gy, flop)
+
+# whole DMFB block, bf16 channels-last
+torch.manual_seed(2)
+blocks = {impl: DMFB(4 * C, C, impl=impl).to(DEV, torch.bfloat16).to(memory_format=torch.channels_last)
+          for impl in ("reference", "fused")}
+blocks["fused"].load_state_dict(blocks["reference"].state_dict())
+xb = cl(torch.randn(N, 4 * C, H, W, device=DEV, dtype=torch.bfloat16)).requires_grad_()
+gb = cl(torch.randn_like(xb))
+BLOCK_FLOP = 3 * (4 * CONV + 2 * N * H * W * 9 * (4 * C * C + 4 * C * 4 * C))  # c1 256->64, c2 256->256
+for impl, m in blocks.items():
+    params = [xb] + list(m.parameters())
+    record("block fwd+bwd bf16", f"DMFB {impl}", grads(lambda x, *_, m=m: m(x), params, gb), BLOCK_FLOP)
+    with torch.no_grad():
+        record("block fwd bf16", f"DMFB {impl}", lambda: m(xb), BLOCK_FLOP // 3)
+
+# ----------------------------------------------------------------------------- centroid op
+
+
+def centroid_cases():
+    for dt in (torch.bfloat16, torch.float32):
+        for layout in ("channels_last", "nchw"):
+            torch.manual_seed(3)
+            a = torch.rand(*CENTROID, device=DEV).to(dt)
+            t = torch.rand(*CENTROID, device=DEV).to(dt)
+            if layout == "channels_last":
+                a, t = cl(a), cl(t)
+            yield dt, layout, a.requires_grad_(), t
+
+
+for dt, layout, a, t in centroid_cases():
+    tag = str(dt).replace("torch.", "")
+    nbytes = 4 * a.numel() * a.element_size()  # read both maps, read f_out again, write its gradient
+    g = f"centroid fwd+bwd {tag} {layout} {list(CENTROID)}"
+    record(g, "torch formula", lambda: torch.autograd.grad(ca.centroid_align_loss_reference(a, t), a), 0, nbytes)
+    if ca.extension_available() and ca.has_kernel(DEV):
+        record(g, "extension", lambda: torch.autograd.grad(ca.centroid_align_loss(a, t, impl="fused"), a), 0, nbytes)
+    else:
+        print(f"[{g}] extension not available: {ca._ext_state.get('why')}")
+
+# ----------------------------------------------------------------------------- TMA zero fill (design question)
+
+
+def tma_zero_fill_check():
+    """Does a TMA tensor-descriptor load zero-fill a box that starts at negative coordinates (the padding
+    a TMA branch kernel would rely on)? Compares a [1, 8, 16, C] box at (0, -2, -3, 0) with a padded copy."""
+    import triton
+    import triton.language as tl
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    @triton.jit
+    def box_load(desc, out_ptr, Y0, X0, TH: tl.constexpr, TW: tl.constexpr, BC: tl.constexpr):
+        blk = desc.load([0, Y0, X0, 0]).reshape(TH * TW, BC)
+        r = tl.arange(0, TH * TW)
+        c = tl.arange(0, BC)
+        tl.store(out_ptr + r[:, None] * BC + c[None, :], blk)
+
+    x = torch.randn(1, 12, 20, 64, device=DEV, dtype=torch.bfloat16)
+    desc = TensorDescriptor.from_tensor(x, [1, 8, 16, 64])
+    out = torch.full((8 * 16, 64), float("nan"), device=DEV, dtype=torch.bfloat16)
+    box_load[(1,)](desc, out, -2, -3, TH=8, TW=16, BC=64)
+    ref = F.pad(x.permute(0, 3, 1, 2), (3, 0, 2, 0))[0, :, :8, :16].permute(1, 2, 0).reshape(128, 64)
+    return bool(torch.equal(out, ref))
+
+
+if CUDA:
+    try:
+        ok = tma_zero_fill_check()
+        row = dict(group="design", name="TMA box load zero-fills negative coordinates", result=ok)
+    except Exception as e:  # noqa: BLE001
+        row = dict(group="design", name="TMA box load zero-fills negative coordinates", error=f"{type(e).__name__}: {e}"[:500])
+    with open(LOG, "a") as f:
+        f.write(json.dumps(row) + "\n")
+    print("[design]", row, flush=True)
+
+# ----------------------------------------------------------------------------- torch.compile baselines (last: slowest)
+if CUDA and not args.no_compile:
+    for dt, (g, leaves, gy, flop) in compiled.items():
+        if dt != torch.bfloat16:
+            continue
+        c = torch.compile(ref_in_relu)
+        record(g, "branches_in_relu torch.compile(reference)", grads(c, leaves, gy), flop)
+    m = torch.compile(blocks["reference"])
+    record("block fwd+bwd bf16", "DMFB torch.compile(reference)",
+           grads(lambda x, *_: m(x), [xb] + list(blocks["reference"].parameters()), gb), BLOCK_FLOP)
+    for dt, layout, a, t in centroid_cases():
+        if layout != "channels_last":
+            continue
+        tag = str(dt).replace("torch.", "")
+        c = torch.compile(ca.centroid_align_loss_reference)
+        record(f"centroid fwd+bwd {tag} {layout} {list(CENTROID)}", "torch.compile(torch formula)",
+               lambda: torch.autograd.grad(c(a, t), a), 0, 4 * a.numel() * a.element_size())
+print("breakdown done", flush=True)
+sys.exit(0)

@@ -1,0 +1,169 @@
+"""End to end on one GPU: generator forward+backward, inference and the full training step, per variant.
+
+    python benchmarks/gpu_e2e.py OUT_DIR          # CUDA: 256x256, generator/train batch 16, inference batch 64
+    python benchmarks/gpu_e2e.py OUT_DIR --dry    # CPU, kernels interpreted, tiny sizes: checks the script
+
+Variants (benchmarks/e2e_common.py): baseline (fp32, NCHW, reference ops: the authors' setting), amp (bf16
+autocast, channels-last), amp+compile (amp with torch.compile of G), fast (amp with the fused DMFB and the
+centroid extension). Appends one JSON object per measurement to OUT_DIR/e2e.jsonl as it goes, the compiled
+variants last (their compilation is the slowest part). Times are medians of CUDA-event-timed calls after
+warm-up; the training step's MFU counts the reference model's FLOPs (torch's counter) against the datasheet
+bf16 peak; peak memory is torch's max_memory_allocated over the timed calls.
+"""
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+import traceback
+
+ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+ap.add_argument("out")
+ap.add_argument("--dry", action="store_true", help="CPU, TRITON_INTERPRET=1, tiny sizes")
+ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile variants")
+args = ap.parse_args()
+if args.dry:
+    os.environ["TRITON_INTERPRET"] = "1"
+
+import torch  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from e2e_common import VARIANTS, bf16_peak, build_training, count_flops  # noqa: E402
+
+from dmfn_fast import Generator  # noqa: E402
+
+CUDA = torch.cuda.is_available() and not args.dry
+DEV = "cuda" if CUDA else "cpu"
+SIZE, BATCH, INFER_BATCH, NF, NB, D_NF, ROUNDS, WARM = (
+    (256, 16, 64, 64, 8, 64, 10, 3) if CUDA else (32, 2, 2, 8, 1, 8, 2, 1))
+os.makedirs(args.out, exist_ok=True)
+LOG = os.path.join(args.out, "e2e.jsonl")
+torch.backends.cudnn.benchmark = True
+torch.backends.cuda.matmul.allow_tf32 = True  # as train.py
+torch.backends.cudnn.allow_tf32 = True
+
+
+def median_ms(fn, rounds=ROUNDS, warm=WARM):
+    for _ in range(warm):
+        fn()
+    if CUDA:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        ev = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(rounds)]
+        for s, e in ev:
+            s.record()
+            fn()
+            e.record()
+        torch.cuda.synchronize()
+        return statistics.median(s.elapsed_time(e) for s, e in ev), torch.cuda.max_memory_allocated() / 2 ** 20
+    ts = []
+    for _ in range(rounds):
+        t = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t)
+    return statistics.median(ts) * 1e3, None
+
+
+def record(case, variant, fn, flop=0, images=0, rounds=ROUNDS):
+    row = dict(case=case, variant=variant, device=torch.cuda.get_device_name() if CUDA else "cpu (dry)")
+    try:
+        t0 = time.perf_counter()
+        ms, peak = median_ms(fn, rounds)
+        row.update(ms=ms, peak_mem_mib=peak, wall_s_incl_warmup=time.perf_counter() - t0)
+        if images:
+            row["images_per_s"] = images / ms * 1e3
+        if flop:
+            row["tflops"] = flop / ms / 1e9
+            if bf16_peak(DEV):
+                row["mfu_pct"] = 100 * row["tflops"] / bf16_peak(DEV)
+    except Exception as e:  # noqa: BLE001: one failed variant must not stop the others
+        row["error"] = f"{type(e).__name__}: {e}"[:500]
+        traceback.print_exc()
+    with open(LOG, "a") as f:
+        f.write(json.dumps(row) + "\n")
+    msg = f"{row['ms']:9.3f} ms" if "ms" in row else "ERROR " + row["error"][:200]
+    extra = "".join(f"  {k}={row[k]:.4g}" for k in ("images_per_s", "tflops", "mfu_pct", "peak_mem_mib",
+                                                       "wall_s_incl_warmup") if row.get(k) is not None)
+    print(f"[{case}] {variant}: {msg}{extra}", flush=True)
+
+
+def generator(variant):
+    dtype, channels_last, impl, compile_ = VARIANTS[variant]
+    torch.manual_seed(0)
+    G = Generator(nf=NF, n_blocks=NB, impl=impl).to(DEV)
+    mf = torch.channels_last if channels_last else torch.contiguous_format
+    G = G.to(memory_format=mf)
+    return G, (torch.compile(G) if compile_ else G), dtype, mf
+
+
+def gen_input(batch, mf):
+    torch.manual_seed(1)
+    img = torch.rand(batch, 3, SIZE, SIZE, device=DEV) * 2 - 1
+    mask = (torch.rand(batch, 1, SIZE, SIZE, device=DEV) > 0.5).float()
+    return torch.cat([img * (1 - mask), mask], 1).contiguous(memory_format=mf)
+
+
+def autocast(dtype):
+    return torch.autocast(DEV, dtype=dtype or torch.float32, enabled=dtype is not None)
+
+
+def gen_fwd_bwd(variant):
+    G, fwd, dtype, mf = generator(variant)
+    x = gen_input(BATCH, mf)
+
+    def step():
+        with autocast(dtype):
+            y = fwd(x)
+        y.float().sum().backward()
+        for p in G.parameters():
+            p.grad = None
+    return G, x, step
+
+
+def inference(variant):
+    G, fwd, dtype, mf = generator(variant)
+    G.eval()
+    x = gen_input(INFER_BATCH, mf)
+
+    def run():
+        with torch.no_grad(), autocast(dtype):
+            return fwd(x)
+    return run
+
+
+gflop = {}
+
+
+def main():
+    G, x, _ = gen_fwd_bwd("baseline")
+    gflop["gen_fwd"] = count_flops(lambda: G(x))
+    del G, x
+    eager = [v for v in ("fast", "amp", "baseline") if v in VARIANTS]
+    for v in eager:
+        _, _, step = gen_fwd_bwd(v)
+        record(f"generator fwd+bwd {SIZE}px batch {BATCH}", v, step, 3 * gflop["gen_fwd"])
+    for v in ("fast", "amp"):
+        record(f"inference {SIZE}px batch {INFER_BATCH}", v, inference(v),
+               gflop["gen_fwd"] * INFER_BATCH // BATCH, images=INFER_BATCH)
+    step = build_training("baseline", SIZE, BATCH, NF, NB, D_NF, DEV)
+    gflop["train"] = count_flops(step)
+    del step
+    for v in eager:
+        step = build_training(v, SIZE, BATCH, NF, NB, D_NF, DEV)
+        record(f"train step {SIZE}px batch {BATCH}", v, step, gflop["train"], images=BATCH)
+        del step
+    if CUDA and not args.no_compile:
+        _, _, step = gen_fwd_bwd("amp+compile")
+        record(f"generator fwd+bwd {SIZE}px batch {BATCH}", "amp+compile", step, 3 * gflop["gen_fwd"])
+        del step
+        step = build_training("amp+compile", SIZE, BATCH, NF, NB, D_NF, DEV)
+        record(f"train step {SIZE}px batch {BATCH}", "amp+compile", step, gflop["train"], images=BATCH)
+        del step
+        record(f"inference {SIZE}px batch {INFER_BATCH}", "amp+compile", inference("amp+compile"),
+               gflop["gen_fwd"] * INFER_BATCH // BATCH, images=INFER_BATCH)
+    print("e2e done", flush=True)
+
+
+if __name__ == "__main__":
+    main()

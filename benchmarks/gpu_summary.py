@@ -1,0 +1,108 @@
+"""OUT/breakdown.jsonl + OUT/e2e.jsonl -> OUT/summary.json (card, versions, the ratios issue targets are
+stated in) and OUT/summary.md (every row as a table). A ratio is baseline time / fast time (> 1: fast wins),
+or null where either side was not measured.
+
+    python benchmarks/gpu_summary.py OUT_DIR
+"""
+import datetime
+import json
+import os
+import sys
+
+
+def load(path):
+    if not os.path.exists(path):
+        return []
+    rows = []
+    for line in open(path):
+        try:
+            rows.append(json.loads(line))
+        except ValueError:  # a line cut off by a timeout
+            pass
+    return rows
+
+
+def main(out):
+    bd, e2e = load(os.path.join(out, "breakdown.jsonl")), load(os.path.join(out, "e2e.jsonl"))
+
+    def ms(group_prefix, name, rows=bd, key="name", gkey="group"):
+        hits = [r["ms"] for r in rows if r.get(gkey, "").startswith(group_prefix) and r.get(key) == name and "ms" in r]
+        return min(hits) if hits else None
+
+    def ratio(a, b):
+        return round(a / b, 3) if a and b else None
+
+    def first(*xs):
+        xs = [x for x in xs if x]
+        return min(xs) if xs else None
+
+    op = "op fwd+bwd bfloat16"
+    eager_in = first(ms(op, "branches_in_relu eager reference (F.instance_norm)"),
+                     ms(op, "branches_in_relu eager reference (channels-last IN)"))
+    fused_in = ms(op, "branches_in_relu fused")
+    op32 = "op fwd+bwd float32"
+    eager32 = first(ms(op32, "branches_in_relu eager reference (F.instance_norm)"),
+                    ms(op32, "branches_in_relu eager reference (channels-last IN)"))
+
+    def e(case, variant, field="ms"):
+        hits = [r.get(field) for r in e2e if r.get("case", "").startswith(case) and r.get("variant") == variant]
+        return hits[0] if hits else None
+
+    def cen(dt):
+        g = f"centroid fwd+bwd {dt} channels_last"
+        return ratio(ms(g, "torch formula"), ms(g, "extension"))
+
+    ratios = {
+        "branch_in_relu_fwd_bwd_vs_eager": ratio(eager_in, fused_in),
+        "branch_in_relu_fwd_bwd_vs_compile": ratio(ms(op, "branches_in_relu torch.compile(reference)"), fused_in),
+        "branch_in_relu_fwd_bwd_fp32_vs_eager": ratio(eager32, ms(op32, "branches_in_relu fused")),
+        "dmfb_fwd_bwd_vs_eager": ratio(ms("block fwd+bwd", "DMFB reference"), ms("block fwd+bwd", "DMFB fused")),
+        "dmfb_fwd_bwd_vs_compile": ratio(ms("block fwd+bwd", "DMFB torch.compile(reference)"),
+                                         ms("block fwd+bwd", "DMFB fused")),
+        "generator_fwd_bwd_fast_vs_amp_compile": ratio(e("generator", "amp+compile"), e("generator", "fast")),
+        "generator_fwd_bwd_fast_vs_amp": ratio(e("generator", "amp"), e("generator", "fast")),
+        "train_step_fast_vs_amp": ratio(e("train step", "amp"), e("train step", "fast")),
+        "train_step_fast_vs_amp_compile": ratio(e("train step", "amp+compile"), e("train step", "fast")),
+        "train_step_fast_vs_baseline": ratio(e("train step", "baseline"), e("train step", "fast")),
+        "train_step_mfu": e("train step", "fast", "mfu_pct"),
+        "train_step_peak_mem_fast_vs_amp": ratio(e("train step", "fast", "peak_mem_mib"),
+                                                 e("train step", "amp", "peak_mem_mib")),
+        "centroid_fwd_bwd_vs_torch_bf16": cen("bfloat16"),
+        "centroid_fwd_bwd_vs_torch_fp32": cen("float32"),
+        "inference_img_s_256_b64_bf16": e("inference", "fast", "images_per_s"),
+    }
+    devices = {r.get("device") for r in bd + e2e if r.get("device")}
+    ceil = next((r for r in bd if r.get("group") == "ceilings"), {})
+    env = open(os.path.join(out, "env.txt")).read() if os.path.exists(os.path.join(out, "env.txt")) else ""
+    summary = dict(card=sorted(devices), date=datetime.date.today().isoformat(), env=env.strip(),
+                   ceilings={k: ceil.get(k) for k in ("copy_tbs", "bf16_tflops")}, ratios=ratios,
+                   breakdown=bd, e2e=e2e)
+    with open(os.path.join(out, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=1)
+
+    lines = [f"card: {', '.join(sorted(devices)) or 'none'}; ceilings measured: {summary['ceilings']}", "",
+             "| ratio | value |", "|---|---|"]
+    lines += [f"| {k} | {v} |" for k, v in ratios.items()]
+    lines += ["", "| group | name | ms | TFLOP/s | % bf16 peak | TB/s | % copy BW |", "|---|---|---|---|---|---|---|"]
+
+    def f(r, k, fmt):
+        return fmt.format(r[k]) if isinstance(r.get(k), (int, float)) else ""
+    for r in bd:
+        if r.get("group") == "ceilings":
+            continue
+        cell = f(r, "ms", "{:.4f}") or "ERROR: " + r.get("error", "")[:80]
+        lines.append(f"| {r['group']} | {r['name']} | {cell} | {f(r, 'tflops', '{:.1f}')} | "
+                     f"{f(r, 'pct_bf16_peak', '{:.0f}')} | {f(r, 'tbs', '{:.2f}')} | {f(r, 'pct_copy_bw', '{:.0f}')} |")
+    lines += ["", "| case | variant | ms | images/s | TFLOP/s | MFU % | peak MiB |", "|---|---|---|---|---|---|---|"]
+    for r in e2e:
+        cell = f(r, "ms", "{:.3f}") or "ERROR: " + r.get("error", "")[:80]
+        lines.append(f"| {r['case']} | {r['variant']} | {cell} | {f(r, 'images_per_s', '{:.0f}')} | "
+                     f"{f(r, 'tflops', '{:.1f}')} | {f(r, 'mfu_pct', '{:.1f}')} | {f(r, 'peak_mem_mib', '{:.0f}')} |")
+    text = "\n".join(lines) + "\n"
+    with open(os.path.join(out, "summary.md"), "w") as fh:
+        fh.write(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1] if len(sys.argv) > 1 else "out")
