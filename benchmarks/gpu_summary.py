@@ -1,6 +1,7 @@
 """OUT/breakdown.jsonl + OUT/e2e.jsonl -> OUT/summary.json (card, versions, the ratios issue targets are
 stated in) and OUT/summary.md (every row as a table). A ratio is baseline time / fast time (> 1: fast wins),
-or null where either side was not measured.
+or null where either side was not measured. `ratios` use the time per call as a user sees it (do_bench
+median, host overhead included where the host falls behind); `ratios_gpu_time` the kernels' own time.
 
     python benchmarks/gpu_summary.py OUT_DIR
 """
@@ -25,8 +26,9 @@ def load(path):
 def main(out):
     bd, e2e = load(os.path.join(out, "breakdown.jsonl")), load(os.path.join(out, "e2e.jsonl"))
 
-    def ms(group_prefix, name, rows=bd, key="name", gkey="group"):
-        hits = [r["ms"] for r in rows if r.get(gkey, "").startswith(group_prefix) and r.get(key) == name and "ms" in r]
+    def ms(group_prefix, name, field="ms"):
+        hits = [r[field] for r in bd if r.get("group", "").startswith(group_prefix) and r.get("name") == name
+                and field in r]
         return min(hits) if hits else None
 
     def ratio(a, b):
@@ -36,13 +38,19 @@ def main(out):
         xs = [x for x in xs if x]
         return min(xs) if xs else None
 
-    op = "op fwd+bwd bfloat16"
-    eager_in = first(ms(op, "branches_in_relu eager reference (F.instance_norm)"),
-                     ms(op, "branches_in_relu eager reference (channels-last IN)"))
-    fused_in = ms(op, "branches_in_relu fused")
-    op32 = "op fwd+bwd float32"
-    eager32 = first(ms(op32, "branches_in_relu eager reference (F.instance_norm)"),
-                    ms(op32, "branches_in_relu eager reference (channels-last IN)"))
+    op, op32, blk = "op fwd+bwd bfloat16", "op fwd+bwd float32", "block fwd+bwd"
+    eager = "branches_in_relu eager reference (F.instance_norm)", "branches_in_relu eager reference (channels-last IN)"
+    per_call, gpu = {}, {}
+    for field, out_ in (("ms", per_call), ("gpu_ms", gpu)):
+        fused_in = ms(op, "branches_in_relu fused", field)
+        out_["branch_in_relu_fwd_bwd_vs_eager"] = ratio(first(*(ms(op, n, field) for n in eager)), fused_in)
+        out_["branch_in_relu_fwd_bwd_vs_compile"] = ratio(ms(op, "branches_in_relu torch.compile(reference)", field),
+                                                          fused_in)
+        out_["branch_in_relu_fwd_bwd_fp32_vs_eager"] = ratio(first(*(ms(op32, n, field) for n in eager)),
+                                                             ms(op32, "branches_in_relu fused", field))
+        out_["dmfb_fwd_bwd_vs_eager"] = ratio(ms(blk, "DMFB reference", field), ms(blk, "DMFB fused", field))
+        out_["dmfb_fwd_bwd_vs_compile"] = ratio(ms(blk, "DMFB torch.compile(reference)", field),
+                                                ms(blk, "DMFB fused", field))
 
     def e(case, variant, field="ms"):
         hits = [r.get(field) for r in e2e if r.get("case", "").startswith(case) and r.get("variant") == variant]
@@ -53,12 +61,7 @@ def main(out):
         return ratio(ms(g, "torch formula"), ms(g, "extension"))
 
     ratios = {
-        "branch_in_relu_fwd_bwd_vs_eager": ratio(eager_in, fused_in),
-        "branch_in_relu_fwd_bwd_vs_compile": ratio(ms(op, "branches_in_relu torch.compile(reference)"), fused_in),
-        "branch_in_relu_fwd_bwd_fp32_vs_eager": ratio(eager32, ms(op32, "branches_in_relu fused")),
-        "dmfb_fwd_bwd_vs_eager": ratio(ms("block fwd+bwd", "DMFB reference"), ms("block fwd+bwd", "DMFB fused")),
-        "dmfb_fwd_bwd_vs_compile": ratio(ms("block fwd+bwd", "DMFB torch.compile(reference)"),
-                                         ms("block fwd+bwd", "DMFB fused")),
+        **per_call,
         "generator_fwd_bwd_fast_vs_amp_compile": ratio(e("generator", "amp+compile"), e("generator", "fast")),
         "generator_fwd_bwd_fast_vs_amp": ratio(e("generator", "amp"), e("generator", "fast")),
         "train_step_fast_vs_amp": ratio(e("train step", "amp"), e("train step", "fast")),
@@ -70,12 +73,14 @@ def main(out):
         "centroid_fwd_bwd_vs_torch_bf16": cen("bfloat16"),
         "centroid_fwd_bwd_vs_torch_fp32": cen("float32"),
         "inference_img_s_256_b64_bf16": e("inference", "fast", "images_per_s"),
+        "inference_img_s_256_b64_bf16_amp_compile": e("inference", "amp+compile", "images_per_s"),
     }
     devices = {r.get("device") for r in bd + e2e if r.get("device")}
     ceil = next((r for r in bd if r.get("group") == "ceilings"), {})
     env = open(os.path.join(out, "env.txt")).read() if os.path.exists(os.path.join(out, "env.txt")) else ""
     summary = dict(card=sorted(devices), date=datetime.date.today().isoformat(), env=env.strip(),
                    ceilings={k: ceil.get(k) for k in ("copy_tbs", "bf16_tflops")}, ratios=ratios,
+                   ratios_gpu_time=gpu,
                    breakdown=bd, e2e=e2e)
     with open(os.path.join(out, "summary.json"), "w") as f:
         json.dump(summary, f, indent=1)
@@ -83,15 +88,21 @@ def main(out):
     lines = [f"card: {', '.join(sorted(devices)) or 'none'}; ceilings measured: {summary['ceilings']}", "",
              "| ratio | value |", "|---|---|"]
     lines += [f"| {k} | {v} |" for k, v in ratios.items()]
-    lines += ["", "| group | name | ms | TFLOP/s | % bf16 peak | TB/s | % copy BW |", "|---|---|---|---|---|---|---|"]
+    lines += ["", "Same ratios in GPU time (kernels only, torch.profiler):", "", "| ratio | value |", "|---|---|"]
+    lines += [f"| {k} | {v} |" for k, v in gpu.items()]
+    lines += ["", "ms: do_bench median per call (host-bound when launches cannot keep ahead); GPU ms: the kernels' "
+              "own time per call (torch.profiler); rates use GPU ms where measured.", "",
+              "| group | name | ms | GPU ms | TFLOP/s | % bf16 peak | TB/s | % copy BW |",
+              "|---|---|---|---|---|---|---|---|"]
 
     def f(r, k, fmt):
         return fmt.format(r[k]) if isinstance(r.get(k), (int, float)) else ""
     for r in bd:
         if r.get("group") == "ceilings":
             continue
-        cell = f(r, "ms", "{:.4f}") or "ERROR: " + r.get("error", "")[:80]
-        lines.append(f"| {r['group']} | {r['name']} | {cell} | {f(r, 'tflops', '{:.1f}')} | "
+        cell = f(r, "ms", "{:.4f}") or ("result: " + str(r["result"]) if "result" in r else
+                                         "ERROR: " + r.get("error", "")[:80])
+        lines.append(f"| {r['group']} | {r['name']} | {cell} | {f(r, 'gpu_ms', '{:.4f}')} | {f(r, 'tflops', '{:.1f}')} | "
                      f"{f(r, 'pct_bf16_peak', '{:.0f}')} | {f(r, 'tbs', '{:.2f}')} | {f(r, 'pct_copy_bw', '{:.0f}')} |")
     lines += ["", "| case | variant | ms | images/s | TFLOP/s | MFU % | peak MiB |", "|---|---|---|---|---|---|---|"]
     for r in e2e:

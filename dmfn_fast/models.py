@@ -53,7 +53,7 @@ class DMFB(nn.Module):
 
     def forward(self, x):
         ok, why = _dmfb_ops.can_fuse(x)
-        if use_fast(self.impl, ok, why):
+        if use_fast(self.impl, ok, why) and (self.impl == "fused" or _dmfb_ops.auto_prefers_fused(x)):
             return _dmfb_ops.dmfb_fused(self, x)
         return self.forward_reference(x)
 

@@ -379,6 +379,20 @@ def can_fuse(x: torch.Tensor):
     return True, ""
 
 
+def auto_prefers_fused(x: torch.Tensor) -> bool:
+    """The `impl="auto"` rule, from benchmarks/RESULTS.md (H200, N=16, 64x64, C=64, forward+backward):
+    - fp16/bf16 (including autocast to them): fused. GPU time of one DMFB 1.40 ms against cuDNN's 2.63
+      and torch.compile's 1.53; the bf16 generator forward+backward 1.25x eager amp.
+    - fp32: reference. The fp32 kernels use IEEE dots (no tensor cores) and took 3.48 ms of GPU time
+      for the branch op against cuDNN's 1.38 (TF32 allowed). impl="fused" still runs them.
+    The dtype that counts is the one the kernels would run in: autocast's when it is on for the device."""
+    dtype = x.dtype
+    dev = x.device.type
+    if dev in ("cuda", "cpu") and torch.is_autocast_enabled(dev):
+        dtype = torch.get_autocast_dtype(dev)
+    return dtype in (torch.float16, torch.bfloat16)
+
+
 def dmfb_fused(block, x: torch.Tensor) -> torch.Tensor:
     """DMFB.forward_reference with the branch part and all three instance norms in Triton;
     c1 and c2 stay cuDNN convolutions. Under autocast every kernel runs in the dtype of c1's output."""
