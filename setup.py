@@ -1,10 +1,12 @@
 """Install with torch already present: pip install --no-build-isolation -e .
+(--no-build-isolation lets the build see that torch; pyproject.toml names only the build backend.)
 
 Builds the C++ extension dmfn_fast._C (CPU kernels always; CUDA kernels too when
 torch has CUDA and a CUDA toolkit is found). DMFN_NO_EXT=1 skips the build; the
 package then JIT-builds on first use or falls back to the PyTorch reference.
 """
 import os
+import sys
 
 from setuptools import setup
 
@@ -15,7 +17,10 @@ def extension_modules():
     try:
         import torch
         from torch.utils import cpp_extension
-    except ImportError:  # plain `pip install` without torch first: no extension
+    except ImportError:  # an isolated build, or torch not installed yet: say so, build the rest
+        print("\n*** dmfn-fast: torch is not importable in this build, so the C++ extension dmfn_fast._C is\n"
+              "*** NOT built (the centroid loss then JIT-compiles on first use or uses PyTorch). Install torch\n"
+              "*** first, then: pip install --no-build-isolation -e .\n", file=sys.stderr)
         return [], {}
     sources = ["csrc/centroid_align.cpp"]
     cxx = ["-O3", "-g0", "-fopenmp", "-DDMFN_PY_MODULE"]  # -g0: Python's CFLAGS add -g, slow to build

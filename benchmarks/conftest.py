@@ -1,10 +1,14 @@
-"""Shared benchmark settings. DMFN_BENCH_QUICK=1 (CI) shrinks sizes and rounds so the suite never rots."""
+"""Shared benchmark settings, and the summary table printed at the end of `pytest benchmarks/`.
+
+Sizes follow the device: with CUDA the real sizes, without it tiny ones (CPU numbers only prove the harness
+runs). DMFN_BENCH_QUICK=1 forces the tiny sizes on CUDA too."""
 import os
 
 import pytest
 import torch
 
-QUICK = os.environ.get("DMFN_BENCH_QUICK", "") not in ("", "0")
+QUICK = os.environ.get("DMFN_BENCH_QUICK", "") not in ("", "0") or not torch.cuda.is_available()
+_RESULTS = []  # (group, variant, median s, extra_info) of every benchmark that ran
 
 
 @pytest.fixture(scope="session")
@@ -20,3 +24,37 @@ def cuda_or_skip():
 def sync(device):
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize()
+
+
+@pytest.fixture(autouse=True)
+def _collect_result(request):
+    """After each benchmark, keep its group, variant and median for the summary table."""
+    yield
+    bm = request.node.funcargs.get("benchmark")
+    stats = getattr(getattr(bm, "stats", None), "stats", None)
+    if stats is None:
+        return
+    info = dict(bm.extra_info)
+    variant = info.get("variant") or info.get("impl") or request.node.callspec.id
+    _RESULTS.append((bm.group or request.node.originalname, variant, stats.median, info))
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_terminal_summary(terminalreporter):
+    """Each group's variants side by side: median, and speedup over the group's reference/baseline/amp."""
+    if not _RESULTS:
+        return
+    tr = terminalreporter
+    tr.section("dmfn-fast benchmark summary (medians; CPU rows prove the harness, not speed)")
+    groups = {}
+    for group, variant, med, info in _RESULTS:
+        groups.setdefault(group, {})[variant] = (med, info)
+    for group in sorted(groups):
+        vs = groups[group]
+        base_name = next((b for b in ("reference", "baseline", "amp") if b in vs), None)
+        base = vs[base_name][0] if base_name else None
+        for variant, (med, info) in sorted(vs.items(), key=lambda kv: -kv[1][0]):
+            cuda_ms = info.get("cuda_median_ms")
+            extra = f"  CUDA median {cuda_ms:.3f} ms" if cuda_ms else ""
+            speed = f"  {base / med:5.2f}x vs {base_name}" if base and variant != base_name else ""
+            tr.write_line(f"{group[:58]:58s} {str(variant)[:14]:14s} {med * 1e3:10.3f} ms{speed}{extra}")

@@ -6,8 +6,8 @@ On CUDA each case also records, in extra_info, the CUDA-timed median (triton.tes
 warm-up, so autotuning is excluded) and the peak memory of one call, and prints a summary line; the
 branch forward also prints its time as a percentage of the copy-bandwidth bound (read h + write the
 cat once at the measured device-to-device copy bandwidth).
-Without CUDA the fused cases skip and the reference cases run in fp32 on CPU (tiny sizes with
-DMFN_BENCH_QUICK=1).
+Without CUDA the fused cases skip and the reference cases run in fp32 on CPU at tiny sizes (also on CUDA
+with DMFN_BENCH_QUICK=1).
 """
 import pytest
 import torch

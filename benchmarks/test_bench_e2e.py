@@ -1,8 +1,8 @@
-"""End-to-end: generator inference and one full training step, in the four variants of one run:
+"""End-to-end: generator inference and one full training step, in the variants of one run:
 baseline (fp32, NCHW, reference ops, as the authors), amp (bf16 autocast + channels-last), amp+compile
 (torch.compile of amp's generator), fast (amp + fused DMFB + alignment extension) and fast+compile. benchmarks/summarize.py turns the JSON into the speedup table.
 
-CUDA: 256x256, inference batch 1/16/64, training batch 16. CPU (DMFN_BENCH_QUICK=1 in CI): tiny shapes so
+CUDA: 256x256, inference batch 1/16/64, training batch 16. CPU (or DMFN_BENCH_QUICK=1): tiny shapes so
 the harness never rots; CPU numbers are CPU numbers, nothing more."""
 import pytest
 import torch
@@ -14,12 +14,10 @@ from conftest import QUICK
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
-if CUDA:
-    SIZE, INFER_BATCHES, NF, NB, ROUNDS, WARMUP = 256, (1, 16, 64), 64, 8, 20, 5
-elif QUICK:
+if QUICK:  # no CUDA, or DMFN_BENCH_QUICK=1
     SIZE, INFER_BATCHES, NF, NB, ROUNDS, WARMUP = 64, (1,), 16, 2, 3, 1
 else:
-    SIZE, INFER_BATCHES, NF, NB, ROUNDS, WARMUP = 256, (1, 4), 64, 8, 5, 1
+    SIZE, INFER_BATCHES, NF, NB, ROUNDS, WARMUP = 256, (1, 16, 64), 64, 8, 20, 5
 
 
 def _skip_unrunnable(variant):
@@ -63,7 +61,7 @@ def test_generator_inference(benchmark, variant, batch):
     assert torch.isfinite(run()).all()
 
 
-TRAIN_BATCH, TRAIN_SIZE, D_NF = (16, 256, 64) if CUDA else (2, 64, 16)
+TRAIN_BATCH, TRAIN_SIZE, D_NF = (2, 64, 16) if QUICK else (16, 256, 64)
 _train_flops = {}
 
 

@@ -196,6 +196,17 @@ def test_auto_uses_the_extension():
     assert ca.centroid_align_loss(a, b).item() == torch.ops.dmfn_fast.centroid_align_fwd(a, b)[0].item()
 
 
+@pytest.mark.skipif(os.environ.get("DMFN_NO_EXT", "") not in ("", "0"), reason="DMFN_NO_EXT=1: built without the extension")
+def test_the_install_built_the_extension():
+    """`pip install --no-build-isolation -e .` (the README's install) builds dmfn_fast._C, and the op is
+    served by it, not by the JIT build on first use (which needs a compiler and ~30 s at run time)."""
+    import importlib
+
+    importlib.import_module("dmfn_fast._C")
+    assert ca.extension_available()
+    assert ca._ext_state["source"] == "built", ca._ext_state
+
+
 def _refuse_extension():
     raise AssertionError("the extension must not be consulted")
 

@@ -46,8 +46,9 @@ def centroid_align_loss_reference(f_out: torch.Tensor, f_tgt: torch.Tensor) -> t
 
 # ---------------------------------------------------------------- extension loading
 
-# loaded: None = not tried yet, then True / False; devices: device types the op has kernels for.
-_ext_state = {"loaded": None, "why": "", "devices": ()}
+# loaded: None = not tried yet, then True / False; devices: device types the op has kernels for;
+# source: "built" (dmfn_fast._C from the install) or "jit" (compiled on first use).
+_ext_state = {"loaded": None, "why": "", "devices": (), "source": None}
 
 
 def _import_built():
@@ -83,11 +84,12 @@ def extension_available() -> bool:
     """Load the op once: built module, else JIT build, else False (with one warning)."""
     if _ext_state["loaded"] is None:
         errors = []
-        for load in (_import_built, _jit_build):
+        for source, load in (("built", _import_built), ("jit", _jit_build)):
             if _ops_registered():
                 break
             try:
                 load()
+                _ext_state["source"] = source
             except Exception as e:  # a failed build or import must not crash training
                 errors.append(f"{load.__name__}: {type(e).__name__}: {e}".splitlines()[0])
         _ext_state["loaded"] = _ops_registered()

@@ -1,0 +1,36 @@
+"""The staged GPU check cannot rot between GPU leases: its --dry mode runs every stage on the CPU (tiny
+sizes, kernels interpreted) and must write the same files, with every ratio key issue targets use."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+KEYS = ["branch_in_relu_fwd_bwd_vs_eager", "branch_in_relu_fwd_bwd_vs_compile", "dmfb_fwd_bwd_vs_eager",
+        "generator_fwd_bwd_fast_vs_amp_compile", "train_step_fast_vs_amp", "train_step_fast_vs_amp_compile",
+        "train_step_fast_vs_baseline", "train_step_mfu", "centroid_fwd_bwd_vs_torch_bf16",
+        "centroid_fwd_bwd_vs_torch_fp32", "inference_img_s_256_b64_bf16"]
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="bash script")
+def test_gpu_check_dry_run(tmp_path):
+    env = dict(os.environ, PYTHON=sys.executable)
+    env.pop("TRITON_INTERPRET", None)
+    p = subprocess.run(["bash", os.path.join(ROOT, "benchmarks", "gpu_check.sh"), "--dry", str(tmp_path)],
+                       env=env, capture_output=True, text=True, timeout=900)
+    log = (tmp_path / "log.txt").read_text() if (tmp_path / "log.txt").exists() else ""
+    assert p.returncode == 0, p.stdout[-3000:] + log[-5000:]
+    files = sorted(os.listdir(tmp_path))
+    assert len(files) <= 8, files  # what the GPU tool brings back
+    for name in ("env.txt", "stages.txt", "log.txt", "breakdown.jsonl", "e2e.jsonl", "summary.json", "summary.md"):
+        assert name in files, files
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert set(KEYS) <= set(summary["ratios"]), sorted(summary["ratios"])
+    rows = summary["breakdown"] + summary["e2e"]
+    assert rows and not [r for r in rows if "error" in r], [r for r in rows if "error" in r]
+    # Every stage ran and passed.
+    stages = (tmp_path / "stages.txt").read_text()
+    for stage in ("tests-dmfb", "tests-centroid", "breakdown", "e2e"):
+        assert f"{stage}: rc=0" in stages, stages
