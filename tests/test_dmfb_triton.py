@@ -306,6 +306,49 @@ def test_cpu_uses_reference_and_fused_refuses(monkeypatch):
         block(x)
 
 
+def test_launches_switch_to_the_inputs_gpu():
+    """Triton launches on the current device: every op body runs under the input's device (a model on
+    cuda:1 must not launch on cuda:0). Checked on fake CUDA tensors: no GPU needed."""
+    import contextlib
+
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from dmfn_fast.ops import dmfb
+
+    assert isinstance(dmfb._device_of(torch.zeros(1)), contextlib.nullcontext)
+
+    class Real(torch.Tensor):  # a tensor that reports cuda:1 without being fake
+        @property
+        def device(self):
+            return torch.device("cuda", 1)
+
+    ctx = dmfb._device_of(torch.zeros(1).as_subclass(Real))
+    assert isinstance(ctx, torch.cuda.device) and ctx.idx == 1
+    with FakeTensorMode():  # fake tensors (tracing): no device switch
+        assert isinstance(dmfb._device_of(torch.empty(1, device="cuda:1")), contextlib.nullcontext)
+    # The wrapper keeps the signature the op schema is inferred from.
+    import inspect
+
+    assert inspect.signature(dmfb._on_input_device(dmfb._branches_fn)) == inspect.signature(dmfb._branches_fn)
+
+
+def test_packed_weights_cached_only_without_autograd():
+    from dmfn_fast.ops import dmfb
+
+    torch.manual_seed(0)
+    ws = [torch.randn(8, 8, 3, 3, requires_grad=True) for _ in range(4)]
+    bs = [torch.randn(8, requires_grad=True) for _ in range(4)]
+    with torch.no_grad():
+        a = dmfb.pack_branches(ws, bs, torch.float32)
+        assert dmfb.pack_branches(ws, bs, torch.float32)[0] is a[0]  # cached
+        ws[2].add_(1.0)  # an optimizer step bumps the version: repacked, with the new values
+        c = dmfb.pack_branches(ws, bs, torch.float32)
+    assert c[0] is not a[0] and torch.equal(c[0][2, 4], ws[2][:, :, 1, 1].t())
+    w1, _ = dmfb.pack_branches(ws, bs, torch.float32)  # autograd on: fresh, differentiable
+    w2, _ = dmfb.pack_branches(ws, bs, torch.float32)
+    assert w1 is not w2 and w1.requires_grad
+
+
 def test_auto_rule_follows_the_benchmarks(monkeypatch):
     """impl="auto" runs the fused DMFB only in fp16/bf16 (autocast included): the fp32 kernels were
     measured 2.5x slower than cuDNN on an H200 (benchmarks/RESULTS.md). impl="fused" still forces them."""

@@ -8,6 +8,8 @@ Weights are packed as w[j, 3*ky + kx, ci, co] (`pack_branches`). Activations are
 NCHW inputs are converted. The fused DMFB saves h, the pre-norm c1/c2 outputs and the block's
 tensors the convolutions keep anyway; never d1..d4 or the cat (the backward recomputes the cat).
 """
+import contextlib
+import functools
 import os
 from typing import Optional
 
@@ -107,6 +109,11 @@ def _zeros32(*shape, like):
     return torch.zeros(shape, device=like.device, dtype=torch.float32)
 
 
+def _cdiv(a, b):
+    # Plain integer math: triton.cdiv is a ConstexprFunction in Triton >= 3.7, ~15 us a host call.
+    return -(-a // b)
+
+
 def _branches_forward(h, w, b, dil, stats, grad=None):
     """Launch the branch kernel. grad=None: returns (cat, sum, sumsq) (sums only with stats).
     grad=(dt, mean, rstd, sa, sb): returns the suffix sums G of dk (MODE 1)."""
@@ -116,7 +123,7 @@ def _branches_forward(h, w, b, dil, stats, grad=None):
     s = _zeros32(N, 4 * C if stats else 1, like=h)
     ss = _zeros32(N, 4 * C if stats else 1, like=h)
     dt, mean, rstd, sa, sb = grad if grad is not None else (s, s, s, s, s)
-    grid = lambda META: (N * triton.cdiv(H * W, META["BLOCK_P"]), triton.cdiv(C, META["BLOCK_N"]))  # noqa: E731
+    grid = lambda META: (N * _cdiv(H * W, META["BLOCK_P"]), _cdiv(C, META["BLOCK_N"]))  # noqa: E731
     _kernel(kern, h)[grid](
         h, w, b, out, s, ss, dt, mean, rstd, sa, sb, H, W, C,
         D1=dil[0], D2=dil[1], D3=dil[2], D4=dil[3], MODE=0 if grad is None else 1, STATS=stats, **kw)
@@ -127,7 +134,7 @@ def _branches_dgrad(w, G, dil, like):
     """dh from the suffix sums G = [G_1..G_4]; `like` is h (shape, dtype, device)."""
     N, C, H, W = like.shape
     dh = _empty_cl(N, C, H, W, like)
-    grid = lambda META: (N * triton.cdiv(H * W, META["BLOCK_P"]), triton.cdiv(C, META["BLOCK_N"]))  # noqa: E731
+    grid = lambda META: (N * _cdiv(H * W, META["BLOCK_P"]), _cdiv(C, META["BLOCK_N"]))  # noqa: E731
     kern, kw = _conv_kernel("dgrad", like.dtype, H * W, C)
     _kernel(kern, like)[grid](G, w, dh, H, W, C, D1=dil[0], D2=dil[1], D3=dil[2], D4=dil[3], **kw)
     return dh
@@ -143,11 +150,11 @@ def _branches_wgrad(h, G, dil):
     # Split the pixel reduction into about 28 runs per (branch, tap): ~1000 programs on a big input
     # (one run under the interpreter). The run length is a multiple of every config's BLOCK_P.
     unit, runs = (kw["BLOCK_P"], 1) if INTERPRET else (128, 28)
-    pix_per_split = unit * max(1, triton.cdiv(triton.cdiv(NP, unit), runs))
+    pix_per_split = unit * max(1, _cdiv(_cdiv(NP, unit), runs))
 
     def wgrid(META):
-        tiles_c = triton.cdiv(C, META["BLOCK_CI"]) * triton.cdiv(C, META["BLOCK_CO"])
-        return (triton.cdiv(NP, pix_per_split), 36, tiles_c)
+        tiles_c = _cdiv(C, META["BLOCK_CI"]) * _cdiv(C, META["BLOCK_CO"])
+        return (_cdiv(NP, pix_per_split), 36, tiles_c)
 
     _kernel(kern, h)[wgrid](h, G, dw, db, NP, H, W, C, pix_per_split, D1=dil[0], D2=dil[1], D3=dil[2], D4=dil[3], **kw)
     return dw, db
@@ -163,12 +170,12 @@ def _suffix(g):
     out = torch.empty_like(g)
     NP = N * H * W
     C = C4 // 4
-    _kernel(_kb.suffix_sum, g)[(triton.cdiv(NP, 64), triton.cdiv(C, 64))](g, out, NP, C, BLOCK_P=64, BLOCK_C=64)
+    _kernel(_kb.suffix_sum, g)[(_cdiv(NP, 64), _cdiv(C, 64))](g, out, NP, C, BLOCK_P=64, BLOCK_C=64)
     return out
 
 
 def _in_grid(N, C, H, W):
-    return (N * triton.cdiv(H * W, _kn.BLOCK_P), triton.cdiv(C, _kn.BLOCK_C))
+    return (N * _cdiv(H * W, _kn.BLOCK_P), _cdiv(C, _kn.BLOCK_C))
 
 
 def _in_forward(x, shift, s, ss, res, relu, out_dtype):
@@ -197,10 +204,29 @@ def _in_backward_sums(dy, x, mean, rstd, relu, from_y):
 # ----------------------------------------------------------------------------- custom ops
 
 
+def _device_of(t: torch.Tensor):
+    """The context that makes t's GPU the current one: Triton launches on the current device, so a model on
+    cuda:1 would otherwise launch on cuda:0 with cuda:1 pointers."""
+    from torch._subclasses.fake_tensor import is_fake
+
+    real_cuda = t.device.type == "cuda" and not is_fake(t) and not torch.compiler.is_compiling()
+    return torch.cuda.device(t.device) if real_cuda else contextlib.nullcontext()
+
+
+def _on_input_device(fn):
+    @functools.wraps(fn)  # keeps the signature: torch.library infers the op schema from it
+    def run(*args, **kwargs):
+        with _device_of(args[0]):
+            return fn(*args, **kwargs)
+    return run
+
+
+
 def _define(name, fn, backward=None, setup_context=None):
     """The op `dmfn_fast::name`: a triton_op, or else an opaque custom_op whose fake impl is `fn`
     itself (its launches skip fake tensors)."""
     qualname = f"dmfn_fast::{name}"
+    fn = _on_input_device(fn)
     if _USE_TRITON_OP:
         op = torch.library.triton_op(qualname, fn, mutates_args=())
     else:
@@ -321,10 +347,26 @@ def triton_unavailable_reason():
 
 
 def pack_branches(weights, biases, dtype):
-    """Four [C, C, 3, 3] weights and [C] biases -> (w [4, 9, C, C] as (tap, ci, co), b [4, C]), in `dtype`."""
+    """Four [C, C, 3, 3] weights and [C] biases -> (w [4, 9, C, C] as (tap, ci, co), b [4, C]), in `dtype`.
+    Without autograd (inference) the result is cached until a weight or bias changes (tensor versions)."""
+    params = list(weights) + list(biases)
+    cacheable = not torch.is_grad_enabled() or not any(p.requires_grad for p in params)
+    if cacheable and not torch.compiler.is_compiling():
+        key = (dtype,) + tuple((id(p), p._version, p.data_ptr()) for p in params)
+        hit = _PACKED.get(key)
+        if hit is not None:
+            return hit
     w = torch.stack(list(weights)).permute(0, 3, 4, 2, 1)
     C = w.shape[-1]
-    return w.reshape(4, 9, w.shape[-2], C).to(dtype).contiguous(), torch.stack(list(biases)).to(dtype)
+    packed = w.reshape(4, 9, w.shape[-2], C).to(dtype).contiguous(), torch.stack(list(biases)).to(dtype)
+    if cacheable and not torch.compiler.is_compiling():
+        if len(_PACKED) >= 64:  # a model's worth of blocks; drop the oldest beyond that
+            _PACKED.pop(next(iter(_PACKED)))
+        _PACKED[key] = packed
+    return packed
+
+
+_PACKED = {}
 
 
 def _check_branches(h, weights, biases, dilations):
