@@ -67,7 +67,9 @@ def build_parser():
     a("--compile", action="store_true", help="torch.compile the generator")
     a("--impl", choices=("auto", "reference", "fused"), default="auto", help="DMFB / alignment loss kernels")
     a("--seed", type=int, default=0)
-    a("--deterministic", action="store_true", help="deterministic kernels (slower on CUDA)")
+    a("--deterministic", action="store_true",
+      help="deterministic kernels (slower on CUDA); the DMFB then uses its PyTorch reference, since the fused "
+           "kernels sum with atomics (with --impl fused this is an error)")
     a("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     a("--workers", type=int, help="data loader processes per rank (CUDA: 4; CPU: 0)")
     a("--vgg-weights", default="auto", help="torchvision vgg19 .pth (auto: DMFN_VGG19_WEIGHTS, hub cache, download)")

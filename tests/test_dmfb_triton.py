@@ -332,6 +332,32 @@ def test_launches_switch_to_the_inputs_gpu():
     assert inspect.signature(dmfb._on_input_device(dmfb._branches_fn)) == inspect.signature(dmfb._branches_fn)
 
 
+@_NEEDS_TRITON
+def test_deterministic_mode_takes_the_reference(monkeypatch):
+    """The fused DMFB sums with atomics; under torch.use_deterministic_algorithms(True) `auto` takes the
+    reference and impl="fused" refuses, saying why."""
+    from dmfn_fast.models import DMFB
+    from dmfn_fast.ops import dmfb
+
+    monkeypatch.delenv("DMFN_IMPL", raising=False)
+    monkeypatch.setattr(dmfb, "INTERPRET", True)  # CPU tensors count as runnable: determinism decides
+    x = torch.randn(1, 32, 9, 7).bfloat16()
+    assert dmfb.can_fuse(x)[0]
+    prev = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        ok, why = dmfb.can_fuse(x)
+        assert not ok and "deterministic" in why
+        block = DMFB(32, 16).bfloat16()
+        with torch.no_grad():
+            assert torch.equal(block(x), block.forward_reference(x))
+            block.impl = "fused"
+            with pytest.raises(RuntimeError, match="deterministic"):
+                block(x)
+    finally:
+        torch.use_deterministic_algorithms(prev)
+
+
 def test_packed_weights_cached_only_without_autograd():
     from dmfn_fast.ops import dmfb
 

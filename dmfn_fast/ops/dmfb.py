@@ -418,6 +418,11 @@ def can_fuse(x: torch.Tensor):
         return False, why
     if x.dim() != 4 or x.dtype not in _FLOATS:
         return False, f"expected a float32/16/bf16 [N, C, H, W] tensor, got {x.dtype} {tuple(x.shape)}"
+    if torch.are_deterministic_algorithms_enabled():
+        # The statistics and weight gradients are summed with fp32 atomics: run to run they differ in
+        # the last bits. Deterministic mode takes the reference instead.
+        return False, ("torch.use_deterministic_algorithms(True) is on and the fused DMFB sums with atomics "
+                       "(not bit-reproducible); the reference runs instead")
     return True, ""
 
 
