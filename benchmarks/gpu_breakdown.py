@@ -190,21 +190,18 @@ for dt in (torch.bfloat16, torch.float32):
     record(g, "reference branches fwd (4 cudnn convs, adds, cat)", lambda: ops.dmfb_branches_reference(h, ws, bs),
            4 * CONV, 5 * act)
     try:
-        record(g, "fused fwd kernel", lambda: ops._branches_forward(h, w, b, DIL, stats=False), 4 * CONV, 5 * act)
-        record(g, "fused fwd kernel + IN stats", lambda: ops._branches_forward(h, w, b, DIL, stats=True),
-               4 * CONV, 5 * act)
-        k, s, ss = ops._branches_forward(h, w, b, DIL, stats=True)
-        shift = b.float().cumsum(0).reshape(1, -1).expand(N, -1).contiguous()
-        record(g, "IN apply+ReLU on the cat", lambda: ops._in_forward(k, shift, s, ss, None, True, dt), 0, 8 * act)
-        t, mean, rstd = ops._in_forward(k, shift, s, ss, None, True, dt)
+        record(g, "fused fwd kernel", lambda: ops._branches_forward(h, w, b, DIL), 4 * CONV, 5 * act)
+        k = ops._branches_forward(h, w, b, DIL)
+        record(g, "IN stats+apply+ReLU on the cat", lambda: ops._in_act_fn(k, None, True), 0, 12 * act)
+        t, mean, rstd = ops._in_act_fn(k, None, True)
         dtg = cl(torch.randn_like(t))
         record(g, "IN backward sums", lambda: ops._in_backward_sums(dtg, t, mean, rstd, relu=True, from_y=True),
                0, 8 * act)
         sa, sb = ops._in_backward_sums(dtg, t, mean, rstd, relu=True, from_y=True)
         record(g, "fused grad kernel (recompute + IN/ReLU bwd + suffix)",
-               lambda: ops._branches_forward(h, w, b, DIL, stats=False, grad=(dtg, mean, rstd, sa, sb)),
+               lambda: ops._branches_forward(h, w, b, DIL, grad=(dtg, mean, rstd, sa, sb)),
                4 * CONV, 9 * act)
-        G = ops._branches_forward(h, w, b, DIL, stats=False, grad=(dtg, mean, rstd, sa, sb))[0]
+        G = ops._branches_forward(h, w, b, DIL, grad=(dtg, mean, rstd, sa, sb))
         record(g, "suffix kernel (branches without IN)", lambda: ops._suffix(dtg), 0, 8 * act)
         record(g, "fused dgrad kernel", lambda: ops._branches_dgrad(w, G, DIL, h), 4 * CONV, 5 * act)
         record(g, "fused wgrad kernel", lambda: ops._branches_wgrad(h, G, DIL), 4 * CONV, 5 * act,

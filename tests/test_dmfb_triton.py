@@ -36,6 +36,10 @@ for _dt in ("fp32", "fp16"):
     CASES[f"in-relu-{_dt}-1x32x32-C80"] = ("instance_norm", dict(dtype=_dt, N=1, H=32, W=32, C=80,
                                                                     relu=True, res=False))
     CASES[f"branches-in-relu-{_dt}-3x13x11"] = ("branches_in_relu", dict(dtype=_dt, N=3, H=13, W=11, C=16))
+# Channel means from the input, not the biases, about 20x the spread (an offset on h, centre taps only so
+# zero padding adds no spread): the statistics must stay exact in fp32.
+CASES["branches-in-relu-fp32-offset-2x13x11"] = ("branches_in_relu", dict(dtype="fp32", N=2, H=13, W=11, C=16,
+                                                                          offset=20.0))
 CASES["dmfb-block-fp32-2x13x11"] = ("block", dict(N=2, H=13, W=11))
 CASES["dmfb-block-autocast-bf16"] = ("block_autocast", dict(N=2, H=12, W=10))
 CASES["generator-fp32-2x20x16"] = ("generator", dict(N=2, H=20, W=16))
@@ -100,14 +104,16 @@ def check_instance_norm(dtype, N, H, W, C, relu, res):
     return errs
 
 
-def check_branches_in_relu(dtype, N, H, W, C):
+def check_branches_in_relu(dtype, N, H, W, C, offset=0.0):
     import torch.nn.functional as F
 
     from dmfn_fast.ops.dmfb import branches_in_relu, dmfb_branches_reference
 
     dt = DTYPES[dtype]
-    h = torch.relu(torch.randn(N, C, H, W)).to(dt)
+    h = (torch.relu(torch.randn(N, C, H, W)) + offset).to(dt)
     ws = [(torch.randn(C, C, 3, 3) / (3 * C ** 0.5)).to(dt) for _ in range(4)]
+    if offset:
+        ws = [w * F.pad(torch.ones(1, 1), (1, 1, 1, 1)).to(dt) for w in ws]
     bs = [(3 * torch.randn(C)).to(dt) for _ in range(4)]  # channel means well above the spread
     ref_in = [_leaf(h.float())] + [_leaf(w.float()) for w in ws] + [_leaf(b.float()) for b in bs]
     # The cat rounded to the storage dtype, as the kernel stores it: otherwise ReLU's kink flips a few
