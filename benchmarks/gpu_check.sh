@@ -61,7 +61,7 @@ fi
 
 # 3. per-kernel breakdown and op baselines; 4. end to end.
 stage breakdown 150 $PY benchmarks/gpu_breakdown.py "$OUT" "${DRYFLAG[@]}"
-stage e2e 150 $PY benchmarks/gpu_e2e.py "$OUT" "${DRYFLAG[@]}"
+stage e2e 240 $PY benchmarks/gpu_e2e.py "$OUT" "${DRYFLAG[@]}"
 
 $PY benchmarks/gpu_summary.py "$OUT" >> "$LOG" 2>&1 || rc=1
 echo; echo "stages:"; cat "$OUT/stages.txt"

@@ -100,6 +100,14 @@ def test_instance_norm_parity(dtype, res):
         assert _err(rf.grad, rr.grad) <= TOL[dtype]
 
 
+def test_opcheck_every_op_on_cuda():
+    """torch.library.opcheck of every DMFB op (triton_op on CUDA), as test_dmfb_triton does under the
+    interpreter."""
+    from test_dmfb_triton import check_opcheck
+
+    assert len(check_opcheck(2, 7, 5, 16, device="cuda")) == 7
+
+
 def _block_pair(dtype):
     from dmfn_fast.models import DMFB
 

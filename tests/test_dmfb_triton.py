@@ -44,6 +44,7 @@ CASES["dmfb-block-fp32-2x13x11"] = ("block", dict(N=2, H=13, W=11))
 CASES["dmfb-block-autocast-bf16"] = ("block_autocast", dict(N=2, H=12, W=10))
 CASES["generator-fp32-2x20x16"] = ("generator", dict(N=2, H=20, W=16))
 CASES["torch-compile-aot-eager"] = ("compiled", dict(N=2, H=13, W=11))
+CASES["opcheck-every-op"] = ("opcheck", dict(N=2, H=7, W=5, C=16))
 
 
 # ----------------------------------------------------------------------------- checks (child process)
@@ -235,6 +236,40 @@ def check_compiled(N, H, W):
     x = torch.randn(N, 32, H, W)
     compiled = torch.compile(block, backend="aot_eager", fullgraph=True)
     return _compare_module(block, compiled, block.forward_reference, x)
+
+
+def check_opcheck(N, H, W, C, device="cpu"):
+    """torch.library.opcheck (schema, fake kernel, autograd registration, AOT dispatch) of every DMFB op,
+    forward and backward. A failure raises; each op that passes reports 0."""
+    from dmfn_fast.ops import dmfb
+
+    ops = torch.ops.dmfn_fast
+    cl = torch.channels_last
+    dil = [1, 2, 4, 8]
+    h = torch.relu(torch.randn(N, C, H, W, device=device)).contiguous(memory_format=cl).requires_grad_()
+    w, b = dmfb.pack_branches([torch.randn(C, C, 3, 3, device=device) / 12 for _ in range(4)],
+                              [torch.randn(C, device=device) for _ in range(4)], torch.float32)
+    w, b = w.requires_grad_(), b.requires_grad_()
+    x = torch.randn(N, 4 * C, H, W, device=device).contiguous(memory_format=cl).requires_grad_()
+    res = torch.randn_like(x)
+    g = torch.randn(N, 4 * C, H, W, device=device).contiguous(memory_format=cl)
+    t, mean, rstd = ops.dmfb_branches_in_relu(h.detach(), w.detach(), b.detach(), dil)
+    _, xm, xr = ops.instance_norm_act(x.detach(), None, True)
+    cases = [
+        ("dmfb_branches", ops.dmfb_branches.default, (h, w, b, dil)),
+        ("dmfb_branches_in_relu", ops.dmfb_branches_in_relu.default, (h, w, b, dil)),
+        ("instance_norm_act relu", ops.instance_norm_act.default, (x, None, True)),
+        ("instance_norm_act residual", ops.instance_norm_act.default, (x, res, False)),
+        ("dmfb_branches_backward", ops.dmfb_branches_backward.default, (h.detach(), w.detach(), g, dil, True)),
+        ("dmfb_branches_in_relu_backward", ops.dmfb_branches_in_relu_backward.default,
+         (h.detach(), w.detach(), b.detach(), t, mean, rstd, g, dil)),
+        ("instance_norm_act_backward", ops.instance_norm_act_backward.default, (g, x.detach(), xm, xr, True)),
+    ]
+    out = []
+    for name, op, args in cases:
+        torch.library.opcheck(op, args)
+        out.append((f"opcheck {name}", 0.0))
+    return out
 
 
 def _run_case(name):
@@ -442,8 +477,8 @@ def test_compile_traces_into_triton_kernels(monkeypatch):
             fn(torch.randn(2, 32, 13, 11, requires_grad=True))
     torch._dynamo.reset()
     launches = [ln for ln in graphs[0].splitlines() if "triton_kernel_wrapper" in ln and "= torch.ops" in ln]
-    # in_stats + in_apply (h), branches + in_apply (t), in_stats + in_apply (output)
-    assert len(launches) == 6, graphs[0]
+    # in_stats + in_apply (h), branches + in_stats + in_apply (t), in_stats + in_apply (output)
+    assert len(launches) == 7, graphs[0]
     assert "dmfn_fast" not in graphs[0]
 
 
