@@ -2,7 +2,8 @@
 
 Layout: every activation is channels-last contiguous, seen as [N, H*W, C]. Weights are packed as
 wp[j, tap, ci, co] (branch j, tap = 3*ky + kx) so that a tap is a [C_in, C_out] matrix for tl.dot.
-All dots accumulate in fp32; fp32 inputs use IEEE dots.
+All dots accumulate in fp32; fp32 inputs use TF32 dots where cuDNN may (torch.backends.cudnn.allow_tf32),
+else IEEE dots.
 """
 import triton
 import triton.language as tl
@@ -19,7 +20,8 @@ def _wcfg(bp, bci, bco, warps, stages):
     return triton.Config({"BLOCK_P": bp, "BLOCK_CI": bci, "BLOCK_CO": bco}, num_warps=warps, num_stages=stages)
 
 
-# Autotune configs per kernel and dtype class ("lowp": fp16/bf16 on tensor cores, "f32": IEEE fp32).
+# Autotune configs per kernel and dtype class ("lowp": fp16/bf16 on tensor cores, "f32": fp32 with TF32
+# tensor-core or IEEE dots).
 # Each was checked to compile without register spills for sm_80 and sm_90 (tests/test_dmfb_compile.py).
 CONFIGS = {
     "fwd_lowp": [_cfg(64, 64, 64, 4, 3), _cfg(128, 64, 64, 8, 3)],
@@ -27,7 +29,7 @@ CONFIGS = {
     "grad_lowp": [_cfg(64, 32, 64, 4, 3)],
     "grad_f32": [_cfg(64, 32, 32, 4, 2)],
     "dgrad_lowp": [_cfg(64, 64, 64, 4, 3), _cfg(128, 64, 64, 4, 3)],
-    "dgrad_f32": [_cfg(64, 64, 32, 4, 2)],
+    "dgrad_f32": [_cfg(64, 64, 32, 8, 2)],  # 4 warps spill with TF32 dots on sm_80
     "wgrad_lowp": [_wcfg(64, 64, 64, 4, 3)],
     "wgrad_f32": [_wcfg(32, 64, 64, 4, 2)],
 }
@@ -252,12 +254,13 @@ suffix_sum = _suffix_sum
 
 def compile_specs(dtype="bf16"):
     """(name, jit fn, signature, constexprs, options, args divisible by 16) for every kernel at
-    every config, as a launch on `dtype` activations with C % 16 == 0 specializes them."""
-    lowp = dtype != "fp32"
+    every config, as a launch on `dtype` activations with C % 16 == 0 specializes them.
+    dtype "tf32": fp32 activations with TF32 dots (what fp32 runs when cuDNN's TF32 is allowed)."""
+    lowp = dtype not in ("fp32", "tf32")
     cls = "lowp" if lowp else "f32"
-    act = "*" + dtype
+    act = "*fp32" if dtype == "tf32" else "*" + dtype
     dil = dict(D1=1, D2=2, D3=4, D4=8)
-    flags = dict(UPCAST=False, PREC="tf32" if lowp else "ieee")
+    flags = dict(UPCAST=False, PREC="ieee" if dtype == "fp32" else "tf32")
     f32 = "*fp32"
     fwd_sig = dict(h_ptr=act, w_ptr=act, b_ptr=act, out_ptr=act, dt_ptr=act,
                    mean_ptr=f32, rstd_ptr=f32, sa_ptr=f32, sb_ptr=f32, H="i32", W="i32", C="i32")

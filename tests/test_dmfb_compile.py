@@ -18,7 +18,7 @@ pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reas
 
 CAPS = (80, 90)
 # fp16 compiles to the same code as bf16 (same tiles, same instructions), so bf16 stands for both.
-DTYPES = ("bf16", "fp32")
+DTYPES = ("bf16", "fp32", "tf32")
 
 
 def _cuobjdump():
@@ -46,12 +46,17 @@ def _compile_and_inspect(fn, signature, constexprs, options, divisible, cap):
     return dict(usage, **ops)
 
 
-def _worker(jobs):
+def _modules(dtype):
     from dmfn_fast.kernels import dmfb_branches, instance_norm
 
+    # "tf32" is fp32 with TF32 dots: only the branch kernels have dots.
+    return (dmfb_branches,) if dtype == "tf32" else (dmfb_branches, instance_norm)
+
+
+def _worker(jobs):
     out = {}
     for cap, dtype in jobs:
-        for mod in (dmfb_branches, instance_norm):
+        for mod in _modules(dtype):
             for name, fn, sig, cx, opts, div in mod.compile_specs(dtype):
                 key = f"sm_{cap} {dtype} {name}"
                 try:
@@ -80,10 +85,8 @@ def compiled():
 
 
 def test_every_kernel_and_config_compiles_without_spills(compiled):
-    from dmfn_fast.kernels import dmfb_branches, instance_norm
-
     expected = {f"sm_{cap} {dt} {spec[0]}" for cap in CAPS for dt in DTYPES
-                for mod in (dmfb_branches, instance_norm) for spec in mod.compile_specs(dt)}
+                for mod in _modules(dt) for spec in mod.compile_specs(dt)}
     assert set(compiled) == expected
     bad = []
     for key, r in sorted(compiled.items()):
@@ -95,9 +98,9 @@ def test_every_kernel_and_config_compiles_without_spills(compiled):
 
 
 def test_tensor_cores_used(compiled):
-    """fp16/bf16 branch kernels run their dots on tensor cores (fp32 uses exact FMA dots by design)."""
-    conv = [k for k in compiled if " bf16 " in k and k.split()[2].split("[")[0] in
-            ("fwd_lowp", "grad_lowp", "dgrad_lowp", "wgrad_lowp")]
+    """fp16/bf16 and TF32 branch kernels run their dots on tensor cores (IEEE fp32 uses FMA by design)."""
+    conv = [k for k in compiled if (" bf16 " in k or " tf32 " in k) and k.split()[2].split("[")[0] in
+            ("fwd_lowp", "grad_lowp", "dgrad_lowp", "wgrad_lowp", "fwd_f32", "grad_f32", "dgrad_f32", "wgrad_f32")]
     assert conv
     for key in conv:
         op = "HGMMA" if key.startswith("sm_90") else "HMMA"

@@ -60,6 +60,28 @@ def test_branches_parity(dtype, shape):
         assert _err(f.grad, r.grad) <= tol
 
 
+@pytest.mark.parametrize("shape", [(16, 64, 64, 64), (2, 48, 37, 29)])
+def test_branches_tf32(shape):
+    """fp32 with cuDNN's TF32 allowed (PyTorch's default): the kernels take TF32 dots, 10-bit mantissas,
+    so forward and gradients are held to 5e-3 of float64 (max-norm), as TF32 convolutions would be."""
+    N, C, H, W = shape
+    torch.manual_seed(0)
+    h = torch.randn(N, C, H, W, device="cuda").contiguous(memory_format=torch.channels_last)
+    ws = [torch.randn(C, C, 3, 3, device="cuda") / (3 * C ** 0.5) for _ in range(4)]
+    bs = [0.1 * torch.randn(C, device="cuda") for _ in range(4)]
+    ref_in = [_leaf(t.double()) for t in [h] + ws + bs]
+    ref = dmfb.dmfb_branches_reference(ref_in[0], ref_in[1:5], ref_in[5:])
+    g = torch.randn_like(ref).float()
+    ref.backward(g.double())
+    fast_in = [_leaf(t) for t in [h] + ws + bs]
+    with torch.backends.cudnn.flags(enabled=True, allow_tf32=True):
+        out = dmfb.dmfb_branches(fast_in[0], fast_in[1:5], fast_in[5:])
+        out.backward(g)
+    assert _err(out, ref) <= 5e-3
+    for f, r in zip(fast_in, ref_in):
+        assert _err(f.grad, r.grad) <= 5e-3
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_nchw_input_accepted(dtype):
     torch.manual_seed(0)

@@ -90,12 +90,15 @@ def _empty_cl(n, c, h, w, like, dtype=None):
 def _conv_kernel(name, dtype, pixels, C):
     """(kernel, launch kwargs) for one of the branch kernels ("fwd", "grad", "dgrad", "wgrad").
 
-    Compiled: the autotuned variant for the dtype class (tensor cores for fp16/bf16, IEEE fp32).
+    Compiled: the autotuned variant for the dtype class (tensor cores for fp16/bf16; fp32 with TF32 dots
+    when torch.backends.cudnn.allow_tf32 is on, IEEE dots when it is off).
     Interpreter: the plain kernel with one tile as big as the image and the channels, because the
     interpreter's cost is per op and per program and its autotuner cannot benchmark; its bf16/fp16
     dots are unreliable, so they run in fp32 there."""
     lowp = dtype != torch.float32
-    flags = dict(UPCAST=lowp and INTERPRET, PREC="tf32" if lowp and not INTERPRET else "ieee")
+    # fp32 follows cuDNN's convolutions: TF32 tensor cores when allowed (PyTorch's default), else IEEE.
+    tf32 = lowp or torch.backends.cudnn.allow_tf32
+    flags = dict(UPCAST=lowp and INTERPRET, PREC="tf32" if tf32 and not INTERPRET else "ieee")
     if not INTERPRET:
         return getattr(_kb, f"branches_{name}_{'lowp' if lowp else 'f32'}"), flags
     raw = {"fwd": _kb._branches_fwd, "grad": _kb._branches_fwd, "dgrad": _kb._branches_dgrad,
@@ -429,8 +432,9 @@ def auto_prefers_fused(x: torch.Tensor) -> bool:
     """The `impl="auto"` rule, from benchmarks/RESULTS.md (H200, N=16, 64x64, C=64, forward+backward):
     - fp16/bf16 (including autocast to them): fused. GPU time of one DMFB 1.40 ms against cuDNN's 2.63
       and torch.compile's 1.53; the bf16 generator forward+backward 1.25x eager amp.
-    - fp32: reference. The fp32 kernels use IEEE dots (no tensor cores) and took 3.48 ms of GPU time
-      for the branch op against cuDNN's 1.38 (TF32 allowed). impl="fused" still runs them.
+    - fp32: reference. With IEEE dots (no tensor cores) the fp32 kernels took 3.48 ms of GPU time for
+      the branch op against cuDNN's 1.38 (TF32 allowed). They now use TF32 dots when cuDNN may, which is
+      not measured yet; until it is, impl="fused" runs them and auto does not.
     The dtype that counts is the one the kernels would run in: autocast's when it is on for the device."""
     dtype = x.dtype
     dev = x.device.type
