@@ -67,6 +67,17 @@ def median_time(fn, device, rounds=5, warmup=1):
     return statistics.median(ts)
 
 
+def build_generator(variant, nf, n_blocks, device):
+    """(G, G or torch.compile(G), autocast dtype or None, memory format) for one variant, fixed weights."""
+    from dmfn_fast import Generator
+
+    dtype, channels_last, impl, compile_ = VARIANTS[variant]
+    torch.manual_seed(0)
+    mf = torch.channels_last if channels_last else torch.contiguous_format
+    G = Generator(nf=nf, n_blocks=n_blocks, impl=impl).to(device).to(memory_format=mf)
+    return G, (torch.compile(G) if compile_ else G), dtype, mf
+
+
 def build_training(variant, size, batch, nf, n_blocks, d_nf, device, seed=0):
     """Everything one training step needs, for one variant, from fixed weights and a fixed batch.
     Returns step() -> (terms, ok)."""

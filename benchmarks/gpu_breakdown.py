@@ -84,6 +84,11 @@ def host_ms(fn, iters=20):
     return dt / iters * 1e3
 
 
+def log_row(row):
+    with open(LOG, "a") as f:
+        f.write(json.dumps(row) + "\n")
+
+
 def record(group, name, fn, flop=0, nbytes=0, **extra):
     """Time fn, write one JSON line; an error is recorded, not raised, so later rows still run."""
     row = dict(group=group, name=name, device=torch.cuda.get_device_name() if CUDA else "cpu (dry)")
@@ -106,12 +111,10 @@ def record(group, name, fn, flop=0, nbytes=0, **extra):
         row["error"] = f"{type(e).__name__}: {e}"[:500]
         traceback.print_exc()
     row.update(extra)
-    with open(LOG, "a") as f:
-        f.write(json.dumps(row) + "\n")
-    msg = f"{row.get('ms', float('nan')):9.4f} ms" if "ms" in row else "ERROR " + row["error"][:200]
+    log_row(row)
+    msg = f"{row['ms']:9.4f} ms" if "ms" in row else "ERROR " + row["error"][:200]
     perf = "".join(f"  {k}={row[k]:.3g}" for k in ("gpu_ms", "host_ms", "tflops", "pct_bf16_peak", "tbs", "pct_copy_bw") if k in row)
     print(f"[{group}] {name}: {msg}{perf}", flush=True)
-    return row.get("ms")
 
 
 def cl(t):
@@ -139,9 +142,8 @@ if CUDA:
     ms = bench_ms(lambda: a @ b)
     ceil["bf16_tflops"] = 2 * 8192 ** 3 / ms / 1e9
     del a, b
-    with open(LOG, "a") as f:
-        f.write(json.dumps(dict(group="ceilings", name="measured", **ceil,
-                                device=torch.cuda.get_device_name(), torch=torch.__version__)) + "\n")
+    log_row(dict(group="ceilings", name="measured", **ceil, device=torch.cuda.get_device_name(),
+                 torch=torch.__version__))
     print(f"ceilings: copy {ceil['copy_tbs']:.2f} TB/s (read+write), bf16 matmul {ceil['bf16_tflops']:.0f} TFLOP/s")
 
 # ----------------------------------------------------------------------------- branch op, piece by piece
@@ -241,7 +243,7 @@ def fused_branches(h, *p):
     return ops.dmfb_branches(h, p[:4], p[4:])
 
 
-compiled = {}
+op_cases = {}  # dtype -> (group, inputs, output gradient, FLOPs), reused by the compile baselines
 for dt in (torch.bfloat16, torch.float32):
     tag = str(dt).replace("torch.", "")
     h, ws, bs = branch_inputs(dt, seed=1)
@@ -254,7 +256,7 @@ for dt in (torch.bfloat16, torch.float32):
     record(g, "branches_in_relu fused", grads(fused_in_relu, leaves, gy), flop)
     record(g, "branches eager reference", grads(ref_branches, leaves, gy), flop)
     record(g, "branches fused", grads(fused_branches, leaves, gy), flop)
-    compiled[dt] = (g, leaves, gy, flop)
+    op_cases[dt] = (g, leaves, gy, flop)
 
 # whole DMFB block, bf16 channels-last
 torch.manual_seed(2)
@@ -325,17 +327,13 @@ if CUDA:
         row = dict(group="design", name="TMA box load zero-fills negative coordinates", result=ok)
     except Exception as e:  # noqa: BLE001
         row = dict(group="design", name="TMA box load zero-fills negative coordinates", error=f"{type(e).__name__}: {e}"[:500])
-    with open(LOG, "a") as f:
-        f.write(json.dumps(row) + "\n")
+    log_row(row)
     print("[design]", row, flush=True)
 
 # ----------------------------------------------------------------------------- torch.compile baselines (last: slowest)
 if CUDA and not args.no_compile:
-    for dt, (g, leaves, gy, flop) in compiled.items():
-        if dt != torch.bfloat16:
-            continue
-        c = torch.compile(ref_in_relu)
-        record(g, "branches_in_relu torch.compile(reference)", grads(c, leaves, gy), flop)
+    g, leaves, gy, flop = op_cases[torch.bfloat16]
+    record(g, "branches_in_relu torch.compile(reference)", grads(torch.compile(ref_in_relu), leaves, gy), flop)
     m = torch.compile(blocks["reference"])
     record("block fwd+bwd bf16", "DMFB torch.compile(reference)",
            grads(lambda x, *_: m(x), [xb] + list(blocks["reference"].parameters()), gb), BLOCK_FLOP)

@@ -7,9 +7,9 @@ the harness never rots; CPU numbers are CPU numbers, nothing more."""
 import pytest
 import torch
 
-from dmfn_fast import Generator
 from dmfn_fast.training import cpu_has_bf16
-from e2e_common import VARIANTS, bf16_peak, build_training, count_flops, profile_shares, run_timed
+from e2e_common import (VARIANTS, bf16_peak, build_generator, build_training, count_flops, profile_shares,
+                         run_timed)
 from conftest import QUICK
 
 CUDA = torch.cuda.is_available()
@@ -28,24 +28,14 @@ def _skip_unrunnable(variant):
                     "train.py --amp also stays fp32 here")
 
 
-def build_generator(variant):
-    dtype, channels_last, impl, compile_ = VARIANTS[variant]
-    torch.manual_seed(0)
-    G = Generator(nf=NF, n_blocks=NB, impl=impl).to(DEVICE).eval()
-    if channels_last:
-        G = G.to(memory_format=torch.channels_last)
-    fwd = torch.compile(G) if compile_ else G
-    return G, fwd, dtype, channels_last
-
-
 @pytest.mark.parametrize("batch", INFER_BATCHES)
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_generator_inference(benchmark, variant, batch):
     _skip_unrunnable(variant)
-    G, fwd, dtype, channels_last = build_generator(variant)
+    G, fwd, dtype, mf = build_generator(variant, NF, NB, DEVICE)
+    G.eval()
     x = torch.rand(batch, 4, SIZE, SIZE, device=DEVICE) * 2 - 1
-    if channels_last:
-        x = x.contiguous(memory_format=torch.channels_last)
+    x = x.contiguous(memory_format=mf)
 
     def run():
         with torch.no_grad(), torch.autocast(DEVICE, dtype=dtype or torch.float32, enabled=dtype is not None):

@@ -124,9 +124,9 @@ def _branches_forward(h, w, b, dil, grad=None):
     mode = 0 if grad is None else 1
     kern, kw = _conv_kernel("fwd" if mode == 0 else "grad", h.dtype, H * W, C)
     out = _empty_cl(N, 4 * C, H, W, h)
-    if mode == 0:  # reads none of the gradient inputs: typed placeholders
+    if mode == 0:  # reads none of the gradient inputs: h and one fp32 placeholder stand in for them
         unused = torch.empty(1, device=h.device, dtype=torch.float32)
-        grad = (torch.empty(1, device=h.device, dtype=h.dtype), unused, unused, unused, unused)
+        grad = (h, unused, unused, unused, unused)
     dt, mean, rstd, sa, sb = grad
     grid = lambda META: (N * _cdiv(H * W, META["BLOCK_P"]), _cdiv(C, META["BLOCK_N"]))  # noqa: E731
     _kernel(kern, h)[grid](
@@ -352,8 +352,9 @@ def pack_branches(weights, biases, dtype):
     """Four [C, C, 3, 3] weights and [C] biases -> (w [4, 9, C, C] as (tap, ci, co), b [4, C]), in `dtype`.
     Without autograd (inference) the result is cached until a weight or bias changes (tensor versions)."""
     params = list(weights) + list(biases)
-    cacheable = not torch.is_grad_enabled() or not any(p.requires_grad for p in params)
-    if cacheable and not torch.compiler.is_compiling():
+    cacheable = (not torch.is_grad_enabled() or not any(p.requires_grad for p in params)) \
+        and not torch.compiler.is_compiling()
+    if cacheable:
         key = (dtype,) + tuple((id(p), p._version, p.data_ptr()) for p in params)
         hit = _PACKED.get(key)
         if hit is not None:
@@ -361,7 +362,7 @@ def pack_branches(weights, biases, dtype):
     w = torch.stack(list(weights)).permute(0, 3, 4, 2, 1)
     C = w.shape[-1]
     packed = w.reshape(4, 9, w.shape[-2], C).to(dtype).contiguous(), torch.stack(list(biases)).to(dtype)
-    if cacheable and not torch.compiler.is_compiling():
+    if cacheable:
         if len(_PACKED) >= 64:  # a model's worth of blocks; drop the oldest beyond that
             _PACKED.pop(next(iter(_PACKED)))
         _PACKED[key] = packed
