@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch.profiler import record_function
 
 from .ops.centroid_align import centroid_align_loss
+from .recipes import check_recipe
 from .vgg import CHANNELS
 
 # w_l = 1e3 / C_l^2 for relu1_1 .. relu5_1, and for the discriminator's 5 local features.
@@ -68,11 +69,14 @@ class DMFNLoss(nn.Module):
     """The generator's total loss. Returns (total, {term: value}) so training can log every term.
 
     Terms whose inputs are not given (no discriminator outputs) are left out.
-    `impl` picks the alignment loss's implementation ("auto", "reference", "fused")."""
+    `impl` picks the alignment loss's implementation ("auto", "reference", "fused").
+    `recipe` "paper" measures the alignment loss's centroids on the paper's grid (v along the
+    height), "authors" on their code's (v along the width; see dmfn_fast.recipes)."""
 
     def __init__(self, vgg, w_rec=1.0, w_vgg=25.0, w_align=1.0, w_adv=0.003, w_dfm=5.0,
-                 layer_weights=LAYER_WEIGHTS, impl="auto"):
+                 layer_weights=LAYER_WEIGHTS, impl="auto", recipe="paper"):
         super().__init__()
+        self.recipe = check_recipe(recipe)
         self.vgg = vgg
         self.w_rec, self.w_vgg, self.w_align, self.w_adv, self.w_dfm = w_rec, w_vgg, w_align, w_adv, w_dfm
         self.layer_weights = tuple(layer_weights)
@@ -89,7 +93,7 @@ class DMFNLoss(nn.Module):
             "rec": self.w_rec * reconstruction_loss(out, tgt),
             "guided": self.w_vgg * self_guided_loss(fo, ft, out, tgt, self.layer_weights),
             "fm_vgg": self.w_vgg * feature_matching_loss(fo, ft, self.layer_weights),
-            "align": self.w_align * centroid_align_loss(fo[3], ft[3], impl=self.impl),
+            "align": self.w_align * centroid_align_loss(fo[3], ft[3], impl=self.impl, grid=self.recipe),
         }
         if real_logits is not None and fake_logits is not None:
             terms["adv"] = self.w_adv * rals_g_loss(real_logits, fake_logits)

@@ -8,6 +8,8 @@ import os
 import numpy as np
 from PIL import Image, ImageDraw
 
+from .recipes import check_recipe
+
 KINDS = ("rect", "irregular", "stroke", "mixed")
 
 
@@ -27,16 +29,18 @@ def rect_box(h, w, hole=None, center=False, rng=None):
     return int(rng.integers(0, h - hole + 1)), int(rng.integers(0, w - hole + 1)), hole, hole
 
 
-def rect_mask(h, w, hole=None, jitter=None, center=False, rng=None, box=None):
-    """A rectangle hole in `box` (default: `rect_box(h, w, hole, center, rng)`), each side
-    shrunk by a random 0..jitter px as the authors do. jitter defaults to 16 at 256,
-    scaled with the size."""
+def rect_mask(h, w, hole=None, jitter=None, center=False, rng=None, box=None, recipe="paper"):
+    """A rectangle hole in `box` (default: `rect_box(h, w, hole, center, rng)`), top/bottom and
+    left/right each shrunk by a random number of px. jitter defaults to 16 at 256, scaled with
+    the size. recipe "paper" draws 0..jitter, as the authors' comment says; "authors" draws
+    0..jitter+1, as their code does."""
     rng = _rng(rng)
     jitter = round(16 * min(h, w) / 256) if jitter is None else int(jitter)
+    most = jitter + (check_recipe(recipe) == "authors")
     t, l, bh, bw = box if box is not None else rect_box(h, w, hole, center, rng)
-    if 2 * jitter >= min(bh, bw):
+    if 2 * most >= min(bh, bw):
         raise ValueError(f"jitter {jitter} would shrink a {bh}x{bw} hole to nothing")
-    dh, dw = (int(rng.integers(0, jitter + 1)) for _ in range(2))
+    dh, dw = (int(rng.integers(0, most + 1)) for _ in range(2))
     m = np.zeros((h, w), np.float32)
     m[t + dh:t + bh - dh, l + dw:l + bw - dw] = 1.0
     return m
@@ -110,9 +114,11 @@ class MaskSource:
     the unjittered hole box for rect masks, a random half-size box otherwise (as the authors).
 
     kind: rect | irregular (needs `folder`) | stroke | mixed (`probs`: {kind: p}, default
-    equal over the available kinds)."""
+    equal over the available kinds). recipe: see `rect_mask`."""
 
-    def __init__(self, kind="rect", folder=None, probs=None, hole=None, jitter=None, center=False):
+    def __init__(self, kind="rect", folder=None, probs=None, hole=None, jitter=None, center=False,
+                 recipe="paper"):
+        self.recipe = check_recipe(recipe)
         if kind not in KINDS:
             raise ValueError(f"mask kind must be one of {KINDS}, got {kind!r}")
         self.kind, self.hole, self.jitter, self.center = kind, hole, jitter, center
@@ -138,7 +144,7 @@ class MaskSource:
             kind = self.kinds[int(rng.choice(len(self.kinds), p=self.probs))]
         box = rect_box(h, w, self.hole, self.center and kind == "rect", rng)
         if kind == "rect":
-            return rect_mask(h, w, jitter=self.jitter, rng=rng, box=box), box
+            return rect_mask(h, w, jitter=self.jitter, rng=rng, box=box, recipe=self.recipe), box
         if kind == "stroke":
             return stroke_mask(h, w, rng), box
         return self.irregular(h, w, rng), box

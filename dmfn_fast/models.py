@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 from .ops import dmfb as _dmfb_ops
 from .ops._impl import check_impl, use_fast
+from .recipes import check_recipe
 
 
 def conv_block(in_ch, out_ch, k, stride=1, padding=0, dilation=1, norm="none", act="relu"):
@@ -67,10 +68,15 @@ class DMFB(nn.Module):
         return x + F.instance_norm(self.c2(t))
 
 
-def init_weights(module: nn.Module, std: float = 0.02) -> None:
-    """The authors' training init: conv/linear N(0, std), bias 0; BatchNorm weight N(1, std)."""
+def init_weights(module: nn.Module, std: float = 0.02, recipe: str = "paper") -> None:
+    """The authors' training init, under both recipes (the paper does not give one): Conv2d
+    weights N(0, std) with zero bias, BatchNorm2d weights N(1, std) with zero bias. Their init
+    matches class names containing "Conv2d" or "BatchNorm2d", so ConvTranspose2d (the generator's
+    upsampling) and Linear (the discriminator's classifiers) keep PyTorch's default init, non-zero
+    biases included; so do they here."""
+    check_recipe(recipe)
     for m in module.modules():
-        if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear)):
+        if isinstance(m, nn.Conv2d):  # ConvTranspose2d is not a Conv2d subclass
             nn.init.normal_(m.weight, 0.0, std)
             if m.bias is not None:
                 nn.init.zeros_(m.bias)

@@ -7,6 +7,8 @@ import os
 import torch
 import torch.nn as nn
 
+from .recipes import check_recipe
+
 VGG19_URL = "https://download.pytorch.org/models/vgg19-dcbb9e9d.pth"
 # torchvision vgg19 config; "M" is a 2x2 max-pool.
 _CFG = [64, 64, "M", 128, 128, "M", 256, 256, 256, 256, "M", 512, 512, 512, 512, "M", 512]
@@ -49,13 +51,19 @@ def _load_weights(weights):
 
 
 class VGG19Features(nn.Module):
-    """relu1_1 .. relu5_1 of an image in [-1, 1], ImageNet-normalized. Frozen, eval mode.
+    """relu1_1 .. relu5_1 of an image x in [-1, 1]. Frozen, eval mode.
+
+    The input is normalised as the authors' feature network does, (x - (mean - 1)) / (2 * std)
+    with the ImageNet mean and std, under both recipes (the paper does not say; their code is
+    the specification). It is not the ImageNet-correct ((x + 1) / 2 - mean) / std: it sits about
+    one std per channel higher, and the perceptual losses' scale was tuned with it.
 
     weights: "auto" (DMFN_VGG19_WEIGHTS, then the hub cache or a download), a file path
     in torchvision's vgg19 format, or "random" (tests and smoke runs only)."""
 
-    def __init__(self, weights="auto"):
+    def __init__(self, weights="auto", recipe="paper"):
         super().__init__()
+        self.recipe = check_recipe(recipe)
         self.features = _build_features()
         sd = _load_weights(weights)
         self.pretrained = sd is not None
@@ -66,8 +74,9 @@ class VGG19Features(nn.Module):
             if missing:
                 raise ValueError(f"not a torchvision vgg19 state dict: missing {missing[:3]}. {HOW_TO}")
             self.load_state_dict({k: sd[k] for k in own})
-        self.register_buffer("mean", torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1), persistent=False)
+        mean, std = torch.tensor([0.485, 0.456, 0.406]), torch.tensor([0.229, 0.224, 0.225])
+        self.register_buffer("shift", (mean - 1).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("scale", (2 * std).view(1, 3, 1, 1), persistent=False)
         self.requires_grad_(False)
         self.eval()
 
@@ -75,7 +84,7 @@ class VGG19Features(nn.Module):
         return super().train(False)  # always frozen
 
     def forward(self, x):
-        x = ((x + 1) / 2 - self.mean.to(x.dtype)) / self.std.to(x.dtype)
+        x = (x - self.shift.to(x.dtype)) / self.scale.to(x.dtype)
         out = []
         for i, layer in enumerate(self.features):
             x = layer(x)

@@ -32,10 +32,10 @@ def test_loads_torchvision_file_and_matches_functional_vgg(tmp_path):
     x = torch.rand(1, 3, 20, 18) * 2 - 1
     feats = vgg(x)
     assert [f.shape[1] for f in feats] == [64, 128, 256, 512, 512]
-    # relu1_1 by hand, from the [-1, 1] input mapped to [0, 1] and ImageNet-normalized.
+    # relu1_1 by hand, from the [-1, 1] input normalized as the authors' feature network does.
     mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
     std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
-    y = ((x + 1) / 2 - mean) / std
+    y = (x - (mean - 1)) / (2 * std)
     r11 = F.relu(F.conv2d(y, sd["features.0.weight"], sd["features.0.bias"], padding=1))
     torch.testing.assert_close(feats[0], r11, rtol=1e-5, atol=1e-5)
     h = F.relu(F.conv2d(r11, sd["features.2.weight"], sd["features.2.bias"], padding=1))

@@ -4,8 +4,10 @@ Per (n, c): p = (f + 1e-7) / sum(f + 1e-7); cx = sum p*u, cy = sum p*v with
 u = 2*w/W - 1 along the width and v = 2*h/H - 1 along the height. The loss is
 the mean over (n, c, {x, y}) of the squared centroid difference.
 
-The authors' public code builds its vertical grid along the width axis, so both
-of its components measure horizontal position; we follow the paper (v along H).
+grid="paper" (the default) is that formula. grid="authors" is the authors' public
+code, whose vertical grid runs along the width axis (v = u), so both components
+measure horizontal position and the loss is the mean of (cx_out - cx_tgt)^2.
+Their code runs only on square maps; here u = 2*w/W - 1 serves both for any shape.
 
 The fast path is the C++/CUDA op dmfn_fast::centroid_align_fwd/_bwd (csrc/):
 one read of each map forward, one write backward. It comes from the module
@@ -19,12 +21,20 @@ import torch
 from ._impl import check_impl, forced_reference, use_fast, warn_once
 
 EPS = 1e-7
+GRIDS = ("paper", "authors")
 _FAST_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 _CSRC = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "csrc")
 
 
-def centroids_reference(f: torch.Tensor) -> torch.Tensor:
+def _check_grid(grid: str) -> str:
+    if grid not in GRIDS:
+        raise ValueError(f"grid must be one of {GRIDS}, got {grid!r}")
+    return grid
+
+
+def centroids_reference(f: torch.Tensor, grid: str = "paper") -> torch.Tensor:
     """[N, C, H, W] -> [N, C, 2] centroids (x, y), computed in fp32 or wider."""
+    _check_grid(grid)
     if f.dim() != 4:
         raise ValueError(f"feature map must be [N, C, H, W], got shape {tuple(f.shape)}")
     f = f.float() if f.dtype in (torch.float16, torch.bfloat16) else f
@@ -34,14 +44,15 @@ def centroids_reference(f: torch.Tensor) -> torch.Tensor:
     f = f + EPS
     s0 = f.sum(dim=(2, 3))
     cx = (f * u.view(1, 1, 1, W)).sum(dim=(2, 3)) / s0
-    cy = (f * v.view(1, 1, H, 1)).sum(dim=(2, 3)) / s0
+    vgrid = v.view(1, 1, H, 1) if grid == "paper" else u.view(1, 1, 1, W)
+    cy = (f * vgrid).sum(dim=(2, 3)) / s0
     return torch.stack([cx, cy], dim=-1)
 
 
-def centroid_align_loss_reference(f_out: torch.Tensor, f_tgt: torch.Tensor) -> torch.Tensor:
+def centroid_align_loss_reference(f_out: torch.Tensor, f_tgt: torch.Tensor, grid: str = "paper") -> torch.Tensor:
     if f_out.shape != f_tgt.shape:
         raise ValueError(f"feature maps differ in shape: {tuple(f_out.shape)} vs {tuple(f_tgt.shape)}")
-    return (centroids_reference(f_out) - centroids_reference(f_tgt)).pow(2).mean()
+    return (centroids_reference(f_out, grid) - centroids_reference(f_tgt, grid)).pow(2).mean()
 
 
 # ---------------------------------------------------------------- extension loading
@@ -165,8 +176,10 @@ def _fast_why_not(f_out: torch.Tensor) -> str:
     return ""
 
 
-def centroid_align_loss(f_out: torch.Tensor, f_tgt: torch.Tensor, impl: str = "auto") -> torch.Tensor:
+def centroid_align_loss(f_out: torch.Tensor, f_tgt: torch.Tensor, impl: str = "auto",
+                        grid: str = "paper") -> torch.Tensor:
     """The alignment loss; the C++/CUDA extension where it is built, else the reference."""
+    _check_grid(grid)
     if f_out.shape != f_tgt.shape:
         raise ValueError(f"feature maps differ in shape: {tuple(f_out.shape)} vs {tuple(f_tgt.shape)}")
     if f_out.dtype != f_tgt.dtype:  # e.g. bf16 autocast features vs fp32: same promotion as the reference
@@ -177,8 +190,14 @@ def centroid_align_loss(f_out: torch.Tensor, f_tgt: torch.Tensor, impl: str = "a
     want_fast = check_impl(impl) != "reference" and not forced_reference()
     why_not = _fast_why_not(f_out) if want_fast else ""  # no extension load when the reference is forced
     if use_fast(impl, not why_not, why_not):
+        if grid == "authors":
+            # Their cy equals cx, and cx depends only on the column sums: the op on the maps averaged
+            # over H (one row, whose cy is the same constant for both) gives half their loss.
+            acc = torch.float64 if f_out.dtype == torch.float64 else torch.float32
+            f_out, f_tgt = (f.mean(2, keepdim=True, dtype=acc) for f in (f_out, f_tgt))
+            return 2 * torch.ops.dmfn_fast.centroid_align_fwd(f_out, f_tgt)[0]
         return torch.ops.dmfn_fast.centroid_align_fwd(f_out, f_tgt)[0]
-    return centroid_align_loss_reference(f_out, f_tgt)
+    return centroid_align_loss_reference(f_out, f_tgt, grid)
 
 
 if _ops_registered():  # the library was loaded directly (torch.ops.load_library): add fake and autograd now

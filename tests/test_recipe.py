@@ -1,0 +1,191 @@
+"""The `recipe` switch: each fact about the authors' public training code, pinned on its own.
+
+The facts (README, "Departures from the authors' code"): VGG input normalisation, the init per
+layer type, the centroid grid, the rectangle jitter range, and the square crop. The learning-rate
+schedule is pinned in tests/test_train.py, where the schedulers are built.
+"""
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from dmfn_fast import VGG19Features
+from dmfn_fast.data import square_resize
+from dmfn_fast.losses import DMFNLoss
+from dmfn_fast.masks import MaskSource, rect_mask
+from dmfn_fast.models import Discriminator, Generator, init_weights
+from dmfn_fast.ops import centroid_align as ca
+from dmfn_fast.recipes import RECIPES, check_recipe
+
+ext = pytest.mark.skipif(not ca.extension_available(), reason=f"dmfn_fast extension not available: "
+                         f"{ca._ext_state['why']}")
+
+
+def test_recipe_names_are_checked_everywhere():
+    assert RECIPES == ("paper", "authors")
+    for make in (lambda r: check_recipe(r), lambda r: VGG19Features("random", recipe=r),
+                 lambda r: init_weights(torch.nn.Conv2d(1, 1, 1), recipe=r),
+                 lambda r: DMFNLoss(None, recipe=r), lambda r: MaskSource(recipe=r),
+                 lambda r: rect_mask(64, 64, rng=np.random.default_rng(0), recipe=r)):
+        with pytest.raises(ValueError, match="recipe must be one of"):
+            make("paperz")
+    with pytest.raises(ValueError, match="grid must be one of"):
+        ca.centroid_align_loss(torch.rand(1, 1, 2, 2), torch.rand(1, 1, 2, 2), grid="nope")
+
+
+# ---- VGG input normalisation: (x - (mean - 1)) / (2 std), under both recipes
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_vgg_input_normalisation_by_value(recipe):
+    vgg = VGG19Features("random", recipe=recipe)
+    seen = {}
+
+    def grab(module, inputs):
+        seen["x"] = inputs[0]
+        raise StopIteration  # the normalised input is all this test needs
+
+    vgg.features[0].register_forward_pre_hook(grab)
+    x = torch.tensor([-1.0, 0.0, 1.0]).view(1, 1, 1, 3).expand(1, 3, 1, 3).contiguous()
+    with pytest.raises(StopIteration):
+        vgg(x)
+    # By hand: R = (x + 0.515) / 0.458, G = (x + 0.544) / 0.448, B = (x + 0.594) / 0.45.
+    want = torch.tensor([[(-1 + .515) / .458, .515 / .458, 1.515 / .458],
+                         [(-1 + .544) / .448, .544 / .448, 1.544 / .448],
+                         [(-1 + .594) / .450, .594 / .450, 1.594 / .450]]).view(1, 3, 1, 3)
+    torch.testing.assert_close(seen["x"], want, rtol=1e-6, atol=1e-6)
+    # Not the ImageNet-correct mapping, which puts a mid-grey pixel (x = 0) near 0 instead.
+    assert abs(seen["x"][0, 0, 0, 1].item() - (0.5 - 0.485) / 0.229) > 1.0
+
+
+# ---- init: Conv2d N(0, 0.02) bias 0, BatchNorm2d N(1, 0.02) bias 0, the rest PyTorch's default
+
+def _default_std(m):
+    """PyTorch's default weight init is U(-b, b) with b = 1/sqrt(fan_in): std b/sqrt(3)."""
+    fan_in = torch.nn.init._calculate_fan_in_and_fan_out(m.weight)[0]
+    return 1 / np.sqrt(3 * fan_in)
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_init_per_layer_type(recipe):
+    for cls in (Generator, Discriminator):
+        torch.manual_seed(0)
+        untouched = cls(init=False)
+        torch.manual_seed(0)
+        model = cls(init=False)
+        init_weights(model, recipe=recipe)
+        seen = set()
+        for (name, m), (_, m0) in zip(model.named_modules(), untouched.named_modules()):
+            kind = type(m).__name__
+            if isinstance(m, torch.nn.Conv2d):
+                if m.weight.numel() > 20_000:  # enough samples for a 10% bound on the std
+                    assert abs(m.weight.std().item() - 0.02) < 0.002, name
+                assert torch.all(m.bias == 0), name
+            elif isinstance(m, torch.nn.BatchNorm2d):
+                assert abs(m.weight.mean().item() - 1) < 0.01 and m.weight.std().item() < 0.04, name
+                assert torch.all(m.bias == 0), name
+            elif isinstance(m, (torch.nn.ConvTranspose2d, torch.nn.Linear)):
+                assert torch.equal(m.weight, m0.weight) and torch.equal(m.bias, m0.bias), name
+                assert m.bias.abs().max() > 0, name
+                assert abs(m.weight.std().item() / _default_std(m) - 1) < 0.1, name
+            else:
+                continue
+            seen.add(kind)
+        want = {"Conv2d", "ConvTranspose2d"} if cls is Generator else {"Conv2d", "BatchNorm2d", "Linear"}
+        assert seen == want
+
+
+def test_init_stds_of_the_defaulted_layers():
+    # The numbers the authors' models start from: deconvolutions 0.0128 / 0.0180, classifiers 0.0064 / 0.0179.
+    torch.manual_seed(0)
+    g, d = Generator(), Discriminator()
+    stds = [round(b.deconv.weight.std().item(), 3) for b in g.decoder if hasattr(b, "deconv")]
+    assert stds == [0.013, 0.018]
+    assert round(d.global_classifier.weight.std().item(), 4) == pytest.approx(0.0064, abs=1e-4)
+    assert round(d.classifier[1].weight.std().item(), 3) == pytest.approx(0.018, abs=2e-3)
+
+
+# ---- centroid grid
+
+def _cx_by_hand(f):
+    """x centroids with u = 2w/W - 1, float64 numpy."""
+    f = f.double().numpy() + ca.EPS
+    W = f.shape[-1]
+    u = np.arange(W) * 2.0 / W - 1
+    return (f * u).sum((2, 3)) / f.sum((2, 3))
+
+
+@pytest.mark.parametrize("shape", [(1, 3, 8, 8), (2, 5, 7, 11)])
+def test_authors_grid_measures_horizontal_position_twice(shape):
+    g = torch.Generator().manual_seed(1)
+    a, b = torch.rand(shape, generator=g, dtype=torch.float64), torch.rand(shape, generator=g, dtype=torch.float64)
+    c = ca.centroids_reference(a, grid="authors")
+    torch.testing.assert_close(c[..., 0], c[..., 1])
+    want = np.mean((_cx_by_hand(a) - _cx_by_hand(b)) ** 2)
+    got = ca.centroid_align_loss_reference(a, b, grid="authors").item()
+    assert got == pytest.approx(want, rel=1e-10)
+    # The paper's grid differs: its y component is the vertical position.
+    assert ca.centroid_align_loss_reference(a, b).item() != pytest.approx(want, rel=1e-3)
+
+
+@ext
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.float64, 1e-10), (torch.bfloat16, 1e-2)])
+@pytest.mark.parametrize("shape", [(1, 4, 8, 8), (3, 6, 5, 9)])
+def test_authors_grid_fast_path_matches_reference(shape, dtype, tol):
+    g = torch.Generator().manual_seed(2)
+    a0 = (torch.rand(shape, generator=g) * torch.linspace(0.2, 1, shape[-1])).to(dtype)
+    b0 = torch.rand(shape, generator=g).to(dtype)
+    grads = []
+    for impl in ("reference", "fused"):
+        a = a0.clone().requires_grad_()
+        loss = ca.centroid_align_loss(a, b0, impl=impl, grid="authors")
+        loss.backward()
+        grads.append((loss.detach(), a.grad))
+    (l_ref, g_ref), (l_fast, g_fast) = grads
+    assert l_fast.dtype == l_ref.dtype
+    torch.testing.assert_close(l_fast, l_ref, rtol=tol, atol=0)
+    torch.testing.assert_close(g_fast.double(), g_ref.double(), rtol=tol, atol=tol * g_ref.abs().max().item())
+
+
+def test_dmfn_loss_takes_the_recipes_grid():
+    vgg = VGG19Features("random")
+    g = torch.Generator().manual_seed(3)
+    out, tgt = torch.rand(1, 3, 32, 32, generator=g) * 2 - 1, torch.rand(1, 3, 32, 32, generator=g) * 2 - 1
+    fo, ft = vgg(out)[3], vgg(tgt)[3]
+    for recipe in RECIPES:
+        _, terms = DMFNLoss(vgg, impl="reference", recipe=recipe)(out, tgt)
+        want = ca.centroid_align_loss_reference(fo, ft, grid=recipe)
+        torch.testing.assert_close(terms["align"], want)
+
+
+# ---- rectangle jitter: 0..16 (paper, the authors' comment) or 0..17 (authors, their code) at 256
+
+@pytest.mark.parametrize("recipe,most", [("paper", 16), ("authors", 17)])
+def test_jitter_range(recipe, most):
+    rng = np.random.default_rng(0)
+    box = (64, 64, 128, 128)
+    shrinks = set()
+    for _ in range(600):
+        m = rect_mask(256, 256, rng=rng, box=box, recipe=recipe)
+        rows, cols = np.flatnonzero(m.any(1)), np.flatnonzero(m.any(0))
+        dh, dw = rows[0] - 64, cols[0] - 64
+        assert rows[-1] == 64 + 127 - dh and cols[-1] == 64 + 127 - dw  # both sides shrink alike
+        shrinks |= {int(dh), int(dw)}
+    assert shrinks == set(range(most + 1))
+    src = MaskSource("rect", recipe=recipe)
+    assert src.recipe == recipe
+
+
+# ---- the crop is square (the authors' crop box is not when its corner is not at 0)
+
+def test_crop_keeps_the_aspect_ratio():
+    W, H = 300, 200
+    yy, xx = np.mgrid[0:H, 0:W]
+    img = Image.fromarray(np.stack([xx * 255 // (W - 1), yy * 255 // (H - 1), xx * 0], -1).astype(np.uint8))
+    rng = np.random.default_rng(5)
+    for _ in range(5):
+        a = square_resize(img, 64, rng=rng, flip=False).numpy()
+        # pixel units of the source per output pixel, along x (from R) and y (from G)
+        i = np.arange(4, 60)  # away from the resize's edge effects
+        sx = np.polyfit(i, a[0].mean(0)[i], 1)[0] * 127.5 * (W - 1) / 255
+        sy = np.polyfit(i, a[1].mean(1)[i], 1)[0] * 127.5 * (H - 1) / 255
+        assert sx == pytest.approx(sy, rel=0.05) and sx == pytest.approx(200 / 64, rel=0.05)
