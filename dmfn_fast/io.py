@@ -269,3 +269,55 @@ def inpaint_picture(model, image, mask, invert=False):
     y = np.clip(np.round(y * 255), 0, 255).astype(np.uint8) if arr.dtype == np.uint8 else y.astype(arr.dtype)
     out = np.where(hole[..., None], y, arr)
     return Image.fromarray(out) if is_pil else out
+
+
+# ---- checks the CLIs run on their flags before any work ------------------------------------
+
+def device_problem(name):
+    """Why `name` is not a usable torch device here, or None."""
+    import torch
+
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, ValueError) as e:
+        return f"{name!r} is not a device ({e}); use cpu, cuda or cuda:N"
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            return f"{name}: CUDA is not available here; use --device cpu"
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            return f"{name}: only {torch.cuda.device_count()} CUDA device(s) here"
+    elif dev.type != "cpu" and not hasattr(torch, dev.type):
+        return f"{name}: unsupported device type; use cpu or cuda"
+    return None
+
+
+def _writable_dir(d: Path):
+    return d.is_dir() and os.access(d, os.W_OK | os.X_OK)
+
+
+def output_file_problem(path):
+    """Why a file cannot be written at `path` (checked before computing), or None."""
+    p = Path(path)
+    if p.is_dir():
+        return f"{p} is a folder; give a file name"
+    parent = p.parent if str(p.parent) else Path(".")
+    if not parent.exists():
+        return f"folder {parent} does not exist; create it first"
+    if not _writable_dir(parent) or (p.exists() and not os.access(p, os.W_OK)):
+        return f"cannot write {p} (permission denied)"
+    return None
+
+
+def output_dir_problem(path):
+    """Why `path` cannot be (created and) written as an output folder, or None."""
+    p = Path(path)
+    if p.exists():
+        if not p.is_dir():
+            return f"{p} exists and is not a folder"
+        return None if _writable_dir(p) else f"cannot write in {p} (permission denied)"
+    q = p.parent
+    while not q.exists() and q != q.parent:  # the nearest existing ancestor must be a writable folder
+        q = q.parent
+    if not q.is_dir():
+        return f"cannot create {p}: {q} is not a folder"
+    return None if _writable_dir(q) else f"cannot create {p} (permission denied in {q})"
