@@ -197,3 +197,18 @@ def test_eval_invert_masks(tmp_path):
     assert evaluate.main(argv + ["--masks", str(tmp_path / "mask" / "inv.png"), "--invert-masks"]) == 0
     r = json.loads((tmp_path / "m.json").read_text())
     assert r["metrics"]["l1_hole"] == pytest.approx(10 / 255)
+
+
+def test_symlink_loops_reported_by_name_in_both_tools(tmp_path, ckpt, capsys):
+    import os
+
+    pair(tmp_path)
+    os.symlink(tmp_path / "img" / "loop.png", tmp_path / "img" / "loop.png")
+    Image.fromarray(np.zeros((16, 16), np.uint8)).save(tmp_path / "mask" / "loop.png")
+    rc = inpaint.main(["--checkpoint", str(ckpt), "--images", str(tmp_path / "img"), "--masks",
+                       str(tmp_path / "mask"), "--out", str(tmp_path / "o"), "--quiet"])
+    err = capsys.readouterr().err
+    assert rc == 1 and "1 failed" in err and "loop.png" in err and "wrote 1 of 2" in err
+    rc = evaluate.main(["--results", str(tmp_path / "img"), "--gt", str(tmp_path / "img"),
+                        "--json", str(tmp_path / "m.json")])
+    assert rc == 1 and "loop.png" in capsys.readouterr().err
