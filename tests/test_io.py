@@ -1,6 +1,5 @@
 """One image reader and one mask rule (dmfn_fast.io), shared by training, the CLIs and the Python API.
 Every file is generated in tmp_path: 16-bit, palette, alpha, CMYK, EXIF-rotated, symlink loops."""
-import io as _io
 import os
 import struct
 import zlib
