@@ -11,7 +11,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm")
+from .io import IMAGE_EXTS, open_image, pil_to_rgb
+from .io import list_images as _list_image_files
+
 # Natural photos in skimage.data; some need the optional `pooch` download and are skipped offline.
 MAX_BAD_IN_A_ROW = 10
 DEMO_NAMES = ("astronaut", "coffee", "chelsea", "rocket", "cat", "hubble_deep_field", "immunohistochemistry",
@@ -25,8 +27,7 @@ def list_images(path):
     if not os.path.exists(path):
         raise FileNotFoundError(f"data path not found: {path}")
     if os.path.isdir(path):
-        paths = sorted(os.path.join(d, f) for d, _, fs in os.walk(path) for f in fs
-                       if f.lower().endswith(IMAGE_EXTS))
+        paths = [str(p) for p in _list_image_files(path, recursive=True)]
         if not paths:
             raise ValueError(f"no images ({', '.join(IMAGE_EXTS)}) found under {path}")
         return paths
@@ -98,8 +99,9 @@ class InpaintDataset(torch.utils.data.Dataset):
     def _open(self, item):
         if isinstance(item, tuple):
             return Image.fromarray(item[1]), item[0]
-        with Image.open(item) as im:
-            return im.convert("RGB"), item
+        # the one reader: EXIF orientation, 16-bit scaling, alpha over white (dmfn_fast.io)
+        with open_image(item) as im:
+            return pil_to_rgb(im, str(item)), item
 
     def __getitem__(self, index):
         key = [self.seed, self.epoch, index, self.rank] if self.train else [self.seed, 1 << 30, index]

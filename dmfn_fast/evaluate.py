@@ -8,7 +8,9 @@ weights you supply (nothing is downloaded):
                         FID itself is torchmetrics' FrechetInceptionDistance (pip install torchmetrics).
   --lpips-vgg16 FILE    torchvision's vgg16-397923af.pth; LPIPS-VGG's linear heads come from the
                         torchmetrics package (or --lpips-lin FILE, the lpips package's weights/v0.1/vgg.pth).
-Exit status: 0 all images scored, 1 some pairs failed (reported, the others still scored), 2 nothing to score."""
+Masks: hole where the value is above half of full scale (dmfn_fast.io); --invert-masks swaps hole and known.
+Exit status: 0 all images scored, 1 some pairs failed (reported, the others still scored), 2 nothing to score
+or bad arguments (every flag, --json's folder included, is checked before scoring)."""
 import argparse
 import json
 import math
@@ -22,7 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import metrics
-from .io import lama_base, list_images, load_image, load_mask
+from .io import device_problem, lama_base, list_images, load_image, load_mask, mask_warning, output_file_problem
 
 # torchvision vgg16 `features` config; LPIPS taps relu1_2, relu2_2, relu3_3, relu4_3, relu5_3.
 _VGG16 = [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512]
@@ -151,7 +153,7 @@ def evaluate(args):
             raise FileNotFoundError(f"--masks {masks}: no such file or folder")
         mask_index = None if masks.is_file() else {p.stem: p for p in list_images(masks)}
     fid, lp, skipped = _optional(args, device)
-    rows, errors = [], []
+    rows, errors, warnings = [], [], []
     for r in list_images(results):
         try:
             g = _find(gt_index, r.stem)
@@ -166,7 +168,11 @@ def evaluate(args):
                 mp = Path(args.masks) if mask_index is None else (mask_index.get(r.stem) or mask_index.get(g.stem))
                 if mp is None:
                     raise ValueError(f"no mask for {r.name} in {args.masks}")
-                hole = load_mask(mp)
+                hole = load_mask(mp, invert=getattr(args, "invert_masks", False))
+                warning = mask_warning(hole, mp.name)
+                if warning:
+                    warnings.append({"image": r.name, "warning": warning})
+                    print(f"dmfn-eval: warning: {warning}", file=sys.stderr)
                 if hole.shape != x.shape[:2]:
                     raise ValueError(f"mask {mp.name} is {hole.shape[1]}x{hole.shape[0]}, image {x.shape[1]}x{x.shape[0]}")
         except Exception as e:
@@ -197,6 +203,7 @@ def evaluate(args):
             skipped["fid"] = "FID needs at least 2 images"
     report = {"results": str(results), "gt": str(gt), "masks": args.masks, "n_images": len(rows),
               "n_failed": len(errors), "metrics": summary, "skipped": skipped, "errors": errors,
+              "warnings": warnings,
               "notes": "images in [0, 1]; PSNR/SSIM/L1 are means of per-image values; *_hole: inside the mask only"}
     if args.per_image:
         report["per_image"] = rows
@@ -232,8 +239,23 @@ def main(argv=None) -> int:
     ap.add_argument("--fid-inception", help="TorchScript Inception feature extractor file (see above)")
     ap.add_argument("--lpips-vgg16", help="torchvision vgg16 weights file (see above)")
     ap.add_argument("--lpips-lin", help="LPIPS linear heads file (default: the copy in torchmetrics)")
+    ap.add_argument("--invert-masks", action="store_true",
+                    help="swap hole and known: for masks drawn white (or opaque) where the image is kept")
     ap.add_argument("--device", default="cpu")
     args = ap.parse_args(argv)
+    # every flag checked before any scoring (argparse error, exit 2)
+    for flag, p in (("--results", args.results), ("--gt", args.gt)):
+        if not Path(p).is_dir():
+            ap.error(f"{flag} {p}: not a folder")
+    if args.masks and not Path(args.masks).exists():
+        ap.error(f"--masks {args.masks}: no such file or folder")
+    for flag, p in (("--fid-inception", args.fid_inception), ("--lpips-vgg16", args.lpips_vgg16),
+                    ("--lpips-lin", args.lpips_lin)):
+        if p and not Path(p).is_file():
+            ap.error(f"{flag} {p}: no such file")
+    for flag, problem in (("--json", output_file_problem(args.json)), ("--device", device_problem(args.device))):
+        if problem:
+            ap.error(f"{flag}: {problem}")
     try:
         report = evaluate(args)
     except (OSError, ValueError) as e:

@@ -6,48 +6,47 @@ unchanged: the same as Generator.inpaint on tensors. After exporting, the file i
 run on a real image at two sizes and compared with the eager model; the max error is printed.
 Exit status: 0 exported and verified, 1 the check failed, 2 could not export."""
 import argparse
+import os
 import sys
 import warnings
 
 import numpy as np
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
-from .models import Generator
+from .io import output_file_problem
+from .models import Generator, generator_input, generator_output
 
+MIN_OPSET = 18  # torch.onnx.export(dynamo=True) writes opset 18 and later
 TOLERANCE = {"torchscript": 1e-4, "onnx": 1e-3}  # max abs error on the [-1, 1] scale, fp32
 
 
-class _Core(nn.Module):
-    """Generator.forward on the reference path, without its Python-side checks (they would be baked into a trace)."""
+class _Unchecked(nn.Module):
+    """The generator's forward without its Python-side shape checks (a trace would bake them in)."""
 
     def __init__(self, g: Generator):
         super().__init__()
-        self.encoder, self.blocks, self.decoder = g.encoder, g.blocks, g.decoder
+        self.g = g
 
     def forward(self, x):
-        h = self.encoder(x)
-        for b in self.blocks:
-            h = b.forward_reference(h)
-        return self.decoder(h)
+        return self.g.forward_unchecked(x)
 
 
 class InpaintModule(nn.Module):
-    """Generator.inpaint as plain tensor code: pad to a multiple of 4 (at least 8), run, crop, keep known pixels."""
+    """Generator.inpaint on tensors as exportable code: the float mask rule (> 0.5 = hole), then the
+    generator fed the one way (models.generator_input / generator_output). `net`: a Generator (on its
+    reference path) or a trace of one's check-free forward."""
 
-    def __init__(self, core: nn.Module):
+    def __init__(self, net: nn.Module):
         super().__init__()
-        self.core = core
+        if isinstance(net, Generator):
+            net.impl = "reference"  # plain PyTorch ops: no Triton in an exported graph
+            net = _Unchecked(net)
+        self.net = net
 
     def forward(self, image, mask):
-        H, W = image.shape[-2], image.shape[-1]
-        Hp, Wp = max(8, H + (4 - H % 4) % 4), max(8, W + (4 - W % 4) % 4)
         m = (mask > 0.5).to(image.dtype)
-        x = torch.cat([image * (1 - m), m], 1)
-        x = F.pad(x, [0, Wp - W, 0, Hp - H], mode="replicate")
-        out = self.core(x)[:, :, :H, :W]
-        return torch.where(m > 0.5, out, image)
+        return generator_output(self.net(generator_input(image, m)), image, m)[1]
 
 
 def _example(h, w, n=1):
@@ -60,7 +59,8 @@ def export_torchscript(g: Generator, path):
     g = g.float().cpu().eval()
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*torch.jit.trace.* is deprecated", category=Warning)
-        core = torch.jit.trace(_Core(g), torch.rand(1, 4, 64, 64) * 2 - 1, check_trace=False)  # verify() checks
+        g.impl = "reference"
+        core = torch.jit.trace(_Unchecked(g), torch.rand(1, 4, 64, 64) * 2 - 1, check_trace=False)  # verify() checks
         module = torch.jit.script(InpaintModule(core))
     module.save(str(path))
     return path
@@ -76,7 +76,7 @@ def export_onnx(g: Generator, path, opset=18):
     g = g.float().cpu().eval()
     N, H, W = torch.export.Dim("N"), torch.export.Dim("H"), torch.export.Dim("W")
     dims = {0: N, 2: H, 3: W}
-    torch.onnx.export(InpaintModule(_Core(g)).eval(), _example(64, 64), str(path), input_names=["image", "mask"],
+    torch.onnx.export(InpaintModule(g).eval(), _example(64, 64), str(path), input_names=["image", "mask"],
                       output_names=["output"], opset_version=opset, dynamo=True, verbose=False,
                       dynamic_shapes={"image": dims, "mask": dims})
     return path
@@ -126,12 +126,23 @@ def verify(g: Generator, fmt, path):
         for name, x, m in verification_images():
             want = g.inpaint(x, m)
             got = run(x, m)
+            for what, t in (("exported model", got), ("eager model", want)):
+                if not torch.isfinite(t).all():
+                    raise RuntimeError(f"the {what} returned values that are not finite (NaN or Inf) on {name}")
             if got.shape != want.shape:
                 raise RuntimeError(f"exported model returned {tuple(got.shape)} for {name}, expected {tuple(want.shape)}")
             if not torch.equal(got[m.expand_as(got) == 0], x[m.expand_as(x) == 0]):
                 raise RuntimeError(f"exported model changed known pixels on {name}")
             errors[name] = (got - want).abs().max().item()
     return errors
+
+
+def _max_opset():
+    try:
+        import onnx
+        return onnx.defs.onnx_opset_version()
+    except ImportError:
+        return 25
 
 
 def main(argv=None) -> int:
@@ -142,6 +153,14 @@ def main(argv=None) -> int:
     ap.add_argument("--opset", type=int, default=18, help="ONNX opset (default 18)")
     ap.add_argument("--no-verify", action="store_true", help="skip running the exported model")
     args = ap.parse_args(argv)
+    # every flag checked before the model is loaded
+    if not os.path.isfile(args.checkpoint):
+        ap.error(f"--checkpoint {args.checkpoint}: no such file")
+    problem = output_file_problem(args.out)
+    if problem:
+        ap.error(f"--out: {problem}")
+    if args.format == "onnx" and not MIN_OPSET <= args.opset <= _max_opset():
+        ap.error(f"--opset must be between {MIN_OPSET} and {_max_opset()}, got {args.opset}")
     try:
         g = Generator.from_pretrained(args.checkpoint, impl="reference")
         if args.format == "torchscript":

@@ -1,8 +1,11 @@
 """dmfn-inpaint: fill the holes of a file or folder of images with a DMFN generator.
 
 Exit status: 0 when every pair was written, 1 when some pairs failed (each is reported and the
-others still run; a summary closes the run), 2 when nothing could run (bad arguments, checkpoint
-or output folder)."""
+others still run; a summary closes the run), 2 when nothing could run (bad arguments, checked before
+any work; a bad checkpoint; an output folder that is refused or cannot be written; no images).
+
+Masks: a pixel is a hole where its value is above half of full scale (dmfn_fast.io); --invert-masks
+swaps hole and known. A mask whose hole covers most of its image is warned about."""
 import argparse
 import sys
 from dataclasses import dataclass
@@ -12,7 +15,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .io import load_image, load_mask, pair_images_and_masks, save_png
+from .io import (device_problem, load_image, load_mask, mask_warning, output_dir_problem, pair_images_and_masks,
+                 real_path, save_png)
 from .models import Generator
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -80,10 +84,10 @@ def run_batch(model, jobs, device):
 
 def check_output(out: Path, pairs):
     """Refuse an --out that is, or holds, one of the inputs."""
-    out = out.resolve()
+    out = real_path(out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} exists and is not a folder")
-    inputs = {p.resolve() for pair in pairs for p in pair[:2] if p is not None}
+    inputs = {real_path(p) for pair in pairs for p in pair[:2] if p is not None}
     folders = {p.parent for p in inputs}
     if out in folders:
         raise ValueError(f"--out {out} is an input folder; choose another so no input can be overwritten")
@@ -103,12 +107,23 @@ def parse_args(argv=None):
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", choices=DTYPES, default="fp32")
     ap.add_argument("--impl", choices=("auto", "reference", "fused"), default="auto")
+    ap.add_argument("--invert-masks", action="store_true",
+                    help="swap hole and known: for masks drawn white (or opaque) where the image is kept")
     ap.add_argument("--quiet", action="store_true", help="no progress bar")
     args = ap.parse_args(argv)
+    # every flag checked before any work (argparse error, exit 2)
     if args.batch_size < 1:
         ap.error("--batch-size must be >= 1")
     if args.resize is not None and args.resize < 8:
         ap.error("--resize SIZE must be >= 8")
+    if not Path(args.checkpoint).is_file():
+        ap.error(f"--checkpoint {args.checkpoint}: no such file")
+    for flag, p in (("--images", args.images), ("--masks", args.masks)):
+        if not Path(p).exists():
+            ap.error(f"{flag} {p}: no such file or folder")
+    for flag, problem in (("--device", device_problem(args.device)), ("--out", output_dir_problem(args.out))):
+        if problem:
+            ap.error(f"{flag}: {problem}")
     return args
 
 
@@ -135,7 +150,7 @@ def main(argv=None) -> int:
         print(f"dmfn-inpaint: error: no images found in {args.images}", file=sys.stderr)
         return 2
     out.mkdir(parents=True, exist_ok=True)
-    errors, written, taken = [], 0, set()
+    errors, written, taken, warnings = [], 0, set(), []
     bar = _progress(len(pairs), args.quiet)
     buckets = {}  # work size -> pending jobs, so a batch has one size
 
@@ -160,11 +175,15 @@ def main(argv=None) -> int:
             out_path = out / f"{stem}.png"
             if out_path in taken:
                 raise ValueError(f"output {out_path.name} was already written for another input of the same name")
-            image, hole = load_image(img_path), load_mask(mask_path)
+            image, hole = load_image(img_path), load_mask(mask_path, invert=args.invert_masks)
             if hole.shape != image.shape[:2]:
                 raise ValueError(f"mask is {hole.shape[1]}x{hole.shape[0]} but image is "
                                  f"{image.shape[1]}x{image.shape[0]} (W x H)")
             taken.add(out_path)
+            warning = mask_warning(hole, mask_path.name)
+            if warning:
+                warnings.append(warning)
+                print(f"dmfn-inpaint: warning: {warning}", file=sys.stderr)
         except Exception as e:
             errors.append((name, str(e)))
             if bar is not None:
@@ -187,6 +206,9 @@ def main(argv=None) -> int:
     if bar is not None:
         bar.close()
     print(f"dmfn-inpaint: wrote {written} of {len(pairs)} images to {out}", file=sys.stderr)
+    if warnings:
+        print(f"dmfn-inpaint: {len(warnings)} masks cover most of their image (see the warnings above; "
+              "--invert-masks swaps hole and known)", file=sys.stderr)
     if errors:
         print(f"dmfn-inpaint: {len(errors)} failed:", file=sys.stderr)
         for name, msg in errors:

@@ -4,10 +4,12 @@ Every generator takes a numpy Generator `rng`, so a mask is a pure function of
 its seed (what makes resumed and multi-process training reproducible).
 `MaskSource` also returns the box the local discriminator looks at."""
 import os
+import warnings
 
 import numpy as np
 from PIL import Image, ImageDraw
 
+from .io import INVERTED_FRACTION, load_mask
 from .recipes import check_recipe
 
 KINDS = ("rect", "irregular", "stroke", "mixed")
@@ -77,11 +79,18 @@ def stroke_mask(h, w, rng=None, max_strokes=4, min_vertex=4, max_vertex=12, min_
 
 
 class IrregularMasks:
-    """A folder of mask PNGs (searched recursively), resized to the training size; > 0 is a hole."""
+    """A folder of mask PNGs (searched recursively), resized to the training size.
 
-    def __init__(self, folder):
+    Read with the mask rule of dmfn_fast.io (hole = above half of full scale, e.g. > 127 for 8-bit;
+    `invert=True` swaps hole and known). The resize keeps the hole fraction: the 0/1 mask is
+    resampled bilinearly (area-averaging when shrinking) and thresholded at one half."""
+
+    CHECK_FIRST = 8  # masks read at start to warn about inverted-looking ones
+
+    def __init__(self, folder, invert=False):
         if not os.path.isdir(folder):
             raise FileNotFoundError(f"mask folder not found: {folder}")
+        self.invert = bool(invert)
         files = sorted(os.path.join(d, f) for d, _, fs in os.walk(folder) for f in fs)
         self.paths = [p for p in files if p.lower().endswith(".png")]
         if not self.paths:
@@ -89,7 +98,8 @@ class IrregularMasks:
             raise ValueError(
                 f"mask folder {folder} has no .png masks (found {len(files)} files"
                 + (f" of types {', '.join(seen[:6])}" if files else "")
-                + "); irregular masks must be PNG images where > 0 marks the hole"
+                + "); irregular masks must be PNG images where values above half of full scale "
+                "(> 127 for 8-bit) mark the hole"
             )
         for p in self.paths:  # a header read each: cheap, and fails now rather than mid-run
             try:
@@ -97,15 +107,28 @@ class IrregularMasks:
                     im.verify()
             except Exception as e:
                 raise ValueError(f"{p} is not a readable PNG mask ({type(e).__name__}: {e})") from None
+        fracs = [self._read(p).mean() for p in self.paths[: self.CHECK_FIRST]]
+        if fracs and np.mean(fracs) > INVERTED_FRACTION:
+            warnings.warn(
+                f"masks in {folder}: the holes cover {np.mean(fracs):.0%} of the image on average (first "
+                f"{len(fracs)} files); if white marks the part to keep, pass invert=True (train.py: "
+                "--invert-masks) to swap hole and known pixels", UserWarning, stacklevel=2)
 
     def __len__(self):
         return len(self.paths)
 
+    def _read(self, path):
+        return load_mask(path, invert=self.invert)
+
     def __call__(self, h, w, rng=None):
         rng = _rng(rng)
-        with Image.open(self.paths[int(rng.integers(len(self.paths)))]) as im:
-            m = np.asarray(im.convert("L").resize((w, h), Image.BICUBIC))
-        return (m > 0).astype(np.float32)
+        hole = self._read(self.paths[int(rng.integers(len(self.paths)))])
+        if hole.shape != (h, w):
+            # Bilinear on the 0/1 mask (Pillow widens the filter when shrinking, so it averages the
+            # area), then half: the hole fraction survives, unlike bicubic followed by > 0.
+            f = Image.fromarray(hole.astype(np.float32), "F").resize((w, h), Image.BILINEAR)
+            hole = np.asarray(f) > 0.5
+        return hole.astype(np.float32)
 
 
 class MaskSource:
@@ -114,15 +137,17 @@ class MaskSource:
     the unjittered hole box for rect masks, a random half-size box otherwise (as the authors).
 
     kind: rect | irregular (needs `folder`) | stroke | mixed (`probs`: {kind: p}, default
-    equal over the available kinds). recipe: see `rect_mask`."""
+    equal over the available kinds). invert=True swaps hole and known in the mask files (irregular
+    masks drawn white = keep); it does not touch the generated rect and stroke masks. recipe: see
+    `rect_mask`."""
 
-    def __init__(self, kind="rect", folder=None, probs=None, hole=None, jitter=None, center=False,
+    def __init__(self, kind="rect", folder=None, probs=None, hole=None, jitter=None, center=False, invert=False,
                  recipe="paper"):
         self.recipe = check_recipe(recipe)
         if kind not in KINDS:
             raise ValueError(f"mask kind must be one of {KINDS}, got {kind!r}")
         self.kind, self.hole, self.jitter, self.center = kind, hole, jitter, center
-        self.irregular = IrregularMasks(folder) if folder and kind in ("irregular", "mixed") else None
+        self.irregular = IrregularMasks(folder, invert) if folder and kind in ("irregular", "mixed") else None
         if kind == "irregular" and self.irregular is None:
             raise ValueError("mask kind 'irregular' needs a mask folder (--mask-dir)")
         if kind == "mixed":

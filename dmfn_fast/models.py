@@ -142,36 +142,48 @@ def _generator_arch(sd, path="checkpoint"):
     return dict(in_channels=w.shape[1], out_channels=out_channels, nf=w.shape[0], n_blocks=len(blocks))
 
 
-def _inpaint_picture(model, image, mask):
-    """Generator.inpaint for a PIL image or numpy array: same type and dtype out, known pixels as given."""
-    import numpy as np
-    from PIL import Image
+def _check_finite(sd, path="checkpoint"):
+    """Refuse weights holding NaN or Inf (a diverged run or a damaged file): they would give NaN images."""
+    for k, v in sd.items():
+        if torch.is_tensor(v) and v.is_floating_point() and not torch.isfinite(v).all():
+            bad = int((~torch.isfinite(v)).sum())
+            raise ValueError(
+                f"{path}: tensor {k!r} holds NaN or Inf ({bad} of {v.numel()} values); the checkpoint is "
+                "damaged or training diverged: use an earlier checkpoint"
+            )
 
-    from .io import mask_to_bool
 
-    if not isinstance(image, (Image.Image, np.ndarray)):
-        raise TypeError(f"image must be a tensor, PIL image or numpy array, got {type(image).__name__}")
-    is_pil = isinstance(image, Image.Image)
-    arr = np.asarray(image.convert("RGB")) if is_pil else image
-    if arr.ndim != 3 or arr.shape[2] != 3:
-        raise ValueError(f"image array must be [H, W, 3] (RGB), got shape {arr.shape}")
-    hole = mask_to_bool(mask)
-    if hole.shape != arr.shape[:2]:
-        raise ValueError(f"mask size {hole.shape} does not match image size {arr.shape[:2]}")
-    if arr.dtype == np.uint8:
-        x = torch.tensor(arr).permute(2, 0, 1).float() / 127.5 - 1
-    elif np.issubdtype(arr.dtype, np.floating):
-        if not np.isfinite(arr).all() or arr.min() < 0 or arr.max() > 1:
-            raise ValueError("float image arrays must be finite and in [0, 1]")
-        x = torch.from_numpy(arr.astype(np.float32)).permute(2, 0, 1) * 2 - 1
-    else:
-        raise TypeError(f"image array must be uint8 or float in [0, 1], got {arr.dtype}")
-    m = torch.from_numpy(hole)[None, None].float()
-    y = model.inpaint(x[None].clamp(-1, 1), m)[0].permute(1, 2, 0).float().numpy()
-    y = (y + 1) / 2
-    y = np.clip(np.round(y * 255), 0, 255).astype(np.uint8) if arr.dtype == np.uint8 else y.astype(arr.dtype)
-    out = np.where(hole[..., None], y, arr)
-    return Image.fromarray(out) if is_pil else out
+# ---- the one way to feed the generator: masked input, padding, crop, composite ----------
+# Written once, used by Generator.inpaint, the exported model (export.py, scripted), training and
+# validation. Plain tensor code, so TorchScript and torch.export take it as it is.
+
+def generator_input(image: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """[N, 4, Hp, Wp]: `image` with the holes zeroed, then `mask` (0/1, 1 = missing), padded at the
+    bottom and right by edge replication to multiples of 4 (the two stride-2 stages), at least 8 (so
+    instance norm at the bottleneck sees more than one pixel). Always pads (maybe by 0) so that
+    exported graphs have no shape-dependent branch."""
+    H, W = image.shape[-2], image.shape[-1]
+    Hp, Wp = max(8, H + (4 - H % 4) % 4), max(8, W + (4 - W % 4) % 4)
+    mask = mask.to(image.dtype)
+    x = torch.cat([image * (1 - mask), mask], 1)
+    return F.pad(x, [0, Wp - W, 0, Hp - H], mode="replicate")
+
+
+def generator_output(y: torch.Tensor, image: torch.Tensor, mask: torch.Tensor):
+    """(raw, composite) from the generator's output `y` on `generator_input(image, mask)`: raw is `y`
+    cropped to the image (for the losses), composite has the generated pixels in the hole and the
+    known pixels of `image`, bit-exact, elsewhere (differentiable in raw)."""
+    raw = y[:, :, : image.shape[-2], : image.shape[-1]]
+    return raw, torch.where(mask > 0.5, raw, image)
+
+
+def feed_generator(G, image, mask):
+    """(raw, composite) = G on the masked, padded `image`, cropped, composited; any H and W.
+
+    G: a Generator, or the same wrapped by DDP or torch.compile (called as G(x), so DDP syncs).
+    image [N, 3, H, W] in [-1, 1], mask [N, 1, H, W] 0/1 (1 = missing), on G's device. Works with
+    gradients and under autocast (raw in autocast's dtype; composite promoted to image's dtype)."""
+    return generator_output(G(generator_input(image, mask)), image, mask)
 
 
 class Generator(nn.Module):
@@ -218,7 +230,15 @@ class Generator(nn.Module):
                 f"Generator.forward needs H and W divisible by 4, got {x.shape[2]}x{x.shape[3]}; "
                 "use Generator.inpaint for any size"
             )
+        return self.forward_unchecked(x)
+
+    def forward_unchecked(self, x):
+        """forward without the Python-side shape checks (which a trace would bake in): for export."""
         return self.decoder(self.blocks(self.encoder(x)))
+
+    def fill(self, image, mask):
+        """(raw, composite): feed_generator(self, image, mask), for one image batch on this model's device."""
+        return feed_generator(self, image, mask)
 
     @classmethod
     def from_pretrained(cls, path, impl="auto", map_location="cpu"):
@@ -231,32 +251,32 @@ class Generator(nn.Module):
         except Exception as e:
             raise ValueError(f"{path}: cannot load checkpoint ({type(e).__name__}: {str(e)[:300]})") from None
         sd = _generator_state(obj, path)
+        _check_finite(sd, path)
         model = cls(**_generator_arch(sd, path), impl=impl, init=False)
         model.load_state_dict(sd)
         return model.eval()
 
-    def inpaint(self, image, mask):
+    def inpaint(self, image, mask, invert=False):
         """Fill the holes of `image` where `mask` is a hole. Any H, W; known pixels come back bit-exact.
 
         Tensors: image [N, C, H, W] (or [C, H, W]) float in [-1, 1], mask [N, 1, H, W] 0/1 (1 = missing);
         returns a tensor like `image`, with gradients. PIL image / numpy array (uint8 [H, W, 3], or float
-        in [0, 1]): mask a PIL image or array, white / non-zero = hole (see dmfn_fast.io.mask_to_bool);
-        returns the same type and dtype as `image`, computed without gradients."""
+        in [0, 1]): read as displayed, mask a PIL image or array under the mask rule of dmfn_fast.io
+        (hole = above half of full scale); returns the same type (and dtype) as `image`, without
+        gradients, and warns when the hole covers most of the image. invert=True swaps hole and known."""
         if not torch.is_tensor(image):
+            from .io import inpaint_picture  # PIL handling lives in io, imported only when used
+
             with torch.no_grad():
-                return _inpaint_picture(self, image, mask)
+                return inpaint_picture(self, image, mask, invert)
         image, mask = check_image_and_mask(image, mask, self.in_channels - 1)
-        H, W = image.shape[-2:]
-        # Multiples of 4 for the two stride-2 stages, and at least 8 so that instance norm
-        # at the bottleneck sees more than one pixel.
-        Hp, Wp = max(8, H + (-H) % 4), max(8, W + (-W) % 4)
-        m = mask.to(image.dtype)
-        x = torch.cat([image * (1 - m), m], 1)
-        if (Hp, Wp) != (H, W):
-            x = F.pad(x, (0, Wp - W, 0, Hp - H), mode="replicate")
+        mask = mask.to(image.dtype)
+        if invert:
+            mask = 1 - mask
         p = next(self.parameters())
-        out = self(x.to(p.device, p.dtype))[..., :H, :W].to(image.device, image.dtype)
-        return torch.where(mask.bool(), out, image)
+        y = self(generator_input(image.to(p.device, p.dtype), mask.to(p.device, p.dtype)))
+        # composite in the input's dtype and device, so known pixels stay bit-exact
+        return generator_output(y.to(image.device, image.dtype), image, mask)[1]
 
     def load_state_dict(self, state_dict, strict=True, assign=False):
         if not strict:
