@@ -45,7 +45,7 @@ def _make_case(what, impl, dtype, N, H, W):
         ws = [(torch.randn(C, C, 3, 3, device=DEVICE) * 0.05).to(dtype).contiguous(
             memory_format=torch.channels_last).requires_grad_() for _ in range(4)]
         bs = [torch.zeros(C, device=DEVICE, dtype=dtype, requires_grad=True) for _ in range(4)]
-        fn = ops.dmfb_branches if impl == "fused" else ops.dmfb_branches_reference
+        fn = ops.dmfb_branches if impl == "fast" else ops.dmfb_branches_reference
         return (lambda x: fn(x, ws, bs)), h, ws + bs
     if what == "dmfb":
         model = DMFB(4 * C, C, impl=impl)
@@ -71,13 +71,13 @@ def _step(fn, x, params, mode):
     return y
 
 
-@pytest.mark.parametrize("impl", ["reference", "fused"])
+@pytest.mark.parametrize("impl", ["reference", "fast"])
 @pytest.mark.parametrize("dtype", list(DTYPES))
 @pytest.mark.parametrize("size", SIZES, ids=lambda s: f"N{s[0]}-{s[1]}x{s[2]}")
 @pytest.mark.parametrize("mode", ["fwd", "fwd+bwd"])
 @pytest.mark.parametrize("what", ["branches", "dmfb", "generator"])
 def test_bench_dmfb(benchmark, what, mode, size, dtype, impl):
-    if impl == "fused":
+    if impl == "fast":
         cuda_or_skip()
         if ops.triton_unavailable_reason():
             pytest.skip(ops.triton_unavailable_reason())
@@ -109,7 +109,7 @@ def test_bench_dmfb(benchmark, what, mode, size, dtype, impl):
         del out
         benchmark.extra_info.update(cuda_median_ms=ms, peak_mem_mib=peak)
         line = f"[dmfb bench] {benchmark.group} {impl}: {ms:.3f} ms (CUDA median), peak +{peak:.0f} MiB"
-        if what == "branches" and mode == "fwd" and impl == "fused":
+        if what == "branches" and mode == "fwd" and impl == "fast":
             nbytes = x.numel() * x.element_size() * 5  # read h (C channels), write the cat (4C)
             bound_ms = nbytes / _copy_bandwidth() * 1e3
             benchmark.extra_info.update(copy_bound_ms=bound_ms, pct_of_copy_bound=100 * bound_ms / ms)

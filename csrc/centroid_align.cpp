@@ -1,4 +1,4 @@
-// dmfn_fast::centroid_align_{fwd,bwd}: schema and CPU kernels.
+// dmfn_fast::centroid_align_{fwd,bwd}: CPU kernels (schema: dmfn_fast/ops/centroid_align.py).
 //
 // Forward reads each map once and keeps, per (n, c), S0 = sum f, Sx = sum f*u,
 // Sy = sum f*v with u, v made from the pixel index (u along W, v along H, as in
@@ -231,12 +231,8 @@ at::Tensor bwd_cpu(const at::Tensor& grad, const at::Tensor& stats_in, const at:
 
 }  // namespace
 
-TORCH_LIBRARY(dmfn_fast, m) {
-  m.set_python_module("dmfn_fast.ops.centroid_align");
-  m.def("centroid_align_fwd(Tensor f_out, Tensor f_tgt) -> (Tensor, Tensor)");
-  m.def("centroid_align_bwd(Tensor grad, Tensor stats, Tensor like, int which) -> Tensor");
-}
-
+// The schema is defined in Python (dmfn_fast/ops/centroid_align.py, at import, with its fake kernel and
+// autograd); this library only adds kernels, checked against that schema by the dispatcher.
 TORCH_LIBRARY_IMPL(dmfn_fast, CPU, m) {
   m.impl("centroid_align_fwd", &fwd_cpu);
   m.impl("centroid_align_bwd", &bwd_cpu);

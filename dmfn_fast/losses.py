@@ -69,7 +69,7 @@ class DMFNLoss(nn.Module):
     """The generator's total loss. Returns (total, {term: value}) so training can log every term.
 
     Terms whose inputs are not given (no discriminator outputs) are left out.
-    `impl` picks the alignment loss's implementation ("auto", "reference", "fused").
+    `impl` picks the alignment loss's implementation ("auto", "reference", "fast").
     `recipe` "paper" measures the alignment loss's centroids on the paper's grid (v along the
     height), "authors" on their code's (v along the width; see dmfn_fast.recipes)."""
 

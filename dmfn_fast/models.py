@@ -6,8 +6,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .ops import dmfb as _dmfb_ops
-from .ops._impl import check_impl, use_fast
+from .ops._impl import check_impl
+from .ops.dmfb import DMFBParams, dmfb_block, dmfb_block_reference
 from .recipes import check_recipe
 
 
@@ -40,32 +40,37 @@ class UpBlock(nn.Module):
 
 
 class DMFB(nn.Module):
-    """Dense multi-scale fusion block: four dilated 3x3 branches, summed cumulatively."""
+    """Dense multi-scale fusion block: four dilated 3x3 branches, summed cumulatively.
+    The computation lives in dmfn_fast/ops/dmfb.py (reference and fused path, chosen by `impl`)."""
 
     dilations = (1, 2, 4, 8)
 
     def __init__(self, channels=256, inner=64, impl="auto"):
         super().__init__()
-        self.impl = check_impl(impl)
+        self.impl = impl
         self.c1 = nn.Conv2d(channels, inner, 3, 1, 1)
         for i, d in enumerate(self.dilations, 1):
             setattr(self, f"d{i}", nn.Conv2d(inner, inner, 3, 1, d, d))
         self.c2 = nn.Conv2d(4 * inner, channels, 3, 1, 1)
 
+    @property
+    def impl(self):
+        return self._impl
+
+    @impl.setter
+    def impl(self, value):
+        self._impl = check_impl(value)
+
+    def params(self) -> DMFBParams:
+        ds = (self.d1, self.d2, self.d3, self.d4)
+        return DMFBParams(self.c1.weight, self.c1.bias, tuple(d.weight for d in ds), tuple(d.bias for d in ds),
+                          self.c2.weight, self.c2.bias, self.dilations)
+
     def forward(self, x):
-        ok, why = _dmfb_ops.can_fuse(x)
-        if use_fast(self.impl, ok, why) and (self.impl == "fused" or _dmfb_ops.auto_prefers_fused(x)):
-            return _dmfb_ops.dmfb_fused(self, x)
-        return self.forward_reference(x)
+        return dmfb_block(x, self.params(), self.impl)
 
     def forward_reference(self, x):
-        h = F.relu(F.instance_norm(self.c1(x)))
-        k1 = self.d1(h)
-        k2 = k1 + self.d2(h)
-        k3 = k2 + self.d3(h)
-        k4 = k3 + self.d4(h)
-        t = F.relu(F.instance_norm(torch.cat([k1, k2, k3, k4], 1)))
-        return x + F.instance_norm(self.c2(t))
+        return dmfb_block_reference(x, self.params())
 
 
 def init_weights(module: nn.Module, std: float = 0.02, recipe: str = "paper") -> None:
@@ -218,7 +223,7 @@ class Generator(nn.Module):
     def impl(self, value):
         self._impl = check_impl(value)
         for b in self.blocks:
-            b.impl = value
+            b.impl = self._impl
 
     def forward(self, x):
         if x.dim() != 4 or x.shape[1] != self.in_channels:

@@ -41,10 +41,10 @@ def _dilation(j, D1: tl.constexpr, D2: tl.constexpr, D3: tl.constexpr, D4: tl.co
 
 
 @triton.jit
-def _branches_fwd(
+def branches_fwd(
     h_ptr, w_ptr, b_ptr, out_ptr,
     dt_ptr, mean_ptr, rstd_ptr, sa_ptr, sb_ptr,
-    H, W, C,
+    N, H, W, C,
     D1: tl.constexpr, D2: tl.constexpr, D3: tl.constexpr, D4: tl.constexpr,
     MODE: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -125,8 +125,8 @@ def _branches_fwd(
 
 
 @triton.jit
-def _branches_dgrad(
-    g_ptr, w_ptr, dh_ptr, H, W, C,
+def branches_dgrad(
+    g_ptr, w_ptr, dh_ptr, N, H, W, C,
     D1: tl.constexpr, D2: tl.constexpr, D3: tl.constexpr, D4: tl.constexpr,
     UPCAST: tl.constexpr, PREC: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -172,7 +172,7 @@ def _branches_dgrad(
 
 
 @triton.jit
-def _branches_wgrad(
+def branches_wgrad(
     h_ptr, g_ptr, dw_ptr, db_ptr, NP, H, W, C, PIX_PER_SPLIT,
     D1: tl.constexpr, D2: tl.constexpr, D3: tl.constexpr, D4: tl.constexpr,
     UPCAST: tl.constexpr, PREC: tl.constexpr,
@@ -223,7 +223,7 @@ def _branches_wgrad(
 
 
 @triton.jit
-def _suffix_sum(g_ptr, out_ptr, NP, C, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+def suffix_sum(g_ptr, out_ptr, NP, C, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
     """G_j = g_j + ... + g_4 over the four C-channel chunks of [NP, 4C]."""
     p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -240,47 +240,18 @@ def _autotuned(fn, name, key, reset=()):
     return triton.autotune(configs=CONFIGS[name], key=key, reset_to_zero=list(reset) or None)(fn)
 
 
-_CONV_KEY = ["H", "W", "C"]
-branches_fwd_lowp = _autotuned(_branches_fwd, "fwd_lowp", _CONV_KEY)
-branches_fwd_f32 = _autotuned(_branches_fwd, "fwd_f32", _CONV_KEY)
-branches_grad_lowp = _autotuned(_branches_fwd, "grad_lowp", _CONV_KEY)
-branches_grad_f32 = _autotuned(_branches_fwd, "grad_f32", _CONV_KEY)
-branches_dgrad_lowp = _autotuned(_branches_dgrad, "dgrad_lowp", _CONV_KEY)
-branches_dgrad_f32 = _autotuned(_branches_dgrad, "dgrad_f32", _CONV_KEY)
-branches_wgrad_lowp = _autotuned(_branches_wgrad, "wgrad_lowp", ["NP", "C"], ("dw_ptr", "db_ptr"))
-branches_wgrad_f32 = _autotuned(_branches_wgrad, "wgrad_f32", ["NP", "C"], ("dw_ptr", "db_ptr"))
-suffix_sum = _suffix_sum
-
-
-def compile_specs(dtype="bf16"):
-    """(name, jit fn, signature, constexprs, options, args divisible by 16) for every kernel at
-    every config, as a launch on `dtype` activations with C % 16 == 0 specializes them.
-    dtype "tf32": fp32 activations with TF32 dots (what fp32 runs when cuDNN's TF32 is allowed)."""
-    lowp = dtype not in ("fp32", "tf32")
-    cls = "lowp" if lowp else "f32"
-    act = "*fp32" if dtype == "tf32" else "*" + dtype
-    dil = dict(D1=1, D2=2, D3=4, D4=8)
-    flags = dict(UPCAST=False, PREC="ieee" if dtype == "fp32" else "tf32")
-    f32 = "*fp32"
-    fwd_sig = dict(h_ptr=act, w_ptr=act, b_ptr=act, out_ptr=act, dt_ptr=act,
-                   mean_ptr=f32, rstd_ptr=f32, sa_ptr=f32, sb_ptr=f32, H="i32", W="i32", C="i32")
-    dgrad_sig = dict(g_ptr=act, w_ptr=act, dh_ptr=act, H="i32", W="i32", C="i32")
-    wgrad_sig = dict(h_ptr=act, g_ptr=act, dw_ptr=f32, db_ptr=f32, NP="i32", H="i32", W="i32", C="i32",
-                     PIX_PER_SPLIT="i32")
-    specs = []
-    for name, fn, sig, extra, div in (
-        ("fwd", _branches_fwd, fwd_sig, dict(MODE=0), ("C",)),
-        ("grad", _branches_fwd, fwd_sig, dict(MODE=1), ("C",)),
-        ("dgrad", _branches_dgrad, dgrad_sig, {}, ("C",)),
-        ("wgrad", _branches_wgrad, wgrad_sig, {}, ("C", "PIX_PER_SPLIT")),
-    ):
-        for cfg in CONFIGS[f"{name}_{cls}"]:
-            cx = dict(dil, **flags, **extra, **cfg.kwargs)
-            full = dict(sig, **{k: "constexpr" for k in cx})
-            ptrs = tuple(k for k, v in sig.items() if v.startswith("*"))
-            opts = dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-            specs.append((f"{name}_{cls}[{cfg}]", fn, full, cx, opts, ptrs + div))
-    sig = dict(g_ptr=act, out_ptr=act, NP="i32", C="i32", BLOCK_P="constexpr", BLOCK_C="constexpr")
-    specs.append(("suffix_sum", _suffix_sum, sig, dict(BLOCK_P=64, BLOCK_C=64), dict(num_warps=4),
-                  ("g_ptr", "out_ptr", "C")))
-    return specs
+# Autotune keys: everything that changes the work or the code. The best tile depends on the batch too
+# (N: how many programs fill the GPU), and PREC (TF32 or IEEE dots) switches with cudnn.allow_tf32 at run
+# time within one dtype class. The kernels do not read N; it is passed for the key. (Tensor dtypes are
+# part of every key already.)
+_CONV_KEY = ["N", "H", "W", "C", "MODE", "PREC"]
+_DGRAD_KEY = ["N", "H", "W", "C", "PREC"]
+_WGRAD_KEY = ["NP", "H", "W", "C", "PREC"]
+branches_fwd_lowp = _autotuned(branches_fwd, "fwd_lowp", _CONV_KEY)
+branches_fwd_f32 = _autotuned(branches_fwd, "fwd_f32", _CONV_KEY)
+branches_grad_lowp = _autotuned(branches_fwd, "grad_lowp", _CONV_KEY)
+branches_grad_f32 = _autotuned(branches_fwd, "grad_f32", _CONV_KEY)
+branches_dgrad_lowp = _autotuned(branches_dgrad, "dgrad_lowp", _DGRAD_KEY)
+branches_dgrad_f32 = _autotuned(branches_dgrad, "dgrad_f32", _DGRAD_KEY)
+branches_wgrad_lowp = _autotuned(branches_wgrad, "wgrad_lowp", _WGRAD_KEY, ("dw_ptr", "db_ptr"))
+branches_wgrad_f32 = _autotuned(branches_wgrad, "wgrad_f32", _WGRAD_KEY, ("dw_ptr", "db_ptr"))

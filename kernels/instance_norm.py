@@ -13,10 +13,10 @@ NUM_WARPS = 4
 
 
 @triton.jit
-def _in_stats(x_ptr, shift_ptr, sum_ptr, sumsq_ptr, HW, C, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+def in_stats(x_ptr, shift_ptr, sum_ptr, sumsq_ptr, HW, C, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
     """sum_ptr[n, c] += sum over a pixel tile of (x - shift), sumsq_ptr of its square (fp32 atomics).
     The shift, x at the image's first pixel, keeps E[d^2] - E[d]^2 exact when |mean| >> std;
-    the first tile stores it for _in_apply."""
+    the first tile stores it for in_apply."""
     tiles = tl.cdiv(HW, BLOCK_P)
     n = tl.program_id(0) // tiles
     t = tl.program_id(0) % tiles
@@ -35,7 +35,7 @@ def _in_stats(x_ptr, shift_ptr, sum_ptr, sumsq_ptr, HW, C, BLOCK_P: tl.constexpr
 
 
 @triton.jit
-def _in_apply(x_ptr, res_ptr, y_ptr, shift_ptr, sum_ptr, sumsq_ptr, mean_ptr, rstd_ptr, HW, C, eps,
+def in_apply(x_ptr, res_ptr, y_ptr, shift_ptr, sum_ptr, sumsq_ptr, mean_ptr, rstd_ptr, HW, C, eps,
               RELU: tl.constexpr, RESIDUAL: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
     """y = relu?((x - mean) * rstd) (+ res), from sums of x - shift and their squares; the first pixel
     tile of each image also writes mean and rstd."""
@@ -65,7 +65,7 @@ def _in_apply(x_ptr, res_ptr, y_ptr, shift_ptr, sum_ptr, sumsq_ptr, mean_ptr, rs
 
 
 @triton.jit
-def _in_bwd_reduce(dy_ptr, x_ptr, mean_ptr, rstd_ptr, sa_ptr, sb_ptr, HW, C,
+def in_bwd_reduce(dy_ptr, x_ptr, mean_ptr, rstd_ptr, sa_ptr, sb_ptr, HW, C,
                    RELU: tl.constexpr, FROM_Y: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
     """sa += sum dz, sb += sum dz * xhat, with dz = dy (masked by xhat > 0 under ReLU).
     FROM_Y: x_ptr holds y = relu(xhat), which equals xhat wherever dz is non-zero."""
@@ -92,7 +92,7 @@ def _in_bwd_reduce(dy_ptr, x_ptr, mean_ptr, rstd_ptr, sa_ptr, sb_ptr, HW, C,
 
 
 @triton.jit
-def _in_bwd_apply(dy_ptr, x_ptr, mean_ptr, rstd_ptr, sa_ptr, sb_ptr, dx_ptr, HW, C,
+def in_bwd_apply(dy_ptr, x_ptr, mean_ptr, rstd_ptr, sa_ptr, sb_ptr, dx_ptr, HW, C,
                   RELU: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
     """dx = rstd * (dz - mean(dz) - xhat * mean(dz * xhat))."""
     tiles = tl.cdiv(HW, BLOCK_P)
@@ -113,33 +113,3 @@ def _in_bwd_apply(dy_ptr, x_ptr, mean_ptr, rstd_ptr, sa_ptr, sb_ptr, dx_ptr, HW,
         dz = tl.where(xh > 0, dy, 0.0)
     dx = rstd[None, :] * (dz - ga[None, :] - xh * gb[None, :])
     tl.store(dx_ptr + off, dx.to(dx_ptr.dtype.element_ty), mask=m)
-
-
-in_stats = _in_stats
-in_apply = _in_apply
-in_bwd_reduce = _in_bwd_reduce
-in_bwd_apply = _in_bwd_apply
-
-
-def compile_specs(dtype="bf16"):
-    """(name, jit fn, signature, constexprs, options, args divisible by 16) for every kernel, as a
-    launch on `dtype` activations with C % 16 == 0 specializes them."""
-    act, f32 = "*" + dtype, "*fp32"
-    tiles = dict(BLOCK_P=BLOCK_P, BLOCK_C=BLOCK_C)
-    opts = dict(num_warps=NUM_WARPS)
-    specs = [
-        ("in_stats", _in_stats, dict(x_ptr=act, shift_ptr=f32, sum_ptr=f32, sumsq_ptr=f32, HW="i32", C="i32"), {}),
-        ("in_apply", _in_apply, dict(x_ptr=act, res_ptr=act, y_ptr=act, shift_ptr=f32, sum_ptr=f32, sumsq_ptr=f32,
-                                     mean_ptr=f32, rstd_ptr=f32, HW="i32", C="i32", eps="fp32"),
-         dict(RELU=True, RESIDUAL=True)),
-        ("in_bwd_reduce", _in_bwd_reduce, dict(dy_ptr=act, x_ptr=act, mean_ptr=f32, rstd_ptr=f32, sa_ptr=f32,
-                                               sb_ptr=f32, HW="i32", C="i32"), dict(RELU=True, FROM_Y=False)),
-        ("in_bwd_apply", _in_bwd_apply, dict(dy_ptr=act, x_ptr=act, mean_ptr=f32, rstd_ptr=f32, sa_ptr=f32,
-                                             sb_ptr=f32, dx_ptr=act, HW="i32", C="i32"), dict(RELU=True)),
-    ]
-    out = []
-    for name, fn, sig, cx in specs:
-        cx = dict(cx, **tiles)
-        ptrs = tuple(k for k, v in sig.items() if v.startswith("*"))
-        out.append((name, fn, dict(sig, **{k: "constexpr" for k in cx}), cx, opts, ptrs + ("C",)))
-    return out

@@ -8,6 +8,7 @@ bf16/fp16 1e-2.
 import os
 import shutil
 import subprocess
+import sys
 import warnings
 
 import pytest
@@ -24,7 +25,7 @@ cuda_ext = pytest.mark.skipif(not (torch.cuda.is_available() and ca.has_kernel("
 
 
 def fast(a, b):
-    return ca.centroid_align_loss(a, b, impl="fused")
+    return ca.centroid_align_loss(a, b, impl="fast")
 
 
 def rand(shape, seed, dtype=torch.float32, device="cpu", layout="contiguous"):
@@ -239,8 +240,8 @@ def test_missing_extension_falls_back_with_one_warning(monkeypatch):
     assert len([w for w in record if "extension" in str(w.message)]) == 1
     assert "simulated" in str(record[0].message)
     assert torch.equal(first, ca.centroid_align_loss_reference(a, b)) and torch.equal(first, second)
-    with pytest.raises(RuntimeError, match="fused"):
-        ca.centroid_align_loss(a, b, impl="fused")
+    with pytest.raises(RuntimeError, match="impl='fast'.*simulated"):
+        ca.centroid_align_loss(a, b, impl="fast")
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         ca.centroid_align_loss(a, b)  # no second warning
@@ -253,9 +254,79 @@ def test_jit_build_is_tried_when_the_built_module_is_missing(monkeypatch):
     monkeypatch.setattr(ca, "_ops_registered", lambda: False)
     monkeypatch.setitem(ca._ext_state, "loaded", None)
     monkeypatch.setattr(_impl, "_warned", set())
-    with pytest.warns(RuntimeWarning):  # the fake JIT registers nothing, so it still falls back
-        ca.extension_available()
+    assert not ca.extension_available()  # the fake JIT registers nothing, so it still falls back
     assert tried == ["built", "jit"]
+
+
+def test_schema_fake_and_autograd_registered_at_import():
+    """Importing the module registers the op's schema, fake kernel and autograd, before any kernel loads
+    (the extension loads, or JIT-builds, on first use only). The built .so adds kernels only."""
+    code = (
+        "import torch\n"
+        "from dmfn_fast.ops import centroid_align as ca\n"
+        "from torch._library.simple_registry import singleton\n"
+        "assert ca._ext_state['loaded'] is None\n"
+        "q = 'dmfn_fast::centroid_align_fwd'\n"
+        "assert not torch._C._dispatch_has_kernel_for_dispatch_key(q, 'CPU')\n"
+        "assert torch._C._dispatch_has_kernel_for_dispatch_key(q, 'Autograd')\n"
+        "for op in ('centroid_align_fwd', 'centroid_align_bwd'):\n"
+        "    assert singleton.find('dmfn_fast::' + op).fake_impl.kernel is not None, op\n"
+        "print(torch.ops.dmfn_fast.centroid_align_fwd.default._schema)\n")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "centroid_align_fwd(Tensor f_out, Tensor f_tgt) -> (Tensor, Tensor)" in p.stdout
+
+
+@ext
+def test_built_module_loads_before_or_after_the_schema():
+    """`import dmfn_fast._C` before the Python module (kernels registered before the schema) works too."""
+    code = ("import torch, importlib\n"
+            "importlib.import_module('dmfn_fast._C')\n"
+            "from dmfn_fast.ops import centroid_align as ca\n"
+            "a = torch.rand(2, 3, 4, 5)\n"
+            "got = ca.centroid_align_loss(a, a.flip(-1), impl='fast')\n"
+            "torch.testing.assert_close(got, ca.centroid_align_loss_reference(a, a.flip(-1)), rtol=1e-5, atol=0)\n"
+            "print('OK')\n")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0 and "OK" in p.stdout, p.stderr[-3000:]
+
+
+def test_sources_are_located():
+    src = ca.csrc_dir()
+    for f in ("centroid_align.cpp", "centroid_align_cuda.cpp", "centroid_align_kernel.cu", "centroid_align.h",
+              "centroid_align_kernel.h"):
+        assert os.path.isfile(os.path.join(src, f)), f
+
+
+def test_sources_located_in_an_installed_package(tmp_path, monkeypatch):
+    """An installed package has dmfn_fast/csrc beside the ops; that copy wins over any checkout."""
+    pkg = tmp_path / "dmfn_fast"
+    (pkg / "ops").mkdir(parents=True)
+    shutil.copytree(ca.csrc_dir(), pkg / "csrc")
+    monkeypatch.setattr(ca, "__file__", str(pkg / "ops" / "centroid_align.py"))
+    assert ca.csrc_dir() == str(pkg / "csrc")
+    shutil.rmtree(pkg / "csrc")
+    with pytest.raises(FileNotFoundError, match="sources"):
+        ca.csrc_dir()
+
+
+def test_wheel_ships_the_sources(tmp_path):
+    """A normal (non-editable) install carries csrc/ as dmfn_fast/csrc, so the JIT-build fallback finds
+    its sources there; the Triton kernels as dmfn_fast/kernels. (A wheel build without the extension.)"""
+    import zipfile
+
+    env = dict(os.environ, DMFN_NO_EXT="1")
+    r = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
+                        "-w", str(tmp_path), ROOT], capture_output=True, text=True, timeout=300, env=env,
+                       cwd=tmp_path)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    wheel, = tmp_path.glob("dmfn_fast-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    for f in ("centroid_align.cpp", "centroid_align.h", "centroid_align_cuda.cpp", "centroid_align_kernel.cu",
+              "centroid_align_kernel.h"):
+        assert f"dmfn_fast/csrc/{f}" in names, sorted(names)
+    for f in ("__init__.py", "dmfb_branches.py", "instance_norm.py"):
+        assert f"dmfn_fast/kernels/{f}" in names
 
 
 # ---------------------------------------------------------------- CUDA

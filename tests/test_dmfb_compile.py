@@ -13,6 +13,7 @@ import sys
 import tempfile
 
 import pytest
+from dmfb_kernel_specs import compile_specs  # tests/dmfb_kernel_specs.py (test-only, beside this file)
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
 
@@ -46,23 +47,15 @@ def _compile_and_inspect(fn, signature, constexprs, options, divisible, cap):
     return dict(usage, **ops)
 
 
-def _modules(dtype):
-    from dmfn_fast.kernels import dmfb_branches, instance_norm
-
-    # "tf32" is fp32 with TF32 dots: only the branch kernels have dots.
-    return (dmfb_branches,) if dtype == "tf32" else (dmfb_branches, instance_norm)
-
-
 def _worker(jobs):
     out = {}
     for cap, dtype in jobs:
-        for mod in _modules(dtype):
-            for name, fn, sig, cx, opts, div in mod.compile_specs(dtype):
-                key = f"sm_{cap} {dtype} {name}"
-                try:
-                    out[key] = _compile_and_inspect(fn, sig, cx, opts, div, cap)
-                except Exception as e:  # reported per kernel by the test
-                    out[key] = {"exception": f"{type(e).__name__}: {str(e)[-2000:]}"}
+        for name, fn, sig, cx, opts, div in compile_specs(dtype):
+            key = f"sm_{cap} {dtype} {name}"
+            try:
+                out[key] = _compile_and_inspect(fn, sig, cx, opts, div, cap)
+            except Exception as e:  # reported per kernel by the test
+                out[key] = {"exception": f"{type(e).__name__}: {str(e)[-2000:]}"}
     print("RESULTS " + json.dumps(out))
 
 
@@ -85,8 +78,7 @@ def compiled():
 
 
 def test_every_kernel_and_config_compiles_without_spills(compiled):
-    expected = {f"sm_{cap} {dt} {spec[0]}" for cap in CAPS for dt in DTYPES
-                for mod in _modules(dt) for spec in mod.compile_specs(dt)}
+    expected = {f"sm_{cap} {dt} {spec[0]}" for cap in CAPS for dt in DTYPES for spec in compile_specs(dt)}
     assert set(compiled) == expected
     bad = []
     for key, r in sorted(compiled.items()):

@@ -134,7 +134,7 @@ def _block_pair(dtype):
     from dmfn_fast.models import DMFB
 
     torch.manual_seed(0)
-    block = DMFB(256, 64, impl="fused").cuda()
+    block = DMFB(256, 64, impl="fast").cuda()
     for name, p in block.named_parameters():
         torch.nn.init.normal_(p, 0.0, 0.05 if name.endswith("weight") else 0.5)
     return block.to(dtype)
@@ -202,7 +202,7 @@ def test_generator_autocast_and_compile():
     from dmfn_fast.models import Generator
 
     torch.manual_seed(0)
-    G = Generator(impl="fused").cuda()
+    G = Generator(impl="fast").cuda()
     G_ref = Generator(impl="reference", init=False).cuda()
     G_ref.load_state_dict(G.state_dict())
     x = torch.cat([torch.rand(2, 3, 64, 64, device="cuda") * 2 - 1,

@@ -1,17 +1,32 @@
 """How every op chooses between its fast path and its PyTorch reference.
 
-`impl` is one of "auto" (fast where it can run), "reference" (always the
-reference) or "fused" (fast, or an error). The environment variable
+`impl` is one of "auto" (the fast path where it runs and the op's benchmarks show it faster),
+"reference" (always the reference) or "fast" (the fast path, or an error saying why it cannot run).
+"fused", the old name of "fast", is still accepted (one DeprecationWarning). The environment variable
 DMFN_IMPL=reference forces the reference everywhere, whatever `impl` says.
 """
 import os
 import warnings
+from typing import Callable, Optional
 
-IMPLS = ("auto", "reference", "fused")
+IMPLS = ("auto", "reference", "fast")
+_ALIASES = {"fused": "fast"}  # deprecated spelling -> value; saved configs and scripts still use it
 _warned = set()
 
 
+def warn_once(key, message: str, category=RuntimeWarning, stacklevel: int = 3) -> None:
+    if key not in _warned:
+        _warned.add(key)
+        warnings.warn(message, category, stacklevel=stacklevel)
+
+
 def check_impl(impl: str) -> str:
+    """The one place `impl` is validated: returns its canonical value (aliases mapped)."""
+    if impl in _ALIASES:
+        new = _ALIASES[impl]
+        warn_once(("alias", impl), f"dmfn_fast: impl={impl!r} is deprecated, use impl={new!r}",
+                  DeprecationWarning, stacklevel=4)
+        return new
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
     return impl
@@ -21,17 +36,30 @@ def forced_reference() -> bool:
     return os.environ.get("DMFN_IMPL", "").strip().lower() == "reference"
 
 
-def warn_once(key: str, message: str) -> None:
-    if key not in _warned:
-        _warned.add(key)
-        warnings.warn(message, RuntimeWarning, stacklevel=3)
+def resolve(impl: str, why_not: Callable[[], str], *, op: str,
+            missing: Optional[Callable[[], str]] = None,
+            prefer_fast: Optional[Callable[[], bool]] = None) -> bool:
+    """True when `op` should run its fast path.
 
-
-def use_fast(impl: str, can_run: bool, why_not: str = "") -> bool:
-    """True when the fast path should run. `can_run` says it could for this call."""
-    check_impl(impl)
+    why_not(): "" when the fast path can run on this call's inputs, else why not (auto then takes the
+        reference silently: a CPU tensor, say).
+    missing(): "" when the fast path is installed, else why not (auto then takes the reference with one
+        warning per op). Asked after why_not, so inputs the fast path never takes warn about nothing.
+    prefer_fast(): the op's `auto` rule, where its benchmarks show the fast path faster (default: always).
+    None of them is called when the reference is chosen anyway (impl="reference", DMFN_IMPL=reference,
+    or auto's rule says reference): they may be costly (the centroid op loads or JIT-builds its extension).
+    impl="fast" raises a RuntimeError with the reason instead of falling back."""
+    impl = check_impl(impl)
     if impl == "reference" or forced_reference():
         return False
-    if impl == "fused" and not can_run:
-        raise RuntimeError(f"impl='fused' was requested but the fast path cannot run: {why_not}")
-    return can_run
+    if impl == "auto" and prefer_fast is not None and not prefer_fast():
+        return False
+    why = why_not()
+    absent = "" if why or missing is None else missing()
+    if not (why or absent):
+        return True
+    if impl == "fast":
+        raise RuntimeError(f"impl='fast' was requested but the {op} fast path cannot run: {why or absent}")
+    if absent:
+        warn_once(("missing", op), f"dmfn_fast: {absent}; the {op} uses its PyTorch reference", stacklevel=4)
+    return False

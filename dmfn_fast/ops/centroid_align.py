@@ -9,21 +9,33 @@ code, whose vertical grid runs along the width axis (v = u), so both components
 measure horizontal position and the loss is the mean of (cx_out - cx_tgt)^2.
 Their code runs only on square maps; here u = 2*w/W - 1 serves both for any shape.
 
-The fast path is the C++/CUDA op dmfn_fast::centroid_align_fwd/_bwd (csrc/):
-one read of each map forward, one write backward. It comes from the module
-built by setup.py, else from a one-off JIT build (cached by torch), else the
-reference runs with one warning.
+The fast path is the C++/CUDA op dmfn_fast::centroid_align_fwd/_bwd: one read of
+each map forward, one write backward. Its schema, fake kernel and autograd are
+registered here at import; its CPU/CUDA kernels (csrc/, TORCH_LIBRARY_IMPL only)
+come from the module built by setup.py, else from a one-off JIT build (cached by
+torch) on first use, else the reference runs with one warning.
 """
 import os
 
 import torch
 
-from ._impl import check_impl, forced_reference, use_fast, warn_once
+from . import _impl
 
 EPS = 1e-7
 GRIDS = ("paper", "authors")
 _FAST_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
-_CSRC = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "csrc")
+_SOURCES = ("centroid_align.cpp", "centroid_align_cuda.cpp", "centroid_align_kernel.cu")
+
+
+def csrc_dir() -> str:
+    """The folder with the extension's sources: dmfn_fast/csrc in an installed package (setup.py ships the
+    top-level csrc/ as package data there), else the checkout's csrc/ (an editable install)."""
+    pkg = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    for d in (os.path.join(pkg, "csrc"), os.path.join(os.path.dirname(pkg), "csrc")):
+        if all(os.path.isfile(os.path.join(d, f)) for f in _SOURCES):
+            return d
+    raise FileNotFoundError(f"the dmfn_fast C++ sources ({', '.join(_SOURCES)}) are neither in "
+                            f"{os.path.join(pkg, 'csrc')} nor in the checkout's csrc/")
 
 
 def _check_grid(grid: str) -> str:
@@ -71,10 +83,9 @@ def _jit_build():
     """Compile csrc/ once with torch's JIT builder (cached in TORCH_EXTENSIONS_DIR); CUDA too where it can."""
     from torch.utils import cpp_extension
 
-    sources = [os.path.join(_CSRC, "centroid_align.cpp")]
+    src = csrc_dir()
     with_cuda = bool(torch.version.cuda and cpp_extension.CUDA_HOME)
-    if with_cuda:
-        sources += [os.path.join(_CSRC, f) for f in ("centroid_align_cuda.cpp", "centroid_align_kernel.cu")]
+    sources = [os.path.join(src, f) for f in (_SOURCES if with_cuda else _SOURCES[:1])]
     cpp_extension.load(
         name="dmfn_fast_centroid_" + ("cuda" if with_cuda else "cpu"),
         sources=sources,
@@ -87,12 +98,13 @@ def _jit_build():
 
 
 def _ops_registered() -> bool:
-    return hasattr(torch.ops.dmfn_fast, "centroid_align_fwd")
+    """Whether a kernel (the extension's CPU one, always built) is registered; the schema is ours."""
+    return torch._C._dispatch_has_kernel_for_dispatch_key("dmfn_fast::centroid_align_fwd", "CPU")
 
 
 @torch.compiler.assume_constant_result  # torch.compile runs it eagerly, once
 def extension_available() -> bool:
-    """Load the op once: built module, else JIT build, else False (with one warning)."""
+    """Load the op's kernels once: built module, else JIT build, else False (the caller warns)."""
     if _ext_state["loaded"] is None:
         errors = []
         for source, load in (("built", _import_built), ("jit", _jit_build)):
@@ -105,14 +117,11 @@ def extension_available() -> bool:
                 errors.append(f"{load.__name__}: {type(e).__name__}: {e}".splitlines()[0])
         _ext_state["loaded"] = _ops_registered()
         if _ext_state["loaded"]:
-            _register_python_side()
             # Asked once here, not per call: torch.compile cannot trace the dispatcher query.
             _ext_state["devices"] = tuple(d for d in ("cpu", "cuda") if torch._C._dispatch_has_kernel_for_dispatch_key(
                 "dmfn_fast::centroid_align_fwd", d.upper()))
         else:
             _ext_state["why"] = "; ".join(errors)
-            warn_once("centroid_align_ext", "dmfn_fast C++ extension unavailable, centroid loss uses the "
-                      f"PyTorch reference ({_ext_state['why']}). Build it: pip install --no-build-isolation -e .")
     return _ext_state["loaded"]
 
 
@@ -151,13 +160,15 @@ def _backward(ctx, grad_loss, _grad_stats):
     return g_out, g_tgt
 
 
-def _register_python_side():
-    if _ext_state.get("registered"):  # torch refuses a second fake kernel for the same op
-        return
-    _ext_state["registered"] = True
-    torch.library.register_fake("dmfn_fast::centroid_align_fwd")(_fwd_fake)
-    torch.library.register_fake("dmfn_fast::centroid_align_bwd")(_bwd_fake)
-    torch.library.register_autograd("dmfn_fast::centroid_align_fwd", _backward, setup_context=_setup_context)
+# The schema lives here, not in the .so: fake and autograd can then be registered at import, before the
+# kernels are loaded (lazily: the first load may JIT-build). csrc/ registers only the kernels
+# (TORCH_LIBRARY_IMPL), whose signatures the dispatcher checks against this schema.
+_lib = torch.library.Library("dmfn_fast", "FRAGMENT")
+_lib.define("centroid_align_fwd(Tensor f_out, Tensor f_tgt) -> (Tensor, Tensor)")
+_lib.define("centroid_align_bwd(Tensor grad, Tensor stats, Tensor like, int which) -> Tensor")
+torch.library.register_fake("dmfn_fast::centroid_align_fwd", _fwd_fake, lib=_lib)
+torch.library.register_fake("dmfn_fast::centroid_align_bwd", _bwd_fake, lib=_lib)
+torch.library.register_autograd("dmfn_fast::centroid_align_fwd", _backward, setup_context=_setup_context, lib=_lib)
 
 
 # ---------------------------------------------------------------- public entry point
@@ -169,16 +180,30 @@ def _fast_why_not(f_out: torch.Tensor) -> str:
         return "empty feature map"
     if f_out.dtype not in _FAST_DTYPES:
         return f"dtype {f_out.dtype} is not one of {_FAST_DTYPES}"
-    if not extension_available():
-        return f"the dmfn_fast C++ extension is not available ({_ext_state['why']})"
-    if not has_kernel(f_out.device.type):
+    if extension_available() and not has_kernel(f_out.device.type):
         return f"the dmfn_fast extension has no kernel for device {f_out.device.type} (built without it?)"
     return ""
 
 
+def _missing() -> str:
+    if extension_available():
+        return ""
+    return (f"the dmfn_fast C++ extension is unavailable ({_ext_state['why']}); build it with "
+            "pip install --no-build-isolation -e .")
+
+
 def centroid_align_loss(f_out: torch.Tensor, f_tgt: torch.Tensor, impl: str = "auto",
                         grid: str = "paper") -> torch.Tensor:
-    """The alignment loss; the C++/CUDA extension where it is built, else the reference."""
+    """The alignment loss on the `grid` ("paper" or "authors", see the module docstring).
+    `impl` (dmfn_fast.ops._impl.resolve):
+
+    - "reference" (or DMFN_IMPL=reference): centroid_align_loss_reference; the extension is never loaded.
+    - "auto": the extension for fp32/fp16/bf16/float64 maps on any device it has kernels for (CPU always,
+      CUDA when built with it): faster in every case measured (benchmarks/RESULTS.md: CPU fp32 7-47x,
+      H200 bf16 3.8x per call). Other dtypes: the reference. Extension missing (not built, JIT build
+      failed): the reference, with one warning.
+    - "fast": the extension, or a RuntimeError saying why not.
+    Maps of different dtypes are promoted first, as the reference would."""
     _check_grid(grid)
     if f_out.shape != f_tgt.shape:
         raise ValueError(f"feature maps differ in shape: {tuple(f_out.shape)} vs {tuple(f_tgt.shape)}")
@@ -187,9 +212,7 @@ def centroid_align_loss(f_out: torch.Tensor, f_tgt: torch.Tensor, impl: str = "a
         f_out, f_tgt = f_out.to(dtype), f_tgt.to(dtype)
     if f_out.device != f_tgt.device:
         raise ValueError(f"feature maps on different devices: {f_out.device} vs {f_tgt.device}")
-    want_fast = check_impl(impl) != "reference" and not forced_reference()
-    why_not = _fast_why_not(f_out) if want_fast else ""  # no extension load when the reference is forced
-    if use_fast(impl, not why_not, why_not):
+    if _impl.resolve(impl, lambda: _fast_why_not(f_out), op="centroid alignment loss", missing=_missing):
         if grid == "authors":
             # Their cy equals cx, and cx depends only on the column sums: the op on the maps averaged
             # over H (one row, whose cy is the same constant for both) gives half their loss.
@@ -198,7 +221,3 @@ def centroid_align_loss(f_out: torch.Tensor, f_tgt: torch.Tensor, impl: str = "a
             return 2 * torch.ops.dmfn_fast.centroid_align_fwd(f_out, f_tgt)[0]
         return torch.ops.dmfn_fast.centroid_align_fwd(f_out, f_tgt)[0]
     return centroid_align_loss_reference(f_out, f_tgt, grid)
-
-
-if _ops_registered():  # the library was loaded directly (torch.ops.load_library): add fake and autograd now
-    extension_available()

@@ -1,4 +1,6 @@
-"""The DMFB's fused fast path: Triton kernels (dmfn_fast.kernels) behind torch.library custom ops.
+"""The DMFB: its PyTorch reference (dmfb_block_reference) and its fused fast path (dmfb_block_fused),
+chosen by dmfb_block(x, params, impl). The fast path is Triton kernels (kernels/, installed as
+dmfn_fast.kernels) behind torch.library custom ops, registered (fake and autograd too) at import.
 
 Ops (namespace `dmfn_fast`), each with a Triton backward registered through register_autograd:
 - dmfb_branches(h, w, b, dilations) -> cat[k1..k4], k_j = d_1(h) + ... + d_j(h)
@@ -11,26 +13,40 @@ tensors the convolutions keep anyway; never d1..d4 or the cat (the backward reco
 import contextlib
 import functools
 import os
-from typing import Optional
+from typing import NamedTuple, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 
-from ._impl import warn_once
+from . import _impl
 
 EPS = 1e-5
 DILATIONS = (1, 2, 4, 8)
 
-try:
-    import triton
 
-    from dmfn_fast.kernels import dmfb_branches as _kb
-    from dmfn_fast.kernels import instance_norm as _kn
+def _import_kernels():
+    """(triton, dmfn_fast.kernels.dmfb_branches, dmfn_fast.kernels.instance_norm, None), or Nones and why not.
+    Triton not installed is the common case; anything else (a broken triton, an error in kernels/) is
+    reported with its own message."""
+    try:
+        import triton
+    except ImportError as e:
+        if e.name == "triton":
+            return None, None, None, f"triton is not installed ({e}); pip install 'dmfn-fast[triton]'"
+        return None, None, None, f"triton failed to import: {type(e).__name__}: {e}"
+    except Exception as e:  # a broken triton install
+        return None, None, None, f"triton failed to import: {type(e).__name__}: {e}"
+    try:
+        # dmfn_fast.kernels is the top-level kernels/ folder of the repository (setup.py's package_dir).
+        from dmfn_fast.kernels import dmfb_branches as kb
+        from dmfn_fast.kernels import instance_norm as kn
+    except Exception as e:
+        return None, None, None, f"the Triton kernels (dmfn_fast.kernels, kernels/) failed to import: " \
+                                 f"{type(e).__name__}: {e}"
+    return triton, kb, kn, None
 
-    _TRITON_ERROR = None
-except Exception as e:  # ImportError, or a broken triton install
-    triton = _kb = _kn = None
-    _TRITON_ERROR = f"{type(e).__name__}: {e}"
+
+triton, _kb, _kn, _TRITON_ERROR = _import_kernels()
 
 # Under TRITON_INTERPRET=1 the kernels run on CPU tensors (tests); otherwise they need CUDA.
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -101,8 +117,8 @@ def _conv_kernel(name, dtype, pixels, C):
     flags = dict(UPCAST=lowp and INTERPRET, PREC="tf32" if tf32 and not INTERPRET else "ieee")
     if not INTERPRET:
         return getattr(_kb, f"branches_{name}_{'lowp' if lowp else 'f32'}"), flags
-    raw = {"fwd": _kb._branches_fwd, "grad": _kb._branches_fwd, "dgrad": _kb._branches_dgrad,
-           "wgrad": _kb._branches_wgrad}[name]
+    raw = {"fwd": _kb.branches_fwd, "grad": _kb.branches_fwd, "dgrad": _kb.branches_dgrad,
+           "wgrad": _kb.branches_wgrad}[name]
     bp, bc = min(4096, triton.next_power_of_2(pixels)), max(16, triton.next_power_of_2(C))
     tiles = dict(BLOCK_CI=bc, BLOCK_CO=bc) if name == "wgrad" else dict(BLOCK_N=bc, BLOCK_K=bc)
     return raw, dict(flags, BLOCK_P=bp, **tiles)
@@ -130,7 +146,7 @@ def _branches_forward(h, w, b, dil, grad=None):
     dt, mean, rstd, sa, sb = grad
     grid = lambda META: (N * _cdiv(H * W, META["BLOCK_P"]), _cdiv(C, META["BLOCK_N"]))  # noqa: E731
     _kernel(kern, h)[grid](
-        h, w, b, out, dt, mean, rstd, sa, sb, H, W, C,
+        h, w, b, out, dt, mean, rstd, sa, sb, N, H, W, C,
         D1=dil[0], D2=dil[1], D3=dil[2], D4=dil[3], MODE=mode, **kw)
     return out
 
@@ -141,7 +157,7 @@ def _branches_dgrad(w, G, dil, like):
     dh = _empty_cl(N, C, H, W, like)
     grid = lambda META: (N * _cdiv(H * W, META["BLOCK_P"]), _cdiv(C, META["BLOCK_N"]))  # noqa: E731
     kern, kw = _conv_kernel("dgrad", like.dtype, H * W, C)
-    _kernel(kern, like)[grid](G, w, dh, H, W, C, D1=dil[0], D2=dil[1], D3=dil[2], D4=dil[3], **kw)
+    _kernel(kern, like)[grid](G, w, dh, N, H, W, C, D1=dil[0], D2=dil[1], D3=dil[2], D4=dil[3], **kw)
     return dh
 
 
@@ -344,8 +360,8 @@ if _kb is not None:
 
 
 def triton_unavailable_reason():
-    """None when the Triton kernels can be used, else why not."""
-    return None if _TRITON_ERROR is None else f"triton could not be imported ({_TRITON_ERROR})"
+    """None when the Triton kernels can be used, else why not (the import's real error)."""
+    return _TRITON_ERROR
 
 
 def pack_branches(weights, biases, dtype):
@@ -411,22 +427,47 @@ def instance_norm_act(x, res=None, relu=False):
     return _in_act_op(_cl(x), res, bool(relu))[0]
 
 
-def can_fuse(x: torch.Tensor):
-    """(ok, reason): whether the fused DMFB can run on this input."""
+class DMFBParams(NamedTuple):
+    """A DMFB's tensors: c1 (3x3, C -> inner), the four dilated 3x3 branches (inner -> inner), c2 (3x3,
+    4*inner -> C). Biases may be None."""
+    c1_weight: torch.Tensor
+    c1_bias: Optional[torch.Tensor]
+    branch_weights: Sequence[torch.Tensor]
+    branch_biases: Sequence[torch.Tensor]
+    c2_weight: torch.Tensor
+    c2_bias: Optional[torch.Tensor]
+    dilations: Sequence[int] = DILATIONS
+
+
+def dmfb_block_reference(x: torch.Tensor, p: DMFBParams) -> torch.Tensor:
+    """The DMFB in PyTorch, the ground truth: h = relu(IN(c1(x))); k_j = d_1(h) + ... + d_j(h);
+    out = x + IN(c2(relu(IN(cat[k1..k4])))). Instance norms affine-free, eps 1e-5."""
+    h = F.relu(F.instance_norm(F.conv2d(x, p.c1_weight, p.c1_bias, 1, 1)))
+    t = F.relu(F.instance_norm(dmfb_branches_reference(h, p.branch_weights, p.branch_biases, p.dilations)))
+    return x + F.instance_norm(F.conv2d(t, p.c2_weight, p.c2_bias, 1, 1))
+
+
+def dmfb_block_fused(x: torch.Tensor, p: DMFBParams) -> torch.Tensor:
+    """dmfb_block_reference with the branches and all three instance norms in Triton (the cat is never
+    saved for backward); c1 and c2 stay cuDNN convolutions. Under autocast every kernel runs in the dtype
+    of c1's output. Raises where the kernels cannot run (see fused_why_not)."""
+    h = instance_norm_act(F.conv2d(x, p.c1_weight, p.c1_bias, 1, 1), relu=True)
+    t = branches_in_relu(h, p.branch_weights, p.branch_biases, p.dilations)
+    return instance_norm_act(F.conv2d(t, p.c2_weight, p.c2_bias, 1, 1), res=x)
+
+
+def fused_why_not(x: torch.Tensor) -> str:
+    """"" when the fused DMFB can run on x, else why not (given that Triton imported)."""
     if not (x.is_cuda or (INTERPRET and x.device.type == "cpu")):
-        return False, f"the fused DMFB runs on CUDA tensors, got a {x.device.type} tensor"
-    if _kb is None:
-        why = triton_unavailable_reason()
-        warn_once("dmfb-triton", f"dmfn_fast: {why}; the DMFB uses its PyTorch reference")
-        return False, why
+        return f"the fused DMFB runs on CUDA tensors, got a {x.device.type} tensor"
     if x.dim() != 4 or x.dtype not in _FLOATS:
-        return False, f"expected a float32/16/bf16 [N, C, H, W] tensor, got {x.dtype} {tuple(x.shape)}"
+        return f"expected a float32/16/bf16 [N, C, H, W] tensor, got {x.dtype} {tuple(x.shape)}"
     if torch.are_deterministic_algorithms_enabled():
         # The statistics and weight gradients are summed with fp32 atomics: run to run they differ in
         # the last bits. Deterministic mode takes the reference instead.
-        return False, ("torch.use_deterministic_algorithms(True) is on and the fused DMFB sums with atomics "
-                       "(not bit-reproducible); the reference runs instead")
-    return True, ""
+        return ("torch.use_deterministic_algorithms(True) is on and the fused DMFB sums with atomics "
+                "(not bit-reproducible); the reference runs instead")
+    return ""
 
 
 def auto_prefers_fused(x: torch.Tensor) -> bool:
@@ -435,7 +476,7 @@ def auto_prefers_fused(x: torch.Tensor) -> bool:
       and torch.compile's 1.53; the bf16 generator forward+backward 1.25x eager amp.
     - fp32: reference. With IEEE dots (no tensor cores) the fp32 kernels took 3.48 ms of GPU time for
       the branch op against cuDNN's 1.38 (TF32 allowed). They now use TF32 dots when cuDNN may, which is
-      not measured yet; until it is, impl="fused" runs them and auto does not.
+      not measured yet; until it is, impl="fast" runs them and auto does not.
     The dtype that counts is the one the kernels would run in: autocast's when it is on for the device."""
     dtype = x.dtype
     dev = x.device.type
@@ -444,10 +485,15 @@ def auto_prefers_fused(x: torch.Tensor) -> bool:
     return dtype in (torch.float16, torch.bfloat16)
 
 
-def dmfb_fused(block, x: torch.Tensor) -> torch.Tensor:
-    """DMFB.forward_reference with the branch part and all three instance norms in Triton;
-    c1 and c2 stay cuDNN convolutions. Under autocast every kernel runs in the dtype of c1's output."""
-    h = instance_norm_act(block.c1(x), relu=True)
-    ds = [getattr(block, f"d{i}") for i in range(1, 5)]
-    t = branches_in_relu(h, [d.weight for d in ds], [d.bias for d in ds], block.dilations)
-    return instance_norm_act(block.c2(t), res=x)
+def dmfb_block(x: torch.Tensor, p: DMFBParams, impl: str = "auto") -> torch.Tensor:
+    """The DMFB on x with tensors p; `impl` picks the implementation (dmfn_fast.ops._impl.resolve):
+
+    - "reference" (or DMFN_IMPL=reference): dmfb_block_reference, any device and dtype.
+    - "auto": dmfb_block_fused for fp16/bf16 inputs (or autocast to them) on CUDA when Triton imports and
+      deterministic algorithms are off; the reference for fp32 (slower fused, see auto_prefers_fused),
+      float64, CPU tensors and deterministic mode. Triton missing: the reference, with one warning.
+    - "fast": dmfb_block_fused in any of fp32/fp16/bf16 on CUDA, or a RuntimeError saying why not."""
+    if _impl.resolve(impl, lambda: fused_why_not(x), op="DMFB", missing=lambda: _TRITON_ERROR or "",
+                     prefer_fast=lambda: auto_prefers_fused(x)):
+        return dmfb_block_fused(x, p)
+    return dmfb_block_reference(x, p)

@@ -1,0 +1,69 @@
+"""Compile specs of every Triton DMFB kernel, for ahead-of-time compiles without a GPU
+(tests/test_dmfb_compile.py; also usable with /work/shared/tools/cubin_report.py's `report`).
+
+compile_specs(dtype) -> [(name, jit fn, signature, constexprs, options, args divisible by 16)]:
+every kernel at every autotune config, as a launch on `dtype` activations with C % 16 == 0 specializes it.
+dtype "tf32": fp32 activations with TF32 dots (what fp32 runs when cuDNN's TF32 is allowed)."""
+
+
+def branches_specs(dtype="bf16"):
+    from dmfn_fast.kernels import dmfb_branches as kb
+
+    lowp = dtype not in ("fp32", "tf32")
+    cls = "lowp" if lowp else "f32"
+    act = "*fp32" if dtype == "tf32" else "*" + dtype
+    dil = dict(D1=1, D2=2, D3=4, D4=8)
+    flags = dict(UPCAST=False, PREC="ieee" if dtype == "fp32" else "tf32")
+    f32 = "*fp32"
+    fwd_sig = dict(h_ptr=act, w_ptr=act, b_ptr=act, out_ptr=act, dt_ptr=act, mean_ptr=f32, rstd_ptr=f32,
+                   sa_ptr=f32, sb_ptr=f32, N="i32", H="i32", W="i32", C="i32")
+    dgrad_sig = dict(g_ptr=act, w_ptr=act, dh_ptr=act, N="i32", H="i32", W="i32", C="i32")
+    wgrad_sig = dict(h_ptr=act, g_ptr=act, dw_ptr=f32, db_ptr=f32, NP="i32", H="i32", W="i32", C="i32",
+                     PIX_PER_SPLIT="i32")
+    specs = []
+    for name, fn, sig, extra, div in (
+        ("fwd", kb.branches_fwd, fwd_sig, dict(MODE=0), ("C",)),
+        ("grad", kb.branches_fwd, fwd_sig, dict(MODE=1), ("C",)),
+        ("dgrad", kb.branches_dgrad, dgrad_sig, {}, ("C",)),
+        ("wgrad", kb.branches_wgrad, wgrad_sig, {}, ("C", "PIX_PER_SPLIT")),
+    ):
+        for cfg in kb.CONFIGS[f"{name}_{cls}"]:
+            cx = dict(dil, **flags, **extra, **cfg.kwargs)
+            full = dict(sig, **{k: "constexpr" for k in cx})
+            ptrs = tuple(k for k, v in sig.items() if v.startswith("*"))
+            opts = dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+            specs.append((f"{name}_{cls}[{cfg}]", fn, full, cx, opts, ptrs + div))
+    sig = dict(g_ptr=act, out_ptr=act, NP="i32", C="i32", BLOCK_P="constexpr", BLOCK_C="constexpr")
+    specs.append(("suffix_sum", kb.suffix_sum, sig, dict(BLOCK_P=64, BLOCK_C=64), dict(num_warps=4),
+                  ("g_ptr", "out_ptr", "C")))
+    return specs
+
+
+def instance_norm_specs(dtype="bf16"):
+    from dmfn_fast.kernels import instance_norm as kn
+
+    act, f32 = "*" + dtype, "*fp32"
+    tiles = dict(BLOCK_P=kn.BLOCK_P, BLOCK_C=kn.BLOCK_C)
+    opts = dict(num_warps=kn.NUM_WARPS)
+    specs = [
+        ("in_stats", kn.in_stats, dict(x_ptr=act, shift_ptr=f32, sum_ptr=f32, sumsq_ptr=f32, HW="i32", C="i32"),
+         {}),
+        ("in_apply", kn.in_apply, dict(x_ptr=act, res_ptr=act, y_ptr=act, shift_ptr=f32, sum_ptr=f32,
+                                       sumsq_ptr=f32, mean_ptr=f32, rstd_ptr=f32, HW="i32", C="i32", eps="fp32"),
+         dict(RELU=True, RESIDUAL=True)),
+        ("in_bwd_reduce", kn.in_bwd_reduce, dict(dy_ptr=act, x_ptr=act, mean_ptr=f32, rstd_ptr=f32, sa_ptr=f32,
+                                                 sb_ptr=f32, HW="i32", C="i32"), dict(RELU=True, FROM_Y=False)),
+        ("in_bwd_apply", kn.in_bwd_apply, dict(dy_ptr=act, x_ptr=act, mean_ptr=f32, rstd_ptr=f32, sa_ptr=f32,
+                                               sb_ptr=f32, dx_ptr=act, HW="i32", C="i32"), dict(RELU=True)),
+    ]
+    out = []
+    for name, fn, sig, cx in specs:
+        cx = dict(cx, **tiles)
+        ptrs = tuple(k for k, v in sig.items() if v.startswith("*"))
+        out.append((name, fn, dict(sig, **{k: "constexpr" for k in cx}), cx, opts, ptrs + ("C",)))
+    return out
+
+
+def compile_specs(dtype="bf16"):
+    """Every DMFB kernel's specs for `dtype`. "tf32" only changes the branch kernels (the only ones with dots)."""
+    return branches_specs(dtype) + ([] if dtype == "tf32" else instance_norm_specs(dtype))
