@@ -51,6 +51,11 @@ for op in ("dmfn_fast::centroid_align_fwd", "dmfn_fast::centroid_align_bwd"):
         assert torch._C._dispatch_has_kernel_for_dispatch_key(op, key), f"{op} has no {key} kernel"
 print(f"cuda_ext_check: {lib[0]} loads; dmfn_fast::centroid_align_fwd/_bwd have CPU and CUDA kernels")
 if torch.cuda.is_available():  # a GPU here: run the kernels once against the CPU op
+    # The schema lives in dmfn_fast/ops/centroid_align.py (not importable in this bare venv); the
+    # dispatcher checks these kernels' signatures against it, so a drift fails here.
+    lib_ = torch.library.Library("dmfn_fast", "FRAGMENT")
+    lib_.define("centroid_align_fwd(Tensor f_out, Tensor f_tgt) -> (Tensor, Tensor)")
+    lib_.define("centroid_align_bwd(Tensor grad, Tensor stats, Tensor like, int which) -> Tensor")
     a, b = torch.rand(2, 64, 9, 12, device="cuda"), torch.rand(2, 64, 9, 12, device="cuda")
     got = torch.ops.dmfn_fast.centroid_align_fwd(a, b)[1].cpu()
     want = torch.ops.dmfn_fast.centroid_align_fwd(a.cpu(), b.cpu())[1]
