@@ -106,7 +106,8 @@ def parse_args(argv=None):
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", choices=DTYPES, default="fp32")
-    ap.add_argument("--impl", choices=("auto", "reference", "fused"), default="auto")
+    ap.add_argument("--impl", choices=("auto", "reference", "fast", "fused"), default="auto",
+                    help="DMFB kernels: auto (fast where measured faster), reference, fast ('fused': old name)")
     ap.add_argument("--invert-masks", action="store_true",
                     help="swap hole and known: for masks drawn white (or opaque) where the image is kept")
     ap.add_argument("--quiet", action="store_true", help="no progress bar")
