@@ -42,7 +42,7 @@ setup(
     version="0.1.0",
     description="DMFN image inpainting with fused Triton and C++/CUDA kernels",
     python_requires=">=3.10",
-    packages=["dmfn_fast", "dmfn_fast.ops", "dmfn_fast.kernels"],
+    packages=["dmfn_fast", "dmfn_fast.ops", "dmfn_fast.kernels", "dmfn_fast.training"],
     package_dir={"dmfn_fast.kernels": "kernels"},
     install_requires=["torch>=2.5", "numpy", "pillow"],
     ext_modules=ext_modules,

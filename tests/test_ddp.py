@@ -34,7 +34,7 @@ def test_ddp_two_processes_gloo(tmp_path):
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
     assert r0["step"] == r1["step"] == 2
     sys.path.insert(0, ROOT)
-    from dmfn_fast import training as T
+    from dmfn_fast.training import checkpoint as C, report as R
     from dmfn_fast.models import Generator
 
     torch.manual_seed(0)  # as train.py, right before it builds G
@@ -49,7 +49,7 @@ def test_ddp_two_processes_gloo(tmp_path):
         moved |= not torch.equal(v, r0["G"][k])
     assert moved  # trained, not merely broadcast
     # rank 0 alone writes: one log, losses finite, one checkpoint
-    rows = [r for r in T.read_log(tmp_path / "log.jsonl") if r["kind"] == "train"]
+    rows = [r for r in R.read_log(tmp_path / "log.jsonl") if r["kind"] == "train"]
     assert [r["step"] for r in rows] == [1, 2]
     assert all(torch.isfinite(torch.tensor([r["G"], r["D"]])).all() for r in rows)
-    assert [os.path.basename(p) for p in T.list_checkpoints(tmp_path)] == ["ckpt_0000002.pt"]
+    assert [os.path.basename(p) for p in C.list_checkpoints(tmp_path)] == ["ckpt_0000002.pt"]
