@@ -53,3 +53,42 @@ def test_ddp_two_processes_gloo(tmp_path):
     assert [r["step"] for r in rows] == [1, 2]
     assert all(torch.isfinite(torch.tensor([r["G"], r["D"]])).all() for r in rows)
     assert [os.path.basename(p) for p in C.list_checkpoints(tmp_path)] == ["ckpt_0000002.pt"]
+
+
+def _sigterm_worker(rank, world, port, out):
+    """Rank 1 alone gets SIGTERM during its step 2; records how each rank ended."""
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    sys.path.insert(0, ROOT)
+    import signal
+
+    import train
+    from dmfn_fast.losses import DMFNLoss
+
+    calls, real_forward = [], DMFNLoss.forward
+
+    def forward(self, *a, **k):
+        calls.append(1)
+        if rank == 1 and len(calls) == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real_forward(self, *a, **k)
+
+    DMFNLoss.forward = forward
+    flags = TINY + ["--steps", "20", "--val-every", "100", "--ckpt-every", "100"]  # the last --steps wins
+    try:
+        train.main(flags + ["--out", out])
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    with open(os.path.join(out, f"rank{rank}.code"), "w") as f:
+        f.write(f"{code} {len(calls)}")
+
+
+def test_ddp_sigterm_stops_every_rank_after_the_same_step(tmp_path):
+    mp.spawn(_sigterm_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    ends = [(tmp_path / f"rank{r}.code").read_text().split() for r in (0, 1)]
+    assert ends == [["143", "2"], ["143", "2"]]  # both stopped after step 2, with the SIGTERM code
+    from dmfn_fast.training import checkpoint as C
+
+    assert [os.path.basename(p) for p in C.list_checkpoints(tmp_path)] == ["ckpt_0000002.pt"]  # rank 0 saved

@@ -188,11 +188,12 @@ def resume(path, parts, out_dir, master):
             os.remove(tmp)  # the partial write of a killed run: never a valid checkpoint
         later = [p for p in list_checkpoints(out_dir) if step_of(p) > step]
         log_path = os.path.join(out_dir, "log.jsonl")
-        if later or report.has_rows_after(log_path, step):
+        rows = report.read_log(log_path) if os.path.exists(log_path) else []
+        if later or any(r.get("step", 0) > step for r in rows):
             aside = rundir.move_aside(out_dir, later)
             if os.path.exists(log_path):
                 shutil.copy2(log_path, os.path.join(aside, "log.jsonl"))
             print(f"resuming at step {step}: the later checkpoints and log rows went to {aside}", file=sys.stderr)
-        if os.path.exists(log_path):
-            report.truncate_log(log_path, step)
+        if os.path.exists(log_path):  # rewritten even when nothing is dropped: a cut-off last line goes
+            report.rewrite_log(log_path, [r for r in rows if r.get("step", 0) <= step])
     return step, val

@@ -100,14 +100,8 @@ def read_log(path):
     return rows
 
 
-def has_rows_after(path, step):
-    return os.path.exists(path) and any(r.get("step", 0) > step for r in read_log(path))
-
-
-def truncate_log(path, step):
-    """Keep the rows up to `step` (what a resumed run continues from). Written to a temp file and renamed,
-    so a crash during the rewrite leaves the old log whole."""
-    rows = [r for r in read_log(path) if r.get("step", 0) <= step]
+def rewrite_log(path, rows):
+    """Replace the log by `rows`: a temp file renamed over it, so a crash meanwhile leaves the old log whole."""
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
         f.writelines(json.dumps(r) + "\n" for r in rows)
