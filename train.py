@@ -160,8 +160,10 @@ def train(args, resume_from):
             report.plot_losses(log.path, os.path.join(args.out, "loss_curve.png"))
         print(f"interrupted at step {step}", file=sys.stderr)
         code = 130
-    except checkpoint.DiskFull as e:
-        code = f"stopping: {e.strerror}"
+    except OSError as e:  # a full disk: a checkpoint (DiskFull says how much it needs), the log or a sample
+        if not checkpoint.disk_full(e):
+            raise
+        code = f"stopping: {e.strerror if isinstance(e, checkpoint.DiskFull) else f'no space left in {args.out}: {e}'}"
     finally:
         bar.close()
         sigterm.close()

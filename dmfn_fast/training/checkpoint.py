@@ -113,7 +113,7 @@ def save_checkpoint(out_dir, step, ckpt, keep=3):
     except (OSError, RuntimeError) as e:  # torch.save reports a failed write as a RuntimeError
         if os.path.exists(tmp):
             os.remove(tmp)
-        if _disk_full(e):
+        if disk_full(e):
             need, free = _nbytes(ckpt), shutil.disk_usage(out_dir).free
             raise DiskFull(errno.ENOSPC, f"no space left in {os.path.abspath(out_dir)} for checkpoint "
                            f"{os.path.basename(path)}: it needs about {_mb(need)}, {_mb(free)} free. The earlier "
@@ -125,7 +125,8 @@ def save_checkpoint(out_dir, step, ckpt, keep=3):
     return path
 
 
-def _disk_full(e):
+def disk_full(e):
+    """Whether an error (or its cause: torch.save wraps write errors) is a full disk or quota."""
     while e is not None:
         if isinstance(e, OSError) and e.errno in DISK_FULL:
             return True
