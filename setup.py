@@ -45,7 +45,7 @@ setup(
     # kernels/ and csrc/ stay at the top of the repository; installed, they are dmfn_fast/kernels (the
     # Triton kernels, a package) and dmfn_fast/csrc (the C++/CUDA sources, data: the centroid op's JIT
     # build compiles them when the install did not build dmfn_fast._C).
-    packages=["dmfn_fast", "dmfn_fast.ops", "dmfn_fast.kernels", "dmfn_fast.csrc"],
+    packages=["dmfn_fast", "dmfn_fast.ops", "dmfn_fast.training", "dmfn_fast.kernels", "dmfn_fast.csrc"],
     package_dir={"dmfn_fast.kernels": "kernels", "dmfn_fast.csrc": "csrc"},
     package_data={"dmfn_fast.csrc": ["*.cpp", "*.cu", "*.h"]},
     install_requires=["torch>=2.5", "numpy", "pillow"],

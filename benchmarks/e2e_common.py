@@ -69,32 +69,26 @@ def median_time(fn, device, rounds=5, warmup=1):
 
 def build_generator(variant, nf, n_blocks, device):
     """(G, G or torch.compile(G), autocast dtype or None, memory format) for one variant, fixed weights."""
-    from dmfn_fast import Generator
+    from dmfn_fast.training import build
 
     dtype, channels_last, impl, compile_ = VARIANTS[variant]
-    torch.manual_seed(0)
     mf = torch.channels_last if channels_last else torch.contiguous_format
-    G = Generator(nf=nf, n_blocks=n_blocks, impl=impl).to(device).to(memory_format=mf)
+    G = build.generator(nf, n_blocks, impl, device, mf, seed=0)
     return G, (torch.compile(G) if compile_ else G), dtype, mf
 
 
 def build_training(variant, size, batch, nf, n_blocks, d_nf, device, seed=0):
-    """Everything one training step needs, for one variant, from fixed weights and a fixed batch.
-    Returns step() -> (terms, ok)."""
-    from dmfn_fast import Discriminator, Generator, VGG19Features
-    from dmfn_fast.losses import DMFNLoss
-    from dmfn_fast.training import RealFake, train_step
+    """Everything one training step needs, for one variant, built as train.py builds it (the paper's
+    optimizers, a random VGG), from fixed weights and a fixed batch. Returns step() -> (terms, ok)."""
+    from dmfn_fast.training import build
+    from dmfn_fast.training.step import RealFake, train_step
 
     dtype, channels_last, impl, compile_ = VARIANTS[variant]
     mf = torch.channels_last if channels_last else torch.contiguous_format
-    torch.manual_seed(seed)
-    G = Generator(nf=nf, n_blocks=n_blocks, impl=impl).to(device, memory_format=mf)
-    D = Discriminator(nf=d_nf).to(device, memory_format=mf)
-    vgg = VGG19Features(weights="random").to(device, memory_format=mf)
-    crit = DMFNLoss(vgg, impl=impl)
-    opt_G = torch.optim.Adam(G.parameters(), lr=2e-4, betas=(0.5, 0.999))
-    opt_D = torch.optim.Adam(D.parameters(), lr=2e-4, betas=(0.5, 0.999))
-    scaler = torch.amp.GradScaler(torch.device(device).type, enabled=False)  # bf16 needs no scaling
+    dev = torch.device(device).type
+    G, D = build.models(nf, n_blocks, d_nf, impl, device, mf, seed)
+    crit = build.criterion(build.vgg(random=True, quiet=True).to(device, memory_format=mf), impl)
+    parts = build.optimizers(G, D, device_type=dev, amp_dtype=dtype)  # bf16: the scaler stays off
     g = torch.Generator().manual_seed(seed + 1)
     image = (torch.rand(batch, 3, size, size, generator=g) * 2 - 1).to(device, memory_format=mf)
     mask = torch.zeros(batch, 1, size, size)
@@ -103,14 +97,12 @@ def build_training(variant, size, batch, nf, n_blocks, d_nf, device, seed=0):
     mask = mask.to(device)
     box = torch.tensor([[q, q, 2 * q, 2 * q]] * batch)
     Gc = torch.compile(G) if compile_ else G
-    dev = torch.device(device).type
-
-    def autocast():
-        return torch.autocast(dev, dtype=dtype or torch.float32, enabled=dtype is not None)
+    autocast = build.autocast(dev, dtype)
+    D_pair = RealFake(D)
 
     def step():
-        return train_step(Gc, D, RealFake(D), crit, opt_G, opt_D, scaler, image, mask, box, autocast,
-                          lambda loss: bool(torch.isfinite(loss)))
+        return train_step(Gc, D, D_pair, crit, parts.opt_G, parts.opt_D, parts.scaler, image, mask, box, autocast,
+                          lambda loss: build.all_ranks_finite(loss, ddp=False))
 
     return step
 

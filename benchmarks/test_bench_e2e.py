@@ -7,7 +7,7 @@ the harness never rots; CPU numbers are CPU numbers, nothing more."""
 import pytest
 import torch
 
-from dmfn_fast.training import cpu_has_bf16
+from dmfn_fast.training.build import cpu_has_bf16
 from e2e_common import (VARIANTS, bf16_peak, build_generator, build_training, count_flops, profile_shares,
                          run_timed)
 from conftest import QUICK

@@ -34,7 +34,7 @@ def test_ddp_two_processes_gloo(tmp_path):
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
     assert r0["step"] == r1["step"] == 2
     sys.path.insert(0, ROOT)
-    from dmfn_fast import training as T
+    from dmfn_fast.training import checkpoint as C, report as R
     from dmfn_fast.models import Generator
 
     torch.manual_seed(0)  # as train.py, right before it builds G
@@ -49,7 +49,46 @@ def test_ddp_two_processes_gloo(tmp_path):
         moved |= not torch.equal(v, r0["G"][k])
     assert moved  # trained, not merely broadcast
     # rank 0 alone writes: one log, losses finite, one checkpoint
-    rows = [r for r in T.read_log(tmp_path / "log.jsonl") if r["kind"] == "train"]
+    rows = [r for r in R.read_log(tmp_path / "log.jsonl") if r["kind"] == "train"]
     assert [r["step"] for r in rows] == [1, 2]
     assert all(torch.isfinite(torch.tensor([r["G"], r["D"]])).all() for r in rows)
-    assert [os.path.basename(p) for p in T.list_checkpoints(tmp_path)] == ["ckpt_0000002.pt"]
+    assert [os.path.basename(p) for p in C.list_checkpoints(tmp_path)] == ["ckpt_0000002.pt"]
+
+
+def _sigterm_worker(rank, world, port, out):
+    """Rank 1 alone gets SIGTERM during its step 2; records how each rank ended."""
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    sys.path.insert(0, ROOT)
+    import signal
+
+    import train
+    from dmfn_fast.losses import DMFNLoss
+
+    calls, real_forward = [], DMFNLoss.forward
+
+    def forward(self, *a, **k):
+        calls.append(1)
+        if rank == 1 and len(calls) == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real_forward(self, *a, **k)
+
+    DMFNLoss.forward = forward
+    flags = TINY + ["--steps", "20", "--val-every", "100", "--ckpt-every", "100"]  # the last --steps wins
+    try:
+        train.main(flags + ["--out", out])
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    with open(os.path.join(out, f"rank{rank}.code"), "w") as f:
+        f.write(f"{code} {len(calls)}")
+
+
+def test_ddp_sigterm_stops_every_rank_after_the_same_step(tmp_path):
+    mp.spawn(_sigterm_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    ends = [(tmp_path / f"rank{r}.code").read_text().split() for r in (0, 1)]
+    assert ends == [["143", "2"], ["143", "2"]]  # both stopped after step 2, with the SIGTERM code
+    from dmfn_fast.training import checkpoint as C
+
+    assert [os.path.basename(p) for p in C.list_checkpoints(tmp_path)] == ["ckpt_0000002.pt"]  # rank 0 saved

@@ -9,7 +9,8 @@ from PIL import Image
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import train  # noqa: E402
-from dmfn_fast import training as T  # noqa: E402
+from dmfn_fast.training import checkpoint as C, report as R  # noqa: E402
+from dmfn_fast.losses import DMFNLoss  # noqa: E402
 from dmfn_fast.models import Generator  # noqa: E402
 
 TINY = ["--size", "32", "--nf", "8", "--n-blocks", "2", "--d-nf", "4", "--random-vgg", "--seed", "0",
@@ -45,7 +46,7 @@ def test_demo_artefacts_and_exact_resume(tmp_path):
     grid = Image.open(a / "samples" / "step_0000004.png")
     assert grid.size == (3 * 32, 2 * 32)  # input | output | target, one row per validation image
     assert Image.open(a / "loss_curve.png").size[0] > 200
-    rows = T.read_log(a / "log.jsonl")
+    rows = R.read_log(a / "log.jsonl")
     train_rows = [r for r in rows if r["kind"] == "train"]
     assert [r["step"] for r in train_rows] == [1, 2, 3, 4]
     for key in ("G", "D", "rec", "guided", "fm_vgg", "align", "adv", "fm_dis"):
@@ -78,7 +79,7 @@ def test_demo_artefacts_and_exact_resume(tmp_path):
 def _bad_loss(monkeypatch, when, term="align", exc=None):
     """Make DMFNLoss's `term` NaN (or raise `exc`) on the calls numbered in `when`."""
     calls = []
-    real_forward = train.DMFNLoss.forward
+    real_forward = DMFNLoss.forward
 
     def forward(self, *a, **k):
         calls.append(1)
@@ -90,7 +91,7 @@ def _bad_loss(monkeypatch, when, term="align", exc=None):
             total = sum(t.float() for t in terms.values())
         return total, terms
 
-    monkeypatch.setattr(train.DMFNLoss, "forward", forward)
+    monkeypatch.setattr(DMFNLoss, "forward", forward)
 
 
 def test_nan_guard_skips_then_stops(tmp_path, monkeypatch, capsys):
@@ -100,21 +101,21 @@ def test_nan_guard_skips_then_stops(tmp_path, monkeypatch, capsys):
         run(tmp_path, "--batch", 2, "--steps", 10, "--ckpt-every", 1, "--keep", 10, "--max-bad-steps", 3,
             "--val-every", 100, "--sample-every", 100)
     assert "non-finite loss (align, G); skipped (1 in a row)" in capsys.readouterr().out
-    ckpts = T.list_checkpoints(tmp_path)
+    ckpts = C.list_checkpoints(tmp_path)
     assert [os.path.basename(p) for p in ckpts] == [f"ckpt_000000{i}.pt" for i in (1, 2, 3)]
     for p in ckpts:
         c = torch.load(p, weights_only=True)
         assert all(torch.isfinite(v).all() for v in c["G"].values())
-    rows = T.read_log(tmp_path / "log.jsonl")
+    rows = R.read_log(tmp_path / "log.jsonl")
     assert [r["step"] for r in rows] == [1, 2, 3]
 
 
 def test_no_checkpoint_from_nan_weights(tmp_path):
     g = Generator(nf=8, n_blocks=1)
-    assert T.nonfinite_params(g) == []
+    assert C.nonfinite_params(g) == []
     with torch.no_grad():
         g.encoder[0].conv.weight[0, 0, 0, 0] = float("nan")
-    assert T.nonfinite_params(g) == ["0:encoder.0.conv.weight"]
+    assert C.nonfinite_params(g) == ["0:encoder.0.conv.weight"]
 
 
 def test_ctrl_c_saves_and_exits(tmp_path, monkeypatch):
@@ -122,8 +123,8 @@ def test_ctrl_c_saves_and_exits(tmp_path, monkeypatch):
     with pytest.raises(SystemExit) as e:
         run(tmp_path, "--batch", 2, "--steps", 10, "--ckpt-every", 100, "--val-every", 100, "--sample-every", 100)
     assert e.value.code == 130
-    assert [os.path.basename(p) for p in T.list_checkpoints(tmp_path)] == ["ckpt_0000002.pt"]
-    assert torch.load(T.list_checkpoints(tmp_path)[0], weights_only=True)["step"] == 2
+    assert [os.path.basename(p) for p in C.list_checkpoints(tmp_path)] == ["ckpt_0000002.pt"]
+    assert torch.load(C.list_checkpoints(tmp_path)[0], weights_only=True)["step"] == 2
 
 
 def _folder(path, n, size=48):
@@ -172,9 +173,9 @@ def test_rng_state_round_trip(tmp_path):
 
     import numpy as np
 
-    state = T.rng_state()
+    state = C.rng_state()
     torch.save(state, tmp_path / "rng.pt")
     first = (torch.rand(3), np.random.rand(3), random.random())
-    T.set_rng_state(torch.load(tmp_path / "rng.pt", weights_only=True))
+    C.set_rng_state(torch.load(tmp_path / "rng.pt", weights_only=True))
     second = (torch.rand(3), np.random.rand(3), random.random())
     assert torch.equal(first[0], second[0]) and np.array_equal(first[1], second[1]) and first[2] == second[2]

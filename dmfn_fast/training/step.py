@@ -1,0 +1,88 @@
+"""One training step (G update with D frozen, then D update) and the discriminator's inputs."""
+import torch
+import torch.nn.functional as F
+from torch.profiler import record_function
+
+from ..losses import rals_d_loss
+
+
+def generate(G, image, mask):
+    """The composite G(masked image, mask) in the hole, the known pixels elsewhere (the losses see it, as
+    the authors). The one place training, validation and the sample grids feed the generator."""
+    raw = G(torch.cat([image * (1 - mask), mask], 1))
+    return mask * raw.float() + (1 - mask) * image
+
+
+def crop_boxes(x, boxes):
+    """The local discriminator's input: per image, its box (top, left, h, w), resized to
+    128 when the training size is not 256 (at 256 the box is 128 and copied as is)."""
+    crops = []
+    for img, (t, l, h, w) in zip(x, boxes.tolist()):
+        c = img[:, t:t + h, l:l + w].unsqueeze(0)
+        if (h, w) != (128, 128):
+            c = F.interpolate(c, size=(128, 128), mode="bilinear", align_corners=False)
+        crops.append(c)
+    return torch.cat(crops)
+
+
+def global_view(x):
+    """The global discriminator's input: the image, resized to 256 if needed."""
+    if x.shape[-2:] != (256, 256):
+        x = F.interpolate(x, size=(256, 256), mode="bilinear", align_corners=False)
+    return x
+
+
+class RealFake(torch.nn.Module):
+    """D on real and fake in one forward, so DDP sees a single pass per step."""
+
+    def __init__(self, D):
+        super().__init__()
+        self.D = D
+
+    def forward(self, real_local, real_global, fake_local, fake_global):
+        return self.D(real_local, real_global)[0], self.D(fake_local, fake_global)[0]
+
+
+def train_step(G, D, D_pair, criterion, opt_G, opt_D, scaler, image, mask, box, autocast, finite):
+    """The paper's recipe: one G update with D frozen, then one D update on the detached composite.
+
+    G may be DDP-wrapped or compiled; D is the bare discriminator (no gradient sync in the G step);
+    D_pair is RealFake(D), possibly DDP-wrapped. `autocast()` gives the autocast context and
+    `finite(loss)` says whether a loss is finite (on every rank). Returns (terms, ok): ok is False
+    when a loss was non-finite and its update skipped (a G update whose D loss is bad stays)."""
+    D.requires_grad_(False)
+    with autocast():
+        with record_function("G forward"):
+            out = generate(G, image, mask)
+        with record_function("D forward (G step)"):
+            pred_fake, feats_fake = D(crop_boxes(out, box), global_view(out))
+            pred_real, feats_real = D(crop_boxes(image, box), global_view(image))
+        with record_function("losses"):
+            loss_g, terms = criterion(out, image, pred_real, pred_fake, feats_fake, feats_real)
+    terms = {k: v.detach().float() for k, v in terms.items()}
+    terms["G"] = loss_g.detach().float()
+    ok = finite(loss_g)
+    if ok:
+        opt_G.zero_grad(set_to_none=True)
+        with record_function("G backward"):
+            scaler.scale(loss_g).backward()
+        with record_function("optimizer"):
+            scaler.step(opt_G)
+        D.requires_grad_(True)
+        fake = out.detach()
+        with record_function("D step"):
+            with autocast():
+                pred_real, pred_fake = D_pair(crop_boxes(image, box), global_view(image),
+                                              crop_boxes(fake, box), global_view(fake))
+                loss_d = rals_d_loss(pred_real.float(), pred_fake.float())
+            terms["D"] = loss_d.detach()
+            ok = finite(loss_d)
+            if ok:
+                opt_D.zero_grad(set_to_none=True)
+                scaler.scale(loss_d).backward()
+        if ok:
+            with record_function("optimizer"):
+                scaler.step(opt_D)
+        scaler.update()
+    D.requires_grad_(True)
+    return terms, ok
