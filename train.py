@@ -35,7 +35,9 @@ def main(argv=None):
             if int(os.environ.get("RANK", 0)) == 0:
                 lock = rundir.claim(args.out, args.resume, args.overwrite)
             resume_from = checkpoint.find_resume(args.resume, args.out) if args.resume else None
-        except (rundir.Refused, FileNotFoundError) as e:
+            if resume_from:  # read once here to refuse early; train() reads it again (not held meanwhile)
+                checkpoint.check_resumable(checkpoint.load_checkpoint(resume_from), resume_from, args.recipe)
+        except (rundir.Refused, FileNotFoundError, ValueError) as e:
             config.build_parser().error(str(e))
         return train(args, resume_from)
     finally:
@@ -43,7 +45,7 @@ def main(argv=None):
             lock.close()
 
 
-def train(args, resume_from):
+def train(args, resume_from=None):
     # ---- build: processes, data, models, optimizers, loss
     rt = build.runtime(args)
     autocast = build.autocast(rt.device.type, rt.amp_dtype)
@@ -121,6 +123,7 @@ def train(args, resume_from):
                                      "try a lower --lr-g / --lr-d, or without --amp")
                 continue
             bad_steps = 0
+            lr = parts.opt_G.param_groups[0]["lr"]  # the rate this update used
             parts.sched_G.step()
             parts.sched_D.step()
             step += 1
@@ -135,7 +138,7 @@ def train(args, resume_from):
             last = step == args.steps or stop
             if rt.master and (step % args.log_every == 0 or last):
                 row = {"kind": "train", "step": step, **{k: v / n_sum for k, v in sums.items()},
-                       "lr": parts.sched_G.get_last_lr()[0], "it_s": n_sum / (time.time() - t0)}
+                       "lr": lr, "it_s": n_sum / (time.time() - t0)}
                 log.write(row)
                 bar.write(report.train_line(row))
                 sums, n_sum, t0 = {}, 0, time.time()

@@ -88,9 +88,9 @@ class InpaintDataset(torch.utils.data.Dataset):
     train=False gives a fixed sample per index (centre crop, no flip, mask seeded by index).
     An unreadable image is skipped and listed in the sample's "bad"."""
 
-    def __init__(self, items, size, masks, seed=0, rank=0, train=True, min_scale=1.0):
+    def __init__(self, items, size, masks, seed=0, rank=0, train=True, min_scale=1.0, flip=False):
         self.items, self.size, self.masks = list(items), size, masks
-        self.seed, self.rank, self.train, self.min_scale = seed, rank, train, min_scale
+        self.seed, self.rank, self.train, self.min_scale, self.flip = seed, rank, train, min_scale, flip
         self.epoch = 0
 
     def __len__(self):
@@ -116,7 +116,7 @@ class InpaintDataset(torch.utils.data.Dataset):
                 bad.append((str(item), f"{type(e).__name__}: {e}"))
         else:
             raise RuntimeError(f"{len(bad)} unreadable images in a row, e.g. {bad[0][0]}: {bad[0][1]}")
-        image = square_resize(img, self.size, rng if self.train else None, self.min_scale, name=name)
+        image = square_resize(img, self.size, rng if self.train else None, self.min_scale, self.flip, name=name)
         mask, box = self.masks(self.size, self.size, rng)
         return {"image": image, "mask": torch.from_numpy(mask)[None], "box": torch.tensor(box), "bad": bad}
 

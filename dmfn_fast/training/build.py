@@ -127,12 +127,17 @@ def models(nf, n_blocks, d_nf, impl, device, memory_format, seed):
 
 def optimizers(G, D, lr_g=2e-4, lr_d=2e-4, betas=(0.5, 0.999), lr_steps=(100_000,), lr_gamma=0.5,
                device_type="cpu", amp_dtype=None):
-    """Adam for both, MultiStepLR for both, and the GradScaler (on only for fp16). Returns Parts."""
+    """Adam for both, MultiStepLR for both, and the GradScaler (on only for fp16). Returns Parts.
+
+    The decay follows the authors' order under both recipes: they step the schedulers before each
+    update, so update number m (counting from 1) is the first at the decayed rate. Stepping after each
+    update, as here, with every milestone one earlier is the same schedule."""
     opt_G = torch.optim.Adam(G.parameters(), lr=lr_g, betas=tuple(betas))
     opt_D = torch.optim.Adam(D.parameters(), lr=lr_d, betas=tuple(betas))
+    milestones = [m - 1 for m in lr_steps]
     return Parts(G, D, opt_G, opt_D,
-                 torch.optim.lr_scheduler.MultiStepLR(opt_G, list(lr_steps), lr_gamma),
-                 torch.optim.lr_scheduler.MultiStepLR(opt_D, list(lr_steps), lr_gamma),
+                 torch.optim.lr_scheduler.MultiStepLR(opt_G, milestones, lr_gamma),
+                 torch.optim.lr_scheduler.MultiStepLR(opt_D, milestones, lr_gamma),
                  torch.amp.GradScaler(device_type, enabled=amp_dtype == torch.float16))
 
 
@@ -142,28 +147,28 @@ def loud_warning(msg):
     warnings.warn(msg)
 
 
-def vgg(weights="auto", random=False, demo=False, quiet=False):
+def vgg(weights="auto", random=False, demo=False, quiet=False, recipe="paper"):
     """VGG19 features for the perceptual losses. Random only with --random-vgg, or in the demo when no
     weights are found (loudly); real data without weights stops with how to supply them. `quiet`: a random
     VGG without the warning (benchmarks, where the weights do not matter)."""
     if random and quiet:
-        return VGG19Features("random")
+        return VGG19Features("random", recipe=recipe)
     if random:
         loud_warning("WARNING: --random-vgg: the perceptual losses use a RANDOM VGG19. "
                      "The model will not learn what the paper's model learns. Smoke tests only.")
-        return VGG19Features("random")
+        return VGG19Features("random", recipe=recipe)
     try:
-        return VGG19Features(weights)
+        return VGG19Features(weights, recipe=recipe)
     except (RuntimeError, FileNotFoundError, ValueError) as e:
         if not (demo and weights == "auto"):
             raise SystemExit(f"{e}\nOr pass --random-vgg to train without them (smoke tests only).")
         loud_warning(f"WARNING: no VGG19 weights found, so this DEMO uses a RANDOM VGG19 for the perceptual "
                      f"losses: it shows the pipeline, not the paper's results. {HOW_TO}")
-        return VGG19Features("random")
+        return VGG19Features("random", recipe=recipe)
 
 
-def criterion(vgg_features, impl):
-    return DMFNLoss(vgg_features, impl=impl)
+def criterion(vgg_features, impl, recipe="paper"):
+    return DMFNLoss(vgg_features, impl=impl, recipe=recipe)
 
 
 def training(args, rt):
@@ -171,20 +176,21 @@ def training(args, rt):
     G, D = models(args.nf, args.n_blocks, args.d_nf, args.impl, rt.device, rt.memory_format, args.seed)
     if rt.ddp and not rt.master:
         dist.barrier()  # rank 0 fetches the VGG weights first
-    features = vgg(args.vgg_weights, args.random_vgg, demo=args.data is None).to(rt.device,
-                                                                                memory_format=rt.memory_format)
+    features = vgg(args.vgg_weights, args.random_vgg, demo=args.data is None, recipe=args.recipe)
+    features = features.to(rt.device, memory_format=rt.memory_format)
     if rt.ddp and rt.master:
         dist.barrier()
     parts = optimizers(G, D, args.lr_g, args.lr_d, args.betas, args.lr_steps, args.lr_gamma, rt.device.type,
                        rt.amp_dtype)
-    return parts, criterion(features, args.impl)
+    return parts, criterion(features, args.impl, args.recipe)
 
 
 # ---- data -------------------------------------------------------------------------
 
 def datasets(args, rank):
     """(train, val) InpaintDatasets: the demo photos, or DATA with its last --n-val held out (or --val-data)."""
-    masks = MaskSource(args.masks, args.mask_dir, args.mask_probs, args.hole, args.jitter, args.center_mask)
+    masks = MaskSource(args.masks, args.mask_dir, args.mask_probs, args.hole, args.jitter, args.center_mask,
+                       invert=args.invert_masks, recipe=args.recipe)
     if args.data is None:
         photos = demo_images()
         val_items = [x for x in photos if x[0] in DEMO_VAL][: args.n_val]
@@ -196,7 +202,8 @@ def datasets(args, rank):
         else:
             n_val = min(args.n_val, len(items) - 1)
             train_items, val_items = items[: len(items) - n_val], items[len(items) - n_val:]
-    train = InpaintDataset(train_items, args.size, masks, args.seed, rank, train=True, min_scale=args.min_scale)
+    train = InpaintDataset(train_items, args.size, masks, args.seed, rank, train=True, min_scale=args.min_scale,
+                           flip=args.hflip)
     val = InpaintDataset(val_items, args.size, masks, args.seed, train=False)
     return train, val
 

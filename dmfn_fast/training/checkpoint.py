@@ -175,6 +175,17 @@ def find_resume(spec, out_dir):
     return spec
 
 
+def check_resumable(ckpt, path, recipe):
+    """Refuse to continue a run under another recipe (its losses, masks and schedule would change midway).
+    Checkpoints from before recipes existed name none: they continue under `recipe`, with a note."""
+    theirs = (ckpt.get("config") or {}).get("recipe")
+    if theirs is None:
+        print(f"note: {path} predates --recipe; continuing it under --recipe {recipe}", file=sys.stderr)
+    elif theirs != recipe:
+        raise ValueError(f"--resume: {path} was trained with --recipe {theirs}, not {recipe}; pass --recipe "
+                         f"{theirs} to continue it, or start a new run")
+
+
 def resume(path, parts, out_dir, master):
     """Restore a run from the checkpoint at `path` into `parts` (G, D, optimizers, schedulers, scaler, RNGs).
     On rank 0, also make out_dir continue from there: partial temp files of a killed save are removed, and

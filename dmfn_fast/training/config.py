@@ -4,6 +4,8 @@ import argparse
 import json
 
 from ..masks import KINDS
+from ..ops._impl import IMPLS
+from ..recipes import RECIPES
 
 # Paper defaults; the demo (no DATA) replaces those still unset by this CPU-sized preset.
 PAPER = dict(size=256, batch=16, steps=100_000, n_val=8, min_scale=1.0, log_every=50, sample_every=500,
@@ -12,13 +14,22 @@ DEMO = dict(size=64, batch=4, steps=100, n_val=4, min_scale=0.4, log_every=5, sa
             val_every=25, ckpt_every=25, nf=32, n_blocks=4, d_nf=16)
 
 
+class _Help(argparse.RawDescriptionHelpFormatter):
+    """--help shows each fixed default once, from the parser; preset-dependent ones say theirs in the text."""
+
+    def _get_help_string(self, action):
+        h = action.help or ""
+        if action.default not in (None, False, argparse.SUPPRESS) and "%(default)" not in h and action.option_strings:
+            h += " (default: %(default)s)"
+        return h
+
+
 def build_parser(description=None):
-    p = argparse.ArgumentParser(prog="train.py", description=description,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="train.py", description=description, formatter_class=_Help)
     a = p.add_argument
     a("data", nargs="?", help="image folder or list file; omit for the built-in demo set")
     a("--config", help="YAML or JSON file of options (keys as the flags, - or _)")
-    a("--out", default="runs/dmfn", help="output folder: checkpoints, log, samples, curves")
+    a("--out", default="runs/dmfn", help="run folder: checkpoints, log, samples, curves (one run per folder)")
     a("--overwrite", action="store_true",
       help="start a new run in an --out that holds another run: its files move to OUT/previous-<time>/")
     a("--val-data", help="held-out images (folder or list); default: the last --n-val images of DATA")
@@ -27,30 +38,39 @@ def build_parser(description=None):
     a("--batch", type=int, help="batch per process; global batch = batch x processes (16; demo 4)")
     a("--steps", type=int, help="total G+D updates (100000; demo 100)")
     a("--min-scale", type=float, help="random crop side as a fraction of the short side: U(min, 1) (1.0; demo 0.4)")
-    a("--lr-g", type=float, default=2e-4)
-    a("--lr-d", type=float, default=2e-4)
-    a("--betas", type=float, nargs=2, default=[0.5, 0.999])
-    a("--lr-steps", type=int, nargs="+", default=[100_000], help="MultiStepLR milestones")
-    a("--lr-gamma", type=float, default=0.5)
+    a("--recipe", choices=RECIPES, default="paper",
+      help="paper: the authors' code where the paper is silent, the paper where their code contradicts it; "
+           "authors: their public training code throughout (README: Departures from the authors' code)")
+    a("--lr-g", type=float, default=2e-4, help="generator Adam learning rate")
+    a("--lr-d", type=float, default=2e-4, help="discriminator Adam learning rate")
+    a("--betas", type=float, nargs=2, default=[0.5, 0.999], help="Adam betas")
+    a("--lr-steps", type=int, nargs="+", default=[100_000],
+      help="MultiStepLR milestones: update number m is the first at lr x gamma (the authors' order)")
+    a("--lr-gamma", type=float, default=0.5, help="learning-rate factor at each milestone")
     a("--nf", type=int, help="generator width (64; demo 32)")
     a("--n-blocks", type=int, help="DMFB blocks (8; demo 4)")
     a("--d-nf", type=int, help="discriminator width (64; demo 16)")
-    a("--masks", choices=KINDS, default="rect")
+    a("--masks", choices=KINDS, default="rect", help="training hole shapes")
     a("--mask-dir", help="folder of mask PNGs for irregular / mixed masks")
     a("--mask-probs", help="for mixed masks, e.g. rect=0.5,stroke=0.3,irregular=0.2")
     a("--hole", type=int, help="rect hole side (size/2, 128 at 256)")
     a("--jitter", type=int, help="max px each side of a rect hole shrinks (16 at 256, scaled)")
     a("--center-mask", action="store_true", help="rect holes at the centre instead of random")
+    a("--invert-masks", action="store_true", help="mask files mark the known pixels white: swap hole and known")
+    a("--hflip", action="store_true",
+      help="random horizontal flips of the training crops (the authors' code has none; off in both recipes)")
     a("--amp", action="store_true", help="CUDA: bf16 autocast (fp16 + GradScaler without bf16); CPU: bf16")
     a("--amp-dtype", choices=("auto", "bf16", "fp16"), default="auto",
       help="with --amp: auto picks as above (fp32 on a CPU without native bf16); bf16/fp16 force it")
     a("--channels-last", action=argparse.BooleanOptionalAction, default=None, help="default: on with CUDA")
     a("--compile", action="store_true", help="torch.compile the generator")
-    a("--impl", choices=("auto", "reference", "fused"), default="auto", help="DMFB / alignment loss kernels")
-    a("--seed", type=int, default=0)
+    a("--impl", choices=IMPLS + ("fused",), default="auto",
+      help="DMFB and alignment-loss kernels: auto (fast where measured faster), reference, fast "
+           "('fused': old name of fast)")
+    a("--seed", type=int, default=0, help="seed of weights, crops and masks")
     a("--deterministic", action="store_true",
       help="deterministic kernels (slower on CUDA); the DMFB then uses its PyTorch reference, since the fused "
-           "kernels sum with atomics (with --impl fused this is an error)")
+           "kernels sum with atomics (with --impl fast this is an error)")
     a("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     a("--workers", type=int, help="data loader processes per rank (CUDA: 4; CPU: 0)")
     a("--vgg-weights", default="auto", help="torchvision vgg19 .pth (auto: DMFN_VGG19_WEIGHTS, hub cache, download)")

@@ -4,13 +4,14 @@ import torch.nn.functional as F
 from torch.profiler import record_function
 
 from ..losses import rals_d_loss
+from ..models import feed_generator
 
 
 def generate(G, image, mask):
     """The composite G(masked image, mask) in the hole, the known pixels elsewhere (the losses see it, as
-    the authors). The one place training, validation and the sample grids feed the generator."""
-    raw = G(torch.cat([image * (1 - mask), mask], 1))
-    return mask * raw.float() + (1 - mask) * image
+    the authors), in image's dtype. Training, validation and the sample grids all feed G through here,
+    and through it the same feed_generator as Generator.inpaint and the exported models."""
+    return feed_generator(G, image, mask)[1]
 
 
 def crop_boxes(x, boxes):
