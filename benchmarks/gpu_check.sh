@@ -3,7 +3,8 @@
 # OUT/log.txt as it goes, so a stage that fails or runs out still leaves the others' results.
 #   bash benchmarks/gpu_check.sh OUT          CUDA machine: installs this checkout (--no-deps), then checks and times
 #   bash benchmarks/gpu_check.sh --dry OUT    CPU, tiny sizes, kernels interpreted: proves the script runs (CI)
-# OUT gets at most 8 files: env.txt, stages.txt, log.txt, breakdown.jsonl, e2e.jsonl, summary.json, summary.md.
+# OUT gets at most 8 files: env.txt, stages.txt, log.txt, breakdown.jsonl, e2e.jsonl, summary.json, summary.md,
+# ncu.txt (stage 5, optional: where ncu is installed).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 DRY=0
@@ -62,6 +63,16 @@ fi
 # 3. per-kernel breakdown and op baselines; 4. end to end.
 stage breakdown 150 $PY benchmarks/gpu_breakdown.py "$OUT" "${DRYFLAG[@]}"
 stage e2e 240 $PY benchmarks/gpu_e2e.py "$OUT" "${DRYFLAG[@]}"
+
+# 5. optional: ncu on the fused branch kernels (speed of light, memory), where ncu exists; --dry runs the
+#    profiled workload alone, interpreted, so the case cannot rot.
+if [ $DRY = 1 ]; then
+  stage ncu-case 120 $PY benchmarks/gpu_ncu_case.py --dry
+elif command -v ncu >/dev/null; then
+  stage ncu 120 ncu --clock-control none --section SpeedOfLight --section MemoryWorkloadAnalysis \
+    --section Occupancy --nvtx --nvtx-include "profile/" -k "regex:branches" --log-file "$OUT/ncu.txt" \
+    $PY benchmarks/gpu_ncu_case.py
+fi
 
 $PY benchmarks/gpu_summary.py "$OUT" >> "$LOG" 2>&1 || rc=1
 echo; echo "stages:"; cat "$OUT/stages.txt"

@@ -206,14 +206,6 @@ TINY = ["--size", "32", "--nf", "8", "--n-blocks", "2", "--d-nf", "4", "--random
         "--n-val", "2", "--log-every", "1"]
 
 
-@pytest.fixture
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny convolutions on a shared 2-core machine
-    yield
-    torch.set_num_threads(n)
-
-
 def _rates(steps, milestones, authors_order):
     """The learning rate each update uses: with the authors' order (their scheduler steps before each
     update), or with build.optimizers as train.py drives it (after each update)."""

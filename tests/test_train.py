@@ -17,13 +17,7 @@ TINY = ["--size", "32", "--nf", "8", "--n-blocks", "2", "--d-nf", "4", "--random
         "--n-val", "2", "--log-every", "1"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # tiny convolutions on a shared 2-core machine: one thread is several times faster than two
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def main(*args):

@@ -20,12 +20,7 @@ TINY = ["--size", "32", "--nf", "8", "--n-blocks", "2", "--d-nf", "4", "--random
         "--n-val", "2", "--log-every", "1", "--val-every", "100", "--sample-every", "100"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def run(out, *args):
