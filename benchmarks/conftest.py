@@ -7,6 +7,8 @@ import os
 import pytest
 import torch
 
+from e2e_common import sync  # noqa: F401  (the benchmarks import it from here)
+
 QUICK = os.environ.get("DMFN_BENCH_QUICK", "") not in ("", "0") or not torch.cuda.is_available()
 _RESULTS = []  # (group, variant, median s, extra_info) of every benchmark that ran
 
@@ -19,11 +21,6 @@ def quick():
 def cuda_or_skip():
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU: fused kernels run only there")
-
-
-def sync(device):
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize()
 
 
 @pytest.fixture(autouse=True)
