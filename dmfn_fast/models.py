@@ -9,8 +9,10 @@ import torch.nn.functional as F
 from .ops._impl import check_impl
 from .ops.dmfb import DMFBParams, dmfb_block, dmfb_block_reference
 from .recipes import check_recipe
-from .training.checkpoint import FORMAT
 
+
+# Our training checkpoints (dmfn_fast.training.checkpoint writes them); from_pretrained reads their "G".
+TRAIN_FORMAT = "dmfn-fast-train-v1"
 
 def conv_block(in_ch, out_ch, k, stride=1, padding=0, dilation=1, norm="none", act="relu"):
     """Conv2d (submodule `conv`), then optional norm (`norm`), then activation."""
@@ -129,8 +131,8 @@ def _generator_state(obj, path="checkpoint"):
     """The generator state dict in a loaded file: ours ("format": "dmfn-fast-train-v1", key "G")
     or the authors' bare `latest_G.pth` state dict."""
     if isinstance(obj, dict) and "format" in obj:
-        if obj["format"] != FORMAT or not isinstance(obj.get("G"), dict):
-            raise ValueError(f"{path}: unknown checkpoint format {obj['format']!r} (expected {FORMAT})")
+        if obj["format"] != TRAIN_FORMAT or not isinstance(obj.get("G"), dict):
+            raise ValueError(f"{path}: unknown checkpoint format {obj['format']!r} (expected {TRAIN_FORMAT})")
         obj = obj["G"]
     if not isinstance(obj, dict) or not all(isinstance(k, str) for k in obj):
         raise ValueError(f"{path}: not a DMFN checkpoint (a {type(obj).__name__}, not a state dict)")

@@ -4,6 +4,7 @@
 - step: one G+D update and the discriminator's inputs;
 - checkpoint: the checkpoint format, atomic saving, and resuming a run from a checkpoint;
 - rundir: the output folder (its lock, refusing or moving aside another run's files);
-- report: validation, sample grids, the JSONL log and the loss curve.
+- report: validation, sample grids, the JSONL log and the loss curve;
+- config: train.py's flags, the --config file, the presets and every check.
 
-Nothing is imported here, so `dmfn_fast.models` can import the checkpoint format without a cycle."""
+Nothing is imported here: `import train` and the benchmarks take only the pieces they use."""

@@ -11,7 +11,8 @@ import sys
 import numpy as np
 import torch
 
-FORMAT = "dmfn-fast-train-v1"
+from ..models import TRAIN_FORMAT as FORMAT
+
 CKPT_RE = re.compile(r"ckpt_(\d+)\.pt$")
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 
