@@ -44,6 +44,7 @@ CASES["dmfb-block-fp32-2x13x11"] = ("block", dict(N=2, H=13, W=11))
 CASES["dmfb-block-autocast-bf16"] = ("block_autocast", dict(N=2, H=12, W=10))
 CASES["generator-fp32-2x20x16"] = ("generator", dict(N=2, H=20, W=16))
 CASES["torch-compile-aot-eager"] = ("compiled", dict(N=2, H=13, W=11))
+CASES["eager-path-equals-op-path"] = ("eager_path", dict(N=2, H=9, W=7))
 CASES["opcheck-every-op"] = ("opcheck", dict(N=2, H=7, W=5, C=16))
 
 
@@ -270,6 +271,41 @@ def check_opcheck(N, H, W, C, device="cpu"):
         torch.library.opcheck(op, args)
         out.append((f"opcheck {name}", 0.0))
     return out
+
+
+def check_eager_path(N, H, W):
+    """Plain eager calls go through the autograd.Function (_Op), not the registered ops; both run the same
+    kernels, so the fused block's output and every gradient must agree bit for bit (tolerance 0)."""
+    from dmfn_fast.ops import dmfb
+
+    block = _random_block(32, 16)
+    x = torch.randn(N, 32, H, W)
+    calls = {"function": 0}
+    real_apply = dmfb._Op.__call__
+
+    def counting(self, *args):
+        calls["function"] += dmfb._plain_eager(args) and self.function is not None
+        return real_apply(self, *args)
+
+    dmfb._Op.__call__ = counting
+    try:
+        eager = _compare_module(block, block, lambda t: _via_ops(block, t), x)
+    finally:
+        dmfb._Op.__call__ = real_apply
+    assert calls["function"] == 3, calls  # c1's IN, the branch op, c2's IN took the eager path
+    return [(label, err, 0.0) for label, err in eager]
+
+
+def _via_ops(block, x):
+    """The block with every op called through torch.library (what tracing sees)."""
+    from dmfn_fast.ops import dmfb
+
+    real = dmfb._plain_eager
+    dmfb._plain_eager = lambda args: False
+    try:
+        return block(x)
+    finally:
+        dmfb._plain_eager = real
 
 
 def _run_case(name):
@@ -585,3 +621,37 @@ def test_ops_registered_at_import():
 
 if __name__ == "__main__":
     _worker(sys.argv[1:])
+
+
+def test_eager_launch_wrapper_guards_only_when_off_device(monkeypatch):
+    """The launch wrapper skips the device guard when the input is on the current GPU (host time), and
+    takes it when not (a model on cuda:1 with cuda:0 current)."""
+    from dmfn_fast.ops import dmfb
+
+    class Dev(torch.Tensor):
+        index = 1
+
+        @property
+        def device(self):
+            return torch.device("cuda", Dev.index)
+
+    entered = []
+
+    class Guard:
+        def __init__(self, t):
+            entered.append(t.device.index)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *a):
+            return False
+
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(dmfb, "_device_of", Guard)
+    run = dmfb._on_input_device(lambda t: "ran")
+    t = torch.zeros(1).as_subclass(Dev)
+    assert run(t) == "ran" and entered == [1]
+    Dev.index = 0
+    assert run(t) == "ran" and entered == [1]
+    assert run(torch.zeros(1)) == "ran" and entered == [1]  # CPU: no guard

@@ -1,6 +1,8 @@
 """The DMFB: its PyTorch reference (dmfb_block_reference) and its fused fast path (dmfb_block_fused),
 chosen by dmfb_block(x, params, impl). The fast path is Triton kernels (kernels/, installed as
 dmfn_fast.kernels) behind torch.library custom ops, registered (fake and autograd too) at import.
+torch.compile, opcheck and tracing use those ops; plain eager calls run the same code through a
+torch.autograd.Function instead (_Op), which skips the ops' dispatch layers.
 
 Ops (namespace `dmfn_fast`), each with a Triton backward registered through register_autograd:
 - dmfb_branches(h, w, b, dilations) -> cat[k1..k4], k_j = d_1(h) + ... + d_j(h)
@@ -17,6 +19,7 @@ from typing import NamedTuple, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
+from torch._subclasses.fake_tensor import is_fake
 
 from . import _impl
 
@@ -214,8 +217,7 @@ def _in_forward(x, shift, s, ss, res, relu, out_dtype):
 
 def _in_backward_sums(dy, x, mean, rstd, relu, from_y):
     N, C, H, W = x.shape
-    sa = _zeros32(N, C, like=x)
-    sb = _zeros32(N, C, like=x)
+    sa, sb = _zeros32(2, N, C, like=x).unbind(0)  # one allocation: host time counts (see _Op)
     _kernel(_kn.in_bwd_reduce, x)[_in_grid(N, C, H, W)](
         dy, x, mean, rstd, sa, sb, H * W, C, RELU=relu, FROM_Y=from_y,
         BLOCK_P=_kn.BLOCK_P, BLOCK_C=_kn.BLOCK_C, num_warps=_kn.NUM_WARPS)
@@ -228,8 +230,6 @@ def _in_backward_sums(dy, x, mean, rstd, relu, from_y):
 def _device_of(t: torch.Tensor):
     """The context that makes t's GPU the current one: Triton launches on the current device, so a model on
     cuda:1 would otherwise launch on cuda:0 with cuda:1 pointers."""
-    from torch._subclasses.fake_tensor import is_fake
-
     real_cuda = t.device.type == "cuda" and not is_fake(t) and not torch.compiler.is_compiling()
     return torch.cuda.device(t.device) if real_cuda else contextlib.nullcontext()
 
@@ -237,7 +237,10 @@ def _device_of(t: torch.Tensor):
 def _on_input_device(fn):
     @functools.wraps(fn)  # keeps the signature: torch.library infers the op schema from it
     def run(*args, **kwargs):
-        with _device_of(args[0]):
+        t = args[0]
+        if t.device.type != "cuda" or t.device.index == torch.cuda.current_device():
+            return fn(*args, **kwargs)  # already there (or no GPU): skip the guard's host cost
+        with _device_of(t):
             return fn(*args, **kwargs)
     return run
 
@@ -245,7 +248,7 @@ def _on_input_device(fn):
 
 def _define(name, fn, backward=None, setup_context=None):
     """The op `dmfn_fast::name`: a triton_op, or else an opaque custom_op whose fake impl is `fn`
-    itself (its launches skip fake tensors)."""
+    itself (its launches skip fake tensors). Returns an _Op."""
     qualname = f"dmfn_fast::{name}"
     fn = _on_input_device(fn)
     if _USE_TRITON_OP:
@@ -255,7 +258,46 @@ def _define(name, fn, backward=None, setup_context=None):
         op.register_fake(fn)
     if backward is not None:
         op.register_autograd(backward, setup_context=setup_context)
-    return op
+    return _Op(op, fn, backward, setup_context)
+
+
+def _plain_eager(args) -> bool:
+    """Plain tensors, no compiler tracing and no dispatch mode (fake, functional, proxy) active."""
+    if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack():
+        return False
+    return all(type(a) in (torch.Tensor, torch.nn.Parameter) for a in args if isinstance(a, torch.Tensor))
+
+
+class _Op:
+    """One DMFB op. torch.compile, opcheck and any tracing see the registered torch.library op; plain
+    eager calls run the same Python (launches, autograd formulas) through a torch.autograd.Function.
+    The fused path is host-bound in eager (benchmarks/RESULTS.md), and the op's dispatch layers are
+    a third of its Python cost: with the launches stubbed, one DMFB forward+backward took 1.56 ms of
+    host time through the ops and 1.09 ms this way (2-core dev CPU, median of 15 interleaved rounds)."""
+
+    def __init__(self, op, fn, backward, setup_context):
+        self.op, self.fn = op, fn
+        self.function = None
+        if backward is not None:
+            def forward(ctx, *args):  # ctx-style: apply() then skips binding a signature per call
+                out = fn(*args)
+                setup_context(ctx, args, out)
+                if isinstance(out, tuple):  # (y, mean, rstd): the statistics take no gradient, so
+                    ctx.mark_non_differentiable(*out[1:])  # backward gets None for them, not zeros
+                    ctx.set_materialize_grads(False)
+                return out
+
+            self.function = type(f"{op._name}_eager", (torch.autograd.Function,), {
+                "forward": staticmethod(forward),
+                "backward": staticmethod(torch.autograd.function.once_differentiable(backward)),
+            })
+
+    def __call__(self, *args):
+        if not _plain_eager(args):
+            return self.op(*args)
+        if self.function is not None and torch.is_grad_enabled():
+            return self.function.apply(*args)
+        return self.fn(*args)
 
 
 def _branches_bwd_fn(h: torch.Tensor, w: torch.Tensor, g: torch.Tensor, dilations: list[int],
@@ -285,9 +327,7 @@ def _branches_in_relu_bwd_fn(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor, 
 def _in_act_fn(x: torch.Tensor, res: Optional[torch.Tensor], relu: bool
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     N, C, H, W = x.shape
-    s = _zeros32(N, C, like=x)
-    ss = _zeros32(N, C, like=x)
-    shift = torch.empty_like(s)
+    s, ss, shift = _zeros32(3, N, C, like=x).unbind(0)  # one allocation: host time counts (see _Op)
     _kernel(_kn.in_stats, x)[_in_grid(N, C, H, W)](
         x, shift, s, ss, H * W, C, BLOCK_P=_kn.BLOCK_P, BLOCK_C=_kn.BLOCK_C, num_warps=_kn.NUM_WARPS)
     out_dtype = x.dtype if res is None else torch.promote_types(x.dtype, res.dtype)
