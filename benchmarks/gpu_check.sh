@@ -56,6 +56,8 @@ fi
 #    then compute-sanitizer memcheck on one small fused DMFB forward+backward and one centroid call.
 stage tests-dmfb 150 $PY -m pytest tests/test_dmfb_cuda.py -q -rs -p no:cacheprovider
 stage tests-centroid 40 $PY -m pytest tests/test_centroid_align.py -q -rs -p no:cacheprovider -k "not jit_build"
+# recipe="authors": reference and fast paths (fused DMFB + C++ op on CUDA) give the same 3 training steps
+stage tests-recipe 60 $PY -m pytest tests/test_recipe.py -q -rs -p no:cacheprovider -k same_steps
 if [ $DRY = 0 ] && command -v compute-sanitizer >/dev/null; then
   stage sanitizer 60 compute-sanitizer --tool memcheck --error-exitcode 7 $PY benchmarks/gpu_sanitize_case.py
 fi
