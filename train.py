@@ -10,6 +10,7 @@ Exit status: 0 done; 1 stopped by a problem during training (message says which)
 any work (a bad flag or config, --out in use or holding another run); 130 Ctrl-C; 143 SIGTERM
 (both save a checkpoint first).
 """
+import gc
 import json
 import os
 import sys
@@ -173,6 +174,11 @@ def train(args, resume_from=None):
         if log is not None:
             log.close()
         if rt.ddp:
+            # The DDP wrappers' reducers hold the process group. Freed after the group is destroyed, they drop
+            # its last reference inside their dealloc, with the GIL held, while gloo's threads may still need
+            # the GIL to release the last collective's tensors: a deadlock (seen once in CI). Free them first.
+            G = D_pair = None  # noqa: F841
+            gc.collect()
             torch.distributed.destroy_process_group()
     if code:
         raise SystemExit(code)
