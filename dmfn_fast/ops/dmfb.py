@@ -238,7 +238,7 @@ def _on_input_device(fn):
     @functools.wraps(fn)  # keeps the signature: torch.library infers the op schema from it
     def run(*args, **kwargs):
         t = args[0]
-        if t.device.type != "cuda" or t.device.index == torch.cuda.current_device():
+        if t.device.type != "cuda" or (not is_fake(t) and t.device.index == torch.cuda.current_device()):
             return fn(*args, **kwargs)  # already there (or no GPU): skip the guard's host cost
         with _device_of(t):
             return fn(*args, **kwargs)
