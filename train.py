@@ -36,8 +36,9 @@ def main(argv=None):
             if int(os.environ.get("RANK", 0)) == 0:
                 lock = rundir.claim(args.out, args.resume, args.overwrite)
             resume_from = checkpoint.find_resume(args.resume, args.out) if args.resume else None
-            if resume_from:  # read once here to refuse early; train() reads it again (not held meanwhile)
-                checkpoint.check_resumable(checkpoint.load_checkpoint(resume_from), resume_from, args.recipe)
+            if resume_from:  # refuse early; mapped, not read: train() loads the tensors
+                checkpoint.check_resumable(checkpoint.load_checkpoint(resume_from, mmap=True), resume_from,
+                                           args.recipe)
         except (rundir.Refused, FileNotFoundError, ValueError) as e:
             config.build_parser().error(str(e))
         return train(args, resume_from)

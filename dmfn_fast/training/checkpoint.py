@@ -150,10 +150,12 @@ def _mb(n):
     return f"{n / 2**20:.1f} MiB"
 
 
-def load_checkpoint(path):
+def load_checkpoint(path, mmap=False):
+    """The checkpoint dict at `path`. mmap=True maps the tensors instead of reading them (a cheap look at
+    its config)."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint not found: {path}")
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise ValueError(f"{path} is not a dmfn-fast training checkpoint (format {FORMAT!r}); "
                          "a bare generator state dict (latest_G.pth) is for inference, not --resume")
