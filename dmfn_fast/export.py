@@ -22,14 +22,15 @@ TOLERANCE = {"torchscript": 1e-4, "onnx": 1e-3}  # max abs error on the [-1, 1] 
 
 
 class _Unchecked(nn.Module):
-    """The generator's forward without its Python-side shape checks (a trace would bake them in)."""
+    """The generator's forward on its reference path, without its Python-side shape checks (a trace would
+    bake them in); the generator itself is left as it is."""
 
     def __init__(self, g: Generator):
         super().__init__()
         self.g = g
 
     def forward(self, x):
-        return self.g.forward_unchecked(x)
+        return self.g.forward_unchecked(x, reference=True)
 
 
 class InpaintModule(nn.Module):
@@ -40,7 +41,6 @@ class InpaintModule(nn.Module):
     def __init__(self, net: nn.Module):
         super().__init__()
         if isinstance(net, Generator):
-            net.impl = "reference"  # plain PyTorch ops: no Triton in an exported graph
             net = _Unchecked(net)
         self.net = net
 
@@ -59,7 +59,6 @@ def export_torchscript(g: Generator, path):
     g = g.float().cpu().eval()
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*torch.jit.trace.* is deprecated", category=Warning)
-        g.impl = "reference"
         core = torch.jit.trace(_Unchecked(g), torch.rand(1, 4, 64, 64) * 2 - 1, check_trace=False)  # verify() checks
         module = torch.jit.script(InpaintModule(core))
     module.save(str(path))

@@ -150,12 +150,17 @@ def _generator_arch(sd, path="checkpoint"):
     return dict(in_channels=w.shape[1], out_channels=out_channels, nf=w.shape[0], n_blocks=len(blocks))
 
 
+def nonfinite_keys(sd):
+    """Keys of the floating-point tensors in a state dict that hold NaN or Inf."""
+    return [k for k, v in sd.items() if torch.is_tensor(v) and v.is_floating_point() and not torch.isfinite(v).all()]
+
+
 def _check_finite(sd, path="checkpoint"):
     """Refuse weights holding NaN or Inf (a diverged run or a damaged file): they would give NaN images."""
-    for k, v in sd.items():
-        if torch.is_tensor(v) and v.is_floating_point() and not torch.isfinite(v).all():
-            bad = int((~torch.isfinite(v)).sum())
-            raise ValueError(
+    for k in nonfinite_keys(sd)[:1]:
+        v = sd[k]
+        bad = int((~torch.isfinite(v)).sum())
+        raise ValueError(
                 f"{path}: tensor {k!r} holds NaN or Inf ({bad} of {v.numel()} values); the checkpoint is "
                 "damaged or training diverged: use an earlier checkpoint"
             )
@@ -240,9 +245,13 @@ class Generator(nn.Module):
             )
         return self.forward_unchecked(x)
 
-    def forward_unchecked(self, x):
-        """forward without the Python-side shape checks (which a trace would bake in): for export."""
-        return self.decoder(self.blocks(self.encoder(x)))
+    def forward_unchecked(self, x, reference: bool = False):
+        """forward without the Python-side shape checks (which a trace would bake in): for export.
+        reference=True runs every DMFB's PyTorch reference whatever `impl` says (no Triton in a graph)."""
+        h = self.encoder(x)
+        for b in self.blocks:
+            h = b.forward_reference(h) if reference else b(h)
+        return self.decoder(h)
 
     def fill(self, image, mask):
         """(raw, composite): feed_generator(self, image, mask), for one image batch on this model's device."""

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from ..models import TRAIN_FORMAT as FORMAT
+from ..models import nonfinite_keys
 
 CKPT_RE = re.compile(r"ckpt_(\d+)\.pt$")
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
@@ -78,9 +79,8 @@ def save(out_dir, parts, step, config, val, keep):
 
 
 def nonfinite_params(*modules):
-    """Names of parameters or buffers holding NaN/Inf."""
-    return [f"{i}:{k}" for i, m in enumerate(modules) for k, v in m.state_dict().items()
-            if v.is_floating_point() and not torch.isfinite(v).all()]
+    """Names of parameters or buffers holding NaN/Inf, as "module index:key"."""
+    return [f"{i}:{k}" for i, m in enumerate(modules) for k in nonfinite_keys(m.state_dict())]
 
 
 # ---- files ------------------------------------------------------------------------
