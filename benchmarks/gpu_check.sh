@@ -3,6 +3,7 @@
 # OUT/log.txt as it goes, so a stage that fails or runs out still leaves the others' results.
 #   bash benchmarks/gpu_check.sh OUT          CUDA machine: installs this checkout (--no-deps), then checks and times
 #   bash benchmarks/gpu_check.sh --dry OUT    CPU, tiny sizes, kernels interpreted: proves the script runs (CI)
+#   GPU_CHECK_SKIP="ncu e2e" bash ...        skips the named stages (to fit what is left of a lease)
 # OUT gets at most 8 files: env.txt, stages.txt, log.txt, breakdown.jsonl, e2e.jsonl, summary.json, summary.md,
 # ncu.txt (stage 5, optional: where ncu is installed).
 set -uo pipefail
@@ -20,6 +21,7 @@ rc=0
 
 stage() {  # stage NAME LIMIT_S CMD...: run CMD under LIMIT_S seconds, append its output to log.txt
   local name=$1 limit=$2 t0=$SECONDS r; shift 2
+  if [[ " ${GPU_CHECK_SKIP:-} " == *" $name "* ]]; then echo "$name: skipped (GPU_CHECK_SKIP)" >> "$OUT/stages.txt"; return 0; fi
   echo "===== stage $name (limit ${limit}s) =====" >> "$LOG"
   timeout -k 5 "$limit" "$@" >> "$LOG" 2>&1; r=$?
   echo "$name: rc=$r, $((SECONDS - t0)) s (limit $limit s)" | tee -a "$OUT/stages.txt" >> "$LOG"
