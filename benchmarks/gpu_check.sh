@@ -4,8 +4,8 @@
 #   bash benchmarks/gpu_check.sh OUT          CUDA machine: installs this checkout (--no-deps), then checks and times
 #   bash benchmarks/gpu_check.sh --dry OUT    CPU, tiny sizes, kernels interpreted: proves the script runs (CI)
 #   GPU_CHECK_SKIP="ncu e2e" bash ...        skips the named stages (to fit what is left of a lease)
-# OUT gets at most 8 files: env.txt, stages.txt, log.txt, breakdown.jsonl, e2e.jsonl, summary.json, summary.md,
-# ncu.txt (stage 5, optional: where ncu is installed).
+# OUT gets 8 files (what the GPU tool brings back): env.txt, stages.txt, log.txt, compile_parity.jsonl,
+# breakdown.jsonl, e2e.jsonl, summary.json, summary.md. The optional ncu report goes into log.txt.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 DRY=0
@@ -60,6 +60,8 @@ stage tests-dmfb 150 $PY -m pytest tests/test_dmfb_cuda.py -q -rs -p no:cachepro
 stage tests-centroid 40 $PY -m pytest tests/test_centroid_align.py -q -rs -p no:cacheprovider -k "not jit_build"
 # recipe="authors": reference and fast paths (fused DMFB + C++ op on CUDA) give the same 3 training steps
 stage tests-recipe 60 $PY -m pytest tests/test_recipe.py -q -rs -p no:cacheprovider -k same_steps
+# torch.compile of the fused ops must give what their eager runs give (op by op, and the generator)
+stage compile-parity 150 $PY benchmarks/gpu_compile_parity.py "$OUT" "${DRYFLAG[@]}"
 if [ $DRY = 0 ] && command -v compute-sanitizer >/dev/null; then
   stage sanitizer 60 compute-sanitizer --tool memcheck --error-exitcode 7 $PY benchmarks/gpu_sanitize_case.py
 fi
@@ -73,9 +75,11 @@ stage e2e 240 $PY benchmarks/gpu_e2e.py "$OUT" "${DRYFLAG[@]}"
 if [ $DRY = 1 ]; then
   stage ncu-case 120 $PY benchmarks/gpu_ncu_case.py --dry
 elif command -v ncu >/dev/null; then
+  NCU_TXT=$(mktemp)
   stage ncu 120 ncu --clock-control none --section SpeedOfLight --section MemoryWorkloadAnalysis \
-    --section Occupancy --nvtx --nvtx-include "profile/" -k "regex:branches" --log-file "$OUT/ncu.txt" \
+    --section Occupancy --nvtx --nvtx-include "profile/" -k "regex:branches" --log-file "$NCU_TXT" \
     $PY benchmarks/gpu_ncu_case.py
+  { echo "===== ncu report ====="; cat "$NCU_TXT"; } >> "$LOG"; rm -f "$NCU_TXT"
 fi
 
 $PY benchmarks/gpu_summary.py "$OUT" >> "$LOG" 2>&1 || rc=1

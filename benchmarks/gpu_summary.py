@@ -25,6 +25,7 @@ def load(path):
 
 def main(out):
     bd, e2e = load(os.path.join(out, "breakdown.jsonl")), load(os.path.join(out, "e2e.jsonl"))
+    parity = load(os.path.join(out, "compile_parity.jsonl"))
 
     def ms(group_prefix, name, field="ms"):
         hits = [r[field] for r in bd if r.get("group", "").startswith(group_prefix) and r.get("name") == name
@@ -84,7 +85,7 @@ def main(out):
     summary = dict(card=sorted(devices), date=datetime.date.today().isoformat(), env=env.strip(),
                    ceilings={k: ceil.get(k) for k in ("copy_tbs", "bf16_tflops")}, ratios=ratios,
                    ratios_gpu_time=gpu,
-                   breakdown=bd, e2e=e2e)
+                   breakdown=bd, e2e=e2e, compile_parity=parity)
     with open(os.path.join(out, "summary.json"), "w") as f:
         json.dump(summary, f, indent=1)
 
@@ -112,6 +113,14 @@ def main(out):
         cell = f(r, "ms", "{:.3f}") or "ERROR: " + r.get("error", "")[:80]
         lines.append(f"| {r['case']} | {r['variant']} | {cell} | {f(r, 'images_per_s', '{:.0f}')} | "
                      f"{f(r, 'tflops', '{:.1f}')} | {f(r, 'mfu_pct', '{:.1f}')} | {f(r, 'peak_mem_mib', '{:.0f}')} |")
+    lines += ["", "torch.compile of the fused ops: relative L2 error of [output, input gradients...]", "",
+              "| precision | case | eager vs float64 | compiled vs float64 | compiled vs eager |", "|---|---|---|---|---|"]
+    for r in parity:
+        if "error" in r:
+            lines.append(f"| {r['mode']} | {r['case']} | ERROR: {r['error'][:80]} | | |")
+        else:
+            lines.append(f"| {r['mode']} | {r['case']} | {r['eager_vs_f64']} | {r['compiled_vs_f64']} | "
+                         f"{r['compiled_vs_eager']} |")
     text = "\n".join(lines) + "\n"
     with open(os.path.join(out, "summary.md"), "w") as fh:
         fh.write(text)

@@ -39,7 +39,8 @@ def _leaf(t):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("shape", [(16, 64, 64, 64), (1, 64, 128, 128), (3, 64, 13, 11), (2, 48, 37, 29)])
+@pytest.mark.parametrize("shape", [(16, 64, 64, 64), (1, 64, 128, 128), (3, 64, 13, 11), (2, 48, 37, 29),
+                                   (2, 8, 16, 16)])  # C=8: the tiny models of the CPU-sized tests
 def test_branches_parity(dtype, shape):
     N, C, H, W = shape
     torch.manual_seed(0)

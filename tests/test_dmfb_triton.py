@@ -655,3 +655,19 @@ def test_eager_launch_wrapper_guards_only_when_off_device(monkeypatch):
     Dev.index = 0
     assert run(t) == "ran" and entered == [1]
     assert run(torch.zeros(1)) == "ran" and entered == [1]  # CPU: no guard
+
+
+def test_eager_launches_skip_the_tracing_wrapper():
+    """Plain eager launches take the Triton kernel itself; tracing takes wrap_triton's wrapper. The wrapper
+    routes each eager launch through a higher-order op: on an H200 that doubled the fused DMFB's host time."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from dmfn_fast.ops import dmfb
+
+    if dmfb.INTERPRET or not dmfb._USE_TRITON_OP:
+        pytest.skip("needs torch.library.triton_op and TRITON_INTERPRET unset")
+    k = dmfb._kn.in_stats
+    assert dmfb._kernel(k, torch.zeros(1)) is k
+    with FakeTensorMode() as mode:
+        wrapped = dmfb._kernel(k, mode.from_tensor(torch.zeros(1)))
+    assert wrapped is not k and type(wrapped).__name__ == "TraceableTritonKernelWrapper"

@@ -24,13 +24,14 @@ def test_gpu_check_dry_run(tmp_path):
     assert p.returncode == 0, p.stdout[-3000:] + log[-5000:]
     files = sorted(os.listdir(tmp_path))
     assert len(files) <= 8, files  # what the GPU tool brings back
-    for name in ("env.txt", "stages.txt", "log.txt", "breakdown.jsonl", "e2e.jsonl", "summary.json", "summary.md"):
+    for name in ("env.txt", "stages.txt", "log.txt", "compile_parity.jsonl", "breakdown.jsonl", "e2e.jsonl",
+                 "summary.json", "summary.md"):
         assert name in files, files
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert set(KEYS) <= set(summary["ratios"]), sorted(summary["ratios"])
-    rows = summary["breakdown"] + summary["e2e"]
+    rows = summary["breakdown"] + summary["e2e"] + summary["compile_parity"]
     assert rows and not [r for r in rows if "error" in r], [r for r in rows if "error" in r]
     # Every stage ran and passed.
     stages = (tmp_path / "stages.txt").read_text()
-    for stage in ("tests-dmfb", "tests-centroid", "tests-recipe", "breakdown", "e2e", "ncu-case"):
+    for stage in ("tests-dmfb", "tests-centroid", "tests-recipe", "compile-parity", "breakdown", "e2e", "ncu-case"):
         assert f"{stage}: rc=0" in stages, stages

@@ -316,15 +316,30 @@ def test_authors_recipe_same_steps_on_reference_and_fast_paths(device, dtype, on
         pytest.skip(f"the C++ extension is not available: {ca._ext_state['why']}")
     ref_losses, ref_w = _three_steps("reference", "authors", device, dtype)
     fast_losses, fast_w = _three_steps("auto", "authors", device, dtype)
-    rel = 1e-4 if dtype is None else 3e-2
+    weights = [k for k in ref_w if k.endswith("weight")]
+    if dtype is not None:
+        # bf16: both runs are held to an fp32 run of the reference (TF32 off). The fast run may stray from
+        # it at most twice as far as the bf16 reference does, plus 1% (on an H200 the bf16 reference's
+        # align term moved 4% from the fast run's after one update: bf16 VGG features, see test_same_model).
+        with torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
+            exact_losses, exact_w = _three_steps("reference", "authors", device, None)
+        for step, (a, b, e) in enumerate(zip(ref_losses, fast_losses, exact_losses)):
+            for k in e:
+                assert abs(b[k] - e[k]) <= 2 * abs(a[k] - e[k]) + 1e-2 * abs(e[k]) + 1e-6, \
+                    f"step {step} {k}: fp32 {e[k]}, bf16 reference {a[k]}, bf16 fast {b[k]}"
+        for k in weights:
+            ref_off = (ref_w[k] - exact_w[k]).abs().max().item()
+            fast_off = (fast_w[k] - exact_w[k]).abs().max().item()
+            assert fast_off <= 2 * ref_off + 2e-5, (k, fast_off, ref_off)
+        return
     for step, (a, b) in enumerate(zip(ref_losses, fast_losses)):
         for k in a:
-            assert b[k] == pytest.approx(a[k], rel=rel, abs=1e-6), f"step {step} {k}: {a[k]} vs {b[k]}"
+            assert b[k] == pytest.approx(a[k], rel=1e-4, abs=1e-6), f"step {step} {k}: {a[k]} vs {b[k]}"
     # Adam moves each weight by about lr (2e-4) a step: the two runs' weights agree far inside that. Not the
     # biases: every bias here feeds an instance norm, which cancels it, so their gradients are rounding noise
     # that Adam scales up to +-lr either way (in the authors' model as in any implementation).
     # In fp32 the two runs' rounding differs at ~1e-7 (the column-mean route of the authors' grid, the op's
     # sums), which Adam's normalisation turns into ~1e-6 weight differences, 0.5% of one update; measured
     # worst 4e-6 over 3 steps.
-    worst = max((ref_w[k] - fast_w[k]).abs().max().item() for k in ref_w if k.endswith("weight"))
-    assert worst < (2e-5 if dtype is None else 2e-4), worst
+    worst = max((ref_w[k] - fast_w[k]).abs().max().item() for k in weights)
+    assert worst < 2e-5, worst

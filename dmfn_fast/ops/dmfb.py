@@ -88,10 +88,15 @@ class _Skip:
 
 
 def _kernel(k, *tensors):
-    """k, ready for k[grid](...). triton_op: wrapped for tracing. Opaque custom op: launches nothing
-    on fake tensors (its fake impl is the same function)."""
+    """k, ready for k[grid](...). triton_op: wrapped while tracing (torch.compile, make_fx, fake or
+    functional modes), the kernel itself in plain eager: wrap_triton's wrapper sends every eager launch
+    through a higher-order op, which took the fused DMFB's host time from 4 to 9 ms per forward+backward
+    on an H200 (benchmarks/RESULTS.md). Opaque custom op: launches nothing on fake tensors (its fake impl
+    is the same function)."""
     if _USE_TRITON_OP:
-        return torch.library.wrap_triton(k)
+        if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack():
+            return torch.library.wrap_triton(k)
+        return k
     from torch._subclasses.fake_tensor import is_fake
 
     return _Skip() if any(is_fake(t) for t in tensors) else k
