@@ -482,43 +482,78 @@ def test_auto_rule_follows_the_benchmarks(monkeypatch):
     assert calls == [torch.bfloat16, torch.float32]
 
 
-@_NEEDS_TRITON
-def test_compile_traces_into_triton_kernels(monkeypatch):
-    """torch.compile(fullgraph=True) of the fused block turns the triton_ops into Triton kernel nodes
-    in the AOT forward graph (traced with CPU tensors: the graph is captured, never run)."""
-    from torch._dynamo.backends.common import aot_autograd
+_TRACE_SCRIPT = r"""
+import warnings
 
-    from dmfn_fast.models import DMFB
-    from dmfn_fast.ops import dmfb
+import torch
+from torch._dynamo.backends.common import aot_autograd
+from torch._subclasses.fake_tensor import FakeTensorMode
 
-    if dmfb.INTERPRET or not dmfb._USE_TRITON_OP:
-        pytest.skip("needs torch.library.triton_op and TRITON_INTERPRET unset")
-    monkeypatch.setattr(dmfb, "_check_branches", lambda *args: None)  # it refuses CPU tensors
-    graphs = []
+from dmfn_fast.models import DMFB
+from dmfn_fast.ops import dmfb
 
-    class Captured(Exception):
+dmfb._check_branches = lambda *args: None  # it refuses CPU tensors; the graph is captured, never run
+graphs = []
+
+
+class Captured(Exception):
+    pass
+
+
+def capture(gm, example_inputs):
+    graphs.append(gm.code)
+
+    def run(*args):
+        raise Captured
+    return run
+
+
+block = DMFB(32, 16)
+fn = torch.compile(lambda x: dmfb.dmfb_block_fused(x, block.params()), fullgraph=True,
+                   backend=aot_autograd(fw_compiler=capture, bw_compiler=capture))
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore")
+    try:
+        fn(torch.randn(2, 32, 13, 11, requires_grad=True))
+    except Captured:
         pass
+lines = graphs[0].splitlines()
+print("TRITON_OP", dmfb._USE_TRITON_OP)
+print("LAUNCHES", sum("triton_kernel_wrapper" in ln and "= torch.ops" in ln for ln in lines))
+print("OPS", sum("torch.ops.dmfn_fast." in ln for ln in lines))
+k = dmfb._kn.in_stats
+print("EAGER_RAW", dmfb._kernel(k, torch.zeros(1)) is k)
+with FakeTensorMode() as mode:
+    print("TRACED", type(dmfb._kernel(k, mode.from_tensor(torch.zeros(1)))).__name__)
+"""
 
-    def capture(gm, example_inputs):
-        graphs.append(gm.code)
 
-        def run(*args):
-            raise Captured
-
-        return run
-
-    block = DMFB(32, 16)
-    fn = torch.compile(lambda x: dmfb.dmfb_block_fused(x, block.params()), fullgraph=True,
-                       backend=aot_autograd(fw_compiler=capture, bw_compiler=capture))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        with pytest.raises(Captured):
-            fn(torch.randn(2, 32, 13, 11, requires_grad=True))
-    torch._dynamo.reset()
-    launches = [ln for ln in graphs[0].splitlines() if "triton_kernel_wrapper" in ln and "= torch.ops" in ln]
-    # in_stats + in_apply (h), branches + in_stats + in_apply (t), in_stats + in_apply (output)
-    assert len(launches) == 7, graphs[0]
-    assert "dmfn_fast" not in graphs[0]
+@pytest.mark.parametrize("triton_op", [False, True])
+def test_compile_graph_and_launch_wrapper(triton_op):
+    """torch.compile(fullgraph=True) of the fused block (traced with CPU tensors: the graph is captured,
+    never run). Default: the three DMFB ops stay opaque custom ops in the AOT forward graph.
+    DMFN_TRITON_OP=1: they become Triton kernel nodes (in_stats + in_apply for h, branches + in_stats +
+    in_apply for t, in_stats + in_apply for the output). Either way plain eager launches take the Triton
+    kernel itself: wrap_triton's wrapper routes each eager launch through a higher-order op, which on an
+    H200 doubled the fused DMFB's host time; only tracing takes it (in triton_op mode)."""
+    if importlib.util.find_spec("triton") is None:
+        pytest.skip("triton is not installed: the DMFB ops are not defined")
+    env = dict(os.environ, OMP_NUM_THREADS="1", DMFN_TRITON_OP="1" if triton_op else "0")
+    env.pop("TRITON_INTERPRET", None)  # wrap_triton cannot trace interpreted kernels
+    env.pop("DMFN_IMPL", None)
+    p = subprocess.run([sys.executable, "-c", _TRACE_SCRIPT], capture_output=True, text=True, timeout=600,
+                       env=env)
+    assert p.returncode == 0, p.stderr[-3000:]
+    out = dict(ln.split(" ", 1) for ln in p.stdout.splitlines() if " " in ln)
+    if triton_op and out["TRITON_OP"] == "False":
+        pytest.skip("this torch has no torch.library.triton_op / wrap_triton")
+    assert out["EAGER_RAW"] == "True"
+    if triton_op:
+        assert (out["LAUNCHES"], out["OPS"]) == ("7", "0"), p.stdout
+        assert out["TRACED"] == "TraceableTritonKernelWrapper"
+    else:
+        assert (out["TRITON_OP"], out["LAUNCHES"], out["OPS"]) == ("False", "0", "3"), p.stdout
+        assert out["TRACED"] == "_Skip"  # the opaque op's fake impl launches nothing
 
 
 _NO_TRITON_SCRIPT = r"""
@@ -619,9 +654,6 @@ def test_ops_registered_at_import():
     assert p.returncode == 0 and "OK" in p.stdout, p.stderr[-3000:]
 
 
-if __name__ == "__main__":
-    _worker(sys.argv[1:])
-
 
 def test_eager_launch_wrapper_guards_only_when_off_device(monkeypatch):
     """The launch wrapper skips the device guard when the input is on the current GPU (host time), and
@@ -657,17 +689,5 @@ def test_eager_launch_wrapper_guards_only_when_off_device(monkeypatch):
     assert run(torch.zeros(1)) == "ran" and entered == [1]  # CPU: no guard
 
 
-def test_eager_launches_skip_the_tracing_wrapper():
-    """Plain eager launches take the Triton kernel itself; tracing takes wrap_triton's wrapper. The wrapper
-    routes each eager launch through a higher-order op: on an H200 that doubled the fused DMFB's host time."""
-    from torch._subclasses.fake_tensor import FakeTensorMode
-
-    from dmfn_fast.ops import dmfb
-
-    if dmfb.INTERPRET or not dmfb._USE_TRITON_OP:
-        pytest.skip("needs torch.library.triton_op and TRITON_INTERPRET unset")
-    k = dmfb._kn.in_stats
-    assert dmfb._kernel(k, torch.zeros(1)) is k
-    with FakeTensorMode() as mode:
-        wrapped = dmfb._kernel(k, mode.from_tensor(torch.zeros(1)))
-    assert wrapped is not k and type(wrapped).__name__ == "TraceableTritonKernelWrapper"
+if __name__ == "__main__":
+    _worker(sys.argv[1:])

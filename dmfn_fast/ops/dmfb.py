@@ -53,9 +53,13 @@ triton, _kb, _kn, _TRITON_ERROR = _import_kernels()
 
 # Under TRITON_INTERPRET=1 the kernels run on CPU tensors (tests); otherwise they need CUDA.
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-# triton_op + wrap_triton (torch >= 2.6) let torch.compile trace into the kernels; wrap_triton cannot
-# trace interpreted kernels, so under the interpreter the ops are opaque custom ops instead.
-_USE_TRITON_OP = hasattr(torch.library, "triton_op") and hasattr(torch.library, "wrap_triton") and not INTERPRET
+# How torch.compile sees the ops. Default: opaque custom ops (the compiled graph calls each op's Python,
+# which launches the same kernels as eager). DMFN_TRITON_OP=1: triton_ops, which Inductor traces into
+# (torch >= 2.6; never under the interpreter, whose kernels wrap_triton cannot trace). Opt-in because on an
+# H200 (torch 2.11, Triton 3.6) the compiled bf16 backward of branches_in_relu through triton_op gave
+# gradients 5-11x their own size off (forward right, fp32 right, eager right): benchmarks/RESULTS.md.
+_USE_TRITON_OP = (os.environ.get("DMFN_TRITON_OP", "0") == "1" and hasattr(torch.library, "triton_op")
+                  and hasattr(torch.library, "wrap_triton") and not INTERPRET)
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 
 
@@ -307,22 +311,23 @@ class _Op:
 
 def _branches_bwd_fn(h: torch.Tensor, w: torch.Tensor, g: torch.Tensor, dilations: list[int],
                      suffix: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    G = _suffix(_cl(g)) if suffix else g
-    return _branches_backward(h, w, G, dilations)
+    G = _suffix(_cl(g)) if suffix else _cl(g)
+    return _branches_backward(_cl(h), w.contiguous(), G, dilations)
 
 
 def _branches_fn(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor, dilations: list[int]) -> torch.Tensor:
-    return _branches_forward(h, w, b, dilations)
+    return _branches_forward(_cl(h), w.contiguous(), b.contiguous(), dilations)
 
 
 def _branches_in_relu_fn(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor, dilations: list[int]
                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _in_act_fn(_branches_forward(h, w, b, dilations), None, True)
+    return _in_act_fn(_branches_forward(_cl(h), w.contiguous(), b.contiguous(), dilations), None, True)
 
 
 def _branches_in_relu_bwd_fn(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor, t: torch.Tensor,
                              mean: torch.Tensor, rstd: torch.Tensor, dt: torch.Tensor, dilations: list[int]
                              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    h, w, b, t, mean, rstd = _cl(h), w.contiguous(), b.contiguous(), _cl(t), mean.contiguous(), rstd.contiguous()
     dt = _cl(dt).to(h.dtype)
     sa, sb = _in_backward_sums(dt, t, mean, rstd, relu=True, from_y=True)
     G = _branches_forward(h, w, b, dilations, grad=(dt, mean, rstd, sa, sb))
@@ -331,6 +336,7 @@ def _branches_in_relu_bwd_fn(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor, 
 
 def _in_act_fn(x: torch.Tensor, res: Optional[torch.Tensor], relu: bool
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    x, res = _cl(x), None if res is None else _cl(res)
     N, C, H, W = x.shape
     s, ss, shift = _zeros32(3, N, C, like=x).unbind(0)  # one allocation: host time counts (see _Op)
     _kernel(_kn.in_stats, x)[_in_grid(N, C, H, W)](
@@ -342,7 +348,7 @@ def _in_act_fn(x: torch.Tensor, res: Optional[torch.Tensor], relu: bool
 def _in_act_bwd_fn(dy: torch.Tensor, x: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor,
                    relu: bool) -> torch.Tensor:
     N, C, H, W = x.shape
-    dy = _cl(dy)
+    dy, x, mean, rstd = _cl(dy), _cl(x), mean.contiguous(), rstd.contiguous()
     sa, sb = _in_backward_sums(dy, x, mean, rstd, relu=relu, from_y=False)
     dx = _empty_cl(N, C, H, W, x)
     _kernel(_kn.in_bwd_apply, x)[_in_grid(N, C, H, W)](
@@ -517,11 +523,12 @@ def fused_why_not(x: torch.Tensor) -> str:
 
 def auto_prefers_fused(x: torch.Tensor) -> bool:
     """The `impl="auto"` rule, from benchmarks/RESULTS.md (H200, N=16, 64x64, C=64, forward+backward):
-    - fp16/bf16 (including autocast to them): fused. GPU time of one DMFB 1.40 ms against cuDNN's 2.63
-      and torch.compile's 1.53; the bf16 generator forward+backward 1.25x eager amp.
-    - fp32: reference. With IEEE dots (no tensor cores) the fp32 kernels took 3.48 ms of GPU time for
-      the branch op against cuDNN's 1.38 (TF32 allowed). They now use TF32 dots when cuDNN may, which is
-      not measured yet; until it is, impl="fast" runs them and auto does not.
+    - fp16/bf16 (including autocast to them): fused. One DMFB forward+backward 2.54 ms per call (GPU
+      1.35) against cuDNN's 2.72 (2.65) and torch.compile's 2.65 (1.54); the bf16 generator
+      forward+backward 1.40x eager amp, the training step 1.05x.
+    - fp32: reference. With TF32 dots the fp32 kernels took 2.07 ms of GPU time for the branch op + IN
+      against cuDNN's 1.39 (TF32 allowed; IEEE dots were 2.5x slower), so impl="fast" runs them and auto
+      does not.
     The dtype that counts is the one the kernels would run in: autocast's when it is on for the device."""
     dtype = x.dtype
     dev = x.device.type
