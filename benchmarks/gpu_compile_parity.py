@@ -4,10 +4,10 @@
     python benchmarks/gpu_compile_parity.py OUT_DIR --dry    # CPU, kernels interpreted (opaque ops): checks the script
 
 The eager fused path is held to the reference by tests/test_dmfb_cuda.py; a compiled graph runs the same
-kernels through Inductor, so it must give what eager gives. For each precision (fp32 with IEEE dots, fp32
-with TF32, bf16) one compiled function runs every op forward and backward; then the generator (fp32) eager
-and compiled. Prints, and appends to OUT_DIR/compile_parity.jsonl, the relative L2 error of each output
-and input gradient: eager vs float64, compiled vs float64, compiled vs eager.
+kernels through Inductor, so it must give what eager gives. For fp32 (IEEE dots) and bf16 one compiled
+function runs every op forward and backward; then the generator (bf16 autocast, fp32) eager and compiled.
+Prints, and appends to OUT_DIR/compile_parity.jsonl, the relative L2 error of each output and input
+gradient: eager vs float64, compiled vs float64, compiled vs eager.
 """
 import argparse
 import copy
@@ -153,11 +153,10 @@ def generator_mode(mode, dtype, grad):
 
 
 # Most telling first (a timeout keeps what ran): fp32 IEEE shows bugs above rounding; bf16 is what
-# fast+compile runs; TF32 last.
-CASES = [("fp32 ieee", "ops", torch.float32, False), ("fp32 ieee", "gen-train", torch.float32, False),
-         ("bf16", "ops", torch.bfloat16, False), ("bf16 autocast", "gen-train", torch.bfloat16, False),
-         ("fp32 ieee", "gen-infer", torch.float32, False), ("fp32 tf32", "ops", torch.float32, True)]
-for mode, what, dtype, tf32 in CASES[:2] if args.dry else CASES:
+# fast+compile runs. About 70 s on an H200.
+CASES = [("fp32 ieee", "ops", torch.float32, False), ("bf16", "ops", torch.bfloat16, False),
+         ("bf16 autocast", "gen-train", torch.bfloat16, False), ("fp32 ieee", "gen-train", torch.float32, False)]
+for mode, what, dtype, tf32 in [CASES[0], CASES[3]] if args.dry else CASES:
     try:
         if what == "ops":
             ops_mode(mode, dtype, tf32)

@@ -5,7 +5,9 @@
 
 Variants (benchmarks/e2e_common.py): baseline (fp32, NCHW, reference ops: the authors' setting), amp (bf16
 autocast, channels-last), amp+compile (amp with torch.compile of G), fast (amp with the fused DMFB and the
-centroid extension), fast+compile (fast with torch.compile of G). Appends one JSON object per measurement to OUT_DIR/e2e.jsonl as it goes, the compiled
+centroid extension), fast+compile (fast with torch.compile of G); on CUDA also amp+graphs and fast+graphs
+(the generator's forward and backward, or the inference forward, captured as CUDA graphs: the GPU time
+without the host cost). Appends one JSON object per measurement to OUT_DIR/e2e.jsonl as it goes, the compiled
 variants last (their compilation is the slowest part). Times are medians of CUDA-event-timed calls after
 warm-up; the training step's MFU counts the reference model's FLOPs (torch's counter) against the datasheet
 bf16 peak; peak memory is torch's max_memory_allocated over the timed calls.
@@ -86,6 +88,12 @@ def record(case, variant, fn, flop=0, images=0, rounds=ROUNDS):
     print(f"[{case}] {variant}: {msg}{extra}", flush=True)
 
 
+def _raiser(e):
+    def fail():
+        raise e
+    return fail
+
+
 def gen_input(batch, mf):
     torch.manual_seed(1)
     img = torch.rand(batch, 3, SIZE, SIZE, device=DEV) * 2 - 1
@@ -121,6 +129,44 @@ def inference(variant):
     return run
 
 
+def graphed_gen_fwd_bwd(base):
+    """G's forward and backward as CUDA graphs (torch.cuda.make_graphed_callables): no Python runs per call,
+    so this times the GPU work of `base` (amp or fast) with the host cost gone."""
+    G, _, dtype, mf = build_generator(base, NF, NB, DEV)
+    x = gen_input(BATCH, mf)
+    with torch.autocast(DEV, dtype=dtype, cache_enabled=False):  # graphs need autocast's cache off
+        Gg = torch.cuda.make_graphed_callables(G, (x,))
+
+    def step():
+        with torch.autocast(DEV, dtype=dtype, cache_enabled=False):
+            y = Gg(x)
+        y.float().sum().backward()
+        for p in G.parameters():
+            p.grad = None
+    return step
+
+
+def graphed_inference(base):
+    """The inference forward of `base` captured once as a CUDA graph and replayed."""
+    G, _, dtype, mf = build_generator(base, NF, NB, DEV)
+    G.eval()
+    x = gen_input(INFER_BATCH, mf)
+
+    def run():
+        with torch.no_grad(), torch.autocast(DEV, dtype=dtype, cache_enabled=False):
+            return G(x)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up (autotuning) outside the capture
+        for _ in range(3):
+            run()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        run()
+    return graph.replay
+
+
 gflop = {}
 
 
@@ -142,6 +188,24 @@ def main():
         step = build_training(v, SIZE, BATCH, NF, NB, D_NF, DEV)
         record(f"train step {SIZE}px batch {BATCH}", v, step, gflop["train"], images=BATCH)
         del step
+    if CUDA:
+        # CUDA graphs: the same GPU work with no host cost per call (how far the host holds each variant back)
+        for v in ("fast", "amp"):
+            try:
+                step = graphed_gen_fwd_bwd(v)
+            except Exception as e:  # noqa: BLE001: record the failure, go on
+                traceback.print_exc()
+                step = _raiser(e)
+            record(f"generator fwd+bwd {SIZE}px batch {BATCH}", f"{v}+graphs", step, 3 * gflop["gen_fwd"])
+            del step
+            try:
+                run = graphed_inference(v)
+            except Exception as e:  # noqa: BLE001
+                traceback.print_exc()
+                run = _raiser(e)
+            record(f"inference {SIZE}px batch {INFER_BATCH}", f"{v}+graphs", run,
+                   gflop["gen_fwd"] * INFER_BATCH // BATCH, images=INFER_BATCH)
+            del run
     if CUDA and not args.no_compile:
         # torch.compile variants last (compiling is the slowest part); in fast+compile the fused ops stay
         # opaque custom ops (DMFN_TRITON_OP=1: Inductor traces into their kernels).
@@ -153,8 +217,9 @@ def main():
             step = build_training(v, SIZE, BATCH, NF, NB, D_NF, DEV)
             record(f"train step {SIZE}px batch {BATCH}", v, step, gflop["train"], images=BATCH)
             del step
-        record(f"inference {SIZE}px batch {INFER_BATCH}", "amp+compile", inference("amp+compile"),
-               gflop["gen_fwd"] * INFER_BATCH // BATCH, images=INFER_BATCH)
+        for v in ("amp+compile", "fast+compile"):
+            record(f"inference {SIZE}px batch {INFER_BATCH}", v, inference(v),
+                   gflop["gen_fwd"] * INFER_BATCH // BATCH, images=INFER_BATCH)
     print("e2e done", flush=True)
 
 

@@ -71,6 +71,10 @@ def main(out):
         "train_step_fast_compile_vs_amp_compile": ratio(e("train step", "amp+compile"), e("train step", "fast+compile")),
         "generator_fwd_bwd_fast_compile_vs_amp_compile": ratio(e("generator", "amp+compile"),
                                                                e("generator", "fast+compile")),
+        "generator_fwd_bwd_fast_graphs_vs_amp_compile": ratio(e("generator", "amp+compile"),
+                                                              e("generator", "fast+graphs")),
+        "generator_fwd_bwd_fast_graphs_vs_amp_graphs": ratio(e("generator", "amp+graphs"),
+                                                             e("generator", "fast+graphs")),
         "train_step_mfu": e("train step", "fast", "mfu_pct"),
         "train_step_peak_mem_fast_vs_amp": ratio(e("train step", "fast", "peak_mem_mib"),
                                                  e("train step", "amp", "peak_mem_mib")),
@@ -78,6 +82,8 @@ def main(out):
         "centroid_fwd_bwd_vs_torch_fp32": cen("float32"),
         "inference_img_s_256_b64_bf16": e("inference", "fast", "images_per_s"),
         "inference_img_s_256_b64_bf16_amp_compile": e("inference", "amp+compile", "images_per_s"),
+        "inference_img_s_256_b64_bf16_fast_compile": e("inference", "fast+compile", "images_per_s"),
+        "inference_img_s_256_b64_bf16_fast_graphs": e("inference", "fast+graphs", "images_per_s"),
     }
     devices = {r.get("device") for r in bd + e2e if r.get("device")}
     ceil = next((r for r in bd if r.get("group") == "ceilings"), {})

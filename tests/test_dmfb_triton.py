@@ -274,25 +274,31 @@ def check_opcheck(N, H, W, C, device="cpu"):
 
 
 def check_eager_path(N, H, W):
-    """Plain eager calls go through the autograd.Function (_Op), not the registered ops; both run the same
-    kernels, so the fused block's output and every gradient must agree bit for bit (tolerance 0)."""
+    """Plain eager calls go through autograd.Functions (_Op; _BranchesInReluEager for the branch op, from
+    the raw parameters), not the registered ops; both run the same kernels, so the fused block's output and
+    every gradient must agree bit for bit (tolerance 0)."""
     from dmfn_fast.ops import dmfb
 
     block = _random_block(32, 16)
     x = torch.randn(N, 32, H, W)
-    calls = {"function": 0}
-    real_apply = dmfb._Op.__call__
+    calls = {"function": 0, "branches": 0}
+    real_apply, real_branches = dmfb._Op.__call__, dmfb._BranchesInReluEager.apply
 
     def counting(self, *args):
         calls["function"] += dmfb._plain_eager(args) and self.function is not None
         return real_apply(self, *args)
 
-    dmfb._Op.__call__ = counting
+    def counting_branches(*args):
+        calls["branches"] += 1
+        return real_branches(*args)
+
+    dmfb._Op.__call__, dmfb._BranchesInReluEager.apply = counting, counting_branches
     try:
         eager = _compare_module(block, block, lambda t: _via_ops(block, t), x)
     finally:
-        dmfb._Op.__call__ = real_apply
-    assert calls["function"] == 3, calls  # c1's IN, the branch op, c2's IN took the eager path
+        dmfb._Op.__call__, dmfb._BranchesInReluEager.apply = real_apply, real_branches
+    # c1's IN and c2's IN took _Op's eager path, the branch op its own (once for the compared call)
+    assert calls == {"function": 2, "branches": 1}, calls
     return [(label, err, 0.0) for label, err in eager]
 
 
