@@ -65,12 +65,45 @@ def median_ms(fn, rounds=ROUNDS, warm=WARM):
     return statistics.median(ts) * 1e3, None
 
 
-def record(case, variant, fn, flop=0, images=0, rounds=ROUNDS):
+# Kernel classes for the GPU-time breakdown, matched on the kernel name in this order.
+KERNEL_CLASSES = [("fused DMFB (ours)", ("branches_", "in_stats", "in_apply", "in_bwd", "suffix_sum")),
+                  ("inductor", ("triton_",)),
+                  ("conv/matmul libraries", ("xmma", "cudnn", "conv", "gemm", "cutlass", "sm90", "sm80", "wgrad",
+                                             "dgrad", "fprop", "implicit")),
+                  ("centroid (ours)", ("dmfn_fast_cuda", "plane_sums", "channel_sums", "grad_planes",
+                                       "grad_channels", "finish"))]
+
+
+def gpu_by_class(fn, steps=3):
+    """GPU time per call (kernels only, torch.profiler) and its split by kernel class, in ms."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            fn()
+        torch.cuda.synchronize()
+    split = {}
+    for e in prof.key_averages():
+        t = e.self_device_time_total / 1e3 / steps  # kernels own their time; CPU ops own none
+        if t <= 0:
+            continue
+        name = e.key.lower()
+        cls = next((c for c, keys in KERNEL_CLASSES if any(k in name for k in keys)), "other")
+        split[cls] = split.get(cls, 0.0) + t
+    return round(sum(split.values()), 3), {k: round(v, 3) for k, v in sorted(split.items())}
+
+
+def record(case, variant, fn, flop=0, images=0, rounds=ROUNDS, classes=False):
     row = dict(case=case, variant=variant, device=torch.cuda.get_device_name() if CUDA else "cpu (dry)")
     try:
         t0 = time.perf_counter()
         ms, peak = median_ms(fn, rounds)
         row.update(ms=ms, peak_mem_mib=peak, wall_s_incl_warmup=time.perf_counter() - t0)
+        if classes and CUDA:
+            try:
+                row["gpu_ms"], row["gpu_ms_by_class"] = gpu_by_class(fn)
+            except Exception as e:  # noqa: BLE001: keep the timing
+                row["gpu_ms_error"] = f"{type(e).__name__}: {e}"[:300]
         if images:
             row["images_per_s"] = images / ms * 1e3
         if flop:
@@ -83,8 +116,10 @@ def record(case, variant, fn, flop=0, images=0, rounds=ROUNDS):
     with open(LOG, "a") as f:
         f.write(json.dumps(row) + "\n")
     msg = f"{row['ms']:9.3f} ms" if "ms" in row else "ERROR " + row["error"][:200]
-    extra = "".join(f"  {k}={row[k]:.4g}" for k in ("images_per_s", "tflops", "mfu_pct", "peak_mem_mib",
+    extra = "".join(f"  {k}={row[k]:.4g}" for k in ("gpu_ms", "images_per_s", "tflops", "mfu_pct", "peak_mem_mib",
                                                        "wall_s_incl_warmup") if row.get(k) is not None)
+    if row.get("gpu_ms_by_class"):
+        extra += f"  by class {row['gpu_ms_by_class']}"
     print(f"[{case}] {variant}: {msg}{extra}", flush=True)
 
 
@@ -177,7 +212,7 @@ def main():
     eager = ("fast", "amp", "baseline")
     for v in eager:
         _, _, step = gen_fwd_bwd(v)
-        record(f"generator fwd+bwd {SIZE}px batch {BATCH}", v, step, 3 * gflop["gen_fwd"])
+        record(f"generator fwd+bwd {SIZE}px batch {BATCH}", v, step, 3 * gflop["gen_fwd"], classes=True)
     for v in ("fast", "amp"):
         record(f"inference {SIZE}px batch {INFER_BATCH}", v, inference(v),
                gflop["gen_fwd"] * INFER_BATCH // BATCH, images=INFER_BATCH)
@@ -186,7 +221,7 @@ def main():
     del step
     for v in eager:
         step = build_training(v, SIZE, BATCH, NF, NB, D_NF, DEV)
-        record(f"train step {SIZE}px batch {BATCH}", v, step, gflop["train"], images=BATCH)
+        record(f"train step {SIZE}px batch {BATCH}", v, step, gflop["train"], images=BATCH, classes=True)
         del step
     if CUDA:
         # CUDA graphs: the same GPU work with no host cost per call (how far the host holds each variant back)
@@ -211,11 +246,11 @@ def main():
         # opaque custom ops (DMFN_TRITON_OP=1: Inductor traces into their kernels).
         for v in ("amp+compile", "fast+compile"):
             _, _, step = gen_fwd_bwd(v)
-            record(f"generator fwd+bwd {SIZE}px batch {BATCH}", v, step, 3 * gflop["gen_fwd"])
+            record(f"generator fwd+bwd {SIZE}px batch {BATCH}", v, step, 3 * gflop["gen_fwd"], classes=True)
             del step
         for v in ("amp+compile", "fast+compile"):
             step = build_training(v, SIZE, BATCH, NF, NB, D_NF, DEV)
-            record(f"train step {SIZE}px batch {BATCH}", v, step, gflop["train"], images=BATCH)
+            record(f"train step {SIZE}px batch {BATCH}", v, step, gflop["train"], images=BATCH, classes=True)
             del step
         for v in ("amp+compile", "fast+compile"):
             record(f"inference {SIZE}px batch {INFER_BATCH}", v, inference(v),

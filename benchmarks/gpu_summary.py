@@ -114,11 +114,13 @@ def main(out):
                                          "ERROR: " + r.get("error", "")[:80])
         lines.append(f"| {r['group']} | {r['name']} | {cell} | {f(r, 'gpu_ms', '{:.4f}')} | {f(r, 'tflops', '{:.1f}')} | "
                      f"{f(r, 'pct_bf16_peak', '{:.0f}')} | {f(r, 'tbs', '{:.2f}')} | {f(r, 'pct_copy_bw', '{:.0f}')} |")
-    lines += ["", "| case | variant | ms | images/s | TFLOP/s | MFU % | peak MiB |", "|---|---|---|---|---|---|---|"]
+    lines += ["", "| case | variant | ms | GPU ms | images/s | TFLOP/s | MFU % | peak MiB | GPU ms by kernel class |",
+              "|---|---|---|---|---|---|---|---|---|"]
     for r in e2e:
         cell = f(r, "ms", "{:.3f}") or "ERROR: " + r.get("error", "")[:80]
-        lines.append(f"| {r['case']} | {r['variant']} | {cell} | {f(r, 'images_per_s', '{:.0f}')} | "
-                     f"{f(r, 'tflops', '{:.1f}')} | {f(r, 'mfu_pct', '{:.1f}')} | {f(r, 'peak_mem_mib', '{:.0f}')} |")
+        lines.append(f"| {r['case']} | {r['variant']} | {cell} | {f(r, 'gpu_ms', '{:.3f}')} | "
+                     f"{f(r, 'images_per_s', '{:.0f}')} | {f(r, 'tflops', '{:.1f}')} | {f(r, 'mfu_pct', '{:.1f}')} | "
+                     f"{f(r, 'peak_mem_mib', '{:.0f}')} | {r.get('gpu_ms_by_class', '')} |")
     lines += ["", "torch.compile of the fused ops: relative L2 error of [output, input gradients...]", "",
               "| precision | case | eager vs float64 | compiled vs float64 | compiled vs eager |", "|---|---|---|---|---|"]
     for r in parity:
