@@ -61,6 +61,8 @@ stage tests-dmfb 180 $PY -m pytest tests/test_dmfb_cuda.py -q -rs -p no:cachepro
 stage tests-centroid 60 $PY -m pytest tests/test_centroid_align.py -q -rs -p no:cacheprovider -k "not jit_build"
 # recipe="authors": reference and fast paths (fused DMFB + C++ op on CUDA) give the same 3 training steps
 stage tests-recipe 60 $PY -m pytest tests/test_recipe.py -q -rs -p no:cacheprovider -k same_steps
+# train.py as users run it: --amp (bf16) and --amp --amp-dtype fp16, 50 steps each at 256 px, finite losses
+stage train-smoke 150 $PY benchmarks/gpu_train_smoke.py "${DRYFLAG[@]}"
 # torch.compile of the fused ops must give what their eager runs give (op by op, and the generator)
 stage compile-parity 150 $PY benchmarks/gpu_compile_parity.py "$OUT" "${DRYFLAG[@]}"
 if [ $DRY = 0 ] && command -v compute-sanitizer >/dev/null; then

@@ -33,5 +33,6 @@ def test_gpu_check_dry_run(tmp_path):
     assert rows and not [r for r in rows if "error" in r], [r for r in rows if "error" in r]
     # Every stage ran and passed.
     stages = (tmp_path / "stages.txt").read_text()
-    for stage in ("tests-dmfb", "tests-centroid", "tests-recipe", "compile-parity", "breakdown", "e2e", "ncu-case"):
+    for stage in ("tests-dmfb", "tests-centroid", "tests-recipe", "train-smoke", "compile-parity", "breakdown", "e2e",
+                  "ncu-case"):
         assert f"{stage}: rc=0" in stages, stages

@@ -1,0 +1,49 @@
+"""train.py as a user runs it, on one GPU: `--amp` (bf16) and `--amp --amp-dtype fp16`, 50 steps each at
+256x256, batch 16, the paper's model, the built-in demo set and a random VGG (no weights offline).
+Passes when each run exits 0 and logs 50 training steps with finite losses; prints each run's speed.
+
+    python benchmarks/gpu_train_smoke.py          # CUDA
+    python benchmarks/gpu_train_smoke.py --dry    # CPU, tiny sizes: checks the script
+"""
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+ap.add_argument("--dry", action="store_true", help="CPU, tiny model, 2 steps")
+args = ap.parse_args()
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+STEPS = 2 if args.dry else 50
+SIZES = (["--size", "32", "--batch", "2", "--nf", "8", "--n-blocks", "1", "--d-nf", "8"] if args.dry else
+         ["--size", "256", "--batch", "16", "--nf", "64", "--n-blocks", "8", "--d-nf", "64"])
+RUNS = {"bf16": ["--amp"], "fp16": ["--amp", "--amp-dtype", "fp16"]}
+
+failed = []
+with tempfile.TemporaryDirectory() as tmp:
+    for name, flags in RUNS.items():
+        out = os.path.join(tmp, name)
+        cmd = [sys.executable, os.path.join(ROOT, "train.py"), "--random-vgg", "--out", out, "--steps", str(STEPS),
+               "--log-every", "1", "--val-every", str(STEPS), "--sample-every", str(STEPS),
+               "--ckpt-every", str(STEPS)] + SIZES + ([] if args.dry else flags)
+        t0 = time.perf_counter()
+        p = subprocess.run(cmd, capture_output=True, text=True)
+        wall = time.perf_counter() - t0
+        rows = []
+        if os.path.exists(os.path.join(out, "log.jsonl")):
+            rows = [r for r in map(json.loads, open(os.path.join(out, "log.jsonl"))) if r.get("kind") == "train"]
+        losses = [v for r in rows for k, v in r.items() if k not in ("kind", "step", "lr", "it_s")]
+        ok = p.returncode == 0 and len(rows) == STEPS and all(math.isfinite(v) for v in losses)
+        speed = [r["it_s"] for r in rows[STEPS // 2:] if "it_s" in r]
+        print(f"[train.py {name}] rc={p.returncode} steps={len(rows)} finite={all(map(math.isfinite, losses))} "
+              f"G {rows[0]['G']:.3f} -> {rows[-1]['G']:.3f} " if rows else f"[train.py {name}] rc={p.returncode} ",
+              f"it/s (second half) {sum(speed) / max(len(speed), 1):.2f}  wall {wall:.0f} s", flush=True)
+        if not ok:
+            failed.append(name)
+            print(p.stdout[-2000:], p.stderr[-3000:], flush=True)
+print("train smoke:", "FAILED " + ", ".join(failed) if failed else "passed")
+sys.exit(1 if failed else 0)
