@@ -1,5 +1,6 @@
-"""One small fused DMFB forward+backward (bf16 and fp32, odd sizes) and one centroid call on CUDA: the
-workload gpu_check.sh runs under compute-sanitizer memcheck. Exits non-zero if a result is not finite."""
+"""One small fused DMFB forward+backward (bf16 and fp32, odd sizes) and the centroid op in each of its kernel
+paths on CUDA: the workload gpu_check.sh runs under compute-sanitizer memcheck. Exits non-zero if a result
+is not finite."""
 import torch
 
 from dmfn_fast.models import DMFB
@@ -13,9 +14,13 @@ for dt in (torch.bfloat16, torch.float32):
     y = m(x)
     y.float().square().sum().backward()
     assert torch.isfinite(y).all() and torch.isfinite(x.grad).all()
-a = torch.rand(2, 8, 5, 7, device="cuda", requires_grad=True)
-loss = ca.centroid_align_loss(a, torch.rand_like(a), impl="fast")
-loss.backward()
-assert torch.isfinite(a.grad).all()
+# every centroid kernel: planes (NCHW), 16-byte channels-last (C a multiple of 8 in bf16, 4 in fp32), and
+# scalar channels-last (C = 6 in bf16)
+for dt, C, mf in ((torch.float32, 8, torch.contiguous_format), (torch.bfloat16, 24, torch.channels_last),
+                  (torch.float32, 12, torch.channels_last), (torch.bfloat16, 6, torch.channels_last)):
+    a = torch.rand(2, C, 5, 7, device="cuda", dtype=dt).contiguous(memory_format=mf).requires_grad_()
+    loss = ca.centroid_align_loss(a, torch.rand_like(a), impl="fast")
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(a.grad).all()
 torch.cuda.synchronize()
 print("sanitize case ok")
