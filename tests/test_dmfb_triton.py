@@ -46,6 +46,10 @@ CASES["generator-fp32-2x20x16"] = ("generator", dict(N=2, H=20, W=16))
 CASES["torch-compile-aot-eager"] = ("compiled", dict(N=2, H=13, W=11))
 CASES["eager-path-equals-op-path"] = ("eager_path", dict(N=2, H=9, W=7))
 CASES["opcheck-every-op"] = ("opcheck", dict(N=2, H=7, W=5, C=16))
+# The weight-gradient kernel as the GPU launches it (several pixel splits and channel tiles, the bias
+# programs), which the ops' interpreter path (one split, one tile) does not reach.
+CASES["wgrad-splits-tiles-C80"] = ("wgrad_splits", dict(N=2, C=80, H=9, W=7, BP=32, BC=64, split=64))
+CASES["wgrad-splits-tiles-C16"] = ("wgrad_splits", dict(N=1, C=16, H=5, W=13, BP=16, BC=16, split=16))
 
 
 # ----------------------------------------------------------------------------- checks (child process)
@@ -300,6 +304,25 @@ def check_eager_path(N, H, W):
     # c1's IN and c2's IN took _Op's eager path, the branch op its own (once for the compared call)
     assert calls == {"function": 2, "branches": 1}, calls
     return [(label, err, 0.0) for label, err in eager]
+
+
+def check_wgrad_splits(N, C, H, W, BP, BC, split):
+    """branches_wgrad launched directly: dW_j[tap, ci, co] and db_j against torch's conv2d_weight in float64."""
+    from dmfn_fast.kernels import dmfb_branches as kb
+
+    h, G = torch.randn(N, H, W, C), torch.randn(N, H, W, 4 * C)  # channels-last [N, H, W, C] / [N, H, W, 4C]
+    NP = N * H * W
+    dw, db = torch.zeros(4, 9, C, C), torch.zeros(4, C)
+    grid = (-(-NP // split), 40, (-(-C // BC)) ** 2)
+    kb.branches_wgrad[grid](h, G, dw, db, NP, H, W, C, split, D1=1, D2=2, D3=4, D4=8, UPCAST=False, PREC="ieee",
+                            BLOCK_P=BP, BLOCK_CI=BC, BLOCK_CO=BC)
+    errs = []
+    for j, d in enumerate((1, 2, 4, 8)):
+        g = G[..., j * C:(j + 1) * C].permute(0, 3, 1, 2).double()
+        ref = torch.nn.grad.conv2d_weight(h.permute(0, 3, 1, 2).double(), (C, C, 3, 3), g, padding=d, dilation=d)
+        errs.append((f"dw{j + 1}", _err(dw[j].double(), ref.permute(2, 3, 1, 0).reshape(9, C, C))))
+        errs.append((f"db{j + 1}", _err(db[j].double(), g.sum((0, 2, 3)))))
+    return errs
 
 
 def _via_ops(block, x):

@@ -187,7 +187,7 @@ def _branches_wgrad(h, G, dil):
 
     def wgrid(META):
         tiles_c = _cdiv(C, META["BLOCK_CI"]) * _cdiv(C, META["BLOCK_CO"])
-        return (_cdiv(NP, pix_per_split), 36, tiles_c)
+        return (_cdiv(NP, pix_per_split), 40, tiles_c)  # 36 (branch, tap) weight programs, 4 bias ones
 
     _kernel(kern, h)[wgrid](h, G, dw, db, NP, H, W, C, pix_per_split, D1=dil[0], D2=dil[1], D3=dil[2], D4=dil[3], **kw)
     return dw, db
