@@ -6,6 +6,7 @@ unchanged: the same as Generator.inpaint on tensors. After exporting, the file i
 run on a real image at two sizes and compared with the eager model; the max error is printed.
 Exit status: 0 exported and verified, 1 the check failed, 2 could not export."""
 import argparse
+import copy
 import os
 import sys
 import warnings
@@ -54,9 +55,14 @@ def _example(h, w, n=1):
     return torch.rand(n, 3, h, w, generator=g) * 2 - 1, (torch.rand(n, 1, h, w, generator=g) > 0.7).float()
 
 
+def _float_cpu_eval(g: Generator) -> Generator:
+    """An fp32 CPU copy in eval mode: exporting must not move, cast or switch the caller's model."""
+    return copy.deepcopy(g).float().cpu().eval()
+
+
 def export_torchscript(g: Generator, path):
     """Trace the shape-agnostic core, script the padding around it so H and W stay dynamic."""
-    g = g.float().cpu().eval()
+    g = _float_cpu_eval(g)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*torch.jit.trace.* is deprecated", category=Warning)
         core = torch.jit.trace(_Unchecked(g), torch.rand(1, 4, 64, 64) * 2 - 1, check_trace=False)  # verify() checks
@@ -72,7 +78,7 @@ def export_onnx(g: Generator, path, opset=18):
             __import__(pkg)
         except ImportError:
             raise RuntimeError(f"ONNX export needs the '{pkg}' package: pip install onnx onnxscript") from None
-    g = g.float().cpu().eval()
+    g = _float_cpu_eval(g)
     N, H, W = torch.export.Dim("N"), torch.export.Dim("H"), torch.export.Dim("W")
     dims = {0: N, 2: H, 3: W}
     torch.onnx.export(InpaintModule(g).eval(), _example(64, 64), str(path), input_names=["image", "mask"],
@@ -119,7 +125,7 @@ def verify(g: Generator, fmt, path):
     run = load_runner(fmt, path)
     if run is None:
         return None
-    g = g.float().cpu().eval()
+    g = _float_cpu_eval(g)
     errors = {}
     with torch.no_grad():
         for name, x, m in verification_images():

@@ -58,3 +58,12 @@ def test_onnx_round_trip(tmp_path, ckpt):
     g = Generator.from_pretrained(ckpt)
     export_onnx(g, tmp_path / "g.onnx")
     check_round_trip(g, "onnx", tmp_path / "g.onnx", 1e-4)
+
+
+def test_export_leaves_the_callers_model_alone(tmp_path):
+    """Export works on an fp32 CPU copy in eval mode: the caller's model keeps its dtype and training mode."""
+    g = Generator(nf=8, n_blocks=1, impl="reference").to(torch.bfloat16).train()
+    before = {k: v.clone() for k, v in g.state_dict().items()}
+    export_torchscript(g, tmp_path / "g.pt")
+    assert g.training and all(p.dtype == torch.bfloat16 for p in g.parameters())
+    assert all(torch.equal(v, before[k]) for k, v in g.state_dict().items())

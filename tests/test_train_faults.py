@@ -69,6 +69,8 @@ BAD = {
     "--betas 0.5 1.0": ["--betas", "0.5", "1.0"],
     "--betas -0.1 0.9": ["--betas", "-0.1", "0.9"],
     "--mask-probs": ["--masks", "mixed", "--mask-probs", "rect=half"],
+    "--device bogus": ["--device", "bogus"],
+    "--device cuda:64": ["--device", "cuda:64"],  # no such GPU here, with or without CUDA
 }
 
 

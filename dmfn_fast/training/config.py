@@ -197,6 +197,12 @@ def check(p, a):
         p.error("--masks irregular needs --mask-dir, a folder of mask PNGs")
     if a.overwrite and a.resume:
         p.error("--overwrite starts a new run and --resume continues one: pass one of them")
+    if a.device != "auto":
+        from ..io import device_problem
+
+        problem = device_problem(a.device)
+        if problem:
+            p.error(f"--device {problem}")
     a.mask_probs = _parse_probs(p, a.mask_probs)
 
 
