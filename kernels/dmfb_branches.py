@@ -126,6 +126,21 @@ def branches_fwd(
 
 
 @triton.jit
+def branches_grad(
+    h_ptr, w_ptr, b_ptr, out_ptr,
+    dt_ptr, mean_ptr, rstd_ptr, sa_ptr, sb_ptr,
+    N, H, W, C,
+    D1: tl.constexpr, D2: tl.constexpr, D3: tl.constexpr, D4: tl.constexpr,
+    UPCAST: tl.constexpr, PREC: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """branches_fwd's MODE 1 (recompute, IN + ReLU backward, suffix sums) as a kernel of its own: its own
+    name in profiles, and its own JIT function under its autotuner (not the forward's)."""
+    branches_fwd(h_ptr, w_ptr, b_ptr, out_ptr, dt_ptr, mean_ptr, rstd_ptr, sa_ptr, sb_ptr, N, H, W, C,
+                 D1, D2, D3, D4, 1, UPCAST, PREC, BLOCK_P, BLOCK_N, BLOCK_K)
+
+
+@triton.jit
 def branches_dgrad(
     g_ptr, w_ptr, dh_ptr, N, H, W, C,
     D1: tl.constexpr, D2: tl.constexpr, D3: tl.constexpr, D4: tl.constexpr,
@@ -254,15 +269,15 @@ def _autotuned(fn, name, key, reset=()):
 
 # Autotune keys: everything that changes the work or the code. The best tile depends on the batch too
 # (N: how many programs fill the GPU), and PREC (TF32 or IEEE dots) switches with cudnn.allow_tf32 at run
-# time within one dtype class. The kernels do not read N; it is passed for the key. (Tensor dtypes are
+# time within one dtype class. The forward always runs MODE 0 (branches_grad is MODE 1). The kernels do not read N; it is passed for the key. (Tensor dtypes are
 # part of every key already.)
-_CONV_KEY = ["N", "H", "W", "C", "MODE", "PREC"]
-_DGRAD_KEY = ["N", "H", "W", "C", "PREC"]
+_CONV_KEY = ["N", "H", "W", "C", "PREC"]
+_DGRAD_KEY = _CONV_KEY
 _WGRAD_KEY = ["NP", "H", "W", "C", "PREC"]
 branches_fwd_lowp = _autotuned(branches_fwd, "fwd_lowp", _CONV_KEY)
 branches_fwd_f32 = _autotuned(branches_fwd, "fwd_f32", _CONV_KEY)
-branches_grad_lowp = _autotuned(branches_fwd, "grad_lowp", _CONV_KEY)
-branches_grad_f32 = _autotuned(branches_fwd, "grad_f32", _CONV_KEY)
+branches_grad_lowp = _autotuned(branches_grad, "grad_lowp", _CONV_KEY)
+branches_grad_f32 = _autotuned(branches_grad, "grad_f32", _CONV_KEY)
 branches_dgrad_lowp = _autotuned(branches_dgrad, "dgrad_lowp", _DGRAD_KEY)
 branches_dgrad_f32 = _autotuned(branches_dgrad, "dgrad_f32", _DGRAD_KEY)
 branches_wgrad_lowp = _autotuned(branches_wgrad, "wgrad_lowp", _WGRAD_KEY, ("dw_ptr", "db_ptr"))

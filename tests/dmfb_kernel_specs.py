@@ -23,7 +23,7 @@ def branches_specs(dtype="bf16"):
     specs = []
     for name, fn, sig, extra, div in (
         ("fwd", kb.branches_fwd, fwd_sig, dict(MODE=0), ("C",)),
-        ("grad", kb.branches_fwd, fwd_sig, dict(MODE=1), ("C",)),
+        ("grad", kb.branches_grad, fwd_sig, {}, ("C",)),
         ("dgrad", kb.branches_dgrad, dgrad_sig, {}, ("C",)),
         ("wgrad", kb.branches_wgrad, wgrad_sig, {}, ("C", "PIX_PER_SPLIT")),
     ):

@@ -129,7 +129,7 @@ def _conv_kernel(name, dtype, pixels, C):
     flags = dict(UPCAST=lowp and INTERPRET, PREC="tf32" if tf32 and not INTERPRET else "ieee")
     if not INTERPRET:
         return getattr(_kb, f"branches_{name}_{'lowp' if lowp else 'f32'}"), flags
-    raw = {"fwd": _kb.branches_fwd, "grad": _kb.branches_fwd, "dgrad": _kb.branches_dgrad,
+    raw = {"fwd": _kb.branches_fwd, "grad": _kb.branches_grad, "dgrad": _kb.branches_dgrad,
            "wgrad": _kb.branches_wgrad}[name]
     bp, bc = min(4096, triton.next_power_of_2(pixels)), max(16, triton.next_power_of_2(C))
     tiles = dict(BLOCK_CI=bc, BLOCK_CO=bc) if name == "wgrad" else dict(BLOCK_N=bc, BLOCK_K=bc)
@@ -157,9 +157,10 @@ def _branches_forward(h, w, b, dil, grad=None):
         grad = (h, unused, unused, unused, unused)
     dt, mean, rstd, sa, sb = grad
     grid = lambda META: (N * _cdiv(H * W, META["BLOCK_P"]), _cdiv(C, META["BLOCK_N"]))  # noqa: E731
+    if mode == 0:
+        kw = dict(kw, MODE=0)  # branches_grad is MODE 1 by construction
     _kernel(kern, h)[grid](
-        h, w, b, out, dt, mean, rstd, sa, sb, N, H, W, C,
-        D1=dil[0], D2=dil[1], D3=dil[2], D4=dil[3], MODE=mode, **kw)
+        h, w, b, out, dt, mean, rstd, sa, sb, N, H, W, C, D1=dil[0], D2=dil[1], D3=dil[2], D4=dil[3], **kw)
     return out
 
 
