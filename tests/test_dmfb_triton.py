@@ -278,32 +278,37 @@ def check_opcheck(N, H, W, C, device="cpu"):
 
 
 def check_eager_path(N, H, W):
-    """Plain eager calls go through autograd.Functions (_Op; _BranchesInReluEager for the branch op, from
-    the raw parameters), not the registered ops; both run the same kernels, so the fused block's output and
-    every gradient must agree bit for bit (tolerance 0)."""
+    """Plain eager calls that need gradients run autograd.Functions (_DMFBEager for the block,
+    _BranchesInReluEager for the branch op alone), not the registered ops; both run the same convolutions and
+    kernels, so outputs and every gradient must agree bit for bit (tolerance 0)."""
     from dmfn_fast.ops import dmfb
 
     block = _random_block(32, 16)
     x = torch.randn(N, 32, H, W)
-    calls = {"function": 0, "branches": 0}
-    real_apply, real_branches = dmfb._Op.__call__, dmfb._BranchesInReluEager.apply
+    calls = {"block": 0, "branches": 0}
+    real_block, real_branches = dmfb._DMFBEager.apply, dmfb._BranchesInReluEager.apply
 
-    def counting(self, *args):
-        calls["function"] += dmfb._plain_eager(args) and self.function is not None
-        return real_apply(self, *args)
+    def counting(name, real):
+        def run(*args):
+            calls[name] += 1
+            return real(*args)
+        return run
 
-    def counting_branches(*args):
-        calls["branches"] += 1
-        return real_branches(*args)
-
-    dmfb._Op.__call__, dmfb._BranchesInReluEager.apply = counting, counting_branches
+    dmfb._DMFBEager.apply = counting("block", real_block)
+    dmfb._BranchesInReluEager.apply = counting("branches", real_branches)
     try:
-        eager = _compare_module(block, block, lambda t: _via_ops(block, t), x)
+        errs = _compare_module(block, block, lambda t: _via_ops(block, t), x)
+        h = torch.randn(N, 16, H, W).contiguous(memory_format=torch.channels_last)
+        p = block.params()
+        branches = torch.nn.ModuleList([block.d1, block.d2, block.d3, block.d4])
+        branches.zero_grad()
+        errs += [(f"branch op {label}", err) for label, err in _compare_module(
+            branches, lambda t: dmfb.branches_in_relu(t, p.branch_weights, p.branch_biases),
+            lambda t: _via_ops(None, t, lambda u: dmfb.branches_in_relu(u, p.branch_weights, p.branch_biases)), h)]
     finally:
-        dmfb._Op.__call__, dmfb._BranchesInReluEager.apply = real_apply, real_branches
-    # c1's IN and c2's IN took _Op's eager path, the branch op its own (once for the compared call)
-    assert calls == {"function": 2, "branches": 1}, calls
-    return [(label, err, 0.0) for label, err in eager]
+        dmfb._DMFBEager.apply, dmfb._BranchesInReluEager.apply = real_block, real_branches
+    assert calls == {"block": 1, "branches": 1}, calls  # once each for the compared eager calls
+    return [(label, err, 0.0) for label, err in errs]
 
 
 def check_wgrad_splits(N, C, H, W, BP, BC, split):
@@ -325,14 +330,14 @@ def check_wgrad_splits(N, C, H, W, BP, BC, split):
     return errs
 
 
-def _via_ops(block, x):
-    """The block with every op called through torch.library (what tracing sees)."""
+def _via_ops(block, x, fn=None):
+    """The block (or fn) with every op called through torch.library (what tracing sees)."""
     from dmfn_fast.ops import dmfb
 
     real = dmfb._plain_eager
     dmfb._plain_eager = lambda args: False
     try:
-        return block(x)
+        return (fn or block)(x)
     finally:
         dmfb._plain_eager = real
 

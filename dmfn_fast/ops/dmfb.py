@@ -1,8 +1,9 @@
 """The DMFB: its PyTorch reference (dmfb_block_reference) and its fused fast path (dmfb_block_fused),
 chosen by dmfb_block(x, params, impl). The fast path is Triton kernels (kernels/, installed as
 dmfn_fast.kernels) behind torch.library custom ops, registered (fake and autograd too) at import.
-torch.compile, opcheck and tracing use those ops; plain eager calls run the same code through a
-torch.autograd.Function instead (_Op), which skips the ops' dispatch layers.
+torch.compile, opcheck and tracing use those ops; plain eager calls run the same code through
+torch.autograd.Functions instead, which skip the ops' dispatch layers: the whole block as one node
+(_DMFBEager), the branch op from its raw parameters (_BranchesInReluEager), the other ops one each (_Op).
 
 Ops (namespace `dmfn_fast`), each with a Triton backward registered through register_autograd:
 - dmfb_branches(h, w, b, dilations) -> cat[k1..k4], k_j = d_1(h) + ... + d_j(h)
@@ -537,9 +538,67 @@ def dmfb_block_fused(x: torch.Tensor, p: DMFBParams) -> torch.Tensor:
     """dmfb_block_reference with the branches and all three instance norms in Triton (the cat is never
     saved for backward); c1 and c2 stay cuDNN convolutions. Under autocast every kernel runs in the dtype
     of c1's output. Raises where the kernels cannot run (see fused_why_not)."""
+    params = [x, p.c1_weight, p.c1_bias, p.c2_weight, p.c2_bias, *p.branch_weights, *p.branch_biases]
+    tensors = [t for t in params if t is not None]
+    if torch.is_grad_enabled() and _plain_eager(tensors) and any(t.requires_grad for t in tensors):
+        return _DMFBEager.apply(x, p.c1_weight, p.c1_bias, p.c2_weight, p.c2_bias, [int(d) for d in p.dilations],
+                                *p.branch_weights, *p.branch_biases)
     h = instance_norm_act(F.conv2d(x, p.c1_weight, p.c1_bias, 1, 1), relu=True)
     t = branches_in_relu(h, p.branch_weights, p.branch_biases, p.dilations)
     return instance_norm_act(F.conv2d(t, p.c2_weight, p.c2_bias, 1, 1), res=x)
+
+
+def _conv_backward(dy, x, w, has_bias, needs):
+    """(dx, dw, db) of a 3x3, stride 1, padding 1 convolution; None where not needed."""
+    mask = [needs[0], needs[1], has_bias and needs[2]]
+    dx, dw, db = torch.ops.aten.convolution_backward(dy, x, w, [w.shape[0]] if has_bias else None, [1, 1], [1, 1],
+                                                     [1, 1], False, [0, 0], 1, mask)
+    return dx, dw, db
+
+
+class _DMFBEager(torch.autograd.Function):
+    """The whole fused DMFB as one autograd node, for plain eager calls that need gradients: the same
+    convolutions and kernels as the op path (the ops serve torch.compile and tracing), with the convolution
+    backward called directly. One node instead of two convolutions, three ops and the weight packing: with
+    the launches stubbed, 22% less host time per forward+backward on the dev CPU, and the fused path is
+    host-bound (benchmarks/RESULTS.md). Under autocast the convolutions run as autocast runs them, and the
+    gradients return in each input's dtype, as autograd's casts would return them."""
+
+    @staticmethod
+    def forward(ctx, x, c1w, c1b, c2w, c2b, dilations, *branch):
+        a = F.conv2d(x, c1w, c1b, 1, 1)
+        h, m1, r1 = _in_act_fn(a, None, True)
+        _check_branches(h, branch[:4], branch[4:], dilations)
+        w, b = _pack(branch[:4], branch[4:], h.dtype)
+        t, m2, r2 = _branches_in_relu_fn(h, w, b, dilations)
+        c = F.conv2d(t, c2w, c2b, 1, 1)
+        out, m3, r3 = _in_act_fn(c, x, False)
+        # the convolutions' operands as they ran (autocast may have cast them)
+        x_c, c1w_c, c2w_c = x.to(a.dtype), c1w.to(a.dtype), c2w.to(c.dtype)
+        ctx.save_for_backward(x_c, c1w_c, a, h, m1, r1, w, b, t, m2, r2, c2w_c, c, m3, r3)
+        ctx.dilations = dilations
+        ctx.has_bias = (c1b is not None, c2b is not None)
+        ctx.dtypes = [None if v is None else v.dtype for v in (x, c1w, c1b, c2w, c2b, *branch)]
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g):
+        x_c, c1w_c, a, h, m1, r1, w, b, t, m2, r2, c2w_c, c, m3, r3 = ctx.saved_tensors
+        need = ctx.needs_input_grad  # x, c1w, c1b, c2w, c2b, dilations, branch weights and biases
+        dt_ = ctx.dtypes
+        dc = _in_act_bwd_fn(g, c, m3, r3, False)
+        dt, dc2w, dc2b = _conv_backward(dc.to(c.dtype), t, c2w_c, ctx.has_bias[1], (True, need[3], need[4]))
+        dh, dw, db = _branches_in_relu_bwd_fn(h, w, b, t, m2, r2, dt, ctx.dilations)
+        da = _in_act_bwd_fn(dh, a, m1, r1, True)
+        dx, dc1w, dc1b = _conv_backward(da, x_c, c1w_c, ctx.has_bias[0], (need[0], need[1], need[2]))
+        if dx is not None:
+            dx = dx.to(dt_[0]) + g.to(dt_[0])  # the convolution path and the residual
+        C = h.shape[1]
+        dw = dw.view(4, 3, 3, C, C).permute(0, 4, 3, 1, 2)  # [4, co, ci, ky, kx]
+        cast = lambda v, d: None if v is None else v.to(d)  # noqa: E731
+        return (dx, cast(dc1w, dt_[1]), cast(dc1b, dt_[2]), cast(dc2w, dt_[3]), cast(dc2b, dt_[4]), None,
+                *[dw[j].to(dt_[5 + j]) for j in range(4)], *[db[j].to(dt_[9 + j]) for j in range(4)])
 
 
 def fused_why_not(x: torch.Tensor) -> str:
