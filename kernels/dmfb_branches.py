@@ -218,16 +218,16 @@ def branches_wgrad(
         ci = (pid_c % n_ci) * BLOCK_CI + tl.arange(0, BLOCK_CI)
         cimask = ci < C
         acc = tl.zeros([BLOCK_CI, BLOCK_CO], dtype=tl.float32)
+        HWu, Wu = HW.to(tl.uint32), W.to(tl.uint32)  # unsigned division: fewer instructions (p >= 0)
         for p0 in range(pid_s * PIX_PER_SPLIT, p_end, BLOCK_P):
             p = p0 + tl.arange(0, BLOCK_P)
             pm = p < NP
-            # unsigned division: fewer instructions than signed (p >= 0)
             pu = p.to(tl.uint32)
-            n = pu // HW.to(tl.uint32)
-            r = pu - n * HW.to(tl.uint32)
-            q = r // W.to(tl.uint32)
+            n = pu // HWu
+            r = pu - n * HWu
+            q = r // Wu
             yy = q.to(tl.int32) + dy
-            xx = (r - q * W.to(tl.uint32)).to(tl.int32) + dx
+            xx = (r - q * Wu).to(tl.int32) + dx
             valid = pm & (yy >= 0) & (yy < H) & (xx >= 0) & (xx < W)
             src = (n.to(tl.int64) * HW + yy * W + xx) * C
             a = tl.load(h_ptr + src[:, None] + ci[None, :], mask=valid[:, None] & cimask[None, :], other=0.0)

@@ -464,10 +464,15 @@ class _BranchesInReluEager(torch.autograd.Function):
     def backward(ctx, dt):
         h, w, b, t, mean, rstd = ctx.saved_tensors
         dh, dw, db = _branches_in_relu_bwd_fn(h, w, b, t, mean, rstd, dt, ctx.dilations)
-        C = h.shape[1]
-        dw = dw.view(4, 3, 3, C, C).permute(0, 4, 3, 1, 2)  # [4, co, ci, ky, kx]
-        grads = [dw[j].to(ctx.dtypes[j]) for j in range(4)] + [db[j].to(ctx.dtypes[4 + j]) for j in range(4)]
-        return (dh, None, *grads)
+        return (dh, None, *_unpack_grads(dw, db, ctx.dtypes))
+
+
+def _unpack_grads(dw, db, dtypes):
+    """The packed fp32 sums dw [4, 9, C, C] (tap, ci, co) and db [4, C] as the four branch weights' and
+    biases' gradients, each in its parameter's dtype (`dtypes`: weights, then biases)."""
+    C = dw.shape[-1]
+    dw = dw.view(4, 3, 3, C, C).permute(0, 4, 3, 1, 2)  # [4, co, ci, ky, kx]
+    return [dw[j].to(dtypes[j]) for j in range(4)] + [db[j].to(dtypes[4 + j]) for j in range(4)]
 
 
 def _check_branches(h, weights, biases, dilations):
@@ -551,9 +556,8 @@ def dmfb_block_fused(x: torch.Tensor, p: DMFBParams) -> torch.Tensor:
 def _conv_backward(dy, x, w, has_bias, needs):
     """(dx, dw, db) of a 3x3, stride 1, padding 1 convolution; None where not needed."""
     mask = [needs[0], needs[1], has_bias and needs[2]]
-    dx, dw, db = torch.ops.aten.convolution_backward(dy, x, w, [w.shape[0]] if has_bias else None, [1, 1], [1, 1],
-                                                     [1, 1], False, [0, 0], 1, mask)
-    return dx, dw, db
+    return torch.ops.aten.convolution_backward(dy, x, w, [w.shape[0]] if has_bias else None, [1, 1], [1, 1],
+                                               [1, 1], False, [0, 0], 1, mask)
 
 
 class _DMFBEager(torch.autograd.Function):
@@ -587,18 +591,16 @@ class _DMFBEager(torch.autograd.Function):
         x_c, c1w_c, a, h, m1, r1, w, b, t, m2, r2, c2w_c, c, m3, r3 = ctx.saved_tensors
         need = ctx.needs_input_grad  # x, c1w, c1b, c2w, c2b, dilations, branch weights and biases
         dt_ = ctx.dtypes
-        dc = _in_act_bwd_fn(g, c, m3, r3, False)
-        dt, dc2w, dc2b = _conv_backward(dc.to(c.dtype), t, c2w_c, ctx.has_bias[1], (True, need[3], need[4]))
+        dc = _in_act_bwd_fn(g, c, m3, r3, False)  # in c's dtype
+        dt, dc2w, dc2b = _conv_backward(dc, t, c2w_c, ctx.has_bias[1], (True, need[3], need[4]))
         dh, dw, db = _branches_in_relu_bwd_fn(h, w, b, t, m2, r2, dt, ctx.dilations)
         da = _in_act_bwd_fn(dh, a, m1, r1, True)
         dx, dc1w, dc1b = _conv_backward(da, x_c, c1w_c, ctx.has_bias[0], (need[0], need[1], need[2]))
         if dx is not None:
             dx = dx.to(dt_[0]) + g.to(dt_[0])  # the convolution path and the residual
-        C = h.shape[1]
-        dw = dw.view(4, 3, 3, C, C).permute(0, 4, 3, 1, 2)  # [4, co, ci, ky, kx]
         cast = lambda v, d: None if v is None else v.to(d)  # noqa: E731
         return (dx, cast(dc1w, dt_[1]), cast(dc1b, dt_[2]), cast(dc2w, dt_[3]), cast(dc2b, dt_[4]), None,
-                *[dw[j].to(dt_[5 + j]) for j in range(4)], *[db[j].to(dt_[9 + j]) for j in range(4)])
+                *_unpack_grads(dw, db, dt_[5:]))
 
 
 def fused_why_not(x: torch.Tensor) -> str:
