@@ -25,6 +25,18 @@ def bf16_peak(device):
     return next((p for key, p in BF16_PEAK_TFLOPS if key in name), None)
 
 
+def kernel_ms(fn, steps=3):
+    """GPU time per call of each kernel fn launches, in ms: the kernels' own durations (torch.profiler; CPU
+    ops own none), host time excluded."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            fn()
+        torch.cuda.synchronize()
+    return {e.key: e.self_device_time_total / 1e3 / steps for e in prof.key_averages() if e.self_device_time_total > 0}
+
+
 def count_flops(fn):
     """Model FLOPs of one call of fn (forward and any backward it runs), from torch's op counter."""
     with FlopCounterMode(display=False) as fc:

@@ -31,6 +31,9 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from dmfn_fast.models import DMFB  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from e2e_common import kernel_ms  # noqa: E402
 from dmfn_fast.ops import centroid_align as ca  # noqa: E402
 from dmfn_fast.ops import dmfb as ops  # noqa: E402
 
@@ -62,15 +65,9 @@ def bench_ms(fn):
 def gpu_ms(fn, iters=5):
     """Device time of one call: the kernels' own durations summed (torch.profiler), host time excluded.
     do_bench's `ms` is the larger of host and device time per call when the host cannot keep ahead."""
-    from torch.profiler import ProfilerActivity, profile
-
     fn()
     torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(iters):
-            fn()
-        torch.cuda.synchronize()
-    return sum(e.self_device_time_total for e in prof.key_averages()) / iters / 1e3
+    return sum(kernel_ms(fn, iters).values())
 
 
 def host_ms(fn, iters=20):

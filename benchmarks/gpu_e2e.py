@@ -31,7 +31,7 @@ if args.dry:
 import torch  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from e2e_common import bf16_peak, build_generator, build_training, count_flops  # noqa: E402
+from e2e_common import bf16_peak, build_generator, build_training, count_flops, kernel_ms  # noqa: E402
 
 CUDA = torch.cuda.is_available() and not args.dry
 DEV = "cuda" if CUDA else "cpu"
@@ -75,19 +75,10 @@ KERNEL_CLASSES = [("fused DMFB (ours)", ("branches_", "in_stats", "in_apply", "i
 
 
 def gpu_by_class(fn, steps=3):
-    """GPU time per call (kernels only, torch.profiler) and its split by kernel class, in ms."""
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(steps):
-            fn()
-        torch.cuda.synchronize()
+    """GPU time per call (kernels only) and its split by kernel class, in ms."""
     split = {}
-    for e in prof.key_averages():
-        t = e.self_device_time_total / 1e3 / steps  # kernels own their time; CPU ops own none
-        if t <= 0:
-            continue
-        name = e.key.lower()
+    for name, t in kernel_ms(fn, steps).items():
+        name = name.lower()
         cls = next((c for c, keys in KERNEL_CLASSES if any(k in name for k in keys)), "other")
         split[cls] = split.get(cls, 0.0) + t
     return round(sum(split.values()), 3), {k: round(v, 3) for k, v in sorted(split.items())}
@@ -123,10 +114,16 @@ def record(case, variant, fn, flop=0, images=0, rounds=ROUNDS, classes=False):
     print(f"[{case}] {variant}: {msg}{extra}", flush=True)
 
 
-def _raiser(e):
-    def fail():
-        raise e
-    return fail
+def _built(build, variant):
+    """build(variant), or, if building fails, a function that raises its error (record() logs it)."""
+    try:
+        return build(variant)
+    except Exception as e:  # noqa: BLE001: one failed variant must not stop the others
+        traceback.print_exc()
+
+        def fail():
+            raise e
+        return fail
 
 
 def gen_input(batch, mf):
@@ -226,18 +223,10 @@ def main():
     if CUDA:
         # CUDA graphs: the same GPU work with no host cost per call (how far the host holds each variant back)
         for v in ("fast", "amp"):
-            try:
-                step = graphed_gen_fwd_bwd(v)
-            except Exception as e:  # noqa: BLE001: record the failure, go on
-                traceback.print_exc()
-                step = _raiser(e)
+            step = _built(graphed_gen_fwd_bwd, v)
             record(f"generator fwd+bwd {SIZE}px batch {BATCH}", f"{v}+graphs", step, 3 * gflop["gen_fwd"])
             del step
-            try:
-                run = graphed_inference(v)
-            except Exception as e:  # noqa: BLE001
-                traceback.print_exc()
-                run = _raiser(e)
+            run = _built(graphed_inference, v)
             record(f"inference {SIZE}px batch {INFER_BATCH}", f"{v}+graphs", run,
                    gflop["gen_fwd"] * INFER_BATCH // BATCH, images=INFER_BATCH)
             del run
