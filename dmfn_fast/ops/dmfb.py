@@ -279,6 +279,12 @@ def _plain_eager(args) -> bool:
     return all(type(a) in (torch.Tensor, torch.nn.Parameter) for a in args if isinstance(a, torch.Tensor))
 
 
+def _eager_autograd(tensors) -> bool:
+    """Plain eager (see _plain_eager), and autograd will need a graph: take an eager autograd.Function."""
+    tensors = [t for t in tensors if t is not None]
+    return torch.is_grad_enabled() and _plain_eager(tensors) and any(t.requires_grad for t in tensors)
+
+
 class _Op:
     """One DMFB op. torch.compile, opcheck and any tracing see the registered torch.library op; plain
     eager calls run the same Python (launches, autograd formulas) through a torch.autograd.Function.
@@ -447,9 +453,9 @@ def _pack(weights, biases, dtype):
 
 class _BranchesInReluEager(torch.autograd.Function):
     """Plain eager branches_in_relu with autograd, straight from the four branch weights and biases: the
-    packing runs inside (no autograd nodes for its stack, permute and cast: on the dev CPU they were a
-    fifth of the fused DMFB's host time), and the backward unpacks the fp32 weight and bias sums straight
-    into each parameter's dtype. Same kernels as the op; tests compare the two."""
+    packing runs inside (no autograd nodes for its stack, permute and cast), and the backward unpacks the
+    fp32 weight and bias sums straight into each parameter's dtype. Same kernels as the op; tests compare
+    the two."""
 
     @staticmethod
     def forward(ctx, h, dilations, *params):
@@ -503,10 +509,8 @@ def branches_in_relu(h, weights, biases, dilations=DILATIONS):
     """relu(instance_norm(dmfb_branches(h, ...))), the cat never stored for backward."""
     _check_branches(h, weights, biases, dilations)
     h, dil = _cl(h), [int(d) for d in dilations]
-    params = [*weights, *biases]
-    if torch.is_grad_enabled() and _plain_eager([h, *params]) and (h.requires_grad or any(
-            p.requires_grad for p in params)):
-        return _BranchesInReluEager.apply(h, dil, *params)
+    if _eager_autograd([h, *weights, *biases]):
+        return _BranchesInReluEager.apply(h, dil, *weights, *biases)
     w, b = pack_branches(weights, biases, h.dtype)
     return _branches_in_relu_op(h, w, b, dil)[0]
 
@@ -543,9 +547,7 @@ def dmfb_block_fused(x: torch.Tensor, p: DMFBParams) -> torch.Tensor:
     """dmfb_block_reference with the branches and all three instance norms in Triton (the cat is never
     saved for backward); c1 and c2 stay cuDNN convolutions. Under autocast every kernel runs in the dtype
     of c1's output. Raises where the kernels cannot run (see fused_why_not)."""
-    params = [x, p.c1_weight, p.c1_bias, p.c2_weight, p.c2_bias, *p.branch_weights, *p.branch_biases]
-    tensors = [t for t in params if t is not None]
-    if torch.is_grad_enabled() and _plain_eager(tensors) and any(t.requires_grad for t in tensors):
+    if _eager_autograd([x, p.c1_weight, p.c1_bias, p.c2_weight, p.c2_bias, *p.branch_weights, *p.branch_biases]):
         return _DMFBEager.apply(x, p.c1_weight, p.c1_bias, p.c2_weight, p.c2_bias, [int(d) for d in p.dilations],
                                 *p.branch_weights, *p.branch_biases)
     h = instance_norm_act(F.conv2d(x, p.c1_weight, p.c1_bias, 1, 1), relu=True)
