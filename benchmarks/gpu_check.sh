@@ -65,6 +65,8 @@ stage tests-recipe 60 $PY -m pytest tests/test_recipe.py -q -rs -p no:cacheprovi
 stage train-smoke 150 $PY benchmarks/gpu_train_smoke.py "${DRYFLAG[@]}"
 # torch.compile of the fused ops must give what their eager runs give (op by op, and the generator)
 stage compile-parity 150 $PY benchmarks/gpu_compile_parity.py "$OUT" "${DRYFLAG[@]}"
+# the same with Inductor tracing into the Triton kernels (DMFN_TRITON_OP=1; the interpreter cannot: CUDA only)
+[ $DRY = 1 ] || stage compile-parity-traced 150 env DMFN_TRITON_OP=1 $PY benchmarks/gpu_compile_parity.py "$OUT"
 if [ $DRY = 0 ] && command -v compute-sanitizer >/dev/null; then
   stage sanitizer 60 compute-sanitizer --tool memcheck --error-exitcode 7 $PY benchmarks/gpu_sanitize_case.py
 fi

@@ -96,10 +96,12 @@ def ref_fns(lv, block):
 
 
 def log(row):
+    row = dict(row, triton_op=ops._USE_TRITON_OP)  # DMFN_TRITON_OP=1: Inductor traced into the kernels
     with open(LOG, "a") as f:
         f.write(json.dumps(row) + "\n")
     errs = "  ".join(f"{k}={row[k]}" for k in ("eager_vs_f64", "compiled_vs_f64", "compiled_vs_eager") if k in row)
-    print(f"[{row['mode']}] {row['case']}: {row.get('error', errs)}", flush=True)
+    mode = row["mode"] + (" traced" if row["triton_op"] else "")
+    print(f"[{mode}] {row['case']}: {row.get('error', errs)}", flush=True)
 
 
 def fmt(xs):

@@ -124,10 +124,11 @@ def main(out):
     lines += ["", "torch.compile of the fused ops: relative L2 error of [output, input gradients...]", "",
               "| precision | case | eager vs float64 | compiled vs float64 | compiled vs eager |", "|---|---|---|---|---|"]
     for r in parity:
+        mode = r["mode"] + (" (traced: DMFN_TRITON_OP=1)" if r.get("triton_op") else "")
         if "error" in r:
-            lines.append(f"| {r['mode']} | {r['case']} | ERROR: {r['error'][:80]} | | |")
+            lines.append(f"| {mode} | {r['case']} | ERROR: {r['error'][:80]} | | |")
         else:
-            lines.append(f"| {r['mode']} | {r['case']} | {r['eager_vs_f64']} | {r['compiled_vs_f64']} | "
+            lines.append(f"| {mode} | {r['case']} | {r['eager_vs_f64']} | {r['compiled_vs_f64']} | "
                          f"{r['compiled_vs_eager']} |")
     text = "\n".join(lines) + "\n"
     with open(os.path.join(out, "summary.md"), "w") as fh:

@@ -725,3 +725,20 @@ def test_eager_launch_wrapper_guards_only_when_off_device(monkeypatch):
 
 if __name__ == "__main__":
     _worker(sys.argv[1:])
+
+
+def test_traced_sums_are_separate_allocations():
+    """Inductor miscompiles a kernel-mutated view of a shared base (it copied the base's extent out of a
+    buffer sized for the view: the compiled bf16 gradients were garbage, benchmarks/RESULTS.md). Traced,
+    each instance-norm sum is an allocation of its own; eager keeps one allocation (host time)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from dmfn_fast.ops import dmfb
+
+    eager = dmfb._sums32(3, 2, 5, like=torch.empty(1))
+    assert len({t.untyped_storage().data_ptr() for t in eager}) == 1
+    assert all(t.shape == (2, 5) and t.dtype == torch.float32 and not t.any() for t in eager)
+    with FakeTensorMode() as mode:
+        traced = dmfb._sums32(3, 2, 5, like=mode.from_tensor(torch.empty(1)))
+        assert len({t.untyped_storage()._cdata for t in traced}) == 3
+        assert all(t.shape == (2, 5) and t.storage_offset() == 0 for t in traced)

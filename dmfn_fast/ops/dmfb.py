@@ -58,7 +58,9 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 # which launches the same kernels as eager). DMFN_TRITON_OP=1: triton_ops, which Inductor traces into
 # (torch >= 2.6; never under the interpreter, whose kernels wrap_triton cannot trace). Opt-in because on an
 # H200 (torch 2.11, Triton 3.6) the compiled bf16 backward of branches_in_relu through triton_op gave
-# gradients 5-11x their own size off (forward right, fp32 right, eager right): benchmarks/RESULTS.md.
+# gradients 5-11x their own size off (benchmarks/RESULTS.md). The cause, found on the CPU since: Inductor
+# miscompiled the instance-norm sums, views of one zeroed base (see _sums32, now separate when traced).
+# Default again once a GPU run of gpu_compile_parity.py confirms the fix.
 _USE_TRITON_OP = (os.environ.get("DMFN_TRITON_OP", "0") == "1" and hasattr(torch.library, "triton_op")
                   and hasattr(torch.library, "wrap_triton") and not INTERPRET)
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
@@ -139,6 +141,16 @@ def _conv_kernel(name, dtype, pixels, C):
 
 def _zeros32(*shape, like):
     return torch.zeros(shape, device=like.device, dtype=torch.float32)
+
+
+def _sums32(k, N, C, like):
+    """k zeroed fp32 [N, C] sums. Eager: views of one allocation (host time counts, see _Op). Traced: one
+    allocation each, because Inductor (torch 2.13, seen on 2.11) miscompiles a kernel-mutated view of a
+    shared base: it clones the view's whole base extent from a buffer sized for the view alone, so the
+    second sum started from stale memory and the compiled bf16 gradients were garbage (RESULTS.md)."""
+    if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack():
+        return tuple(_zeros32(N, C, like=like) for _ in range(k))
+    return _zeros32(k, N, C, like=like).unbind(0)
 
 
 def _cdiv(a, b):
@@ -228,7 +240,7 @@ def _in_forward(x, shift, s, ss, res, relu, out_dtype):
 
 def _in_backward_sums(dy, x, mean, rstd, relu, from_y):
     N, C, H, W = x.shape
-    sa, sb = _zeros32(2, N, C, like=x).unbind(0)  # one allocation: host time counts (see _Op)
+    sa, sb = _sums32(2, N, C, like=x)
     _kernel(_kn.in_bwd_reduce, x)[_in_grid(N, C, H, W)](
         dy, x, mean, rstd, sa, sb, H * W, C, RELU=relu, FROM_Y=from_y,
         BLOCK_P=_kn.BLOCK_P, BLOCK_C=_kn.BLOCK_C, num_warps=_kn.NUM_WARPS)
@@ -346,7 +358,7 @@ def _in_act_fn(x: torch.Tensor, res: Optional[torch.Tensor], relu: bool
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     x, res = _cl(x), None if res is None else _cl(res)
     N, C, H, W = x.shape
-    s, ss, shift = _zeros32(3, N, C, like=x).unbind(0)  # one allocation: host time counts (see _Op)
+    s, ss, shift = _sums32(3, N, C, like=x)
     _kernel(_kn.in_stats, x)[_in_grid(N, C, H, W)](
         x, shift, s, ss, H * W, C, BLOCK_P=_kn.BLOCK_P, BLOCK_C=_kn.BLOCK_C, num_warps=_kn.NUM_WARPS)
     out_dtype = x.dtype if res is None else torch.promote_types(x.dtype, res.dtype)
