@@ -10,7 +10,7 @@ from torch.profiler import record_function
 
 from .ops.centroid_align import centroid_align_loss
 from .recipes import check_recipe
-from .vgg import CHANNELS
+from .vgg import CHANNELS, VGG19Features
 
 # w_l = 1e3 / C_l^2 for relu1_1 .. relu5_1, and for the discriminator's 5 local features.
 LAYER_WEIGHTS = tuple(1e3 / c**2 for c in CHANNELS)
@@ -86,7 +86,9 @@ class DMFNLoss(nn.Module):
         if out.shape != tgt.shape:
             raise ValueError(f"out and tgt differ in shape: {tuple(out.shape)} vs {tuple(tgt.shape)}")
         with record_function("VGG"):
-            fo = self.vgg(out)
+            # impl auto/fast: the VGG's inner activations are recomputed in backward (VGG19Features.forward)
+            lean = self.impl != "reference" and isinstance(self.vgg, VGG19Features)
+            fo = self.vgg(out, recompute=True) if lean else self.vgg(out)
             with torch.no_grad():
                 ft = self.vgg(tgt)
         terms = {

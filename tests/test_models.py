@@ -204,3 +204,35 @@ def test_impl_switch_propagates_and_validates():
     assert all(b.impl == "auto" for b in g.blocks)
     with pytest.raises(ValueError, match="impl must be one of"):
         Generator(impl="quick")
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+def test_lean_training_forward_same_values_and_gradients_less_saved(batch):
+    """impl auto/fast in training: the encoder's and decoder's [IN, ReLU, conv] runs are selectively
+    checkpointed. Same output and gradients as impl reference (which runs them as plain modules; on the CPU
+    both take the DMFB reference), less saved for backward; no grad: the plain path."""
+    torch.manual_seed(0)
+    G = Generator(nf=8, n_blocks=2, impl="reference")
+    x0 = torch.randn(batch, 4, 20, 28)
+    runs = {}
+    for impl in ("reference", "auto"):
+        G.impl = impl
+        G.zero_grad(set_to_none=True)
+        x = x0.clone().requires_grad_()
+        saved = {}
+
+        def pack(t):
+            saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            y = G(x)
+        (y * torch.linspace(-1, 1, y.numel()).view_as(y)).sum().backward()
+        runs[impl] = (y.detach(), x.grad, {n: p.grad for n, p in G.named_parameters()}, sum(saved.values()))
+    (y0, gx0, gp0, s0), (y1, gx1, gp1, s1) = runs["reference"], runs["auto"]
+    torch.testing.assert_close(y1, y0, rtol=0, atol=0)
+    torch.testing.assert_close(gx1, gx0, rtol=1e-5, atol=1e-7)
+    for n in gp0:
+        torch.testing.assert_close(gp1[n], gp0[n], rtol=1e-5, atol=1e-7, msg=n)
+    assert s1 < 0.8 * s0, (s1, s0)
+    with torch.no_grad():
+        torch.testing.assert_close(G(x0), y0, rtol=0, atol=0)

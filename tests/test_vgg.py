@@ -68,3 +68,31 @@ def test_rejects_a_file_that_is_not_vgg19(tmp_path):
     torch.save({"features.0.weight": torch.randn(64, 3, 3, 3)}, path)
     with pytest.raises(ValueError, match="not a torchvision vgg19"):
         VGG19Features(weights=str(path))
+
+
+def test_recompute_same_values_and_gradients_less_saved():
+    """recompute=True (the fast path's training): the same maps and input gradient, and the layers between
+    the returned maps are not saved for backward."""
+    torch.manual_seed(0)
+    vgg = VGG19Features("random")
+    x0 = torch.randn(2, 3, 40, 36)
+    w = [torch.randn(1) for _ in range(5)]
+    results = {}
+    for recompute in (False, True):
+        x = x0.clone().requires_grad_()
+        saved = {}
+
+        def pack(t):
+            saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            feats = vgg(x, recompute=recompute)
+        sum(wi * f.square().mean() for wi, f in zip(w, feats)).backward()
+        results[recompute] = ([f.detach() for f in feats], x.grad, sum(saved.values()))
+    (f0, g0, s0), (f1, g1, s1) = results[False], results[True]
+    for a, b in zip(f0, f1):
+        torch.testing.assert_close(b, a, rtol=0, atol=0)
+    torch.testing.assert_close(g1, g0, rtol=1e-6, atol=1e-9)
+    assert s1 < 0.6 * s0, (s1, s0)
+    with torch.no_grad():  # nothing to recompute without autograd
+        assert all(torch.equal(a, b) for a, b in zip(vgg(x0, recompute=True), f0))
