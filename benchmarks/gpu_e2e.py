@@ -24,6 +24,7 @@ ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 ap.add_argument("out")
 ap.add_argument("--dry", action="store_true", help="CPU, TRITON_INTERPRET=1, tiny sizes")
 ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile variants")
+ap.add_argument("--only", help="comma-separated variants to run, e.g. fast+compile (default: all)")
 args = ap.parse_args()
 if args.dry:
     os.environ["TRITON_INTERPRET"] = "1"
@@ -200,17 +201,28 @@ def graphed_inference(base):
 
 
 gflop = {}
+ONLY = set(args.only.split(",")) if args.only else None
+
+
+def want(variant):
+    return ONLY is None or variant in ONLY
+
+
+def label(variant):
+    """DMFN_TRITON_OP=1: Inductor traces into the fused kernels of the compiled fast variants."""
+    from dmfn_fast.ops import dmfb
+    return variant + " (traced)" if dmfb._USE_TRITON_OP and variant == "fast+compile" else variant
 
 
 def main():
     G, x, _ = gen_fwd_bwd("baseline")
     gflop["gen_fwd"] = count_flops(lambda: G(x))
     del G, x
-    eager = ("fast", "amp", "baseline")
+    eager = [v for v in ("fast", "amp", "baseline") if want(v)]
     for v in eager:
         _, _, step = gen_fwd_bwd(v)
         record(f"generator fwd+bwd {SIZE}px batch {BATCH}", v, step, 3 * gflop["gen_fwd"], classes=True)
-    for v in ("fast", "amp"):
+    for v in [v for v in ("fast", "amp") if want(v)]:
         record(f"inference {SIZE}px batch {INFER_BATCH}", v, inference(v),
                gflop["gen_fwd"] * INFER_BATCH // BATCH, images=INFER_BATCH)
     step = build_training("baseline", SIZE, BATCH, NF, NB, D_NF, DEV)
@@ -222,7 +234,7 @@ def main():
         del step
     if CUDA:
         # CUDA graphs: the same GPU work with no host cost per call (how far the host holds each variant back)
-        for v in ("fast", "amp"):
+        for v in [v for v in ("fast", "amp") if want(f"{v}+graphs")]:
             step = _built(graphed_gen_fwd_bwd, v)
             record(f"generator fwd+bwd {SIZE}px batch {BATCH}", f"{v}+graphs", step, 3 * gflop["gen_fwd"])
             del step
@@ -230,19 +242,20 @@ def main():
             record(f"inference {SIZE}px batch {INFER_BATCH}", f"{v}+graphs", run,
                    gflop["gen_fwd"] * INFER_BATCH // BATCH, images=INFER_BATCH)
             del run
+    compiled = [v for v in ("amp+compile", "fast+compile") if want(v)]
     if CUDA and not args.no_compile:
         # torch.compile variants last (compiling is the slowest part); in fast+compile the fused ops stay
-        # opaque custom ops (DMFN_TRITON_OP=1: Inductor traces into their kernels).
-        for v in ("amp+compile", "fast+compile"):
+        # opaque custom ops (DMFN_TRITON_OP=1: Inductor traces into their kernels, labelled "traced").
+        for v in compiled:
             _, _, step = gen_fwd_bwd(v)
-            record(f"generator fwd+bwd {SIZE}px batch {BATCH}", v, step, 3 * gflop["gen_fwd"], classes=True)
+            record(f"generator fwd+bwd {SIZE}px batch {BATCH}", label(v), step, 3 * gflop["gen_fwd"], classes=True)
             del step
-        for v in ("amp+compile", "fast+compile"):
+        for v in compiled:
             step = build_training(v, SIZE, BATCH, NF, NB, D_NF, DEV)
-            record(f"train step {SIZE}px batch {BATCH}", v, step, gflop["train"], images=BATCH, classes=True)
+            record(f"train step {SIZE}px batch {BATCH}", label(v), step, gflop["train"], images=BATCH, classes=True)
             del step
-        for v in ("amp+compile", "fast+compile"):
-            record(f"inference {SIZE}px batch {INFER_BATCH}", v, inference(v),
+        for v in compiled:
+            record(f"inference {SIZE}px batch {INFER_BATCH}", label(v), inference(v),
                    gflop["gen_fwd"] * INFER_BATCH // BATCH, images=INFER_BATCH)
     print("e2e done", flush=True)
 
