@@ -50,6 +50,7 @@ CASES["opcheck-every-op"] = ("opcheck", dict(N=2, H=7, W=5, C=16))
 # programs), which the ops' interpreter path (one split, one tile) does not reach.
 CASES["wgrad-splits-tiles-C80"] = ("wgrad_splits", dict(N=2, C=80, H=9, W=7, BP=32, BC=64, split=64))
 CASES["wgrad-splits-tiles-C16"] = ("wgrad_splits", dict(N=1, C=16, H=5, W=13, BP=16, BC=16, split=16))
+CASES["autotuned-launch-cache"] = ("tuned_launch", {})
 
 
 # ----------------------------------------------------------------------------- checks (child process)
@@ -327,6 +328,38 @@ def check_wgrad_splits(N, C, H, W, BP, BC, split):
         ref = torch.nn.grad.conv2d_weight(h.permute(0, 3, 1, 2).double(), (C, C, 3, 3), g, padding=d, dilation=d)
         errs.append((f"dw{j + 1}", _err(dw[j].double(), ref.permute(2, 3, 1, 0).reshape(9, C, C))))
         errs.append((f"db{j + 1}", _err(db[j].double(), g.sum((0, 2, 3)))))
+    return errs
+
+
+def check_tuned_launch():
+    """Eager launches of an autotuned kernel (_Tuned): the Autotuner picks once per key, later launches
+    with that key run its config directly, and a new key goes back to the Autotuner."""
+    import triton
+    import triton.language as tl
+
+    from dmfn_fast.ops import dmfb
+
+    @triton.jit
+    def scale(x_ptr, y_ptr, n, F: tl.constexpr, BLOCK: tl.constexpr):
+        i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        tl.store(y_ptr + i, tl.load(x_ptr + i, mask=i < n) * F, mask=i < n)
+
+    tuner = triton.autotune([triton.Config({"BLOCK": 16}), triton.Config({"BLOCK": 128})], key=["n"])(scale)
+    # The interpreter cannot benchmark: each key's pick is set as a GPU run would leave it.
+    tuner.cache[(100, "torch.float32", "torch.float32")] = tuner.configs[1]
+    tuner.cache[(37, "torch.float32", "torch.float32")] = tuner.configs[0]
+    runs = []
+    real_run = tuner.run
+    tuner.run = lambda *a, **k: runs.append(1) or real_run(*a, **k)
+    errs = []
+    for n, F, autotuner_runs in ((100, 2, 1), (100, 3, 1), (100, 2, 1), (37, 2, 2), (37, 5, 2), (100, 4, 2)):
+        x = torch.randn(n)
+        y = torch.full((n,), float("nan"))
+        dmfb._kernel(tuner, x)[lambda META: (triton.cdiv(n, META["BLOCK"]),)](x, y, n, F=F)
+        assert len(runs) == autotuner_runs, (n, F, len(runs))
+        errs.append((f"n={n} F={F}", _err(y, x * F)))
+    tuned = dmfb._TUNED[tuner]
+    assert sorted((k[0], v["BLOCK"]) for k, v in tuned.best.items()) == [(37, 16), (100, 128)], tuned.best
     return errs
 
 
