@@ -5,7 +5,9 @@
 
 Variants (benchmarks/e2e_common.py): baseline (fp32, NCHW, reference ops: the authors' setting), amp (bf16
 autocast, channels-last), amp+compile (amp with torch.compile of G), fast (amp with the fused DMFB and the
-centroid extension), fast+compile (fast with torch.compile of G); on CUDA also amp+graphs and fast+graphs
+centroid extension; training recomputes cheap activations in backward to save memory, and the training step
+is timed once more without that, "fast (no recompute)"), fast+compile (fast with torch.compile of G, whose
+compiled graph does not take the recompute regions); on CUDA also amp+graphs and fast+graphs
 (the generator's forward and backward, or the inference forward, captured as CUDA graphs: the GPU time
 without the host cost). Appends one JSON object per measurement to OUT_DIR/e2e.jsonl as it goes, the compiled
 variants last (their compilation is the slowest part). Times are medians of CUDA-event-timed calls after
@@ -232,6 +234,12 @@ def main():
         step = build_training(v, SIZE, BATCH, NF, NB, D_NF, DEV)
         record(f"train step {SIZE}px batch {BATCH}", v, step, gflop["train"], images=BATCH, classes=True)
         del step
+    if want("fast (no recompute)"):  # what the fast path's memory saving (recompute in backward) costs
+        os.environ["DMFN_RECOMPUTE"] = "0"
+        step = build_training("fast", SIZE, BATCH, NF, NB, D_NF, DEV)
+        record(f"train step {SIZE}px batch {BATCH}", "fast (no recompute)", step, gflop["train"], images=BATCH)
+        del step
+        os.environ.pop("DMFN_RECOMPUTE")
     if CUDA:
         # CUDA graphs: the same GPU work with no host cost per call (how far the host holds each variant back)
         for v in [v for v in ("fast", "amp") if want(f"{v}+graphs")]:

@@ -80,6 +80,7 @@ def main(out):
         "generator_fwd_bwd_fast_graphs_vs_amp_graphs": ratio(e("generator", "amp+graphs"),
                                                              e("generator", "fast+graphs")),
         "train_step_mfu": e("train step", "fast", "mfu_pct"),
+        "train_step_fast_vs_fast_no_recompute": ratio(e("train step", "fast (no recompute)"), e("train step", "fast")),
         "train_step_peak_mem_fast_vs_amp": ratio(e("train step", "fast", "peak_mem_mib"),
                                                  e("train step", "amp", "peak_mem_mib")),
         "centroid_fwd_bwd_vs_torch_bf16": cen("bfloat16"),

@@ -8,6 +8,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.profiler import record_function
 
+from .ops._impl import recompute
 from .ops.centroid_align import centroid_align_loss
 from .recipes import check_recipe
 from .vgg import CHANNELS, VGG19Features
@@ -87,7 +88,7 @@ class DMFNLoss(nn.Module):
             raise ValueError(f"out and tgt differ in shape: {tuple(out.shape)} vs {tuple(tgt.shape)}")
         with record_function("VGG"):
             # impl auto/fast: the VGG's inner activations are recomputed in backward (VGG19Features.forward)
-            lean = self.impl != "reference" and isinstance(self.vgg, VGG19Features)
+            lean = recompute(self.impl) and isinstance(self.vgg, VGG19Features)
             fo = self.vgg(out, recompute=True) if lean else self.vgg(out)
             with torch.no_grad():
                 ft = self.vgg(tgt)

@@ -8,7 +8,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
-from .ops._impl import check_impl
+from .ops._impl import check_impl, recompute
 from .ops.dmfb import DMFBParams, dmfb_block, dmfb_block_reference
 from .recipes import check_recipe
 
@@ -292,7 +292,7 @@ class Generator(nn.Module):
     def forward_unchecked(self, x, reference: bool = False):
         """forward without the Python-side shape checks (which a trace would bake in): for export.
         reference=True runs every DMFB's PyTorch reference whatever `impl` says (no Triton in a graph)."""
-        lean = (not reference and self.impl != "reference" and torch.is_grad_enabled()
+        lean = (not reference and torch.is_grad_enabled() and recompute(self.impl)
                 and not torch.compiler.is_compiling())  # compiled: Inductor's partitioner picks recomputes
         h = _run_lean(_flat(self.encoder), x) if lean else self.encoder(x)
         for b in self.blocks:

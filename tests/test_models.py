@@ -236,3 +236,29 @@ def test_lean_training_forward_same_values_and_gradients_less_saved(batch):
     assert s1 < 0.8 * s0, (s1, s0)
     with torch.no_grad():
         torch.testing.assert_close(G(x0), y0, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("env", [("DMFN_RECOMPUTE", "0"), ("DMFN_IMPL", "reference")])
+def test_recompute_switches_off(monkeypatch, env):
+    """DMFN_RECOMPUTE=0 (or DMFN_IMPL=reference) keeps the plain path: as much saved as impl reference."""
+    from dmfn_fast.ops._impl import recompute
+
+    torch.manual_seed(0)
+    G = Generator(nf=8, n_blocks=1, impl="auto")
+    x = torch.randn(1, 4, 16, 16, requires_grad=True)
+
+    def saved_bytes():
+        saved = {}
+
+        def pack(t):
+            saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            G(x)
+        return sum(saved.values())
+    lean = saved_bytes()
+    monkeypatch.setenv(*env)
+    assert not recompute("auto") and not recompute("fast")
+    plain = saved_bytes()
+    G.impl = "reference"
+    assert plain == saved_bytes() > lean

@@ -4,6 +4,9 @@
 "reference" (always the reference) or "fast" (the fast path, or an error saying why it cannot run).
 "fused", the old name of "fast", is still accepted (one DeprecationWarning). The environment variable
 DMFN_IMPL=reference forces the reference everywhere, whatever `impl` says.
+
+With a fast path (auto or fast) training also trades a little recompute for memory (recompute()):
+DMFN_RECOMPUTE=0 turns that off.
 """
 import os
 import warnings
@@ -34,6 +37,14 @@ def check_impl(impl: str) -> str:
 
 def forced_reference() -> bool:
     return os.environ.get("DMFN_IMPL", "").strip().lower() == "reference"
+
+
+def recompute(impl: str) -> bool:
+    """Whether training recomputes cheap activations in backward instead of holding them from the forward
+    (the frozen VGG's inner layers, the generator's norm+ReLU runs): impl auto or fast, unless
+    DMFN_IMPL=reference or DMFN_RECOMPUTE=0. The values and gradients are the same either way."""
+    return (check_impl(impl) != "reference" and not forced_reference()
+            and os.environ.get("DMFN_RECOMPUTE", "1").strip() != "0")
 
 
 def resolve(impl: str, why_not: Callable[[], str], *, op: str,
