@@ -76,7 +76,8 @@ stage breakdown 150 $PY benchmarks/gpu_breakdown.py "$OUT" "${DRYFLAG[@]}"
 stage e2e 300 $PY benchmarks/gpu_e2e.py "$OUT" "${DRYFLAG[@]}"
 # fast+compile again with Inductor tracing into the fused kernels (CUDA only; compile-parity-traced says
 # whether its gradients are right)
-[ $DRY = 1 ] || stage e2e-traced 150 env DMFN_TRITON_OP=1 $PY benchmarks/gpu_e2e.py "$OUT" --only fast+compile
+[ $DRY = 1 ] || stage e2e-traced 240 env DMFN_TRITON_OP=1 $PY benchmarks/gpu_e2e.py "$OUT" \
+  --only fast+compile-ro,fast+compile
 
 # 5. optional: ncu on the fused branch kernels (speed of light, memory), where ncu exists; --dry runs the
 #    profiled workload alone, interpreted, so the case cannot rot.

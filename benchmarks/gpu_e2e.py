@@ -7,7 +7,8 @@ Variants (benchmarks/e2e_common.py): baseline (fp32, NCHW, reference ops: the au
 autocast, channels-last), amp+compile (amp with torch.compile of G), fast (amp with the fused DMFB and the
 centroid extension; training recomputes cheap activations in backward to save memory, and the training step
 is timed once more without that, "fast (no recompute)"), fast+compile (fast with torch.compile of G, whose
-compiled graph does not take the recompute regions); on CUDA also amp+graphs and fast+graphs
+compiled graph does not take the recompute regions), fast+compile-ro (mode="reduce-overhead", the generator
+only, and only when named by --only); on CUDA also amp+graphs and fast+graphs
 (the generator's forward and backward, or the inference forward, captured as CUDA graphs: the GPU time
 without the host cost). Appends one JSON object per measurement to OUT_DIR/e2e.jsonl as it goes, the compiled
 variants last (their compilation is the slowest part). Times are medians of CUDA-event-timed calls after
@@ -145,6 +146,8 @@ def gen_fwd_bwd(variant):
     x = gen_input(BATCH, mf)
 
     def step():
+        if variant.endswith("-ro"):  # cudagraph trees: a new iteration, last one's outputs may be overwritten
+            torch.compiler.cudagraph_mark_step_begin()
         with autocast(dtype):
             y = fwd(x)
         y.float().sum().backward()
@@ -213,7 +216,7 @@ def want(variant):
 def label(variant):
     """DMFN_TRITON_OP=1: Inductor traces into the fused kernels of the compiled fast variants."""
     from dmfn_fast.ops import dmfb
-    return variant + " (traced)" if dmfb._USE_TRITON_OP and variant == "fast+compile" else variant
+    return variant + " (traced)" if dmfb._USE_TRITON_OP and variant.startswith("fast+compile") else variant
 
 
 def main():
@@ -251,6 +254,11 @@ def main():
                    gflop["gen_fwd"] * INFER_BATCH // BATCH, images=INFER_BATCH)
             del run
     compiled = [v for v in ("amp+compile", "fast+compile") if want(v)]
+    if CUDA and not args.no_compile and want("fast+compile-ro"):  # only by --only: one more compile
+        _, _, step = gen_fwd_bwd("fast+compile-ro")
+        record(f"generator fwd+bwd {SIZE}px batch {BATCH}", label("fast+compile-ro"), step, 3 * gflop["gen_fwd"],
+               classes=True)
+        del step
     if CUDA and not args.no_compile:
         # torch.compile variants last (compiling is the slowest part); in fast+compile the fused ops stay
         # opaque custom ops (DMFN_TRITON_OP=1: Inductor traces into their kernels, labelled "traced").

@@ -75,6 +75,8 @@ def main(out):
                                                                e("train step", "fast+compile (traced)")),
         "generator_fwd_bwd_fast_compile_traced_vs_amp_compile": ratio(e("generator", "amp+compile"),
                                                                       e("generator", "fast+compile (traced)")),
+        "generator_fwd_bwd_fast_compile_ro_traced_vs_amp_compile": ratio(
+            e("generator", "amp+compile"), e("generator", "fast+compile-ro (traced)")),
         "generator_fwd_bwd_fast_graphs_vs_amp_compile": ratio(e("generator", "amp+compile"),
                                                               e("generator", "fast+graphs")),
         "generator_fwd_bwd_fast_graphs_vs_amp_graphs": ratio(e("generator", "amp+graphs"),
