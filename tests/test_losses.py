@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from dmfn_fast import Generator, VGG19Features, losses
+from dmfn_fast.losses import l1_mean
 from dmfn_fast.ops.centroid_align import centroid_align_loss, centroid_align_loss_reference, centroids_reference
 
 W_L = [1e3 / c**2 for c in (64, 128, 256, 512, 512)]
@@ -154,3 +155,39 @@ def test_combined_loss_terms_weights_and_gradient_flow():
     # Weights are arguments.
     _, terms0 = losses.DMFNLoss(vgg, w_rec=0.0, w_align=2.0)(out.detach(), tgt)
     assert terms0["rec"].item() == 0 and set(terms0) == {"rec", "guided", "fm_vgg", "align"}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("guided", [False, True])
+def test_l1_mean_same_gradients_as_the_formula(dtype, guided):
+    """l1_mean keeps int8 signs for backward: the gradient equals autograd's of (a*g - b*g).abs().mean()
+    bit for bit, zero differences included; the value to rounding (a different summation order)."""
+    torch.manual_seed(0)
+    a0 = torch.randn(2, 5, 9, 7).to(dtype)
+    b = a0.clone()
+    b[0, :2] = torch.randn(2, 9, 7).to(dtype)  # the rest differ by exactly 0: sign 0, gradient 0
+    g = (1 + torch.rand(2, 1, 9, 7)).to(dtype) if guided else None
+    out = {}
+    for name, fn in (("formula", lambda a: (a * g - b * g).abs().mean() if guided else (a - b).abs().mean()),
+                     ("l1_mean", lambda a: l1_mean(a, b, g))):
+        a = a0.clone().requires_grad_()
+        v = fn(a)
+        v.backward(torch.tensor(3.0, dtype=v.dtype))
+        out[name] = (v.detach(), a.grad)
+    assert out["l1_mean"][0].dtype == out["formula"][0].dtype
+    torch.testing.assert_close(out["l1_mean"][0], out["formula"][0], rtol=1e-5 if dtype == torch.float32 else 1e-2,
+                               atol=0)
+    assert torch.equal(out["l1_mean"][1], out["formula"][1])
+    assert (out["l1_mean"][1][1] == 0).all()
+
+
+def test_l1_mean_keeps_int8_signs_for_backward():
+    a = torch.randn(2, 3, 8, 8, requires_grad=True)
+    b, g = torch.randn(2, 3, 8, 8), torch.rand(2, 1, 8, 8)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append((t.dtype, tuple(t.shape))) or t, lambda t: t):
+        l1_mean(a, b, g)
+    assert saved == [(torch.int8, (2, 3, 8, 8)), (torch.float32, (2, 1, 8, 8))]
+    b.requires_grad_()  # a gradient for b too: the plain formula
+    l1_mean(a, b).backward()
+    assert b.grad is not None
