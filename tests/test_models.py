@@ -262,3 +262,12 @@ def test_recompute_switches_off(monkeypatch, env):
     plain = saved_bytes()
     G.impl = "reference"
     assert plain == saved_bytes() > lean
+
+
+def test_lean_path_keeps_container_hooks():
+    """A forward hook on a container the lean path would skip (an UpBlock, a conv_block): the plain path."""
+    G = Generator(nf=8, n_blocks=1, impl="auto")
+    seen = []
+    G.decoder[1].register_forward_hook(lambda m, i, o: seen.append(o.shape))
+    G(torch.randn(1, 4, 16, 16, requires_grad=True)).sum().backward()
+    assert seen == [torch.Size([1, 16, 8, 8])]
