@@ -173,3 +173,41 @@ def test_rng_state_round_trip(tmp_path):
     C.set_rng_state(torch.load(tmp_path / "rng.pt", weights_only=True))
     second = (torch.rand(3), np.random.rand(3), random.random())
     assert torch.equal(first[0], second[0]) and np.array_equal(first[1], second[1]) and first[2] == second[2]
+
+
+@pytest.mark.parametrize("bad", ["G", "D"])
+def test_train_step_drops_what_a_nonfinite_loss_computed(bad, monkeypatch):
+    """The losses are checked after their backward (the host need not wait for the forward): a non-finite
+    G loss leaves G, D and both Adam states untouched with no gradients kept; a non-finite D loss keeps the
+    G update and leaves D's weights and Adam state untouched (its BatchNorm statistics move in the forward,
+    as before)."""
+    import copy
+
+    import dmfn_fast.training.step as S
+    from dmfn_fast.training import build
+
+    torch.manual_seed(0)
+    G, D = build.models(8, 1, 4, "reference", "cpu", torch.contiguous_format, 0)
+    parts = build.optimizers(G, D)
+    image, mask = torch.rand(2, 3, 32, 32) * 2 - 1, torch.zeros(2, 1, 32, 32)
+    mask[..., 8:24, 8:24] = 1
+    box = torch.tensor([[8, 8, 16, 16]] * 2)
+    nan = float("nan")
+
+    def crit(out, tgt, pred_real, pred_fake, *feats):
+        loss = (out - tgt).abs().mean() + pred_fake.mean()
+        return loss * (nan if bad == "G" else 1.0), {"rec": loss}
+    if bad == "D":
+        real_d_loss = S.rals_d_loss
+        monkeypatch.setattr(S, "rals_d_loss", lambda r, f: real_d_loss(r, f) * nan)
+    before_g, before_d = copy.deepcopy(G.state_dict()), copy.deepcopy(D.state_dict())
+    _, ok = S.train_step(G, D, S.RealFake(D), crit, parts.opt_G, parts.opt_D, parts.scaler, image, mask, box,
+                         lambda: torch.autocast("cpu", enabled=False), lambda loss: bool(torch.isfinite(loss)))
+    assert not ok
+    g_moved = any(not torch.equal(v, before_g[k]) for k, v in G.state_dict().items())
+    assert g_moved == (bad == "D") and bool(parts.opt_G.state) == (bad == "D")
+    assert all(torch.equal(v, before_d[k]) for k, v in D.state_dict().items() if "running" not in k
+               and "num_batches" not in k)
+    assert not parts.opt_D.state and all(p.grad is None for p in D.parameters())
+    if bad == "G":
+        assert all(p.grad is None for p in G.parameters())

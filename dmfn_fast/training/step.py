@@ -62,11 +62,16 @@ def train_step(G, D, D_pair, criterion, opt_G, opt_D, scaler, image, mask, box, 
             loss_g, terms = criterion(out, image, pred_real, pred_fake, feats_fake, feats_real)
     terms = {k: v.detach().float() for k, v in terms.items()}
     terms["G"] = loss_g.detach().float()
+    # Each loss is checked after its backward is queued, not before: reading the flag waits for the GPU, and
+    # this way the host has issued the backward first (the fused path is host-bound). A non-finite loss
+    # costs one wasted backward, whose gradients are dropped; the updates are the same.
+    opt_G.zero_grad(set_to_none=True)
+    with record_function("G backward"):
+        scaler.scale(loss_g).backward()
     ok = finite(loss_g)
-    if ok:
+    if not ok:
         opt_G.zero_grad(set_to_none=True)
-        with record_function("G backward"):
-            scaler.scale(loss_g).backward()
+    else:
         with record_function("optimizer"):
             scaler.step(opt_G)
         D.requires_grad_(True)
@@ -77,13 +82,14 @@ def train_step(G, D, D_pair, criterion, opt_G, opt_D, scaler, image, mask, box, 
                                               crop_boxes(fake, box), global_view(fake))
                 loss_d = rals_d_loss(pred_real.float(), pred_fake.float())
             terms["D"] = loss_d.detach()
+            opt_D.zero_grad(set_to_none=True)
+            scaler.scale(loss_d).backward()
             ok = finite(loss_d)
-            if ok:
-                opt_D.zero_grad(set_to_none=True)
-                scaler.scale(loss_d).backward()
         if ok:
             with record_function("optimizer"):
                 scaler.step(opt_D)
+        else:
+            opt_D.zero_grad(set_to_none=True)
         scaler.update()
     D.requires_grad_(True)
     return terms, ok
