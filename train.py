@@ -91,7 +91,7 @@ def train(args, resume_from=None):
     # ---- the loop
     epoch, skip = divmod(step, steps_per_epoch)
     batches = build.epoch_batches(train_set, args.batch, args.seed, rt.world, rt.rank, epoch, skip, workers, rt.cuda)
-    sums, n_sum, t0, bad_steps, bad_images = {}, 0, time.time(), 0, {}
+    sums, n_sum, t0, bad_steps, bad_images = None, 0, time.time(), 0, {}
     sigterm, code = build.StopOnSigterm(), 0
     G.train()
     parts.D.train()
@@ -130,20 +130,21 @@ def train(args, resume_from=None):
             parts.sched_D.step()
             step += 1
 
-            vals = {k: v.item() for k, v in terms.items()}
-            for k, v in vals.items():
-                sums[k] = sums.get(k, 0.0) + v
+            # The terms stay on the device until a log line: reading them each step would make the host wait
+            # for the step's last kernels before it may issue the next step's.
+            names = tuple(terms)
+            sums = torch.stack([terms[k] for k in names]) + (sums if n_sum else 0)
             n_sum += 1
             bar.update(1)
-            bar.set_postfix(G=f"{vals['G']:.3f}", rec=f"{vals['rec']:.3f}", D=f"{vals['D']:.3f}", refresh=False)
             stop = sigterm.now(rt.ddp)  # every rank agrees, so all stop after this same step
             last = step == args.steps or stop
             if rt.master and (step % args.log_every == 0 or last):
-                row = {"kind": "train", "step": step, **{k: v / n_sum for k, v in sums.items()},
+                row = {"kind": "train", "step": step, **dict(zip(names, (sums / n_sum).tolist())),
                        "lr": lr, "it_s": n_sum / (time.time() - t0)}
                 log.write(row)
                 bar.write(report.train_line(row))
-                sums, n_sum, t0 = {}, 0, time.time()
+                bar.set_postfix(G=f"{row['G']:.3f}", rec=f"{row['rec']:.3f}", D=f"{row['D']:.3f}", refresh=False)
+                sums, n_sum, t0 = None, 0, time.time()
             if rt.master and (step % args.val_every == 0 or step == args.steps):
                 last_val = {**report.validate(parts.G, val_batches, autocast()), "step": step}
                 log.write({"kind": "val", **last_val})
