@@ -207,7 +207,7 @@ def test_impl_switch_propagates_and_validates():
 
 
 @pytest.mark.parametrize("batch", [1, 2])
-def test_lean_training_forward_same_values_and_gradients_less_saved(batch):
+def test_lean_training_forward_same_values_and_gradients_less_saved(batch, saved_bytes):
     """impl auto/fast in training: the encoder's and decoder's [IN, ReLU, conv] runs are selectively
     checkpointed. Same output and gradients as impl reference (which runs them as plain modules; on the CPU
     both take the DMFB reference), less saved for backward; no grad: the plain path."""
@@ -219,15 +219,9 @@ def test_lean_training_forward_same_values_and_gradients_less_saved(batch):
         G.impl = impl
         G.zero_grad(set_to_none=True)
         x = x0.clone().requires_grad_()
-        saved = {}
-
-        def pack(t):
-            saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-            return t
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            y = G(x)
+        y, saved = saved_bytes(G, x)
         (y * torch.linspace(-1, 1, y.numel()).view_as(y)).sum().backward()
-        runs[impl] = (y.detach(), x.grad, {n: p.grad for n, p in G.named_parameters()}, sum(saved.values()))
+        runs[impl] = (y.detach(), x.grad, {n: p.grad for n, p in G.named_parameters()}, saved)
     (y0, gx0, gp0, s0), (y1, gx1, gp1, s1) = runs["reference"], runs["auto"]
     torch.testing.assert_close(y1, y0, rtol=0, atol=0)
     torch.testing.assert_close(gx1, gx0, rtol=1e-5, atol=1e-7)
@@ -239,29 +233,19 @@ def test_lean_training_forward_same_values_and_gradients_less_saved(batch):
 
 
 @pytest.mark.parametrize("env", [("DMFN_RECOMPUTE", "0"), ("DMFN_IMPL", "reference")])
-def test_recompute_switches_off(monkeypatch, env):
+def test_recompute_switches_off(monkeypatch, env, saved_bytes):
     """DMFN_RECOMPUTE=0 (or DMFN_IMPL=reference) keeps the plain path: as much saved as impl reference."""
     from dmfn_fast.ops._impl import recompute
 
     torch.manual_seed(0)
     G = Generator(nf=8, n_blocks=1, impl="auto")
     x = torch.randn(1, 4, 16, 16, requires_grad=True)
-
-    def saved_bytes():
-        saved = {}
-
-        def pack(t):
-            saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-            return t
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            G(x)
-        return sum(saved.values())
-    lean = saved_bytes()
+    lean = saved_bytes(G, x)[1]
     monkeypatch.setenv(*env)
     assert not recompute("auto") and not recompute("fast")
-    plain = saved_bytes()
+    plain = saved_bytes(G, x)[1]
     G.impl = "reference"
-    assert plain == saved_bytes() > lean
+    assert plain == saved_bytes(G, x)[1] > lean
 
 
 def test_lean_path_keeps_container_hooks():

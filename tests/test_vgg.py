@@ -70,7 +70,7 @@ def test_rejects_a_file_that_is_not_vgg19(tmp_path):
         VGG19Features(weights=str(path))
 
 
-def test_recompute_same_values_and_gradients_less_saved():
+def test_recompute_same_values_and_gradients_less_saved(saved_bytes):
     """recompute=True (the fast path's training): the same maps and input gradient, and the layers between
     the returned maps are not saved for backward."""
     torch.manual_seed(0)
@@ -80,15 +80,9 @@ def test_recompute_same_values_and_gradients_less_saved():
     results = {}
     for recompute in (False, True):
         x = x0.clone().requires_grad_()
-        saved = {}
-
-        def pack(t):
-            saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-            return t
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            feats = vgg(x, recompute=recompute)
+        feats, saved = saved_bytes(vgg, x, recompute=recompute)
         sum(wi * f.square().mean() for wi, f in zip(w, feats)).backward()
-        results[recompute] = ([f.detach() for f in feats], x.grad, sum(saved.values()))
+        results[recompute] = ([f.detach() for f in feats], x.grad, saved)
     (f0, g0, s0), (f1, g1, s1) = results[False], results[True]
     for a, b in zip(f0, f1):
         torch.testing.assert_close(b, a, rtol=0, atol=0)
