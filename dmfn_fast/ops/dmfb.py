@@ -225,7 +225,7 @@ def _branches_dgrad(w, G, dil, like):
 def _branches_wgrad(h, G, dil):
     """(dw fp32 [4, 9, C, C], db fp32 [4, C]) from h and the suffix sums G."""
     N, C, H, W = h.shape
-    dw = _zeros32(4, 9, C, C, like=h)
+    dw = _zeros32(4, 9, C, C, like=h)  # two allocations: the backward op returns both (no aliasing outputs)
     db = _zeros32(4, C, like=h)
     NP = N * H * W
     kern, kw = _conv_kernel("wgrad", h.dtype, NP, C)
@@ -525,7 +525,11 @@ def _unpack_grads(dw, db, dtypes):
     biases' gradients, each in its parameter's dtype (`dtypes`: weights, then biases)."""
     C = dw.shape[-1]
     dw = dw.view(4, 3, 3, C, C).permute(0, 4, 3, 1, 2)  # [4, co, ci, ky, kx]
-    return [dw[j].to(dtypes[j]) for j in range(4)] + [db[j].to(dtypes[4 + j]) for j in range(4)]
+    if len(set(dtypes[:4])) == 1 and len(set(dtypes[4:])) == 1:  # the usual case: one cast each, not eight
+        dw, db = dw.to(dtypes[0], memory_format=torch.contiguous_format), db.to(dtypes[4])
+        return list(dw.unbind(0)) + list(db.unbind(0))
+    return [dw[j].to(dtypes[j], memory_format=torch.contiguous_format) for j in range(4)] + \
+        [db[j].to(dtypes[4 + j]) for j in range(4)]
 
 
 def _check_branches(h, weights, biases, dilations):
