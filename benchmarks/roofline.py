@@ -192,7 +192,7 @@ def branch_case(variant):
             t = dmfb_ops.branches_in_relu(h, ws, bs)
         else:
             t = dmfb_ops.instance_norm_act_reference(dmfb_ops.dmfb_branches_reference(h, ws, bs), relu=True)
-        t.backward(torch.ones_like(t))
+        torch.autograd.grad(t, [h, *ws, *bs], torch.ones_like(t))  # as gpu_breakdown.py: no accumulation
     return run, 0
 
 
@@ -203,7 +203,7 @@ def block_case(variant):
 
     def run():
         y = m(x)
-        y.backward(torch.ones_like(y))
+        torch.autograd.grad(y, [x, *m.parameters()], torch.ones_like(y))
     return run, state_bytes(m, adam=False)
 
 
@@ -221,6 +221,8 @@ def generator_case(variant):
         with _autocast(variant):
             y = G(x)
         y.float().sum().backward()
+        for p in G.parameters():  # as gpu_e2e.py
+            p.grad = None
     return run, state_bytes(G, adam=False)
 
 
@@ -261,7 +263,7 @@ def centroid_case(variant, dtype):
     tgt = rand(*CENTROID, dtype=dtype, memory_format=torch.channels_last)
 
     def run():
-        centroid_align_loss(f, tgt, impl=_impl(variant)).backward()
+        torch.autograd.grad(centroid_align_loss(f, tgt, impl=_impl(variant)), f)
     return run, 0
 
 
