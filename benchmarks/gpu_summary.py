@@ -23,8 +23,34 @@ def load(path):
     return rows
 
 
+def achieved(e2e, roofline):
+    """Per end-to-end row with a GPU-time split, the rates its kernel classes reached: the convolution
+    libraries' TFLOP/s and our fused DMFB kernels' TFLOP/s, from the FLOPs benchmarks/roofline.py counts for
+    the same case and variant (compiled and CUDA-graph variants counted as their eager base)."""
+    counts = {(r["case"], r["variant"]): r["by_class"] for r in roofline}
+    for r in e2e:
+        split = r.get("gpu_ms_by_class")
+        base = r.get("variant", "") if "(no recompute)" in r.get("variant", "") else r.get("variant", "").split("+")[0]
+        flops = counts.get((r.get("case"), base))
+        if not split or not flops:
+            continue
+        rates = {}
+        for cls, counted in (("conv/matmul libraries", "conv/matmul"), ("fused DMFB (ours)", "fused DMFB (ours)")):
+            if split.get(cls) and counted in flops:
+                rates[cls + " TFLOP/s"] = round(flops[counted]["gflop"] / split[cls], 1)
+        r["achieved"] = rates
+
+
+def latest_roofline():
+    """The newest committed benchmarks/results/*-cpu-roofline.json (roofline.py's counts), or []."""
+    folder = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+    paths = sorted(f for f in os.listdir(folder) if f.endswith("-cpu-roofline.json")) if os.path.isdir(folder) else []
+    return json.load(open(os.path.join(folder, paths[-1]))) if paths else []
+
+
 def main(out):
     bd, e2e = load(os.path.join(out, "breakdown.jsonl")), load(os.path.join(out, "e2e.jsonl"))
+    achieved(e2e, latest_roofline())
     parity = load(os.path.join(out, "compile_parity.jsonl"))
 
     def ms(group_prefix, name, field="ms"):
@@ -121,13 +147,13 @@ def main(out):
                                          "ERROR: " + r.get("error", "")[:80])
         lines.append(f"| {r['group']} | {r['name']} | {cell} | {f(r, 'gpu_ms', '{:.4f}')} | {f(r, 'tflops', '{:.1f}')} | "
                      f"{f(r, 'pct_bf16_peak', '{:.0f}')} | {f(r, 'tbs', '{:.2f}')} | {f(r, 'pct_copy_bw', '{:.0f}')} |")
-    lines += ["", "| case | variant | ms | GPU ms | images/s | TFLOP/s | MFU % | peak MiB | GPU ms by kernel class |",
+    lines += ["", "| case | variant | ms | GPU ms | images/s | TFLOP/s | MFU % | peak MiB | GPU ms by kernel class, rates reached |",
               "|---|---|---|---|---|---|---|---|---|"]
     for r in e2e:
         cell = f(r, "ms", "{:.3f}") or "ERROR: " + r.get("error", "")[:80]
         lines.append(f"| {r['case']} | {r['variant']} | {cell} | {f(r, 'gpu_ms', '{:.3f}')} | "
                      f"{f(r, 'images_per_s', '{:.0f}')} | {f(r, 'tflops', '{:.1f}')} | {f(r, 'mfu_pct', '{:.1f}')} | "
-                     f"{f(r, 'peak_mem_mib', '{:.0f}')} | {r.get('gpu_ms_by_class', '')} |")
+                     f"{f(r, 'peak_mem_mib', '{:.0f}')} | {r.get('gpu_ms_by_class', '')} {r.get('achieved', '')} |")
     lines += ["", "torch.compile of the fused ops: relative L2 error of [output, input gradients...]", "",
               "| precision | case | eager vs float64 | compiled vs float64 | compiled vs eager |", "|---|---|---|---|---|"]
     for r in parity:

@@ -41,3 +41,25 @@ def test_branch_flops_and_saved_bytes(rows):
     assert fused["by_class"]["fused DMFB (ours)"]["gflop"] == pytest.approx(4 * fwd, rel=1e-9)
     assert fused["saved_mib"] < ref["saved_mib"]
     assert fused["gbytes"] < ref["gbytes"]
+
+
+def test_summary_rates_from_the_counts():
+    """gpu_summary sets each end-to-end row's GPU time per kernel class against roofline.py's FLOPs for the
+    same case and eager base variant: the rates the convolution libraries and our kernels reached."""
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    import gpu_summary
+
+    counts = [{"case": "train step 256px batch 16", "variant": "fast",
+               "by_class": {"conv/matmul": {"gflop": 7000.0}, "fused DMFB (ours)": {"gflop": 600.0}}},
+              {"case": "train step 256px batch 16", "variant": "fast (no recompute)",
+               "by_class": {"conv/matmul": {"gflop": 6000.0}}}]
+    rows = [{"case": "train step 256px batch 16", "variant": "fast+compile (traced)",
+             "gpu_ms_by_class": {"conv/matmul libraries": 20.0, "fused DMFB (ours)": 4.0, "inductor": 9.0}},
+            {"case": "train step 256px batch 16", "variant": "fast (no recompute)",
+             "gpu_ms_by_class": {"conv/matmul libraries": 15.0}},
+            {"case": "train step 32px batch 2", "variant": "fast", "gpu_ms_by_class": {"conv/matmul libraries": 1.0}}]
+    gpu_summary.achieved(rows, counts)
+    assert rows[0]["achieved"] == {"conv/matmul libraries TFLOP/s": 350.0, "fused DMFB (ours) TFLOP/s": 150.0}
+    assert rows[1]["achieved"] == {"conv/matmul libraries TFLOP/s": 400.0}
+    assert "achieved" not in rows[2]
+    assert gpu_summary.latest_roofline(), "a committed benchmarks/results/*-cpu-roofline.json"
