@@ -45,12 +45,14 @@ CASES["dmfb-block-autocast-bf16"] = ("block_autocast", dict(N=2, H=12, W=10))
 CASES["generator-fp32-2x20x16"] = ("generator", dict(N=2, H=20, W=16))
 CASES["torch-compile-aot-eager"] = ("compiled", dict(N=2, H=13, W=11))
 CASES["eager-path-equals-op-path"] = ("eager_path", dict(N=2, H=9, W=7))
+CASES["eager-path-equals-op-path-autocast"] = ("eager_path", dict(N=2, H=9, W=7, autocast=True))
 CASES["opcheck-every-op"] = ("opcheck", dict(N=2, H=7, W=5, C=16))
 # The weight-gradient kernel as the GPU launches it (several pixel splits and channel tiles, the bias
 # programs), which the ops' interpreter path (one split, one tile) does not reach.
 CASES["wgrad-splits-tiles-C80"] = ("wgrad_splits", dict(N=2, C=80, H=9, W=7, BP=32, BC=64, split=64))
 CASES["wgrad-splits-tiles-C16"] = ("wgrad_splits", dict(N=1, C=16, H=5, W=13, BP=16, BC=16, split=16))
 CASES["autotuned-launch-cache"] = ("tuned_launch", {})
+CASES["eager-sums-one-zeros-per-pass"] = ("arena", dict(N=2, H=9, W=7))
 
 
 # ----------------------------------------------------------------------------- checks (child process)
@@ -278,11 +280,23 @@ def check_opcheck(N, H, W, C, device="cpu"):
     return out
 
 
-def check_eager_path(N, H, W):
+def check_eager_path(N, H, W, autocast=False):
     """Plain eager calls that need gradients run autograd.Functions (_DMFBEager for the block,
     _BranchesInReluEager for the branch op alone), not the registered ops; both run the same convolutions and
-    kernels, so outputs and every gradient must agree bit for bit (tolerance 0)."""
+    kernels, so outputs and every gradient must agree bit for bit (tolerance 0). Under bf16 autocast one
+    difference is by design: the block's op path rounds the branch weight and bias gradients to the packed
+    weights' bf16 before autograd casts them back to the fp32 parameters; _DMFBEager casts the fp32 sums
+    straight to fp32. Those agree to bf16's rounding (2^-8)."""
+    import contextlib
+
     from dmfn_fast.ops import dmfb
+
+    with torch.autocast("cpu", dtype=torch.bfloat16) if autocast else contextlib.nullcontext():
+        errs = _check_eager_path(dmfb, N, H, W)
+    return [(label, err, 2.0 ** -8 if autocast and label.startswith("grad d") else 0.0) for label, err, _ in errs]
+
+
+def _check_eager_path(dmfb, N, H, W):
 
     block = _random_block(32, 16)
     x = torch.randn(N, 32, H, W)
@@ -329,6 +343,46 @@ def check_wgrad_splits(N, C, H, W, BP, BC, split):
         errs.append((f"dw{j + 1}", _err(dw[j].double(), ref.permute(2, 3, 1, 0).reshape(9, C, C))))
         errs.append((f"db{j + 1}", _err(db[j].double(), g.sum((0, 2, 3)))))
     return errs
+
+
+def check_arena(N, H, W):
+    """The eager Functions carve every kernel sum from one zeroed buffer per pass: one torch.zeros in a
+    DMFB's forward (three instance norms) and one in its backward (two instance-norm backwards, the
+    branches' norm sums, the weight and bias gradients), none falling past the buffer; the branch op alone
+    likewise."""
+    from dmfn_fast.ops import dmfb
+
+    zeros, takes = [], []
+    real_zeros, real_take = torch.zeros, dmfb._Arena.take
+
+    def counting_zeros(*a, **k):
+        zeros.append(a)
+        return real_zeros(*a, **k)
+
+    def take(self, shape):
+        part = real_take(self, shape)
+        takes.append(part is not None)
+        return part
+    torch.zeros, dmfb._Arena.take = counting_zeros, take
+    try:
+        block = _random_block(32, 16)
+        x = torch.randn(N, 32, H, W, requires_grad=True)
+        y = block(x)
+        fwd_zeros, fwd_takes = len(zeros), list(takes)
+        y.backward(torch.randn_like(y))
+        bwd_zeros, bwd_takes = len(zeros) - fwd_zeros, takes[len(fwd_takes):]
+        h = torch.randn(N, 16, H, W, requires_grad=True)
+        t = dmfb.branches_in_relu(h, [block.d1.weight, block.d2.weight, block.d3.weight, block.d4.weight],
+                                  [block.d1.bias, block.d2.bias, block.d3.bias, block.d4.bias])
+        op_zeros = len(zeros)
+        t.backward(torch.randn_like(t))
+    finally:
+        torch.zeros, dmfb._Arena.take = real_zeros, real_take
+    assert (fwd_zeros, bwd_zeros) == (1, 1), (fwd_zeros, bwd_zeros)
+    assert fwd_takes == [True] * 3 and bwd_takes == [True] * 5, (fwd_takes, bwd_takes)
+    assert op_zeros - fwd_zeros - bwd_zeros == 1 and len(zeros) - op_zeros == 1, len(zeros)
+    assert all(takes), takes
+    return [("block x grad finite", 0.0 if torch.isfinite(x.grad).all() else 1.0)]
 
 
 def check_tuned_launch():

@@ -16,6 +16,7 @@ tensors the convolutions keep anyway; never d1..d4 or the cat (the backward reco
 import contextlib
 import functools
 import os
+import threading
 from typing import NamedTuple, Optional, Sequence
 
 import torch
@@ -175,7 +176,46 @@ def _conv_kernel(name, dtype, pixels, C):
 
 
 def _zeros32(*shape, like):
+    """Zeroed fp32 sums for the kernels' atomics; inside _arena, a slice of its one zeroed buffer."""
+    arena = getattr(_ARENA, "active", None)
+    if arena is not None:
+        part = arena.take(shape)
+        if part is not None:
+            return part
     return torch.zeros(shape, device=like.device, dtype=torch.float32)
+
+
+class _Arena:
+    """One zeroed fp32 buffer that an eager autograd Function's forward or backward carves all its sums
+    from: one zeros launch instead of one per instance norm and per weight gradient (host time counts, see
+    _Op). Only the eager Functions use it: a custom op's outputs may not alias each other. A request past
+    the end gets its own torch.zeros (slower, still right)."""
+
+    def __init__(self, numel, like):
+        self.buf = torch.zeros(numel, device=like.device, dtype=torch.float32)
+        self.used = 0
+
+    def take(self, shape):
+        n = 1
+        for d in shape:
+            n *= d
+        if self.used + n > self.buf.numel():
+            return None
+        self.used += n
+        return self.buf[self.used - n:self.used].view(shape)
+
+
+_ARENA = threading.local()  # the autograd engine runs backward on its own threads
+
+
+@contextlib.contextmanager
+def _arena(numel, like):
+    prev = getattr(_ARENA, "active", None)
+    _ARENA.active = _Arena(numel, like)
+    try:
+        yield
+    finally:
+        _ARENA.active = prev
 
 
 def _sums32(k, N, C, like):
@@ -507,7 +547,9 @@ class _BranchesInReluEager(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h, dilations, *params):
         w, b = _pack(params[:4], params[4:], h.dtype)
-        t, mean, rstd = _branches_in_relu_fn(h, w, b, dilations)
+        N, C = h.shape[:2]
+        with _arena(3 * N * 4 * C, h):  # the cat's instance-norm sums
+            t, mean, rstd = _branches_in_relu_fn(h, w, b, dilations)
         ctx.save_for_backward(h, w, b, t, mean, rstd)
         ctx.dilations, ctx.dtypes = dilations, [p.dtype for p in params]
         return t
@@ -516,8 +558,16 @@ class _BranchesInReluEager(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, dt):
         h, w, b, t, mean, rstd = ctx.saved_tensors
-        dh, dw, db = _branches_in_relu_bwd_fn(h, w, b, t, mean, rstd, dt, ctx.dilations)
+        N, C = h.shape[:2]
+        with _arena(_branch_bwd_sums(N, C), h):
+            dh, dw, db = _branches_in_relu_bwd_fn(h, w, b, t, mean, rstd, dt, ctx.dilations)
         return (dh, None, *_unpack_grads(dw, db, ctx.dtypes))
+
+
+def _branch_bwd_sums(N, C):
+    """fp32 elements the branch op's backward accumulates into: the cat's instance-norm backward sums
+    (2 x [N, 4C]), the weight and bias gradients ([4, 9, C, C], [4, C])."""
+    return 2 * N * 4 * C + 36 * C * C + 4 * C
 
 
 def _unpack_grads(dw, db, dtypes):
@@ -623,15 +673,24 @@ class _DMFBEager(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, c1w, c1b, c2w, c2b, dilations, *branch):
-        a = F.conv2d(x, c1w, c1b, 1, 1)
-        h, m1, r1 = _in_act_fn(a, None, True)
-        _check_branches(h, branch[:4], branch[4:], dilations)
-        w, b = _pack(branch[:4], branch[4:], h.dtype)
-        t, m2, r2 = _branches_in_relu_fn(h, w, b, dilations)
-        c = F.conv2d(t, c2w, c2b, 1, 1)
-        out, m3, r3 = _in_act_fn(c, x, False)
-        # the convolutions' operands as they ran (autocast may have cast them)
-        x_c, c1w_c, c2w_c = x.to(a.dtype), c1w.to(a.dtype), c2w.to(c.dtype)
+        N, C, inner = x.shape[0], x.shape[1], c1w.shape[0]
+        conv_args = (x, c1w, c1b, c2w, c2b)
+        if torch.is_autocast_enabled(x.device.type) and all(v.dtype in _FLOATS for v in conv_args if v is not None):
+            # cast as autocast would, once: the casts are kept for backward, and autocast would cast the
+            # same tensors again inside each convolution
+            dtype = torch.get_autocast_dtype(x.device.type)
+            conv_args = tuple(None if v is None else v.to(dtype) for v in conv_args)
+        x_c, c1w_c, c1b_c, c2w_c, c2b_c = conv_args
+        with _arena(3 * N * (inner + 4 * inner + C), x):  # the three instance norms' sums
+            a = F.conv2d(x_c, c1w_c, c1b_c, 1, 1)
+            h, m1, r1 = _in_act_fn(a, None, True)
+            _check_branches(h, branch[:4], branch[4:], dilations)
+            w, b = _pack(branch[:4], branch[4:], h.dtype)
+            t, m2, r2 = _branches_in_relu_fn(h, w, b, dilations)
+            c = F.conv2d(t, c2w_c, c2b_c, 1, 1)
+            out, m3, r3 = _in_act_fn(c, x, False)
+        # the convolutions' operands as they ran (no-ops unless autocast cast what was not cast above)
+        x_c, c1w_c, c2w_c = x_c.to(a.dtype), c1w_c.to(a.dtype), c2w_c.to(c.dtype)
         ctx.save_for_backward(x_c, c1w_c, a, h, m1, r1, w, b, t, m2, r2, c2w_c, c, m3, r3)
         ctx.dilations = dilations
         ctx.has_bias = (c1b is not None, c2b is not None)
@@ -644,10 +703,12 @@ class _DMFBEager(torch.autograd.Function):
         x_c, c1w_c, a, h, m1, r1, w, b, t, m2, r2, c2w_c, c, m3, r3 = ctx.saved_tensors
         need = ctx.needs_input_grad  # x, c1w, c1b, c2w, c2b, dilations, branch weights and biases
         dt_ = ctx.dtypes
-        dc = _in_act_bwd_fn(g, c, m3, r3, False)  # in c's dtype
-        dt, dc2w, dc2b = _conv_backward(dc, t, c2w_c, ctx.has_bias[1], (True, need[3], need[4]))
-        dh, dw, db = _branches_in_relu_bwd_fn(h, w, b, t, m2, r2, dt, ctx.dilations)
-        da = _in_act_bwd_fn(dh, a, m1, r1, True)
+        N, C, inner = c.shape[0], c.shape[1], a.shape[1]
+        with _arena(2 * N * (C + inner) + _branch_bwd_sums(N, inner), c):
+            dc = _in_act_bwd_fn(g, c, m3, r3, False)  # in c's dtype
+            dt, dc2w, dc2b = _conv_backward(dc, t, c2w_c, ctx.has_bias[1], (True, need[3], need[4]))
+            dh, dw, db = _branches_in_relu_bwd_fn(h, w, b, t, m2, r2, dt, ctx.dilations)
+            da = _in_act_bwd_fn(dh, a, m1, r1, True)
         dx, dc1w, dc1b = _conv_backward(da, x_c, c1w_c, ctx.has_bias[0], (need[0], need[1], need[2]))
         if dx is not None:
             dx = dx.to(dt_[0]) + g.to(dt_[0])  # the convolution path and the residual
