@@ -265,7 +265,8 @@ def _branches_dgrad(w, G, dil, like):
 def _branches_wgrad(h, G, dil):
     """(dw fp32 [4, 9, C, C], db fp32 [4, C]) from h and the suffix sums G."""
     N, C, H, W = h.shape
-    dw = _zeros32(4, 9, C, C, like=h)  # two allocations: the backward op returns both (no aliasing outputs)
+    # apart in the op path (a custom op's outputs may not alias); in the eager Functions, from their _arena
+    dw = _zeros32(4, 9, C, C, like=h)
     db = _zeros32(4, C, like=h)
     NP = N * H * W
     kern, kw = _conv_kernel("wgrad", h.dtype, NP, C)
