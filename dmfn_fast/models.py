@@ -159,13 +159,12 @@ def nonfinite_keys(sd):
 
 def _check_finite(sd, path="checkpoint"):
     """Refuse weights holding NaN or Inf (a diverged run or a damaged file): they would give NaN images."""
-    for k in nonfinite_keys(sd)[:1]:
-        v = sd[k]
+    keys = nonfinite_keys(sd)
+    if keys:
+        v = sd[keys[0]]
         bad = int((~torch.isfinite(v)).sum())
-        raise ValueError(
-                f"{path}: tensor {k!r} holds NaN or Inf ({bad} of {v.numel()} values); the checkpoint is "
-                "damaged or training diverged: use an earlier checkpoint"
-            )
+        raise ValueError(f"{path}: tensor {keys[0]!r} holds NaN or Inf ({bad} of {v.numel()} values); the "
+                         "checkpoint is damaged or training diverged: use an earlier checkpoint")
 
 
 # ---- the one way to feed the generator: masked input, padding, crop, composite ----------

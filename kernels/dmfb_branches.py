@@ -270,8 +270,8 @@ def _autotuned(fn, name, key, reset=()):
 
 # Autotune keys: everything that changes the work or the code. The best tile depends on the batch too
 # (N: how many programs fill the GPU), and PREC (TF32 or IEEE dots) switches with cudnn.allow_tf32 at run
-# time within one dtype class. The forward always runs MODE 0 (branches_grad is MODE 1). The kernels do not read N; it is passed for the key. (Tensor dtypes are
-# part of every key already.)
+# time within one dtype class. The forward always runs MODE 0 (branches_grad is MODE 1). The kernels do not
+# read N; it is passed for the key. (Tensor dtypes are part of every key already.)
 _CONV_KEY = ["N", "H", "W", "C", "PREC"]
 _DGRAD_KEY = _CONV_KEY
 _WGRAD_KEY = ["NP", "H", "W", "C", "PREC"]
