@@ -22,6 +22,7 @@ def compiled(G, compile_):
         return G
     return torch.compile(G, mode=compile_ if isinstance(compile_, str) else None)
 
+
 # Dense bf16 tensor-core peak, TFLOP/s (vendor datasheets), matched on the device name.
 BF16_PEAK_TFLOPS = [("H200", 989.4), ("H100 PCIe", 756.0), ("H100", 989.4), ("A100", 312.0), ("L40S", 362.0)]
 
