@@ -218,7 +218,9 @@ def branches_wgrad(
         ci = (pid_c % n_ci) * BLOCK_CI + tl.arange(0, BLOCK_CI)
         cimask = ci < C
         acc = tl.zeros([BLOCK_CI, BLOCK_CO], dtype=tl.float32)
-        HWu, Wu = HW.to(tl.uint32), W.to(tl.uint32)  # unsigned division: fewer instructions (p >= 0)
+        # unsigned division: fewer instructions (p >= 0). tl.cast, not .to: Inductor's TTIR pass (torch
+        # 2.11) can hand W in as a plain int, which has no .to
+        HWu, Wu = tl.cast(HW, tl.uint32), tl.cast(W, tl.uint32)
         for p0 in range(pid_s * PIX_PER_SPLIT, p_end, BLOCK_P):
             p = p0 + tl.arange(0, BLOCK_P)
             pm = p < NP
