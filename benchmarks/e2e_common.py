@@ -98,9 +98,11 @@ def build_generator(variant, nf, n_blocks, device):
     return G, compiled(G, compile_), dtype, mf
 
 
-def build_training(variant, size, batch, nf, n_blocks, d_nf, device, seed=0):
+def build_training(variant, size, batch, nf, n_blocks, d_nf, device, seed=0, read_flags=True):
     """Everything one training step needs, for one variant, built as train.py builds it (the paper's
-    optimizers, a random VGG), from fixed weights and a fixed batch. Returns step() -> (terms, ok)."""
+    optimizers, a random VGG), from fixed weights and a fixed batch. Returns step() -> (terms, ok).
+    read_flags=False: the step takes every loss as finite without reading it, so the host never waits for
+    the GPU inside a step (what those two reads cost; not a way to train)."""
     from dmfn_fast.training import build
     from dmfn_fast.training.step import RealFake, train_step
 
@@ -121,11 +123,37 @@ def build_training(variant, size, batch, nf, n_blocks, d_nf, device, seed=0):
     autocast = build.autocast(dev, dtype)
     D_pair = RealFake(D)
 
+    def finite(loss):
+        return build.all_ranks_finite(loss, ddp=False) if read_flags else True
+
     def step():
         return train_step(Gc, D, D_pair, crit, parts.opt_G, parts.opt_D, parts.scaler, image, mask, box, autocast,
-                          lambda loss: build.all_ranks_finite(loss, ddp=False))
+                          finite)
 
     return step
+
+
+STEP_REGIONS = ("G forward", "D forward (G step)", "losses", "G backward", "D step", "optimizer")
+
+
+def host_ms_by_region(step, device, steps=3):
+    """Host time per step in each labelled part of train_step, and the time it spent waiting for the GPU
+    (reading a loss's finite flag: aten::_local_scalar_dense), in ms; the profiler's own overhead included,
+    so compare the parts with each other, not with the step's time. "D step" holds the D update's forward,
+    backward and flag read; "optimizer" both Adam steps."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
+            step()
+        sync(device)
+    out = {}
+    for e in prof.key_averages():
+        if e.key in STEP_REGIONS:
+            out[e.key] = e.cpu_time_total / 1e3 / steps
+        elif e.key == "aten::_local_scalar_dense":
+            out["waiting for the GPU"] = e.cpu_time_total / 1e3 / steps
+    return {k: round(v, 3) for k, v in out.items()}
 
 
 def profile_shares(step, device, steps=3):

@@ -161,8 +161,8 @@ def best_configs(cls):
     from dmfn_fast.kernels import dmfb_branches as kb
 
     out = {}
-    for k in ("fwd", "grad", "dgrad", "wgrad"):
-        cfg = getattr(getattr(kb, f"branches_{k}_{cls}"), "best_config", None)
+    for k in ("fwd", "grad", "dgrad", "wgrad", "wgrad9"):
+        cfg = getattr(getattr(kb, f"branches_{k}_{cls}", None), "best_config", None)
         out[k] = None if cfg is None else str(cfg)
     return out
 
@@ -205,6 +205,10 @@ for dt in (torch.bfloat16, torch.float32):
         record(g, "fused dgrad kernel", lambda: ops._branches_dgrad(w, G, DIL, h), 4 * CONV, 5 * act)
         record(g, "fused wgrad kernel", lambda: ops._branches_wgrad(h, G, DIL), 4 * CONV, 5 * act,
                configs=best_configs("lowp" if dt != torch.float32 else "f32"))
+        if dt != torch.float32 and (not CUDA or torch.cuda.get_device_capability()[0] >= 9):
+            # the opt-in branches_wgrad9 (DMFN_WGRAD9=1): one program per branch over its 9 taps
+            record(g, "fused wgrad kernel, 9 taps per program", lambda: ops._branches_wgrad(h, G, DIL, taps9=True),
+                   4 * CONV, 5 * act, configs=best_configs("lowp"))
         del k, t, dtg, G
     except Exception:  # noqa: BLE001
         traceback.print_exc()

@@ -63,10 +63,11 @@ stage tests-centroid 60 $PY -m pytest tests/test_centroid_align.py -q -rs -p no:
 stage tests-recipe 60 $PY -m pytest tests/test_recipe.py -q -rs -p no:cacheprovider -k same_steps
 # train.py as users run it: --amp (bf16) and --amp --amp-dtype fp16, 50 steps each at 256 px, finite losses
 stage train-smoke 150 $PY benchmarks/gpu_train_smoke.py "${DRYFLAG[@]}"
-# torch.compile of the fused ops must give what their eager runs give (op by op, and the generator)
+# torch.compile of the fused ops must give what their eager runs give (op by op, and the generator); on
+# CUDA Inductor traces into the Triton kernels (the default; the interpreter cannot, so --dry runs opaque ops)
 stage compile-parity 150 $PY benchmarks/gpu_compile_parity.py "$OUT" "${DRYFLAG[@]}"
-# the same with Inductor tracing into the Triton kernels (DMFN_TRITON_OP=1; the interpreter cannot: CUDA only)
-[ $DRY = 1 ] || stage compile-parity-traced 150 env DMFN_TRITON_OP=1 $PY benchmarks/gpu_compile_parity.py "$OUT"
+# the same with the ops opaque to the compiler (DMFN_TRITON_OP=0)
+[ $DRY = 1 ] || stage compile-parity-opaque 150 env DMFN_TRITON_OP=0 $PY benchmarks/gpu_compile_parity.py "$OUT"
 if [ $DRY = 0 ] && command -v compute-sanitizer >/dev/null; then
   stage sanitizer 60 compute-sanitizer --tool memcheck --error-exitcode 7 $PY benchmarks/gpu_sanitize_case.py
 fi
@@ -74,10 +75,11 @@ fi
 # 3. per-kernel breakdown and op baselines; 4. end to end.
 stage breakdown 150 $PY benchmarks/gpu_breakdown.py "$OUT" "${DRYFLAG[@]}"
 stage e2e 300 $PY benchmarks/gpu_e2e.py "$OUT" "${DRYFLAG[@]}"
-# fast+compile again with Inductor tracing into the fused kernels (CUDA only; compile-parity-traced says
-# whether its gradients are right)
-[ $DRY = 1 ] || stage e2e-traced 240 env DMFN_TRITON_OP=1 $PY benchmarks/gpu_e2e.py "$OUT" \
-  --only fast+compile-ro,fast+compile
+# fast+compile again with the fused ops opaque to the compiler (DMFN_TRITON_OP=0; CUDA only), to compare
+[ $DRY = 1 ] || stage e2e-opaque 240 env DMFN_TRITON_OP=0 $PY benchmarks/gpu_e2e.py "$OUT" --only fast+compile
+# the opt-in weight-gradient kernel (one program per branch over its 9 taps; sm_90+), where it counts most
+[ $DRY = 1 ] || stage e2e-wgrad9 240 env DMFN_WGRAD9=1 $PY benchmarks/gpu_e2e.py "$OUT" \
+  --only fast,fast+compile-ro,fast+compile
 
 # 5. optional: ncu on the fused branch kernels (speed of light, memory), where ncu exists; --dry runs the
 #    profiled workload alone, interpreted, so the case cannot rot.

@@ -96,7 +96,7 @@ def ref_fns(lv, block):
 
 
 def log(row):
-    row = dict(row, triton_op=ops._USE_TRITON_OP)  # DMFN_TRITON_OP=1: Inductor traced into the kernels
+    row = dict(row, triton_op=ops._USE_TRITON_OP)  # Inductor traced into the kernels (the CUDA default)
     with open(LOG, "a") as f:
         f.write(json.dumps(row) + "\n")
     errs = "  ".join(f"{k}={row[k]}" for k in ("eager_vs_f64", "compiled_vs_f64", "compiled_vs_eager") if k in row)

@@ -35,7 +35,8 @@ if args.dry:
 import torch  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from e2e_common import bf16_peak, build_generator, build_training, count_flops, kernel_ms  # noqa: E402
+from e2e_common import (bf16_peak, build_generator, build_training, count_flops, host_ms_by_region,  # noqa: E402
+                        kernel_ms)
 
 CUDA = torch.cuda.is_available() and not args.dry
 DEV = "cuda" if CUDA else "cpu"
@@ -99,6 +100,11 @@ def record(case, variant, fn, flop=0, images=0, rounds=ROUNDS, classes=False):
                 row["gpu_ms"], row["gpu_ms_by_class"] = gpu_by_class(fn)
             except Exception as e:  # noqa: BLE001: keep the timing
                 row["gpu_ms_error"] = f"{type(e).__name__}: {e}"[:300]
+        if classes and case.startswith("train step"):  # where the step's host time goes
+            try:
+                row["host_ms_by_region"] = host_ms_by_region(fn, DEV)
+            except Exception as e:  # noqa: BLE001: keep the timing
+                row["host_ms_error"] = f"{type(e).__name__}: {e}"[:300]
         if images:
             row["images_per_s"] = images / ms * 1e3
         if flop:
@@ -115,6 +121,8 @@ def record(case, variant, fn, flop=0, images=0, rounds=ROUNDS, classes=False):
                                                        "wall_s_incl_warmup") if row.get(k) is not None)
     if row.get("gpu_ms_by_class"):
         extra += f"  by class {row['gpu_ms_by_class']}"
+    if row.get("host_ms_by_region"):
+        extra += f"  host ms {row['host_ms_by_region']}"
     print(f"[{case}] {variant}: {msg}{extra}", flush=True)
 
 
@@ -214,9 +222,14 @@ def want(variant):
 
 
 def label(variant):
-    """DMFN_TRITON_OP=1: Inductor traces into the fused kernels of the compiled fast variants."""
+    """Compiled fast variants: "(traced)" where Inductor traces into the fused kernels (the CUDA default).
+    Fast variants with DMFN_WGRAD9=1 on a card that runs it: "(wgrad9)"."""
     from dmfn_fast.ops import dmfb
-    return variant + " (traced)" if dmfb._USE_TRITON_OP and variant.startswith("fast+compile") else variant
+    if dmfb._USE_TRITON_OP and variant.startswith("fast+compile"):
+        variant += " (traced)"
+    if variant.startswith("fast") and CUDA and dmfb._taps9(torch.bfloat16, torch.device(DEV)):
+        variant += " (wgrad9)"
+    return variant
 
 
 def main():
@@ -226,16 +239,16 @@ def main():
     eager = [v for v in ("fast", "amp", "baseline") if want(v)]
     for v in eager:
         _, _, step = gen_fwd_bwd(v)
-        record(f"generator fwd+bwd {SIZE}px batch {BATCH}", v, step, 3 * gflop["gen_fwd"], classes=True)
+        record(f"generator fwd+bwd {SIZE}px batch {BATCH}", label(v), step, 3 * gflop["gen_fwd"], classes=True)
     for v in [v for v in ("fast", "amp") if want(v)]:
-        record(f"inference {SIZE}px batch {INFER_BATCH}", v, inference(v),
+        record(f"inference {SIZE}px batch {INFER_BATCH}", label(v), inference(v),
                gflop["gen_fwd"] * INFER_BATCH // BATCH, images=INFER_BATCH)
     step = build_training("baseline", SIZE, BATCH, NF, NB, D_NF, DEV)
     gflop["train"] = count_flops(step)
     del step
     for v in eager:
         step = build_training(v, SIZE, BATCH, NF, NB, D_NF, DEV)
-        record(f"train step {SIZE}px batch {BATCH}", v, step, gflop["train"], images=BATCH, classes=True)
+        record(f"train step {SIZE}px batch {BATCH}", label(v), step, gflop["train"], images=BATCH, classes=True)
         del step
     if want("fast (no recompute)"):  # what the fast path's memory saving (recompute in backward) costs
         os.environ["DMFN_RECOMPUTE"] = "0"
@@ -245,6 +258,10 @@ def main():
             del step
         finally:
             os.environ.pop("DMFN_RECOMPUTE")
+    if want("fast (no flag reads)"):  # what the step's two finite-flag reads cost: each waits for the GPU
+        step = _built(lambda v: build_training(v, SIZE, BATCH, NF, NB, D_NF, DEV, read_flags=False), "fast")
+        record(f"train step {SIZE}px batch {BATCH}", "fast (no flag reads)", step, gflop["train"], images=BATCH)
+        del step
     if CUDA:
         # CUDA graphs: the same GPU work with no host cost per call (how far the host holds each variant back)
         for v in [v for v in ("fast", "amp") if want(f"{v}+graphs")]:
@@ -256,14 +273,14 @@ def main():
                    gflop["gen_fwd"] * INFER_BATCH // BATCH, images=INFER_BATCH)
             del run
     compiled = [v for v in ("amp+compile", "fast+compile") if want(v)]
-    if CUDA and not args.no_compile and want("fast+compile-ro"):  # only by --only: one more compile
+    if CUDA and not args.no_compile and want("fast+compile-ro"):  # CUDA graphs of the compiled graphs
         _, _, step = gen_fwd_bwd("fast+compile-ro")
         record(f"generator fwd+bwd {SIZE}px batch {BATCH}", label("fast+compile-ro"), step, 3 * gflop["gen_fwd"],
                classes=True)
         del step
     if CUDA and not args.no_compile:
-        # torch.compile variants last (compiling is the slowest part); in fast+compile the fused ops stay
-        # opaque custom ops (DMFN_TRITON_OP=1: Inductor traces into their kernels, labelled "traced").
+        # torch.compile variants last (compiling is the slowest part); in fast+compile the fused ops are
+        # traced by Inductor on CUDA, labelled "traced" (DMFN_TRITON_OP=0: opaque custom ops, unlabelled).
         for v in compiled:
             _, _, step = gen_fwd_bwd(v)
             record(f"generator fwd+bwd {SIZE}px batch {BATCH}", label(v), step, 3 * gflop["gen_fwd"], classes=True)
@@ -271,6 +288,12 @@ def main():
         for v in compiled:
             step = build_training(v, SIZE, BATCH, NF, NB, D_NF, DEV)
             record(f"train step {SIZE}px batch {BATCH}", label(v), step, gflop["train"], images=BATCH, classes=True)
+            del step
+        if want("fast+compile (no flag reads)"):
+            step = _built(lambda v: build_training(v, SIZE, BATCH, NF, NB, D_NF, DEV, read_flags=False),
+                          "fast+compile")
+            record(f"train step {SIZE}px batch {BATCH}", label("fast+compile") + " (no flag reads)", step,
+                   gflop["train"], images=BATCH)
             del step
         for v in compiled:
             record(f"inference {SIZE}px batch {INFER_BATCH}", label(v), inference(v),

@@ -109,6 +109,16 @@ def main(out):
                                                              e("generator", "fast+graphs")),
         "train_step_mfu": e("train step", "fast", "mfu_pct"),
         "train_step_fast_vs_fast_no_recompute": ratio(e("train step", "fast (no recompute)"), e("train step", "fast")),
+        # DMFN_WGRAD9=1 (gpu_check's e2e-wgrad9 stage): the 9-taps weight-gradient kernel end to end
+        "generator_fwd_bwd_fast_compile_ro_traced_wgrad9_vs_amp_compile": ratio(
+            e("generator", "amp+compile"), e("generator", "fast+compile-ro (traced) (wgrad9)")),
+        "train_step_fast_compile_traced_wgrad9_vs_amp_compile": ratio(
+            e("train step", "amp+compile"), e("train step", "fast+compile (traced) (wgrad9)")),
+        "generator_fwd_bwd_fast_wgrad9_vs_fast": ratio(e("generator", "fast"), e("generator", "fast (wgrad9)")),
+        # > 1: the step's two finite-flag reads (each waits for the GPU) cost that much
+        "train_step_fast_vs_no_flag_reads": ratio(e("train step", "fast"), e("train step", "fast (no flag reads)")),
+        "train_step_fast_compile_traced_vs_no_flag_reads": ratio(
+            e("train step", "fast+compile (traced)"), e("train step", "fast+compile (traced) (no flag reads)")),
         "train_step_peak_mem_fast_vs_amp": ratio(e("train step", "fast", "peak_mem_mib"),
                                                  e("train step", "amp", "peak_mem_mib")),
         "centroid_fwd_bwd_vs_torch_bf16": cen("bfloat16"),
@@ -153,11 +163,12 @@ def main(out):
         cell = f(r, "ms", "{:.3f}") or "ERROR: " + r.get("error", "")[:80]
         lines.append(f"| {r['case']} | {r['variant']} | {cell} | {f(r, 'gpu_ms', '{:.3f}')} | "
                      f"{f(r, 'images_per_s', '{:.0f}')} | {f(r, 'tflops', '{:.1f}')} | {f(r, 'mfu_pct', '{:.1f}')} | "
-                     f"{f(r, 'peak_mem_mib', '{:.0f}')} | {r.get('gpu_ms_by_class', '')} {r.get('achieved', '')} |")
+                     f"{f(r, 'peak_mem_mib', '{:.0f}')} | {r.get('gpu_ms_by_class', '')} {r.get('achieved', '')}"
+                     f"{' host ms ' + str(r['host_ms_by_region']) if r.get('host_ms_by_region') else ''} |")
     lines += ["", "torch.compile of the fused ops: relative L2 error of [output, input gradients...]", "",
               "| precision | case | eager vs float64 | compiled vs float64 | compiled vs eager |", "|---|---|---|---|---|"]
     for r in parity:
-        mode = r["mode"] + (" (traced: DMFN_TRITON_OP=1)" if r.get("triton_op") else "")
+        mode = r["mode"] + (" (traced)" if r.get("triton_op") else "")
         if "error" in r:
             lines.append(f"| {mode} | {r['case']} | ERROR: {r['error'][:80]} | | |")
         else:

@@ -34,6 +34,9 @@ CONFIGS = {
     "dgrad_f32": [_cfg(64, 64, 32, 8, 2)],  # 4 warps spill with TF32 dots on sm_80
     "wgrad_lowp": [_wcfg(64, 64, 64, 4, 3)],
     "wgrad_f32": [_wcfg(32, 64, 64, 4, 2)],
+    # sm_90 only (9 fp32 accumulators: 210-221 registers with 8 warps; on sm_80 they spill). 160/120/160 KB
+    # of shared memory: 64-pixel tiles with 3 stages would need 240 KB, over the 227 KB a block may have.
+    "wgrad9_lowp": [_wcfg(64, 64, 64, 8, 2), _wcfg(32, 64, 64, 8, 3), _wcfg(32, 64, 64, 8, 4)],
 }
 
 
@@ -189,6 +192,18 @@ def branches_dgrad(
 
 
 @triton.jit
+def _bias_sums(g_ptr, db_ptr, j, co, comask, C, NP, p_start, p_end, BLOCK_P: tl.constexpr, BLOCK_CO: tl.constexpr):
+    """db_j[co] += sum of G_j[p, co] over pixels p_start..p_end (a bias program of the wgrad kernels)."""
+    bacc = tl.zeros([BLOCK_CO], dtype=tl.float32)
+    for p0 in range(p_start, p_end, BLOCK_P):
+        p = p0 + tl.arange(0, BLOCK_P)
+        g = tl.load(g_ptr + p.to(tl.int64)[:, None] * (4 * C) + j * C + co[None, :],
+                    mask=(p < NP)[:, None] & comask[None, :], other=0.0)
+        bacc += tl.sum(g.to(tl.float32), 0)
+    tl.atomic_add(db_ptr + j * C + co, bacc, mask=comask, sem="relaxed")
+
+
+@triton.jit
 def branches_wgrad(
     h_ptr, g_ptr, dw_ptr, db_ptr, NP, H, W, C, PIX_PER_SPLIT,
     D1: tl.constexpr, D2: tl.constexpr, D3: tl.constexpr, D4: tl.constexpr,
@@ -242,14 +257,84 @@ def branches_wgrad(
         w_off = (jt * C + ci[:, None]) * C + co[None, :]
         tl.atomic_add(dw_ptr + w_off, acc, mask=cimask[:, None] & comask[None, :], sem="relaxed")
     elif pid_c % n_ci == 0:  # one bias program per co tile
-        j = jt - 36
-        bacc = tl.zeros([BLOCK_CO], dtype=tl.float32)
+        _bias_sums(g_ptr, db_ptr, jt - 36, co, comask, C, NP, pid_s * PIX_PER_SPLIT, p_end, BLOCK_P, BLOCK_CO)
+
+
+@triton.jit
+def _wgrad_tap(acc, h_ptr, src, y, x, pm, ci, cimask, g, dy, dx, H, W, C, UPCAST: tl.constexpr, PREC: tl.constexpr):
+    """acc += h[p + (dy, dx), ci]^T @ g: one tap of branches_wgrad9. The tap's offset is one scalar on the
+    pixel's own address; only the padding mask is per pixel."""
+    yy, xx = y + dy, x + dx
+    valid = pm & (yy >= 0) & (yy < H) & (xx >= 0) & (xx < W)
+    a = tl.load(h_ptr + (src + (dy * W + dx) * C)[:, None] + ci[None, :], mask=valid[:, None] & cimask[None, :],
+                other=0.0)
+    if UPCAST:
+        a = a.to(tl.float32)
+    return tl.dot(tl.trans(a), g, acc, input_precision=PREC)
+
+
+@triton.jit
+def branches_wgrad9(
+    h_ptr, g_ptr, dw_ptr, db_ptr, NP, H, W, C, PIX_PER_SPLIT,
+    D1: tl.constexpr, D2: tl.constexpr, D3: tl.constexpr, D4: tl.constexpr,
+    UPCAST: tl.constexpr, PREC: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_CI: tl.constexpr, BLOCK_CO: tl.constexpr,
+):
+    """branches_wgrad with one program per branch over all 9 taps: each pixel block decodes its pixels and
+    loads G_j's tile once for 9 dots into 9 accumulators, where branches_wgrad repeats both per tap (its
+    sm_90 loop: 326 instructions for 4 HGMMA, mostly that index work). Grid: (pixel splits, 8, ci tiles *
+    co tiles): axis 1 below 4 is the branch (weights), 4..7 the branch's bias."""
+    pid_s = tl.program_id(0)
+    jt = tl.program_id(1)
+    pid_c = tl.program_id(2)
+    n_ci = tl.cdiv(C, BLOCK_CI)
+    co = (pid_c // n_ci) * BLOCK_CO + tl.arange(0, BLOCK_CO)
+    comask = co < C
+    C4 = 4 * C
+    p_end = tl.minimum((pid_s + 1) * PIX_PER_SPLIT, NP)
+    if jt < 4:
+        j = jt
+        D = _dilation(j, D1, D2, D3, D4)
+        ci = (pid_c % n_ci) * BLOCK_CI + tl.arange(0, BLOCK_CI)
+        cimask = ci < C
+        a0 = tl.zeros([BLOCK_CI, BLOCK_CO], dtype=tl.float32)
+        a1, a2, a3, a4, a5, a6, a7, a8 = a0, a0, a0, a0, a0, a0, a0, a0
+        HWu, Wu = tl.cast(H * W, tl.uint32), tl.cast(W, tl.uint32)  # unsigned division (p >= 0)
         for p0 in range(pid_s * PIX_PER_SPLIT, p_end, BLOCK_P):
             p = p0 + tl.arange(0, BLOCK_P)
+            pm = p < NP
+            r = p.to(tl.uint32) % HWu
+            q = r // Wu
+            y = q.to(tl.int32)
+            x = (r - q * Wu).to(tl.int32)
+            src = p.to(tl.int64) * C  # pixel p's own address: a tap adds (dy * W + dx) * C
             g = tl.load(g_ptr + p.to(tl.int64)[:, None] * C4 + j * C + co[None, :],
-                        mask=(p < NP)[:, None] & comask[None, :], other=0.0)
-            bacc += tl.sum(g.to(tl.float32), 0)
-        tl.atomic_add(db_ptr + j * C + co, bacc, mask=comask, sem="relaxed")
+                        mask=pm[:, None] & comask[None, :], other=0.0)
+            if UPCAST:
+                g = g.to(tl.float32)
+            a0 = _wgrad_tap(a0, h_ptr, src, y, x, pm, ci, cimask, g, -D, -D, H, W, C, UPCAST, PREC)
+            a1 = _wgrad_tap(a1, h_ptr, src, y, x, pm, ci, cimask, g, -D, 0, H, W, C, UPCAST, PREC)
+            a2 = _wgrad_tap(a2, h_ptr, src, y, x, pm, ci, cimask, g, -D, D, H, W, C, UPCAST, PREC)
+            a3 = _wgrad_tap(a3, h_ptr, src, y, x, pm, ci, cimask, g, 0, -D, H, W, C, UPCAST, PREC)
+            a4 = _wgrad_tap(a4, h_ptr, src, y, x, pm, ci, cimask, g, 0, 0, H, W, C, UPCAST, PREC)
+            a5 = _wgrad_tap(a5, h_ptr, src, y, x, pm, ci, cimask, g, 0, D, H, W, C, UPCAST, PREC)
+            a6 = _wgrad_tap(a6, h_ptr, src, y, x, pm, ci, cimask, g, D, -D, H, W, C, UPCAST, PREC)
+            a7 = _wgrad_tap(a7, h_ptr, src, y, x, pm, ci, cimask, g, D, 0, H, W, C, UPCAST, PREC)
+            a8 = _wgrad_tap(a8, h_ptr, src, y, x, pm, ci, cimask, g, D, D, H, W, C, UPCAST, PREC)
+        w_off = ((j * 9) * C + ci[:, None]) * C + co[None, :]
+        wmask = cimask[:, None] & comask[None, :]
+        CC = C * C
+        tl.atomic_add(dw_ptr + w_off, a0, mask=wmask, sem="relaxed")
+        tl.atomic_add(dw_ptr + w_off + CC, a1, mask=wmask, sem="relaxed")
+        tl.atomic_add(dw_ptr + w_off + 2 * CC, a2, mask=wmask, sem="relaxed")
+        tl.atomic_add(dw_ptr + w_off + 3 * CC, a3, mask=wmask, sem="relaxed")
+        tl.atomic_add(dw_ptr + w_off + 4 * CC, a4, mask=wmask, sem="relaxed")
+        tl.atomic_add(dw_ptr + w_off + 5 * CC, a5, mask=wmask, sem="relaxed")
+        tl.atomic_add(dw_ptr + w_off + 6 * CC, a6, mask=wmask, sem="relaxed")
+        tl.atomic_add(dw_ptr + w_off + 7 * CC, a7, mask=wmask, sem="relaxed")
+        tl.atomic_add(dw_ptr + w_off + 8 * CC, a8, mask=wmask, sem="relaxed")
+    elif pid_c % n_ci == 0:  # one bias program per co tile
+        _bias_sums(g_ptr, db_ptr, jt - 4, co, comask, C, NP, pid_s * PIX_PER_SPLIT, p_end, BLOCK_P, BLOCK_CO)
 
 
 @triton.jit
@@ -285,3 +370,4 @@ branches_dgrad_lowp = _autotuned(branches_dgrad, "dgrad_lowp", _DGRAD_KEY)
 branches_dgrad_f32 = _autotuned(branches_dgrad, "dgrad_f32", _DGRAD_KEY)
 branches_wgrad_lowp = _autotuned(branches_wgrad, "wgrad_lowp", _WGRAD_KEY, ("dw_ptr", "db_ptr"))
 branches_wgrad_f32 = _autotuned(branches_wgrad, "wgrad_f32", _WGRAD_KEY, ("dw_ptr", "db_ptr"))
+branches_wgrad9_lowp = _autotuned(branches_wgrad9, "wgrad9_lowp", _WGRAD_KEY, ("dw_ptr", "db_ptr"))

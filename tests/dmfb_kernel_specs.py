@@ -26,8 +26,9 @@ def branches_specs(dtype="bf16"):
         ("grad", kb.branches_grad, fwd_sig, {}, ("C",)),
         ("dgrad", kb.branches_dgrad, dgrad_sig, {}, ("C",)),
         ("wgrad", kb.branches_wgrad, wgrad_sig, {}, ("C", "PIX_PER_SPLIT")),
+        ("wgrad9", kb.branches_wgrad9, wgrad_sig, {}, ("C", "PIX_PER_SPLIT")),
     ):
-        for cfg in kb.CONFIGS[f"{name}_{cls}"]:
+        for cfg in kb.CONFIGS.get(f"{name}_{cls}", []):  # wgrad9: fp16/bf16 only
             cx = dict(dil, **flags, **extra, **cfg.kwargs)
             full = dict(sig, **{k: "constexpr" for k in cx})
             ptrs = tuple(k for k, v in sig.items() if v.startswith("*"))

@@ -51,6 +51,10 @@ CASES["opcheck-every-op"] = ("opcheck", dict(N=2, H=7, W=5, C=16))
 # programs), which the ops' interpreter path (one split, one tile) does not reach.
 CASES["wgrad-splits-tiles-C80"] = ("wgrad_splits", dict(N=2, C=80, H=9, W=7, BP=32, BC=64, split=64))
 CASES["wgrad-splits-tiles-C16"] = ("wgrad_splits", dict(N=1, C=16, H=5, W=13, BP=16, BC=16, split=16))
+# The same for branches_wgrad9 (all 9 taps of a branch in one program).
+CASES["wgrad9-splits-tiles-C80"] = ("wgrad_splits", dict(N=2, C=80, H=9, W=7, BP=32, BC=64, split=64, taps9=True))
+CASES["wgrad9-splits-tiles-C16"] = ("wgrad_splits", dict(N=1, C=16, H=5, W=13, BP=16, BC=16, split=16,
+                                                         taps9=True))
 CASES["autotuned-launch-cache"] = ("tuned_launch", {})
 CASES["eager-sums-one-zeros-per-pass"] = ("arena", dict(N=2, H=9, W=7))
 
@@ -326,16 +330,18 @@ def _check_eager_path(dmfb, N, H, W):
     return [(label, err, 0.0) for label, err in errs]
 
 
-def check_wgrad_splits(N, C, H, W, BP, BC, split):
-    """branches_wgrad launched directly: dW_j[tap, ci, co] and db_j against torch's conv2d_weight in float64."""
+def check_wgrad_splits(N, C, H, W, BP, BC, split, taps9=False):
+    """branches_wgrad (taps9: branches_wgrad9) launched directly: dW_j[tap, ci, co] and db_j against torch's
+    conv2d_weight in float64."""
     from dmfn_fast.kernels import dmfb_branches as kb
 
     h, G = torch.randn(N, H, W, C), torch.randn(N, H, W, 4 * C)  # channels-last [N, H, W, C] / [N, H, W, 4C]
     NP = N * H * W
     dw, db = torch.zeros(4, 9, C, C), torch.zeros(4, C)
-    grid = (-(-NP // split), 40, (-(-C // BC)) ** 2)
-    kb.branches_wgrad[grid](h, G, dw, db, NP, H, W, C, split, D1=1, D2=2, D3=4, D4=8, UPCAST=False, PREC="ieee",
-                            BLOCK_P=BP, BLOCK_CI=BC, BLOCK_CO=BC)
+    kern, programs = (kb.branches_wgrad9, 8) if taps9 else (kb.branches_wgrad, 40)
+    grid = (-(-NP // split), programs, (-(-C // BC)) ** 2)
+    kern[grid](h, G, dw, db, NP, H, W, C, split, D1=1, D2=2, D3=4, D4=8, UPCAST=False, PREC="ieee",
+               BLOCK_P=BP, BLOCK_CI=BC, BLOCK_CO=BC)
     errs = []
     for j, d in enumerate((1, 2, 4, 8)):
         g = G[..., j * C:(j + 1) * C].permute(0, 3, 1, 2).double()
@@ -652,8 +658,8 @@ with FakeTensorMode() as mode:
 @pytest.mark.parametrize("triton_op", [False, True])
 def test_compile_graph_and_launch_wrapper(triton_op):
     """torch.compile(fullgraph=True) of the fused block (traced with CPU tensors: the graph is captured,
-    never run). Default: the three DMFB ops stay opaque custom ops in the AOT forward graph.
-    DMFN_TRITON_OP=1: they become Triton kernel nodes (in_stats + in_apply for h, branches + in_stats +
+    never run). DMFN_TRITON_OP=0: the three DMFB ops stay opaque custom ops in the AOT forward graph.
+    Default (DMFN_TRITON_OP=1): they become Triton kernel nodes (in_stats + in_apply for h, branches + in_stats +
     in_apply for t, in_stats + in_apply for the output). Either way plain eager launches take the Triton
     kernel itself: wrap_triton's wrapper routes each eager launch through a higher-order op, which on an
     H200 doubled the fused DMFB's host time; only tracing takes it (in triton_op mode)."""

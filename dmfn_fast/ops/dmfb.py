@@ -55,14 +55,14 @@ triton, _kb, _kn, _TRITON_ERROR = _import_kernels()
 
 # Under TRITON_INTERPRET=1 the kernels run on CPU tensors (tests); otherwise they need CUDA.
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-# How torch.compile sees the ops. Default: opaque custom ops (the compiled graph calls each op's Python,
-# which launches the same kernels as eager). DMFN_TRITON_OP=1: triton_ops, which Inductor traces into
-# (torch >= 2.6; never under the interpreter, whose kernels wrap_triton cannot trace). Opt-in because on an
-# H200 (torch 2.11, Triton 3.6) the compiled bf16 backward of branches_in_relu through triton_op gave
-# gradients 5-11x their own size off (benchmarks/RESULTS.md). The cause, found on the CPU since: Inductor
-# miscompiled the instance-norm sums, views of one zeroed base (see _sums32, now separate when traced).
-# Default again once a GPU run of gpu_compile_parity.py confirms the fix.
-_USE_TRITON_OP = (os.environ.get("DMFN_TRITON_OP", "0") == "1" and hasattr(torch.library, "triton_op")
+# How torch.compile sees the ops. Default: triton_ops, which Inductor traces into (torch >= 2.6; never
+# under the interpreter, whose kernels wrap_triton cannot trace). DMFN_TRITON_OP=0: opaque custom ops (the
+# compiled graph calls each op's Python, which launches the same kernels as eager). On an H200 (torch
+# 2.11, Triton 3.6) the traced path once gave wrong bf16 gradients: Inductor miscompiled the instance-norm
+# sums, views of one zeroed base (see _sums32, separate when traced). Since that fix the traced ops match
+# eager op by op and in the generator, fp32 and bf16, and the compiled training step is 8% faster than
+# with opaque ops (benchmarks/RESULTS.md, fourth session).
+_USE_TRITON_OP = (os.environ.get("DMFN_TRITON_OP", "1") != "0" and hasattr(torch.library, "triton_op")
                   and hasattr(torch.library, "wrap_triton") and not INTERPRET)
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -155,7 +155,7 @@ def _empty_cl(n, c, h, w, like, dtype=None):
 
 
 def _conv_kernel(name, dtype, pixels, C):
-    """(kernel, launch kwargs) for one of the branch kernels ("fwd", "grad", "dgrad", "wgrad").
+    """(kernel, launch kwargs) for one of the branch kernels ("fwd", "grad", "dgrad", "wgrad", "wgrad9").
 
     Compiled: the autotuned variant for the dtype class (tensor cores for fp16/bf16; fp32 with TF32 dots
     when torch.backends.cudnn.allow_tf32 is on, IEEE dots when it is off).
@@ -169,9 +169,9 @@ def _conv_kernel(name, dtype, pixels, C):
     if not INTERPRET:
         return getattr(_kb, f"branches_{name}_{'lowp' if lowp else 'f32'}"), flags
     raw = {"fwd": _kb.branches_fwd, "grad": _kb.branches_grad, "dgrad": _kb.branches_dgrad,
-           "wgrad": _kb.branches_wgrad}[name]
+           "wgrad": _kb.branches_wgrad, "wgrad9": _kb.branches_wgrad9}[name]
     bp, bc = min(4096, triton.next_power_of_2(pixels)), max(16, triton.next_power_of_2(C))
-    tiles = dict(BLOCK_CI=bc, BLOCK_CO=bc) if name == "wgrad" else dict(BLOCK_N=bc, BLOCK_K=bc)
+    tiles = dict(BLOCK_CI=bc, BLOCK_CO=bc) if name.startswith("wgrad") else dict(BLOCK_N=bc, BLOCK_K=bc)
     return raw, dict(flags, BLOCK_P=bp, **tiles)
 
 
@@ -262,22 +262,37 @@ def _branches_dgrad(w, G, dil, like):
     return dh
 
 
-def _branches_wgrad(h, G, dil):
-    """(dw fp32 [4, 9, C, C], db fp32 [4, C]) from h and the suffix sums G."""
+def _taps9(dtype, device):
+    """Whether the weight gradient runs branches_wgrad9 (a program per branch over its 9 taps) rather than
+    branches_wgrad (a program per tap): opt-in with DMFN_WGRAD9=1 until a GPU benchmark shows it faster
+    (gpu_breakdown.py times both); fp16/bf16 on sm_90 or newer only (its 9 accumulators spill on sm_80)."""
+    return (_WGRAD9 and not INTERPRET and dtype != torch.float32 and device.type == "cuda"
+            and torch.cuda.get_device_capability(device)[0] >= 9)
+
+
+_WGRAD9 = os.environ.get("DMFN_WGRAD9", "0") == "1"
+
+
+def _branches_wgrad(h, G, dil, taps9=None):
+    """(dw fp32 [4, 9, C, C], db fp32 [4, C]) from h and the suffix sums G. taps9: force (True) or refuse
+    (False) branches_wgrad9; None: _taps9."""
     N, C, H, W = h.shape
     # apart in the op path (a custom op's outputs may not alias); in the eager Functions, from their _arena
     dw = _zeros32(4, 9, C, C, like=h)
     db = _zeros32(4, C, like=h)
     NP = N * H * W
-    kern, kw = _conv_kernel("wgrad", h.dtype, NP, C)
+    taps9 = _taps9(h.dtype, h.device) if taps9 is None else taps9
+    kern, kw = _conv_kernel("wgrad9" if taps9 else "wgrad", h.dtype, NP, C)
     # Split the pixel reduction into about 28 runs per (branch, tap): ~1000 programs on a big input
-    # (one run under the interpreter). The run length is a multiple of every config's BLOCK_P.
-    unit, runs = (kw["BLOCK_P"], 1) if INTERPRET else (128, 28)
+    # (one run under the interpreter); wgrad9, about 64 runs per branch: 256 programs of 8 warps each, one
+    # per SM at a time. The run length is a multiple of every config's BLOCK_P.
+    unit, runs = (kw["BLOCK_P"], 1) if INTERPRET else (128, 64 if taps9 else 28)
     pix_per_split = unit * max(1, _cdiv(_cdiv(NP, unit), runs))
 
     def wgrid(META):
         tiles_c = _cdiv(C, META["BLOCK_CI"]) * _cdiv(C, META["BLOCK_CO"])
-        return (_cdiv(NP, pix_per_split), 40, tiles_c)  # 36 (branch, tap) weight programs, 4 bias ones
+        # weight programs: 36 per (branch, tap), or 4 per branch (wgrad9); then 4 bias programs
+        return (_cdiv(NP, pix_per_split), 8 if taps9 else 40, tiles_c)
 
     _kernel(kern, h)[wgrid](h, G, dw, db, NP, H, W, C, pix_per_split, D1=dil[0], D2=dil[1], D3=dil[2], D4=dil[3], **kw)
     return dw, db
