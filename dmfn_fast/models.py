@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 from .ops._impl import check_impl, recompute
+from .ops import dmfb as _dmfb
 from .ops.dmfb import DMFBParams, dmfb_block, dmfb_block_reference
 from .recipes import check_recipe
 
@@ -227,18 +228,36 @@ def _keep_conv_output(weight_shape):
     return functools.partial(create_selective_checkpoint_contexts, policy)
 
 
-def _run_lean(layers, x):
-    """layers on x, as nn.Sequential would, but each [norm, activation, conv] run (and the first [conv,
-    ReLU, conv]) as one selectively checkpointed region: backward recomputes the activation from the saved
-    norm input instead of holding both from the forward. At 256 px, batch 16 that is 629 MiB less peak memory
-    in a training step (benchmarks/roofline.py) for a rerun of the instance norms, ReLUs and the 4 -> 64 input
-    convolution (13 of the generator's 4561 GFLOP). Values and gradients are the same."""
+def _leaf_hooked(layers):
+    return any(m._forward_hooks or m._forward_pre_hooks for m in layers)
+
+
+def _run_layers(layers, x, lean, fused_norm):
+    """layers on x, as nn.Sequential would, with two changes that keep values and gradients:
+    - lean: each [norm, activation, conv] run (and the first [conv, ReLU, conv]) is one selectively
+      checkpointed region: backward recomputes the activation from the saved norm input instead of holding
+      both from the forward. At 256 px, batch 16 that is 629 MiB less peak memory in a training step
+      (benchmarks/roofline.py) for a rerun of the instance norms, ReLUs and the 4 -> 64 input convolution
+      (13 of the generator's 4561 GFLOP).
+    - fused_norm: each [instance norm, ReLU] runs in the Triton kernels (dmfb.instance_norm_act; with the
+      conv after it, dmfb.norm_relu_conv, which also keeps only the norm input), where nn.InstanceNorm2d
+      converts channels-last to contiguous and back; to rounding (the statistics in fp32, as the
+      reference's). Not where a layer has forward hooks (they would be skipped)."""
     convs = (nn.Conv2d, nn.ConvTranspose2d)
     i = 0
     while i < len(layers):
         region = layers[i:i + 3]
+        if (fused_norm and len(region) >= 2 and isinstance(region[0], nn.InstanceNorm2d)
+                and isinstance(region[1], nn.ReLU) and not _leaf_hooked(region)):
+            if len(region) == 3 and isinstance(region[2], convs):
+                x = _dmfb.norm_relu_conv(x, region[2])
+                i += 3
+            else:
+                x = _dmfb.instance_norm_act(x, relu=True)
+                i += 2
+            continue
         starts = isinstance(region[0], nn.InstanceNorm2d) or (i == 0 and isinstance(region[0], convs))
-        if len(region) == 3 and starts and isinstance(region[2], convs):
+        if lean and len(region) == 3 and starts and isinstance(region[2], convs):
             x = checkpoint(nn.Sequential(*region), x, use_reentrant=False,
                            context_fn=_keep_conv_output(tuple(region[2].weight.shape)))
             i += 3
@@ -296,14 +315,18 @@ class Generator(nn.Module):
 
     def forward_unchecked(self, x, reference: bool = False):
         """forward without the Python-side shape checks (which a trace would bake in): for export.
-        reference=True runs every DMFB's PyTorch reference whatever `impl` says (no Triton in a graph)."""
-        lean = (not reference and torch.is_grad_enabled() and recompute(self.impl)
-                and not torch.compiler.is_compiling()  # compiled: Inductor's partitioner picks recomputes
-                and not _hooked(self.encoder) and not _hooked(self.decoder))
-        h = _run_lean(_flat(self.encoder), x) if lean else self.encoder(x)
+        reference=True runs every DMFB's PyTorch reference and the plain norms whatever `impl` says (no
+        Triton in a graph)."""
+        # compiled: Inductor makes its own norms and picks its own recomputes
+        plain = not reference and not torch.compiler.is_compiling() and not _hooked(self.encoder) \
+            and not _hooked(self.decoder)
+        lean = plain and torch.is_grad_enabled() and recompute(self.impl)
+        fused_norm = plain and _dmfb.triton_unavailable_reason() is None and _dmfb.use_fused(x, self.impl)
+        run = lean or fused_norm
+        h = _run_layers(_flat(self.encoder), x, lean, fused_norm) if run else self.encoder(x)
         for b in self.blocks:
             h = b.forward_reference(h) if reference else b(h)
-        return _run_lean(_flat(self.decoder), h) if lean else self.decoder(h)
+        return _run_layers(_flat(self.decoder), h, lean, fused_norm) if run else self.decoder(h)
 
     def fill(self, image, mask):
         """(raw, composite): feed_generator(self, image, mask), for one image batch on this model's device."""

@@ -43,6 +43,7 @@ CASES["branches-in-relu-fp32-offset-2x13x11"] = ("branches_in_relu", dict(dtype=
 CASES["dmfb-block-fp32-2x13x11"] = ("block", dict(N=2, H=13, W=11))
 CASES["dmfb-block-autocast-bf16"] = ("block_autocast", dict(N=2, H=12, W=10))
 CASES["generator-fp32-2x20x16"] = ("generator", dict(N=2, H=20, W=16))
+CASES["generator-fused-norms-save-less"] = ("fused_norms", dict(N=2, H=16, W=12))
 CASES["torch-compile-aot-eager"] = ("compiled", dict(N=2, H=13, W=11))
 CASES["eager-path-equals-op-path"] = ("eager_path", dict(N=2, H=9, W=7))
 CASES["eager-path-equals-op-path-autocast"] = ("eager_path", dict(N=2, H=9, W=7, autocast=True))
@@ -238,6 +239,58 @@ def check_generator(N, H, W):
     errs = _compare_module(G, G, ref_fn, x)
     errs.append(("reference-model out", _err(G(x), G_ref(x))))
     return errs
+
+
+def check_fused_norms(N, H, W):
+    """The generator's encoder and decoder norms on the fused path: every [norm, ReLU, conv] run is one
+    _NormReluConvEager node and the last norm+ReLU of the encoder an instance_norm_act; with gradients
+    they keep fewer bytes for backward than the reference's selectively checkpointed regions; without,
+    the same layers run as instance_norm_act and then the module. Output against the reference."""
+    from dmfn_fast.models import Generator
+    from dmfn_fast.ops import dmfb
+
+    calls = {"node": 0, "norm": 0}
+    real_apply, real_norm = dmfb._NormReluConvEager.apply, dmfb.instance_norm_act
+
+    def node(*a):
+        calls["node"] += 1
+        return real_apply(*a)
+
+    def norm(*a, **k):
+        calls["norm"] += 1
+        return real_norm(*a, **k)
+
+    torch.manual_seed(3)
+    G = Generator(nf=8, n_blocks=1, impl="fast")
+    x = torch.cat([torch.rand(N, 3, H, W) * 2 - 1, (torch.rand(N, 1, H, W) > 0.5).float()], 1)
+
+    def saved_bytes(impl):
+        G.impl = impl
+        storages = {}
+
+        def pack(t):
+            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            y = G(x)
+        return y, sum(storages.values())
+
+    dmfb._NormReluConvEager.apply, dmfb.instance_norm_act = node, norm
+    try:
+        y, fused = saved_bytes("fast")
+        with_grad = dict(calls)
+        calls.update(node=0, norm=0)
+        with torch.no_grad():
+            G(x)
+        no_grad = dict(calls)
+    finally:
+        dmfb._NormReluConvEager.apply, dmfb.instance_norm_act = real_apply, real_norm
+    y_ref, lean = saved_bytes("reference")
+    # 2 encoder and 5 decoder [norm, ReLU, conv] runs, the encoder's last norm+ReLU; no grad: all 8 norms,
+    # plus the fused block's own two
+    assert with_grad == {"node": 7, "norm": 1} and no_grad == {"node": 0, "norm": 10}, (with_grad, no_grad)
+    assert fused < lean, (fused, lean)
+    return [("out", _err(y, y_ref)), ("saved bytes, fused / lean reference", fused / lean, 1.0)]
 
 
 def check_compiled(N, H, W):

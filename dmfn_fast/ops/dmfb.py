@@ -445,13 +445,19 @@ def _branches_in_relu_bwd_fn(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor, 
     return _branches_backward(h, w, G, dilations)
 
 
-def _in_act_fn(x: torch.Tensor, res: Optional[torch.Tensor], relu: bool
-               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    x, res = _cl(x), None if res is None else _cl(res)
+def _in_stats(x):
+    """(shift, sum, sum of squares) of channels-last x per (n, c), fp32 [N, C] each: what _in_forward takes."""
     N, C, H, W = x.shape
     s, ss, shift = _sums32(3, N, C, like=x)
     _kernel(_kn.in_stats, x)[_in_grid(N, C, H, W)](
         x, shift, s, ss, H * W, C, BLOCK_P=_kn.BLOCK_P, BLOCK_C=_kn.BLOCK_C, num_warps=_kn.NUM_WARPS)
+    return shift, s, ss
+
+
+def _in_act_fn(x: torch.Tensor, res: Optional[torch.Tensor], relu: bool
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    x, res = _cl(x), None if res is None else _cl(res)
+    shift, s, ss = _in_stats(x)
     out_dtype = x.dtype if res is None else torch.promote_types(x.dtype, res.dtype)
     return _in_forward(x, shift, s, ss, res, relu, out_dtype)
 
@@ -733,6 +739,63 @@ class _DMFBEager(torch.autograd.Function):
                 *_unpack_grads(dw, db, dt_[5:]))
 
 
+class _NormReluConvEager(torch.autograd.Function):
+    """conv(relu(instance_norm(x))) as one autograd node (plain eager with gradients; the generator's
+    encoder and decoder): the norm in the Triton kernels, channels-last, where nn.InstanceNorm2d makes a
+    channels-last input contiguous and back; and it keeps x and the norm's sums, not the activation, which
+    backward reapplies in one pass (bit-identical: the same sums), as the reference's selective checkpoint
+    keeps the norm input and recomputes the rest. `spec`: the convolution's (stride, padding, dilation,
+    transposed, output_padding, groups). Under autocast the convolution's operands are cast once, as
+    autocast would cast them, and the gradients return in each input's dtype."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, spec):
+        N, C = x.shape[:2]
+        dev = x.device.type
+        w, b = weight, bias
+        if torch.is_autocast_enabled(dev) and weight.dtype in _FLOATS:
+            dtype = torch.get_autocast_dtype(dev)
+            w, b = weight.to(dtype), None if bias is None else bias.to(dtype)
+        x = _cl(x)
+        with _arena(3 * N * C, x):
+            shift, s, ss = _in_stats(x)
+        y = _in_forward(x, shift, s, ss, None, True, x.dtype)[0].to(w.dtype)
+        out = torch.ops.aten.convolution(y, w, b, *spec)
+        ctx.save_for_backward(x, shift, s, ss, w)
+        ctx.spec, ctx.bias_sizes = spec, None if bias is None else [bias.numel()]
+        ctx.dtypes = (x.dtype, weight.dtype, None if bias is None else bias.dtype)
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g):
+        x, shift, s, ss, w = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        y, mean, rstd = _in_forward(x, shift, s, ss, None, True, x.dtype)  # the activation, again
+        dy, dw, db = torch.ops.aten.convolution_backward(
+            g.to(w.dtype), y.to(w.dtype), w, ctx.bias_sizes, *ctx.spec,
+            [need[0], need[1], ctx.bias_sizes is not None and need[2]])
+        dx = None
+        if need[0]:
+            with _arena(2 * x.shape[0] * x.shape[1], x):
+                dx = _in_act_bwd_fn(dy.to(x.dtype), x, mean, rstd, True).to(ctx.dtypes[0])
+        cast = lambda v, d: None if v is None else v.to(d)  # noqa: E731
+        return dx, cast(dw, ctx.dtypes[1]), cast(db, ctx.dtypes[2]), None
+
+
+def norm_relu_conv(x: torch.Tensor, conv: torch.nn.Module) -> torch.Tensor:
+    """conv(relu(instance_norm(x))) (affine-free norm, eps 1e-5; `conv` an nn.Conv2d or nn.ConvTranspose2d
+    with zero padding) with the norm in the Triton kernels: one autograd node in plain eager with gradients
+    (_NormReluConvEager), else instance_norm_act and then the module. For inputs where the fused DMFB
+    runs (see use_fused)."""
+    spec = (list(conv.stride), list(conv.padding), list(conv.dilation), isinstance(conv, torch.nn.ConvTranspose2d),
+            list(getattr(conv, "output_padding", (0, 0))), conv.groups)
+    if (conv.padding_mode == "zeros" and not isinstance(conv.padding, str)
+            and _eager_autograd([x, conv.weight, conv.bias])):
+        return _NormReluConvEager.apply(x, conv.weight, conv.bias, spec)
+    return conv(instance_norm_act(x, relu=True))
+
+
 def fused_why_not(x: torch.Tensor) -> str:
     """"" when the fused DMFB can run on x, else why not (given that Triton imported)."""
     if not (x.is_cuda or (INTERPRET and x.device.type == "cpu")):
@@ -771,7 +834,13 @@ def dmfb_block(x: torch.Tensor, p: DMFBParams, impl: str = "auto") -> torch.Tens
       deterministic algorithms are off; the reference for fp32 (slower fused, see auto_prefers_fused),
       float64, CPU tensors and deterministic mode. Triton missing: the reference, with one warning.
     - "fast": dmfb_block_fused in any of fp32/fp16/bf16 on CUDA, or a RuntimeError saying why not."""
-    if _impl.resolve(impl, lambda: fused_why_not(x), op="DMFB", missing=lambda: _TRITON_ERROR or "",
-                     prefer_fast=lambda: auto_prefers_fused(x)):
+    if use_fused(x, impl):
         return dmfb_block_fused(x, p)
     return dmfb_block_reference(x, p)
+
+
+def use_fused(x: torch.Tensor, impl: str = "auto") -> bool:
+    """Whether the fused Triton path runs on x under `impl` (the rule of dmfb_block; the generator's
+    encoder and decoder norms follow it too)."""
+    return _impl.resolve(impl, lambda: fused_why_not(x), op="DMFB", missing=lambda: _TRITON_ERROR or "",
+                         prefer_fast=lambda: auto_prefers_fused(x))
