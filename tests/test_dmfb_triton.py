@@ -42,6 +42,9 @@ CASES["branches-in-relu-fp32-offset-2x13x11"] = ("branches_in_relu", dict(dtype=
                                                                           offset=20.0))
 CASES["dmfb-block-fp32-2x13x11"] = ("block", dict(N=2, H=13, W=11))
 CASES["dmfb-block-autocast-bf16"] = ("block_autocast", dict(N=2, H=12, W=10))
+# The kernels' K loop in several steps (C over BLOCK_K, as on a GPU for C > 64): the interpreter's own tiles
+# cover C in one step.
+CASES["branches-in-relu-k-steps-C48"] = ("k_steps", dict(N=2, H=9, W=7, C=48, block=16))
 CASES["generator-fp32-2x20x16"] = ("generator", dict(N=2, H=20, W=16))
 CASES["generator-fused-norms-save-less"] = ("fused_norms", dict(N=2, H=16, W=12))
 CASES["torch-compile-aot-eager"] = ("compiled", dict(N=2, H=13, W=11))
@@ -239,6 +242,24 @@ def check_generator(N, H, W):
     errs = _compare_module(G, G, ref_fn, x)
     errs.append(("reference-model out", _err(G(x), G_ref(x))))
     return errs
+
+
+def check_k_steps(N, H, W, C, block):
+    """check_branches_in_relu with every branch kernel's channel tiles cut to `block` (< C)."""
+    from dmfn_fast.ops import dmfb
+
+    real = dmfb._conv_kernel
+
+    def small_tiles(name, dtype, pixels, C_):
+        kern, kw = real(name, dtype, pixels, C_)
+        tiles = ("BLOCK_CI", "BLOCK_CO") if name.startswith("wgrad") else ("BLOCK_N", "BLOCK_K")
+        return kern, dict(kw, **{t: block for t in tiles})
+
+    dmfb._conv_kernel = small_tiles
+    try:
+        return check_branches_in_relu("fp32", N, H, W, C)
+    finally:
+        dmfb._conv_kernel = real
 
 
 def check_fused_norms(N, H, W):
