@@ -127,6 +127,8 @@ def build_training(variant, size, batch, nf, n_blocks, d_nf, device, seed=0, rea
         return build.all_ranks_finite(loss, ddp=False) if read_flags else True
 
     def step():
+        if compile_ == "reduce-overhead":  # cudagraph trees: a new iteration, last one's outputs may be overwritten
+            torch.compiler.cudagraph_mark_step_begin()
         return train_step(Gc, D, D_pair, crit, parts.opt_G, parts.opt_D, parts.scaler, image, mask, box, autocast,
                           finite)
 

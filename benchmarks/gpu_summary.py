@@ -115,6 +115,8 @@ def main(out):
         "train_step_fast_compile_traced_wgrad9_vs_amp_compile": ratio(
             e("train step", "amp+compile"), e("train step", "fast+compile (traced) (wgrad9)")),
         "generator_fwd_bwd_fast_wgrad9_vs_fast": ratio(e("generator", "fast"), e("generator", "fast (wgrad9)")),
+        "train_step_fast_compile_ro_traced_vs_amp_compile": ratio(
+            e("train step", "amp+compile"), e("train step", "fast+compile-ro (traced)")),
         # > 1: the step's two finite-flag reads (each waits for the GPU) cost that much
         "train_step_fast_vs_no_flag_reads": ratio(e("train step", "fast"), e("train step", "fast (no flag reads)")),
         "train_step_fast_compile_traced_vs_no_flag_reads": ratio(
