@@ -201,10 +201,14 @@ def feed_generator(G, image, mask):
     return generator_output(G(generator_input(image, mask)), image, mask)
 
 
+def _has_hooks(m):
+    return bool(m._forward_hooks or m._forward_pre_hooks)
+
+
 def _hooked(seq):
     """Whether a container in seq has forward hooks: the lean path would skip them (it runs the leaves)."""
-    return any(m._forward_hooks or m._forward_pre_hooks for m in seq.modules() if not isinstance(m, (nn.Conv2d,
-               nn.ConvTranspose2d, nn.InstanceNorm2d, nn.ReLU, nn.Tanh)))
+    return any(_has_hooks(m) for m in seq.modules() if not isinstance(m, (nn.Conv2d, nn.ConvTranspose2d,
+               nn.InstanceNorm2d, nn.ReLU, nn.Tanh)))
 
 
 def _flat(seq):
@@ -228,10 +232,6 @@ def _keep_conv_output(weight_shape):
     return functools.partial(create_selective_checkpoint_contexts, policy)
 
 
-def _leaf_hooked(layers):
-    return any(m._forward_hooks or m._forward_pre_hooks for m in layers)
-
-
 def _run_layers(layers, x, lean, fused_norm):
     """layers on x, as nn.Sequential would, with two changes that keep values and gradients:
     - lean: each [norm, activation, conv] run (and the first [conv, ReLU, conv]) is one selectively
@@ -248,7 +248,7 @@ def _run_layers(layers, x, lean, fused_norm):
     while i < len(layers):
         region = layers[i:i + 3]
         if (fused_norm and len(region) >= 2 and isinstance(region[0], nn.InstanceNorm2d)
-                and isinstance(region[1], nn.ReLU) and not _leaf_hooked(region)):
+                and isinstance(region[1], nn.ReLU) and not any(_has_hooks(m) for m in region)):
             if len(region) == 3 and isinstance(region[2], convs):
                 x = _dmfb.norm_relu_conv(x, region[2])
                 i += 3
@@ -321,7 +321,7 @@ class Generator(nn.Module):
         plain = not reference and not torch.compiler.is_compiling() and not _hooked(self.encoder) \
             and not _hooked(self.decoder)
         lean = plain and torch.is_grad_enabled() and recompute(self.impl)
-        fused_norm = plain and _dmfb.triton_unavailable_reason() is None and _dmfb.use_fused(x, self.impl)
+        fused_norm = plain and _dmfb.use_fused(x, self.impl)
         run = lean or fused_norm
         h = _run_layers(_flat(self.encoder), x, lean, fused_norm) if run else self.encoder(x)
         for b in self.blocks:

@@ -678,11 +678,28 @@ def dmfb_block_fused(x: torch.Tensor, p: DMFBParams) -> torch.Tensor:
     return instance_norm_act(F.conv2d(t, p.c2_weight, p.c2_bias, 1, 1), res=x)
 
 
-def _conv_backward(dy, x, w, has_bias, needs):
-    """(dx, dw, db) of a 3x3, stride 1, padding 1 convolution; None where not needed."""
+_CONV3X3 = ([1, 1], [1, 1], [1, 1], False, [0, 0], 1)  # stride, padding, dilation, transposed, out pad, groups
+
+
+def _conv_backward(dy, x, w, has_bias, needs, spec=_CONV3X3):
+    """(dx, dw, db) of a convolution (`spec` as aten.convolution takes it; default 3x3, stride 1, padding
+    1); None where not needed."""
     mask = [needs[0], needs[1], has_bias and needs[2]]
-    return torch.ops.aten.convolution_backward(dy, x, w, [w.shape[0]] if has_bias else None, [1, 1], [1, 1],
-                                               [1, 1], False, [0, 0], 1, mask)
+    out_channels = w.shape[1] * spec[5] if spec[3] else w.shape[0]
+    return torch.ops.aten.convolution_backward(dy, x, w, [out_channels] if has_bias else None, *spec, mask)
+
+
+def _autocast_operands(device_type, *tensors):
+    """tensors (None allowed) cast once to autocast's dtype, as autocast would cast a convolution's operands,
+    when autocast is on for device_type and all are floating point; else as they are."""
+    if torch.is_autocast_enabled(device_type) and all(v.dtype in _FLOATS for v in tensors if v is not None):
+        dtype = torch.get_autocast_dtype(device_type)
+        return tuple(None if v is None else v.to(dtype) for v in tensors)
+    return tensors
+
+
+def _cast(v, dtype):
+    return None if v is None else v.to(dtype)
 
 
 class _DMFBEager(torch.autograd.Function):
@@ -696,13 +713,8 @@ class _DMFBEager(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, c1w, c1b, c2w, c2b, dilations, *branch):
         N, C, inner = x.shape[0], x.shape[1], c1w.shape[0]
-        conv_args = (x, c1w, c1b, c2w, c2b)
-        if torch.is_autocast_enabled(x.device.type) and all(v.dtype in _FLOATS for v in conv_args if v is not None):
-            # cast as autocast would, once: the casts are kept for backward, and autocast would cast the
-            # same tensors again inside each convolution
-            dtype = torch.get_autocast_dtype(x.device.type)
-            conv_args = tuple(None if v is None else v.to(dtype) for v in conv_args)
-        x_c, c1w_c, c1b_c, c2w_c, c2b_c = conv_args
+        # cast once: the casts are kept for backward, and autocast would cast them again in each convolution
+        x_c, c1w_c, c1b_c, c2w_c, c2b_c = _autocast_operands(x.device.type, x, c1w, c1b, c2w, c2b)
         with _arena(3 * N * (inner + 4 * inner + C), x):  # the three instance norms' sums
             a = F.conv2d(x_c, c1w_c, c1b_c, 1, 1)
             h, m1, r1 = _in_act_fn(a, None, True)
@@ -734,8 +746,7 @@ class _DMFBEager(torch.autograd.Function):
         dx, dc1w, dc1b = _conv_backward(da, x_c, c1w_c, ctx.has_bias[0], (need[0], need[1], need[2]))
         if dx is not None:
             dx = dx.to(dt_[0]) + g.to(dt_[0])  # the convolution path and the residual
-        cast = lambda v, d: None if v is None else v.to(d)  # noqa: E731
-        return (dx, cast(dc1w, dt_[1]), cast(dc1b, dt_[2]), cast(dc2w, dt_[3]), cast(dc2b, dt_[4]), None,
+        return (dx, _cast(dc1w, dt_[1]), _cast(dc1b, dt_[2]), _cast(dc2w, dt_[3]), _cast(dc2b, dt_[4]), None,
                 *_unpack_grads(dw, db, dt_[5:]))
 
 
@@ -751,18 +762,14 @@ class _NormReluConvEager(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, spec):
         N, C = x.shape[:2]
-        dev = x.device.type
-        w, b = weight, bias
-        if torch.is_autocast_enabled(dev) and weight.dtype in _FLOATS:
-            dtype = torch.get_autocast_dtype(dev)
-            w, b = weight.to(dtype), None if bias is None else bias.to(dtype)
+        w, b = _autocast_operands(x.device.type, weight, bias)
         x = _cl(x)
         with _arena(3 * N * C, x):
             shift, s, ss = _in_stats(x)
         y = _in_forward(x, shift, s, ss, None, True, x.dtype)[0].to(w.dtype)
         out = torch.ops.aten.convolution(y, w, b, *spec)
         ctx.save_for_backward(x, shift, s, ss, w)
-        ctx.spec, ctx.bias_sizes = spec, None if bias is None else [bias.numel()]
+        ctx.spec, ctx.has_bias = spec, bias is not None
         ctx.dtypes = (x.dtype, weight.dtype, None if bias is None else bias.dtype)
         return out
 
@@ -772,15 +779,12 @@ class _NormReluConvEager(torch.autograd.Function):
         x, shift, s, ss, w = ctx.saved_tensors
         need = ctx.needs_input_grad
         y, mean, rstd = _in_forward(x, shift, s, ss, None, True, x.dtype)  # the activation, again
-        dy, dw, db = torch.ops.aten.convolution_backward(
-            g.to(w.dtype), y.to(w.dtype), w, ctx.bias_sizes, *ctx.spec,
-            [need[0], need[1], ctx.bias_sizes is not None and need[2]])
+        dy, dw, db = _conv_backward(g.to(w.dtype), y.to(w.dtype), w, ctx.has_bias, need[:3], ctx.spec)
         dx = None
         if need[0]:
             with _arena(2 * x.shape[0] * x.shape[1], x):
                 dx = _in_act_bwd_fn(dy.to(x.dtype), x, mean, rstd, True).to(ctx.dtypes[0])
-        cast = lambda v, d: None if v is None else v.to(d)  # noqa: E731
-        return dx, cast(dw, ctx.dtypes[1]), cast(db, ctx.dtypes[2]), None
+        return dx, _cast(dw, ctx.dtypes[1]), _cast(db, ctx.dtypes[2]), None
 
 
 def norm_relu_conv(x: torch.Tensor, conv: torch.nn.Module) -> torch.Tensor:
