@@ -138,19 +138,25 @@ def build_training(variant, size, batch, nf, n_blocks, d_nf, device, seed=0, rea
 STEP_REGIONS = ("G forward", "D forward (G step)", "losses", "G backward", "D step", "optimizer")
 
 
+def _profiled(step, device, steps, cuda=False):
+    """torch.profiler's per-name averages over `steps` calls of step (CPU activity; CUDA too if asked)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=acts) as prof:
+        for _ in range(steps):
+            step()
+        sync(device)
+    return prof.key_averages()
+
+
 def host_ms_by_region(step, device, steps=3):
     """Host time per step in each labelled part of train_step, and the time it spent waiting for the GPU
     (reading a loss's finite flag: aten::_local_scalar_dense), in ms; the profiler's own overhead included,
     so compare the parts with each other, not with the step's time. "D step" holds the D update's forward,
     backward and flag read; "optimizer" both Adam steps."""
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
-        for _ in range(steps):
-            step()
-        sync(device)
     out = {}
-    for e in prof.key_averages():
+    for e in _profiled(step, device, steps):
         if e.key in STEP_REGIONS:
             out[e.key] = e.cpu_time_total / 1e3 / steps
         elif e.key == "aten::_local_scalar_dense":
@@ -160,17 +166,10 @@ def host_ms_by_region(step, device, steps=3):
 
 def profile_shares(step, device, steps=3):
     """Share of step time in each labelled part (G forward/backward, VGG, D, losses, optimizer)."""
-    from torch.profiler import ProfilerActivity, profile
-
-    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.device(device).type == "cuda" else [])
-    with profile(activities=acts) as prof:
-        for _ in range(steps):
-            step()
-        sync(device)
     cuda = torch.device(device).type == "cuda"
     times = {}
-    for e in prof.key_averages():
-        if e.key in ("G forward", "D forward (G step)", "losses", "VGG", "G backward", "D step", "optimizer"):
+    for e in _profiled(step, device, steps, cuda):
+        if e.key in STEP_REGIONS + ("VGG",):
             times[e.key] = (e.device_time_total if cuda else e.cpu_time_total) / steps
     total = sum(v for k, v in times.items() if k != "VGG")  # VGG lies inside "losses"
     return {k: round(100 * v / total, 1) for k, v in times.items()} if total else {}
