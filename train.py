@@ -71,8 +71,10 @@ def train(args, resume_from=None):
     if rt.ddp:
         G = DDP(G, device_ids=[rt.device.index] if rt.cuda else None)
         D_pair = DDP(D_pair, device_ids=[rt.device.index] if rt.cuda else None)
-    if args.compile:
-        G = torch.compile(G)
+    D = parts.D
+    if args.compile:  # every module of the step; the bare parts stay eager for validation and checkpoints
+        G, D, D_pair, criterion = (torch.compile(m, mode=args.compile_mode) for m in (G, D, D_pair, criterion))
+    graphs = args.compile and args.compile_mode in ("reduce-overhead", "max-autotune")
 
     # ---- reporting (rank 0 writes)
     config_dict = {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(args).items()}
@@ -114,7 +116,9 @@ def train(args, resume_from=None):
             image = batch["image"].to(rt.device, memory_format=rt.memory_format, non_blocking=True)
             mask = batch["mask"].to(rt.device, non_blocking=True)
 
-            terms, ok = train_step(G, parts.D, D_pair, criterion, parts.opt_G, parts.opt_D, parts.scaler, image,
+            if graphs:  # CUDA graph trees: a new step, whose replays may reuse the last step's output memory
+                torch.compiler.cudagraph_mark_step_begin()
+            terms, ok = train_step(G, D, D_pair, criterion, parts.opt_G, parts.opt_D, parts.scaler, image,
                                    mask, batch["box"], autocast, lambda loss: build.all_ranks_finite(loss, rt.ddp))
             if not ok:  # the G update of a step whose D loss is non-finite stays; D's is skipped
                 bad_steps += 1

@@ -13,6 +13,7 @@ VARIANTS = {
     "fast": (torch.bfloat16, True, "auto", False),
     "fast+compile": (torch.bfloat16, True, "auto", True),
     # CUDA graphs of the compiled graphs (cudagraph trees): no host cost per call
+    "amp+compile-ro": (torch.bfloat16, True, "reference", "reduce-overhead"),
     "fast+compile-ro": (torch.bfloat16, True, "auto", "reduce-overhead"),
 }
 
@@ -119,9 +120,9 @@ def build_training(variant, size, batch, nf, n_blocks, d_nf, device, seed=0, rea
     mask[..., q:3 * q, q:3 * q] = 1
     mask = mask.to(device)
     box = torch.tensor([[q, q, 2 * q, 2 * q]] * batch)
-    Gc = compiled(G, compile_)
+    # compiled as train.py --compile does: G, D (bare and the real+fake pair) and the loss with its VGG
+    Gc, Dc, D_pair, crit = (compiled(m, compile_) for m in (G, D, RealFake(D), crit))
     autocast = build.autocast(dev, dtype)
-    D_pair = RealFake(D)
 
     def finite(loss):
         return build.all_ranks_finite(loss, ddp=False) if read_flags else True
@@ -129,7 +130,7 @@ def build_training(variant, size, batch, nf, n_blocks, d_nf, device, seed=0, rea
     def step():
         if compile_ == "reduce-overhead":  # cudagraph trees: a new iteration, last one's outputs may be overwritten
             torch.compiler.cudagraph_mark_step_begin()
-        return train_step(Gc, D, D_pair, crit, parts.opt_G, parts.opt_D, parts.scaler, image, mask, box, autocast,
+        return train_step(Gc, Dc, D_pair, crit, parts.opt_G, parts.opt_D, parts.scaler, image, mask, box, autocast,
                           finite)
 
     return step
@@ -162,6 +163,16 @@ def host_ms_by_region(step, device, steps=3):
         elif e.key == "aten::_local_scalar_dense":
             out["waiting for the GPU"] = e.cpu_time_total / 1e3 / steps
     return {k: round(v, 3) for k, v in out.items()}
+
+
+def gpu_ms_by_region(step, device, steps=3):
+    """GPU time per step under each labelled part of train_step, in ms: the device time torch.profiler
+    puts under each annotation (the kernels its ops launched)."""
+    out = {}
+    for e in _profiled(step, device, steps, cuda=True):
+        if e.key in STEP_REGIONS + ("VGG",):
+            out[e.key] = round(e.device_time_total / 1e3 / steps, 3)
+    return out
 
 
 def profile_shares(step, device, steps=3):

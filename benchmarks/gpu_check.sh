@@ -61,8 +61,9 @@ stage tests-dmfb 180 $PY -m pytest tests/test_dmfb_cuda.py -q -rs -p no:cachepro
 stage tests-centroid 60 $PY -m pytest tests/test_centroid_align.py -q -rs -p no:cacheprovider -k "not jit_build"
 # recipe="authors": reference and fast paths (fused DMFB + C++ op on CUDA) give the same 3 training steps
 stage tests-recipe 60 $PY -m pytest tests/test_recipe.py -q -rs -p no:cacheprovider -k same_steps
-# train.py as users run it: --amp (bf16) and --amp --amp-dtype fp16, 50 steps each at 256 px, finite losses
-stage train-smoke 150 $PY benchmarks/gpu_train_smoke.py "${DRYFLAG[@]}"
+# train.py as users run it: --amp (bf16), --amp --amp-dtype fp16 and --amp --compile --compile-mode
+# reduce-overhead, 50 steps each at 256 px, finite losses
+stage train-smoke 270 $PY benchmarks/gpu_train_smoke.py "${DRYFLAG[@]}"
 # torch.compile of the fused ops must give what their eager runs give (op by op, and the generator); on
 # CUDA Inductor traces into the Triton kernels (the default; the interpreter cannot, so --dry runs opaque ops)
 stage compile-parity 150 $PY benchmarks/gpu_compile_parity.py "$OUT" "${DRYFLAG[@]}"
@@ -74,7 +75,7 @@ fi
 
 # 3. per-kernel breakdown and op baselines; 4. end to end.
 stage breakdown 150 $PY benchmarks/gpu_breakdown.py "$OUT" "${DRYFLAG[@]}"
-stage e2e 300 $PY benchmarks/gpu_e2e.py "$OUT" "${DRYFLAG[@]}"
+stage e2e 420 $PY benchmarks/gpu_e2e.py "$OUT" "${DRYFLAG[@]}"
 # fast+compile again with the fused ops opaque to the compiler (DMFN_TRITON_OP=0; CUDA only), to compare
 [ $DRY = 1 ] || stage e2e-opaque 240 env DMFN_TRITON_OP=0 $PY benchmarks/gpu_e2e.py "$OUT" --only fast+compile
 # the opt-in weight-gradient kernel (one program per branch over its 9 taps; sm_90+), where it counts most

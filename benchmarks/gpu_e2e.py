@@ -3,18 +3,25 @@
     python benchmarks/gpu_e2e.py OUT_DIR          # CUDA: 256x256, generator/train batch 16, inference batch 64
     python benchmarks/gpu_e2e.py OUT_DIR --dry    # CPU, kernels interpreted, tiny sizes: checks the script
 
-Variants (benchmarks/e2e_common.py): baseline (fp32, NCHW, reference ops: the authors' setting), amp (bf16
-autocast, channels-last), amp+compile (amp with torch.compile of G), fast (amp with the fused DMFB and the
-centroid extension; training recomputes cheap activations in backward to save memory, and the training step
-is timed once more without that, "fast (no recompute)"), fast+compile (fast with torch.compile of G, whose
-compiled graph does not take the recompute regions), fast+compile-ro (mode="reduce-overhead": the generator's
-forward+backward and the training step), the training step without its finite-flag reads ("(no flag
-reads)"); on CUDA also amp+graphs and fast+graphs
-(the generator's forward and backward, or the inference forward, captured as CUDA graphs: the GPU time
-without the host cost). Appends one JSON object per measurement to OUT_DIR/e2e.jsonl as it goes, the compiled
-variants last (their compilation is the slowest part). Times are medians of CUDA-event-timed calls after
-warm-up; the training step's MFU counts the reference model's FLOPs (torch's counter) against the datasheet
-bf16 peak; peak memory is torch's max_memory_allocated over the timed calls.
+Variants (benchmarks/e2e_common.py):
+- baseline: fp32, NCHW, reference ops (the authors' setting);
+- amp: bf16 autocast, channels-last;
+- amp+compile: amp with torch.compile of G, and in the training step of G, D and the loss with its VGG (as
+  train.py --compile does);
+- fast: amp with the fused DMFB and the centroid extension; training recomputes cheap activations in
+  backward to save memory, and the step is timed once more without that, "fast (no recompute)";
+- fast+compile: fast compiled as amp+compile is (G's compiled graph does not take the recompute regions);
+- fast+compile-ro and amp+compile-ro: mode="reduce-overhead" (CUDA graph replays), the generator's
+  forward+backward (fast) and the training step (both);
+- the training step without its finite-flag reads, "(no flag reads)";
+- on CUDA also amp+graphs and fast+graphs: the generator's forward and backward, or the inference forward,
+  captured as CUDA graphs (the GPU time without the host cost).
+Appends one JSON object per measurement to OUT_DIR/e2e.jsonl as it goes, the compiled variants last (their
+compilation is the slowest part). Times are medians of CUDA-event-timed calls after warm-up; the training
+step's MFU counts the reference model's FLOPs (torch's counter) against the datasheet bf16 peak; peak memory
+is torch's max_memory_allocated over the timed calls. Rows timed with their GPU-time split also hold their
+20 longest kernels; training-step rows their first step's loss terms (the same weights and batch in every
+variant, so compiled and eager must agree) and their GPU and host time per part of the step.
 """
 import argparse
 import json
@@ -36,8 +43,8 @@ if args.dry:
 import torch  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from e2e_common import (bf16_peak, build_generator, build_training, count_flops, host_ms_by_region,  # noqa: E402
-                        kernel_ms)
+from e2e_common import (bf16_peak, build_generator, build_training, count_flops, gpu_ms_by_region,  # noqa: E402
+                        host_ms_by_region, kernel_ms)
 
 CUDA = torch.cuda.is_available() and not args.dry
 DEV = "cuda" if CUDA else "cpu"
@@ -80,28 +87,36 @@ KERNEL_CLASSES = [("fused DMFB (ours)", ("branches_", "in_stats", "in_apply", "i
                                        "grad_channels", "finish"))]
 
 
-def gpu_by_class(fn, steps=3):
-    """GPU time per call (kernels only) and its split by kernel class, in ms."""
-    split = {}
-    for name, t in kernel_ms(fn, steps).items():
-        name = name.lower()
-        cls = next((c for c, keys in KERNEL_CLASSES if any(k in name for k in keys)), "other")
+def gpu_by_class(fn, steps=3, top=0):
+    """GPU time per call (kernels only), its split by kernel class, in ms, and the `top` longest kernels
+    [name cut to 90 characters, class, ms per call]."""
+    split, per = {}, kernel_ms(fn, steps)
+    for name, t in per.items():
+        cls = next((c for c, keys in KERNEL_CLASSES if any(k in name.lower() for k in keys)), "other")
         split[cls] = split.get(cls, 0.0) + t
-    return round(sum(split.values()), 3), {k: round(v, 3) for k, v in sorted(split.items())}
+    longest = [[n[:90], next((c for c, keys in KERNEL_CLASSES if any(k in n.lower() for k in keys)), "other"),
+                round(t, 3)] for n, t in sorted(per.items(), key=lambda kv: -kv[1])[:top]]
+    return round(sum(split.values()), 3), {k: round(v, 3) for k, v in sorted(split.items())}, longest
 
 
 def record(case, variant, fn, flop=0, images=0, rounds=ROUNDS, classes=False):
     row = dict(case=case, variant=variant, device=torch.cuda.get_device_name() if CUDA else "cpu (dry)")
+    train = case.startswith("train step")
     try:
         t0 = time.perf_counter()
-        ms, peak = median_ms(fn, rounds)
+        if train:  # the first step from the fixed weights and batch (compiled and eager must agree on it) is
+            terms, ok = fn()  # the first warm-up call
+            row.update(first_step_ok=bool(ok), first_step_terms={k: float(v) for k, v in terms.items()})
+        ms, peak = median_ms(fn, rounds, WARM - train)
         row.update(ms=ms, peak_mem_mib=peak, wall_s_incl_warmup=time.perf_counter() - t0)
         if classes and CUDA:
             try:
-                row["gpu_ms"], row["gpu_ms_by_class"] = gpu_by_class(fn)
+                row["gpu_ms"], row["gpu_ms_by_class"], row["top_kernels"] = gpu_by_class(fn, top=20)
+                if train:  # which parts of the step its GPU time goes to
+                    row["gpu_ms_by_region"] = gpu_ms_by_region(fn, DEV)
             except Exception as e:  # noqa: BLE001: keep the timing
                 row["gpu_ms_error"] = f"{type(e).__name__}: {e}"[:300]
-        if classes and case.startswith("train step"):  # where the step's host time goes
+        if classes and train:  # where the step's host time goes
             try:
                 row["host_ms_by_region"] = host_ms_by_region(fn, DEV)
             except Exception as e:  # noqa: BLE001: keep the timing
@@ -122,9 +137,12 @@ def record(case, variant, fn, flop=0, images=0, rounds=ROUNDS, classes=False):
                                                        "wall_s_incl_warmup") if row.get(k) is not None)
     if row.get("gpu_ms_by_class"):
         extra += f"  by class {row['gpu_ms_by_class']}"
-    if row.get("host_ms_by_region"):
-        extra += f"  host ms {row['host_ms_by_region']}"
+    for k in ("host_ms_by_region", "gpu_ms_by_region"):
+        if row.get(k):
+            extra += f"  {k.split('_by')[0].replace('_', ' ')} {row[k]}"
     print(f"[{case}] {variant}: {msg}{extra}", flush=True)
+    for name, cls, t in row.get("top_kernels", [])[:10]:
+        print(f"    {t:7.3f} ms  {cls:22s} {name}", flush=True)
 
 
 def _built(build, variant):
@@ -286,14 +304,12 @@ def main():
             _, _, step = gen_fwd_bwd(v)
             record(f"generator fwd+bwd {SIZE}px batch {BATCH}", label(v), step, 3 * gflop["gen_fwd"], classes=True)
             del step
-        for v in compiled:
-            step = build_training(v, SIZE, BATCH, NF, NB, D_NF, DEV)
+        # The training step with G, D and the loss compiled (train.py --compile), the likeliest winners first
+        # (a stage cut by its time limit keeps the rows before); -ro: their launches as CUDA graph replays
+        # (train.py --compile --compile-mode reduce-overhead), against the same for the reference.
+        for v in [v for v in ("fast+compile", "amp+compile", "fast+compile-ro", "amp+compile-ro") if want(v)]:
+            step = _built(lambda v: build_training(v, SIZE, BATCH, NF, NB, D_NF, DEV), v)
             record(f"train step {SIZE}px batch {BATCH}", label(v), step, gflop["train"], images=BATCH, classes=True)
-            del step
-        if want("fast+compile-ro"):  # G's launches as CUDA graph replays: how much host slack that takes away
-            step = _built(lambda v: build_training(v, SIZE, BATCH, NF, NB, D_NF, DEV), "fast+compile-ro")
-            record(f"train step {SIZE}px batch {BATCH}", label("fast+compile-ro"), step, gflop["train"],
-                   images=BATCH, classes=True)
             del step
         if want("fast+compile (no flag reads)"):
             step = _built(lambda v: build_training(v, SIZE, BATCH, NF, NB, D_NF, DEV, read_flags=False),

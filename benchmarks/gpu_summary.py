@@ -41,6 +41,25 @@ def achieved(e2e, roofline):
         r["achieved"] = rates
 
 
+# the training step's default fast configurations (train.py --amp, with --compile, with its reduce-overhead mode)
+BEST_FAST = ("fast", "fast+compile (traced)", "fast+compile-ro (traced)")
+
+
+def step_parity(e2e):
+    """Per compiled training-step row, the largest relative difference of its first step's loss terms (fixed
+    weights and batch) from the eager row with the same ops: fast+compile* against fast, amp+compile*
+    against amp. bf16 rounding alone moves a term by up to about 1e-2."""
+    eager = {r["variant"]: r["first_step_terms"] for r in e2e
+             if r.get("case", "").startswith("train step") and r.get("first_step_terms")}
+    out = {}
+    for r in e2e:
+        v, terms = r.get("variant", ""), r.get("first_step_terms")
+        ref = eager.get(v.split("+")[0])
+        if "+compile" in v and terms and ref:
+            out[v] = round(max(abs(terms[k] - ref[k]) / max(abs(ref[k]), 1e-12) for k in ref if k in terms), 5)
+    return out
+
+
 def latest_roofline():
     """The newest committed benchmarks/results/*-cpu-roofline.json (roofline.py's counts), or []."""
     folder = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
@@ -107,6 +126,15 @@ def main(out):
                                                               e("generator", "fast+graphs")),
         "generator_fwd_bwd_fast_graphs_vs_amp_graphs": ratio(e("generator", "amp+graphs"),
                                                              e("generator", "fast+graphs")),
+        # every module of the step compiled (train.py --compile): -ro replays CUDA graphs, for both sides
+        "train_step_fast_compile_ro_traced_vs_amp_compile_ro": ratio(
+            e("train step", "amp+compile-ro"), e("train step", "fast+compile-ro (traced)")),
+        # the fastest default fast configuration against the strongest compiled reference, and against amp
+        "train_step_best_fast_vs_best_amp_compile": ratio(
+            first(e("train step", "amp+compile"), e("train step", "amp+compile-ro")),
+            first(*(e("train step", v) for v in BEST_FAST))),
+        "train_step_best_fast_vs_amp": ratio(e("train step", "amp"),
+                                             first(*(e("train step", v) for v in BEST_FAST))),
         "train_step_mfu": e("train step", "fast", "mfu_pct"),
         "train_step_fast_vs_fast_no_recompute": ratio(e("train step", "fast (no recompute)"), e("train step", "fast")),
         # DMFN_WGRAD9=1 (gpu_check's e2e-wgrad9 stage): the 9-taps weight-gradient kernel end to end
@@ -135,7 +163,7 @@ def main(out):
     env = open(os.path.join(out, "env.txt")).read() if os.path.exists(os.path.join(out, "env.txt")) else ""
     summary = dict(card=sorted(devices), date=datetime.date.today().isoformat(), env=env.strip(),
                    ceilings={k: ceil.get(k) for k in ("copy_tbs", "bf16_tflops")}, ratios=ratios,
-                   ratios_gpu_time=gpu,
+                   ratios_gpu_time=gpu, compiled_step_first_terms_rel_diff=step_parity(e2e),
                    breakdown=bd, e2e=e2e, compile_parity=parity)
     with open(os.path.join(out, "summary.json"), "w") as f:
         json.dump(summary, f, indent=1)
@@ -145,6 +173,9 @@ def main(out):
     lines += [f"| {k} | {v} |" for k, v in ratios.items()]
     lines += ["", "Same ratios in GPU time (kernels only, torch.profiler):", "", "| ratio | value |", "|---|---|"]
     lines += [f"| {k} | {v} |" for k, v in gpu.items()]
+    lines += ["", "Compiled training steps: largest relative difference of the first step's loss terms from eager:",
+              "", "| variant | max rel diff |", "|---|---|"]
+    lines += [f"| {k} | {v} |" for k, v in summary["compiled_step_first_terms_rel_diff"].items()]
     lines += ["", "ms: do_bench median per call (host-bound when launches cannot keep ahead); GPU ms: the kernels' "
               "own time per call (torch.profiler); rates use GPU ms where measured.", "",
               "| group | name | ms | GPU ms | TFLOP/s | % bf16 peak | TB/s | % copy BW |",
@@ -166,7 +197,13 @@ def main(out):
         lines.append(f"| {r['case']} | {r['variant']} | {cell} | {f(r, 'gpu_ms', '{:.3f}')} | "
                      f"{f(r, 'images_per_s', '{:.0f}')} | {f(r, 'tflops', '{:.1f}')} | {f(r, 'mfu_pct', '{:.1f}')} | "
                      f"{f(r, 'peak_mem_mib', '{:.0f}')} | {r.get('gpu_ms_by_class', '')} {r.get('achieved', '')}"
-                     f"{' host ms ' + str(r['host_ms_by_region']) if r.get('host_ms_by_region') else ''} |")
+                     f"{' host ms ' + str(r['host_ms_by_region']) if r.get('host_ms_by_region') else ''}"
+                     f"{' GPU ms ' + str(r['gpu_ms_by_region']) if r.get('gpu_ms_by_region') else ''} |")
+    for r in e2e:  # the longest kernels of each variant timed with its GPU-time split
+        if r.get("top_kernels"):
+            lines += ["", f"Longest kernels, {r['case']}, {r['variant']} (ms per step):", "",
+                      "| ms | class | kernel |", "|---|---|---|"]
+            lines += [f"| {t} | {c} | `{n}` |" for n, c, t in r["top_kernels"]]
     lines += ["", "torch.compile of the fused ops: relative L2 error of [output, input gradients...]", "",
               "| precision | case | eager vs float64 | compiled vs float64 | compiled vs eager |", "|---|---|---|---|---|"]
     for r in parity:

@@ -3,6 +3,8 @@
 `out` is the composite (generated pixels in the hole, known pixels elsewhere),
 `tgt` the ground truth; both in [-1, 1].
 """
+import contextlib
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -114,9 +116,11 @@ class DMFNLoss(nn.Module):
     def forward(self, out, tgt, real_logits=None, fake_logits=None, feats_fake=None, feats_real=None):
         if out.shape != tgt.shape:
             raise ValueError(f"out and tgt differ in shape: {tuple(out.shape)} vs {tuple(tgt.shape)}")
-        with record_function("VGG"):
-            # impl auto/fast: the VGG's inner activations are recomputed in backward (VGG19Features.forward)
-            lean = recompute(self.impl) and isinstance(self.vgg, VGG19Features)
+        # the label times the VGG in eager profiles; a compiled graph has none (Dynamo would warn)
+        with contextlib.nullcontext() if torch.compiler.is_compiling() else record_function("VGG"):
+            # impl auto/fast: the VGG's inner activations are recomputed in backward (VGG19Features.forward);
+            # compiled, Inductor picks its own recomputes (as in the generator)
+            lean = recompute(self.impl) and isinstance(self.vgg, VGG19Features) and not torch.compiler.is_compiling()
             fo = self.vgg(out, recompute=True) if lean else self.vgg(out)
             with torch.no_grad():
                 ft = self.vgg(tgt)

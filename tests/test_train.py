@@ -211,3 +211,69 @@ def test_train_step_drops_what_a_nonfinite_loss_computed(bad, monkeypatch):
     assert not parts.opt_D.state and all(p.grad is None for p in D.parameters())
     if bad == "G":
         assert all(p.grad is None for p in G.parameters())
+
+
+def test_compile_compiles_every_module_of_the_step(tmp_path, monkeypatch):
+    """--compile compiles G, D, the real+fake pair and the loss (with its VGG), and trains as eager does:
+    traced by aot_eager (Inductor's CPU build takes minutes here; CUDA's Inductor is checked by
+    benchmarks/gpu_check.sh), 3 steps give the eager run's weights and Adam states."""
+    compile_, compiled = torch.compile, []
+
+    def traced(m, mode=None):
+        compiled.append((type(getattr(m, "module", m)).__name__, mode))
+        return compile_(m, backend="aot_eager")
+    monkeypatch.setattr(torch, "compile", traced)
+    run(tmp_path / "eager", "--batch", 4, "--steps", 3, "--ckpt-every", 3)
+    assert not compiled
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    run(tmp_path / "compiled", "--batch", 4, "--steps", 3, "--ckpt-every", 3, "--compile")
+    frames = torch._dynamo.utils.counters["frames"]
+    assert frames["ok"] >= 5 and not torch._dynamo.utils.counters["graph_break"], dict(frames)  # D twice: x grad
+    assert sorted(compiled) == [("DMFNLoss", "default"), ("Discriminator", "default"), ("Generator", "default"),
+                                ("RealFake", "default")]
+    a, b = (torch.load(tmp_path / d / "ckpt_0000003.pt", weights_only=True) for d in ("eager", "compiled"))
+    for part in ("G", "D"):
+        torch.testing.assert_close(b[part], a[part], rtol=1e-5, atol=1e-6, msg=lambda m: f"{part}: {m}")
+    for part in ("opt_G", "opt_D"):
+        torch.testing.assert_close(b[part]["state"], a[part]["state"], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("flags, why", [
+    (["--compile-mode", "reduce-overhead"], "applies only with --compile"),
+    (["--compile", "--compile-mode", "reduce-overhead", "--device", "cpu"], "need CUDA"),
+])
+def test_compile_mode_refused(tmp_path, capsys, flags, why):
+    with pytest.raises(SystemExit) as e:
+        run(tmp_path / "r", *flags)
+    assert e.value.code == 2 and why in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()
+
+
+def test_fused_adam_state_moves_to_foreach():
+    """On CUDA the optimizers are torch's fused Adam; a checkpoint of theirs resumes with foreach Adam (a CPU
+    run) and the updates go on as the fused ones would (fused Adam runs on CPU too, so this checks it here)."""
+    import copy
+
+    from dmfn_fast.training import build
+
+    G, D = build.models(8, 1, 4, "reference", "cpu", torch.contiguous_format, 0)
+    fused = build.optimizers(G, D, device_type="cuda")
+    assert fused.opt_G.defaults["fused"] and fused.opt_D.defaults["fused"]
+    assert not build.optimizers(G, D).opt_G.defaults["fused"]
+    torch.manual_seed(1)
+    grads = [[torch.randn_like(p) for p in G.parameters()] for _ in range(3)]
+
+    def step(opt, params, g):
+        for p, gp in zip(params, g):
+            p.grad = gp.clone()
+        opt.step()
+    for g in grads[:2]:
+        step(fused.opt_G, list(G.parameters()), g)
+    G2 = copy.deepcopy(G)
+    foreach = torch.optim.Adam(G2.parameters(), lr=2e-4, betas=(0.5, 0.999))
+    foreach.load_state_dict(copy.deepcopy(fused.opt_G.state_dict()))
+    step(fused.opt_G, list(G.parameters()), grads[2])
+    step(foreach, list(G2.parameters()), grads[2])
+    for p, q in zip(G.parameters(), G2.parameters()):
+        torch.testing.assert_close(q, p, rtol=1e-6, atol=1e-7)

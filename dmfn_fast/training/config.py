@@ -14,6 +14,9 @@ DEMO = dict(size=64, batch=4, steps=100, n_val=4, min_scale=0.4, log_every=5, sa
             val_every=25, ckpt_every=25, nf=32, n_blocks=4, d_nf=16)
 
 
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
 class _Help(argparse.RawDescriptionHelpFormatter):
     """--help shows each fixed default once, from the parser; preset-dependent ones say theirs in the text."""
 
@@ -63,7 +66,10 @@ def build_parser(description=None):
     a("--amp-dtype", choices=("auto", "bf16", "fp16"), default="auto",
       help="with --amp: auto picks as above (fp32 on a CPU without native bf16); bf16/fp16 force it")
     a("--channels-last", action=argparse.BooleanOptionalAction, default=None, help="default: on with CUDA")
-    a("--compile", action="store_true", help="torch.compile the generator")
+    a("--compile", action="store_true",
+      help="torch.compile the generator, the discriminator and the loss (with its VGG)")
+    a("--compile-mode", choices=COMPILE_MODES, default="default",
+      help="with --compile: torch.compile's mode; reduce-overhead replays CUDA graphs (CUDA only)")
     a("--impl", choices=IMPLS + ("fused",), default="auto",
       help="DMFB and alignment-loss kernels: auto (fast where measured faster), reference, fast "
            "('fused': old name of fast)")
@@ -203,6 +209,15 @@ def check(p, a):
         problem = device_problem(a.device)
         if problem:
             p.error(f"--device {problem}")
+    if a.compile_mode != "default" and not a.compile:
+        p.error(f"--compile-mode {a.compile_mode} applies only with --compile: add --compile, or drop it")
+    if a.compile_mode in ("reduce-overhead", "max-autotune") and a.compile:
+        import torch
+
+        on_cpu = a.device.startswith("cpu") or (a.device == "auto" and not torch.cuda.is_available())
+        if on_cpu:  # torch would warn and compile without CUDA graphs: not what was asked
+            p.error(f"--compile-mode {a.compile_mode} replays CUDA graphs, which need CUDA; this run is on the "
+                    "CPU: use --compile-mode default")
     a.mask_probs = _parse_probs(p, a.mask_probs)
 
 
