@@ -49,11 +49,11 @@ def step_parity(e2e):
     """Per compiled training-step row, the largest relative difference of its first step's loss terms (fixed
     weights and batch) from the eager row with the same ops: fast+compile* against fast, amp+compile*
     against amp. bf16 rounding alone moves a term by up to about 1e-2."""
-    eager = {r["variant"]: r["first_step_terms"] for r in e2e
-             if r.get("case", "").startswith("train step") and r.get("first_step_terms")}
+    steps = [r for r in e2e if r.get("case", "").startswith("train step") and r.get("first_step_terms")]
+    eager = {r["variant"]: r["first_step_terms"] for r in steps}
     out = {}
-    for r in e2e:
-        v, terms = r.get("variant", ""), r.get("first_step_terms")
+    for r in steps:
+        v, terms = r["variant"], r["first_step_terms"]
         ref = eager.get(v.split("+")[0])
         if "+compile" in v and terms and ref:
             out[v] = round(max(abs(terms[k] - ref[k]) / max(abs(ref[k]), 1e-12) for k in ref if k in terms), 5)

@@ -11,7 +11,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 KEYS = ["branch_in_relu_fwd_bwd_vs_eager", "branch_in_relu_fwd_bwd_vs_compile", "dmfb_fwd_bwd_vs_eager",
         "generator_fwd_bwd_fast_vs_amp_compile", "train_step_fast_vs_amp", "train_step_fast_vs_amp_compile",
         "train_step_fast_vs_baseline", "train_step_mfu", "centroid_fwd_bwd_vs_torch_bf16",
-        "centroid_fwd_bwd_vs_torch_fp32", "inference_img_s_256_b64_bf16"]
+        "centroid_fwd_bwd_vs_torch_fp32", "inference_img_s_256_b64_bf16", "train_step_best_fast_vs_best_amp_compile",
+        "train_step_best_fast_vs_amp"]
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="bash script")
@@ -36,3 +37,18 @@ def test_gpu_check_dry_run(tmp_path):
     for stage in ("tests-dmfb", "tests-centroid", "tests-recipe", "train-smoke", "compile-parity", "breakdown", "e2e",
                   "ncu-case"):
         assert f"{stage}: rc=0" in stages, stages
+
+
+def test_compiled_step_rows_are_held_to_their_eager_base():
+    """summary.json's compiled_step_first_terms_rel_diff pairs each compiled training-step row with the
+    eager row of the same ops (the --dry run compiles nothing, so it is checked here on rows of that form)."""
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    from gpu_summary import step_parity
+
+    def row(variant, g, d, case="train step 256px batch 16"):
+        return dict(case=case, variant=variant, first_step_terms={"G": g, "D": d})
+    rows = [row("fast", 2.0, 1.0), row("amp", 4.0, 1.0), row("fast+compile (traced)", 2.0, 1.01),
+            row("fast+compile-ro (traced)", 1.9, 1.0), row("amp+compile-ro", 4.0, 1.0),
+            row("fast+compile", 9.0, 9.0, case="generator fwd+bwd 256px batch 16")]
+    assert step_parity(rows) == {"fast+compile (traced)": 0.01, "fast+compile-ro (traced)": 0.05,
+                                 "amp+compile-ro": 0.0}
