@@ -146,7 +146,12 @@ def record(case, variant, fn, flop=0, images=0, rounds=ROUNDS, classes=False):
 
 
 def _built(build, variant):
-    """build(variant), or, if building fails, a function that raises its error (record() logs it)."""
+    """build(variant), or, if building fails, a function that raises its error (record() logs it). A
+    compiled variant starts from cleared torch.compile caches and CUDA graph pools: its modules are new, so
+    the graphs of the variants before it would only count against Dynamo's 8 recompiles per function (past
+    which it runs eagerly) and hold their memory."""
+    if "+compile" in variant:
+        torch._dynamo.reset()
     try:
         return build(variant)
     except Exception as e:  # noqa: BLE001: one failed variant must not stop the others
@@ -261,7 +266,7 @@ def main():
         record(f"generator fwd+bwd {SIZE}px batch {BATCH}", label(v), step, 3 * gflop["gen_fwd"], classes=True)
     for v in [v for v in ("fast", "amp") if want(v)]:
         record(f"inference {SIZE}px batch {INFER_BATCH}", label(v), inference(v),
-               gflop["gen_fwd"] * INFER_BATCH // BATCH, images=INFER_BATCH)
+               gflop["gen_fwd"] * INFER_BATCH // BATCH, images=INFER_BATCH, classes=True)
     step = build_training("baseline", SIZE, BATCH, NF, NB, D_NF, DEV)
     gflop["train"] = count_flops(step)
     del step
@@ -293,7 +298,7 @@ def main():
             del run
     compiled = [v for v in ("amp+compile", "fast+compile") if want(v)]
     if CUDA and not args.no_compile and want("fast+compile-ro"):  # CUDA graphs of the compiled graphs
-        _, _, step = gen_fwd_bwd("fast+compile-ro")
+        step = _built(lambda v: gen_fwd_bwd(v)[2], "fast+compile-ro")
         record(f"generator fwd+bwd {SIZE}px batch {BATCH}", label("fast+compile-ro"), step, 3 * gflop["gen_fwd"],
                classes=True)
         del step
@@ -301,7 +306,7 @@ def main():
         # torch.compile variants last (compiling is the slowest part); in fast+compile the fused ops are
         # traced by Inductor on CUDA, labelled "traced" (DMFN_TRITON_OP=0: opaque custom ops, unlabelled).
         for v in compiled:
-            _, _, step = gen_fwd_bwd(v)
+            step = _built(lambda v: gen_fwd_bwd(v)[2], v)
             record(f"generator fwd+bwd {SIZE}px batch {BATCH}", label(v), step, 3 * gflop["gen_fwd"], classes=True)
             del step
         # The training step with G, D and the loss compiled (train.py --compile), the likeliest winners first
@@ -318,8 +323,8 @@ def main():
                    gflop["train"], images=BATCH)
             del step
         for v in compiled:
-            record(f"inference {SIZE}px batch {INFER_BATCH}", label(v), inference(v),
-                   gflop["gen_fwd"] * INFER_BATCH // BATCH, images=INFER_BATCH)
+            record(f"inference {SIZE}px batch {INFER_BATCH}", label(v), _built(inference, v),
+                   gflop["gen_fwd"] * INFER_BATCH // BATCH, images=INFER_BATCH, classes=True)
     print("e2e done", flush=True)
 
 
