@@ -24,6 +24,13 @@ def cuda_or_skip():
 
 
 @pytest.fixture(autouse=True)
+def _fresh_compile():
+    """Each benchmark compiles its own new modules: the graphs of those before would only count against
+    Dynamo's 8 recompiles per function (past which it runs eagerly) and hold their CUDA graph pools."""
+    torch._dynamo.reset()
+
+
+@pytest.fixture(autouse=True)
 def _collect_result(request):
     """After each benchmark, keep its group, variant and median for the summary table."""
     yield

@@ -1,6 +1,8 @@
 """End-to-end: generator inference and one full training step, in the variants of one run:
 baseline (fp32, NCHW, reference ops, as the authors), amp (bf16 autocast + channels-last), amp+compile
-(torch.compile of amp's generator), fast (amp + fused DMFB + alignment extension) and fast+compile. benchmarks/summarize.py turns the JSON into the speedup table.
+(torch.compile of amp's generator; in the training step of every module), fast (amp + fused DMFB + alignment
+extension), fast+compile, and their reduce-overhead modes (-ro). benchmarks/summarize.py turns the JSON into
+the speedup table.
 
 CUDA: 256x256, inference batch 1/16/64, training batch 16. CPU (or DMFN_BENCH_QUICK=1): tiny shapes so
 the harness never rots; CPU numbers are CPU numbers, nothing more."""
