@@ -75,6 +75,9 @@ def train(args, resume_from=None):
     if args.compile:  # every module of the step; the bare parts stay eager for validation and checkpoints
         G, D, D_pair, criterion = (torch.compile(m, mode=args.compile_mode) for m in (G, D, D_pair, criterion))
     graphs = args.compile and args.compile_mode in ("reduce-overhead", "max-autotune")
+    if args.compile and rt.master:
+        print(f"--compile ({args.compile_mode}): the first steps compile G, D and the loss, which takes a minute "
+              "or more (minutes on a CPU); the steps after run the compiled graphs", file=sys.stderr)
 
     # ---- reporting (rank 0 writes)
     config_dict = {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(args).items()}
