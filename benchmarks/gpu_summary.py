@@ -161,8 +161,8 @@ def main(out):
     # the end-to-end targets in GPU time too (what they would be with no host cost)
     best_fast_gpu = first(*(e("train step", v, "gpu_ms") for v in BEST_FAST))
     gpu.update({
-        "generator_fwd_bwd_fast_compile_traced_vs_amp_compile": ratio(e("generator", "amp+compile", "gpu_ms"),
-                                                                      e("generator", "fast+compile (traced)", "gpu_ms")),
+        "generator_fwd_bwd_fast_compile_traced_vs_amp_compile": ratio(
+            e("generator", "amp+compile", "gpu_ms"), e("generator", "fast+compile (traced)", "gpu_ms")),
         "train_step_fast_vs_amp": ratio(e("train step", "amp", "gpu_ms"), e("train step", "fast", "gpu_ms")),
         "train_step_best_fast_vs_best_amp_compile": ratio(
             first(e("train step", "amp+compile", "gpu_ms"), e("train step", "amp+compile-ro", "gpu_ms")),
