@@ -242,8 +242,12 @@ def test_compile_compiles_every_module_of_the_step(tmp_path, monkeypatch):
 @pytest.mark.parametrize("flags, why", [
     (["--compile-mode", "reduce-overhead"], "applies only with --compile"),
     (["--compile", "--compile-mode", "reduce-overhead", "--device", "cpu"], "need CUDA"),
+    (["--compile", "--device", "cpu"], "needs a C++ compiler"),
 ])
-def test_compile_mode_refused(tmp_path, capsys, flags, why):
+def test_compile_refused_before_work(tmp_path, capsys, monkeypatch, flags, why):
+    if why.startswith("needs"):  # a machine without a C++ compiler
+        monkeypatch.setenv("CXX", "")
+        monkeypatch.setattr("shutil.which", lambda name: None)
     with pytest.raises(SystemExit) as e:
         run(tmp_path / "r", *flags)
     assert e.value.code == 2 and why in capsys.readouterr().err

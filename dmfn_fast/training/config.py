@@ -2,6 +2,7 @@
 here, before any work starts, so a typo never costs a training run."""
 import argparse
 import json
+import os
 
 from ..masks import KINDS
 from ..ops._impl import IMPLS
@@ -211,14 +212,28 @@ def check(p, a):
             p.error(f"--device {problem}")
     if a.compile_mode != "default" and not a.compile:
         p.error(f"--compile-mode {a.compile_mode} applies only with --compile: add --compile, or drop it")
-    if a.compile_mode in ("reduce-overhead", "max-autotune") and a.compile:
-        import torch
-
-        on_cpu = a.device.startswith("cpu") or (a.device == "auto" and not torch.cuda.is_available())
-        if on_cpu:  # torch would warn and compile without CUDA graphs: not what was asked
-            p.error(f"--compile-mode {a.compile_mode} replays CUDA graphs, which need CUDA; this run is on the "
-                    "CPU: use --compile-mode default")
+    if a.compile:
+        _check_compile(p, a)
     a.mask_probs = _parse_probs(p, a.mask_probs)
+
+
+def _check_compile(p, a):
+    """What torch.compile's Inductor needs, before any work: Triton on CUDA, a C++ compiler on a CPU, and
+    CUDA for the modes that replay CUDA graphs."""
+    import importlib.util
+    import shutil
+
+    import torch
+
+    on_cpu = a.device.startswith("cpu") or (a.device == "auto" and not torch.cuda.is_available())
+    if on_cpu and a.compile_mode in ("reduce-overhead", "max-autotune"):  # torch would run without graphs
+        p.error(f"--compile-mode {a.compile_mode} replays CUDA graphs, which need CUDA; this run is on the CPU: "
+                "use --compile-mode default")
+    if not on_cpu and importlib.util.find_spec("triton") is None:
+        p.error("--compile on CUDA needs Triton (pip install triton), which is not installed; or drop --compile")
+    if on_cpu and not any(shutil.which(c) for c in (os.environ.get("CXX", ""), "g++", "c++", "clang++") if c):
+        p.error("--compile on a CPU needs a C++ compiler (g++ or clang++; or set CXX); none was found: install "
+                "one, or drop --compile")
 
 
 def _parse_probs(p, s):
