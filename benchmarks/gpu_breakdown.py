@@ -161,7 +161,7 @@ def best_configs(cls):
     from dmfn_fast.kernels import dmfb_branches as kb
 
     out = {}
-    for k in ("fwd", "grad", "dgrad", "wgrad", "wgrad9"):
+    for k in ("fwd", "grad", "dgrad", "wgrad", "wgrad9", "fwd_tma", "grad_tma"):
         cfg = getattr(getattr(kb, f"branches_{k}_{cls}", None), "best_config", None)
         out[k] = None if cfg is None else str(cfg)
     return out
@@ -201,6 +201,13 @@ for dt in (torch.bfloat16, torch.float32):
                lambda: ops._branches_forward(h, w, b, DIL, grad=(dtg, mean, rstd, sa, sb)),
                4 * CONV, 9 * act)
         G = ops._branches_forward(h, w, b, DIL, grad=(dtg, mean, rstd, sa, sb))
+        if dt != torch.float32 and CUDA and torch.cuda.get_device_capability()[0] >= 9:
+            # the opt-in TMA kernels (DMFN_TMA=1): 2-D pixel tiles, h by tensor descriptor
+            record(g, "fused fwd kernel, TMA 2-D tiles", lambda: ops._branches_forward(h, w, b, DIL, tma=True),
+                   4 * CONV, 5 * act, configs=best_configs("lowp"))
+            record(g, "fused grad kernel, TMA 2-D tiles",
+                   lambda: ops._branches_forward(h, w, b, DIL, grad=(dtg, mean, rstd, sa, sb), tma=True),
+                   4 * CONV, 9 * act, configs=best_configs("lowp"))
         record(g, "suffix kernel (branches without IN)", lambda: ops._suffix(dtg), 0, 8 * act)
         record(g, "fused dgrad kernel", lambda: ops._branches_dgrad(w, G, DIL, h), 4 * CONV, 5 * act)
         record(g, "fused wgrad kernel", lambda: ops._branches_wgrad(h, G, DIL), 4 * CONV, 5 * act,

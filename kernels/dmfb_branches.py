@@ -16,6 +16,10 @@ def _cfg(bp, bn, bk, warps, stages):
     return triton.Config({"BLOCK_P": bp, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=warps, num_stages=stages)
 
 
+def _tcfg(th, tw, warps, stages):
+    return triton.Config({"TH": th, "TW": tw, "BLOCK_N": 64, "BLOCK_K": 64}, num_warps=warps, num_stages=stages)
+
+
 def _wcfg(bp, bci, bco, warps, stages):
     return triton.Config({"BLOCK_P": bp, "BLOCK_CI": bci, "BLOCK_CO": bco}, num_warps=warps, num_stages=stages)
 
@@ -36,6 +40,9 @@ CONFIGS = {
     "wgrad_f32": [_wcfg(32, 64, 64, 4, 2)],
     # sm_90 only (9 fp32 accumulators: 210-221 registers with 8 warps; on sm_80 they spill). 160/120/160 KB
     # of shared memory: 64-pixel tiles with 3 stages would need 240 KB, over the 227 KB a block may have.
+    # sm_90, fp16/bf16 (branches_fwd_tma): 2-D pixel tiles TH x TW
+    "fwd_tma_lowp": [_tcfg(8, 8, 4, 3), _tcfg(8, 16, 8, 3), _tcfg(16, 8, 8, 3), _tcfg(8, 8, 4, 4)],
+    "grad_tma_lowp": [_tcfg(8, 8, 4, 3), _tcfg(8, 16, 8, 3), _tcfg(8, 8, 8, 3)],
     "wgrad9_lowp": [_wcfg(64, 64, 64, 8, 2), _wcfg(32, 64, 64, 8, 3), _wcfg(32, 64, 64, 8, 4)],
 }
 
@@ -106,33 +113,114 @@ def branches_fwd(
             k0 += BLOCK_K
             tap = tl.where(k0 >= C, tap + 1, tap)
             k0 = tl.where(k0 >= C, 0, k0)
-        bias = tl.load(b_ptr + j * C + co, mask=cmask, other=0.0).to(tl.float32)
-        acc += bias[None, :]
-        # Round as the stored output is rounded, so that the backward's recomputation sees exactly the
-        # values the instance norm reads.
-        k = acc.to(out_ptr.dtype.element_ty)
-        if MODE == 0:
-            tl.store(out_ptr + o_rows + j * C + co[None, :], k, mask=omask)
-        else:
-            s_off = n * C4 + j * C + co
-            mean = tl.load(mean_ptr + s_off, mask=cmask, other=0.0)
-            rstd = tl.load(rstd_ptr + s_off, mask=cmask, other=0.0)
-            ga = tl.load(sa_ptr + s_off, mask=cmask, other=0.0) / HW
-            gb = tl.load(sb_ptr + s_off, mask=cmask, other=0.0) / HW
-            xh = (k.to(tl.float32) - mean[None, :]) * rstd[None, :]
-            dt = tl.load(dt_ptr + o_rows + j * C + co[None, :], mask=omask, other=0.0).to(tl.float32)
-            dz = tl.where(xh > 0, dt, 0.0)
-            dk = rstd[None, :] * (dz - ga[None, :] - xh * gb[None, :])
-            tl.store(out_ptr + o_rows + j * C + co[None, :], dk.to(out_ptr.dtype.element_ty), mask=omask)
+        acc = _branch_out(acc, j, b_ptr, out_ptr, dt_ptr, mean_ptr, rstd_ptr, sa_ptr, sb_ptr, n, o_rows, co,
+                          cmask, omask, HW, C, MODE)
     if MODE == 1:
-        # Suffix sums in place. The barrier makes this CTA's stores above visible to all its threads.
-        tl.debug_barrier()
-        g = tl.load(out_ptr + o_rows + 3 * C + co[None, :], mask=omask, other=0.0).to(tl.float32)
-        for jj in tl.static_range(3):
-            j = 2 - jj
-            ptrs = out_ptr + o_rows + j * C + co[None, :]
-            g += tl.load(ptrs, mask=omask, other=0.0).to(tl.float32)
-            tl.store(ptrs, g.to(out_ptr.dtype.element_ty), mask=omask)
+        _suffix_in_place(out_ptr, o_rows, co, omask, C)
+
+
+@triton.jit
+def _branch_out(acc, j, b_ptr, out_ptr, dt_ptr, mean_ptr, rstd_ptr, sa_ptr, sb_ptr, n, o_rows, co, cmask, omask,
+                HW, C, MODE: tl.constexpr):
+    """Branch j's epilogue: acc (k_j without biases) plus bias_j; MODE 0 stores k_j, MODE 1 dk_j (the IN +
+    ReLU backward). Returns acc with the bias, for the next branch's sum."""
+    bias = tl.load(b_ptr + j * C + co, mask=cmask, other=0.0).to(tl.float32)
+    acc += bias[None, :]
+    # Round as the stored output is rounded, so that the backward's recomputation sees exactly the
+    # values the instance norm reads.
+    k = acc.to(out_ptr.dtype.element_ty)
+    if MODE == 0:
+        tl.store(out_ptr + o_rows + j * C + co[None, :], k, mask=omask)
+    else:
+        s_off = n * (4 * C) + j * C + co
+        mean = tl.load(mean_ptr + s_off, mask=cmask, other=0.0)
+        rstd = tl.load(rstd_ptr + s_off, mask=cmask, other=0.0)
+        ga = tl.load(sa_ptr + s_off, mask=cmask, other=0.0) / HW
+        gb = tl.load(sb_ptr + s_off, mask=cmask, other=0.0) / HW
+        xh = (k.to(tl.float32) - mean[None, :]) * rstd[None, :]
+        dt = tl.load(dt_ptr + o_rows + j * C + co[None, :], mask=omask, other=0.0).to(tl.float32)
+        dz = tl.where(xh > 0, dt, 0.0)
+        dk = rstd[None, :] * (dz - ga[None, :] - xh * gb[None, :])
+        tl.store(out_ptr + o_rows + j * C + co[None, :], dk.to(out_ptr.dtype.element_ty), mask=omask)
+    return acc
+
+
+@triton.jit
+def _suffix_in_place(out_ptr, o_rows, co, omask, C):
+    """G_j = dk_j + ... + dk_4 over the tile's four chunks, in place. The barrier makes this CTA's stores
+    before it visible to all its threads."""
+    tl.debug_barrier()
+    g = tl.load(out_ptr + o_rows + 3 * C + co[None, :], mask=omask, other=0.0).to(tl.float32)
+    for jj in tl.static_range(3):
+        j = 2 - jj
+        ptrs = out_ptr + o_rows + j * C + co[None, :]
+        g += tl.load(ptrs, mask=omask, other=0.0).to(tl.float32)
+        tl.store(ptrs, g.to(out_ptr.dtype.element_ty), mask=omask)
+
+
+@triton.jit
+def branches_fwd_tma(
+    h_ptr, w_ptr, b_ptr, out_ptr,
+    dt_ptr, mean_ptr, rstd_ptr, sa_ptr, sb_ptr,
+    N, H, W, C,
+    D1: tl.constexpr, D2: tl.constexpr, D3: tl.constexpr, D4: tl.constexpr,
+    MODE: tl.constexpr, TH: tl.constexpr, TW: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """branches_fwd (both modes) on sm_90 with a 2-D tile of TH x TW pixels whose h operand comes by TMA:
+    for each tap one box [1, TH, TW, BLOCK_K] of h seen as [N, H, W, C], at the tile shifted by the tap,
+    the part outside the image zero-filled by the copy engine (the padding, with no index or mask
+    arithmetic), and the weights' [BLOCK_K, BLOCK_N] tile by TMA too. C must be a multiple of BLOCK_K
+    (the weight rows of one tap end where the next tap's begin) and of 8 (16-byte TMA strides)."""
+    BLOCK_P: tl.constexpr = TH * TW
+    pid = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    HW = H * W
+    tiles_x = tl.cdiv(W, TW)
+    tiles = tiles_x * tl.cdiv(H, TH)
+    n = pid // tiles
+    y0 = (pid % tiles) // tiles_x * TH
+    x0 = (pid % tiles) % tiles_x * TW
+    n0 = pid_n * BLOCK_N
+    h_desc = tl.make_tensor_descriptor(h_ptr, shape=[N, H, W, C], strides=[HW * C, W * C, C, 1],
+                                       block_shape=[1, TH, TW, BLOCK_K])
+    w_desc = tl.make_tensor_descriptor(w_ptr, shape=[36 * C, C], strides=[C, 1], block_shape=[BLOCK_K, BLOCK_N])
+    r = tl.arange(0, BLOCK_P)
+    y = y0 + r // TW
+    x = x0 + r % TW
+    co = n0 + tl.arange(0, BLOCK_N)
+    cmask = co < C
+    o_rows = (n.to(tl.int64) * HW + y * W + x)[:, None] * (4 * C)
+    omask = ((y < H) & (x < W))[:, None] & cmask[None, :]
+    KT = C // BLOCK_K
+    acc = tl.zeros([BLOCK_P, BLOCK_N], dtype=tl.float32)
+    for j in range(4):
+        D = _dilation(j, D1, D2, D3, D4)
+        tap = 0
+        k0 = 0
+        for it in range(0, 9 * KT):  # (tap, k0) stepped as in branches_fwd
+            a = h_desc.load([n, y0 + (tap // 3 - 1) * D, x0 + (tap % 3 - 1) * D, k0]).reshape(BLOCK_P, BLOCK_K)
+            b = w_desc.load([(j * 9 + tap) * C + k0, n0])
+            acc = tl.dot(a, b, acc)
+            k0 += BLOCK_K
+            tap = tl.where(k0 >= C, tap + 1, tap)
+            k0 = tl.where(k0 >= C, 0, k0)
+        acc = _branch_out(acc, j, b_ptr, out_ptr, dt_ptr, mean_ptr, rstd_ptr, sa_ptr, sb_ptr, n, o_rows, co,
+                          cmask, omask, HW, C, MODE)
+    if MODE == 1:
+        _suffix_in_place(out_ptr, o_rows, co, omask, C)
+
+
+@triton.jit
+def branches_grad_tma(
+    h_ptr, w_ptr, b_ptr, out_ptr,
+    dt_ptr, mean_ptr, rstd_ptr, sa_ptr, sb_ptr,
+    N, H, W, C,
+    D1: tl.constexpr, D2: tl.constexpr, D3: tl.constexpr, D4: tl.constexpr,
+    TH: tl.constexpr, TW: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """branches_fwd_tma's MODE 1 as a kernel of its own (as branches_grad)."""
+    branches_fwd_tma(h_ptr, w_ptr, b_ptr, out_ptr, dt_ptr, mean_ptr, rstd_ptr, sa_ptr, sb_ptr, N, H, W, C,
+                     D1, D2, D3, D4, 1, TH, TW, BLOCK_N, BLOCK_K)
 
 
 @triton.jit
@@ -378,4 +466,6 @@ branches_dgrad_lowp = _autotuned(branches_dgrad, "dgrad_lowp", _DGRAD_KEY)
 branches_dgrad_f32 = _autotuned(branches_dgrad, "dgrad_f32", _DGRAD_KEY)
 branches_wgrad_lowp = _autotuned(branches_wgrad, "wgrad_lowp", _WGRAD_KEY, ("dw_ptr", "db_ptr"))
 branches_wgrad_f32 = _autotuned(branches_wgrad, "wgrad_f32", _WGRAD_KEY, ("dw_ptr", "db_ptr"))
+branches_fwd_tma_lowp = _autotuned(branches_fwd_tma, "fwd_tma_lowp", _CONV_KEY[:-1])  # no PREC: bf16/fp16 only
+branches_grad_tma_lowp = _autotuned(branches_grad_tma, "grad_tma_lowp", _CONV_KEY[:-1])
 branches_wgrad9_lowp = _autotuned(branches_wgrad9, "wgrad9_lowp", _WGRAD_KEY, ("dw_ptr", "db_ptr"))

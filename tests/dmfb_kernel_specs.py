@@ -27,9 +27,11 @@ def branches_specs(dtype="bf16"):
         ("dgrad", kb.branches_dgrad, dgrad_sig, {}, ("C",)),
         ("wgrad", kb.branches_wgrad, wgrad_sig, {}, ("C", "PIX_PER_SPLIT")),
         ("wgrad9", kb.branches_wgrad9, wgrad_sig, {}, ("C", "PIX_PER_SPLIT")),
+        ("fwd_tma", kb.branches_fwd_tma, fwd_sig, dict(MODE=0), ("C", "W")),
+        ("grad_tma", kb.branches_grad_tma, fwd_sig, {}, ("C", "W")),
     ):
-        for cfg in kb.CONFIGS.get(f"{name}_{cls}", []):  # wgrad9: fp16/bf16 only
-            cx = dict(dil, **flags, **extra, **cfg.kwargs)
+        for cfg in kb.CONFIGS.get(f"{name}_{cls}", []):  # wgrad9, *_tma: fp16/bf16 only
+            cx = dict(dil, **({} if name.endswith("_tma") else flags), **extra, **cfg.kwargs)
             full = dict(sig, **{k: "constexpr" for k in cx})
             ptrs = tuple(k for k, v in sig.items() if v.startswith("*"))
             opts = dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages)

@@ -1,6 +1,6 @@
 """Every DMFB Triton kernel, at every autotune config, compiles to a cubin for sm_80 and sm_90 without
-a GPU, with no register spills (the sm_90-only branches_wgrad9 for sm_90 alone); the tensor-core kernels
-use HMMA (sm_80) / HGMMA (sm_90).
+a GPU, with no register spills (the sm_90-only branches_wgrad9 and TMA kernels for sm_90 alone); the
+tensor-core kernels use HMMA (sm_80) / HGMMA (sm_90), and the TMA kernels load by TMA (UTMALDG).
 
 Compiled as a real launch specializes them: pointers 16-byte aligned, channel counts divisible by 16.
 Spills are read from the cubin with the cuobjdump bundled in the triton wheel (stack frame and
@@ -44,7 +44,7 @@ def _compile_and_inspect(fn, signature, constexprs, options, divisible, cap):
         res = subprocess.run([_cuobjdump(), "-res-usage", path], capture_output=True, text=True, check=True).stdout
         sass = subprocess.run([_cuobjdump(), "-sass", path], capture_output=True, text=True, check=True).stdout
     usage = {k: int(v) for k, v in re.findall(r"\b(REG|STACK|LOCAL):(\d+)", res)}
-    ops = {op: len(re.findall(r"\b" + op + r"\b", sass)) for op in ("HMMA", "HGMMA", "LDL", "STL")}
+    ops = {op: len(re.findall(r"\b" + op + r"\b", sass)) for op in ("HMMA", "HGMMA", "LDL", "STL", "UTMALDG")}
     return dict(usage, **ops)
 
 
@@ -52,7 +52,7 @@ def _worker(jobs):
     out = {}
     for cap, dtype in jobs:
         for name, fn, sig, cx, opts, div in compile_specs(dtype):
-            if name.startswith("wgrad9") and cap < 90:  # sm_90 only (dmfb._taps9): it spills on sm_80
+            if name.startswith(("wgrad9", "fwd_tma", "grad_tma")) and cap < 90:  # sm_90 only (dmfb._taps9, _tma)
                 continue
             key = f"sm_{cap} {dtype} {name}"
             try:
@@ -82,7 +82,7 @@ def compiled():
 
 def test_every_kernel_and_config_compiles_without_spills(compiled):
     expected = {f"sm_{cap} {dt} {spec[0]}" for cap in CAPS for dt in DTYPES for spec in compile_specs(dt)
-                if cap >= 90 or not spec[0].startswith("wgrad9")}
+                if cap >= 90 or not spec[0].startswith(("wgrad9", "fwd_tma", "grad_tma"))}
     assert set(compiled) == expected
     bad = []
     for key, r in sorted(compiled.items()):
@@ -96,12 +96,14 @@ def test_every_kernel_and_config_compiles_without_spills(compiled):
 def test_tensor_cores_used(compiled):
     """fp16/bf16 and TF32 branch kernels run their dots on tensor cores (IEEE fp32 uses FMA by design)."""
     conv = [k for k in compiled if (" bf16 " in k or " tf32 " in k) and k.split()[2].split("[")[0] in
-            ("fwd_lowp", "grad_lowp", "dgrad_lowp", "wgrad_lowp", "wgrad9_lowp", "fwd_f32", "grad_f32", "dgrad_f32",
-             "wgrad_f32")]
+            ("fwd_lowp", "grad_lowp", "dgrad_lowp", "wgrad_lowp", "wgrad9_lowp", "fwd_tma_lowp", "grad_tma_lowp",
+             "fwd_f32", "grad_f32", "dgrad_f32", "wgrad_f32")]
     assert conv
     for key in conv:
         op = "HGMMA" if key.startswith("sm_90") else "HMMA"
         assert compiled[key][op] > 0, f"{key}: no {op} instructions"
+        if "_tma_" in key:
+            assert compiled[key]["UTMALDG"] > 0, f"{key}: no TMA loads"
 
 
 if __name__ == "__main__":

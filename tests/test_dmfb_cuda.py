@@ -105,6 +105,34 @@ def test_wgrad9_matches_float64(dtype, shape):
             assert _err(db[j], b) <= 1e-4, (taps9, j, _err(db[j], b))
 
 
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] < 9,
+                    reason="the TMA branch kernels are for sm_90 and newer")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(16, 64, 64, 64), (1, 64, 37, 29), (2, 128, 24, 40)])
+def test_tma_kernels_match_row_kernels(dtype, shape):
+    """The opt-in TMA forward and grad kernels (DMFN_TMA=1: 2-D pixel tiles, h by tensor descriptor, the
+    padding zero-filled by the copy engine) at full size and at odd sizes (edge tiles past the image), against
+    the row kernels and the forward against float64."""
+    N, C, H, W = shape
+    g = torch.Generator(device="cuda").manual_seed(0)
+    cl = lambda t: t.to(dtype).contiguous(memory_format=torch.channels_last)  # noqa: E731
+    h = cl(torch.randn(N, C, H, W, device="cuda", generator=g))
+    ws = [torch.randn(C, C, 3, 3, device="cuda", generator=g) / (3 * C ** 0.5) for _ in range(4)]
+    bs = [torch.randn(C, device="cuda", generator=g) * 0.1 for _ in range(4)]
+    w, b = dmfb.pack_branches([x.to(dtype) for x in ws], [x.to(dtype) for x in bs], dtype)
+    rows = dmfb._branches_forward(h, w, b, [1, 2, 4, 8], tma=False)
+    tma = dmfb._branches_forward(h, w, b, [1, 2, 4, 8], tma=True)
+    f64 = dmfb.dmfb_branches_reference(h.double(), [x.to(dtype).double() for x in ws],
+                                       [x.to(dtype).double() for x in bs])
+    assert _err(tma, f64) <= TOL[dtype] and _err(tma, rows) <= TOL[dtype], (_err(tma, f64), _err(tma, rows))
+    t, mean, rstd = dmfb._in_act_fn(rows, None, True)
+    dt = cl(torch.randn(t.shape, device="cuda", generator=g))
+    sa, sb = dmfb._in_backward_sums(dt, t, mean, rstd, relu=True, from_y=True)
+    G_rows = dmfb._branches_forward(h, w, b, [1, 2, 4, 8], grad=(dt, mean, rstd, sa, sb), tma=False)
+    G_tma = dmfb._branches_forward(h, w, b, [1, 2, 4, 8], grad=(dt, mean, rstd, sa, sb), tma=True)
+    assert _err(G_tma, G_rows) <= TOL[dtype], _err(G_tma, G_rows)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_nchw_input_accepted(dtype):
     torch.manual_seed(0)

@@ -45,6 +45,9 @@ CASES["dmfb-block-autocast-bf16"] = ("block_autocast", dict(N=2, H=12, W=10))
 # The kernels' K loop in several steps (C over BLOCK_K, as on a GPU for C > 64): the interpreter's own tiles
 # cover C in one step.
 CASES["branches-in-relu-k-steps-C48"] = ("k_steps", dict(N=2, H=9, W=7, C=48, block=16))
+# The opt-in TMA kernels (2-D tiles, h by tensor descriptor) with tiles smaller than the image and than C:
+# edge tiles past the image, the K loop in steps, two channel tiles.
+CASES["tma-kernels-tiles-k-steps-C32"] = ("tma", dict(N=2, H=9, W=13, C=32, TH=4, TW=8, block=16))
 CASES["generator-fp32-2x20x16"] = ("generator", dict(N=2, H=20, W=16))
 CASES["generator-fused-norms-save-less"] = ("fused_norms", dict(N=2, H=16, W=12))
 CASES["torch-compile-aot-eager"] = ("compiled", dict(N=2, H=13, W=11))
@@ -260,6 +263,37 @@ def check_k_steps(N, H, W, C, block):
         return check_branches_in_relu("fp32", N, H, W, C)
     finally:
         dmfb._conv_kernel = real
+
+
+def check_tma(N, H, W, C, TH, TW, block):
+    """branches_fwd_tma (MODE 0) and branches_grad_tma launched directly with small tiles, against the row
+    kernels (the ops' path) and the forward against float64."""
+    import triton
+
+    from dmfn_fast.kernels import dmfb_branches as kb
+    from dmfn_fast.ops import dmfb as ops
+
+    triton.set_allocator(lambda size, alignment, stream: torch.empty(size, dtype=torch.int8))
+    cl = lambda t: t.contiguous(memory_format=torch.channels_last)  # noqa: E731
+    h = cl(torch.randn(N, C, H, W))
+    ws = [torch.randn(C, C, 3, 3) / (3 * C ** 0.5) for _ in range(4)]
+    bs = [torch.randn(C) * 0.1 for _ in range(4)]
+    w, b = ops.pack_branches(ws, bs, torch.float32)
+    grid = (N * -(-H // TH) * -(-W // TW), -(-C // block))
+    tiles = dict(D1=1, D2=2, D3=4, D4=8, TH=TH, TW=TW, BLOCK_N=block, BLOCK_K=block)
+    unused = torch.empty(1)
+    out = torch.empty_like(h.new_empty(N, 4 * C, H, W), memory_format=torch.channels_last)
+    kb.branches_fwd_tma[grid](h, w, b, out, h, unused, unused, unused, unused, N, H, W, C, MODE=0, **tiles)
+    rows = ops._branches_forward(h, w, b, ops.DILATIONS, tma=False)
+    f64 = ops.dmfb_branches_reference(h.double(), [x.double() for x in ws], [x.double() for x in bs])
+    t, mean, rstd = ops._in_act_fn(rows, None, True)
+    dt = cl(torch.randn_like(t))
+    sa, sb = ops._in_backward_sums(dt, t, mean, rstd, relu=True, from_y=True)
+    G = torch.empty_like(out)
+    kb.branches_grad_tma[grid](h, w, b, G, dt, mean, rstd, sa, sb, N, H, W, C, **tiles)
+    G_rows = ops._branches_forward(h, w, b, ops.DILATIONS, grad=(dt, mean, rstd, sa, sb), tma=False)
+    return [("fwd vs row kernel", _err(out, rows)), ("fwd vs float64", _err(out.double(), f64)),
+            ("grad vs row kernel", _err(G, G_rows))]
 
 
 def check_fused_norms(N, H, W):

@@ -155,7 +155,8 @@ def _empty_cl(n, c, h, w, like, dtype=None):
 
 
 def _conv_kernel(name, dtype, pixels, C):
-    """(kernel, launch kwargs) for one of the branch kernels ("fwd", "grad", "dgrad", "wgrad", "wgrad9").
+    """(kernel, launch kwargs) for one of the branch kernels ("fwd", "grad", "dgrad", "wgrad", "wgrad9",
+    "fwd_tma", "grad_tma").
 
     Compiled: the autotuned variant for the dtype class (tensor cores for fp16/bf16; fp32 with TF32 dots
     when torch.backends.cudnn.allow_tf32 is on, IEEE dots when it is off).
@@ -169,8 +170,11 @@ def _conv_kernel(name, dtype, pixels, C):
     if not INTERPRET:
         return getattr(_kb, f"branches_{name}_{'lowp' if lowp else 'f32'}"), flags
     raw = {"fwd": _kb.branches_fwd, "grad": _kb.branches_grad, "dgrad": _kb.branches_dgrad,
-           "wgrad": _kb.branches_wgrad, "wgrad9": _kb.branches_wgrad9}[name]
+           "wgrad": _kb.branches_wgrad, "wgrad9": _kb.branches_wgrad9, "fwd_tma": _kb.branches_fwd_tma,
+           "grad_tma": _kb.branches_grad_tma}[name]
     bp, bc = min(4096, triton.next_power_of_2(pixels)), max(16, triton.next_power_of_2(C))
+    if name.endswith("_tma"):  # one 16 x 16 tile (TMA boxes hold at most 256 per side); C a power of two
+        return raw, dict(TH=16, TW=16, BLOCK_N=C, BLOCK_K=C)
     tiles = dict(BLOCK_CI=bc, BLOCK_CO=bc) if name.startswith("wgrad") else dict(BLOCK_N=bc, BLOCK_K=bc)
     return raw, dict(flags, BLOCK_P=bp, **tiles)
 
@@ -233,20 +237,48 @@ def _cdiv(a, b):
     return -(-a // b)
 
 
-def _branches_forward(h, w, b, dil, grad=None):
+_TMA = os.environ.get("DMFN_TMA", "0") == "1"
+
+
+def _tma(h):
+    """Whether the forward and grad branch kernels take h by TMA in 2-D pixel tiles (branches_fwd_tma)
+    rather than as gathered rows: opt-in with DMFN_TMA=1 until a GPU benchmark shows it faster
+    (gpu_breakdown.py times both); fp16/bf16 on sm_90 or newer, C a multiple of 64, in eager only (traced
+    by torch.compile, the row kernels stay: the descriptors' scratch memory in Inductor's launches is
+    unverified)."""
+    return (_TMA and not INTERPRET and h.dtype != torch.float32 and h.device.type == "cuda"
+            and not torch.compiler.is_compiling() and not torch._C._len_torch_dispatch_stack()  # before data_ptr
+            and h.shape[1] % 64 == 0 and h.data_ptr() % 16 == 0
+            and torch.cuda.get_device_capability(h.device)[0] >= 9)
+
+
+def _tma_scratch(device, size, alignment, stream):
+    """Global memory for the kernels' TMA descriptors (made on the device at launch)."""
+    return torch.empty(size, device=device, dtype=torch.int8)
+
+
+def _branches_forward(h, w, b, dil, grad=None, tma=None):
     """Launch the branch kernel. grad=None: returns the cat [k1..k4].
-    grad=(dt, mean, rstd, sa, sb): returns the suffix sums G of dk (MODE 1)."""
+    grad=(dt, mean, rstd, sa, sb): returns the suffix sums G of dk (MODE 1).
+    tma: force (True) or refuse (False) the TMA kernels; None: _tma."""
     N, C, H, W = h.shape
     mode = 0 if grad is None else 1
-    kern, kw = _conv_kernel("fwd" if mode == 0 else "grad", h.dtype, H * W, C)
+    tma = _tma(h) if tma is None else tma
+    kern, kw = _conv_kernel(("fwd" if mode == 0 else "grad") + ("_tma" if tma else ""), h.dtype, H * W, C)
     out = _empty_cl(N, 4 * C, H, W, h)
     if mode == 0:  # reads none of the gradient inputs: h and one fp32 placeholder stand in for them
         unused = torch.empty(1, device=h.device, dtype=torch.float32)
         grad = (h, unused, unused, unused, unused)
     dt, mean, rstd, sa, sb = grad
-    grid = lambda META: (N * _cdiv(H * W, META["BLOCK_P"]), _cdiv(C, META["BLOCK_N"]))  # noqa: E731
+    if tma:
+        # the allocator is per thread (a ContextVar), and the autograd engine runs backward on its own
+        triton.set_allocator(functools.partial(_tma_scratch, h.device))
+        grid = lambda META: (N * _cdiv(H, META["TH"]) * _cdiv(W, META["TW"]), _cdiv(C, META["BLOCK_N"]))  # noqa: E731
+        kw = {k: v for k, v in kw.items() if k not in ("UPCAST", "PREC")}
+    else:
+        grid = lambda META: (N * _cdiv(H * W, META["BLOCK_P"]), _cdiv(C, META["BLOCK_N"]))  # noqa: E731
     if mode == 0:
-        kw = dict(kw, MODE=0)  # branches_grad is MODE 1 by construction
+        kw = dict(kw, MODE=0)  # branches_grad(_tma) is MODE 1 by construction
     _kernel(kern, h)[grid](
         h, w, b, out, dt, mean, rstd, sa, sb, N, H, W, C, D1=dil[0], D2=dil[1], D3=dil[2], D4=dil[3], **kw)
     return out
@@ -557,7 +589,8 @@ _PACKED = {}
 def _pack(weights, biases, dtype):
     w = torch.stack(list(weights)).permute(0, 3, 4, 2, 1)  # [4, ky, kx, ci, co]
     w = w.reshape(4, 9, w.shape[-2], w.shape[-1])
-    return w.to(dtype, memory_format=torch.contiguous_format), torch.stack(list(biases)).to(dtype)
+    # .to() returns the permuted view itself when the dtype already matches: contiguous() makes the copy
+    return w.to(dtype).contiguous(), torch.stack(list(biases)).to(dtype)
 
 
 class _BranchesInReluEager(torch.autograd.Function):
