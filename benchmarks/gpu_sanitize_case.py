@@ -1,6 +1,6 @@
-"""One small fused DMFB forward+backward (bf16 and fp32, odd sizes) and the centroid op in each of its kernel
-paths on CUDA: the workload gpu_check.sh runs under compute-sanitizer memcheck. Exits non-zero if a result
-is not finite."""
+"""One small fused DMFB forward+backward (bf16 and fp32, odd sizes), on sm_90 the opt-in TMA and 9-tap
+kernels, and the centroid op in each of its kernel paths on CUDA: the workload gpu_check.sh runs under
+compute-sanitizer memcheck. Exits non-zero if a result is not finite."""
 import torch
 
 from dmfn_fast.models import DMFB
@@ -14,6 +14,20 @@ for dt in (torch.bfloat16, torch.float32):
     y = m(x)
     y.float().square().sum().backward()
     assert torch.isfinite(y).all() and torch.isfinite(x.grad).all()
+# the sm_90 opt-in kernels (DMFN_TMA=1, DMFN_WGRAD9=1) at an odd size: TMA forward and grad, 9-tap wgrad
+if torch.cuda.get_device_capability()[0] >= 9:
+    from dmfn_fast.ops import dmfb as ops
+
+    C, dt = 64, torch.bfloat16
+    h = torch.randn(2, C, 13, 11, device="cuda", dtype=dt).contiguous(memory_format=torch.channels_last)
+    w, b = ops.pack_branches([torch.randn(C, C, 3, 3, device="cuda", dtype=dt) / 24 for _ in range(4)],
+                             [torch.zeros(C, device="cuda", dtype=dt) for _ in range(4)], dt)
+    k = ops._branches_forward(h, w, b, ops.DILATIONS, tma=True)
+    t, mean, rstd = ops._in_act_fn(k, None, True)
+    sa, sb = ops._in_backward_sums(t, t, mean, rstd, relu=True, from_y=True)
+    G = ops._branches_forward(h, w, b, ops.DILATIONS, grad=(t, mean, rstd, sa, sb), tma=True)
+    dw, db = ops._branches_wgrad(h, G, ops.DILATIONS, taps9=True)
+    assert torch.isfinite(k).all() and torch.isfinite(G).all() and torch.isfinite(dw).all()
 # every centroid kernel: planes (NCHW), 16-byte channels-last (C a multiple of 8 in bf16, 4 in fp32), and
 # scalar channels-last (C = 6 in bf16)
 for dt, C, mf in ((torch.float32, 8, torch.contiguous_format), (torch.bfloat16, 24, torch.channels_last),
