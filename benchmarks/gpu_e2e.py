@@ -20,7 +20,7 @@ Appends one JSON object per measurement to OUT_DIR/e2e.jsonl as it goes, the com
 compilation is the slowest part). Times are medians of CUDA-event-timed calls after warm-up; the training
 step's MFU counts the reference model's FLOPs (torch's counter) against the datasheet bf16 peak; peak memory
 is torch's max_memory_allocated over the timed calls. Rows timed with their GPU-time split also hold their
-20 longest kernels; training-step rows their first step's loss terms (the same weights and batch in every
+20 longest kernels; training-step rows their first two steps' loss terms (the same weights and batch in every
 variant, so compiled and eager must agree) and their GPU and host time per part of the step.
 """
 import argparse
@@ -104,10 +104,12 @@ def record(case, variant, fn, flop=0, images=0, rounds=ROUNDS, classes=False):
     train = case.startswith("train step")
     try:
         t0 = time.perf_counter()
-        if train:  # the first step from the fixed weights and batch (compiled and eager must agree on it) is
-            terms, ok = fn()  # the first warm-up call
-            row.update(first_step_ok=bool(ok), first_step_terms={k: float(v) for k, v in terms.items()})
-        ms, peak = median_ms(fn, rounds, WARM - train)
+        if train:  # the first steps from the fixed weights and batch, which compiled and eager must agree on (the
+            # second's terms follow from the first's gradients and update), are the first warm-up calls
+            firsts = [fn() for _ in range(min(2, WARM))]
+            row.update(first_step_ok=all(bool(ok) for _, ok in firsts),
+                       first_steps_terms=[{k: float(v) for k, v in terms.items()} for terms, _ in firsts])
+        ms, peak = median_ms(fn, rounds, WARM - min(2, WARM) if train else WARM)
         row.update(ms=ms, peak_mem_mib=peak, wall_s_incl_warmup=time.perf_counter() - t0)
         if classes and CUDA:
             try:

@@ -45,10 +45,11 @@ def test_compiled_step_rows_are_held_to_their_eager_base():
     sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
     from gpu_summary import step_parity
 
-    def row(variant, g, d, case="train step 256px batch 16"):
-        return dict(case=case, variant=variant, first_step_terms={"G": g, "D": d})
+    def row(variant, g, d, g2=1.0, case="train step 256px batch 16"):
+        return dict(case=case, variant=variant, first_steps_terms=[{"G": g, "D": d}, {"G": g2, "D": d}])
     rows = [row("fast", 2.0, 1.0), row("amp", 4.0, 1.0), row("fast+compile (traced)", 2.0, 1.01),
-            row("fast+compile-ro (traced)", 1.9, 1.0), row("amp+compile-ro", 4.0, 1.0),
-            row("fast+compile", 9.0, 9.0, case="generator fwd+bwd 256px batch 16")]
+            row("fast+compile-ro (traced)", 1.9, 1.0), row("amp+compile-ro", 4.0, 1.0, g2=1.2),
+            row("fast+compile", 9.0, 9.0, case="generator fwd+bwd 256px batch 16"),
+            dict(case="train step 256px batch 16", variant="amp+compile", first_step_terms={"G": 4.4, "D": 1.0})]
     assert step_parity(rows) == {"fast+compile (traced)": 0.01, "fast+compile-ro (traced)": 0.05,
-                                 "amp+compile-ro": 0.0}
+                                 "amp+compile-ro": 0.2, "amp+compile": 0.1}
