@@ -87,15 +87,17 @@ KERNEL_CLASSES = [("fused DMFB (ours)", ("branches_", "in_stats", "in_apply", "i
                                        "grad_channels", "finish"))]
 
 
+def kernel_class(name):
+    return next((c for c, keys in KERNEL_CLASSES if any(k in name.lower() for k in keys)), "other")
+
+
 def gpu_by_class(fn, steps=3, top=0):
     """GPU time per call (kernels only), its split by kernel class, in ms, and the `top` longest kernels
     [name cut to 90 characters, class, ms per call]."""
     split, per = {}, kernel_ms(fn, steps)
     for name, t in per.items():
-        cls = next((c for c, keys in KERNEL_CLASSES if any(k in name.lower() for k in keys)), "other")
-        split[cls] = split.get(cls, 0.0) + t
-    longest = [[n[:90], next((c for c, keys in KERNEL_CLASSES if any(k in n.lower() for k in keys)), "other"),
-                round(t, 3)] for n, t in sorted(per.items(), key=lambda kv: -kv[1])[:top]]
+        split[kernel_class(name)] = split.get(kernel_class(name), 0.0) + t
+    longest = [[n[:90], kernel_class(n), round(t, 3)] for n, t in sorted(per.items(), key=lambda kv: -kv[1])[:top]]
     return round(sum(split.values()), 3), {k: round(v, 3) for k, v in sorted(split.items())}, longest
 
 

@@ -53,6 +53,15 @@ def _dilation(j, D1: tl.constexpr, D2: tl.constexpr, D3: tl.constexpr, D4: tl.co
 
 
 @triton.jit
+def _next_k(tap, k0, C, BLOCK_K: tl.constexpr):
+    """The K loop's next (tap, channel offset): stepped, not divided out of the loop counter (an integer
+    division by a run-time value costs about 20 instructions)."""
+    k0 += BLOCK_K
+    tap = tl.where(k0 >= C, tap + 1, tap)
+    return tap, tl.where(k0 >= C, 0, k0)
+
+
+@triton.jit
 def branches_fwd(
     h_ptr, w_ptr, b_ptr, out_ptr,
     dt_ptr, mean_ptr, rstd_ptr, sa_ptr, sb_ptr,
@@ -94,7 +103,7 @@ def branches_fwd(
         w_base = w_ptr + j * 9 * C * C
         tap = 0
         k0 = 0
-        for it in range(0, 9 * KT):  # (tap, k0) stepped, not divided out of it: a division costs ~20 instructions
+        for it in range(0, 9 * KT):
             kk = k0 + ks
             dy = (tap // 3 - 1) * D
             dx = (tap % 3 - 1) * D
@@ -110,9 +119,7 @@ def branches_fwd(
                 a = a.to(tl.float32)
                 b = b.to(tl.float32)
             acc = tl.dot(a, b, acc, input_precision=PREC)
-            k0 += BLOCK_K
-            tap = tl.where(k0 >= C, tap + 1, tap)
-            k0 = tl.where(k0 >= C, 0, k0)
+            tap, k0 = _next_k(tap, k0, C, BLOCK_K)
         acc = _branch_out(acc, j, b_ptr, out_ptr, dt_ptr, mean_ptr, rstd_ptr, sa_ptr, sb_ptr, n, o_rows, co,
                           cmask, omask, HW, C, MODE)
     if MODE == 1:
@@ -197,13 +204,11 @@ def branches_fwd_tma(
         D = _dilation(j, D1, D2, D3, D4)
         tap = 0
         k0 = 0
-        for it in range(0, 9 * KT):  # (tap, k0) stepped as in branches_fwd
+        for it in range(0, 9 * KT):
             a = h_desc.load([n, y0 + (tap // 3 - 1) * D, x0 + (tap % 3 - 1) * D, k0]).reshape(BLOCK_P, BLOCK_K)
             b = w_desc.load([(j * 9 + tap) * C + k0, n0])
             acc = tl.dot(a, b, acc)
-            k0 += BLOCK_K
-            tap = tl.where(k0 >= C, tap + 1, tap)
-            k0 = tl.where(k0 >= C, 0, k0)
+            tap, k0 = _next_k(tap, k0, C, BLOCK_K)
         acc = _branch_out(acc, j, b_ptr, out_ptr, dt_ptr, mean_ptr, rstd_ptr, sa_ptr, sb_ptr, n, o_rows, co,
                           cmask, omask, HW, C, MODE)
     if MODE == 1:

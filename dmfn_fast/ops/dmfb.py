@@ -164,9 +164,11 @@ def _conv_kernel(name, dtype, pixels, C):
     interpreter's cost is per op and per program and its autotuner cannot benchmark; its bf16/fp16
     dots are unreliable, so they run in fp32 there."""
     lowp = dtype != torch.float32
-    # fp32 follows cuDNN's convolutions: TF32 tensor cores when allowed (PyTorch's default), else IEEE.
+    # fp32 follows cuDNN's convolutions: TF32 tensor cores when allowed (PyTorch's default), else IEEE. The
+    # TMA kernels take neither flag (fp16/bf16 on the GPU; fp32 tiles as they are under the interpreter).
     tf32 = lowp or torch.backends.cudnn.allow_tf32
-    flags = dict(UPCAST=lowp and INTERPRET, PREC="tf32" if tf32 and not INTERPRET else "ieee")
+    flags = {} if name.endswith("_tma") else dict(UPCAST=lowp and INTERPRET,
+                                                   PREC="tf32" if tf32 and not INTERPRET else "ieee")
     if not INTERPRET:
         return getattr(_kb, f"branches_{name}_{'lowp' if lowp else 'f32'}"), flags
     raw = {"fwd": _kb.branches_fwd, "grad": _kb.branches_grad, "dgrad": _kb.branches_dgrad,
@@ -274,7 +276,6 @@ def _branches_forward(h, w, b, dil, grad=None, tma=None):
         # the allocator is per thread (a ContextVar), and the autograd engine runs backward on its own
         triton.set_allocator(functools.partial(_tma_scratch, h.device))
         grid = lambda META: (N * _cdiv(H, META["TH"]) * _cdiv(W, META["TW"]), _cdiv(C, META["BLOCK_N"]))  # noqa: E731
-        kw = {k: v for k, v in kw.items() if k not in ("UPCAST", "PREC")}
     else:
         grid = lambda META: (N * _cdiv(H * W, META["BLOCK_P"]), _cdiv(C, META["BLOCK_N"]))  # noqa: E731
     if mode == 0:
