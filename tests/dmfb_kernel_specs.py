@@ -49,13 +49,14 @@ def instance_norm_specs(dtype="bf16"):
     tiles = dict(BLOCK_P=kn.BLOCK_P, BLOCK_C=kn.BLOCK_C)
     opts = dict(num_warps=kn.NUM_WARPS)
     specs = [
-        ("in_stats", kn.in_stats, dict(x_ptr=act, shift_ptr=f32, sum_ptr=f32, sumsq_ptr=f32, HW="i32", C="i32"),
-         {}),
+        ("in_stats", kn.in_stats, dict(x_ptr=act, shift_ptr=f32, sum_ptr=f32, sumsq_ptr=f32, HW="i32", C="i32",
+                                       PIX_PER_SPLIT="i32"), {}),
         ("in_apply", kn.in_apply, dict(x_ptr=act, res_ptr=act, y_ptr=act, shift_ptr=f32, sum_ptr=f32,
                                        sumsq_ptr=f32, mean_ptr=f32, rstd_ptr=f32, HW="i32", C="i32", eps="fp32"),
          dict(RELU=True, RESIDUAL=True)),
         ("in_bwd_reduce", kn.in_bwd_reduce, dict(dy_ptr=act, x_ptr=act, mean_ptr=f32, rstd_ptr=f32, sa_ptr=f32,
-                                                 sb_ptr=f32, HW="i32", C="i32"), dict(RELU=True, FROM_Y=False)),
+                                                 sb_ptr=f32, HW="i32", C="i32", PIX_PER_SPLIT="i32"),
+         dict(RELU=True, FROM_Y=False)),
         ("in_bwd_apply", kn.in_bwd_apply, dict(dy_ptr=act, x_ptr=act, mean_ptr=f32, rstd_ptr=f32, sa_ptr=f32,
                                                sb_ptr=f32, dx_ptr=act, HW="i32", C="i32"), dict(RELU=True)),
     ]
@@ -63,7 +64,8 @@ def instance_norm_specs(dtype="bf16"):
     for name, fn, sig, cx in specs:
         cx = dict(cx, **tiles)
         ptrs = tuple(k for k, v in sig.items() if v.startswith("*"))
-        out.append((name, fn, dict(sig, **{k: "constexpr" for k in cx}), cx, opts, ptrs + ("C",)))
+        div = ptrs + ("C",) + (("PIX_PER_SPLIT",) if "PIX_PER_SPLIT" in sig else ())
+        out.append((name, fn, dict(sig, **{k: "constexpr" for k in cx}), cx, opts, div))
     return out
 
 

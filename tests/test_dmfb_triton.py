@@ -6,6 +6,7 @@ asserts on what they report. Forward and every gradient are compared on fresh ra
 Errors are max |fast - ref| / max |ref| (for parameter groups, over the group's largest gradient,
 since the biases before an instance norm have zero true gradient). Tolerances: fp32 1e-5, fp16 1e-2.
 """
+import contextlib
 import importlib.util
 import json
 import os
@@ -40,6 +41,15 @@ for _dt in ("fp32", "fp16"):
 # zero padding adds no spread): the statistics must stay exact in fp32.
 CASES["branches-in-relu-fp32-offset-2x13x11"] = ("branches_in_relu", dict(dtype="fp32", N=2, H=13, W=11, C=16,
                                                                           offset=20.0))
+# The norms' reductions as the GPU runs them at the training shape: each program sums a run of pixel tiles
+# (143 pixels = 3 tiles of 64; 1 program per (image, channel tile): one run of 3, the last tile partial; 8: two
+# runs, the second one partial tile), two channel tiles (C = 80).
+CASES["in-splits-residual-fp32-2x13x11-C80"] = ("instance_norm", dict(dtype="fp32", N=2, H=13, W=11, C=80,
+                                                                      relu=False, res=True, programs=1))
+CASES["in-splits-relu-fp16-2x13x11-C80"] = ("instance_norm", dict(dtype="fp16", N=2, H=13, W=11, C=80,
+                                                                  relu=True, res=False, programs=8))
+CASES["branches-in-relu-splits-fp32-2x13x11"] = ("branches_in_relu", dict(dtype="fp32", N=2, H=13, W=11, C=16,
+                                                                          programs=1))
 CASES["dmfb-block-fp32-2x13x11"] = ("block", dict(N=2, H=13, W=11))
 CASES["dmfb-block-autocast-bf16"] = ("block_autocast", dict(N=2, H=12, W=10))
 # The kernels' K loop in several steps (C over BLOCK_K, as on a GPU for C > 64): the interpreter's own tiles
@@ -104,7 +114,26 @@ def check_branches(dtype, N, H, W, C, channels_last):
     return errs
 
 
-def check_instance_norm(dtype, N, H, W, C, relu, res):
+@contextlib.contextmanager
+def _norm_programs(programs):
+    """The reductions' target program count (None: as shipped). Small: each program sums a run of pixel
+    tiles, the last run and tile partial."""
+    from dmfn_fast.ops import dmfb
+
+    real = dmfb._kn.TARGET_PROGRAMS
+    dmfb._kn.TARGET_PROGRAMS = programs or real
+    try:
+        yield
+    finally:
+        dmfb._kn.TARGET_PROGRAMS = real
+
+
+def check_instance_norm(dtype, N, H, W, C, relu, res, programs=None):
+    with _norm_programs(programs):
+        return _check_instance_norm(dtype, N, H, W, C, relu, res)
+
+
+def _check_instance_norm(dtype, N, H, W, C, relu, res):
     from dmfn_fast.ops.dmfb import instance_norm_act, instance_norm_act_reference
 
     dt = DTYPES[dtype]
@@ -124,7 +153,12 @@ def check_instance_norm(dtype, N, H, W, C, relu, res):
     return errs
 
 
-def check_branches_in_relu(dtype, N, H, W, C, offset=0.0):
+def check_branches_in_relu(dtype, N, H, W, C, offset=0.0, programs=None):
+    with _norm_programs(programs):
+        return _check_branches_in_relu(dtype, N, H, W, C, offset)
+
+
+def _check_branches_in_relu(dtype, N, H, W, C, offset):
     import torch.nn.functional as F
 
     from dmfn_fast.ops.dmfb import branches_in_relu, dmfb_branches_reference

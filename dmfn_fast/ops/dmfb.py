@@ -349,6 +349,13 @@ def _in_grid(N, C, H, W):
     return (N * _cdiv(H * W, _kn.BLOCK_P), _cdiv(C, _kn.BLOCK_C))
 
 
+def _in_split(N, C, H, W):
+    """(grid, pixels per program) of the reductions: about TARGET_PROGRAMS programs, each over whole tiles."""
+    tiles, ct = _cdiv(H * W, _kn.BLOCK_P), _cdiv(C, _kn.BLOCK_C)
+    pps = _cdiv(tiles, max(1, min(tiles, _cdiv(_kn.TARGET_PROGRAMS, N * ct)))) * _kn.BLOCK_P
+    return (N * _cdiv(H * W, pps), ct), pps
+
+
 def _in_forward(x, shift, s, ss, res, relu, out_dtype):
     """Normalize x from sums of x - shift and their squares (shift [N, C] fp32)."""
     N, C, H, W = x.shape
@@ -365,8 +372,9 @@ def _in_forward(x, shift, s, ss, res, relu, out_dtype):
 def _in_backward_sums(dy, x, mean, rstd, relu, from_y):
     N, C, H, W = x.shape
     sa, sb = _sums32(2, N, C, like=x)
-    _kernel(_kn.in_bwd_reduce, x)[_in_grid(N, C, H, W)](
-        dy, x, mean, rstd, sa, sb, H * W, C, RELU=relu, FROM_Y=from_y,
+    grid, pps = _in_split(N, C, H, W)
+    _kernel(_kn.in_bwd_reduce, x)[grid](
+        dy, x, mean, rstd, sa, sb, H * W, C, pps, RELU=relu, FROM_Y=from_y,
         BLOCK_P=_kn.BLOCK_P, BLOCK_C=_kn.BLOCK_C, num_warps=_kn.NUM_WARPS)
     return sa, sb
 
@@ -482,8 +490,9 @@ def _in_stats(x):
     """(shift, sum, sum of squares) of channels-last x per (n, c), fp32 [N, C] each: what _in_forward takes."""
     N, C, H, W = x.shape
     s, ss, shift = _sums32(3, N, C, like=x)
-    _kernel(_kn.in_stats, x)[_in_grid(N, C, H, W)](
-        x, shift, s, ss, H * W, C, BLOCK_P=_kn.BLOCK_P, BLOCK_C=_kn.BLOCK_C, num_warps=_kn.NUM_WARPS)
+    grid, pps = _in_split(N, C, H, W)
+    _kernel(_kn.in_stats, x)[grid](
+        x, shift, s, ss, H * W, C, pps, BLOCK_P=_kn.BLOCK_P, BLOCK_C=_kn.BLOCK_C, num_warps=_kn.NUM_WARPS)
     return shift, s, ss
 
 
