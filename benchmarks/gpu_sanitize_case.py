@@ -28,12 +28,18 @@ if torch.cuda.get_device_capability()[0] >= 9:
     G = ops._branches_forward(h, w, b, ops.DILATIONS, grad=(t, mean, rstd, sa, sb), tma=True)
     dw, db = ops._branches_wgrad(h, G, ops.DILATIONS, taps9=True)
     assert torch.isfinite(k).all() and torch.isfinite(G).all() and torch.isfinite(dw).all()
-# every centroid kernel: planes (NCHW), 16-byte channels-last (C a multiple of 8 in bf16, 4 in fp32), and
-# scalar channels-last (C = 6 in bf16)
-for dt, C, mf in ((torch.float32, 8, torch.contiguous_format), (torch.bfloat16, 24, torch.channels_last),
-                  (torch.float32, 12, torch.channels_last), (torch.bfloat16, 6, torch.channels_last)):
-    a = torch.rand(2, C, 5, 7, device="cuda", dtype=dt).contiguous(memory_format=mf).requires_grad_()
-    loss = ca.centroid_align_loss(a, torch.rand_like(a), impl="fast")
+# every centroid kernel: planes (NCHW), both maps in one launch with 16-byte channels-last loads (C a multiple
+# of 8 in bf16, 4 in fp32; 20x20: seven pixel runs, the last partial), 16-byte channels-last one map at a time
+# (the target NCHW), and scalar channels-last (C = 6 in bf16)
+for dt, C, HW, mf, mf_tgt in ((torch.float32, 8, 5, torch.contiguous_format, None),
+                              (torch.bfloat16, 24, 5, torch.channels_last, None),
+                              (torch.float32, 12, 5, torch.channels_last, None),
+                              (torch.bfloat16, 16, 20, torch.channels_last, None),
+                              (torch.bfloat16, 16, 5, torch.channels_last, torch.contiguous_format),
+                              (torch.bfloat16, 6, 5, torch.channels_last, None)):
+    a = torch.rand(2, C, HW, HW + 2, device="cuda", dtype=dt).contiguous(memory_format=mf).requires_grad_()
+    b = torch.rand_like(a).contiguous(memory_format=mf_tgt or mf)
+    loss = ca.centroid_align_loss(a, b, impl="fast")
     loss.backward()
     assert torch.isfinite(loss) and torch.isfinite(a.grad).all()
 torch.cuda.synchronize()

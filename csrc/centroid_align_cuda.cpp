@@ -47,13 +47,13 @@ std::tuple<at::Tensor, at::Tensor> fwd_cuda(const at::Tensor& f_out_in, const at
   at::Tensor stats = at::empty({2, N, C, 3}, f_out.options().dtype(acc));
   at::Tensor loss = at::empty({}, f_out.options().dtype(acc));
   const auto dt = dtype_of(f_out.scalar_type());
-  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  check_launch(dmfn_fast_cuda::launch_map_sums(view_of(f_out), dt, N, C, H, W, stats[0].data_ptr(), stream),
-               "forward sums (out)");
-  check_launch(dmfn_fast_cuda::launch_map_sums(view_of(f_tgt), dt, N, C, H, W, stats[1].data_ptr(), stream),
-               "forward sums (tgt)");
-  check_launch(dmfn_fast_cuda::launch_finish(stats.data_ptr(), dt, N * C, H, W, loss.data_ptr(), stream),
-               "forward loss");
+  const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  const dmfn_fast_cuda::MapView a = view_of(f_out), b = view_of(f_tgt);
+  const size_t bytes = dmfn_fast_cuda::forward_work_bytes(a, b, dt, N, C, H, W, sms);
+  at::Tensor work = at::empty({static_cast<int64_t>(bytes)}, f_out.options().dtype(at::kByte));
+  check_launch(dmfn_fast_cuda::launch_forward(a, b, dt, N, C, H, W, sms, stats.data_ptr(), loss.data_ptr(),
+                                              work.data_ptr(), at::cuda::getCurrentCUDAStream()),
+               "forward");
   return {loss, stats};
 }
 

@@ -4,6 +4,8 @@
 
 #include <cuda_runtime.h>
 
+#include <cstddef>
+
 namespace dmfn_fast_cuda {
 
 enum DType { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2, kFloat64 = 3 };
@@ -15,15 +17,14 @@ struct MapView {
   long long sN, sC, sH, sW;
 };
 
-// Raw per-(n, c) sums (S0, Sx, Sy) of one map into sums[(n*C + c)*3 + k].
-// sums and everything after are float, or double for kFloat64 maps.
-cudaError_t launch_map_sums(MapView map, DType dtype, long long N, long long C, int H, int W, void* sums,
-                            cudaStream_t stream);
+// Scratch bytes launch_forward needs for these maps on a card with `sms` multiprocessors.
+size_t forward_work_bytes(MapView out, MapView tgt, DType dtype, long long N, long long C, int H, int W, int sms);
 
-// stats [2, N, C, 3] raw sums -> (S0, cx, cy) in place, with the reference's
-// 1e-7 per element added; loss = mean over (n, c, {x, y}) of the squared
-// centroid difference, written to *loss.
-cudaError_t launch_finish(void* stats, DType dtype, long long NC, int H, int W, void* loss, cudaStream_t stream);
+// The forward: stats [2, N, C, 3] = (S0, cx, cy) per (map, n, c), with the reference's 1e-7 per element
+// added, and loss = mean over (n, c, {x, y}) of the squared centroid difference, written to *loss. stats
+// and loss are float, or double for kFloat64 maps; work holds forward_work_bytes(...) bytes, 16-byte aligned.
+cudaError_t launch_forward(MapView out, MapView tgt, DType dtype, long long N, long long C, int H, int W, int sms,
+                           void* stats, void* loss, void* work, cudaStream_t stream);
 
 // d loss / d map `which` (0 = out, 1 = tgt) for the scalar *grad, into a
 // dense NCHW (channels_last = false) or NHWC gradient.

@@ -348,6 +348,25 @@ def test_cuda_parity_and_grads(shape, layout, dtype):
 
 
 @cuda_ext
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_two_map_launch_matches_one_map_launches(dtype):
+    """Channels-last maps with 16-byte loads go through one launch for both maps, split over pixels as well
+    as channels (33x35 pixels: several runs, the last partial; 40 channels: a partial channel group in fp32);
+    a target in another layout sends each map through a launch of its own. Both give the reference's loss,
+    the same stats, and the same loss again on a second run (fixed-order sums, no float atomics)."""
+    shape = (3, 40, 33, 35)
+    a, b = rand(shape, 31, dtype, "cuda", "channels_last"), rand(shape, 32, dtype, "cuda", "channels_last")
+    loss, st = torch.ops.dmfn_fast.centroid_align_fwd(a, b)
+    loss2, st2 = torch.ops.dmfn_fast.centroid_align_fwd(a, b)
+    assert torch.equal(loss, loss2) and torch.equal(st, st2)
+    loss_m, st_m = torch.ops.dmfn_fast.centroid_align_fwd(a, b.contiguous())
+    torch.testing.assert_close(st_m, st, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(loss_m, loss, rtol=1e-4, atol=1e-12)
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(loss, ca.centroid_align_loss_reference(a, b).to(loss.dtype), rtol=tol, atol=1e-12)
+
+
+@cuda_ext
 def test_cuda_matches_cpu_op_and_compiles():
     a, b = rand((2, 32, 9, 12), 29, device="cuda"), rand((2, 32, 9, 12), 30, device="cuda")
     torch.testing.assert_close(stats(a, b).cpu(), stats(a.cpu(), b.cpu()), rtol=1e-6, atol=1e-6)
