@@ -103,6 +103,8 @@ def gpu_by_class(fn, steps=3, top=0):
 
 def record(case, variant, fn, flop=0, images=0, rounds=ROUNDS, classes=False):
     row = dict(case=case, variant=variant, device=torch.cuda.get_device_name() if CUDA else "cpu (dry)")
+    if variant.startswith("fast") and opt_in():
+        row["opt_in"] = opt_in()
     train = case.startswith("train step")
     try:
         t0 = time.perf_counter()
@@ -250,14 +252,24 @@ def want(variant):
 
 
 def label(variant):
-    """Compiled fast variants: "(traced)" where Inductor traces into the fused kernels (the CUDA default).
-    Fast variants with DMFN_WGRAD9=1 on a card that runs it: "(wgrad9)"."""
+    """Compiled fast variants: "(traced)" where Inductor traces into the fused kernels (the CUDA default)."""
     from dmfn_fast.ops import dmfb
     if dmfb._USE_TRITON_OP and variant.startswith("fast+compile"):
         variant += " (traced)"
-    if variant.startswith("fast") and CUDA and dmfb._taps9(torch.bfloat16, torch.device(DEV)):
-        variant += " (wgrad9)"
     return variant
+
+
+def opt_in():
+    """The opt-in kernels this run's fast variants take on this card (gpu_check.sh turns on those its
+    breakdown measured faster): "wgrad9" (DMFN_WGRAD9=1), "tma (eager)" (DMFN_TMA=1; compiled graphs keep
+    the row kernels)."""
+    from dmfn_fast.ops import dmfb
+    on = []
+    if CUDA and dmfb._taps9(torch.bfloat16, torch.device(DEV)):
+        on.append("wgrad9")
+    if CUDA and dmfb._TMA and torch.cuda.get_device_capability()[0] >= 9:
+        on.append("tma (eager)")
+    return on
 
 
 def main():
@@ -320,15 +332,15 @@ def main():
             step = _built(lambda v: build_training(v, SIZE, BATCH, NF, NB, D_NF, DEV), v)
             record(f"train step {SIZE}px batch {BATCH}", label(v), step, gflop["train"], images=BATCH, classes=True)
             del step
-        if want("fast+compile (no flag reads)"):
+        for v in compiled:
+            record(f"inference {SIZE}px batch {INFER_BATCH}", label(v), _built(inference, v),
+                   gflop["gen_fwd"] * INFER_BATCH // BATCH, images=INFER_BATCH, classes=True)
+        if want("fast+compile (no flag reads)"):  # a diagnosis, not a target: last, where a time limit cuts first
             step = _built(lambda v: build_training(v, SIZE, BATCH, NF, NB, D_NF, DEV, read_flags=False),
                           "fast+compile")
             record(f"train step {SIZE}px batch {BATCH}", label("fast+compile") + " (no flag reads)", step,
                    gflop["train"], images=BATCH)
             del step
-        for v in compiled:
-            record(f"inference {SIZE}px batch {INFER_BATCH}", label(v), _built(inference, v),
-                   gflop["gen_fwd"] * INFER_BATCH // BATCH, images=INFER_BATCH, classes=True)
     print("e2e done", flush=True)
 
 

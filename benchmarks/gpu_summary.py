@@ -109,6 +109,18 @@ def main(out):
         g = f"centroid fwd+bwd {dt} channels_last"
         return ratio(ms(g, "torch formula"), ms(g, "extension"))
 
+    def cen_read_share(dt):
+        """The issue's bandwidth target: the time to read the op's inputs (the two maps) at the measured copy
+        bandwidth, as a share of the op's forward+backward GPU time (target >= 0.5)."""
+        g = f"centroid fwd+bwd {dt} channels_last"
+        rows = [r for r in bd if r.get("group", "").startswith(g) and r.get("name") == "extension" and r.get("gpu_ms")]
+        copy = next((r.get("copy_tbs") for r in bd if r.get("group") == "ceilings"), None)
+        if not rows or not copy:
+            return None
+        r = min(rows, key=lambda r: r["gpu_ms"])
+        inputs = 2 * r["bytes"] / 3  # bytes counts both maps and the gradient (gpu_breakdown.py)
+        return round(inputs / (copy * 1e12) / (r["gpu_ms"] * 1e-3), 3)
+
     ratios = {
         **per_call,
         "generator_fwd_bwd_fast_vs_amp_compile": ratio(e("generator", "amp+compile"), e("generator", "fast")),
@@ -140,12 +152,6 @@ def main(out):
                                              first(*(e("train step", v) for v in BEST_FAST))),
         "train_step_mfu": e("train step", "fast", "mfu_pct"),
         "train_step_fast_vs_fast_no_recompute": ratio(e("train step", "fast (no recompute)"), e("train step", "fast")),
-        # DMFN_WGRAD9=1 (gpu_check's e2e-wgrad9 stage): the 9-taps weight-gradient kernel end to end
-        "generator_fwd_bwd_fast_compile_ro_traced_wgrad9_vs_amp_compile": ratio(
-            e("generator", "amp+compile"), e("generator", "fast+compile-ro (traced) (wgrad9)")),
-        "train_step_fast_compile_traced_wgrad9_vs_amp_compile": ratio(
-            e("train step", "amp+compile"), e("train step", "fast+compile (traced) (wgrad9)")),
-        "generator_fwd_bwd_fast_wgrad9_vs_fast": ratio(e("generator", "fast"), e("generator", "fast (wgrad9)")),
         "train_step_fast_compile_ro_traced_vs_amp_compile": ratio(
             e("train step", "amp+compile"), e("train step", "fast+compile-ro (traced)")),
         # > 1: the step's two finite-flag reads (each waits for the GPU) cost that much
@@ -156,6 +162,8 @@ def main(out):
                                                  e("train step", "amp", "peak_mem_mib")),
         "centroid_fwd_bwd_vs_torch_bf16": cen("bfloat16"),
         "centroid_fwd_bwd_vs_torch_fp32": cen("float32"),
+        "centroid_input_read_share_bf16": cen_read_share("bfloat16"),
+        "centroid_input_read_share_fp32": cen_read_share("float32"),
         "inference_img_s_256_b64_bf16": e("inference", "fast", "images_per_s"),
         "inference_img_s_256_b64_bf16_amp_compile": e("inference", "amp+compile", "images_per_s"),
         "inference_img_s_256_b64_bf16_fast_compile": e("inference", "fast+compile", "images_per_s"),
@@ -175,14 +183,17 @@ def main(out):
     devices = {r.get("device") for r in bd + e2e if r.get("device")}
     ceil = next((r for r in bd if r.get("group") == "ceilings"), {})
     env = open(os.path.join(out, "env.txt")).read() if os.path.exists(os.path.join(out, "env.txt")) else ""
-    summary = dict(card=sorted(devices), date=datetime.date.today().isoformat(), env=env.strip(),
+    # the opt-in kernels the fast rows ran with (gpu_check.sh takes those its breakdown measured faster)
+    opt_in = sorted({k for r in e2e for k in r.get("opt_in", [])})
+    summary = dict(card=sorted(devices), date=datetime.date.today().isoformat(), env=env.strip(), opt_in=opt_in,
                    ceilings={k: ceil.get(k) for k in ("copy_tbs", "bf16_tflops")}, ratios=ratios,
                    ratios_gpu_time=gpu, compiled_step_first_terms_rel_diff=step_parity(e2e),
                    breakdown=bd, e2e=e2e, compile_parity=parity)
     with open(os.path.join(out, "summary.json"), "w") as f:
         json.dump(summary, f, indent=1)
 
-    lines = [f"card: {', '.join(sorted(devices)) or 'none'}; ceilings measured: {summary['ceilings']}", "",
+    lines = [f"card: {', '.join(sorted(devices)) or 'none'}; ceilings measured: {summary['ceilings']}; "
+             f"opt-in kernels in the fast rows: {', '.join(opt_in) or 'none'}", "",
              "| ratio | value |", "|---|---|"]
     lines += [f"| {k} | {v} |" for k, v in ratios.items()]
     lines += ["", "Same ratios in GPU time (kernels only, torch.profiler):", "", "| ratio | value |", "|---|---|"]

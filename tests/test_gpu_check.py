@@ -12,7 +12,7 @@ KEYS = ["branch_in_relu_fwd_bwd_vs_eager", "branch_in_relu_fwd_bwd_vs_compile", 
         "generator_fwd_bwd_fast_vs_amp_compile", "train_step_fast_vs_amp", "train_step_fast_vs_amp_compile",
         "train_step_fast_vs_baseline", "train_step_mfu", "centroid_fwd_bwd_vs_torch_bf16",
         "centroid_fwd_bwd_vs_torch_fp32", "inference_img_s_256_b64_bf16", "train_step_best_fast_vs_best_amp_compile",
-        "train_step_best_fast_vs_amp"]
+        "train_step_best_fast_vs_amp", "centroid_input_read_share_bf16", "centroid_input_read_share_fp32"]
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="bash script")
@@ -53,3 +53,26 @@ def test_compiled_step_rows_are_held_to_their_eager_base():
             dict(case="train step 256px batch 16", variant="amp+compile", first_step_terms={"G": 4.4, "D": 1.0})]
     assert step_parity(rows) == {"fast+compile (traced)": 0.01, "fast+compile-ro (traced)": 0.05,
                                  "amp+compile-ro": 0.2, "amp+compile": 0.1}
+
+
+def test_adopt_takes_an_opt_in_kernel_only_where_the_breakdown_measured_it_faster():
+    """gpu_check.sh runs its end-to-end stage with the opt-in kernels gpu_adopt.py picks from the breakdown:
+    an opt-in must beat the default kernels it replaces by 3% in GPU time, in the bf16 rows; missing rows
+    (a card without sm_90, a breakdown cut short) keep the default."""
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    from gpu_adopt import decide
+
+    def rows(**ms):
+        return [dict(group="pieces bfloat16", name=n, gpu_ms=v) for n, v in ms.items()] + \
+            [dict(group="pieces float32", name="fused wgrad kernel, 9 taps per program", gpu_ms=0.001)]
+    names = {"wgrad": "fused wgrad kernel", "wgrad9": "fused wgrad kernel, 9 taps per program",
+             "fwd": "fused fwd kernel", "grad": "fused grad kernel (recompute + IN/ReLU bwd + suffix)",
+             "fwd_tma": "fused fwd kernel, TMA 2-D tiles", "grad_tma": "fused grad kernel, TMA 2-D tiles"}
+
+    def adopted(**ms):
+        return {s for s, on, _ in decide(rows(**{names[k]: v for k, v in ms.items()})) if on}
+    assert adopted(wgrad=0.120, wgrad9=0.070, fwd=0.076, grad=0.119, fwd_tma=0.060, grad_tma=0.125) == \
+        {"DMFN_WGRAD9", "DMFN_TMA"}  # TMA: 185 against 195 us together
+    assert adopted(wgrad=0.120, wgrad9=0.118, fwd=0.076, grad=0.119, fwd_tma=0.050, grad_tma=0.150) == set()
+    assert adopted(wgrad=0.120) == set()  # the opt-in rows missing
+    assert adopted(wgrad9=0.001, fwd_tma=0.001, grad_tma=0.001) == set()  # the defaults' rows missing
