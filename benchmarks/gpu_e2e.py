@@ -298,7 +298,7 @@ def main():
             del step
         finally:
             os.environ.pop("DMFN_RECOMPUTE")
-    if want("fast (no flag reads)"):  # what the step's two finite-flag reads cost: each waits for the GPU
+    if want("fast (no flag reads)"):  # what the step's finite-flag reads cost: they wait for the GPU
         step = _built(lambda v: build_training(v, SIZE, BATCH, NF, NB, D_NF, DEV, read_flags=False), "fast")
         record(f"train step {SIZE}px batch {BATCH}", "fast (no flag reads)", step, gflop["train"], images=BATCH)
         del step

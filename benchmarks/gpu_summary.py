@@ -154,7 +154,7 @@ def main(out):
         "train_step_fast_vs_fast_no_recompute": ratio(e("train step", "fast (no recompute)"), e("train step", "fast")),
         "train_step_fast_compile_ro_traced_vs_amp_compile": ratio(
             e("train step", "amp+compile"), e("train step", "fast+compile-ro (traced)")),
-        # > 1: the step's two finite-flag reads (each waits for the GPU) cost that much
+        # > 1: the step's finite-flag reads (one wait for the GPU, all of the step's work queued) cost that much
         "train_step_fast_vs_no_flag_reads": ratio(e("train step", "fast"), e("train step", "fast (no flag reads)")),
         "train_step_fast_compile_traced_vs_no_flag_reads": ratio(
             e("train step", "fast+compile (traced)"), e("train step", "fast+compile (traced) (no flag reads)")),

@@ -177,10 +177,10 @@ def test_rng_state_round_trip(tmp_path):
 
 @pytest.mark.parametrize("bad", ["G", "D"])
 def test_train_step_drops_what_a_nonfinite_loss_computed(bad, monkeypatch):
-    """The losses are checked after their backward (the host need not wait for the forward): a non-finite
-    G loss leaves G, D and both Adam states untouched with no gradients kept; a non-finite D loss keeps the
-    G update and leaves D's weights and Adam state untouched (its BatchNorm statistics move in the forward,
-    as before)."""
+    """The losses are read once both backwards are queued (the host waits for the GPU once per step): at the
+    first read D's gradients exist and neither update has run. A non-finite G loss leaves G, D and both Adam
+    states untouched with no gradients kept; a non-finite D loss keeps the G update and leaves D's weights
+    and Adam state untouched (its BatchNorm statistics move in the forward, as before)."""
     import copy
 
     import dmfn_fast.training.step as S
@@ -201,9 +201,15 @@ def test_train_step_drops_what_a_nonfinite_loss_computed(bad, monkeypatch):
         real_d_loss = S.rals_d_loss
         monkeypatch.setattr(S, "rals_d_loss", lambda r, f: real_d_loss(r, f) * nan)
     before_g, before_d = copy.deepcopy(G.state_dict()), copy.deepcopy(D.state_dict())
+    reads = []
+
+    def finite(loss):
+        reads.append((all(p.grad is not None for p in D.parameters()), bool(parts.opt_G.state)))
+        return bool(torch.isfinite(loss))
     _, ok = S.train_step(G, D, S.RealFake(D), crit, parts.opt_G, parts.opt_D, parts.scaler, image, mask, box,
-                         lambda: torch.autocast("cpu", enabled=False), lambda loss: bool(torch.isfinite(loss)))
+                         lambda: torch.autocast("cpu", enabled=False), finite)
     assert not ok
+    assert reads[0] == (True, False)  # D's backward queued, G not yet updated
     g_moved = any(not torch.equal(v, before_g[k]) for k, v in G.state_dict().items())
     assert g_moved == (bad == "D") and bool(parts.opt_G.state) == (bad == "D")
     assert all(torch.equal(v, before_d[k]) for k, v in D.state_dict().items() if "running" not in k

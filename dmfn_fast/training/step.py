@@ -50,7 +50,8 @@ def train_step(G, D, D_pair, criterion, opt_G, opt_D, scaler, image, mask, box, 
     G may be DDP-wrapped or compiled; D is the bare discriminator (no gradient sync in the G step);
     D_pair is RealFake(D), possibly DDP-wrapped. `autocast()` gives the autocast context and
     `finite(loss)` says whether a loss is finite (on every rank). Returns (terms, ok): ok is False
-    when a loss was non-finite and its update skipped (a G update whose D loss is bad stays)."""
+    when a loss was non-finite and its update skipped (a G update whose D loss is bad stays; a bad G loss
+    skips both updates)."""
     D.requires_grad_(False)
     with autocast():
         with record_function("G forward"):
@@ -62,34 +63,34 @@ def train_step(G, D, D_pair, criterion, opt_G, opt_D, scaler, image, mask, box, 
             loss_g, terms = criterion(out, image, pred_real, pred_fake, feats_fake, feats_real)
     terms = {k: v.detach().float() for k, v in terms.items()}
     terms["G"] = loss_g.detach().float()
-    # Each loss is checked after its backward is queued, not before: reading the flag waits for the GPU, and
-    # this way the host has issued the backward first (the fused path is host-bound). A non-finite loss
-    # costs one wasted backward, whose gradients are dropped; the updates are the same.
     opt_G.zero_grad(set_to_none=True)
     with record_function("G backward"):
         scaler.scale(loss_g).backward()
-    ok = finite(loss_g)
-    if not ok:
-        opt_G.zero_grad(set_to_none=True)
-    else:
+    # The D step needs neither G's update nor its loss's value (the composite is detached, and the G step
+    # leaves D's weights alone), so it is queued before either loss is read: the host waits for the GPU once
+    # per step, with all of the step's work queued, not once after each backward (the fused path is
+    # host-bound). A non-finite G loss then costs a wasted D pass whose gradients are dropped: the same
+    # updates as checking first.
+    D.requires_grad_(True)
+    fake = out.detach()
+    with record_function("D step"):
+        with autocast():
+            pred_real, pred_fake = D_pair(crop_boxes(image, box), global_view(image),
+                                          crop_boxes(fake, box), global_view(fake))
+            loss_d = rals_d_loss(pred_real.float(), pred_fake.float())
+        terms["D"] = loss_d.detach()
+        opt_D.zero_grad(set_to_none=True)
+        scaler.scale(loss_d).backward()
+    ok_g = finite(loss_g)
+    ok = ok_g and finite(loss_d)
+    if ok_g:
         with record_function("optimizer"):
             scaler.step(opt_G)
-        D.requires_grad_(True)
-        fake = out.detach()
-        with record_function("D step"):
-            with autocast():
-                pred_real, pred_fake = D_pair(crop_boxes(image, box), global_view(image),
-                                              crop_boxes(fake, box), global_view(fake))
-                loss_d = rals_d_loss(pred_real.float(), pred_fake.float())
-            terms["D"] = loss_d.detach()
-            opt_D.zero_grad(set_to_none=True)
-            scaler.scale(loss_d).backward()
-            ok = finite(loss_d)
-        if ok:
-            with record_function("optimizer"):
+            if ok:
                 scaler.step(opt_D)
-        else:
-            opt_D.zero_grad(set_to_none=True)
         scaler.update()
-    D.requires_grad_(True)
+    else:
+        opt_G.zero_grad(set_to_none=True)
+    if not ok:
+        opt_D.zero_grad(set_to_none=True)
     return terms, ok
