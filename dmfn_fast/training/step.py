@@ -27,16 +27,15 @@ def crop_boxes(x, boxes):
     Boxes of one size (every box of a training run: masks.py makes them all half the image) are one gather
     of [N, h, w] pixels, whose backward is one scatter. A crop per image issues three ops per image forward,
     and backward a zero fill and an add of the whole batch per image (indexing the batch dimension)."""
-    boxes = boxes.cpu()
+    b = boxes.tolist()
     N, C, H, W = x.shape
-    top, left, h, w = boxes.unbind(1)
-    if bool((top < 0).any() or (left < 0).any() or (top + h > H).any() or (left + w > W).any()):
-        raise ValueError(f"a box (top, left, h, w) reaches outside the {H}x{W} image: {boxes.tolist()}")
-    if not bool(((h == h[0]) & (w == w[0])).all()):  # boxes of several sizes: a crop per image
-        return torch.cat([_to_128(img[:, t:t + bh, l:l + bw].unsqueeze(0))
-                          for img, (t, l, bh, bw) in zip(x, boxes.tolist())])
-    rows = top[:, None] + torch.arange(int(h[0]))  # [N, h]
-    cols = left[:, None] + torch.arange(int(w[0]))  # [N, w]
+    if any(t < 0 or l < 0 or t + bh > H or l + bw > W for t, l, bh, bw in b):
+        raise ValueError(f"a box (top, left, h, w) reaches outside the {H}x{W} image: {b}")
+    if len({(bh, bw) for _, _, bh, bw in b}) > 1:  # boxes of several sizes: a crop per image
+        return torch.cat([_to_128(img[:, t:t + bh, l:l + bw].unsqueeze(0)) for img, (t, l, bh, bw) in zip(x, b)])
+    h, w = b[0][2:]
+    rows = torch.tensor([t for t, _, _, _ in b])[:, None] + torch.arange(h)  # [N, h]
+    cols = torch.tensor([l for _, l, _, _ in b])[:, None] + torch.arange(w)  # [N, w]
     pix = (torch.arange(N)[:, None, None] * H + rows[:, :, None]) * W + cols[:, None, :]
     flat = x.permute(0, 2, 3, 1).reshape(N * H * W, C)  # a view of a channels-last x
     return _to_128(flat[pix.to(x.device, non_blocking=True)].permute(0, 3, 1, 2))  # channels-last strides
