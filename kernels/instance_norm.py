@@ -18,31 +18,42 @@ TARGET_PROGRAMS = 1024
 
 
 @triton.jit
+def _run_of(HW, C, PIX_PER_SPLIT, BLOCK_C: tl.constexpr):
+    """A reduction program's image n, its run of pixels [p0, p_end) and its channels c (mask cm)."""
+    splits = tl.cdiv(HW, PIX_PER_SPLIT)
+    n = tl.program_id(0) // splits
+    p0 = (tl.program_id(0) % splits) * PIX_PER_SPLIT
+    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    return n, p0, tl.minimum(p0 + PIX_PER_SPLIT, HW), c, c < C
+
+
+@triton.jit
+def _add_partials(a_ptr, b_ptr, acc_a, acc_b, off, cm):
+    """One program's partial sums, added once (fp32 atomics)."""
+    tl.atomic_add(a_ptr + off, tl.sum(acc_a, 0), mask=cm, sem="relaxed")
+    tl.atomic_add(b_ptr + off, tl.sum(acc_b, 0), mask=cm, sem="relaxed")
+
+
+@triton.jit
 def in_stats(x_ptr, shift_ptr, sum_ptr, sumsq_ptr, HW, C, PIX_PER_SPLIT,
              BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
     """sum_ptr[n, c] += sum over a run of PIX_PER_SPLIT pixels (a multiple of BLOCK_P) of (x - shift),
     sumsq_ptr of its square (fp32 atomics, one per program). The shift, x at the image's first pixel, keeps
     E[d^2] - E[d]^2 exact when |mean| >> std; the first run stores it for in_apply."""
-    splits = tl.cdiv(HW, PIX_PER_SPLIT)
-    n = tl.program_id(0) // splits
-    s = tl.program_id(0) % splits
-    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    cm = c < C
+    n, p0, p_end, c, cm = _run_of(HW, C, PIX_PER_SPLIT, BLOCK_C)
     base = x_ptr + n.to(tl.int64) * HW * C
     shift = tl.load(base + c, mask=cm, other=0.0).to(tl.float32)
     acc = tl.zeros([BLOCK_P, BLOCK_C], dtype=tl.float32)
     acc2 = tl.zeros([BLOCK_P, BLOCK_C], dtype=tl.float32)
-    p0 = s * PIX_PER_SPLIT
-    for p1 in range(p0, tl.minimum(p0 + PIX_PER_SPLIT, HW), BLOCK_P):
+    for p1 in range(p0, p_end, BLOCK_P):
         p = p1 + tl.arange(0, BLOCK_P)
         m = (p < HW)[:, None] & cm[None, :]
         x = tl.load(base + p[:, None] * C + c[None, :], mask=m, other=0.0).to(tl.float32)
         d = tl.where(m, x - shift[None, :], 0.0)
         acc += d
         acc2 += d * d
-    tl.atomic_add(sum_ptr + n * C + c, tl.sum(acc, 0), mask=cm, sem="relaxed")
-    tl.atomic_add(sumsq_ptr + n * C + c, tl.sum(acc2, 0), mask=cm, sem="relaxed")
-    if s == 0:
+    _add_partials(sum_ptr, sumsq_ptr, acc, acc2, n * C + c, cm)
+    if p0 == 0:
         tl.store(shift_ptr + n * C + c, shift, mask=cm)
 
 
@@ -82,19 +93,14 @@ def in_bwd_reduce(dy_ptr, x_ptr, mean_ptr, rstd_ptr, sa_ptr, sb_ptr, HW, C, PIX_
     """sa += sum dz, sb += sum dz * xhat over a run of PIX_PER_SPLIT pixels, as in_stats, with dz = dy
     (masked by xhat > 0 under ReLU). FROM_Y: x_ptr holds y = relu(xhat), which equals xhat wherever dz is
     non-zero."""
-    splits = tl.cdiv(HW, PIX_PER_SPLIT)
-    n = tl.program_id(0) // splits
-    s = tl.program_id(0) % splits
-    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    cm = c < C
+    n, p0, p_end, c, cm = _run_of(HW, C, PIX_PER_SPLIT, BLOCK_C)
     if not FROM_Y:
         mean = tl.load(mean_ptr + n * C + c, mask=cm, other=0.0)
         rstd = tl.load(rstd_ptr + n * C + c, mask=cm, other=0.0)
     base = n.to(tl.int64) * HW * C
     acc = tl.zeros([BLOCK_P, BLOCK_C], dtype=tl.float32)
     acc2 = tl.zeros([BLOCK_P, BLOCK_C], dtype=tl.float32)
-    p0 = s * PIX_PER_SPLIT
-    for p1 in range(p0, tl.minimum(p0 + PIX_PER_SPLIT, HW), BLOCK_P):
+    for p1 in range(p0, p_end, BLOCK_P):
         p = p1 + tl.arange(0, BLOCK_P)
         m = (p < HW)[:, None] & cm[None, :]
         off = base + p[:, None] * C + c[None, :]
@@ -109,8 +115,7 @@ def in_bwd_reduce(dy_ptr, x_ptr, mean_ptr, rstd_ptr, sa_ptr, sb_ptr, HW, C, PIX_
             dz = tl.where(xh > 0, dy, 0.0)
         acc += dz
         acc2 += dz * xh
-    tl.atomic_add(sa_ptr + n * C + c, tl.sum(acc, 0), mask=cm, sem="relaxed")
-    tl.atomic_add(sb_ptr + n * C + c, tl.sum(acc2, 0), mask=cm, sem="relaxed")
+    _add_partials(sa_ptr, sb_ptr, acc, acc2, n * C + c, cm)
 
 
 @triton.jit
