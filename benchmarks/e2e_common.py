@@ -103,7 +103,7 @@ def build_training(variant, size, batch, nf, n_blocks, d_nf, device, seed=0, rea
     """Everything one training step needs, for one variant, built as train.py builds it (the paper's
     optimizers, a random VGG), from fixed weights and a fixed batch. Returns step() -> (terms, ok).
     read_flags=False: the step takes every loss as finite without reading it, so the host never waits for
-    the GPU inside a step (what those two reads cost; not a way to train)."""
+    the GPU inside a step (what its flag reads cost; not a way to train)."""
     from dmfn_fast.training import build
     from dmfn_fast.training.step import RealFake, train_step
 
@@ -120,6 +120,8 @@ def build_training(variant, size, batch, nf, n_blocks, d_nf, device, seed=0, rea
     mask[..., q:3 * q, q:3 * q] = 1
     mask = mask.to(device)
     box = torch.tensor([[q, q, 2 * q, 2 * q]] * batch)
+    if dev == "cuda":  # as train.py's loader gives it: pinned, so its copy to the GPU does not wait
+        box = box.pin_memory()
     # compiled as train.py --compile does: G, D (bare and the real+fake pair) and the loss with its VGG
     Gc, Dc, D_pair, crit = (compiled(m, compile_) for m in (G, D, RealFake(D), crit))
     autocast = build.autocast(dev, dtype)

@@ -20,25 +20,41 @@ def _to_128(c):
     return c
 
 
-def crop_boxes(x, boxes):
-    """The local discriminator's input: per image, its box (top, left, h, w), resized to
-    128 when the training size is not 256 (at 256 the box is 128 and copied as is).
+class Crops:
+    """The local discriminator's input for one batch's boxes (top, left, h, w), as crops(x): per image its
+    box, resized to 128 when the training size is not 256 (at 256 the box is 128 and copied as is).
 
     Boxes of one size (every box of a training run: masks.py makes them all half the image) are one gather
-    of [N, h, w] pixels, whose backward is one scatter. A crop per image issues three ops per image forward,
-    and backward a zero fill and an add of the whole batch per image (indexing the batch dimension)."""
-    b = boxes.tolist()
-    N, C, H, W = x.shape
-    if any(t < 0 or l < 0 or t + bh > H or l + bw > W for t, l, bh, bw in b):
-        raise ValueError(f"a box (top, left, h, w) reaches outside the {H}x{W} image: {b}")
-    if len({(bh, bw) for _, _, bh, bw in b}) > 1:  # boxes of several sizes: a crop per image
-        return torch.cat([_to_128(img[:, t:t + bh, l:l + bw].unsqueeze(0)) for img, (t, l, bh, bw) in zip(x, b)])
-    h, w = b[0][2:]
-    rows = torch.tensor([t for t, _, _, _ in b])[:, None] + torch.arange(h)  # [N, h]
-    cols = torch.tensor([l for _, l, _, _ in b])[:, None] + torch.arange(w)  # [N, w]
-    pix = (torch.arange(N)[:, None, None] * H + rows[:, :, None]) * W + cols[:, None, :]
-    flat = x.permute(0, 2, 3, 1).reshape(N * H * W, C)  # a view of a channels-last x
-    return _to_128(flat[pix.to(x.device, non_blocking=True)].permute(0, 3, 1, 2))  # channels-last strides
+    of [N, h, w] pixels, whose backward is one scatter; its index is built once per batch on `like`'s device,
+    from the boxes copied there without a wait (the loader pins them). A crop per image (the fallback for
+    boxes of several sizes) costs three ops per image forward and, in backward, a zero fill and an add of
+    the whole batch per image (indexing the batch dimension)."""
+
+    def __init__(self, boxes, like):
+        N, C, H, W = like.shape
+        self.boxes = boxes.tolist()
+        if any(t < 0 or l < 0 or t + bh > H or l + bw > W for t, l, bh, bw in self.boxes):
+            raise ValueError(f"a box (top, left, h, w) reaches outside the {H}x{W} image: {self.boxes}")
+        self.pix = None
+        if len({(bh, bw) for _, _, bh, bw in self.boxes}) == 1:
+            (h, w), dev = self.boxes[0][2:], like.device
+            b = boxes.to(dev, non_blocking=True)
+            rows = b[:, 0, None] + torch.arange(h, device=dev)  # [N, h]
+            cols = b[:, 1, None] + torch.arange(w, device=dev)  # [N, w]
+            self.pix = (torch.arange(N, device=dev)[:, None, None] * H + rows[:, :, None]) * W + cols[:, None, :]
+
+    def __call__(self, x):
+        if self.pix is None:
+            return torch.cat([_to_128(img[:, t:t + bh, l:l + bw].unsqueeze(0))
+                              for img, (t, l, bh, bw) in zip(x, self.boxes)])
+        N, C, H, W = x.shape
+        flat = x.permute(0, 2, 3, 1).reshape(N * H * W, C)  # a view of a channels-last x
+        return _to_128(flat[self.pix].permute(0, 3, 1, 2))  # channels-last strides
+
+
+def crop_boxes(x, boxes):
+    """x's crops of `boxes` (see Crops)."""
+    return Crops(boxes, x)(x)
 
 
 def global_view(x):
@@ -72,8 +88,9 @@ def train_step(G, D, D_pair, criterion, opt_G, opt_D, scaler, image, mask, box, 
         with record_function("G forward"):
             out = generate(G, image, mask)
         with record_function("D forward (G step)"):
-            pred_fake, feats_fake = D(crop_boxes(out, box), global_view(out))
-            pred_real, feats_real = D(crop_boxes(image, box), global_view(image))
+            crops = Crops(box, image)
+            pred_fake, feats_fake = D(crops(out), global_view(out))
+            pred_real, feats_real = D(crops(image), global_view(image))
         with record_function("losses"):
             loss_g, terms = criterion(out, image, pred_real, pred_fake, feats_fake, feats_real)
     terms = {k: v.detach().float() for k, v in terms.items()}
@@ -90,8 +107,7 @@ def train_step(G, D, D_pair, criterion, opt_G, opt_D, scaler, image, mask, box, 
     fake = out.detach()
     with record_function("D step"):
         with autocast():
-            pred_real, pred_fake = D_pair(crop_boxes(image, box), global_view(image),
-                                          crop_boxes(fake, box), global_view(fake))
+            pred_real, pred_fake = D_pair(crops(image), global_view(image), crops(fake), global_view(fake))
             loss_d = rals_d_loss(pred_real.float(), pred_fake.float())
         terms["D"] = loss_d.detach()
         opt_D.zero_grad(set_to_none=True)
