@@ -13,7 +13,7 @@ KEYS = ["branch_in_relu_fwd_bwd_vs_eager", "branch_in_relu_fwd_bwd_vs_compile", 
         "train_step_fast_vs_baseline", "train_step_mfu", "centroid_fwd_bwd_vs_torch_bf16",
         "centroid_fwd_bwd_vs_torch_fp32", "inference_img_s_256_b64_bf16", "train_step_best_fast_vs_best_amp_compile",
         "train_step_best_fast_vs_amp", "generator_fwd_bwd_best_fast_vs_best_amp_compile",
-        "centroid_input_read_share_bf16", "centroid_input_read_share_fp32"]
+        "inference_img_s_256_b64_bf16_best_fast", "centroid_input_read_share_bf16", "centroid_input_read_share_fp32"]
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="bash script")
