@@ -351,10 +351,11 @@ def test_cuda_parity_and_grads(shape, layout, dtype):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_cuda_two_map_launch_matches_one_map_launches(dtype):
     """Channels-last maps with 16-byte loads go through one launch for both maps, split over pixels as well
-    as channels (33x35 pixels: several runs, the last partial; 40 channels: a partial channel group in fp32);
-    a target in another layout sends each map through a launch of its own. Both give the reference's loss,
-    the same stats, and the same loss again on a second run (fixed-order sums, no float atomics)."""
-    shape = (3, 40, 33, 35)
+    as channels (33x35 pixels: several runs, the last partial; 104 channels: a partial channel group; 312
+    planes: two finishing blocks, the second partial); a target in another layout sends each map through a
+    launch of its own. Both give the reference's loss, the same stats, and the same loss again on a second
+    run (fixed-order sums, no float atomics)."""
+    shape = (3, 104, 33, 35)
     a, b = rand(shape, 31, dtype, "cuda", "channels_last"), rand(shape, 32, dtype, "cuda", "channels_last")
     loss, st = torch.ops.dmfn_fast.centroid_align_fwd(a, b)
     loss2, st2 = torch.ops.dmfn_fast.centroid_align_fwd(a, b)
