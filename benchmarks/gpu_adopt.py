@@ -14,8 +14,9 @@ MARGIN = 0.97  # an opt-in must be at least 3% faster in GPU time: below that th
 # switch, the opt-in kernels' rows, the rows of the default kernels they replace
 RULES = [
     ("DMFN_WGRAD9", ["fused wgrad kernel, 9 taps per program"], ["fused wgrad kernel"]),
-    ("DMFN_TMA", ["fused fwd kernel, TMA 2-D tiles", "fused grad kernel, TMA 2-D tiles"],
-     ["fused fwd kernel", "fused grad kernel (recompute + IN/ReLU bwd + suffix)"]),
+    ("DMFN_TMA", ["fused fwd kernel, TMA 2-D tiles", "fused grad kernel, TMA 2-D tiles",
+                  "fused dgrad kernel, TMA 2-D tiles"],
+     ["fused fwd kernel", "fused grad kernel (recompute + IN/ReLU bwd + suffix)", "fused dgrad kernel"]),
 ]
 
 

@@ -161,7 +161,7 @@ def best_configs(cls):
     from dmfn_fast.kernels import dmfb_branches as kb
 
     out = {}
-    for k in ("fwd", "grad", "dgrad", "wgrad", "wgrad9", "fwd_tma", "grad_tma"):
+    for k in ("fwd", "grad", "dgrad", "wgrad", "wgrad9", "fwd_tma", "grad_tma", "dgrad_tma"):
         cfg = getattr(getattr(kb, f"branches_{k}_{cls}", None), "best_config", None)
         out[k] = None if cfg is None else str(cfg)
     return out
@@ -210,7 +210,10 @@ for dt in (torch.bfloat16, torch.float32):
                    lambda: ops._branches_forward(h, w, b, DIL, grad=(dtg, mean, rstd, sa, sb), tma=True),
                    4 * CONV, 9 * act, configs=best_configs("lowp"))
         record(g, "suffix kernel (branches without IN)", lambda: ops._suffix(dtg), 0, 8 * act)
-        record(g, "fused dgrad kernel", lambda: ops._branches_dgrad(w, G, DIL, h), 4 * CONV, 5 * act)
+        record(g, "fused dgrad kernel", lambda: ops._branches_dgrad(w, G, DIL, h, tma=False), 4 * CONV, 5 * act)
+        if dt != torch.float32 and CUDA and torch.cuda.get_device_capability()[0] >= 9:
+            record(g, "fused dgrad kernel, TMA 2-D tiles", lambda: ops._branches_dgrad(w, G, DIL, h, tma=True),
+                   4 * CONV, 5 * act, configs=best_configs("lowp"))
         record(g, "fused wgrad kernel", lambda: ops._branches_wgrad(h, G, DIL), 4 * CONV, 5 * act,
                configs=best_configs("lowp" if dt != torch.float32 else "f32"))
         if dt != torch.float32 and (not CUDA or torch.cuda.get_device_capability()[0] >= 9):

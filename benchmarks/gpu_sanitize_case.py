@@ -14,7 +14,7 @@ for dt in (torch.bfloat16, torch.float32):
     y = m(x)
     y.float().square().sum().backward()
     assert torch.isfinite(y).all() and torch.isfinite(x.grad).all()
-# the sm_90 opt-in kernels (DMFN_TMA=1, DMFN_WGRAD9=1) at an odd size: TMA forward and grad, 9-tap wgrad
+# the sm_90 opt-in kernels (DMFN_TMA=1, DMFN_WGRAD9=1) at an odd size: TMA forward, grad and dgrad, 9-tap wgrad
 if torch.cuda.get_device_capability()[0] >= 9:
     from dmfn_fast.ops import dmfb as ops
 
@@ -27,7 +27,8 @@ if torch.cuda.get_device_capability()[0] >= 9:
     sa, sb = ops._in_backward_sums(t, t, mean, rstd, relu=True, from_y=True)
     G = ops._branches_forward(h, w, b, ops.DILATIONS, grad=(t, mean, rstd, sa, sb), tma=True)
     dw, db = ops._branches_wgrad(h, G, ops.DILATIONS, taps9=True)
-    assert torch.isfinite(k).all() and torch.isfinite(G).all() and torch.isfinite(dw).all()
+    dh = ops._branches_dgrad(w, G, ops.DILATIONS, h, tma=True)
+    assert all(torch.isfinite(v).all() for v in (k, G, dw, dh))
 # every centroid kernel: planes (NCHW), both maps in one launch with 16-byte channels-last loads (C a multiple
 # of 8 in bf16, 4 in fp32; 20x20: seven pixel runs, the last partial), 16-byte channels-last one map at a time
 # (the target NCHW), and scalar channels-last (C = 6 in bf16)

@@ -16,8 +16,9 @@ def _cfg(bp, bn, bk, warps, stages):
     return triton.Config({"BLOCK_P": bp, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=warps, num_stages=stages)
 
 
-def _tcfg(th, tw, warps, stages):
-    return triton.Config({"TH": th, "TW": tw, "BLOCK_N": 64, "BLOCK_K": 64}, num_warps=warps, num_stages=stages)
+def _tcfg(th, tw, warps, stages, **extra):
+    return triton.Config({"TH": th, "TW": tw, "BLOCK_N": 64, "BLOCK_K": 64, **extra}, num_warps=warps,
+                         num_stages=stages)
 
 
 def _wcfg(bp, bci, bco, warps, stages):
@@ -43,6 +44,10 @@ CONFIGS = {
     # sm_90, fp16/bf16 (branches_fwd_tma): 2-D pixel tiles TH x TW
     "fwd_tma_lowp": [_tcfg(8, 8, 4, 3), _tcfg(8, 16, 8, 3), _tcfg(16, 8, 8, 3), _tcfg(8, 8, 4, 4)],
     "grad_tma_lowp": [_tcfg(8, 8, 4, 3), _tcfg(8, 16, 8, 3), _tcfg(8, 8, 8, 3)],
+    # FLAT: one loop through the 36 (branch, tap) steps, pipelined across branches (132-134 instructions per
+    # step on sm_90), or a loop per branch that drains between branches (119-120): the autotuner decides
+    "dgrad_tma_lowp": [_tcfg(8, 8, 4, 3, FLAT=0), _tcfg(8, 8, 4, 3, FLAT=1), _tcfg(8, 16, 8, 3, FLAT=0),
+                       _tcfg(8, 16, 8, 3, FLAT=1), _tcfg(8, 8, 4, 4, FLAT=1)],
     "wgrad9_lowp": [_wcfg(64, 64, 64, 8, 2), _wcfg(32, 64, 64, 8, 3), _wcfg(32, 64, 64, 8, 4)],
 }
 
@@ -226,6 +231,68 @@ def branches_grad_tma(
     """branches_fwd_tma's MODE 1 as a kernel of its own (as branches_grad)."""
     branches_fwd_tma(h_ptr, w_ptr, b_ptr, out_ptr, dt_ptr, mean_ptr, rstd_ptr, sa_ptr, sb_ptr, N, H, W, C,
                      D1, D2, D3, D4, 1, TH, TW, BLOCK_N, BLOCK_K)
+
+
+@triton.jit
+def _dgrad_tma_step(acc, g_desc, w_desc, n, y0, x0, n0, j, tap, k0, C, D1: tl.constexpr, D2: tl.constexpr,
+                    D3: tl.constexpr, D4: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr):
+    """acc += G_j's box at the tile shifted back by the tap @ the tap's weights, transposed."""
+    D = _dilation(j, D1, D2, D3, D4)
+    a = g_desc.load([n, y0 - (tap // 3 - 1) * D, x0 - (tap % 3 - 1) * D, j * C + k0]).reshape(BLOCK_P, BLOCK_K)
+    b = w_desc.load([(j * 9 + tap) * C + n0, k0])
+    return tl.dot(a, b.T, acc)
+
+
+@triton.jit
+def branches_dgrad_tma(
+    g_ptr, w_ptr, dh_ptr, N, H, W, C,
+    D1: tl.constexpr, D2: tl.constexpr, D3: tl.constexpr, D4: tl.constexpr,
+    TH: tl.constexpr, TW: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, FLAT: tl.constexpr,
+):
+    """branches_dgrad on sm_90 with a 2-D tile of TH x TW pixels, as branches_fwd_tma: for each (branch,
+    tap) one box [1, TH, TW, BLOCK_K] of G seen as [N, H, W, 4C], at the tile shifted back by the tap
+    (zero-filled outside the image), and the weights' [BLOCK_N, BLOCK_K] tile (input channels, output
+    channels), used transposed. One accumulator takes all 36 taps, with no epilogue between branches, so
+    FLAT can run them as one loop. C must be a multiple of BLOCK_K and of 8."""
+    BLOCK_P: tl.constexpr = TH * TW
+    pid = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    tiles_x = tl.cdiv(W, TW)
+    tiles = tiles_x * tl.cdiv(H, TH)
+    n = pid // tiles
+    y0 = (pid % tiles) // tiles_x * TH
+    x0 = (pid % tiles) % tiles_x * TW
+    n0 = pid_n * BLOCK_N
+    C4 = 4 * C
+    g_desc = tl.make_tensor_descriptor(g_ptr, shape=[N, H, W, C4], strides=[H * W * C4, W * C4, C4, 1],
+                                       block_shape=[1, TH, TW, BLOCK_K])
+    w_desc = tl.make_tensor_descriptor(w_ptr, shape=[36 * C, C], strides=[C, 1], block_shape=[BLOCK_N, BLOCK_K])
+    KT = C // BLOCK_K
+    acc = tl.zeros([BLOCK_P, BLOCK_N], dtype=tl.float32)
+    if FLAT:
+        j = 0
+        tap = 0
+        k0 = 0
+        for it in range(0, 36 * KT):
+            acc = _dgrad_tma_step(acc, g_desc, w_desc, n, y0, x0, n0, j, tap, k0, C, D1, D2, D3, D4, BLOCK_P,
+                                  BLOCK_K)
+            tap, k0 = _next_k(tap, k0, C, BLOCK_K)
+            j = tl.where(tap == 9, j + 1, j)
+            tap = tl.where(tap == 9, 0, tap)
+    else:
+        for j in range(4):
+            tap = 0
+            k0 = 0
+            for it in range(0, 9 * KT):
+                acc = _dgrad_tma_step(acc, g_desc, w_desc, n, y0, x0, n0, j, tap, k0, C, D1, D2, D3, D4, BLOCK_P,
+                                      BLOCK_K)
+                tap, k0 = _next_k(tap, k0, C, BLOCK_K)
+    r = tl.arange(0, BLOCK_P)
+    y = y0 + r // TW
+    x = x0 + r % TW
+    ci = n0 + tl.arange(0, BLOCK_N)
+    dh = dh_ptr + (n.to(tl.int64) * H * W + y * W + x)[:, None] * C + ci[None, :]
+    tl.store(dh, acc.to(dh_ptr.dtype.element_ty), mask=((y < H) & (x < W))[:, None] & (ci < C)[None, :])
 
 
 @triton.jit
@@ -473,4 +540,5 @@ branches_wgrad_lowp = _autotuned(branches_wgrad, "wgrad_lowp", _WGRAD_KEY, ("dw_
 branches_wgrad_f32 = _autotuned(branches_wgrad, "wgrad_f32", _WGRAD_KEY, ("dw_ptr", "db_ptr"))
 branches_fwd_tma_lowp = _autotuned(branches_fwd_tma, "fwd_tma_lowp", _CONV_KEY[:-1])  # no PREC: bf16/fp16 only
 branches_grad_tma_lowp = _autotuned(branches_grad_tma, "grad_tma_lowp", _CONV_KEY[:-1])
+branches_dgrad_tma_lowp = _autotuned(branches_dgrad_tma, "dgrad_tma_lowp", _CONV_KEY[:-1])
 branches_wgrad9_lowp = _autotuned(branches_wgrad9, "wgrad9_lowp", _WGRAD_KEY, ("dw_ptr", "db_ptr"))

@@ -29,6 +29,7 @@ def branches_specs(dtype="bf16"):
         ("wgrad9", kb.branches_wgrad9, wgrad_sig, {}, ("C", "PIX_PER_SPLIT")),
         ("fwd_tma", kb.branches_fwd_tma, fwd_sig, dict(MODE=0), ("C", "W")),
         ("grad_tma", kb.branches_grad_tma, fwd_sig, {}, ("C", "W")),
+        ("dgrad_tma", kb.branches_dgrad_tma, dgrad_sig, {}, ("C", "W")),
     ):
         for cfg in kb.CONFIGS.get(f"{name}_{cls}", []):  # wgrad9, *_tma: fp16/bf16 only
             cx = dict(dil, **({} if name.endswith("_tma") else flags), **extra, **cfg.kwargs)

@@ -48,11 +48,14 @@ def _compile_and_inspect(fn, signature, constexprs, options, divisible, cap):
     return dict(usage, **ops)
 
 
+SM90_ONLY = ("wgrad9", "fwd_tma", "grad_tma", "dgrad_tma")  # built for sm_90 only (dmfb._taps9, dmfb._tma)
+
+
 def _worker(jobs):
     out = {}
     for cap, dtype in jobs:
         for name, fn, sig, cx, opts, div in compile_specs(dtype):
-            if name.startswith(("wgrad9", "fwd_tma", "grad_tma")) and cap < 90:  # sm_90 only (dmfb._taps9, _tma)
+            if name.startswith(SM90_ONLY) and cap < 90:
                 continue
             key = f"sm_{cap} {dtype} {name}"
             try:
@@ -82,7 +85,7 @@ def compiled():
 
 def test_every_kernel_and_config_compiles_without_spills(compiled):
     expected = {f"sm_{cap} {dt} {spec[0]}" for cap in CAPS for dt in DTYPES for spec in compile_specs(dt)
-                if cap >= 90 or not spec[0].startswith(("wgrad9", "fwd_tma", "grad_tma"))}
+                if cap >= 90 or not spec[0].startswith(SM90_ONLY)}
     assert set(compiled) == expected
     bad = []
     for key, r in sorted(compiled.items()):
@@ -97,7 +100,7 @@ def test_tensor_cores_used(compiled):
     """fp16/bf16 and TF32 branch kernels run their dots on tensor cores (IEEE fp32 uses FMA by design)."""
     conv = [k for k in compiled if (" bf16 " in k or " tf32 " in k) and k.split()[2].split("[")[0] in
             ("fwd_lowp", "grad_lowp", "dgrad_lowp", "wgrad_lowp", "wgrad9_lowp", "fwd_tma_lowp", "grad_tma_lowp",
-             "fwd_f32", "grad_f32", "dgrad_f32", "wgrad_f32")]
+             "dgrad_tma_lowp", "fwd_f32", "grad_f32", "dgrad_f32", "wgrad_f32")]
     assert conv
     for key in conv:
         op = "HGMMA" if key.startswith("sm_90") else "HMMA"

@@ -110,9 +110,9 @@ def test_wgrad9_matches_float64(dtype, shape):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("shape", [(16, 64, 64, 64), (1, 64, 37, 29), (2, 128, 24, 40)])
 def test_tma_kernels_match_row_kernels(dtype, shape):
-    """The opt-in TMA forward and grad kernels (DMFN_TMA=1: 2-D pixel tiles, h by tensor descriptor, the
-    padding zero-filled by the copy engine) at full size and at odd sizes (edge tiles past the image), against
-    the row kernels and the forward against float64."""
+    """The opt-in TMA forward, grad and dgrad kernels (DMFN_TMA=1: 2-D pixel tiles, h or G by tensor
+    descriptor, the padding zero-filled by the copy engine) at full size and at odd sizes (edge tiles past
+    the image), against the row kernels and the forward against float64."""
     N, C, H, W = shape
     g = torch.Generator(device="cuda").manual_seed(0)
     cl = lambda t: t.to(dtype).contiguous(memory_format=torch.channels_last)  # noqa: E731
@@ -131,6 +131,9 @@ def test_tma_kernels_match_row_kernels(dtype, shape):
     G_rows = dmfb._branches_forward(h, w, b, [1, 2, 4, 8], grad=(dt, mean, rstd, sa, sb), tma=False)
     G_tma = dmfb._branches_forward(h, w, b, [1, 2, 4, 8], grad=(dt, mean, rstd, sa, sb), tma=True)
     assert _err(G_tma, G_rows) <= TOL[dtype], _err(G_tma, G_rows)
+    dh_rows = dmfb._branches_dgrad(w, G_rows, [1, 2, 4, 8], h, tma=False)
+    dh_tma = dmfb._branches_dgrad(w, G_rows, [1, 2, 4, 8], h, tma=True)
+    assert _err(dh_tma, dh_rows) <= TOL[dtype], _err(dh_tma, dh_rows)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

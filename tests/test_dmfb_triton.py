@@ -300,8 +300,8 @@ def check_k_steps(N, H, W, C, block):
 
 
 def check_tma(N, H, W, C, TH, TW, block):
-    """branches_fwd_tma (MODE 0) and branches_grad_tma launched directly with small tiles, against the row
-    kernels (the ops' path) and the forward against float64."""
+    """branches_fwd_tma (MODE 0), branches_grad_tma and branches_dgrad_tma launched directly with small tiles,
+    against the row kernels (the ops' path); the forward and dgrad against float64."""
     import triton
 
     from dmfn_fast.kernels import dmfb_branches as kb
@@ -326,8 +326,23 @@ def check_tma(N, H, W, C, TH, TW, block):
     G = torch.empty_like(out)
     kb.branches_grad_tma[grid](h, w, b, G, dt, mean, rstd, sa, sb, N, H, W, C, **tiles)
     G_rows = ops._branches_forward(h, w, b, ops.DILATIONS, grad=(dt, mean, rstd, sa, sb), tma=False)
+    # dgrad from suffix sums G of an upstream gradient dk, against autograd through the reference in float64
+    dk = torch.randn(N, 4 * C, H, W, dtype=torch.float64)
+    G64 = dk.view(N, 4, C, H, W).flip(1).cumsum(1).flip(1).reshape(N, 4 * C, H, W)
+    h64 = h.double().requires_grad_()
+    ref = torch.autograd.grad(ops.dmfb_branches_reference(h64, [x.double() for x in ws], [x.double() for x in bs]),
+                              h64, dk)[0]
+    Gk = cl(G64.float())
+    dh = torch.empty_like(h)
+    kb.branches_dgrad_tma[grid](Gk, w, dh, N, H, W, C, FLAT=0, **tiles)
+    dh_flat = torch.empty_like(h)
+    kb.branches_dgrad_tma[grid](Gk, w, dh_flat, N, H, W, C, FLAT=1, **tiles)
+    dh_rows = ops._branches_dgrad(w, Gk, ops.DILATIONS, h, tma=False)
+    dh_op = ops._branches_dgrad(w, Gk, ops.DILATIONS, h, tma=True)  # the ops' launch of it (one 16x16 tile here)
     return [("fwd vs row kernel", _err(out, rows)), ("fwd vs float64", _err(out.double(), f64)),
-            ("grad vs row kernel", _err(G, G_rows))]
+            ("grad vs row kernel", _err(G, G_rows)), ("dgrad vs row kernel", _err(dh, dh_rows)),
+            ("dgrad vs float64", _err(dh.double(), ref)), ("dgrad, one loop, vs float64", _err(dh_flat.double(), ref)),
+            ("dgrad launched by the ops", _err(dh_op, ref))]
 
 
 def check_fused_norms(N, H, W):

@@ -68,12 +68,14 @@ def test_adopt_takes_an_opt_in_kernel_only_where_the_breakdown_measured_it_faste
             [dict(group="pieces float32", name="fused wgrad kernel, 9 taps per program", gpu_ms=0.001)]
     names = {"wgrad": "fused wgrad kernel", "wgrad9": "fused wgrad kernel, 9 taps per program",
              "fwd": "fused fwd kernel", "grad": "fused grad kernel (recompute + IN/ReLU bwd + suffix)",
-             "fwd_tma": "fused fwd kernel, TMA 2-D tiles", "grad_tma": "fused grad kernel, TMA 2-D tiles"}
+             "fwd_tma": "fused fwd kernel, TMA 2-D tiles", "grad_tma": "fused grad kernel, TMA 2-D tiles",
+             "dgrad": "fused dgrad kernel", "dgrad_tma": "fused dgrad kernel, TMA 2-D tiles"}
 
     def adopted(**ms):
         return {s for s, on, _ in decide(rows(**{names[k]: v for k, v in ms.items()})) if on}
-    assert adopted(wgrad=0.120, wgrad9=0.070, fwd=0.076, grad=0.119, fwd_tma=0.060, grad_tma=0.125) == \
-        {"DMFN_WGRAD9", "DMFN_TMA"}  # TMA: 185 against 195 us together
-    assert adopted(wgrad=0.120, wgrad9=0.118, fwd=0.076, grad=0.119, fwd_tma=0.050, grad_tma=0.150) == set()
+    assert adopted(wgrad=0.120, wgrad9=0.070, fwd=0.076, grad=0.119, dgrad=0.065, fwd_tma=0.060, grad_tma=0.125,
+                   dgrad_tma=0.064) == {"DMFN_WGRAD9", "DMFN_TMA"}  # TMA: 249 against 260 us together
+    assert adopted(wgrad=0.120, wgrad9=0.118, fwd=0.076, grad=0.119, dgrad=0.065, fwd_tma=0.050, grad_tma=0.150,
+                   dgrad_tma=0.060) == set()
     assert adopted(wgrad=0.120) == set()  # the opt-in rows missing
     assert adopted(wgrad9=0.001, fwd_tma=0.001, grad_tma=0.001) == set()  # the defaults' rows missing

@@ -156,7 +156,7 @@ def _empty_cl(n, c, h, w, like, dtype=None):
 
 def _conv_kernel(name, dtype, pixels, C):
     """(kernel, launch kwargs) for one of the branch kernels ("fwd", "grad", "dgrad", "wgrad", "wgrad9",
-    "fwd_tma", "grad_tma").
+    "fwd_tma", "grad_tma", "dgrad_tma").
 
     Compiled: the autotuned variant for the dtype class (tensor cores for fp16/bf16; fp32 with TF32 dots
     when torch.backends.cudnn.allow_tf32 is on, IEEE dots when it is off).
@@ -173,10 +173,10 @@ def _conv_kernel(name, dtype, pixels, C):
         return getattr(_kb, f"branches_{name}_{'lowp' if lowp else 'f32'}"), flags
     raw = {"fwd": _kb.branches_fwd, "grad": _kb.branches_grad, "dgrad": _kb.branches_dgrad,
            "wgrad": _kb.branches_wgrad, "wgrad9": _kb.branches_wgrad9, "fwd_tma": _kb.branches_fwd_tma,
-           "grad_tma": _kb.branches_grad_tma}[name]
+           "grad_tma": _kb.branches_grad_tma, "dgrad_tma": _kb.branches_dgrad_tma}[name]
     bp, bc = min(4096, triton.next_power_of_2(pixels)), max(16, triton.next_power_of_2(C))
     if name.endswith("_tma"):  # one 16 x 16 tile (TMA boxes hold at most 256 per side); C a power of two
-        return raw, dict(TH=16, TW=16, BLOCK_N=C, BLOCK_K=C)
+        return raw, dict(TH=16, TW=16, BLOCK_N=C, BLOCK_K=C, **({"FLAT": 1} if name == "dgrad_tma" else {}))
     tiles = dict(BLOCK_CI=bc, BLOCK_CO=bc) if name.startswith("wgrad") else dict(BLOCK_N=bc, BLOCK_K=bc)
     return raw, dict(flags, BLOCK_P=bp, **tiles)
 
@@ -243,11 +243,11 @@ _TMA = os.environ.get("DMFN_TMA", "0") == "1"
 
 
 def _tma(h):
-    """Whether the forward and grad branch kernels take h by TMA in 2-D pixel tiles (branches_fwd_tma)
-    rather than as gathered rows: opt-in with DMFN_TMA=1 until a GPU benchmark shows it faster
-    (gpu_breakdown.py times both); fp16/bf16 on sm_90 or newer, C a multiple of 64, in eager only (traced
-    by torch.compile, the row kernels stay: the descriptors' scratch memory in Inductor's launches is
-    unverified)."""
+    """Whether the forward, grad and dgrad branch kernels take their pixel operand (h, or G for dgrad) by TMA
+    in 2-D pixel tiles (branches_fwd_tma, branches_dgrad_tma) rather than as gathered rows: opt-in with
+    DMFN_TMA=1 until a GPU benchmark shows it faster (gpu_breakdown.py times both); fp16/bf16 on sm_90 or
+    newer, C a multiple of 64, in eager only (traced by torch.compile, the row kernels stay: the
+    descriptors' scratch memory in Inductor's launches is unverified)."""
     return (_TMA and not INTERPRET and h.dtype != torch.float32 and h.device.type == "cuda"
             and not torch.compiler.is_compiling() and not torch._C._len_torch_dispatch_stack()  # before data_ptr
             and h.shape[1] % 64 == 0 and h.data_ptr() % 16 == 0
@@ -272,12 +272,7 @@ def _branches_forward(h, w, b, dil, grad=None, tma=None):
         unused = torch.empty(1, device=h.device, dtype=torch.float32)
         grad = (h, unused, unused, unused, unused)
     dt, mean, rstd, sa, sb = grad
-    if tma:
-        # the allocator is per thread (a ContextVar), and the autograd engine runs backward on its own
-        triton.set_allocator(functools.partial(_tma_scratch, h.device))
-        grid = lambda META: (N * _cdiv(H, META["TH"]) * _cdiv(W, META["TW"]), _cdiv(C, META["BLOCK_N"]))  # noqa: E731
-    else:
-        grid = lambda META: (N * _cdiv(H * W, META["BLOCK_P"]), _cdiv(C, META["BLOCK_N"]))  # noqa: E731
+    grid = _conv_grid(N, C, H, W, tma, h.device)
     if mode == 0:
         kw = dict(kw, MODE=0)  # branches_grad(_tma) is MODE 1 by construction
     _kernel(kern, h)[grid](
@@ -285,12 +280,23 @@ def _branches_forward(h, w, b, dil, grad=None, tma=None):
     return out
 
 
-def _branches_dgrad(w, G, dil, like):
-    """dh from the suffix sums G = [G_1..G_4]; `like` is h (shape, dtype, device)."""
+def _conv_grid(N, C, H, W, tma, device):
+    """The launch grid of a forward, grad or dgrad branch kernel: pixel tiles (rows, or TMA's 2-D tiles) by
+    channel tiles. The TMA kernels make their descriptors in global memory from triton's allocator."""
+    if tma:
+        # the allocator is per thread (a ContextVar), and the autograd engine runs backward on its own
+        triton.set_allocator(functools.partial(_tma_scratch, device))
+        return lambda META: (N * _cdiv(H, META["TH"]) * _cdiv(W, META["TW"]), _cdiv(C, META["BLOCK_N"]))
+    return lambda META: (N * _cdiv(H * W, META["BLOCK_P"]), _cdiv(C, META["BLOCK_N"]))
+
+
+def _branches_dgrad(w, G, dil, like, tma=None):
+    """dh from the suffix sums G = [G_1..G_4]; `like` is h (shape, dtype, device). tma as _branches_forward's."""
     N, C, H, W = like.shape
     dh = _empty_cl(N, C, H, W, like)
-    grid = lambda META: (N * _cdiv(H * W, META["BLOCK_P"]), _cdiv(C, META["BLOCK_N"]))  # noqa: E731
-    kern, kw = _conv_kernel("dgrad", like.dtype, H * W, C)
+    tma = (_tma(like) and G.data_ptr() % 16 == 0) if tma is None else tma
+    grid = _conv_grid(N, C, H, W, tma, like.device)
+    kern, kw = _conv_kernel("dgrad_tma" if tma else "dgrad", like.dtype, H * W, C)
     _kernel(kern, like)[grid](G, w, dh, N, H, W, C, D1=dil[0], D2=dil[1], D3=dil[2], D4=dil[3], **kw)
     return dh
 
