@@ -171,6 +171,17 @@ def _suffix_in_place(out_ptr, o_rows, co, omask, C):
 
 
 @triton.jit
+def _tile_2d(H, W, TH: tl.constexpr, TW: tl.constexpr, BLOCK_N: tl.constexpr):
+    """A TMA kernel's program: its image n, its tile's corner (y0, x0) and pixels (y, x), its first channel."""
+    tiles_x = tl.cdiv(W, TW)
+    t = tl.program_id(0) % (tiles_x * tl.cdiv(H, TH))
+    y0 = t // tiles_x * TH
+    x0 = t % tiles_x * TW
+    r = tl.arange(0, TH * TW)
+    return tl.program_id(0) // (tiles_x * tl.cdiv(H, TH)), y0, x0, y0 + r // TW, x0 + r % TW, tl.program_id(1) * BLOCK_N
+
+
+@triton.jit
 def branches_fwd_tma(
     h_ptr, w_ptr, b_ptr, out_ptr,
     dt_ptr, mean_ptr, rstd_ptr, sa_ptr, sb_ptr,
@@ -184,21 +195,11 @@ def branches_fwd_tma(
     arithmetic), and the weights' [BLOCK_K, BLOCK_N] tile by TMA too. C must be a multiple of BLOCK_K
     (the weight rows of one tap end where the next tap's begin) and of 8 (16-byte TMA strides)."""
     BLOCK_P: tl.constexpr = TH * TW
-    pid = tl.program_id(0)
-    pid_n = tl.program_id(1)
     HW = H * W
-    tiles_x = tl.cdiv(W, TW)
-    tiles = tiles_x * tl.cdiv(H, TH)
-    n = pid // tiles
-    y0 = (pid % tiles) // tiles_x * TH
-    x0 = (pid % tiles) % tiles_x * TW
-    n0 = pid_n * BLOCK_N
+    n, y0, x0, y, x, n0 = _tile_2d(H, W, TH, TW, BLOCK_N)
     h_desc = tl.make_tensor_descriptor(h_ptr, shape=[N, H, W, C], strides=[HW * C, W * C, C, 1],
                                        block_shape=[1, TH, TW, BLOCK_K])
     w_desc = tl.make_tensor_descriptor(w_ptr, shape=[36 * C, C], strides=[C, 1], block_shape=[BLOCK_K, BLOCK_N])
-    r = tl.arange(0, BLOCK_P)
-    y = y0 + r // TW
-    x = x0 + r % TW
     co = n0 + tl.arange(0, BLOCK_N)
     cmask = co < C
     o_rows = (n.to(tl.int64) * HW + y * W + x)[:, None] * (4 * C)
@@ -255,14 +256,7 @@ def branches_dgrad_tma(
     channels), used transposed. One accumulator takes all 36 taps, with no epilogue between branches, so
     FLAT can run them as one loop. C must be a multiple of BLOCK_K and of 8."""
     BLOCK_P: tl.constexpr = TH * TW
-    pid = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    tiles_x = tl.cdiv(W, TW)
-    tiles = tiles_x * tl.cdiv(H, TH)
-    n = pid // tiles
-    y0 = (pid % tiles) // tiles_x * TH
-    x0 = (pid % tiles) % tiles_x * TW
-    n0 = pid_n * BLOCK_N
+    n, y0, x0, y, x, n0 = _tile_2d(H, W, TH, TW, BLOCK_N)
     C4 = 4 * C
     g_desc = tl.make_tensor_descriptor(g_ptr, shape=[N, H, W, C4], strides=[H * W * C4, W * C4, C4, 1],
                                        block_shape=[1, TH, TW, BLOCK_K])
@@ -287,9 +281,6 @@ def branches_dgrad_tma(
                 acc = _dgrad_tma_step(acc, g_desc, w_desc, n, y0, x0, n0, j, tap, k0, C, D1, D2, D3, D4, BLOCK_P,
                                       BLOCK_K)
                 tap, k0 = _next_k(tap, k0, C, BLOCK_K)
-    r = tl.arange(0, BLOCK_P)
-    y = y0 + r // TW
-    x = x0 + r % TW
     ci = n0 + tl.arange(0, BLOCK_N)
     dh = dh_ptr + (n.to(tl.int64) * H * W + y * W + x)[:, None] * C + ci[None, :]
     tl.store(dh, acc.to(dh_ptr.dtype.element_ty), mask=((y < H) & (x < W))[:, None] & (ci < C)[None, :])
