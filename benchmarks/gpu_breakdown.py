@@ -189,8 +189,10 @@ for dt in (torch.bfloat16, torch.float32):
     record(g, "reference branches fwd (4 cudnn convs, adds, cat)", lambda: ops.dmfb_branches_reference(h, ws, bs),
            4 * CONV, 5 * act)
     try:
-        record(g, "fused fwd kernel", lambda: ops._branches_forward(h, w, b, DIL), 4 * CONV, 5 * act)
-        k = ops._branches_forward(h, w, b, DIL)
+        # the default kernels' rows run them whatever DMFN_TMA / DMFN_WGRAD9 say; the opt-in ones follow
+        sm90 = dt != torch.float32 and CUDA and torch.cuda.get_device_capability()[0] >= 9
+        record(g, "fused fwd kernel", lambda: ops._branches_forward(h, w, b, DIL, tma=False), 4 * CONV, 5 * act)
+        k = ops._branches_forward(h, w, b, DIL, tma=False)
         record(g, "IN stats on the cat", lambda: ops._in_stats(k), 0, 4 * act)
         record(g, "IN stats+apply+ReLU on the cat", lambda: ops._in_act_fn(k, None, True), 0, 12 * act)
         t, mean, rstd = ops._in_act_fn(k, None, True)
@@ -199,10 +201,10 @@ for dt in (torch.bfloat16, torch.float32):
                0, 8 * act)
         sa, sb = ops._in_backward_sums(dtg, t, mean, rstd, relu=True, from_y=True)
         record(g, "fused grad kernel (recompute + IN/ReLU bwd + suffix)",
-               lambda: ops._branches_forward(h, w, b, DIL, grad=(dtg, mean, rstd, sa, sb)),
+               lambda: ops._branches_forward(h, w, b, DIL, grad=(dtg, mean, rstd, sa, sb), tma=False),
                4 * CONV, 9 * act)
-        G = ops._branches_forward(h, w, b, DIL, grad=(dtg, mean, rstd, sa, sb))
-        if dt != torch.float32 and CUDA and torch.cuda.get_device_capability()[0] >= 9:
+        G = ops._branches_forward(h, w, b, DIL, grad=(dtg, mean, rstd, sa, sb), tma=False)
+        if sm90:
             # the opt-in TMA kernels (DMFN_TMA=1): 2-D pixel tiles, h by tensor descriptor
             record(g, "fused fwd kernel, TMA 2-D tiles", lambda: ops._branches_forward(h, w, b, DIL, tma=True),
                    4 * CONV, 5 * act, configs=best_configs("lowp"))
@@ -211,10 +213,10 @@ for dt in (torch.bfloat16, torch.float32):
                    4 * CONV, 9 * act, configs=best_configs("lowp"))
         record(g, "suffix kernel (branches without IN)", lambda: ops._suffix(dtg), 0, 8 * act)
         record(g, "fused dgrad kernel", lambda: ops._branches_dgrad(w, G, DIL, h, tma=False), 4 * CONV, 5 * act)
-        if dt != torch.float32 and CUDA and torch.cuda.get_device_capability()[0] >= 9:
+        if sm90:
             record(g, "fused dgrad kernel, TMA 2-D tiles", lambda: ops._branches_dgrad(w, G, DIL, h, tma=True),
                    4 * CONV, 5 * act, configs=best_configs("lowp"))
-        record(g, "fused wgrad kernel", lambda: ops._branches_wgrad(h, G, DIL), 4 * CONV, 5 * act,
+        record(g, "fused wgrad kernel", lambda: ops._branches_wgrad(h, G, DIL, taps9=False), 4 * CONV, 5 * act,
                configs=best_configs("lowp" if dt != torch.float32 else "f32"))
         if dt != torch.float32 and (not CUDA or torch.cuda.get_device_capability()[0] >= 9):
             # the opt-in branches_wgrad9 (DMFN_WGRAD9=1): one program per branch over its 9 taps
