@@ -96,15 +96,17 @@ def gpu_by_class(fn, steps=3, top=0):
     [name cut to 90 characters, class, ms per call]."""
     split, per = {}, kernel_ms(fn, steps)
     for name, t in per.items():
-        split[kernel_class(name)] = split.get(kernel_class(name), 0.0) + t
+        cls = kernel_class(name)
+        split[cls] = split.get(cls, 0.0) + t
     longest = [[n[:90], kernel_class(n), round(t, 3)] for n, t in sorted(per.items(), key=lambda kv: -kv[1])[:top]]
     return round(sum(split.values()), 3), {k: round(v, 3) for k, v in sorted(split.items())}, longest
 
 
 def record(case, variant, fn, flop=0, images=0, rounds=ROUNDS, classes=False):
     row = dict(case=case, variant=variant, device=torch.cuda.get_device_name() if CUDA else "cpu (dry)")
-    if variant.startswith("fast") and opt_in():
-        row["opt_in"] = opt_in()
+    on = opt_in() if variant.startswith("fast") else []
+    if on:
+        row["opt_in"] = on
     train = case.startswith("train step")
     try:
         t0 = time.perf_counter()
