@@ -91,6 +91,7 @@ def main(out):
         xs = [x for x in xs if x]
         return max(xs) if xs else None
 
+    ceil = next((r for r in bd if r.get("group") == "ceilings"), {})
     op, op32, blk = "op fwd+bwd bfloat16", "op fwd+bwd float32", "block fwd+bwd"
     eager = "branches_in_relu eager reference (F.instance_norm)", "branches_in_relu eager reference (channels-last IN)"
     per_call, gpu = {}, {}
@@ -117,13 +118,11 @@ def main(out):
         """The issue's bandwidth target: the time to read the op's inputs (the two maps) at the measured copy
         bandwidth, as a share of the op's forward+backward GPU time (target >= 0.5)."""
         g = f"centroid fwd+bwd {dt} channels_last"
-        rows = [r for r in bd if r.get("group", "").startswith(g) and r.get("name") == "extension" and r.get("gpu_ms")]
-        copy = next((r.get("copy_tbs") for r in bd if r.get("group") == "ceilings"), None)
-        if not rows or not copy:
+        gpu_ms, nbytes, copy = ms(g, "extension", "gpu_ms"), ms(g, "extension", "bytes"), ceil.get("copy_tbs")
+        if not (gpu_ms and nbytes and copy):
             return None
-        r = min(rows, key=lambda r: r["gpu_ms"])
-        inputs = 2 * r["bytes"] / 3  # bytes counts both maps and the gradient (gpu_breakdown.py)
-        return round(inputs / (copy * 1e12) / (r["gpu_ms"] * 1e-3), 3)
+        inputs = 2 * nbytes / 3  # bytes counts both maps and the gradient (gpu_breakdown.py)
+        return round(inputs / (copy * 1e12) / (gpu_ms * 1e-3), 3)
 
     ratios = {
         **per_call,
@@ -196,7 +195,6 @@ def main(out):
             first(*(e("generator", v, "gpu_ms") for v in BEST_FAST))),
     })
     devices = {r.get("device") for r in bd + e2e if r.get("device")}
-    ceil = next((r for r in bd if r.get("group") == "ceilings"), {})
     env = open(os.path.join(out, "env.txt")).read() if os.path.exists(os.path.join(out, "env.txt")) else ""
     # the opt-in kernels the fast rows ran with (gpu_check.sh takes those its breakdown measured faster)
     opt_in = sorted({k for r in e2e for k in r.get("opt_in", [])})

@@ -79,3 +79,20 @@ def test_adopt_takes_an_opt_in_kernel_only_where_the_breakdown_measured_it_faste
                    dgrad_tma=0.060) == set()
     assert adopted(wgrad=0.120) == set()  # the opt-in rows missing
     assert adopted(wgrad9=0.001, fwd_tma=0.001, grad_tma=0.001) == set()  # the defaults' rows missing
+
+
+def test_centroid_input_read_share(tmp_path):
+    """The centroid target's share: both maps' read time at the measured copy bandwidth over the op's GPU
+    time, from the breakdown's bytes (both maps and the gradient) and its fastest GPU time."""
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    import gpu_summary
+
+    g = "centroid fwd+bwd bfloat16 channels_last [16, 512, 32, 32]"
+    rows = [dict(group="ceilings", name="measured", copy_tbs=4.0),
+            dict(group=g, name="extension", ms=0.2, gpu_ms=0.040, bytes=3 * 2 ** 24),
+            dict(group=g, name="extension", ms=0.1, gpu_ms=0.036, bytes=3 * 2 ** 24)]
+    (tmp_path / "breakdown.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    gpu_summary.main(str(tmp_path))
+    ratios = json.loads((tmp_path / "summary.json").read_text())["ratios"]
+    assert ratios["centroid_input_read_share_bf16"] == round(2 * 2 ** 24 / 4e12 / 36e-6, 3)
+    assert ratios["centroid_input_read_share_fp32"] is None
