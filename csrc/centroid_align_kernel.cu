@@ -507,6 +507,13 @@ bool aligned_for_vec(const void* p, long long stride) {
   return reinterpret_cast<unsigned long long>(p) % 16 == 0 && stride % V == 0;
 }
 
+// A channels-last map whose pixels' channels come as whole 16-byte vectors: the 16-byte channel kernels'.
+template <typename T>
+bool channel_vectors(const MapView& m, long long N, long long C) {
+  constexpr int V = 16 / sizeof(T);
+  return m.sC == 1 && C % V == 0 && aligned_for_vec<T>(m.data, m.sW) && m.sH % V == 0 && (N == 1 || m.sN % V == 0);
+}
+
 template <typename T>
 cudaError_t map_sums_t(MapView m, long long N, long long C, int H, int W, void* sums, cudaStream_t stream) {
   using A = typename AccOf<T>::type;
@@ -520,7 +527,7 @@ cudaError_t map_sums_t(MapView m, long long N, long long C, int H, int W, void* 
     else plane_sums<T, false><<<N * C, kPlaneThreads, 0, stream>>>(m, C, H, W, su, sv, out);
   } else if (m.sC == 1 || C == 1) {
     constexpr int V = 16 / sizeof(T);
-    if (m.sC == 1 && C % V == 0 && aligned_for_vec<T>(m.data, m.sW) && m.sH % V == 0 && (N == 1 || m.sN % V == 0)) {
+    if (channel_vectors<T>(m, N, C)) {
       const long long groups = (C / V + kVecGroup - 1) / kVecGroup;
       channel_sums_vec<T><<<N * groups, 256, 0, stream>>>(m, static_cast<int>(C), H, W, su, sv, out);
     } else {
@@ -544,18 +551,12 @@ struct Plan {
 };
 
 template <typename T>
-bool pair_ok(const MapView& m, long long N, long long C) {
-  constexpr int V = 16 / sizeof(T);
-  return m.sC == 1 && C % V == 0 && aligned_for_vec<T>(m.data, m.sW) && m.sH % V == 0 && (N == 1 || m.sN % V == 0);
-}
-
-template <typename T>
 Plan plan_t(const MapView& a, const MapView& b, long long N, long long C, int H, int W, int sms) {
   using A = typename AccOf<T>::type;
   Plan p;
   const long long NC = N * C;
   p.finish_blocks = (NC + kFinishThreads - 1) / kFinishThreads;
-  p.pair = pair_ok<T>(a, N, C) && pair_ok<T>(b, N, C);
+  p.pair = channel_vectors<T>(a, N, C) && channel_vectors<T>(b, N, C);
   if (p.pair) {
     // About 4 blocks per SM, each over whole two-pixel steps of its rows
     p.groups = (C / Vec<T>::n + kPairVecs - 1) / kPairVecs;
