@@ -36,6 +36,9 @@ stage() {  # stage NAME LIMIT_S CMD...: run CMD under LIMIT_S seconds, append it
   nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm,temperature.gpu --format=csv,noheader 2>&1 || true
   $PY -c "import torch, triton, platform, sys; print('python', platform.python_version(), 'torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__); print('card', torch.cuda.get_device_name() if torch.cuda.is_available() else 'none')"
   $PY -c "import setuptools; print('setuptools', setuptools.__version__)"
+  # the host's speed: eager rows are host-bound, and two H200 machines' hosts differed by about 1.5x
+  grep -m1 'model name' /proc/cpuinfo || true
+  $PY -c "import time, torch; a = torch.ones(4); t = time.perf_counter(); [a.add(a) for _ in range(20000)]; print('host: %.2f us per torch.add of 4 CPU floats' % ((time.perf_counter() - t) / 20000 * 1e6))"
 } > "$OUT/env.txt" 2>&1
 cat "$OUT/env.txt"
 
