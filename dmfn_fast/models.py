@@ -242,15 +242,21 @@ def _run_layers(layers, x, lean, fused_norm):
     - fused_norm: each [instance norm, ReLU] runs in the Triton kernels (dmfb.instance_norm_act; with the
       conv after it, dmfb.norm_relu_conv, which also keeps only the norm input), where nn.InstanceNorm2d
       converts channels-last to contiguous and back; to rounding (the statistics in fp32, as the
-      reference's). Not where a layer has forward hooks (they would be skipped)."""
+      reference's). There, a convolution followed by a norm skips its bias, which the norm cancels
+      (dmfb.conv_before_norm). Not where a layer has forward hooks (they would be skipped)."""
     convs = (nn.Conv2d, nn.ConvTranspose2d)
+
+    def before_norm(j):  # the layer after layers[j] is an instance norm (affine-free, no hooks)
+        return j + 1 < len(layers) and isinstance(layers[j + 1], nn.InstanceNorm2d) and not layers[j + 1].affine \
+            and not _has_hooks(layers[j + 1])
+
     i = 0
     while i < len(layers):
         region = layers[i:i + 3]
         if (fused_norm and len(region) >= 2 and isinstance(region[0], nn.InstanceNorm2d)
                 and isinstance(region[1], nn.ReLU) and not any(_has_hooks(m) for m in region)):
             if len(region) == 3 and isinstance(region[2], convs):
-                x = _dmfb.norm_relu_conv(x, region[2])
+                x = _dmfb.norm_relu_conv(x, region[2], before_norm(i + 2))
                 i += 3
             else:
                 x = _dmfb.instance_norm_act(x, relu=True)
@@ -258,9 +264,15 @@ def _run_layers(layers, x, lean, fused_norm):
             continue
         starts = isinstance(region[0], nn.InstanceNorm2d) or (i == 0 and isinstance(region[0], convs))
         if lean and len(region) == 3 and starts and isinstance(region[2], convs):
-            x = checkpoint(nn.Sequential(*region), x, use_reentrant=False,
+            conv = region[2]
+            if fused_norm and before_norm(i + 2) and not _has_hooks(conv):
+                conv = functools.partial(_dmfb.conv_before_norm, conv)
+            x = checkpoint(lambda t, a=region[0], b=region[1], c=conv: c(b(a(t))), x, use_reentrant=False,
                            context_fn=_keep_conv_output(tuple(region[2].weight.shape)))
             i += 3
+        elif fused_norm and isinstance(layers[i], convs) and before_norm(i) and not _has_hooks(layers[i]):
+            x = _dmfb.conv_before_norm(layers[i], x)
+            i += 1
         else:
             x = layers[i](x)
             i += 1

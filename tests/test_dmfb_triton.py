@@ -7,6 +7,7 @@ Errors are max |fast - ref| / max |ref| (for parameter groups, over the group's 
 since the biases before an instance norm have zero true gradient). Tolerances: fp32 1e-5, fp16 1e-2.
 """
 import contextlib
+import copy
 import importlib.util
 import json
 import os
@@ -60,6 +61,7 @@ CASES["branches-in-relu-k-steps-C48"] = ("k_steps", dict(N=2, H=9, W=7, C=48, bl
 CASES["tma-kernels-tiles-k-steps-C32"] = ("tma", dict(N=2, H=9, W=13, C=32, TH=4, TW=8, block=16))
 CASES["generator-fp32-2x20x16"] = ("generator", dict(N=2, H=20, W=16))
 CASES["generator-fused-norms-save-less"] = ("fused_norms", dict(N=2, H=16, W=12))
+CASES["generator-bias-before-norm-skipped"] = ("bias_before_norm", dict(N=2, H=16, W=12))
 CASES["torch-compile-aot-eager"] = ("compiled", dict(N=2, H=13, W=11))
 CASES["eager-path-equals-op-path"] = ("eager_path", dict(N=2, H=9, W=7))
 CASES["eager-path-equals-op-path-autocast"] = ("eager_path", dict(N=2, H=9, W=7, autocast=True))
@@ -278,6 +280,63 @@ def check_generator(N, H, W):
 
     errs = _compare_module(G, G, ref_fn, x)
     errs.append(("reference-model out", _err(G(x), G_ref(x))))
+    return errs
+
+
+def check_bias_before_norm(N, H, W):
+    """A convolution followed by an instance norm runs without its bias (dmfb.conv_before_norm): the norm
+    cancels it. With every bias random, the fast generator matches the reference (output and every other
+    gradient, fp32); those biases get exactly zero gradients, on the eager path and through the ops (never
+    None: DDP wants one per parameter), where the reference's are rounding noise; without gradients, changing
+    them changes nothing, bit for bit. The biases no norm follows (first and last convolution, branches)
+    keep theirs."""
+    from dmfn_fast.models import Generator
+
+    torch.manual_seed(2)
+    G = Generator(nf=8, n_blocks=1, impl="fast")
+    for n, p in G.named_parameters():
+        if n.endswith("bias"):
+            torch.nn.init.normal_(p, 0.0, 0.5)
+    x = torch.cat([torch.rand(N, 3, H, W) * 2 - 1, (torch.rand(N, 1, H, W) > 0.5).float()], 1)
+    _assert_fused_runs(x)
+    skipped = {"encoder.1.conv.bias", "encoder.2.conv.bias", "encoder.3.conv.bias", "blocks.0.c1.bias",
+               "blocks.0.c2.bias", "decoder.0.conv.bias", "decoder.1.deconv.bias", "decoder.1.conv.conv.bias",
+               "decoder.2.deconv.bias", "decoder.2.conv.conv.bias"}
+    g = torch.randn(N, 3, H, W)
+
+    def grads(impl, ops=False):
+        G.impl = impl
+        G.zero_grad(set_to_none=True)
+        y = _via_ops(None, x, G) if ops else G(x)
+        y.backward(g)
+        return y.detach(), {n: p.grad for n, p in G.named_parameters()}
+
+    _, ref = grads("reference")
+    y_fast, fast = grads("fast")
+    _, via_ops = grads("fast", ops=True)
+    # float64 ground truth: with biases this large the fp32 reference's norms lose more than the fast path's
+    G64 = copy.deepcopy(G).double()
+    G64.impl = "reference"
+    y64 = G64(x.double())
+    y64.backward(g.double())
+    exact = {n: p.grad for n, p in G64.named_parameters()}
+    G.impl = "fast"
+    scale = max(v.abs().max().item() for v in exact.values())
+    errs = [("out", _err(y_fast, y64))]
+    for n in ref:
+        if n in skipped:
+            assert fast[n] is not None and via_ops[n] is not None, n
+            errs += [(f"eager grad {n} (zero)", fast[n].abs().max().item(), 0.0),
+                     (f"ops grad {n} (zero)", via_ops[n].abs().max().item(), 0.0),
+                     (f"reference grad {n} (rounding)", ref[n].abs().max().item() / scale, 1e-5)]
+        else:
+            errs.append((f"grad {n}", _err(fast[n], exact[n], scale)))
+    with torch.no_grad():
+        before = G(x)
+        for n, p in G.named_parameters():
+            if n in skipped:
+                p.add_(torch.randn_like(p))
+        errs.append(("no grad: output after changing the skipped biases", _err(G(x), before), 0.0))
     return errs
 
 
@@ -542,7 +601,8 @@ def check_arena(N, H, W):
     finally:
         torch.zeros, dmfb._Arena.take = real_zeros, real_take
     assert (fwd_zeros, bwd_zeros) == (1, 1), (fwd_zeros, bwd_zeros)
-    assert fwd_takes == [True] * 3 and bwd_takes == [True] * 5, (fwd_takes, bwd_takes)
+    # backward: c1's and c2's zero bias gradients (skipped before their norms), then 5 kernel sums
+    assert fwd_takes == [True] * 3 and bwd_takes == [True] * 7, (fwd_takes, bwd_takes)
     assert op_zeros - fwd_zeros - bwd_zeros == 1 and len(zeros) - op_zeros == 1, len(zeros)
     assert all(takes), takes
     return [("block x grad finite", 0.0 if torch.isfinite(x.grad).all() else 1.0)]

@@ -12,6 +12,7 @@ Ops (namespace `dmfn_fast`), each with a Triton backward registered through regi
 Weights are packed as w[j, 3*ky + kx, ci, co] (`pack_branches`). Activations are channels-last;
 NCHW inputs are converted. The fused DMFB saves h, the pre-norm c1/c2 outputs and the block's
 tensors the convolutions keep anyway; never d1..d4 or the cat (the backward recomputes the cat).
+A convolution whose output feeds an instance norm runs without its bias (see conv_before_norm).
 """
 import contextlib
 import functools
@@ -722,9 +723,51 @@ def dmfb_block_fused(x: torch.Tensor, p: DMFBParams) -> torch.Tensor:
     if _eager_autograd([x, p.c1_weight, p.c1_bias, p.c2_weight, p.c2_bias, *p.branch_weights, *p.branch_biases]):
         return _DMFBEager.apply(x, p.c1_weight, p.c1_bias, p.c2_weight, p.c2_bias, [int(d) for d in p.dilations],
                                 *p.branch_weights, *p.branch_biases)
-    h = instance_norm_act(F.conv2d(x, p.c1_weight, p.c1_bias, 1, 1), relu=True)
+    h = instance_norm_act(_skip_bias(F.conv2d(x, p.c1_weight, None, 1, 1), p.c1_bias), relu=True)
     t = branches_in_relu(h, p.branch_weights, p.branch_biases, p.dilations)
-    return instance_norm_act(F.conv2d(t, p.c2_weight, p.c2_bias, 1, 1), res=x)
+    return instance_norm_act(_skip_bias(F.conv2d(t, p.c2_weight, None, 1, 1), p.c2_bias), res=x)
+
+
+class _BiasBeforeNorm(torch.autograd.Function):
+    """x unchanged, and a zero gradient for the bias of the convolution that made x: the instance norm after
+    it cancels a per-channel bias exactly, so its true gradient is zero (the reference's is rounding noise).
+    Keeps the bias in the graph (DDP expects a gradient for every parameter)."""
+
+    @staticmethod
+    def forward(ctx, x, bias):
+        ctx.bias_like = (bias.shape, bias.dtype, bias.device)
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        shape, dtype, device = ctx.bias_like
+        return g, torch.zeros(shape, dtype=dtype, device=device)
+
+
+def _skip_bias(out, bias):
+    """out, the output of a convolution run without `bias`, before an instance norm: the bias, which the
+    norm cancels, only gets its zero gradient where autograd asks for one."""
+    if bias is None or not (torch.is_grad_enabled() and bias.requires_grad):
+        return out
+    return _BiasBeforeNorm.apply(out, bias)
+
+
+def _conv_no_bias(conv, x):
+    """`conv` (an nn.Conv2d or nn.ConvTranspose2d with zero padding) on x without its bias."""
+    if isinstance(conv, torch.nn.ConvTranspose2d):
+        return F.conv_transpose2d(x, conv.weight, None, conv.stride, conv.padding, conv.output_padding,
+                                  conv.groups, conv.dilation)
+    return F.conv2d(x, conv.weight, None, conv.stride, conv.padding, conv.dilation, conv.groups)
+
+
+def conv_before_norm(conv, x):
+    """conv(x) where an affine-free instance norm comes next: cuDNN convolutions take no bias, so ATen adds
+    it in a pass of its own and sums its gradient in another, for a bias that the norm cancels exactly. Here
+    the convolution runs without it; the norm's output is the reference's to rounding, and the bias gets a
+    zero gradient. For modules without hooks; other padding modes run the module."""
+    if conv.padding_mode != "zeros":
+        return conv(x)
+    return _skip_bias(_conv_no_bias(conv, x), conv.bias)
 
 
 _CONV3X3 = ([1, 1], [1, 1], [1, 1], False, [0, 0], 1)  # stride, padding, dilation, transposed, out pad, groups
@@ -763,20 +806,19 @@ class _DMFBEager(torch.autograd.Function):
     def forward(ctx, x, c1w, c1b, c2w, c2b, dilations, *branch):
         N, C, inner = x.shape[0], x.shape[1], c1w.shape[0]
         # cast once: the casts are kept for backward, and autocast would cast them again in each convolution
-        x_c, c1w_c, c1b_c, c2w_c, c2b_c = _autocast_operands(x.device.type, x, c1w, c1b, c2w, c2b)
+        x_c, c1w_c, c2w_c = _autocast_operands(x.device.type, x, c1w, c2w)
         with _arena(3 * N * (inner + 4 * inner + C), x):  # the three instance norms' sums
-            a = F.conv2d(x_c, c1w_c, c1b_c, 1, 1)
+            a = F.conv2d(x_c, c1w_c, None, 1, 1)  # no bias: the norm cancels it (conv_before_norm)
             h, m1, r1 = _in_act_fn(a, None, True)
             _check_branches(h, branch[:4], branch[4:], dilations)
             w, b = _pack(branch[:4], branch[4:], h.dtype)
             t, m2, r2 = _branches_in_relu_fn(h, w, b, dilations)
-            c = F.conv2d(t, c2w_c, c2b_c, 1, 1)
+            c = F.conv2d(t, c2w_c, None, 1, 1)
             out, m3, r3 = _in_act_fn(c, x, False)
         # the convolutions' operands as they ran (no-ops unless autocast cast what was not cast above)
         x_c, c1w_c, c2w_c = x_c.to(a.dtype), c1w_c.to(a.dtype), c2w_c.to(c.dtype)
         ctx.save_for_backward(x_c, c1w_c, a, h, m1, r1, w, b, t, m2, r2, c2w_c, c, m3, r3)
         ctx.dilations = dilations
-        ctx.has_bias = (c1b is not None, c2b is not None)
         ctx.dtypes = [None if v is None else v.dtype for v in (x, c1w, c1b, c2w, c2b, *branch)]
         return out
 
@@ -787,12 +829,14 @@ class _DMFBEager(torch.autograd.Function):
         need = ctx.needs_input_grad  # x, c1w, c1b, c2w, c2b, dilations, branch weights and biases
         dt_ = ctx.dtypes
         N, C, inner = c.shape[0], c.shape[1], a.shape[1]
-        with _arena(2 * N * (C + inner) + _branch_bwd_sums(N, inner), c):
+        with _arena(2 * N * (C + inner) + _branch_bwd_sums(N, inner) + inner + C, c):
+            # c1's and c2's biases, skipped before their norms, get zero gradients
+            dc1b, dc2b = (_zeros32(n, like=c) if need[i] else None for n, i in ((inner, 2), (C, 4)))
             dc = _in_act_bwd_fn(g, c, m3, r3, False)  # in c's dtype
-            dt, dc2w, dc2b = _conv_backward(dc, t, c2w_c, ctx.has_bias[1], (True, need[3], need[4]))
+            dt, dc2w, _ = _conv_backward(dc, t, c2w_c, False, (True, need[3], False))
             dh, dw, db = _branches_in_relu_bwd_fn(h, w, b, t, m2, r2, dt, ctx.dilations)
             da = _in_act_bwd_fn(dh, a, m1, r1, True)
-        dx, dc1w, dc1b = _conv_backward(da, x_c, c1w_c, ctx.has_bias[0], (need[0], need[1], need[2]))
+        dx, dc1w, _ = _conv_backward(da, x_c, c1w_c, False, (need[0], need[1], False))
         if dx is not None:
             dx = dx.to(dt_[0]) + g.to(dt_[0])  # the convolution path and the residual
         return (dx, _cast(dc1w, dt_[1]), _cast(dc1b, dt_[2]), _cast(dc2w, dt_[3]), _cast(dc2b, dt_[4]), None,
@@ -806,19 +850,20 @@ class _NormReluConvEager(torch.autograd.Function):
     backward reapplies in one pass (bit-identical: the same sums), as the reference's selective checkpoint
     keeps the norm input and recomputes the rest. `spec`: the convolution's (stride, padding, dilation,
     transposed, output_padding, groups). Under autocast the convolution's operands are cast once, as
-    autocast would cast them, and the gradients return in each input's dtype."""
+    autocast would cast them, and the gradients return in each input's dtype. `before_norm`: another
+    instance norm comes after the convolution, so it runs without its bias (conv_before_norm)."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, spec):
+    def forward(ctx, x, weight, bias, spec, before_norm):
         N, C = x.shape[:2]
-        w, b = _autocast_operands(x.device.type, weight, bias)
+        w, b = _autocast_operands(x.device.type, weight, None if before_norm else bias)
         x = _cl(x)
         with _arena(3 * N * C, x):
             shift, s, ss = _in_stats(x)
         y = _in_forward(x, shift, s, ss, None, True, x.dtype)[0].to(w.dtype)
         out = torch.ops.aten.convolution(y, w, b, *spec)
         ctx.save_for_backward(x, shift, s, ss, w)
-        ctx.spec, ctx.has_bias = spec, bias is not None
+        ctx.spec, ctx.has_bias = spec, b is not None
         ctx.dtypes = (x.dtype, weight.dtype, None if bias is None else bias.dtype)
         return out
 
@@ -833,20 +878,25 @@ class _NormReluConvEager(torch.autograd.Function):
         if need[0]:
             with _arena(2 * x.shape[0] * x.shape[1], x):
                 dx = _in_act_bwd_fn(dy.to(x.dtype), x, mean, rstd, True).to(ctx.dtypes[0])
-        return dx, _cast(dw, ctx.dtypes[1]), _cast(db, ctx.dtypes[2]), None
+        if need[2] and not ctx.has_bias:  # the bias skipped before the next norm
+            db = torch.zeros(w.shape[1] * ctx.spec[5] if ctx.spec[3] else w.shape[0], dtype=ctx.dtypes[2],
+                             device=w.device)
+        return dx, _cast(dw, ctx.dtypes[1]), _cast(db, ctx.dtypes[2]), None, None
 
 
-def norm_relu_conv(x: torch.Tensor, conv: torch.nn.Module) -> torch.Tensor:
+def norm_relu_conv(x: torch.Tensor, conv: torch.nn.Module, before_norm: bool = False) -> torch.Tensor:
     """conv(relu(instance_norm(x))) (affine-free norm, eps 1e-5; `conv` an nn.Conv2d or nn.ConvTranspose2d
     with zero padding) with the norm in the Triton kernels: one autograd node in plain eager with gradients
-    (_NormReluConvEager), else instance_norm_act and then the module. For inputs where the fused DMFB
-    runs (see use_fused)."""
+    (_NormReluConvEager), else instance_norm_act and then the module. before_norm: another such norm comes
+    next, so the convolution skips its bias (conv_before_norm). For inputs where the fused DMFB runs (see
+    use_fused)."""
     spec = (list(conv.stride), list(conv.padding), list(conv.dilation), isinstance(conv, torch.nn.ConvTranspose2d),
             list(getattr(conv, "output_padding", (0, 0))), conv.groups)
     if (conv.padding_mode == "zeros" and not isinstance(conv.padding, str)
             and _eager_autograd([x, conv.weight, conv.bias])):
-        return _NormReluConvEager.apply(x, conv.weight, conv.bias, spec)
-    return conv(instance_norm_act(x, relu=True))
+        return _NormReluConvEager.apply(x, conv.weight, conv.bias, spec, before_norm)
+    y = instance_norm_act(x, relu=True)
+    return conv_before_norm(conv, y) if before_norm else conv(y)
 
 
 def fused_why_not(x: torch.Tensor) -> str:
