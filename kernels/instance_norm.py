@@ -12,8 +12,10 @@ BLOCK_C = 64
 NUM_WARPS = 4
 # The reductions (in_stats, in_bwd_reduce) give each program a run of pixel tiles and add one partial per
 # program, about this many programs per launch. One tile per program ran at 57% of copy bandwidth in bf16 on
-# an H200 against 85-94% in fp32 (twice the bytes, the same time per program: the per-program reduction and
-# atomics, not the bytes, set it); the elementwise passes, with no reduction, reach 85% in bf16.
+# an H200 against 85-94% in fp32; runs of 4 tiles, the same (s7: statistics 16.7 us for 33.5 MB, 48%). The
+# sm_90 SASS of that loop showed why: its 4 loads per thread all went to the same registers, each waiting
+# for the last one's sums (64 registers hold the 2-D accumulators), so a thread had one 16-byte load in
+# flight. Each loop step now loads the next tile before summing the current one (_tile_at).
 TARGET_PROGRAMS = 1024
 
 
@@ -25,6 +27,15 @@ def _run_of(HW, C, PIX_PER_SPLIT, BLOCK_C: tl.constexpr):
     p0 = (tl.program_id(0) % splits) * PIX_PER_SPLIT
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     return n, p0, tl.minimum(p0 + PIX_PER_SPLIT, HW), c, c < C
+
+
+@triton.jit
+def _tile_at(ptr, p1, p_end, c, cm, C, BLOCK_P: tl.constexpr):
+    """The [BLOCK_P, BLOCK_C] tile of pixels p1.. (those before p_end) in fp32, zero elsewhere, and its mask.
+    Past the run (p1 >= p_end) every lane is masked off: no memory is read."""
+    p = p1 + tl.arange(0, BLOCK_P)
+    m = (p < p_end)[:, None] & cm[None, :]
+    return tl.load(ptr + p[:, None] * C + c[None, :], mask=m, other=0.0).to(tl.float32), m
 
 
 @triton.jit
@@ -45,13 +56,13 @@ def in_stats(x_ptr, shift_ptr, sum_ptr, sumsq_ptr, HW, C, PIX_PER_SPLIT,
     shift = tl.load(base + c, mask=cm, other=0.0).to(tl.float32)
     acc = tl.zeros([BLOCK_P, BLOCK_C], dtype=tl.float32)
     acc2 = tl.zeros([BLOCK_P, BLOCK_C], dtype=tl.float32)
-    for p1 in range(p0, p_end, BLOCK_P):
-        p = p1 + tl.arange(0, BLOCK_P)
-        m = (p < HW)[:, None] & cm[None, :]
-        x = tl.load(base + p[:, None] * C + c[None, :], mask=m, other=0.0).to(tl.float32)
+    x, m = _tile_at(base, p0, p_end, c, cm, C, BLOCK_P)
+    for p1 in range(p0 + BLOCK_P, p_end + BLOCK_P, BLOCK_P):
+        x_next, m_next = _tile_at(base, p1, p_end, c, cm, C, BLOCK_P)  # in flight while x is summed
         d = tl.where(m, x - shift[None, :], 0.0)
         acc += d
         acc2 += d * d
+        x, m = x_next, m_next
     _add_partials(sum_ptr, sumsq_ptr, acc, acc2, n * C + c, cm)
     if p0 == 0:
         tl.store(shift_ptr + n * C + c, shift, mask=cm)
@@ -100,12 +111,12 @@ def in_bwd_reduce(dy_ptr, x_ptr, mean_ptr, rstd_ptr, sa_ptr, sb_ptr, HW, C, PIX_
     base = n.to(tl.int64) * HW * C
     acc = tl.zeros([BLOCK_P, BLOCK_C], dtype=tl.float32)
     acc2 = tl.zeros([BLOCK_P, BLOCK_C], dtype=tl.float32)
-    for p1 in range(p0, p_end, BLOCK_P):
-        p = p1 + tl.arange(0, BLOCK_P)
-        m = (p < HW)[:, None] & cm[None, :]
-        off = base + p[:, None] * C + c[None, :]
-        dy = tl.load(dy_ptr + off, mask=m, other=0.0).to(tl.float32)
-        x = tl.load(x_ptr + off, mask=m, other=0.0).to(tl.float32)
+    dy, _ = _tile_at(dy_ptr + base, p0, p_end, c, cm, C, BLOCK_P)
+    x, _ = _tile_at(x_ptr + base, p0, p_end, c, cm, C, BLOCK_P)
+    for p1 in range(p0 + BLOCK_P, p_end + BLOCK_P, BLOCK_P):
+        # the next tiles in flight while these are summed (masked lanes load zeros: they add nothing)
+        dy_next, _ = _tile_at(dy_ptr + base, p1, p_end, c, cm, C, BLOCK_P)
+        x_next, _ = _tile_at(x_ptr + base, p1, p_end, c, cm, C, BLOCK_P)
         if FROM_Y:
             xh = x
         else:
@@ -115,6 +126,7 @@ def in_bwd_reduce(dy_ptr, x_ptr, mean_ptr, rstd_ptr, sa_ptr, sb_ptr, HW, C, PIX_
             dz = tl.where(xh > 0, dy, 0.0)
         acc += dz
         acc2 += dz * xh
+        dy, x = dy_next, x_next
     _add_partials(sa_ptr, sb_ptr, acc, acc2, n * C + c, cm)
 
 
