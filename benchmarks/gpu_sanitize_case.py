@@ -14,7 +14,7 @@ for dt in (torch.bfloat16, torch.float32):
     y = m(x)
     y.float().square().sum().backward()
     assert torch.isfinite(y).all() and torch.isfinite(x.grad).all()
-# the sm_90 opt-in kernels (DMFN_TMA=1, DMFN_WGRAD9=1) at an odd size: TMA forward, grad and dgrad, 9-tap wgrad
+# the sm_90 kernel alternatives (DMFN_TMA, DMFN_WGRAD9) at an odd size: TMA forward, grad and dgrad, 9-tap wgrad
 if torch.cuda.get_device_capability()[0] >= 9:
     from dmfn_fast.ops import dmfb as ops
 

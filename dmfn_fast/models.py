@@ -329,11 +329,11 @@ class Generator(nn.Module):
         """forward without the Python-side shape checks (which a trace would bake in): for export.
         reference=True runs every DMFB's PyTorch reference and the plain norms whatever `impl` says (no
         Triton in a graph)."""
-        # compiled: Inductor makes its own norms and picks its own recomputes
-        plain = not reference and not torch.compiler.is_compiling() and not _hooked(self.encoder) \
-            and not _hooked(self.decoder)
-        lean = plain and torch.is_grad_enabled() and recompute(self.impl)
-        fused_norm = plain and _dmfb.use_fused(x, self.impl)
+        # compiled: Inductor picks its own recomputes; the norms stay ours (dmfb.COMPILED_NORMS)
+        compiling = torch.compiler.is_compiling()
+        unhooked = not reference and not _hooked(self.encoder) and not _hooked(self.decoder)
+        lean = unhooked and not compiling and torch.is_grad_enabled() and recompute(self.impl)
+        fused_norm = unhooked and (not compiling or _dmfb.COMPILED_NORMS) and _dmfb.use_fused(x, self.impl)
         run = lean or fused_norm
         h = _run_layers(_flat(self.encoder), x, lean, fused_norm) if run else self.encoder(x)
         for b in self.blocks:

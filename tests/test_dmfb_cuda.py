@@ -110,7 +110,7 @@ def test_wgrad9_matches_float64(dtype, shape):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("shape", [(16, 64, 64, 64), (1, 64, 37, 29), (2, 128, 24, 40)])
 def test_tma_kernels_match_row_kernels(dtype, shape):
-    """The opt-in TMA forward, grad and dgrad kernels (DMFN_TMA=1: 2-D pixel tiles, h or G by tensor
+    """The TMA forward, grad and dgrad kernels (sm_90's default, DMFN_TMA: 2-D pixel tiles, h or G by tensor
     descriptor, the padding zero-filled by the copy engine) at full size and at odd sizes (edge tiles past
     the image), against the row kernels and the forward against float64."""
     N, C, H, W = shape

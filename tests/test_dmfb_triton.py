@@ -62,6 +62,7 @@ CASES["tma-kernels-tiles-k-steps-C32"] = ("tma", dict(N=2, H=9, W=13, C=32, TH=4
 CASES["generator-fp32-2x20x16"] = ("generator", dict(N=2, H=20, W=16))
 CASES["generator-fused-norms-save-less"] = ("fused_norms", dict(N=2, H=16, W=12))
 CASES["generator-bias-before-norm-skipped"] = ("bias_before_norm", dict(N=2, H=16, W=12))
+CASES["generator-compiled-fused-norms"] = ("generator_compiled", dict(N=2, H=16, W=12))
 CASES["torch-compile-aot-eager"] = ("compiled", dict(N=2, H=13, W=11))
 CASES["eager-path-equals-op-path"] = ("eager_path", dict(N=2, H=9, W=7))
 CASES["eager-path-equals-op-path-autocast"] = ("eager_path", dict(N=2, H=9, W=7, autocast=True))
@@ -283,6 +284,20 @@ def check_generator(N, H, W):
     return errs
 
 
+def _generator_random_biases(N, H, W, seed):
+    """A small fast generator with every bias N(0, 0.5) (so that a skipped or kept bias shows), and an input."""
+    from dmfn_fast.models import Generator
+
+    torch.manual_seed(seed)
+    G = Generator(nf=8, n_blocks=1, impl="fast")
+    for n, p in G.named_parameters():
+        if n.endswith("bias"):
+            torch.nn.init.normal_(p, 0.0, 0.5)
+    x = torch.cat([torch.rand(N, 3, H, W) * 2 - 1, (torch.rand(N, 1, H, W) > 0.5).float()], 1)
+    _assert_fused_runs(x)
+    return G, x
+
+
 def check_bias_before_norm(N, H, W):
     """A convolution followed by an instance norm runs without its bias (dmfb.conv_before_norm): the norm
     cancels it. With every bias random, the fast generator matches the reference (output and every other
@@ -290,15 +305,7 @@ def check_bias_before_norm(N, H, W):
     None: DDP wants one per parameter), where the reference's are rounding noise; without gradients, changing
     them changes nothing, bit for bit. The biases no norm follows (first and last convolution, branches)
     keep theirs."""
-    from dmfn_fast.models import Generator
-
-    torch.manual_seed(2)
-    G = Generator(nf=8, n_blocks=1, impl="fast")
-    for n, p in G.named_parameters():
-        if n.endswith("bias"):
-            torch.nn.init.normal_(p, 0.0, 0.5)
-    x = torch.cat([torch.rand(N, 3, H, W) * 2 - 1, (torch.rand(N, 1, H, W) > 0.5).float()], 1)
-    _assert_fused_runs(x)
+    G, x = _generator_random_biases(N, H, W, seed=2)
     skipped = {"encoder.1.conv.bias", "encoder.2.conv.bias", "encoder.3.conv.bias", "blocks.0.c1.bias",
                "blocks.0.c2.bias", "decoder.0.conv.bias", "decoder.1.deconv.bias", "decoder.1.conv.conv.bias",
                "decoder.2.deconv.bias", "decoder.2.conv.conv.bias"}
@@ -337,6 +344,43 @@ def check_bias_before_norm(N, H, W):
             if n in skipped:
                 p.add_(torch.randn_like(p))
         errs.append(("no grad: output after changing the skipped biases", _err(G(x), before), 0.0))
+    return errs
+
+
+def check_generator_compiled(N, H, W):
+    """torch.compile(fullgraph=True) of the fast generator: the encoder's and decoder's norms are the fused
+    ops there too (dmfb.COMPILED_NORMS): 8 instance_norm_act calls besides the block's 2, no aten instance
+    norm; DMFN_COMPILED_NORMS=0 leaves them to the compiler. Under aot_eager the output and every gradient
+    match eager's (the same kernels through the ops)."""
+    from dmfn_fast.ops import dmfb
+
+    G, x = _generator_random_biases(N, H, W, seed=4)
+    graphs = []
+
+    def record(gm, example_inputs):  # the graph Dynamo hands the compiler
+        graphs.append([str(nd.target) for nd in gm.graph.nodes if nd.op == "call_function"])
+        return gm.forward
+
+    def norms(compiled_norms):
+        real = dmfb.COMPILED_NORMS
+        dmfb.COMPILED_NORMS = compiled_norms
+        try:
+            torch._dynamo.reset()
+            graphs.clear()
+            torch.compile(G, backend=record, fullgraph=True)(x)
+        finally:
+            dmfb.COMPILED_NORMS = real
+        targets = [t for g in graphs for t in g]
+        return (sum("instance_norm_act" in t for t in targets), sum("instance_norm" in t and "act" not in t
+                                                                  for t in targets))
+
+    ours, others = norms(True)
+    assert (ours, others) == (10, 0), (ours, others)
+    ours, others = norms(False)
+    assert ours == 2 and others == 8, (ours, others)
+    torch._dynamo.reset()
+    errs = _compare_module(G, torch.compile(G, backend="aot_eager", fullgraph=True), G, x)
+    torch._dynamo.reset()
     return errs
 
 

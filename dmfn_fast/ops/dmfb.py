@@ -66,6 +66,12 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 _USE_TRITON_OP = (os.environ.get("DMFN_TRITON_OP", "1") != "0" and hasattr(torch.library, "triton_op")
                   and hasattr(torch.library, "wrap_triton") and not INTERPRET)
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
+# Under torch.compile the generator's encoder and decoder norms run these ops too (each [norm, ReLU, conv]
+# traced as instance_norm_act and a bias-free convolution), not Inductor's decomposition of
+# nn.InstanceNorm2d. DMFN_COMPILED_NORMS=0: Inductor's. The H200 (s7) measured, besides the convolutions and
+# the DMFB kernels, 7.8 ms of GPU time per generator fwd+bwd with Inductor's norms and about 2.3 ms with
+# these in eager (benchmarks/RESULTS.md); the compiled comparison is the next lease's.
+COMPILED_NORMS = os.environ.get("DMFN_COMPILED_NORMS", "1") != "0"
 
 
 # ----------------------------------------------------------------------------- references
@@ -240,15 +246,16 @@ def _cdiv(a, b):
     return -(-a // b)
 
 
-_TMA = os.environ.get("DMFN_TMA", "0") == "1"
+_TMA = os.environ.get("DMFN_TMA", "1") != "0"
 
 
 def _tma(h):
     """Whether the forward, grad and dgrad branch kernels take their pixel operand (h, or G for dgrad) by TMA
-    in 2-D pixel tiles (branches_fwd_tma, branches_dgrad_tma) rather than as gathered rows: opt-in with
-    DMFN_TMA=1 until a GPU benchmark shows it faster (gpu_breakdown.py times both); fp16/bf16 on sm_90 or
-    newer, C a multiple of 64, in eager only (traced by torch.compile, the row kernels stay: the
-    descriptors' scratch memory in Inductor's launches is unverified)."""
+    in 2-D pixel tiles (branches_fwd_tma, branches_dgrad_tma) rather than as gathered rows: the default where
+    they run (the H200's breakdown, s7: 228.8 us for the three against the row kernels' 240.2, bf16 at the
+    training shape; DMFN_TMA=0 turns them off): fp16/bf16 on sm_90 or newer, C a multiple of 64, in eager
+    only (traced by torch.compile, the row kernels stay: the descriptors' scratch memory in Inductor's
+    launches is unverified)."""
     return (_TMA and not INTERPRET and h.dtype != torch.float32 and h.device.type == "cuda"
             and not torch.compiler.is_compiling() and not torch._C._len_torch_dispatch_stack()  # before data_ptr
             and h.shape[1] % 64 == 0 and h.data_ptr() % 16 == 0
