@@ -35,16 +35,30 @@ def bf16_peak(device):
     return next((p for key, p in BF16_PEAK_TFLOPS if key in name), None)
 
 
-def kernel_ms(fn, steps=3):
-    """GPU time per call of each kernel fn launches, in ms: the kernels' own durations (torch.profiler; CPU
-    ops own none), host time excluded."""
+def kernel_ms(fn, steps=3, ops=0):
+    """GPU time per call of each kernel fn launches, in ms: the kernels' own durations (torch.profiler), host
+    time excluded. ops > 0: also the `ops` ATen ops (with their input shapes) whose own launches took the most
+    GPU time, as top_ops gives them (which op launched a library's generic kernel)."""
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+    acts = [ProfilerActivity.CUDA] + ([ProfilerActivity.CPU] if ops else [])
+    with profile(activities=acts, record_shapes=bool(ops)) as prof:
         for _ in range(steps):
             fn()
         torch.cuda.synchronize()
-    return {e.key: e.self_device_time_total / 1e3 / steps for e in prof.key_averages() if e.self_device_time_total > 0}
+    kernels = {e.key: e.self_device_time_total / 1e3 / steps for e in prof.key_averages()
+               if e.self_device_time_total > 0 and e.device_type == torch.autograd.DeviceType.CUDA}
+    if not ops:
+        return kernels
+    return kernels, top_ops(prof.key_averages(group_by_input_shape=True), ops, steps)
+
+
+def top_ops(averages, n, steps):
+    """[op, input shapes, ms per call] of the n host-side ops (torch.profiler averages grouped by input shape)
+    whose own kernel launches took the most GPU time; graph replays and Triton launches own none."""
+    own = [e for e in averages if e.device_type == torch.autograd.DeviceType.CPU and e.self_device_time_total > 0]
+    own.sort(key=lambda e: -e.self_device_time_total)
+    return [[e.key, str(e.input_shapes)[:160], round(e.self_device_time_total / 1e3 / steps, 3)] for e in own[:n]]
 
 
 def count_flops(fn):

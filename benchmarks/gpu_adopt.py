@@ -1,7 +1,7 @@
-"""Which opt-in kernels the per-kernel breakdown measured faster than the defaults they replace, as the
-switches that turn them on: gpu_check.sh runs the end-to-end stage with them, so one lease measures the
-fastest kernels end to end without a second e2e run per opt-in. Prints the switches on one line (empty: none
-won) and why to stderr.
+"""Which alternative kernels the per-kernel breakdown measured faster than the kernels they replace, as the
+switches that turn them on or off: gpu_check.sh runs the end-to-end stage with them, so one lease measures
+the fastest kernels end to end without a second e2e run per switch. Prints the measured switches on one line
+(NAME=1 or NAME=0; an unmeasured one keeps its default) and why to stderr.
 
     python benchmarks/gpu_adopt.py OUT_DIR      # reads OUT_DIR/breakdown.jsonl
 """
@@ -44,8 +44,9 @@ def main(folder):
                 pass
     decisions = decide(rows)
     for switch, on, why in decisions:
-        print(f"adopt: {switch}={'1' if on else '0 (default kept)'}: {why}", file=sys.stderr)
-    print(" ".join(f"{switch}=1" for switch, on, _ in decisions if on))
+        print(f"adopt: {switch}={'its default' if why == 'not measured' else int(on)}: {why}", file=sys.stderr)
+    # both ways: a switch's default may be on (DMFN_TMA on sm_90); unmeasured ones keep their default
+    print(" ".join(f"{switch}={int(on)}" for switch, on, why in decisions if why != "not measured"))
 
 
 if __name__ == "__main__":

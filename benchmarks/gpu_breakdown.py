@@ -63,11 +63,13 @@ def bench_ms(fn):
 
 
 def gpu_ms(fn, iters=5):
-    """Device time of one call: the kernels' own durations summed (torch.profiler), host time excluded.
-    do_bench's `ms` is the larger of host and device time per call when the host cannot keep ahead."""
+    """Device time of one call: the kernels' own durations summed (torch.profiler), host time excluded, and
+    each kernel's. do_bench's `ms` is the larger of host and device time per call when the host cannot keep
+    ahead."""
     fn()
     torch.cuda.synchronize()
-    return sum(kernel_ms(fn, iters).values())
+    per = kernel_ms(fn, iters)
+    return sum(per.values()), per
 
 
 def host_ms(fn, iters=20):
@@ -93,7 +95,9 @@ def record(group, name, fn, flop=0, nbytes=0, **extra):
         ms = bench_ms(fn)
         row.update(ms=ms, flop=flop, bytes=nbytes)
         if CUDA:
-            row["gpu_ms"] = gpu_ms(fn)
+            row["gpu_ms"], per = gpu_ms(fn)
+            if 1 < len(per) <= 12:  # which of a few kernels takes the time (the centroid op's launches, say)
+                row["gpu_us_by_kernel"] = {k[:100]: round(v * 1e3, 2) for k, v in per.items()}
             row["host_ms"] = host_ms(fn)
         t = row.get("gpu_ms") or ms  # rates from device time where it was measured
         if flop:
@@ -112,6 +116,8 @@ def record(group, name, fn, flop=0, nbytes=0, **extra):
     msg = f"{row['ms']:9.4f} ms" if "ms" in row else "ERROR " + row["error"][:200]
     perf = "".join(f"  {k}={row[k]:.3g}" for k in ("gpu_ms", "host_ms", "tflops", "pct_bf16_peak", "tbs", "pct_copy_bw") if k in row)
     print(f"[{group}] {name}: {msg}{perf}", flush=True)
+    if name == "extension" and row.get("gpu_us_by_kernel"):  # the centroid op's launches
+        print("    us by kernel: " + ", ".join(f"{k[:40]} {v}" for k, v in row["gpu_us_by_kernel"].items()), flush=True)
 
 
 def cl(t):

@@ -92,14 +92,16 @@ def kernel_class(name):
 
 
 def gpu_by_class(fn, steps=3, top=0):
-    """GPU time per call (kernels only), its split by kernel class, in ms, and the `top` longest kernels
-    [name cut to 90 characters, class, ms per call]."""
-    split, per = {}, kernel_ms(fn, steps)
+    """GPU time per call (kernels only), its split by kernel class, in ms, the `top` longest kernels [name cut
+    to 240 characters (ATen's generic kernels name their functor past 90), class, ms per call] and the `top`
+    ATen ops whose own launches took the most ([op, input shapes, ms per call])."""
+    split = {}
+    per, ops = kernel_ms(fn, steps, ops=top) if top else (kernel_ms(fn, steps), [])
     for name, t in per.items():
         cls = kernel_class(name)
         split[cls] = split.get(cls, 0.0) + t
-    longest = [[n[:90], kernel_class(n), round(t, 3)] for n, t in sorted(per.items(), key=lambda kv: -kv[1])[:top]]
-    return round(sum(split.values()), 3), {k: round(v, 3) for k, v in sorted(split.items())}, longest
+    longest = [[n[:240], kernel_class(n), round(t, 3)] for n, t in sorted(per.items(), key=lambda kv: -kv[1])[:top]]
+    return round(sum(split.values()), 3), {k: round(v, 3) for k, v in sorted(split.items())}, longest, ops
 
 
 def record(case, variant, fn, flop=0, images=0, rounds=ROUNDS, classes=False):
@@ -119,7 +121,7 @@ def record(case, variant, fn, flop=0, images=0, rounds=ROUNDS, classes=False):
         row.update(ms=ms, peak_mem_mib=peak, wall_s_incl_warmup=time.perf_counter() - t0)
         if classes and CUDA:
             try:
-                row["gpu_ms"], row["gpu_ms_by_class"], row["top_kernels"] = gpu_by_class(fn, top=20)
+                row["gpu_ms"], row["gpu_ms_by_class"], row["top_kernels"], row["top_ops"] = gpu_by_class(fn, top=20)
                 if train:  # which parts of the step its GPU time goes to
                     row["gpu_ms_by_region"] = gpu_ms_by_region(fn, DEV)
             except Exception as e:  # noqa: BLE001: keep the timing
@@ -150,7 +152,9 @@ def record(case, variant, fn, flop=0, images=0, rounds=ROUNDS, classes=False):
             extra += f"  {k.split('_by')[0].replace('_', ' ')} {row[k]}"
     print(f"[{case}] {variant}: {msg}{extra}", flush=True)
     for name, cls, t in row.get("top_kernels", [])[:10]:
-        print(f"    {t:7.3f} ms  {cls:22s} {name}", flush=True)
+        print(f"    {t:7.3f} ms  {cls:22s} {name[:160]}", flush=True)
+    for op, shapes, t in row.get("top_ops", [])[:6]:
+        print(f"    {t:7.3f} ms  launched by {op} {shapes[:120]}", flush=True)
 
 
 def _built(build, variant):
@@ -251,6 +255,9 @@ gflop = {}
 ONLY = set(args.only.split(",")) if args.only else None
 
 
+INDUCTOR_NORMS = "fast+compile-ro-inductor-norms"  # --only name of the generator row with DMFN_COMPILED_NORMS=0
+
+
 def want(variant):
     return ONLY is None or variant in ONLY
 
@@ -323,6 +330,16 @@ def main():
         step = _built(lambda v: gen_fwd_bwd(v)[2], v)
         record(f"generator fwd+bwd {SIZE}px batch {BATCH}", label(v), step, 3 * gflop["gen_fwd"], classes=True)
         del step
+    if CUDA and not args.no_compile and want(INDUCTOR_NORMS):  # the A/B of dmfb.COMPILED_NORMS' default
+        from dmfn_fast.ops import dmfb
+        real, dmfb.COMPILED_NORMS = dmfb.COMPILED_NORMS, False
+        try:
+            step = _built(lambda v: gen_fwd_bwd(v)[2], "fast+compile-ro")
+            record(f"generator fwd+bwd {SIZE}px batch {BATCH}", label("fast+compile-ro") + ", Inductor norms", step,
+                   3 * gflop["gen_fwd"], classes=True)
+            del step
+        finally:
+            dmfb.COMPILED_NORMS = real
     if CUDA and not args.no_compile:
         # torch.compile variants last (compiling is the slowest part); in fast+compile the fused ops are
         # traced by Inductor on CUDA, labelled "traced" (DMFN_TRITON_OP=0: opaque custom ops, unlabelled).

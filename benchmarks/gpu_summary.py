@@ -140,6 +140,9 @@ def main(out):
                                                                       e("generator", "fast+compile (traced)")),
         "generator_fwd_bwd_fast_compile_ro_traced_vs_amp_compile": ratio(
             e("generator", "amp+compile"), e("generator", "fast+compile-ro (traced)")),
+        # DMFN_COMPILED_NORMS: the encoder's and decoder's norms under compile, ours (default) vs Inductor's
+        "generator_fwd_bwd_compile_ro_fused_norms_vs_inductor_norms": ratio(
+            e("generator", "fast+compile-ro (traced), Inductor norms"), e("generator", "fast+compile-ro (traced)")),
         # the generator target against its strongest baseline: the faster compiled reference, either mode
         "generator_fwd_bwd_best_fast_vs_best_amp_compile": ratio(
             first(e("generator", "amp+compile"), e("generator", "amp+compile-ro")),
@@ -242,6 +245,10 @@ def main(out):
             lines += ["", f"Longest kernels, {r['case']}, {r['variant']} (ms per step):", "",
                       "| ms | class | kernel |", "|---|---|---|"]
             lines += [f"| {t} | {c} | `{n}` |" for n, c, t in r["top_kernels"]]
+        if r.get("top_ops"):
+            lines += ["", f"ATen ops whose own kernels took the most, {r['case']}, {r['variant']} (ms per step):", "",
+                      "| ms | op | input shapes |", "|---|---|---|"]
+            lines += [f"| {t} | `{op}` | `{shapes}` |" for op, shapes, t in r["top_ops"]]
     lines += ["", "torch.compile of the fused ops: relative L2 error of [output, input gradients...]", "",
               "| precision | case | eager vs float64 | compiled vs float64 | compiled vs eager |", "|---|---|---|---|---|"]
     for r in parity:

@@ -96,3 +96,45 @@ def test_centroid_input_read_share(tmp_path):
     ratios = json.loads((tmp_path / "summary.json").read_text())["ratios"]
     assert ratios["centroid_input_read_share_bf16"] == round(2 * 2 ** 24 / 4e12 / 36e-6, 3)
     assert ratios["centroid_input_read_share_fp32"] is None
+
+
+def test_top_ops_names_the_ops_that_launched_the_most_gpu_time(tmp_path):
+    """The e2e rows' top_ops: host-side ops only (kernels are not ops), by their own GPU time, per call; and
+    the summary prints them under the row."""
+    from types import SimpleNamespace
+
+    import torch
+
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    import e2e_common
+    import gpu_summary
+
+    cpu, cuda = torch.autograd.DeviceType.CPU, torch.autograd.DeviceType.CUDA
+    ev = [SimpleNamespace(key="aten::add_", device_type=cpu, self_device_time_total=3000.0,
+                          input_shapes=[[16, 256, 64, 64], [256, 1, 1]]),
+          SimpleNamespace(key="elementwise_kernel", device_type=cuda, self_device_time_total=9000.0, input_shapes=[]),
+          SimpleNamespace(key="aten::copy_", device_type=cpu, self_device_time_total=6000.0, input_shapes=[[2], [2]]),
+          SimpleNamespace(key="aten::view", device_type=cpu, self_device_time_total=0.0, input_shapes=[[2]])]
+    top = e2e_common.top_ops(ev, 5, steps=3)
+    assert top == [["aten::copy_", "[[2], [2]]", 2.0], ["aten::add_", "[[16, 256, 64, 64], [256, 1, 1]]", 1.0]]
+    row = dict(case="inference 256px batch 64", variant="fast", ms=1.0, top_kernels=[["k", "other", 1.0]],
+               top_ops=top)
+    (tmp_path / "e2e.jsonl").write_text(json.dumps(row))
+    gpu_summary.main(str(tmp_path))
+    md = (tmp_path / "summary.md").read_text()
+    assert "| 2.0 | `aten::copy_` | `[[2], [2]]` |" in md
+
+
+def test_adopt_sets_each_measured_switch_both_ways(tmp_path, capsys):
+    """gpu_adopt.py prints every measured switch as 0 or 1 (DMFN_TMA is on by default on sm_90, so a loss
+    must turn it off for the e2e stage); an unmeasured switch is left to its default."""
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    import gpu_adopt
+
+    ms = {"fused fwd kernel": 0.066, "fused grad kernel (recompute + IN/ReLU bwd + suffix)": 0.109,
+          "fused dgrad kernel": 0.065, "fused fwd kernel, TMA 2-D tiles": 0.070,
+          "fused grad kernel, TMA 2-D tiles": 0.110, "fused dgrad kernel, TMA 2-D tiles": 0.066}
+    rows = [dict(group="pieces bfloat16", name=n, gpu_ms=v) for n, v in ms.items()]
+    (tmp_path / "breakdown.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    gpu_adopt.main(str(tmp_path))
+    assert capsys.readouterr().out.split() == ["DMFN_TMA=0"]
