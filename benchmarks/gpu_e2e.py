@@ -258,8 +258,10 @@ ONLY = set(args.only.split(",")) if args.only else None
 INDUCTOR_NORMS = "fast+compile-ro-inductor-norms"  # --only name of the generator row with DMFN_COMPILED_NORMS=0
 
 
-def want(variant):
-    return ONLY is None or variant in ONLY
+def want(variant, case=None):
+    """Whether --only asks for the variant, in every case or (as "CASE:VARIANT", CASE one of generator, step,
+    inference) in this case alone: "generator:amp+compile" compiles the generator without the step."""
+    return ONLY is None or variant in ONLY or (case is not None and f"{case}:{variant}" in ONLY)
 
 
 def label(variant):
@@ -271,9 +273,9 @@ def label(variant):
 
 
 def opt_in():
-    """The opt-in kernels this run's fast variants take on this card (gpu_check.sh turns on those its
-    breakdown measured faster): "wgrad9" (DMFN_WGRAD9=1), "tma (eager)" (DMFN_TMA=1; compiled graphs keep
-    the row kernels)."""
+    """The alternative kernels this run's fast variants take on this card (gpu_check.sh sets the switches as
+    its breakdown measured them): "wgrad9" (DMFN_WGRAD9=1), "tma (eager)" (DMFN_TMA, on by default on sm_90;
+    compiled graphs keep the row kernels)."""
     from dmfn_fast.ops import dmfb
     on = []
     if CUDA and dmfb._taps9(torch.bfloat16, torch.device(DEV)):
@@ -323,7 +325,6 @@ def main():
             record(f"inference {SIZE}px batch {INFER_BATCH}", f"{v}+graphs", run,
                    gflop["gen_fwd"] * INFER_BATCH // BATCH, images=INFER_BATCH)
             del run
-    compiled = [v for v in ("amp+compile", "fast+compile") if want(v)]
     # CUDA graphs of the compiled graphs, for both sides: the generator target's strongest baseline is the
     # faster of amp+compile and amp+compile-ro
     for v in [v for v in ("fast+compile-ro", "amp+compile-ro") if CUDA and not args.no_compile and want(v)]:
@@ -343,18 +344,19 @@ def main():
     if CUDA and not args.no_compile:
         # torch.compile variants last (compiling is the slowest part); in fast+compile the fused ops are
         # traced by Inductor on CUDA, labelled "traced" (DMFN_TRITON_OP=0: opaque custom ops, unlabelled).
-        for v in compiled:
+        for v in [v for v in ("amp+compile", "fast+compile") if want(v, "generator")]:
             step = _built(lambda v: gen_fwd_bwd(v)[2], v)
             record(f"generator fwd+bwd {SIZE}px batch {BATCH}", label(v), step, 3 * gflop["gen_fwd"], classes=True)
             del step
         # The training step with G, D and the loss compiled (train.py --compile), the likeliest winners first
         # (a stage cut by its time limit keeps the rows before); -ro: their launches as CUDA graph replays
         # (train.py --compile --compile-mode reduce-overhead), against the same for the reference.
-        for v in [v for v in ("fast+compile", "amp+compile", "fast+compile-ro", "amp+compile-ro") if want(v)]:
+        for v in [v for v in ("fast+compile", "amp+compile", "fast+compile-ro", "amp+compile-ro") if want(v, "step")]:
             step = _built(lambda v: build_training(v, SIZE, BATCH, NF, NB, D_NF, DEV), v)
             record(f"train step {SIZE}px batch {BATCH}", label(v), step, gflop["train"], images=BATCH, classes=True)
             del step
-        for v in compiled + [v for v in ("fast+compile-ro", "amp+compile-ro") if want(v)]:
+        for v in [v for v in ("amp+compile", "fast+compile", "fast+compile-ro", "amp+compile-ro")
+                  if want(v, "inference")]:
             record(f"inference {SIZE}px batch {INFER_BATCH}", label(v), _built(inference, v),
                    gflop["gen_fwd"] * INFER_BATCH // BATCH, images=INFER_BATCH, classes=True)
         if want("fast+compile (no flag reads)"):  # a diagnosis, not a target: last, where a time limit cuts first
