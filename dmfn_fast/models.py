@@ -246,9 +246,10 @@ def _run_layers(layers, x, lean, fused_norm):
       (dmfb.conv_before_norm). Not where a layer has forward hooks (they would be skipped)."""
     convs = (nn.Conv2d, nn.ConvTranspose2d)
 
-    def before_norm(j):  # the layer after layers[j] is an instance norm (affine-free, no hooks)
-        return j + 1 < len(layers) and isinstance(layers[j + 1], nn.InstanceNorm2d) and not layers[j + 1].affine \
-            and not _has_hooks(layers[j + 1])
+    def before_norm(j):  # the layer after layers[j] is an instance norm of this sample's statistics, no hooks
+        norm = layers[j + 1] if j + 1 < len(layers) else None
+        return isinstance(norm, nn.InstanceNorm2d) and not norm.affine and not norm.track_running_stats \
+            and not _has_hooks(norm)
 
     i = 0
     while i < len(layers):
