@@ -35,10 +35,15 @@ def bf16_peak(device):
     return next((p for key, p in BF16_PEAK_TFLOPS if key in name), None)
 
 
-def kernel_ms(fn, steps=3, ops=0):
+def kernel_ms(fn, steps=3):
     """GPU time per call of each kernel fn launches, in ms: the kernels' own durations (torch.profiler), host
-    time excluded. ops > 0: also the `ops` ATen ops (with their input shapes) whose own launches took the most
-    GPU time, as top_ops gives them (which op launched a library's generic kernel)."""
+    time excluded."""
+    return kernel_and_op_ms(fn, steps)[0]
+
+
+def kernel_and_op_ms(fn, steps=3, ops=0):
+    """(kernel_ms's dict, the `ops` ATen ops with their input shapes whose own launches took the most GPU time,
+    as top_ops gives them: which op launched a library's generic kernel). ops=0 profiles the GPU alone."""
     from torch.profiler import ProfilerActivity, profile
 
     acts = [ProfilerActivity.CUDA] + ([ProfilerActivity.CPU] if ops else [])
@@ -48,9 +53,7 @@ def kernel_ms(fn, steps=3, ops=0):
         torch.cuda.synchronize()
     kernels = {e.key: e.self_device_time_total / 1e3 / steps for e in prof.key_averages()
                if e.self_device_time_total > 0 and e.device_type == torch.autograd.DeviceType.CUDA}
-    if not ops:
-        return kernels
-    return kernels, top_ops(prof.key_averages(group_by_input_shape=True), ops, steps)
+    return kernels, top_ops(prof.key_averages(group_by_input_shape=True), ops, steps) if ops else []
 
 
 def top_ops(averages, n, steps):

@@ -44,7 +44,7 @@ import torch  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from e2e_common import (bf16_peak, build_generator, build_training, count_flops, gpu_ms_by_region,  # noqa: E402
-                        host_ms_by_region, kernel_ms)
+                        host_ms_by_region, kernel_and_op_ms)
 
 CUDA = torch.cuda.is_available() and not args.dry
 DEV = "cuda" if CUDA else "cpu"
@@ -91,12 +91,12 @@ def kernel_class(name):
     return next((c for c, keys in KERNEL_CLASSES if any(k in name.lower() for k in keys)), "other")
 
 
-def gpu_by_class(fn, steps=3, top=0):
+def gpu_by_class(fn, steps=3, top=20):
     """GPU time per call (kernels only), its split by kernel class, in ms, the `top` longest kernels [name cut
     to 240 characters (ATen's generic kernels name their functor past 90), class, ms per call] and the `top`
     ATen ops whose own launches took the most ([op, input shapes, ms per call])."""
     split = {}
-    per, ops = kernel_ms(fn, steps, ops=top) if top else (kernel_ms(fn, steps), [])
+    per, ops = kernel_and_op_ms(fn, steps, ops=top)
     for name, t in per.items():
         cls = kernel_class(name)
         split[cls] = split.get(cls, 0.0) + t
@@ -121,7 +121,7 @@ def record(case, variant, fn, flop=0, images=0, rounds=ROUNDS, classes=False):
         row.update(ms=ms, peak_mem_mib=peak, wall_s_incl_warmup=time.perf_counter() - t0)
         if classes and CUDA:
             try:
-                row["gpu_ms"], row["gpu_ms_by_class"], row["top_kernels"], row["top_ops"] = gpu_by_class(fn, top=20)
+                row["gpu_ms"], row["gpu_ms_by_class"], row["top_kernels"], row["top_ops"] = gpu_by_class(fn)
                 if train:  # which parts of the step its GPU time goes to
                     row["gpu_ms_by_region"] = gpu_ms_by_region(fn, DEV)
             except Exception as e:  # noqa: BLE001: keep the timing
