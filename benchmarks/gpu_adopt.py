@@ -14,6 +14,7 @@ MARGIN = 0.97  # an opt-in must be at least 3% faster in GPU time: below that th
 # switch, the opt-in kernels' rows, the rows of the default kernels they replace
 RULES = [
     ("DMFN_WGRAD9", ["fused wgrad kernel, 9 taps per program"], ["fused wgrad kernel"]),
+    ("DMFN_WGRAD_TMA", ["fused wgrad kernel, TMA 2-D tiles"], ["fused wgrad kernel"]),
     ("DMFN_TMA", ["fused fwd kernel, TMA 2-D tiles", "fused grad kernel, TMA 2-D tiles",
                   "fused dgrad kernel, TMA 2-D tiles"],
      ["fused fwd kernel", "fused grad kernel (recompute + IN/ReLU bwd + suffix)", "fused dgrad kernel"]),
@@ -30,6 +31,13 @@ def decide(rows):
             continue
         a, b = sum(gpu[n] for n in new), sum(gpu[n] for n in old)
         out.append((switch, a < MARGIN * b, f"{a * 1e3:.1f} us against the default's {b * 1e3:.1f} us"))
+    # DMFN_WGRAD_TMA takes precedence over DMFN_WGRAD9 in dmfb._branches_wgrad: of two winners keep the faster
+    on = {s: i for i, (s, adopted, _) in enumerate(out) if adopted}
+    if "DMFN_WGRAD9" in on and "DMFN_WGRAD_TMA" in on:
+        t9, tt = gpu["fused wgrad kernel, 9 taps per program"], gpu["fused wgrad kernel, TMA 2-D tiles"]
+        drop = "DMFN_WGRAD9" if tt <= t9 else "DMFN_WGRAD_TMA"
+        i = on[drop]
+        out[i] = (drop, False, out[i][2] + f", but the other wgrad ({min(t9, tt) * 1e3:.1f} us) is faster")
     return out
 
 

@@ -111,7 +111,7 @@ def record(group, name, fn, flop=0, nbytes=0, **extra):
     except Exception as e:  # noqa: BLE001: a failed row must not stop the breakdown
         row["error"] = f"{type(e).__name__}: {e}"[:500]
         traceback.print_exc()
-    row.update(extra)
+    row.update({k: v() if callable(v) else v for k, v in extra.items()})  # after the run: configs it chose
     log_row(row)
     msg = f"{row['ms']:9.4f} ms" if "ms" in row else "ERROR " + row["error"][:200]
     perf = "".join(f"  {k}={row[k]:.3g}" for k in ("gpu_ms", "host_ms", "tflops", "pct_bf16_peak", "tbs", "pct_copy_bw") if k in row)
@@ -167,7 +167,7 @@ def best_configs(cls):
     from dmfn_fast.kernels import dmfb_branches as kb
 
     out = {}
-    for k in ("fwd", "grad", "dgrad", "wgrad", "wgrad9", "fwd_tma", "grad_tma", "dgrad_tma"):
+    for k in ("fwd", "grad", "dgrad", "wgrad", "wgrad9", "fwd_tma", "grad_tma", "dgrad_tma", "wgrad_tma"):
         cfg = getattr(getattr(kb, f"branches_{k}_{cls}", None), "best_config", None)
         out[k] = None if cfg is None else str(cfg)
     return out
@@ -208,26 +208,30 @@ for dt in (torch.bfloat16, torch.float32):
         sa, sb = ops._in_backward_sums(dtg, t, mean, rstd, relu=True, from_y=True)
         record(g, "fused grad kernel (recompute + IN/ReLU bwd + suffix)",
                lambda: ops._branches_forward(h, w, b, DIL, grad=(dtg, mean, rstd, sa, sb), tma=False),
-               4 * CONV, 9 * act)
+               4 * CONV, 9 * act, configs=lambda: best_configs("lowp" if dt != torch.float32 else "f32"))
         G = ops._branches_forward(h, w, b, DIL, grad=(dtg, mean, rstd, sa, sb), tma=False)
         if sm90:
             # the opt-in TMA kernels (DMFN_TMA=1): 2-D pixel tiles, h by tensor descriptor
             record(g, "fused fwd kernel, TMA 2-D tiles", lambda: ops._branches_forward(h, w, b, DIL, tma=True),
-                   4 * CONV, 5 * act, configs=best_configs("lowp"))
+                   4 * CONV, 5 * act, configs=lambda: best_configs("lowp"))
             record(g, "fused grad kernel, TMA 2-D tiles",
                    lambda: ops._branches_forward(h, w, b, DIL, grad=(dtg, mean, rstd, sa, sb), tma=True),
-                   4 * CONV, 9 * act, configs=best_configs("lowp"))
+                   4 * CONV, 9 * act, configs=lambda: best_configs("lowp"))
         record(g, "suffix kernel (branches without IN)", lambda: ops._suffix(dtg), 0, 8 * act)
         record(g, "fused dgrad kernel", lambda: ops._branches_dgrad(w, G, DIL, h, tma=False), 4 * CONV, 5 * act)
         if sm90:
             record(g, "fused dgrad kernel, TMA 2-D tiles", lambda: ops._branches_dgrad(w, G, DIL, h, tma=True),
-                   4 * CONV, 5 * act, configs=best_configs("lowp"))
-        record(g, "fused wgrad kernel", lambda: ops._branches_wgrad(h, G, DIL, taps9=False), 4 * CONV, 5 * act,
-               configs=best_configs("lowp" if dt != torch.float32 else "f32"))
+                   4 * CONV, 5 * act, configs=lambda: best_configs("lowp"))
+        record(g, "fused wgrad kernel", lambda: ops._branches_wgrad(h, G, DIL, taps9=False, tma=False),
+               4 * CONV, 5 * act, configs=lambda: best_configs("lowp" if dt != torch.float32 else "f32"))
+        if sm90:  # the opt-in branches_wgrad_tma (DMFN_WGRAD_TMA=1): runs of 2-D tiles by TMA per (branch, tap)
+            record(g, "fused wgrad kernel, TMA 2-D tiles", lambda: ops._branches_wgrad(h, G, DIL, tma=True),
+                   4 * CONV, 5 * act, configs=lambda: best_configs("lowp"))
         if dt != torch.float32 and (not CUDA or torch.cuda.get_device_capability()[0] >= 9):
             # the opt-in branches_wgrad9 (DMFN_WGRAD9=1): one program per branch over its 9 taps
-            record(g, "fused wgrad kernel, 9 taps per program", lambda: ops._branches_wgrad(h, G, DIL, taps9=True),
-                   4 * CONV, 5 * act, configs=best_configs("lowp"))
+            record(g, "fused wgrad kernel, 9 taps per program",
+                   lambda: ops._branches_wgrad(h, G, DIL, taps9=True, tma=False),
+                   4 * CONV, 5 * act, configs=lambda: best_configs("lowp"))
         del k, t, dtg, G
     except Exception:  # noqa: BLE001
         traceback.print_exc()

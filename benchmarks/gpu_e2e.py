@@ -275,13 +275,17 @@ def label(variant):
 def opt_in():
     """The alternative kernels this run's fast variants take on this card (gpu_check.sh sets the switches as
     its breakdown measured them): "wgrad9" (DMFN_WGRAD9=1), "tma (eager)" (DMFN_TMA, on by default on sm_90;
-    compiled graphs keep the row kernels)."""
+    compiled graphs keep the row kernels), "wgrad tma (eager)" (DMFN_WGRAD_TMA=1 with DMFN_TMA on; it takes
+    precedence over wgrad9)."""
     from dmfn_fast.ops import dmfb
     on = []
-    if CUDA and dmfb._taps9(torch.bfloat16, torch.device(DEV)):
+    tma = CUDA and dmfb._TMA and torch.cuda.get_device_capability()[0] >= 9
+    if CUDA and dmfb._taps9(torch.bfloat16, torch.device(DEV)) and not (tma and dmfb._WGRAD_TMA):
         on.append("wgrad9")
-    if CUDA and dmfb._TMA and torch.cuda.get_device_capability()[0] >= 9:
+    if tma:
         on.append("tma (eager)")
+    if tma and dmfb._WGRAD_TMA:
+        on.append("wgrad tma (eager)")
     return on
 
 

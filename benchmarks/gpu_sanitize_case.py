@@ -1,5 +1,5 @@
-"""One small fused DMFB forward+backward (bf16 and fp32, odd sizes), on sm_90 the opt-in TMA and 9-tap
-kernels, and the centroid op in each of its kernel paths on CUDA: the workload gpu_check.sh runs under
+"""One small fused DMFB forward+backward (bf16 and fp32, odd sizes), on sm_90 the TMA kernels and the
+opt-in 9-tap and TMA wgrad kernels, and the centroid op in each of its kernel paths on CUDA: the workload gpu_check.sh runs under
 compute-sanitizer memcheck. Exits non-zero if a result is not finite."""
 import torch
 
@@ -14,7 +14,8 @@ for dt in (torch.bfloat16, torch.float32):
     y = m(x)
     y.float().square().sum().backward()
     assert torch.isfinite(y).all() and torch.isfinite(x.grad).all()
-# the sm_90 kernel alternatives (DMFN_TMA, DMFN_WGRAD9) at an odd size: TMA forward, grad and dgrad, 9-tap wgrad
+# the sm_90 kernel alternatives (DMFN_TMA, DMFN_WGRAD9, DMFN_WGRAD_TMA) at an odd size: TMA forward, grad and
+# dgrad (the grad's autotuner runs its three epilogues), 9-tap and TMA wgrad
 if torch.cuda.get_device_capability()[0] >= 9:
     from dmfn_fast.ops import dmfb as ops
 
@@ -26,9 +27,10 @@ if torch.cuda.get_device_capability()[0] >= 9:
     t, mean, rstd = ops._in_act_fn(k, None, True)
     sa, sb = ops._in_backward_sums(t, t, mean, rstd, relu=True, from_y=True)
     G = ops._branches_forward(h, w, b, ops.DILATIONS, grad=(t, mean, rstd, sa, sb), tma=True)
-    dw, db = ops._branches_wgrad(h, G, ops.DILATIONS, taps9=True)
+    dw, db = ops._branches_wgrad(h, G, ops.DILATIONS, taps9=True, tma=False)
+    dw_tma, db_tma = ops._branches_wgrad(h, G, ops.DILATIONS, tma=True)
     dh = ops._branches_dgrad(w, G, ops.DILATIONS, h, tma=True)
-    assert all(torch.isfinite(v).all() for v in (k, G, dw, dh))
+    assert all(torch.isfinite(v).all() for v in (k, G, dw, dh, dw_tma, db_tma))
 # every centroid kernel: planes (NCHW), both maps in one launch with 16-byte channels-last loads (C a multiple
 # of 8 in bf16, 4 in fp32; 20x20: seven pixel runs, the last partial), 16-byte channels-last one map at a time
 # (the target NCHW), and scalar channels-last (C = 6 in bf16)

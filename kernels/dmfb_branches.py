@@ -12,13 +12,19 @@ import triton.language as tl
 # (the default acq_rel adds memory barriers around each atomic).
 
 
-def _cfg(bp, bn, bk, warps, stages):
-    return triton.Config({"BLOCK_P": bp, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=warps, num_stages=stages)
+def _cfg(bp, bn, bk, warps, stages, **extra):
+    return triton.Config({"BLOCK_P": bp, "BLOCK_N": bn, "BLOCK_K": bk, **extra}, num_warps=warps,
+                         num_stages=stages)
 
 
 def _tcfg(th, tw, warps, stages, **extra):
     return triton.Config({"TH": th, "TW": tw, "BLOCK_N": 64, "BLOCK_K": 64, **extra}, num_warps=warps,
                          num_stages=stages)
+
+
+def _wtcfg(th, tw, warps, stages, splits, taps):
+    return triton.Config({"TH": th, "TW": tw, "BLOCK_CI": 64, "BLOCK_CO": 64, "SPLITS": splits, "TAPS": taps},
+                         num_warps=warps, num_stages=stages)
 
 
 def _wcfg(bp, bci, bco, warps, stages):
@@ -33,8 +39,10 @@ CONFIGS = {
     "fwd_lowp": [_cfg(64, 64, 64, 4, 3), _cfg(128, 64, 64, 8, 3), _cfg(128, 64, 64, 8, 4), _cfg(64, 64, 64, 4, 4)],
     "fwd_f32": [_cfg(64, 64, 32, 4, 2)],
     # 64 channels with 8 warps: each pixel tile gathers h once, not twice (126 registers on sm_90)
-    "grad_lowp": [_cfg(64, 32, 64, 4, 3), _cfg(64, 64, 64, 8, 3)],
-    "grad_f32": [_cfg(64, 32, 32, 4, 2)],
+    # EPI (branches_grad's epilogue): 0 loads dt after each branch's loop, 1 before it, 2 also keeps the suffix
+    # sums in registers (254 registers: 8 warps only)
+    "grad_lowp": [_cfg(64, 32, 64, 4, 3, EPI=e) for e in (0, 1)] + [_cfg(64, 64, 64, 8, 3, EPI=e) for e in (0, 1, 2)],
+    "grad_f32": [_cfg(64, 32, 32, 4, 2, EPI=e) for e in (0, 1)],
     "dgrad_lowp": [_cfg(64, 64, 64, 4, 3), _cfg(128, 64, 64, 4, 3)],
     "dgrad_f32": [_cfg(64, 64, 32, 8, 2)],  # 4 warps spill with TF32 dots on sm_80
     # the H200 ran the 64-pixel config at 160 TFLOP/s (s7), half the dgrad's rate: 128-pixel steps halve the
@@ -46,11 +54,18 @@ CONFIGS = {
     # of shared memory: 64-pixel tiles with 3 stages would need 240 KB, over the 227 KB a block may have.
     # sm_90, fp16/bf16 (branches_fwd_tma): 2-D pixel tiles TH x TW
     "fwd_tma_lowp": [_tcfg(8, 8, 4, 3), _tcfg(8, 16, 8, 3), _tcfg(16, 8, 8, 3), _tcfg(8, 8, 4, 4)],
-    "grad_tma_lowp": [_tcfg(8, 8, 4, 3), _tcfg(8, 16, 8, 3), _tcfg(8, 8, 8, 3)],
+    "grad_tma_lowp": [_tcfg(8, 8, 4, 3, EPI=e) for e in (0, 1)] + [_tcfg(8, 16, 8, 3, EPI=e) for e in (0, 1)]
+    + [_tcfg(8, 8, 8, 3, EPI=e) for e in (0, 1, 2)],
     # FLAT: one loop through the 36 (branch, tap) steps, pipelined across branches (132-134 instructions per
     # step on sm_90), or a loop per branch that drains between branches (119-120): the autotuner decides
     "dgrad_tma_lowp": [_tcfg(8, 8, 4, 3, FLAT=0), _tcfg(8, 8, 4, 3, FLAT=1), _tcfg(8, 16, 8, 3, FLAT=0),
                        _tcfg(8, 16, 8, 3, FLAT=1), _tcfg(8, 8, 4, 4, FLAT=1)],
+    # sm_90, fp16/bf16 (branches_wgrad_tma): tile shape, warps, stages, runs per weight program's taps
+    # (SPLITS: how well the programs fill the SMs is measured, not modelled) and taps per program (3 read
+    # each G_j tile once for 3 dots: 4 loads per 3 MMAs, not 6)
+    "wgrad_tma_lowp": [_wtcfg(th, tw, w, st, sp, taps) for th, tw, w, st, sp, taps in (
+        (8, 8, 4, 3, 16, 1), (8, 8, 4, 4, 32, 1), (8, 16, 8, 3, 16, 1), (16, 8, 8, 3, 32, 1),
+        (8, 8, 4, 3, 32, 3), (8, 8, 4, 3, 48, 3), (8, 16, 8, 3, 32, 3), (8, 16, 8, 2, 48, 3))],
     "wgrad9_lowp": [_wcfg(64, 64, 64, 8, 2), _wcfg(32, 64, 64, 8, 3), _wcfg(32, 64, 64, 8, 4)],
 }
 
@@ -76,7 +91,7 @@ def branches_fwd(
     N, H, W, C,
     D1: tl.constexpr, D2: tl.constexpr, D3: tl.constexpr, D4: tl.constexpr,
     MODE: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
-    BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EPI: tl.constexpr,
 ):
     """k_j = d_1(h) + ... + d_j(h), written as out[..., j*C:(j+1)*C].
 
@@ -103,35 +118,77 @@ def branches_fwd(
     h_base = h_ptr + n.to(tl.int64) * HW * C
     o_rows = n.to(tl.int64) * HW * C4 + p[:, None] * C4
     omask = pmask[:, None] & cmask[None, :]
-    KT = tl.cdiv(C, BLOCK_K)
     acc = tl.zeros([BLOCK_P, BLOCK_N], dtype=tl.float32)
-    # A runtime loop over the branches keeps the code (and compile time) small.
-    for j in range(4):
-        D = _dilation(j, D1, D2, D3, D4)
-        w_base = w_ptr + j * 9 * C * C
-        tap = 0
-        k0 = 0
-        for it in range(0, 9 * KT):
-            kk = k0 + ks
-            dy = (tap // 3 - 1) * D
-            dx = (tap % 3 - 1) * D
-            yy = y + dy
-            xx = x + dx
-            valid = pmask & (yy >= 0) & (yy < H) & (xx >= 0) & (xx < W)
-            kmask = kk < C
-            a = tl.load(h_base + (yy * W + xx)[:, None] * C + kk[None, :],
-                        mask=valid[:, None] & kmask[None, :], other=0.0)
-            b = tl.load(w_base + (tap * C + kk)[:, None] * C + co[None, :],
-                        mask=kmask[:, None] & cmask[None, :], other=0.0)
-            if UPCAST:
-                a = a.to(tl.float32)
-                b = b.to(tl.float32)
-            acc = tl.dot(a, b, acc, input_precision=PREC)
-            tap, k0 = _next_k(tap, k0, C, BLOCK_K)
-        acc = _branch_out(acc, j, b_ptr, out_ptr, dt_ptr, mean_ptr, rstd_ptr, sa_ptr, sb_ptr, n, o_rows, co,
-                          cmask, omask, HW, C, MODE)
-    if MODE == 1:
-        _suffix_in_place(out_ptr, o_rows, co, omask, C)
+    if EPI == 2:  # MODE 1 only (branches_grad)
+        acc, d0 = _grad_branch_rows(acc, 0, h_base, w_ptr, b_ptr, dt_ptr, mean_ptr, rstd_ptr, sa_ptr, sb_ptr, n,
+                                    y, x, pmask, co, cmask, ks, o_rows, omask, H, W, C, D1, D2, D3, D4, UPCAST,
+                                    PREC, BLOCK_K, out_ptr.dtype.element_ty)
+        acc, d1 = _grad_branch_rows(acc, 1, h_base, w_ptr, b_ptr, dt_ptr, mean_ptr, rstd_ptr, sa_ptr, sb_ptr, n,
+                                    y, x, pmask, co, cmask, ks, o_rows, omask, H, W, C, D1, D2, D3, D4, UPCAST,
+                                    PREC, BLOCK_K, out_ptr.dtype.element_ty)
+        acc, d2 = _grad_branch_rows(acc, 2, h_base, w_ptr, b_ptr, dt_ptr, mean_ptr, rstd_ptr, sa_ptr, sb_ptr, n,
+                                    y, x, pmask, co, cmask, ks, o_rows, omask, H, W, C, D1, D2, D3, D4, UPCAST,
+                                    PREC, BLOCK_K, out_ptr.dtype.element_ty)
+        acc, d3 = _grad_branch_rows(acc, 3, h_base, w_ptr, b_ptr, dt_ptr, mean_ptr, rstd_ptr, sa_ptr, sb_ptr, n,
+                                    y, x, pmask, co, cmask, ks, o_rows, omask, H, W, C, D1, D2, D3, D4, UPCAST,
+                                    PREC, BLOCK_K, out_ptr.dtype.element_ty)
+        _suffix_store(out_ptr, o_rows, co, omask, C, d0, d1, d2, d3)
+    else:
+        # A runtime loop over the branches keeps the code (and compile time) small.
+        for j in range(4):
+            if EPI == 1:
+                dt = tl.load(dt_ptr + o_rows + j * C + co[None, :], mask=omask, other=0.0)
+            acc = _rows_loop(acc, j, h_base, w_ptr, y, x, pmask, co, cmask, ks, H, W, C, D1, D2, D3, D4, UPCAST,
+                             PREC, BLOCK_K)
+            if EPI == 1:
+                acc = _store_dk(acc, j, b_ptr, out_ptr, dt, mean_ptr, rstd_ptr, sa_ptr, sb_ptr, n, o_rows, co,
+                                cmask, omask, HW, C)
+            else:
+                acc = _branch_out(acc, j, b_ptr, out_ptr, dt_ptr, mean_ptr, rstd_ptr, sa_ptr, sb_ptr, n, o_rows,
+                                  co, cmask, omask, HW, C, MODE)
+        if MODE == 1:
+            _suffix_in_place(out_ptr, o_rows, co, omask, C)
+
+
+@triton.jit
+def _rows_loop(acc, j, h_base, w_ptr, y, x, pmask, co, cmask, ks, H, W, C, D1: tl.constexpr, D2: tl.constexpr,
+               D3: tl.constexpr, D4: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr, BLOCK_K: tl.constexpr):
+    """acc += branch j's dilated conv of h (no bias) at the row tile's pixels: 9 taps x the K steps."""
+    D = _dilation(j, D1, D2, D3, D4)
+    w_base = w_ptr + j * 9 * C * C
+    tap = 0
+    k0 = 0
+    for it in range(0, 9 * tl.cdiv(C, BLOCK_K)):
+        kk = k0 + ks
+        dy = (tap // 3 - 1) * D
+        dx = (tap % 3 - 1) * D
+        yy = y + dy
+        xx = x + dx
+        valid = pmask & (yy >= 0) & (yy < H) & (xx >= 0) & (xx < W)
+        kmask = kk < C
+        a = tl.load(h_base + (yy * W + xx)[:, None] * C + kk[None, :],
+                    mask=valid[:, None] & kmask[None, :], other=0.0)
+        b = tl.load(w_base + (tap * C + kk)[:, None] * C + co[None, :],
+                    mask=kmask[:, None] & cmask[None, :], other=0.0)
+        if UPCAST:
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+        acc = tl.dot(a, b, acc, input_precision=PREC)
+        tap, k0 = _next_k(tap, k0, C, BLOCK_K)
+    return acc
+
+
+@triton.jit
+def _grad_branch_rows(acc, j: tl.constexpr, h_base, w_ptr, b_ptr, dt_ptr, mean_ptr, rstd_ptr, sa_ptr, sb_ptr, n,
+                      y, x, pmask, co, cmask, ks, o_rows, omask, H, W, C, D1: tl.constexpr, D2: tl.constexpr,
+                      D3: tl.constexpr, D4: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
+                      BLOCK_K: tl.constexpr, dtype: tl.constexpr):
+    """Branch j of the EPI 2 grad: (acc + branch j's conv + bias, dk_j in the output dtype), dk_j not stored.
+    The tile of dt is loaded before the conv's loop, so its latency hides under the dots."""
+    dt = tl.load(dt_ptr + o_rows + j * C + co[None, :], mask=omask, other=0.0)
+    acc = _rows_loop(acc, j, h_base, w_ptr, y, x, pmask, co, cmask, ks, H, W, C, D1, D2, D3, D4, UPCAST, PREC,
+                     BLOCK_K)
+    return _branch_dk(acc, j, b_ptr, dt, mean_ptr, rstd_ptr, sa_ptr, sb_ptr, n, co, cmask, H * W, C, dtype)
 
 
 @triton.jit
@@ -139,25 +196,47 @@ def _branch_out(acc, j, b_ptr, out_ptr, dt_ptr, mean_ptr, rstd_ptr, sa_ptr, sb_p
                 HW, C, MODE: tl.constexpr):
     """Branch j's epilogue: acc (k_j without biases) plus bias_j; MODE 0 stores k_j, MODE 1 dk_j (the IN +
     ReLU backward). Returns acc with the bias, for the next branch's sum."""
-    bias = tl.load(b_ptr + j * C + co, mask=cmask, other=0.0).to(tl.float32)
-    acc += bias[None, :]
-    # Round as the stored output is rounded, so that the backward's recomputation sees exactly the
-    # values the instance norm reads.
-    k = acc.to(out_ptr.dtype.element_ty)
     if MODE == 0:
+        acc, k = _branch_k(acc, j, b_ptr, co, cmask, C, out_ptr.dtype.element_ty)
         tl.store(out_ptr + o_rows + j * C + co[None, :], k, mask=omask)
     else:
-        s_off = n * (4 * C) + j * C + co
-        mean = tl.load(mean_ptr + s_off, mask=cmask, other=0.0)
-        rstd = tl.load(rstd_ptr + s_off, mask=cmask, other=0.0)
-        ga = tl.load(sa_ptr + s_off, mask=cmask, other=0.0) / HW
-        gb = tl.load(sb_ptr + s_off, mask=cmask, other=0.0) / HW
-        xh = (k.to(tl.float32) - mean[None, :]) * rstd[None, :]
-        dt = tl.load(dt_ptr + o_rows + j * C + co[None, :], mask=omask, other=0.0).to(tl.float32)
-        dz = tl.where(xh > 0, dt, 0.0)
-        dk = rstd[None, :] * (dz - ga[None, :] - xh * gb[None, :])
-        tl.store(out_ptr + o_rows + j * C + co[None, :], dk.to(out_ptr.dtype.element_ty), mask=omask)
+        dt = tl.load(dt_ptr + o_rows + j * C + co[None, :], mask=omask, other=0.0)
+        acc = _store_dk(acc, j, b_ptr, out_ptr, dt, mean_ptr, rstd_ptr, sa_ptr, sb_ptr, n, o_rows, co, cmask,
+                        omask, HW, C)
     return acc
+
+
+@triton.jit
+def _store_dk(acc, j, b_ptr, out_ptr, dt, mean_ptr, rstd_ptr, sa_ptr, sb_ptr, n, o_rows, co, cmask, omask, HW, C):
+    """Store branch j's dk from its tile of dt; returns acc + bias_j."""
+    acc, dk = _branch_dk(acc, j, b_ptr, dt, mean_ptr, rstd_ptr, sa_ptr, sb_ptr, n, co, cmask, HW, C,
+                         out_ptr.dtype.element_ty)
+    tl.store(out_ptr + o_rows + j * C + co[None, :], dk, mask=omask)
+    return acc
+
+
+@triton.jit
+def _branch_k(acc, j, b_ptr, co, cmask, C, dtype: tl.constexpr):
+    """(acc + bias_j, k_j = that rounded to dtype). Rounded as the stored output is, so that the backward's
+    recomputation sees exactly the values the instance norm reads."""
+    bias = tl.load(b_ptr + j * C + co, mask=cmask, other=0.0).to(tl.float32)
+    acc += bias[None, :]
+    return acc, acc.to(dtype)
+
+
+@triton.jit
+def _branch_dk(acc, j, b_ptr, dt, mean_ptr, rstd_ptr, sa_ptr, sb_ptr, n, co, cmask, HW, C, dtype: tl.constexpr):
+    """(acc + bias_j, dk_j in dtype): the IN + ReLU backward of branch j's tile from dt, its incoming gradient."""
+    acc, k = _branch_k(acc, j, b_ptr, co, cmask, C, dtype)
+    s_off = n * (4 * C) + j * C + co
+    mean = tl.load(mean_ptr + s_off, mask=cmask, other=0.0)
+    rstd = tl.load(rstd_ptr + s_off, mask=cmask, other=0.0)
+    ga = tl.load(sa_ptr + s_off, mask=cmask, other=0.0) / HW
+    gb = tl.load(sb_ptr + s_off, mask=cmask, other=0.0) / HW
+    xh = (k.to(tl.float32) - mean[None, :]) * rstd[None, :]
+    dz = tl.where(xh > 0, dt.to(tl.float32), 0.0)
+    dk = rstd[None, :] * (dz - ga[None, :] - xh * gb[None, :])
+    return acc, dk.to(dtype)
 
 
 @triton.jit
@@ -171,6 +250,20 @@ def _suffix_in_place(out_ptr, o_rows, co, omask, C):
         ptrs = out_ptr + o_rows + j * C + co[None, :]
         g += tl.load(ptrs, mask=omask, other=0.0).to(tl.float32)
         tl.store(ptrs, g.to(out_ptr.dtype.element_ty), mask=omask)
+
+
+@triton.jit
+def _suffix_store(out_ptr, o_rows, co, omask, C, d0, d1, d2, d3):
+    """G_j = dk_j + ... + dk_4 from the four dk tiles held in registers: _suffix_in_place's sums, in its
+    order and rounding, without its barrier, reloads and second stores."""
+    g = d3.to(tl.float32)
+    tl.store(out_ptr + o_rows + 3 * C + co[None, :], d3, mask=omask)
+    g += d2.to(tl.float32)
+    tl.store(out_ptr + o_rows + 2 * C + co[None, :], g.to(out_ptr.dtype.element_ty), mask=omask)
+    g += d1.to(tl.float32)
+    tl.store(out_ptr + o_rows + C + co[None, :], g.to(out_ptr.dtype.element_ty), mask=omask)
+    g += d0.to(tl.float32)
+    tl.store(out_ptr + o_rows + co[None, :], g.to(out_ptr.dtype.element_ty), mask=omask)
 
 
 @triton.jit
@@ -191,6 +284,7 @@ def branches_fwd_tma(
     N, H, W, C,
     D1: tl.constexpr, D2: tl.constexpr, D3: tl.constexpr, D4: tl.constexpr,
     MODE: tl.constexpr, TH: tl.constexpr, TW: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    EPI: tl.constexpr,
 ):
     """branches_fwd (both modes) on sm_90 with a 2-D tile of TH x TW pixels whose h operand comes by TMA:
     for each tap one box [1, TH, TW, BLOCK_K] of h seen as [N, H, W, C], at the tile shifted by the tap,
@@ -207,21 +301,60 @@ def branches_fwd_tma(
     cmask = co < C
     o_rows = (n.to(tl.int64) * HW + y * W + x)[:, None] * (4 * C)
     omask = ((y < H) & (x < W))[:, None] & cmask[None, :]
-    KT = C // BLOCK_K
     acc = tl.zeros([BLOCK_P, BLOCK_N], dtype=tl.float32)
-    for j in range(4):
-        D = _dilation(j, D1, D2, D3, D4)
-        tap = 0
-        k0 = 0
-        for it in range(0, 9 * KT):
-            a = h_desc.load([n, y0 + (tap // 3 - 1) * D, x0 + (tap % 3 - 1) * D, k0]).reshape(BLOCK_P, BLOCK_K)
-            b = w_desc.load([(j * 9 + tap) * C + k0, n0])
-            acc = tl.dot(a, b, acc)
-            tap, k0 = _next_k(tap, k0, C, BLOCK_K)
-        acc = _branch_out(acc, j, b_ptr, out_ptr, dt_ptr, mean_ptr, rstd_ptr, sa_ptr, sb_ptr, n, o_rows, co,
-                          cmask, omask, HW, C, MODE)
-    if MODE == 1:
-        _suffix_in_place(out_ptr, o_rows, co, omask, C)
+    if EPI == 2:  # MODE 1 only (branches_grad_tma)
+        acc, d0 = _grad_branch_tma(acc, 0, h_desc, w_desc, b_ptr, dt_ptr, mean_ptr, rstd_ptr, sa_ptr, sb_ptr, n,
+                                   y0, x0, n0, co, cmask, o_rows, omask, HW, C, D1, D2, D3, D4, BLOCK_P, BLOCK_K,
+                                   out_ptr.dtype.element_ty)
+        acc, d1 = _grad_branch_tma(acc, 1, h_desc, w_desc, b_ptr, dt_ptr, mean_ptr, rstd_ptr, sa_ptr, sb_ptr, n,
+                                   y0, x0, n0, co, cmask, o_rows, omask, HW, C, D1, D2, D3, D4, BLOCK_P, BLOCK_K,
+                                   out_ptr.dtype.element_ty)
+        acc, d2 = _grad_branch_tma(acc, 2, h_desc, w_desc, b_ptr, dt_ptr, mean_ptr, rstd_ptr, sa_ptr, sb_ptr, n,
+                                   y0, x0, n0, co, cmask, o_rows, omask, HW, C, D1, D2, D3, D4, BLOCK_P, BLOCK_K,
+                                   out_ptr.dtype.element_ty)
+        acc, d3 = _grad_branch_tma(acc, 3, h_desc, w_desc, b_ptr, dt_ptr, mean_ptr, rstd_ptr, sa_ptr, sb_ptr, n,
+                                   y0, x0, n0, co, cmask, o_rows, omask, HW, C, D1, D2, D3, D4, BLOCK_P, BLOCK_K,
+                                   out_ptr.dtype.element_ty)
+        _suffix_store(out_ptr, o_rows, co, omask, C, d0, d1, d2, d3)
+    else:
+        for j in range(4):
+            if EPI == 1:
+                dt = tl.load(dt_ptr + o_rows + j * C + co[None, :], mask=omask, other=0.0)
+            acc = _tma_loop(acc, j, h_desc, w_desc, n, y0, x0, n0, C, D1, D2, D3, D4, BLOCK_P, BLOCK_K)
+            if EPI == 1:
+                acc = _store_dk(acc, j, b_ptr, out_ptr, dt, mean_ptr, rstd_ptr, sa_ptr, sb_ptr, n, o_rows, co,
+                                cmask, omask, HW, C)
+            else:
+                acc = _branch_out(acc, j, b_ptr, out_ptr, dt_ptr, mean_ptr, rstd_ptr, sa_ptr, sb_ptr, n, o_rows,
+                                  co, cmask, omask, HW, C, MODE)
+        if MODE == 1:
+            _suffix_in_place(out_ptr, o_rows, co, omask, C)
+
+
+@triton.jit
+def _tma_loop(acc, j, h_desc, w_desc, n, y0, x0, n0, C, D1: tl.constexpr, D2: tl.constexpr, D3: tl.constexpr,
+              D4: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr):
+    """acc += branch j's dilated conv of h (no bias) at the 2-D tile: 9 taps x the K steps, by TMA."""
+    D = _dilation(j, D1, D2, D3, D4)
+    tap = 0
+    k0 = 0
+    for it in range(0, 9 * (C // BLOCK_K)):
+        a = h_desc.load([n, y0 + (tap // 3 - 1) * D, x0 + (tap % 3 - 1) * D, k0]).reshape(BLOCK_P, BLOCK_K)
+        b = w_desc.load([(j * 9 + tap) * C + k0, n0])
+        acc = tl.dot(a, b, acc)
+        tap, k0 = _next_k(tap, k0, C, BLOCK_K)
+    return acc
+
+
+@triton.jit
+def _grad_branch_tma(acc, j: tl.constexpr, h_desc, w_desc, b_ptr, dt_ptr, mean_ptr, rstd_ptr, sa_ptr, sb_ptr, n,
+                     y0, x0, n0, co, cmask, o_rows, omask, HW, C, D1: tl.constexpr, D2: tl.constexpr,
+                     D3: tl.constexpr, D4: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr,
+                     dtype: tl.constexpr):
+    """_grad_branch_rows with the TMA loop."""
+    dt = tl.load(dt_ptr + o_rows + j * C + co[None, :], mask=omask, other=0.0)
+    acc = _tma_loop(acc, j, h_desc, w_desc, n, y0, x0, n0, C, D1, D2, D3, D4, BLOCK_P, BLOCK_K)
+    return _branch_dk(acc, j, b_ptr, dt, mean_ptr, rstd_ptr, sa_ptr, sb_ptr, n, co, cmask, HW, C, dtype)
 
 
 @triton.jit
@@ -230,11 +363,11 @@ def branches_grad_tma(
     dt_ptr, mean_ptr, rstd_ptr, sa_ptr, sb_ptr,
     N, H, W, C,
     D1: tl.constexpr, D2: tl.constexpr, D3: tl.constexpr, D4: tl.constexpr,
-    TH: tl.constexpr, TW: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    TH: tl.constexpr, TW: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EPI: tl.constexpr,
 ):
     """branches_fwd_tma's MODE 1 as a kernel of its own (as branches_grad)."""
     branches_fwd_tma(h_ptr, w_ptr, b_ptr, out_ptr, dt_ptr, mean_ptr, rstd_ptr, sa_ptr, sb_ptr, N, H, W, C,
-                     D1, D2, D3, D4, 1, TH, TW, BLOCK_N, BLOCK_K)
+                     D1, D2, D3, D4, 1, TH, TW, BLOCK_N, BLOCK_K, EPI)
 
 
 @triton.jit
@@ -296,12 +429,16 @@ def branches_grad(
     N, H, W, C,
     D1: tl.constexpr, D2: tl.constexpr, D3: tl.constexpr, D4: tl.constexpr,
     UPCAST: tl.constexpr, PREC: tl.constexpr,
-    BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EPI: tl.constexpr,
 ):
     """branches_fwd's MODE 1 (recompute, IN + ReLU backward, suffix sums) as a kernel of its own: its own
-    name in profiles, and its own JIT function under its autotuner (not the forward's)."""
+    name in profiles, and its own JIT function under its autotuner (not the forward's).
+    EPI 0: each branch's dk is stored after its conv loop, which the dt tile it needs is loaded after; then
+    the suffix sums reload and rewrite the four tiles in place. EPI 1: dt's tile is loaded before the loop,
+    its latency hidden under the dots. EPI 2: as 1, and the four dk tiles stay in registers (the branch loop
+    unrolled, 4 copies of the conv loop), G stored once. The autotuner chooses."""
     branches_fwd(h_ptr, w_ptr, b_ptr, out_ptr, dt_ptr, mean_ptr, rstd_ptr, sa_ptr, sb_ptr, N, H, W, C,
-                 D1, D2, D3, D4, 1, UPCAST, PREC, BLOCK_P, BLOCK_N, BLOCK_K)
+                 D1, D2, D3, D4, 1, UPCAST, PREC, BLOCK_P, BLOCK_N, BLOCK_K, EPI)
 
 
 @triton.jit
@@ -423,6 +560,82 @@ def branches_wgrad(
 
 
 @triton.jit
+def branches_wgrad_tma(
+    h_ptr, g_ptr, dw_ptr, db_ptr, N, H, W, C,
+    D1: tl.constexpr, D2: tl.constexpr, D3: tl.constexpr, D4: tl.constexpr,
+    TH: tl.constexpr, TW: tl.constexpr, BLOCK_CI: tl.constexpr, BLOCK_CO: tl.constexpr, SPLITS: tl.constexpr,
+    TAPS: tl.constexpr,
+):
+    """branches_wgrad on sm_90 over 2-D pixel tiles by TMA: a program sums the weight gradient of TAPS taps
+    of one branch (1, or 3: a row of the 3x3 kernel, which share each G_j tile) over a run of TH x TW tiles,
+    h's box shifted by each tap (zero-filled outside the image: the padding) and G_j's box at the tile, with
+    no per-pixel index or mask work (the row kernel spends 80 instructions per HGMMA on it). Grid: (SPLITS,
+    4 * 9 / TAPS weight programs + 4 bias programs, ci tiles * co tiles). The bias programs sum a run of
+    whole 64-pixel blocks of the flat pixels each. C must be a multiple of BLOCK_CI, BLOCK_CO and 8."""
+    GROUPS: tl.constexpr = 9 // TAPS
+    pid_s = tl.program_id(0)
+    jt = tl.program_id(1)
+    pid_c = tl.program_id(2)
+    n_ci = tl.cdiv(C, BLOCK_CI)
+    co0 = (pid_c // n_ci) * BLOCK_CO
+    if jt < 4 * GROUPS:
+        BLOCK_P: tl.constexpr = TH * TW
+        j = jt // GROUPS
+        tap0 = (jt % GROUPS) * TAPS  # TAPS 3: taps 3 ky .. 3 ky + 2, dx = -D, 0, D
+        D = _dilation(j, D1, D2, D3, D4)
+        dy = (tap0 // 3 - 1) * D
+        dx = (tap0 % 3 - 1) * D
+        ci0 = (pid_c % n_ci) * BLOCK_CI
+        h_desc = tl.make_tensor_descriptor(h_ptr, shape=[N, H, W, C], strides=[H * W * C, W * C, C, 1],
+                                           block_shape=[1, TH, TW, BLOCK_CI])
+        g_desc = tl.make_tensor_descriptor(g_ptr, shape=[N, H, W, 4 * C],
+                                           strides=[H * W * 4 * C, W * 4 * C, 4 * C, 1],
+                                           block_shape=[1, TH, TW, BLOCK_CO])
+        tiles_x = tl.cdiv(W, TW)
+        tiles_img = tl.cdiv(H, TH) * tiles_x
+        per = tl.cdiv(N * tiles_img, SPLITS)
+        t0 = pid_s * per
+        t1 = tl.minimum(t0 + per, N * tiles_img)
+        # the run's first tile; later ones are stepped (x, then y, then the image), not divided out
+        n = t0 // tiles_img
+        y0 = (t0 % tiles_img) // tiles_x * TH
+        x0 = (t0 % tiles_x) * TW
+        acc0 = tl.zeros([BLOCK_CI, BLOCK_CO], dtype=tl.float32)
+        acc1 = acc0
+        acc2 = acc0
+        for t in range(t0, t1):
+            g = g_desc.load([n, y0, x0, j * C + co0]).reshape(BLOCK_P, BLOCK_CO)
+            a = h_desc.load([n, y0 + dy, x0 + dx, ci0]).reshape(BLOCK_P, BLOCK_CI)
+            acc0 = tl.dot(tl.trans(a), g, acc0)
+            if TAPS == 3:
+                a = h_desc.load([n, y0 + dy, x0 + dx + D, ci0]).reshape(BLOCK_P, BLOCK_CI)
+                acc1 = tl.dot(tl.trans(a), g, acc1)
+                a = h_desc.load([n, y0 + dy, x0 + dx + 2 * D, ci0]).reshape(BLOCK_P, BLOCK_CI)
+                acc2 = tl.dot(tl.trans(a), g, acc2)
+            x0 += TW
+            row_end = x0 >= W
+            x0 = tl.where(row_end, 0, x0)
+            y0 = tl.where(row_end, y0 + TH, y0)
+            img_end = y0 >= H
+            y0 = tl.where(img_end, 0, y0)
+            n = tl.where(img_end, n + 1, n)
+        ci = ci0 + tl.arange(0, BLOCK_CI)
+        co = co0 + tl.arange(0, BLOCK_CO)
+        w_ptrs = dw_ptr + ((j * 9 + tap0) * C + ci[:, None]) * C + co[None, :]
+        wmask = (ci < C)[:, None] & (co < C)[None, :]
+        tl.atomic_add(w_ptrs, acc0, mask=wmask, sem="relaxed")
+        if TAPS == 3:
+            tl.atomic_add(w_ptrs + C * C, acc1, mask=wmask, sem="relaxed")
+            tl.atomic_add(w_ptrs + 2 * C * C, acc2, mask=wmask, sem="relaxed")
+    elif pid_c % n_ci == 0:  # one bias program per co tile
+        co = co0 + tl.arange(0, BLOCK_CO)
+        NP = N * H * W
+        pps = tl.cdiv(tl.cdiv(NP, SPLITS), 64) * 64  # _bias_sums' loop steps 64 pixels to each run's end
+        _bias_sums(g_ptr, db_ptr, jt - 4 * GROUPS, co, co < C, C, NP, pid_s * pps,
+                   tl.minimum((pid_s + 1) * pps, NP), 64, BLOCK_CO)
+
+
+@triton.jit
 def _wgrad_tap(acc, h_ptr, src, y, x, pm, ci, cimask, g, dy, dx, H, W, C, UPCAST: tl.constexpr, PREC: tl.constexpr):
     """acc += h[p + (dy, dx), ci]^T @ g: one tap of branches_wgrad9. The tap's offset is one scalar on the
     pixel's own address; only the padding mask is per pixel."""
@@ -535,4 +748,5 @@ branches_wgrad_f32 = _autotuned(branches_wgrad, "wgrad_f32", _WGRAD_KEY, ("dw_pt
 branches_fwd_tma_lowp = _autotuned(branches_fwd_tma, "fwd_tma_lowp", _CONV_KEY[:-1])  # no PREC: bf16/fp16 only
 branches_grad_tma_lowp = _autotuned(branches_grad_tma, "grad_tma_lowp", _CONV_KEY[:-1])
 branches_dgrad_tma_lowp = _autotuned(branches_dgrad_tma, "dgrad_tma_lowp", _CONV_KEY[:-1])
+branches_wgrad_tma_lowp = _autotuned(branches_wgrad_tma, "wgrad_tma_lowp", _CONV_KEY[:-1], ("dw_ptr", "db_ptr"))
 branches_wgrad9_lowp = _autotuned(branches_wgrad9, "wgrad9_lowp", _WGRAD_KEY, ("dw_ptr", "db_ptr"))

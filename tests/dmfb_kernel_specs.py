@@ -20,16 +20,18 @@ def branches_specs(dtype="bf16"):
     dgrad_sig = dict(g_ptr=act, w_ptr=act, dh_ptr=act, N="i32", H="i32", W="i32", C="i32")
     wgrad_sig = dict(h_ptr=act, g_ptr=act, dw_ptr=f32, db_ptr=f32, NP="i32", H="i32", W="i32", C="i32",
                      PIX_PER_SPLIT="i32")
+    wgrad_tma_sig = dict(h_ptr=act, g_ptr=act, dw_ptr=f32, db_ptr=f32, N="i32", H="i32", W="i32", C="i32")
     specs = []
     for name, fn, sig, extra, div in (
-        ("fwd", kb.branches_fwd, fwd_sig, dict(MODE=0), ("C",)),
+        ("fwd", kb.branches_fwd, fwd_sig, dict(MODE=0, EPI=0), ("C",)),
         ("grad", kb.branches_grad, fwd_sig, {}, ("C",)),
         ("dgrad", kb.branches_dgrad, dgrad_sig, {}, ("C",)),
         ("wgrad", kb.branches_wgrad, wgrad_sig, {}, ("C", "PIX_PER_SPLIT")),
         ("wgrad9", kb.branches_wgrad9, wgrad_sig, {}, ("C", "PIX_PER_SPLIT")),
-        ("fwd_tma", kb.branches_fwd_tma, fwd_sig, dict(MODE=0), ("C", "W")),
+        ("fwd_tma", kb.branches_fwd_tma, fwd_sig, dict(MODE=0, EPI=0), ("C", "W")),
         ("grad_tma", kb.branches_grad_tma, fwd_sig, {}, ("C", "W")),
         ("dgrad_tma", kb.branches_dgrad_tma, dgrad_sig, {}, ("C", "W")),
+        ("wgrad_tma", kb.branches_wgrad_tma, wgrad_tma_sig, {}, ("C", "W")),
     ):
         for cfg in kb.CONFIGS.get(f"{name}_{cls}", []):  # wgrad9, *_tma: fp16/bf16 only
             cx = dict(dil, **({} if name.endswith("_tma") else flags), **extra, **cfg.kwargs)

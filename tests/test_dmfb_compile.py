@@ -48,7 +48,7 @@ def _compile_and_inspect(fn, signature, constexprs, options, divisible, cap):
     return dict(usage, **ops)
 
 
-SM90_ONLY = ("wgrad9", "fwd_tma", "grad_tma", "dgrad_tma")  # built for sm_90 only (dmfb._taps9, dmfb._tma)
+SM90_ONLY = ("wgrad9", "fwd_tma", "grad_tma", "dgrad_tma", "wgrad_tma")  # built for sm_90 only (dmfb._taps9, dmfb._tma)
 
 
 def _worker(jobs):
@@ -100,7 +100,7 @@ def test_tensor_cores_used(compiled):
     """fp16/bf16 and TF32 branch kernels run their dots on tensor cores (IEEE fp32 uses FMA by design)."""
     conv = [k for k in compiled if (" bf16 " in k or " tf32 " in k) and k.split()[2].split("[")[0] in
             ("fwd_lowp", "grad_lowp", "dgrad_lowp", "wgrad_lowp", "wgrad9_lowp", "fwd_tma_lowp", "grad_tma_lowp",
-             "dgrad_tma_lowp", "fwd_f32", "grad_f32", "dgrad_f32", "wgrad_f32")]
+             "dgrad_tma_lowp", "wgrad_tma_lowp", "fwd_f32", "grad_f32", "dgrad_f32", "wgrad_f32")]
     assert conv
     for key in conv:
         op = "HGMMA" if key.startswith("sm_90") else "HMMA"

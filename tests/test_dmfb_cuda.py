@@ -86,10 +86,11 @@ def test_branches_tf32(shape):
 @pytest.mark.skipif(torch.cuda.is_available() and torch.cuda.get_device_capability()[0] < 9,
                     reason="branches_wgrad9 is for sm_90 and newer")
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("shape", [(16, 64, 64, 64), (1, 48, 37, 29)])
+@pytest.mark.parametrize("shape", [(16, 64, 64, 64), (1, 48, 37, 29), (1, 64, 37, 29)])
 def test_wgrad9_matches_float64(dtype, shape):
-    """The opt-in weight gradient with one program per branch over its 9 taps (DMFN_WGRAD9=1), at full
-    size, against float64 (dW_j[tap, ci, co] and db_j), held to what the per-tap kernel reaches."""
+    """The opt-in weight gradients, with one program per branch over its 9 taps (DMFN_WGRAD9=1) and over
+    runs of TMA tiles (DMFN_WGRAD_TMA=1), at full size and with edge tiles, against float64 (dW_j[tap, ci,
+    co] and db_j), held to what the per-tap kernel reaches."""
     N, C, H, W = shape
     h = torch.randn(N, C, H, W, device="cuda").to(dtype).contiguous(memory_format=torch.channels_last)
     G = torch.randn(N, 4 * C, H, W, device="cuda").to(dtype).contiguous(memory_format=torch.channels_last)
@@ -98,11 +99,12 @@ def test_wgrad9_matches_float64(dtype, shape):
         g = G[:, j * C:(j + 1) * C].double()
         w = torch.nn.grad.conv2d_weight(h.double(), (C, C, 3, 3), g, padding=d, dilation=d)
         exact.append((w.permute(2, 3, 1, 0).reshape(9, C, C), g.sum((0, 2, 3))))
-    for taps9 in (False, True):
-        dw, db = dmfb._branches_wgrad(h, G, [1, 2, 4, 8], taps9=taps9)
+    # the per-tap rows, the 9 taps per program, and the TMA tiles (C a multiple of 64 only, as dmfb._tma)
+    for kind in ("rows", "taps9", "tma")[:3 if C % 64 == 0 else 2]:
+        dw, db = dmfb._branches_wgrad(h, G, [1, 2, 4, 8], taps9=kind == "taps9", tma=kind == "tma")
         for j, (w, b) in enumerate(exact):
-            assert _err(dw[j], w) <= 1e-4, (taps9, j, _err(dw[j], w))  # fp32 sums of exact products
-            assert _err(db[j], b) <= 1e-4, (taps9, j, _err(db[j], b))
+            assert _err(dw[j], w) <= 1e-4, (kind, j, _err(dw[j], w))  # fp32 sums of exact products
+            assert _err(db[j], b) <= 1e-4, (kind, j, _err(db[j], b))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] < 9,
@@ -112,7 +114,7 @@ def test_wgrad9_matches_float64(dtype, shape):
 def test_tma_kernels_match_row_kernels(dtype, shape):
     """The TMA forward, grad and dgrad kernels (sm_90's default, DMFN_TMA: 2-D pixel tiles, h or G by tensor
     descriptor, the padding zero-filled by the copy engine) at full size and at odd sizes (edge tiles past
-    the image), against the row kernels and the forward against float64."""
+    the image), against the row kernels and the forward against float64; the opt-in TMA wgrad too."""
     N, C, H, W = shape
     g = torch.Generator(device="cuda").manual_seed(0)
     cl = lambda t: t.to(dtype).contiguous(memory_format=torch.channels_last)  # noqa: E731
@@ -134,6 +136,10 @@ def test_tma_kernels_match_row_kernels(dtype, shape):
     dh_rows = dmfb._branches_dgrad(w, G_rows, [1, 2, 4, 8], h, tma=False)
     dh_tma = dmfb._branches_dgrad(w, G_rows, [1, 2, 4, 8], h, tma=True)
     assert _err(dh_tma, dh_rows) <= TOL[dtype], _err(dh_tma, dh_rows)
+    # the opt-in TMA weight gradient (DMFN_WGRAD_TMA), fp32 sums, against the row kernel's
+    dw_rows, db_rows = dmfb._branches_wgrad(h, G_rows, [1, 2, 4, 8], taps9=False, tma=False)
+    dw_tma, db_tma = dmfb._branches_wgrad(h, G_rows, [1, 2, 4, 8], tma=True)
+    assert _err(dw_tma, dw_rows) <= 1e-4 and _err(db_tma, db_rows) <= 1e-4, (_err(dw_tma, dw_rows), _err(db_tma, db_rows))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

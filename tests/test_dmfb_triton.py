@@ -421,14 +421,23 @@ def check_tma(N, H, W, C, TH, TW, block):
     unused = torch.empty(1)
     rows = ops._branches_forward(h, w, b, ops.DILATIONS, tma=False)
     out = torch.empty_like(rows)  # channels-last, as the kernel writes it
-    kb.branches_fwd_tma[grid](h, w, b, out, h, unused, unused, unused, unused, N, H, W, C, MODE=0, **tiles)
+    kb.branches_fwd_tma[grid](h, w, b, out, h, unused, unused, unused, unused, N, H, W, C, MODE=0, EPI=0, **tiles)
     f64 = ops.dmfb_branches_reference(h.double(), [x.double() for x in ws], [x.double() for x in bs])
     t, mean, rstd = ops._in_act_fn(rows, None, True)
     dt = cl(torch.randn_like(t))
     sa, sb = ops._in_backward_sums(dt, t, mean, rstd, relu=True, from_y=True)
-    G = torch.empty_like(out)
-    kb.branches_grad_tma[grid](h, w, b, G, dt, mean, rstd, sa, sb, N, H, W, C, **tiles)
-    G_rows = ops._branches_forward(h, w, b, ops.DILATIONS, grad=(dt, mean, rstd, sa, sb), tma=False)
+    G_rows = ops._branches_forward(h, w, b, ops.DILATIONS, grad=(dt, mean, rstd, sa, sb), tma=False)  # EPI 2
+    # the grad kernels' three epilogues (dt loaded after / before the loop; suffix sums in memory / registers)
+    # compute the same sums in the same order: equal to the bit
+    G_epi, rows_epi = [], []
+    for epi in (0, 1, 2):
+        G_epi.append(torch.empty_like(out))
+        kb.branches_grad_tma[grid](h, w, b, G_epi[-1], dt, mean, rstd, sa, sb, N, H, W, C, EPI=epi, **tiles)
+        rows_epi.append(torch.empty_like(out))
+        kb.branches_grad[(N * -(-(H * W) // 32), -(-C // block))](
+            h, w, b, rows_epi[-1], dt, mean, rstd, sa, sb, N, H, W, C, D1=1, D2=2, D3=4, D4=8, UPCAST=False,
+            PREC="ieee", BLOCK_P=32, BLOCK_N=block, BLOCK_K=block, EPI=epi)
+    G = G_epi[0]
     # dgrad from suffix sums G of an upstream gradient dk, against autograd through the reference in float64
     dk = torch.randn(N, 4 * C, H, W, dtype=torch.float64)
     G64 = dk.view(N, 4, C, H, W).flip(1).cumsum(1).flip(1).reshape(N, 4 * C, H, W)
@@ -442,10 +451,28 @@ def check_tma(N, H, W, C, TH, TW, block):
     kb.branches_dgrad_tma[grid](Gk, w, dh_flat, N, H, W, C, FLAT=1, **tiles)
     dh_rows = ops._branches_dgrad(w, Gk, ops.DILATIONS, h, tma=False)
     dh_op = ops._branches_dgrad(w, Gk, ops.DILATIONS, h, tma=True)  # the ops' launch of it (one 16x16 tile here)
+    # wgrad by TMA: tiles past the image's edge, runs of tiles across images (3 runs of 8 tiles), channel tiles
+    w64 = [x.double().requires_grad_() for x in ws]
+    b64 = [x.double().requires_grad_() for x in bs]
+    ref_w = torch.autograd.grad(ops.dmfb_branches_reference(h.double(), w64, b64), w64 + b64, dk)
+    dw, db = torch.zeros(4, 9, C, C), torch.zeros(4, C)
+    kb.branches_wgrad_tma[(3, 40, (C // block) ** 2)](h, Gk, dw, db, N, H, W, C, D1=1, D2=2, D3=4, D4=8, TH=TH,
+                                                      TW=TW, BLOCK_CI=block, BLOCK_CO=block, SPLITS=3, TAPS=1)
+    wg = ops._unpack_grads(dw, db, [torch.float32] * 8)  # one tap per program here, three in the ops' launch
+    wg_op = ops._unpack_grads(*ops._branches_wgrad(h, Gk, ops.DILATIONS, tma=True), [torch.float32] * 8)
+    wg_rows = ops._unpack_grads(*ops._branches_wgrad(h, Gk, ops.DILATIONS, tma=False), [torch.float32] * 8)
     return [("fwd vs row kernel", _err(out, rows)), ("fwd vs float64", _err(out.double(), f64)),
             ("grad vs row kernel", _err(G, G_rows)), ("dgrad vs row kernel", _err(dh, dh_rows)),
+            *[(f"grad EPI {e} vs EPI 0", _err(G_epi[e], G), 0.0) for e in (1, 2)],
+            ("row grad, small tiles, vs the ops' launch", _err(rows_epi[0], G_rows)),
+            *[(f"row grad EPI {e} vs EPI 0", _err(rows_epi[e], rows_epi[0]), 0.0) for e in (1, 2)],
             ("dgrad vs float64", _err(dh.double(), ref)), ("dgrad, one loop, vs float64", _err(dh_flat.double(), ref)),
-            ("dgrad launched by the ops", _err(dh_op, ref))]
+            ("dgrad launched by the ops", _err(dh_op, ref)),
+            *[(f"wgrad TMA {'dw' if i < 4 else 'db'}{i % 4} vs float64", _err(wg[i].double(), ref_w[i]))
+              for i in range(8)],
+            *[(f"wgrad TMA launched by the ops {'dw' if i < 4 else 'db'}{i % 4} vs float64",
+               _err(wg_op[i].double(), ref_w[i])) for i in range(8)],
+            ("wgrad TMA vs row kernel", max(_err(a, r) for a, r in zip(wg, wg_rows)))]
 
 
 def check_fused_norms(N, H, W):

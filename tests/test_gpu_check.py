@@ -69,7 +69,8 @@ def test_adopt_takes_an_opt_in_kernel_only_where_the_breakdown_measured_it_faste
     names = {"wgrad": "fused wgrad kernel", "wgrad9": "fused wgrad kernel, 9 taps per program",
              "fwd": "fused fwd kernel", "grad": "fused grad kernel (recompute + IN/ReLU bwd + suffix)",
              "fwd_tma": "fused fwd kernel, TMA 2-D tiles", "grad_tma": "fused grad kernel, TMA 2-D tiles",
-             "dgrad": "fused dgrad kernel", "dgrad_tma": "fused dgrad kernel, TMA 2-D tiles"}
+             "dgrad": "fused dgrad kernel", "dgrad_tma": "fused dgrad kernel, TMA 2-D tiles",
+             "wgrad_tma": "fused wgrad kernel, TMA 2-D tiles"}
 
     def adopted(**ms):
         return {s for s, on, _ in decide(rows(**{names[k]: v for k, v in ms.items()})) if on}
@@ -78,6 +79,10 @@ def test_adopt_takes_an_opt_in_kernel_only_where_the_breakdown_measured_it_faste
     assert adopted(wgrad=0.120, wgrad9=0.118, fwd=0.076, grad=0.119, dgrad=0.065, fwd_tma=0.050, grad_tma=0.150,
                    dgrad_tma=0.060) == set()
     assert adopted(wgrad=0.120) == set()  # the opt-in rows missing
+    # two wgrad alternatives that both win: only the faster is switched on (the TMA one would take precedence)
+    assert adopted(wgrad=0.120, wgrad9=0.100, wgrad_tma=0.080) == {"DMFN_WGRAD_TMA"}
+    assert adopted(wgrad=0.120, wgrad9=0.080, wgrad_tma=0.100) == {"DMFN_WGRAD9"}
+    assert adopted(wgrad=0.120, wgrad9=0.118, wgrad_tma=0.080) == {"DMFN_WGRAD_TMA"}
     assert adopted(wgrad9=0.001, fwd_tma=0.001, grad_tma=0.001) == set()  # the defaults' rows missing
 
 

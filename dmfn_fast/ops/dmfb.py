@@ -180,12 +180,17 @@ def _conv_kernel(name, dtype, pixels, C):
         return getattr(_kb, f"branches_{name}_{'lowp' if lowp else 'f32'}"), flags
     raw = {"fwd": _kb.branches_fwd, "grad": _kb.branches_grad, "dgrad": _kb.branches_dgrad,
            "wgrad": _kb.branches_wgrad, "wgrad9": _kb.branches_wgrad9, "fwd_tma": _kb.branches_fwd_tma,
-           "grad_tma": _kb.branches_grad_tma, "dgrad_tma": _kb.branches_dgrad_tma}[name]
+           "grad_tma": _kb.branches_grad_tma, "dgrad_tma": _kb.branches_dgrad_tma,
+           "wgrad_tma": _kb.branches_wgrad_tma}[name]
     bp, bc = min(4096, triton.next_power_of_2(pixels)), max(16, triton.next_power_of_2(C))
+    # the grad kernels' epilogue with the suffix sums in registers (EPI 2: the most code of its three forms)
+    extra = {"dgrad_tma": {"FLAT": 1}, "grad": {"EPI": 2}, "grad_tma": {"EPI": 2}}.get(name, {})
+    if name == "wgrad_tma":  # 8 x 8 tiles in 2 runs (the stepping from tile to tile and image to image), 3 taps
+        return raw, dict(TH=8, TW=8, BLOCK_CI=C, BLOCK_CO=C, SPLITS=2, TAPS=3)
     if name.endswith("_tma"):  # one 16 x 16 tile (TMA boxes hold at most 256 per side); C a power of two
-        return raw, dict(TH=16, TW=16, BLOCK_N=C, BLOCK_K=C, **({"FLAT": 1} if name == "dgrad_tma" else {}))
+        return raw, dict(TH=16, TW=16, BLOCK_N=C, BLOCK_K=C, **extra)
     tiles = dict(BLOCK_CI=bc, BLOCK_CO=bc) if name.startswith("wgrad") else dict(BLOCK_N=bc, BLOCK_K=bc)
-    return raw, dict(flags, BLOCK_P=bp, **tiles)
+    return raw, dict(flags, BLOCK_P=bp, **tiles, **extra)
 
 
 def _zeros32(*shape, like):
@@ -282,7 +287,7 @@ def _branches_forward(h, w, b, dil, grad=None, tma=None):
     dt, mean, rstd, sa, sb = grad
     grid = _conv_grid(N, C, H, W, tma, h.device)
     if mode == 0:
-        kw = dict(kw, MODE=0)  # branches_grad(_tma) is MODE 1 by construction
+        kw = dict(kw, MODE=0, EPI=0)  # branches_grad(_tma) is MODE 1 by construction, EPI its autotuned epilogue
     _kernel(kern, h)[grid](
         h, w, b, out, dt, mean, rstd, sa, sb, N, H, W, C, D1=dil[0], D2=dil[1], D3=dil[2], D4=dil[3], **kw)
     return out
@@ -318,16 +323,28 @@ def _taps9(dtype, device):
 
 
 _WGRAD9 = os.environ.get("DMFN_WGRAD9", "0") == "1"
+# branches_wgrad_tma: opt-in until a GPU benchmark shows it faster (gpu_breakdown.py times it; gpu_adopt.py)
+_WGRAD_TMA = os.environ.get("DMFN_WGRAD_TMA", "0") == "1"
 
 
-def _branches_wgrad(h, G, dil, taps9=None):
+def _branches_wgrad(h, G, dil, taps9=None, tma=None):
     """(dw fp32 [4, 9, C, C], db fp32 [4, C]) from h and the suffix sums G. taps9: force (True) or refuse
-    (False) branches_wgrad9; None: _taps9."""
+    (False) branches_wgrad9; None: _taps9. tma: the same for branches_wgrad_tma (None: DMFN_WGRAD_TMA=1 where
+    _tma allows); it takes precedence over taps9."""
     N, C, H, W = h.shape
     # apart in the op path (a custom op's outputs may not alias); in the eager Functions, from their _arena
     dw = _zeros32(4, 9, C, C, like=h)
     db = _zeros32(4, C, like=h)
     NP = N * H * W
+    if tma is None:
+        tma = _WGRAD_TMA and _tma(h) and G.data_ptr() % 16 == 0
+    if tma:
+        kern, kw = _conv_kernel("wgrad_tma", h.dtype, NP, C)
+        _conv_grid(N, C, H, W, True, h.device)  # the descriptors' allocator
+        grid = lambda META: (META["SPLITS"], 4 * (9 // META["TAPS"]) + 4,  # noqa: E731
+                             _cdiv(C, META["BLOCK_CI"]) * _cdiv(C, META["BLOCK_CO"]))
+        _kernel(kern, h)[grid](h, G, dw, db, N, H, W, C, D1=dil[0], D2=dil[1], D3=dil[2], D4=dil[3], **kw)
+        return dw, db
     taps9 = _taps9(h.dtype, h.device) if taps9 is None else taps9
     kern, kw = _conv_kernel("wgrad9" if taps9 else "wgrad", h.dtype, NP, C)
     # Split the pixel reduction into about 28 runs per (branch, tap): ~1000 programs on a big input
