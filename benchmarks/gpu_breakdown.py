@@ -11,6 +11,7 @@ against the card's ceilings measured in the same run (bf16 8192^3 matmul, device
 Baselines: cuDNN channels-last in the same dtype (eager), and torch.compile of the same reference.
 """
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -161,6 +162,18 @@ def branch_inputs(dt, seed=0):
     return h, ws, bs
 
 
+@contextlib.contextmanager
+def apply_pixels(bp):
+    """The elementwise norm kernels' pixels per program on fp16/bf16, for the rows inside."""
+    from dmfn_fast.kernels import instance_norm as kn
+
+    old, kn.APPLY_PIXELS_2BYTE = kn.APPLY_PIXELS_2BYTE, bp
+    try:
+        yield
+    finally:
+        kn.APPLY_PIXELS_2BYTE = old
+
+
 def best_configs(cls):
     if not CUDA:
         return {}
@@ -203,6 +216,14 @@ for dt in (torch.bfloat16, torch.float32):
         record(g, "IN stats+apply+ReLU on the cat", lambda: ops._in_act_fn(k, None, True), 0, 12 * act)
         t, mean, rstd = ops._in_act_fn(k, None, True)
         dtg = cl(torch.randn_like(t))
+        record(g, "IN backward on the cat (sums + apply)", lambda: ops._in_act_bwd_fn(dtg, k, mean, rstd, True),
+               0, 20 * act)
+        if dt != torch.float32:  # the elementwise norm kernels with 128-pixel programs (kn.APPLY_PIXELS_2BYTE)
+            with apply_pixels(128):
+                record(g, "IN stats+apply+ReLU on the cat, 128-pixel apply", lambda: ops._in_act_fn(k, None, True),
+                       0, 12 * act)
+                record(g, "IN backward on the cat (sums + apply), 128-pixel apply",
+                       lambda: ops._in_act_bwd_fn(dtg, k, mean, rstd, True), 0, 20 * act)
         record(g, "IN backward sums", lambda: ops._in_backward_sums(dtg, t, mean, rstd, relu=True, from_y=True),
                0, 8 * act)
         sa, sb = ops._in_backward_sums(dtg, t, mean, rstd, relu=True, from_y=True)

@@ -17,6 +17,10 @@ NUM_WARPS = 4
 # for the last one's sums (64 registers hold the 2-D accumulators), so a thread had one 16-byte load in
 # flight. Each loop step now loads the next tile before summing the current one (_tile_at).
 TARGET_PROGRAMS = 1024
+# The elementwise kernels (in_apply, in_bwd_apply) on fp16/bf16: pixels per program. On an H200 (s7) the
+# bf16 apply ran at about 66% of copy bandwidth, fp32 at 84% with the same 64 x 64 tile (twice the bytes
+# per program); gpu_breakdown.py times 128 against this, which stays until a GPU says otherwise.
+APPLY_PIXELS_2BYTE = 64
 
 
 @triton.jit

@@ -63,9 +63,12 @@ def instance_norm_specs(dtype="bf16"):
         ("in_bwd_apply", kn.in_bwd_apply, dict(dy_ptr=act, x_ptr=act, mean_ptr=f32, rstd_ptr=f32, sa_ptr=f32,
                                                sb_ptr=f32, dx_ptr=act, HW="i32", C="i32"), dict(RELU=True)),
     ]
+    if dtype != "fp32":  # the elementwise kernels at 128 pixels per program too (kn.APPLY_PIXELS_2BYTE's other value)
+        specs += [(f"{name}[BLOCK_P: 128]", fn, sig, dict(cx, BLOCK_P=128)) for name, fn, sig, cx in specs
+                  if name in ("in_apply", "in_bwd_apply")]
     out = []
     for name, fn, sig, cx in specs:
-        cx = dict(cx, **tiles)
+        cx = dict(tiles, **cx)
         ptrs = tuple(k for k, v in sig.items() if v.startswith("*"))
         div = ptrs + ("C",) + (("PIX_PER_SPLIT",) if "PIX_PER_SPLIT" in sig else ())
         out.append((name, fn, dict(sig, **{k: "constexpr" for k in cx}), cx, opts, div))

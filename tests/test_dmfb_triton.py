@@ -49,6 +49,10 @@ CASES["in-splits-residual-fp32-2x13x11-C80"] = ("instance_norm", dict(dtype="fp3
                                                                       relu=False, res=True, programs=1))
 CASES["in-splits-relu-fp16-2x13x11-C80"] = ("instance_norm", dict(dtype="fp16", N=2, H=13, W=11, C=80,
                                                                   relu=True, res=False, programs=8))
+# the elementwise kernels with 128-pixel programs (what gpu_breakdown.py times against 64): 143 pixels, the
+# second tile partial
+CASES["in-apply-128-pixels-fp16-2x13x11-C80"] = ("instance_norm", dict(dtype="fp16", N=2, H=13, W=11, C=80,
+                                                                       relu=True, res=True, apply_pixels=128))
 CASES["branches-in-relu-splits-fp32-2x13x11"] = ("branches_in_relu", dict(dtype="fp32", N=2, H=13, W=11, C=16,
                                                                           programs=1))
 CASES["dmfb-block-fp32-2x13x11"] = ("block", dict(N=2, H=13, W=11))
@@ -131,9 +135,17 @@ def _norm_programs(programs):
         dmfb._kn.TARGET_PROGRAMS = real
 
 
-def check_instance_norm(dtype, N, H, W, C, relu, res, programs=None):
-    with _norm_programs(programs):
-        return _check_instance_norm(dtype, N, H, W, C, relu, res)
+def check_instance_norm(dtype, N, H, W, C, relu, res, programs=None, apply_pixels=None):
+    """apply_pixels: the elementwise kernels' pixels per program on fp16/bf16 (None: as shipped)."""
+    from dmfn_fast.ops import dmfb
+
+    real = dmfb._kn.APPLY_PIXELS_2BYTE
+    dmfb._kn.APPLY_PIXELS_2BYTE = apply_pixels or real
+    try:
+        with _norm_programs(programs):
+            return _check_instance_norm(dtype, N, H, W, C, relu, res)
+    finally:
+        dmfb._kn.APPLY_PIXELS_2BYTE = real
 
 
 def _check_instance_norm(dtype, N, H, W, C, relu, res):

@@ -376,8 +376,13 @@ def _suffix(g):
     return out
 
 
-def _in_grid(N, C, H, W):
-    return (N * _cdiv(H * W, _kn.BLOCK_P), _cdiv(C, _kn.BLOCK_C))
+def _in_grid(N, C, H, W, bp):
+    return (N * _cdiv(H * W, bp), _cdiv(C, _kn.BLOCK_C))
+
+
+def _apply_pixels(x):
+    """Pixels per program of the elementwise norm kernels (in_apply, in_bwd_apply) on x's dtype."""
+    return _kn.APPLY_PIXELS_2BYTE if x.element_size() == 2 else _kn.BLOCK_P
 
 
 def _in_split(N, C, H, W):
@@ -393,9 +398,10 @@ def _in_forward(x, shift, s, ss, res, relu, out_dtype):
     y = _empty_cl(N, C, H, W, x, out_dtype)
     mean = torch.empty((N, C), device=x.device, dtype=torch.float32)
     rstd = torch.empty_like(mean)
-    _kernel(_kn.in_apply, x)[_in_grid(N, C, H, W)](
+    bp = _apply_pixels(x)
+    _kernel(_kn.in_apply, x)[_in_grid(N, C, H, W, bp)](
         x, res if res is not None else x, y, shift, s, ss, mean, rstd, H * W, C, EPS,
-        RELU=relu, RESIDUAL=res is not None, BLOCK_P=_kn.BLOCK_P, BLOCK_C=_kn.BLOCK_C,
+        RELU=relu, RESIDUAL=res is not None, BLOCK_P=bp, BLOCK_C=_kn.BLOCK_C,
         num_warps=_kn.NUM_WARPS)
     return y, mean, rstd
 
@@ -541,9 +547,10 @@ def _in_act_bwd_fn(dy: torch.Tensor, x: torch.Tensor, mean: torch.Tensor, rstd: 
     dy, x, mean, rstd = _cl(dy), _cl(x), mean.contiguous(), rstd.contiguous()
     sa, sb = _in_backward_sums(dy, x, mean, rstd, relu=relu, from_y=False)
     dx = _empty_cl(N, C, H, W, x)
-    _kernel(_kn.in_bwd_apply, x)[_in_grid(N, C, H, W)](
+    bp = _apply_pixels(x)
+    _kernel(_kn.in_bwd_apply, x)[_in_grid(N, C, H, W, bp)](
         dy, x, mean, rstd, sa, sb, dx, H * W, C, RELU=relu,
-        BLOCK_P=_kn.BLOCK_P, BLOCK_C=_kn.BLOCK_C, num_warps=_kn.NUM_WARPS)
+        BLOCK_P=bp, BLOCK_C=_kn.BLOCK_C, num_warps=_kn.NUM_WARPS)
     return dx
 
 
