@@ -467,10 +467,14 @@ def check_tma(N, H, W, C, TH, TW, block):
     w64 = [x.double().requires_grad_() for x in ws]
     b64 = [x.double().requires_grad_() for x in bs]
     ref_w = torch.autograd.grad(ops.dmfb_branches_reference(h.double(), w64, b64), w64 + b64, dk)
-    dw, db = torch.zeros(4, 9, C, C), torch.zeros(4, C)
-    kb.branches_wgrad_tma[(3, 40, (C // block) ** 2)](h, Gk, dw, db, N, H, W, C, D1=1, D2=2, D3=4, D4=8, TH=TH,
-                                                      TW=TW, BLOCK_CI=block, BLOCK_CO=block, SPLITS=3, TAPS=1)
-    wg = ops._unpack_grads(dw, db, [torch.float32] * 8)  # one tap per program here, three in the ops' launch
+    wgs = []
+    # 1 tap per program in 3 runs; 3 taps in more runs than tiles (the last programs' runs empty)
+    for taps, splits in ((1, 3), (3, 40)):
+        dw, db = torch.zeros(4, 9, C, C), torch.zeros(4, C)
+        kb.branches_wgrad_tma[(splits, 4 * 9 // taps + 4, (C // block) ** 2)](
+            h, Gk, dw, db, N, H, W, C, D1=1, D2=2, D3=4, D4=8, TH=TH, TW=TW, BLOCK_CI=block, BLOCK_CO=block,
+            SPLITS=splits, TAPS=taps)
+        wgs.append(ops._unpack_grads(dw, db, [torch.float32] * 8))
     wg_op = ops._unpack_grads(*ops._branches_wgrad(h, Gk, ops.DILATIONS, tma=True), [torch.float32] * 8)
     wg_rows = ops._unpack_grads(*ops._branches_wgrad(h, Gk, ops.DILATIONS, tma=False), [torch.float32] * 8)
     return [("fwd vs row kernel", _err(out, rows)), ("fwd vs float64", _err(out.double(), f64)),
@@ -480,11 +484,11 @@ def check_tma(N, H, W, C, TH, TW, block):
             *[(f"row grad EPI {e} vs EPI 0", _err(rows_epi[e], rows_epi[0]), 0.0) for e in (1, 2)],
             ("dgrad vs float64", _err(dh.double(), ref)), ("dgrad, one loop, vs float64", _err(dh_flat.double(), ref)),
             ("dgrad launched by the ops", _err(dh_op, ref)),
-            *[(f"wgrad TMA {'dw' if i < 4 else 'db'}{i % 4} vs float64", _err(wg[i].double(), ref_w[i]))
-              for i in range(8)],
+            *[(f"wgrad TMA, {taps} tap(s) per program, {'dw' if i < 4 else 'db'}{i % 4} vs float64",
+               _err(wg[i].double(), ref_w[i])) for taps, wg in zip((1, 3), wgs) for i in range(8)],
             *[(f"wgrad TMA launched by the ops {'dw' if i < 4 else 'db'}{i % 4} vs float64",
                _err(wg_op[i].double(), ref_w[i])) for i in range(8)],
-            ("wgrad TMA vs row kernel", max(_err(a, r) for a, r in zip(wg, wg_rows)))]
+            ("wgrad TMA vs row kernel", max(_err(a, r) for a, r in zip(wgs[0], wg_rows)))]
 
 
 def check_fused_norms(N, H, W):
