@@ -119,33 +119,22 @@ def branches_fwd(
     o_rows = n.to(tl.int64) * HW * C4 + p[:, None] * C4
     omask = pmask[:, None] & cmask[None, :]
     acc = tl.zeros([BLOCK_P, BLOCK_N], dtype=tl.float32)
-    if EPI == 2:  # MODE 1 only (branches_grad)
-        acc, d0 = _grad_branch_rows(acc, 0, h_base, w_ptr, b_ptr, dt_ptr, mean_ptr, rstd_ptr, sa_ptr, sb_ptr, n,
-                                    y, x, pmask, co, cmask, ks, o_rows, omask, H, W, C, D1, D2, D3, D4, UPCAST,
-                                    PREC, BLOCK_K, out_ptr.dtype.element_ty)
-        acc, d1 = _grad_branch_rows(acc, 1, h_base, w_ptr, b_ptr, dt_ptr, mean_ptr, rstd_ptr, sa_ptr, sb_ptr, n,
-                                    y, x, pmask, co, cmask, ks, o_rows, omask, H, W, C, D1, D2, D3, D4, UPCAST,
-                                    PREC, BLOCK_K, out_ptr.dtype.element_ty)
-        acc, d2 = _grad_branch_rows(acc, 2, h_base, w_ptr, b_ptr, dt_ptr, mean_ptr, rstd_ptr, sa_ptr, sb_ptr, n,
-                                    y, x, pmask, co, cmask, ks, o_rows, omask, H, W, C, D1, D2, D3, D4, UPCAST,
-                                    PREC, BLOCK_K, out_ptr.dtype.element_ty)
-        acc, d3 = _grad_branch_rows(acc, 3, h_base, w_ptr, b_ptr, dt_ptr, mean_ptr, rstd_ptr, sa_ptr, sb_ptr, n,
-                                    y, x, pmask, co, cmask, ks, o_rows, omask, H, W, C, D1, D2, D3, D4, UPCAST,
-                                    PREC, BLOCK_K, out_ptr.dtype.element_ty)
-        _suffix_store(out_ptr, o_rows, co, omask, C, d0, d1, d2, d3)
+    if EPI == 2:  # MODE 1 only (branches_grad); the branch loop unrolled, the four dk tiles in a tuple
+        dks = ()
+        for j in tl.static_range(4):
+            acc, dk = _grad_branch_rows(acc, j, h_base, w_ptr, b_ptr, dt_ptr, mean_ptr, rstd_ptr, sa_ptr, sb_ptr,
+                                        n, y, x, pmask, co, cmask, ks, o_rows, omask, H, W, C, D1, D2, D3, D4,
+                                        UPCAST, PREC, BLOCK_K, out_ptr.dtype.element_ty)
+            dks = dks + (dk,)
+        _suffix_store(out_ptr, o_rows, co, omask, C, dks[0], dks[1], dks[2], dks[3])
     else:
         # A runtime loop over the branches keeps the code (and compile time) small.
         for j in range(4):
-            if EPI == 1:
-                dt = tl.load(dt_ptr + o_rows + j * C + co[None, :], mask=omask, other=0.0)
+            dt = _dt_early(dt_ptr, o_rows, j, C, co, omask, EPI)
             acc = _rows_loop(acc, j, h_base, w_ptr, y, x, pmask, co, cmask, ks, H, W, C, D1, D2, D3, D4, UPCAST,
                              PREC, BLOCK_K)
-            if EPI == 1:
-                acc = _store_dk(acc, j, b_ptr, out_ptr, dt, mean_ptr, rstd_ptr, sa_ptr, sb_ptr, n, o_rows, co,
-                                cmask, omask, HW, C)
-            else:
-                acc = _branch_out(acc, j, b_ptr, out_ptr, dt_ptr, mean_ptr, rstd_ptr, sa_ptr, sb_ptr, n, o_rows,
-                                  co, cmask, omask, HW, C, MODE)
+            acc = _branch_out(acc, j, b_ptr, out_ptr, dt_ptr, dt, mean_ptr, rstd_ptr, sa_ptr, sb_ptr, n, o_rows, co,
+                              cmask, omask, HW, C, MODE, EPI)
         if MODE == 1:
             _suffix_in_place(out_ptr, o_rows, co, omask, C)
 
@@ -192,26 +181,31 @@ def _grad_branch_rows(acc, j: tl.constexpr, h_base, w_ptr, b_ptr, dt_ptr, mean_p
 
 
 @triton.jit
-def _branch_out(acc, j, b_ptr, out_ptr, dt_ptr, mean_ptr, rstd_ptr, sa_ptr, sb_ptr, n, o_rows, co, cmask, omask,
-                HW, C, MODE: tl.constexpr):
+def _dt_early(dt_ptr, o_rows, j, C, co, omask, EPI: tl.constexpr):
+    """EPI 1: branch j's tile of dt, loaded before the branch's conv loop; else nothing (a placeholder)."""
+    if EPI == 1:
+        return tl.load(dt_ptr + o_rows + j * C + co[None, :], mask=omask, other=0.0)
+    else:
+        return 0.0
+
+
+@triton.jit
+def _branch_out(acc, j, b_ptr, out_ptr, dt_ptr, dt_early, mean_ptr, rstd_ptr, sa_ptr, sb_ptr, n, o_rows, co,
+                cmask, omask, HW, C, MODE: tl.constexpr, EPI: tl.constexpr):
     """Branch j's epilogue: acc (k_j without biases) plus bias_j; MODE 0 stores k_j, MODE 1 dk_j (the IN +
-    ReLU backward). Returns acc with the bias, for the next branch's sum."""
+    ReLU backward) from dt_early (EPI 1) or dt's tile loaded now (EPI 0). Returns acc with the bias, for the
+    next branch's sum."""
     if MODE == 0:
         acc, k = _branch_k(acc, j, b_ptr, co, cmask, C, out_ptr.dtype.element_ty)
         tl.store(out_ptr + o_rows + j * C + co[None, :], k, mask=omask)
     else:
-        dt = tl.load(dt_ptr + o_rows + j * C + co[None, :], mask=omask, other=0.0)
-        acc = _store_dk(acc, j, b_ptr, out_ptr, dt, mean_ptr, rstd_ptr, sa_ptr, sb_ptr, n, o_rows, co, cmask,
-                        omask, HW, C)
-    return acc
-
-
-@triton.jit
-def _store_dk(acc, j, b_ptr, out_ptr, dt, mean_ptr, rstd_ptr, sa_ptr, sb_ptr, n, o_rows, co, cmask, omask, HW, C):
-    """Store branch j's dk from its tile of dt; returns acc + bias_j."""
-    acc, dk = _branch_dk(acc, j, b_ptr, dt, mean_ptr, rstd_ptr, sa_ptr, sb_ptr, n, co, cmask, HW, C,
-                         out_ptr.dtype.element_ty)
-    tl.store(out_ptr + o_rows + j * C + co[None, :], dk, mask=omask)
+        if EPI == 1:
+            dt = dt_early
+        else:
+            dt = tl.load(dt_ptr + o_rows + j * C + co[None, :], mask=omask, other=0.0)
+        acc, dk = _branch_dk(acc, j, b_ptr, dt, mean_ptr, rstd_ptr, sa_ptr, sb_ptr, n, co, cmask, HW, C,
+                             out_ptr.dtype.element_ty)
+        tl.store(out_ptr + o_rows + j * C + co[None, :], dk, mask=omask)
     return acc
 
 
@@ -302,31 +296,20 @@ def branches_fwd_tma(
     o_rows = (n.to(tl.int64) * HW + y * W + x)[:, None] * (4 * C)
     omask = ((y < H) & (x < W))[:, None] & cmask[None, :]
     acc = tl.zeros([BLOCK_P, BLOCK_N], dtype=tl.float32)
-    if EPI == 2:  # MODE 1 only (branches_grad_tma)
-        acc, d0 = _grad_branch_tma(acc, 0, h_desc, w_desc, b_ptr, dt_ptr, mean_ptr, rstd_ptr, sa_ptr, sb_ptr, n,
-                                   y0, x0, n0, co, cmask, o_rows, omask, HW, C, D1, D2, D3, D4, BLOCK_P, BLOCK_K,
-                                   out_ptr.dtype.element_ty)
-        acc, d1 = _grad_branch_tma(acc, 1, h_desc, w_desc, b_ptr, dt_ptr, mean_ptr, rstd_ptr, sa_ptr, sb_ptr, n,
-                                   y0, x0, n0, co, cmask, o_rows, omask, HW, C, D1, D2, D3, D4, BLOCK_P, BLOCK_K,
-                                   out_ptr.dtype.element_ty)
-        acc, d2 = _grad_branch_tma(acc, 2, h_desc, w_desc, b_ptr, dt_ptr, mean_ptr, rstd_ptr, sa_ptr, sb_ptr, n,
-                                   y0, x0, n0, co, cmask, o_rows, omask, HW, C, D1, D2, D3, D4, BLOCK_P, BLOCK_K,
-                                   out_ptr.dtype.element_ty)
-        acc, d3 = _grad_branch_tma(acc, 3, h_desc, w_desc, b_ptr, dt_ptr, mean_ptr, rstd_ptr, sa_ptr, sb_ptr, n,
-                                   y0, x0, n0, co, cmask, o_rows, omask, HW, C, D1, D2, D3, D4, BLOCK_P, BLOCK_K,
-                                   out_ptr.dtype.element_ty)
-        _suffix_store(out_ptr, o_rows, co, omask, C, d0, d1, d2, d3)
+    if EPI == 2:  # MODE 1 only (branches_grad_tma); as branches_fwd's
+        dks = ()
+        for j in tl.static_range(4):
+            acc, dk = _grad_branch_tma(acc, j, h_desc, w_desc, b_ptr, dt_ptr, mean_ptr, rstd_ptr, sa_ptr, sb_ptr,
+                                       n, y0, x0, n0, co, cmask, o_rows, omask, HW, C, D1, D2, D3, D4, BLOCK_P,
+                                       BLOCK_K, out_ptr.dtype.element_ty)
+            dks = dks + (dk,)
+        _suffix_store(out_ptr, o_rows, co, omask, C, dks[0], dks[1], dks[2], dks[3])
     else:
         for j in range(4):
-            if EPI == 1:
-                dt = tl.load(dt_ptr + o_rows + j * C + co[None, :], mask=omask, other=0.0)
+            dt = _dt_early(dt_ptr, o_rows, j, C, co, omask, EPI)
             acc = _tma_loop(acc, j, h_desc, w_desc, n, y0, x0, n0, C, D1, D2, D3, D4, BLOCK_P, BLOCK_K)
-            if EPI == 1:
-                acc = _store_dk(acc, j, b_ptr, out_ptr, dt, mean_ptr, rstd_ptr, sa_ptr, sb_ptr, n, o_rows, co,
-                                cmask, omask, HW, C)
-            else:
-                acc = _branch_out(acc, j, b_ptr, out_ptr, dt_ptr, mean_ptr, rstd_ptr, sa_ptr, sb_ptr, n, o_rows,
-                                  co, cmask, omask, HW, C, MODE)
+            acc = _branch_out(acc, j, b_ptr, out_ptr, dt_ptr, dt, mean_ptr, rstd_ptr, sa_ptr, sb_ptr, n, o_rows, co,
+                              cmask, omask, HW, C, MODE, EPI)
         if MODE == 1:
             _suffix_in_place(out_ptr, o_rows, co, omask, C)
 
