@@ -100,7 +100,8 @@ def branches_fwd(
     8 us at the measured copy rate; and that pass shifts by the first pixel, which keeps the variance
     exact when a channel's mean is large against its spread.)
     MODE 1 (backward of IN + ReLU after the branches): recompute k, turn the incoming gradient dt of
-    relu(IN(k)) into dk, and write the suffix sums G_j = dk_j + ... + dk_4.
+    relu(IN(k)) into dk, and write the suffix sums G_j = dk_j + ... + dk_4, with the epilogue EPI
+    (branches_grad); MODE 0 takes EPI 0.
     """
     pid_p = tl.program_id(0)
     pid_n = tl.program_id(1)
