@@ -293,12 +293,17 @@ def _branches_forward(h, w, b, dil, grad=None, tma=None):
     return out
 
 
+def _set_tma_allocator(device):
+    """Triton's allocator for the TMA kernels' descriptors. It is per thread (a ContextVar), and the autograd
+    engine runs backward on its own threads, so every launch sets it."""
+    triton.set_allocator(functools.partial(_tma_scratch, device))
+
+
 def _conv_grid(N, C, H, W, tma, device):
     """The launch grid of a forward, grad or dgrad branch kernel: pixel tiles (rows, or TMA's 2-D tiles) by
     channel tiles. The TMA kernels make their descriptors in global memory from triton's allocator."""
     if tma:
-        # the allocator is per thread (a ContextVar), and the autograd engine runs backward on its own
-        triton.set_allocator(functools.partial(_tma_scratch, device))
+        _set_tma_allocator(device)
         return lambda META: (N * _cdiv(H, META["TH"]) * _cdiv(W, META["TW"]), _cdiv(C, META["BLOCK_N"]))
     return lambda META: (N * _cdiv(H * W, META["BLOCK_P"]), _cdiv(C, META["BLOCK_N"]))
 
@@ -340,7 +345,7 @@ def _branches_wgrad(h, G, dil, taps9=None, tma=None):
         tma = _WGRAD_TMA and _tma(h) and G.data_ptr() % 16 == 0
     if tma:
         kern, kw = _conv_kernel("wgrad_tma", h.dtype, NP, C)
-        _conv_grid(N, C, H, W, True, h.device)  # the descriptors' allocator
+        _set_tma_allocator(h.device)
         grid = lambda META: (META["SPLITS"], 4 * (9 // META["TAPS"]) + 4,  # noqa: E731
                              _cdiv(C, META["BLOCK_CI"]) * _cdiv(C, META["BLOCK_CO"]))
         _kernel(kern, h)[grid](h, G, dw, db, N, H, W, C, D1=dil[0], D2=dil[1], D3=dil[2], D4=dil[3], **kw)
@@ -895,6 +900,7 @@ class _NormReluConvEager(torch.autograd.Function):
         out = torch.ops.aten.convolution(y, w, b, *spec)
         ctx.save_for_backward(x, shift, s, ss, w)
         ctx.spec, ctx.has_bias = spec, b is not None
+        ctx.bias_shape = None if bias is None else bias.shape
         ctx.dtypes = (x.dtype, weight.dtype, None if bias is None else bias.dtype)
         return out
 
@@ -910,8 +916,7 @@ class _NormReluConvEager(torch.autograd.Function):
             with _arena(2 * x.shape[0] * x.shape[1], x):
                 dx = _in_act_bwd_fn(dy.to(x.dtype), x, mean, rstd, True).to(ctx.dtypes[0])
         if need[2] and not ctx.has_bias:  # the bias skipped before the next norm
-            db = torch.zeros(w.shape[1] * ctx.spec[5] if ctx.spec[3] else w.shape[0], dtype=ctx.dtypes[2],
-                             device=w.device)
+            db = torch.zeros(ctx.bias_shape, dtype=ctx.dtypes[2], device=w.device)
         return dx, _cast(dw, ctx.dtypes[1]), _cast(db, ctx.dtypes[2]), None, None
 
 
