@@ -48,17 +48,15 @@ template <> struct Vec<double> {
     *reinterpret_cast<double2*>(p) = make_double2(x[0], x[1]);
   }
 };
-template <typename H, float (*ToF)(unsigned short), unsigned short (*FromF)(float)>
+template <typename H, void (*Unpack)(unsigned, float&, float&), unsigned short (*FromF)(float)>
 struct Vec16 {  // eight 16-bit floats in one uint4
   static constexpr int n = 8;
   __device__ static void load(const H* p, float (&x)[8]) {
     const uint4 v = __ldg(reinterpret_cast<const uint4*>(p));
-    const unsigned words[4] = {v.x, v.y, v.z, v.w};
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      x[2 * i] = ToF(static_cast<unsigned short>(words[i] & 0xffffu));
-      x[2 * i + 1] = ToF(static_cast<unsigned short>(words[i] >> 16));
-    }
+    Unpack(v.x, x[0], x[1]);
+    Unpack(v.y, x[2], x[3]);
+    Unpack(v.z, x[4], x[5]);
+    Unpack(v.w, x[6], x[7]);
   }
   __device__ static void store(H* p, const float (&x)[8]) {
     unsigned w[4];
@@ -67,12 +65,19 @@ struct Vec16 {  // eight 16-bit floats in one uint4
     *reinterpret_cast<uint4*>(p) = make_uint4(w[0], w[1], w[2], w[3]);
   }
 };
-__device__ float half_bits_to_f(unsigned short b) { return __half2float(__ushort_as_half(b)); }
+__device__ void half_pair_to_f(unsigned b, float& lo, float& hi) {
+  lo = __half2float(__ushort_as_half(static_cast<unsigned short>(b & 0xffffu)));
+  hi = __half2float(__ushort_as_half(static_cast<unsigned short>(b >> 16)));
+}
 __device__ unsigned short f_to_half_bits(float x) { return __half_as_ushort(__float2half_rn(x)); }
-__device__ float bf16_bits_to_f(unsigned short b) { return __bfloat162float(__ushort_as_bfloat16(b)); }
+// A bfloat16 is a float's top 16 bits: one shift or mask each (through unsigned short it took two shifts).
+__device__ void bf16_pair_to_f(unsigned b, float& lo, float& hi) {
+  lo = __uint_as_float(b << 16);
+  hi = __uint_as_float(b & 0xffff0000u);
+}
 __device__ unsigned short f_to_bf16_bits(float x) { return __bfloat16_as_ushort(__float2bfloat16_rn(x)); }
-template <> struct Vec<__half> : Vec16<__half, half_bits_to_f, f_to_half_bits> {};
-template <> struct Vec<__nv_bfloat16> : Vec16<__nv_bfloat16, bf16_bits_to_f, f_to_bf16_bits> {};
+template <> struct Vec<__half> : Vec16<__half, half_pair_to_f, f_to_half_bits> {};
+template <> struct Vec<__nv_bfloat16> : Vec16<__nv_bfloat16, bf16_pair_to_f, f_to_bf16_bits> {};
 
 __device__ __forceinline__ float to_acc(float x) { return x; }
 __device__ __forceinline__ double to_acc(double x) { return x; }
@@ -266,12 +271,14 @@ channel_sums_vec(MapView m, int C, int H, int W, typename AccOf<T>::type step_u,
 
 // Channels last, 16-byte loads, both maps in one pass (the forward's fast path): one block per (n, kPairVecs
 // vectors of V channels, a run of pixels); thread (lane % kPairVecs) takes one vector of channels, the other
-// kPairRows thread rows take pixels, two pixels of both maps in flight each. The split over pixels gives the
-// card enough blocks (channel_sums_vec, one block per (n, channels) for one map, and a one-block finish: 36 us
-// on the H200 at [16, 512, 32, 32] bf16, 33% of copy bandwidth). Raw sums go to
-// part[(split * 2 + map) * NC + n * C + c][k]; finish_pairs adds the splits up in order.
+// kPairRows thread rows take pixels, kPairPix pixels of both maps in flight each (2 * kPairPix 16-byte loads).
+// plan_t sizes the runs so the blocks fill the card once (the blocks per SM from the occupancy API): the H200
+// ran an earlier plan (2 pixels in flight, runs for "4 blocks per SM" of which 2 fit) at 28.5 us fwd+bwd on
+// [16, 512, 32, 32] bf16, 42% of copy bandwidth. Raw sums go to part[(split * 2 + map) * NC + n * C + c][k];
+// finish_pairs adds the splits up in order.
 constexpr int kPairVecs = 8;
 constexpr int kPairRows = 256 / kPairVecs;
+constexpr int kPairPix = 4;
 
 template <typename T>
 __global__ void __launch_bounds__(256, 2)
@@ -289,45 +296,65 @@ pair_sums_vec(MapView ma, MapView mb, int C, int H, int W, int pix_per_split, ty
   for (int m = 0; m < 2; ++m)
 #pragma unroll
     for (int j = 0; j < V; ++j) s[m][0][j] = s[m][1][j] = s[m][2][j] = A(0);
+  // Adds a pixel's vectors of both maps (x[map][channel]) at (h, w) to the sums.
+  auto add = [&](int h, int w, const A (&x)[2][V]) {
+    const A u = static_cast<A>(w) * step_u - A(1), v = static_cast<A>(h) * step_v - A(1);
+#pragma unroll
+    for (int m = 0; m < 2; ++m)
+#pragma unroll
+      for (int j = 0; j < V; ++j) {
+        s[m][0][j] += x[m][j];
+        s[m][1][j] += x[m][j] * u;
+        s[m][2][j] += x[m][j] * v;
+      }
+  };
   if (cv < vecs) {
     const T* pa = static_cast<const T*>(ma.data) + n * ma.sN + static_cast<long long>(cv) * V;
     const T* pb = static_cast<const T*>(mb.data) + n * mb.sN + static_cast<long long>(cv) * V;
+    // Pixel p's (h, w) and its addresses in both maps, stepped kPairRows pixels at a time: no division or
+    // 64-bit multiply per pixel (they took a third of the loop's instructions).
+    struct At {
+      int h, w;
+      const T *a, *b;
+    };
+    const int dh = kPairRows / W, dw = kPairRows - dh * W;
+    const long long da = dh * ma.sH + dw * ma.sW, db = dh * mb.sH + dw * mb.sW;
+    const long long wrap_a = ma.sH - W * ma.sW, wrap_b = mb.sH - W * mb.sW;
+    auto next = [&](At& q) {
+      q.w += dw;
+      q.h += dh;
+      q.a += da;
+      q.b += db;
+      if (q.w >= W) { q.w -= W; ++q.h; q.a += wrap_a; q.b += wrap_b; }
+    };
+    auto load = [&](const At& q, A (&x)[2][V]) {
+      Vec<T>::load(q.a, x[0]);
+      Vec<T>::load(q.b, x[1]);
+    };
     const int p_end = min(H * W, (blockIdx.y + 1) * pix_per_split);
     int p = blockIdx.y * pix_per_split + row;
-    for (; p + kPairRows < p_end; p += 2 * kPairRows) {
-      A x[2][2][V];  // [pixel][map][channel]
-      int h[2], w[2];
+    At at;
+    at.h = p / W;
+    at.w = p - at.h * W;
+    at.a = pa + at.h * ma.sH + at.w * ma.sW;
+    at.b = pb + at.h * mb.sH + at.w * mb.sW;
+    for (; p + (kPairPix - 1) * kPairRows < p_end; p += kPairPix * kPairRows) {
+      At qs[kPairPix];
+      A x[kPairPix][2][V];  // every load issued before the first add
 #pragma unroll
-      for (int r = 0; r < 2; ++r) {
-        const int q = p + r * kPairRows;
-        h[r] = q / W;
-        w[r] = q - h[r] * W;
-        Vec<T>::load(pa + h[r] * ma.sH + w[r] * ma.sW, x[r][0]);
-        Vec<T>::load(pb + h[r] * mb.sH + w[r] * mb.sW, x[r][1]);
+      for (int r = 0; r < kPairPix; ++r) {
+        qs[r] = at;
+        next(at);
+        load(qs[r], x[r]);
       }
 #pragma unroll
-      for (int r = 0; r < 2; ++r) {
-        const A u = static_cast<A>(w[r]) * step_u - A(1), v = static_cast<A>(h[r]) * step_v - A(1);
-#pragma unroll
-        for (int m = 0; m < 2; ++m)
-#pragma unroll
-          for (int j = 0; j < V; ++j) {
-            s[m][0][j] += x[r][m][j];
-            s[m][1][j] += x[r][m][j] * u;
-            s[m][2][j] += x[r][m][j] * v;
-          }
-      }
+      for (int r = 0; r < kPairPix; ++r) add(qs[r].h, qs[r].w, x[r]);
     }
-    if (p < p_end) {
-      const int h = p / W, w = p - h * W;
+    for (; p < p_end; p += kPairRows) {
       A x[2][V];
-      Vec<T>::load(pa + h * ma.sH + w * ma.sW, x[0]);
-      Vec<T>::load(pb + h * mb.sH + w * mb.sW, x[1]);
-      const A u = static_cast<A>(w) * step_u - A(1), v = static_cast<A>(h) * step_v - A(1);
-#pragma unroll
-      for (int m = 0; m < 2; ++m)
-#pragma unroll
-        for (int j = 0; j < V; ++j) { s[m][0][j] += x[m][j]; s[m][1][j] += x[m][j] * u; s[m][2][j] += x[m][j] * v; }
+      load(at, x);
+      add(at.h, at.w, x);
+      next(at);
     }
   }
   // Add up the rows: the 32 / kPairVecs rows within a warp, then the 8 warps in shared memory.
@@ -470,7 +497,9 @@ grad_channels(const typename AccOf<T>::type* grad, const typename AccOf<T>::type
 }
 
 // NHWC, 16-byte stores: blockIdx.x = (n, kGradRows image rows), blockIdx.y = 32 vectors of V channels (one
-// per lane), the 8 warps split W. The per-channel coefficients are read once for all the block's rows.
+// per lane), the 8 warps split W. The block's threads work out one channel's coefficients each, into shared
+// memory, before any store: each warp worked out its lane's V channels itself before (8 times over, with
+// 3 * V divisions serial with the first store).
 constexpr int kGradRows = 4;
 
 template <typename T>
@@ -478,19 +507,34 @@ __global__ void __launch_bounds__(256)
 grad_channels_vec(const typename AccOf<T>::type* grad, const typename AccOf<T>::type* stats, int N, int C,
                   int which, int H, int W, typename AccOf<T>::type step_u, typename AccOf<T>::type step_v, T* out) {
   using A = typename AccOf<T>::type;
-  constexpr int V = Vec<T>::n;
+  constexpr int V = Vec<T>::n, kCh = 32 * V;  // channels per block, at most 256
+  static_assert(kCh <= 256, "one thread per channel's coefficients");
+  __shared__ A coef[3][kCh];
   const int chunks = (H + kGradRows - 1) / kGradRows;
   const long long n = blockIdx.x / chunks;
   const int h0 = static_cast<int>(blockIdx.x % chunks) * kGradRows;
-  const int cv = blockIdx.y * 32 + threadIdx.x % 32;
-  if (cv * V >= C) return;
   const long long NC = static_cast<long long>(N) * C;
+  const int c0 = blockIdx.y * kCh;
+  if (threadIdx.x < kCh && c0 + static_cast<int>(threadIdx.x) < C) {
+    A a, b, k;
+    grad_coeffs(grad, stats, NC, n * C + c0 + threadIdx.x, which, a, b, k);
+    coef[0][threadIdx.x] = a;
+    coef[1][threadIdx.x] = b;
+    coef[2][threadIdx.x] = k;
+  }
+  __syncthreads();
+  const int lane = threadIdx.x % 32;
+  if (c0 + lane * V >= C) return;
   A a[V], b[V], k[V];
 #pragma unroll
-  for (int j = 0; j < V; ++j) grad_coeffs(grad, stats, NC, n * C + cv * V + j, which, a[j], b[j], k[j]);
+  for (int j = 0; j < V; ++j) {
+    a[j] = coef[0][lane * V + j];
+    b[j] = coef[1][lane * V + j];
+    k[j] = coef[2][lane * V + j];
+  }
   for (int h = h0; h < H && h < h0 + kGradRows; ++h) {
     const A vh = static_cast<A>(h) * step_v - A(1);
-    T* row = out + (n * H + h) * W * C + static_cast<long long>(cv) * V;
+    T* row = out + (n * H + h) * W * C + c0 + lane * V;
     for (int w = threadIdx.x / 32; w < W; w += 8) {
       const A u = static_cast<A>(w) * step_u - A(1);
       A x[V];
@@ -540,6 +584,24 @@ cudaError_t map_sums_t(MapView m, long long N, long long C, int H, int W, void* 
   return cudaGetLastError();
 }
 
+// Blocks of pair_sums_vec<T> that fit on one SM of the current device (registers decide: 2 in bf16 and fp16
+// on sm_90), asked once per device.
+template <typename T>
+int pair_blocks_per_sm() {
+  constexpr int kDevices = 64;
+  static int cached[kDevices] = {};
+  int dev = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= kDevices) dev = -1;
+  if (dev >= 0 && cached[dev] > 0) return cached[dev];
+  int n = 0;
+  if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, pair_sums_vec<T>, 256, 0) != cudaSuccess || n < 1) {
+    cudaGetLastError();  // not sticky; fall back to the launch bound's 2
+    n = 2;
+  }
+  if (dev >= 0) cached[dev] = n;
+  return n;
+}
+
 // The forward's launch plan: the two-map kernel where both maps allow it, how it splits the pixels, and the
 // scratch memory (partial sums, the finish's per-block losses, its ticket counter).
 struct Plan {
@@ -558,10 +620,13 @@ Plan plan_t(const MapView& a, const MapView& b, long long N, long long C, int H,
   p.finish_blocks = (NC + kFinishThreads - 1) / kFinishThreads;
   p.pair = channel_vectors<T>(a, N, C) && channel_vectors<T>(b, N, C);
   if (p.pair) {
-    // About 4 blocks per SM, each over whole two-pixel steps of its rows
+    // As many blocks as fit on the card at once (more runs would only add a second, short wave of blocks,
+    // each with its reduction), each over whole kPairPix-pixel steps of its rows.
     p.groups = (C / Vec<T>::n + kPairVecs - 1) / kPairVecs;
-    const long long want = std::max(1LL, (4LL * std::max(sms, 1) + N * p.groups - 1) / (N * p.groups));
-    const int step = 2 * kPairRows, HW = H * W;
+    const long long fit = static_cast<long long>(pair_blocks_per_sm<T>()) * std::max(sms, 1);
+    const int step = kPairPix * kPairRows, HW = H * W;
+    const long long most = (HW + step - 1) / step;  // runs of at least one step
+    const long long want = std::min(most, std::max(1LL, fit / (N * p.groups)));
     const long long pix = (HW + want - 1) / want;
     p.pix_per_split = static_cast<int>((pix + step - 1) / step * step);
     p.splits = (HW + p.pix_per_split - 1) / p.pix_per_split;

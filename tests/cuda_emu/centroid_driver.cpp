@@ -1,0 +1,99 @@
+// Runs the centroid op's CUDA launchers (csrc/centroid_align_kernel.cu, its launches rewritten for the CPU
+// stand-in in include/) on maps read from files, for tests/test_centroid_cuda_emu.py. Buffers have the exact
+// size of the data, so AddressSanitizer sees a read past one; scratch and outputs start as garbage.
+//   forward DTYPE N C H W SMS OCC SEED A OFF sN sC sH sW B OFF sN sC sH sW STATS_OUT LOSS_OUT
+//   grad DTYPE N C H W WHICH CHANNELS_LAST SEED GRAD STATS OUT
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <new>
+#include <string>
+#include <vector>
+
+#include "centroid_align_kernel.h"
+
+namespace {
+
+using namespace dmfn_fast_cuda;
+
+size_t elem_size(DType d) { return d == kFloat32 ? 4 : d == kFloat64 ? 8 : 2; }
+size_t acc_size(DType d) { return d == kFloat64 ? 8 : 4; }
+
+struct Buf {
+  void* p = nullptr;
+  size_t n = 0;
+  explicit Buf(size_t bytes, int fill) : n(bytes) {
+    p = ::operator new[](bytes ? bytes : 1, std::align_val_t(16));
+    std::memset(p, fill, bytes);
+  }
+  ~Buf() { ::operator delete[](p, std::align_val_t(16)); }
+  Buf(const Buf&) = delete;
+  Buf& operator=(const Buf&) = delete;
+};
+
+Buf* read_file(const char* path) {
+  FILE* f = std::fopen(path, "rb");
+  if (!f) { std::perror(path); std::exit(2); }
+  std::fseek(f, 0, SEEK_END);
+  const long n = std::ftell(f);
+  std::fseek(f, 0, SEEK_SET);
+  Buf* b = new Buf(static_cast<size_t>(n), 0);
+  if (std::fread(b->p, 1, b->n, f) != b->n) { std::perror(path); std::exit(2); }
+  std::fclose(f);
+  return b;
+}
+
+void write_file(const char* path, const void* p, size_t n) {
+  FILE* f = std::fopen(path, "wb");
+  if (!f || std::fwrite(p, 1, n, f) != n) { std::perror(path); std::exit(2); }
+  std::fclose(f);
+}
+
+void check(cudaError_t e, const char* what) {
+  if (e != cudaSuccess) { std::fprintf(stderr, "%s: %s\n", what, cudaGetErrorString(e)); std::exit(3); }
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  if (argc < 2) return 2;
+  const std::string op = argv[1];
+  std::vector<long long> v;
+  auto num = [&](int i) { return std::atoll(argv[i]); };
+  if (op == "forward" && argc == 24) {
+    const DType dt = static_cast<DType>(num(2));
+    const long long N = num(3), C = num(4);
+    const int H = static_cast<int>(num(5)), W = static_cast<int>(num(6)), sms = static_cast<int>(num(7));
+    emu::occupancy = static_cast<int>(num(8));
+    emu::rng.seed(static_cast<unsigned>(num(9)));
+    Buf* a = read_file(argv[10]);
+    Buf* b = read_file(argv[16]);
+    const MapView ma{static_cast<char*>(a->p) + num(11) * elem_size(dt), num(12), num(13), num(14), num(15)};
+    const MapView mb{static_cast<char*>(b->p) + num(17) * elem_size(dt), num(18), num(19), num(20), num(21)};
+    Buf stats(2 * N * C * 3 * acc_size(dt), 0xA5), loss(acc_size(dt), 0xA5);
+    Buf work(forward_work_bytes(ma, mb, dt, N, C, H, W, sms), 0xA5);
+    check(launch_forward(ma, mb, dt, N, C, H, W, sms, stats.p, loss.p, work.p, nullptr), "launch_forward");
+    write_file(argv[22], stats.p, stats.n);
+    write_file(argv[23], loss.p, loss.n);
+    delete a;
+    delete b;
+    return 0;
+  }
+  if (op == "grad" && argc == 13) {
+    const DType dt = static_cast<DType>(num(2));
+    const long long N = num(3), C = num(4);
+    const int H = static_cast<int>(num(5)), W = static_cast<int>(num(6)), which = static_cast<int>(num(7));
+    const bool cl = num(8) != 0;
+    emu::rng.seed(static_cast<unsigned>(num(9)));
+    Buf* g = read_file(argv[10]);
+    Buf* st = read_file(argv[11]);
+    Buf out(N * C * H * W * elem_size(dt), 0xFF);
+    check(launch_grad(g->p, st->p, dt, N, C, H, W, which, cl, out.p, nullptr), "launch_grad");
+    write_file(argv[12], out.p, out.n);
+    delete g;
+    delete st;
+    return 0;
+  }
+  std::fprintf(stderr, "usage: see the comment at the top of centroid_driver.cpp\n");
+  return 2;
+}

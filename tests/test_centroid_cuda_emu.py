@@ -1,0 +1,248 @@
+"""The centroid op's CUDA kernels (csrc/centroid_align_kernel.cu) run on the CPU, against float64.
+
+tests/cuda_emu/include stands in for the CUDA headers: every CUDA thread is a fiber, a block's threads take
+turns at __syncthreads and warp shuffles in a random order, blocks run in a random order, and the build uses
+AddressSanitizer. It checks each launch path's numerics, its barriers and tickets, and its bounds, on a
+machine without a GPU; the same kernels' speed, and their memory ordering between blocks, are for the GPU
+(test_centroid_align.py's CUDA tests, benchmarks/gpu_check.sh)."""
+import os
+import re
+import shutil
+import subprocess
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+EMU = os.path.join(ROOT, "tests", "cuda_emu")
+KERNEL = os.path.join(ROOT, "csrc", "centroid_align_kernel.cu")
+CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.float64: 3}
+EPS = 1e-7
+
+pytestmark = pytest.mark.skipif(shutil.which("g++") is None, reason="g++ not on PATH: the CUDA emulation needs it")
+
+
+def cpu_launches(src: str) -> tuple[str, int]:
+    """kernel<T><<<grid, block, smem, stream>>>(args) -> ::emu::launch(kernel<T>, ::emu::config(grid, ...), args)."""
+    pat = re.compile(r"(\w+(?:<[^<>;]*>)?)<<<(.*?)>>>\(", re.S)
+    return pat.subn(lambda m: f"::emu::launch({m.group(1)}, ::emu::config({m.group(2)}), ", src)
+
+
+@pytest.fixture(scope="module")
+def driver(tmp_path_factory):
+    d = tmp_path_factory.mktemp("cuda_emu")
+    with open(KERNEL) as f:
+        src, launches = cpu_launches(f.read())
+    assert launches >= 8, "the kernel file's <<<...>>> launches were not all found"
+    with open(d / "kernel.cpp", "w") as f:
+        f.write(f'#line 1 "{KERNEL}"\n' + src)
+    flags = ["-std=c++17", "-O1", "-g", "-fno-omit-frame-pointer", "-fsanitize=address,undefined",
+             "-fno-sanitize-recover=undefined", f"-I{EMU}/include", f"-I{ROOT}/csrc"]
+    objs = []
+    procs = []
+    for name, path in (("kernel", d / "kernel.cpp"), ("driver", os.path.join(EMU, "centroid_driver.cpp"))):
+        obj = d / f"{name}.o"
+        objs.append(str(obj))
+        procs.append(subprocess.Popen(["g++", *flags, "-c", str(path), "-o", str(obj)],
+                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    for p in procs:
+        out = p.communicate()[0]
+        assert p.returncode == 0, out
+    exe = d / "driver"
+    r = subprocess.run(["g++", *flags, *objs, "-o", str(exe)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
+    return str(exe), d
+
+
+def run(driver, args):
+    exe, _ = driver
+    env = dict(os.environ, ASAN_OPTIONS="detect_leaks=0:abort_on_error=0", UBSAN_OPTIONS="print_stacktrace=1")
+    r = subprocess.run([exe, *map(str, args)], capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 0, f"driver failed ({r.returncode}):\n{r.stdout}\n{r.stderr[-4000:]}"
+
+
+def make_map(shape, layout, dtype, seed):
+    """A map in one of the layouts the kernels walk, as (base storage, element offset, strides, the view).
+    Values are positive, like ReLU features, with a few exact zeros."""
+    N, C, H, W = shape
+    g = torch.Generator().manual_seed(seed)
+    if layout == "nchw":
+        base_shape, perm, crop = (N, C, H, W), (0, 1, 2, 3), (0, 0, 0)
+    elif layout == "channels_last":
+        base_shape, perm, crop = (N, H, W, C), (0, 3, 1, 2), (0, 0, 0)
+    elif layout == "cl_offset":  # channels last, one element in: the 16-byte loads do not apply
+        base_shape, perm, crop = (N, H, W, C), (0, 3, 1, 2), (1, 0, 0)
+    elif layout == "cl_padded":  # channels last with spare channels per pixel (a crop of a wider map)
+        base_shape, perm, crop = (N, H, W, C + 3), (0, 3, 1, 2), (0, 0, 3)
+    elif layout == "cropped":  # unit-stride rows inside a bigger NCHW map
+        base_shape, perm, crop = (N, C, H + 1, W + 2), (0, 1, 2, 3), (0, 2, 0)
+    else:
+        raise ValueError(layout)
+    numel = 1
+    for s in base_shape:
+        numel *= s
+    base = torch.rand(numel + crop[0], generator=g, dtype=torch.float64) * 2
+    base[torch.rand(numel + crop[0], generator=g) < 0.05] = 0
+    base = base.to(dtype)
+    full = base[crop[0]:].view(base_shape)
+    if crop[1]:
+        full = full[:, :, :H, :W]
+    if crop[2]:
+        full = full[..., :C]
+    view = full.permute(*perm)
+    assert view.shape == (N, C, H, W)
+    return base, view.storage_offset(), view.stride(), view
+
+
+def write(t, path):
+    (t.view(torch.int16) if t.dtype in (torch.float16, torch.bfloat16) else t).contiguous().numpy().tofile(path)
+
+
+def read(path, dtype, shape):
+    raw = torch.from_file(str(path), size=int(torch.tensor(shape).prod()) if shape else 1,
+                          dtype=torch.int16 if dtype in (torch.float16, torch.bfloat16) else dtype)
+    return raw.view(dtype).view(shape) if dtype in (torch.float16, torch.bfloat16) else raw.view(shape)
+
+
+def reference(a, b):
+    """float64 stats [2, N, C, 3] = (S0, cx, cy) and the loss, from the maps' own (rounded) values."""
+    out = []
+    for f in (a.double(), b.double()):
+        H, W = f.shape[-2:]
+        u = torch.arange(W, dtype=torch.float64) * (2.0 / W) - 1
+        v = torch.arange(H, dtype=torch.float64) * (2.0 / H) - 1
+        f = f + EPS
+        s0 = f.sum((2, 3))
+        out.append(torch.stack([s0, (f * u).sum((2, 3)) / s0, (f * v[:, None]).sum((2, 3)) / s0], -1))
+    stats = torch.stack(out)
+    return stats, (stats[0, ..., 1:] - stats[1, ..., 1:]).pow(2).mean()
+
+
+def emu_forward(driver, a_map, b_map, dtype, sms=4, occ=2, seed=0):
+    _, d = driver
+    (ba, oa, sa, a), (bb, ob, sb, b) = a_map, b_map
+    write(ba, d / "a.bin")
+    write(bb, d / "b.bin")
+    N, C, H, W = a.shape
+    run(driver, ["forward", CODES[dtype], N, C, H, W, sms, occ, seed, d / "a.bin", oa, *sa, d / "b.bin", ob, *sb,
+                 d / "stats.bin", d / "loss.bin"])
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    return read(d / "stats.bin", acc, (2, N, C, 3)).clone(), read(d / "loss.bin", acc, ()).clone()
+
+
+def emu_grad(driver, g, stats, like, which, channels_last, seed=0):
+    _, d = driver
+    write(g.reshape(1), d / "g.bin")
+    write(stats, d / "st.bin")
+    N, C, H, W = like.shape
+    run(driver, ["grad", CODES[like.dtype], N, C, H, W, which, int(channels_last), seed, d / "g.bin", d / "st.bin",
+                 d / "out.bin"])
+    out = read(d / "out.bin", like.dtype, (N, H, W, C) if channels_last else (N, C, H, W)).clone()
+    return out.permute(0, 3, 1, 2) if channels_last else out
+
+
+def check_forward(stats, loss, a, b, dtype):
+    want_stats, want_loss = reference(a, b)
+    # fp32 sums over a few thousand values: 1e-5 relative (float64 maps: 1e-12)
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    torch.testing.assert_close(stats.double(), want_stats, rtol=tol, atol=tol)
+    torch.testing.assert_close(loss.double(), want_loss, rtol=tol * 10, atol=1e-14)
+
+
+def check_grads(driver, stats, a, b, dtype, channels_last, seed):
+    g = torch.tensor(0.75, dtype=stats.dtype)
+    ref = [t.double().requires_grad_() for t in (a, b)]
+    _, loss = reference(*ref)
+    want = torch.autograd.grad(loss * 0.75, ref)
+    for which, w in enumerate(want):
+        got = emu_grad(driver, g, stats, (a, b)[which], which, channels_last, seed)
+        assert torch.isfinite(got.double()).all(), "a gradient element was never written"
+        scale = w.abs().max().item()
+        tol = 1e-12 if dtype == torch.float64 else 1e-5 if dtype == torch.float32 else 1e-2
+        torch.testing.assert_close(got.double(), w, rtol=tol, atol=tol * scale)
+
+
+# (shape, layout of a, layout of b): which launch path each takes is in the comment
+FORWARD_CASES = {
+    # both channels last with 16-byte loads: pair_sums_vec; pixels split into runs (the last partial) and a
+    # partial channel group (40 channels: 5 vectors of 8 in bf16, 10 of 4 in fp32)
+    "pair-runs-partial-group": ((2, 40, 9, 15), "channels_last", "channels_last"),
+    "pair-N1-one-run": ((1, 16, 3, 5), "channels_last", "channels_last"),
+    "pair-many-runs": ((3, 8, 17, 19), "channels_last", "channels_last"),
+    # a thread's pixels step by 32 (its thread rows): rows wider than that, exactly that, one column
+    "pair-wide-rows": ((1, 16, 5, 37), "channels_last", "channels_last"),
+    "pair-rows-of-32": ((1, 8, 6, 32), "channels_last", "channels_last"),
+    "pair-one-column": ((2, 8, 45, 1), "channels_last", "channels_last"),
+    # one map each: channel_sums_vec (16-byte loads) and plane_sums with 16-byte rows (W = 16)
+    "cl-vec-and-nchw-vec": ((2, 24, 5, 16), "channels_last", "nchw"),
+    # channel_sums (no 16-byte loads: an offset start, spare channels) and plane_sums without (odd W, crop)
+    "cl-offset-and-cropped": ((2, 40, 5, 7), "cl_offset", "cropped"),
+    "cl-padded-and-nchw-odd": ((1, 33, 4, 9), "cl_padded", "nchw"),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+@pytest.mark.parametrize("case", list(FORWARD_CASES))
+def test_forward_and_grads_match_float64(driver, case, dtype):
+    shape, la, lb = FORWARD_CASES[case]
+    seed = sum(map(ord, case)) + CODES[dtype]
+    a_map, b_map = make_map(shape, la, dtype, seed), make_map(shape, lb, dtype, seed + 1)
+    a, b = a_map[3], b_map[3]
+    stats, loss = emu_forward(driver, a_map, b_map, dtype, seed=seed)
+    check_forward(stats, loss, a, b, dtype)
+    # the gradient in both layouts (16-byte stores where C or W allows, else one element at a time)
+    for cl in (True, False):
+        check_grads(driver, stats, a, b, dtype, cl, seed)
+
+
+def test_forward_is_deterministic_across_block_and_thread_orders(driver):
+    """Fixed-order sums: other orders of blocks and threads give the same bits."""
+    shape = (2, 40, 9, 15)
+    maps = [make_map(shape, "channels_last", torch.bfloat16, s) for s in (5, 6)]
+    first = emu_forward(driver, *maps, torch.bfloat16, seed=1)
+    for seed in (2, 3):
+        again = emu_forward(driver, *maps, torch.bfloat16, seed=seed)
+        assert torch.equal(first[0], again[0]) and torch.equal(first[1], again[1])
+
+
+@pytest.mark.parametrize("sms,occ", [(1, 1), (3, 2), (200, 4)])
+def test_forward_plans_for_other_cards(driver, sms, occ):
+    """The pixel runs per block follow the card's multiprocessors and the blocks that fit on one."""
+    shape, dtype = (2, 16, 11, 13), torch.float32
+    a_map, b_map = make_map(shape, "channels_last", dtype, 7), make_map(shape, "channels_last", dtype, 8)
+    stats, loss = emu_forward(driver, a_map, b_map, dtype, sms=sms, occ=occ)
+    check_forward(stats, loss, a_map[3], b_map[3], dtype)
+
+
+def test_emulator_reports_a_read_past_the_map(driver):
+    """The emulation is worth trusting only if it catches a bad bound: a view whose strides reach past its
+    storage must fail under AddressSanitizer."""
+    shape = (1, 8, 4, 4)
+    (base, off, strides, view) = make_map(shape, "channels_last", torch.float32, 9)
+    short = base[: base.numel() - 4]  # the last pixel's channels are cut off
+    with pytest.raises(AssertionError, match="AddressSanitizer|heap-buffer-overflow"):
+        emu_forward(driver, (short, off, strides, view), make_map(shape, "channels_last", torch.float32, 10),
+                    torch.float32)
+
+
+def test_emulator_reports_a_missing_barrier(driver, tmp_path):
+    """A block-wide sum read before __syncthreads must fail here (a wrong result or a wrong order), or the
+    random thread order would hide the bugs it exists to find."""
+    with open(KERNEL) as f:
+        src = f.read()
+    assert src.count("__syncthreads();") >= 3
+    broken, n = re.subn(r"(part\[warp\]\[2\]\[lane \* V \+ j\] = sy\[j\];\n    \}\n  \}\n)  __syncthreads\(\);",
+                        r"\1", src)
+    assert n == 1, "the mutation's anchor (channel_sums_vec's barrier) moved"
+    exe, d = driver
+    with open(tmp_path / "kernel.cpp", "w") as f:
+        f.write(cpu_launches(broken)[0])
+    flags = ["-std=c++17", "-O1", f"-I{EMU}/include", f"-I{ROOT}/csrc"]
+    r = subprocess.run(["g++", *flags, str(tmp_path / "kernel.cpp"), os.path.join(EMU, "centroid_driver.cpp"),
+                        "-o", str(tmp_path / "broken")], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    shape = (2, 24, 5, 16)
+    maps = make_map(shape, "channels_last", torch.float32, 11), make_map(shape, "nchw", torch.float32, 12)
+    stats, loss = emu_forward((str(tmp_path / "broken"), d), *maps, torch.float32, seed=4)
+    with pytest.raises(AssertionError):
+        check_forward(stats, loss, maps[0][3], maps[1][3], torch.float32)
