@@ -146,9 +146,15 @@ if CUDA:
     ms = bench_ms(lambda: a @ b)
     ceil["bf16_tflops"] = 2 * 8192 ** 3 / ms / 1e9
     del a, b
+    # the GPU time of the smallest kernel (one element written): what each launch of a small op costs at least,
+    # the floor under the centroid op's read share (gpu_summary.py's centroid_read_share_bound_*)
+    one = torch.empty(1, device=DEV)
+    ceil["tiny_kernel_us"] = 1e3 * gpu_ms(lambda: one.fill_(1.0))[0]
+    del one
     log_row(dict(group="ceilings", name="measured", **ceil, device=torch.cuda.get_device_name(),
                  torch=torch.__version__))
-    print(f"ceilings: copy {ceil['copy_tbs']:.2f} TB/s (read+write), bf16 matmul {ceil['bf16_tflops']:.0f} TFLOP/s")
+    print(f"ceilings: copy {ceil['copy_tbs']:.2f} TB/s (read+write), bf16 matmul {ceil['bf16_tflops']:.0f} TFLOP/s, "
+          f"smallest kernel {ceil['tiny_kernel_us']:.2f} us")
 
 # ----------------------------------------------------------------------------- branch op, piece by piece
 CONV = 2 * N * H * W * C * C * 9  # one 3x3 conv C->C

@@ -124,6 +124,20 @@ def main(out):
         inputs = 2 * nbytes / 3  # bytes counts both maps and the gradient (gpu_breakdown.py)
         return round(inputs / (copy * 1e12) / (gpu_ms * 1e-3), 3)
 
+    def cen_read_share_bound(dt):
+        """The share the op could reach with the launches it makes: every byte at copy bandwidth, plus the
+        smallest kernel's GPU time for each of its kernels (autograd's seed fill included), which is spent
+        before or after any byte moves. Above the target, the target is within the card; below, this is the
+        measured argument that it is not, with these launches."""
+        g = f"centroid fwd+bwd {dt} channels_last"
+        hits = [r for r in bd if r.get("group", "").startswith(g) and r.get("name") == "extension"]
+        nbytes, copy, tiny = ms(g, "extension", "bytes"), ceil.get("copy_tbs"), ceil.get("tiny_kernel_us")
+        kernels = len(hits[0].get("gpu_us_by_kernel") or {}) if hits else 0
+        if not (nbytes and copy and tiny and kernels):
+            return None
+        floor_s = nbytes / (copy * 1e12) + kernels * tiny * 1e-6
+        return round((2 * nbytes / 3) / (copy * 1e12) / floor_s, 3)
+
     ratios = {
         **per_call,
         "generator_fwd_bwd_fast_vs_amp_compile": ratio(e("generator", "amp+compile"), e("generator", "fast")),
@@ -174,6 +188,8 @@ def main(out):
         "centroid_fwd_bwd_vs_torch_fp32": cen("float32"),
         "centroid_input_read_share_bf16": cen_read_share("bfloat16"),
         "centroid_input_read_share_fp32": cen_read_share("float32"),
+        "centroid_read_share_bound_bf16": cen_read_share_bound("bfloat16"),
+        "centroid_read_share_bound_fp32": cen_read_share_bound("float32"),
         "inference_img_s_256_b64_bf16": e("inference", "fast", "images_per_s"),
         "inference_img_s_256_b64_bf16_amp_compile": e("inference", "amp+compile", "images_per_s"),
         "inference_img_s_256_b64_bf16_fast_compile": e("inference", "fast+compile", "images_per_s"),
@@ -202,7 +218,7 @@ def main(out):
     # the opt-in kernels the fast rows ran with (gpu_check.sh takes those its breakdown measured faster)
     opt_in = sorted({k for r in e2e for k in r.get("opt_in", [])})
     summary = dict(card=sorted(devices), date=datetime.date.today().isoformat(), env=env.strip(), opt_in=opt_in,
-                   ceilings={k: ceil.get(k) for k in ("copy_tbs", "bf16_tflops")}, ratios=ratios,
+                   ceilings={k: ceil.get(k) for k in ("copy_tbs", "bf16_tflops", "tiny_kernel_us")}, ratios=ratios,
                    ratios_gpu_time=gpu, compiled_step_first_terms_rel_diff=step_parity(e2e),
                    breakdown=bd, e2e=e2e, compile_parity=parity)
     with open(os.path.join(out, "summary.json"), "w") as f:

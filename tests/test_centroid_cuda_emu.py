@@ -214,6 +214,30 @@ def test_forward_plans_for_other_cards(driver, sms, occ):
     check_forward(stats, loss, a_map[3], b_map[3], dtype)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_emulated_16_bit_conversions_round_as_torch(driver, dtype):
+    """The stand-in's float -> half / bfloat16 (round to nearest even) and back, against torch's, on values
+    that stress it: ties, subnormals, the largest finite values, overflow, signed zeros, infinities, NaN."""
+    _, d = driver
+    g = torch.Generator().manual_seed(3)
+    info = torch.finfo(dtype)
+    bits = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16).view(dtype).float()
+    ties = (bits[:-1] + bits[1:]) / 2  # halfway between neighbours (where both are finite)
+    x = torch.cat([bits, ties, torch.randn(20000, generator=g) * 10.0 ** torch.randint(-9, 6, (20000,),
+                   generator=g), torch.tensor([0.0, -0.0, info.max, -info.max, info.max * 1.001, info.tiny,
+                                               info.tiny / 3, 1e-8, 65519.0, 65520.0, float("inf"), float("nan")])])
+    x.numpy().tofile(d / "x.bin")
+    run(driver, ["round", CODES[dtype], d / "x.bin", d / "r.bin"])
+    raw = torch.from_file(str(d / "r.bin"), size=x.numel() * 6, dtype=torch.uint8)
+    got_bits = raw[: x.numel() * 2].view(torch.int16)
+    got_back = raw[x.numel() * 2:].clone().view(torch.float32)
+    want = x.to(dtype)
+    nan = torch.isnan(x)
+    assert torch.isnan(got_back[nan]).all()
+    assert torch.equal(got_bits[~nan], want.view(torch.int16)[~nan])
+    assert torch.equal(got_back[~nan], want.float()[~nan])
+
+
 def test_emulator_reports_a_read_past_the_map(driver):
     """The emulation is worth trusting only if it catches a bad bound: a view whose strides reach past its
     storage must fail under AddressSanitizer."""

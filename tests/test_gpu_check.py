@@ -13,7 +13,8 @@ KEYS = ["branch_in_relu_fwd_bwd_vs_eager", "branch_in_relu_fwd_bwd_vs_compile", 
         "train_step_fast_vs_baseline", "train_step_mfu", "centroid_fwd_bwd_vs_torch_bf16",
         "centroid_fwd_bwd_vs_torch_fp32", "inference_img_s_256_b64_bf16", "train_step_best_fast_vs_best_amp_compile",
         "train_step_best_fast_vs_amp", "generator_fwd_bwd_best_fast_vs_best_amp_compile",
-        "inference_img_s_256_b64_bf16_best_fast", "centroid_input_read_share_bf16", "centroid_input_read_share_fp32"]
+        "inference_img_s_256_b64_bf16_best_fast", "centroid_input_read_share_bf16", "centroid_input_read_share_fp32",
+        "centroid_read_share_bound_bf16", "centroid_read_share_bound_fp32"]
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="bash script")
@@ -93,14 +94,20 @@ def test_centroid_input_read_share(tmp_path):
     import gpu_summary
 
     g = "centroid fwd+bwd bfloat16 channels_last [16, 512, 32, 32]"
-    rows = [dict(group="ceilings", name="measured", copy_tbs=4.0),
-            dict(group=g, name="extension", ms=0.2, gpu_ms=0.040, bytes=3 * 2 ** 24),
-            dict(group=g, name="extension", ms=0.1, gpu_ms=0.036, bytes=3 * 2 ** 24)]
+    launches = {"fill": 1.5, "pair_sums_vec": 10.0, "finish_pairs": 3.0, "grad_channels_vec": 5.0}
+    rows = [dict(group="ceilings", name="measured", copy_tbs=4.0, tiny_kernel_us=2.0),
+            dict(group=g, name="extension", ms=0.2, gpu_ms=0.040, bytes=3 * 2 ** 24, gpu_us_by_kernel=launches),
+            dict(group=g, name="extension", ms=0.1, gpu_ms=0.036, bytes=3 * 2 ** 24, gpu_us_by_kernel=launches)]
     (tmp_path / "breakdown.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
     gpu_summary.main(str(tmp_path))
-    ratios = json.loads((tmp_path / "summary.json").read_text())["ratios"]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    ratios = summary["ratios"]
     assert ratios["centroid_input_read_share_bf16"] == round(2 * 2 ** 24 / 4e12 / 36e-6, 3)
     assert ratios["centroid_input_read_share_fp32"] is None
+    # the bound: every byte at copy bandwidth plus the smallest kernel's time for each of the 4 launches
+    assert ratios["centroid_read_share_bound_bf16"] == round((2 * 2 ** 24 / 4e12) / (3 * 2 ** 24 / 4e12 + 4 * 2e-6), 3)
+    assert ratios["centroid_read_share_bound_fp32"] is None
+    assert summary["ceilings"]["tiny_kernel_us"] == 2.0
 
 
 def test_top_ops_names_the_ops_that_launched_the_most_gpu_time(tmp_path):

@@ -3,6 +3,7 @@
 // size of the data, so AddressSanitizer sees a read past one; scratch and outputs start as garbage.
 //   forward DTYPE N C H W SMS OCC SEED A OFF sN sC sH sW B OFF sN sC sH sW STATS_OUT LOSS_OUT
 //   grad DTYPE N C H W WHICH CHANNELS_LAST SEED GRAD STATS OUT
+//   round DTYPE IN OUT   (fp16 or bf16: float32 in, the 16-bit values and their floats out; checks the stand-in)
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
@@ -11,6 +12,8 @@
 #include <vector>
 
 #include "centroid_align_kernel.h"
+#include "cuda_bf16.h"
+#include "cuda_fp16.h"
 
 namespace {
 
@@ -92,6 +95,29 @@ int main(int argc, char** argv) {
     write_file(argv[12], out.p, out.n);
     delete g;
     delete st;
+    return 0;
+  }
+  if (op == "round" && argc == 5) {
+    const DType dt = static_cast<DType>(num(2));
+    Buf* in = read_file(argv[3]);
+    const size_t n = in->n / 4;
+    std::vector<unsigned short> bits(n);
+    std::vector<float> back(n);
+    for (size_t i = 0; i < n; ++i) {
+      const float f = static_cast<const float*>(in->p)[i];
+      if (dt == kFloat16) {
+        bits[i] = __half_as_ushort(__float2half_rn(f));
+        back[i] = __half2float(__ushort_as_half(bits[i]));
+      } else {
+        bits[i] = __bfloat16_as_ushort(__float2bfloat16_rn(f));
+        back[i] = __bfloat162float(__ushort_as_bfloat16(bits[i]));
+      }
+    }
+    std::vector<char> out(n * 6);
+    std::memcpy(out.data(), bits.data(), n * 2);
+    std::memcpy(out.data() + n * 2, back.data(), n * 4);
+    write_file(argv[4], out.data(), out.size());
+    delete in;
     return 0;
   }
   std::fprintf(stderr, "usage: see the comment at the top of centroid_driver.cpp\n");

@@ -122,7 +122,8 @@ inline void fiber_main() {
   if (--b.expected == b.arrived && b.arrived > 0) { b.arrived = 0; ++b.gen; }
   --block->warp_live[block->cur / 32];
   Barrier& w = block->warp_bar[block->cur / 32];
-  if (--w.expected == w.arrived && w.arrived > 0) { w.arrived = 0; ++w.gen; }
+  if (w.arrived > 0) fail("a thread exited while lanes of its warp wait at a shuffle");
+  --w.expected;
   // returning resumes uc_link, the scheduler
 }
 
