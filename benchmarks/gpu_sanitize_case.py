@@ -32,12 +32,12 @@ if torch.cuda.get_device_capability()[0] >= 9:
     dh = ops._branches_dgrad(w, G, ops.DILATIONS, h, tma=True)
     assert all(torch.isfinite(v).all() for v in (k, G, dw, dh, dw_tma, db_tma))
 # every centroid kernel: planes (NCHW), both maps in one launch with 16-byte channels-last loads (C a multiple
-# of 8 in bf16, 4 in fp32; 20x20: seven pixel runs, the last partial), 16-byte channels-last one map at a time
-# (the target NCHW), and scalar channels-last (C = 6 in bf16)
+# of 8 in bf16, 4 in fp32; 40x42: 14 runs of 128 pixels, the last partial, rows wider than a thread's 32-pixel
+# step), 16-byte channels-last one map at a time (the target NCHW), and scalar channels-last (C = 6 in bf16)
 for dt, C, HW, mf, mf_tgt in ((torch.float32, 8, 5, torch.contiguous_format, None),
                               (torch.bfloat16, 24, 5, torch.channels_last, None),
                               (torch.float32, 12, 5, torch.channels_last, None),
-                              (torch.bfloat16, 16, 20, torch.channels_last, None),
+                              (torch.bfloat16, 16, 40, torch.channels_last, None),
                               (torch.bfloat16, 16, 5, torch.channels_last, torch.contiguous_format),
                               (torch.bfloat16, 6, 5, torch.channels_last, None)):
     a = torch.rand(2, C, HW, HW + 2, device="cuda", dtype=dt).contiguous(memory_format=mf).requires_grad_()

@@ -334,7 +334,8 @@ def test_wheel_ships_the_sources(tmp_path):
 @cuda_ext
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("layout", LAYOUTS)
-@pytest.mark.parametrize("shape", [(1, 3, 1, 1), (2, 5, 3, 5), (2, 64, 32, 32), (2, 40, 17, 19), (3, 512, 9, 16)])
+@pytest.mark.parametrize("shape", [(1, 3, 1, 1), (2, 5, 3, 5), (2, 64, 32, 32), (2, 40, 17, 19), (3, 512, 9, 16),
+                                   (1, 24, 5, 37)])  # the last: rows wider than the forward's 32-pixel step
 def test_cuda_parity_and_grads(shape, layout, dtype):
     a, b = rand(shape, 27, dtype, "cuda", layout), rand(shape, 28, dtype, "cuda", layout)
     tol = 1e-5 if dtype == torch.float32 else 1e-2
