@@ -10,22 +10,24 @@ import os
 import sys
 
 GROUP = "pieces bfloat16"  # the training dtype, N=16, 64x64, C=64
+VGG = "VGG19 fwd+bwd bfloat16"  # the frozen VGG as the training step runs it, 256 px, batch 16
 MARGIN = 0.97  # an opt-in must be at least 3% faster in GPU time: below that the medians do not separate
-# switch, the opt-in kernels' rows, the rows of the default kernels they replace
+# switch, the breakdown group, the opt-in kernels' rows, the rows of the default kernels they replace
 RULES = [
-    ("DMFN_WGRAD9", ["fused wgrad kernel, 9 taps per program"], ["fused wgrad kernel"]),
-    ("DMFN_WGRAD_TMA", ["fused wgrad kernel, TMA 2-D tiles"], ["fused wgrad kernel"]),
-    ("DMFN_TMA", ["fused fwd kernel, TMA 2-D tiles", "fused grad kernel, TMA 2-D tiles",
-                  "fused dgrad kernel, TMA 2-D tiles"],
+    ("DMFN_WGRAD9", GROUP, ["fused wgrad kernel, 9 taps per program"], ["fused wgrad kernel"]),
+    ("DMFN_WGRAD_TMA", GROUP, ["fused wgrad kernel, TMA 2-D tiles"], ["fused wgrad kernel"]),
+    ("DMFN_TMA", GROUP, ["fused fwd kernel, TMA 2-D tiles", "fused grad kernel, TMA 2-D tiles",
+                         "fused dgrad kernel, TMA 2-D tiles"],
      ["fused fwd kernel", "fused grad kernel (recompute + IN/ReLU bwd + suffix)", "fused dgrad kernel"]),
+    ("DMFN_BIAS_ACT", VGG, ["bias+ReLU kernel"], ["ATen bias add, ReLU"]),
 ]
 
 
 def decide(rows):
     """[(switch, adopted, reason)] from breakdown rows; an opt-in whose rows are missing is not adopted."""
-    gpu = {r["name"]: r["gpu_ms"] for r in rows if r.get("group") == GROUP and r.get("gpu_ms")}
     out = []
-    for switch, new, old in RULES:
+    for switch, group, new, old in RULES:
+        gpu = {r["name"]: r["gpu_ms"] for r in rows if r.get("group", "").startswith(group) and r.get("gpu_ms")}
         if not all(n in gpu for n in new + old):
             out.append((switch, False, "not measured"))
             continue
@@ -33,6 +35,7 @@ def decide(rows):
         out.append((switch, a < MARGIN * b, f"{a * 1e3:.1f} us against the default's {b * 1e3:.1f} us"))
     # DMFN_WGRAD_TMA takes precedence over DMFN_WGRAD9 in dmfb._branches_wgrad: of two winners keep the faster
     on = {s: i for i, (s, adopted, _) in enumerate(out) if adopted}
+    gpu = {r["name"]: r["gpu_ms"] for r in rows if r.get("group") == GROUP and r.get("gpu_ms")}
     if "DMFN_WGRAD9" in on and "DMFN_WGRAD_TMA" in on:
         t9, tt = gpu["fused wgrad kernel, 9 taps per program"], gpu["fused wgrad kernel, TMA 2-D tiles"]
         drop = "DMFN_WGRAD9" if tt <= t9 else "DMFN_WGRAD_TMA"

@@ -350,6 +350,21 @@ for dt, layout, a, t in ([] if args.no_centroid else centroid_cases()):
     else:
         print(f"[{g}] extension not available: {ca._ext_state.get('why')}")
 
+# ----------------------------------------------------------------------------- VGG: bias + ReLU in one kernel
+# The frozen VGG as the training step runs it (stages recomputed in backward), its sixteen convolutions'
+# bias and ReLU by ATen (a broadcast add, then a ReLU) or by ops/bias_act.py; gpu_adopt.py's DMFN_BIAS_ACT.
+from dmfn_fast.vgg import VGG19Features  # noqa: E402
+
+VGG_DT = torch.bfloat16 if CUDA else torch.float32  # the interpreter has no bf16 math
+VGG_SHAPE = (16, 3, 256, 256) if CUDA else (1, 3, 32, 32)
+vgg_net = VGG19Features("random").to(DEV, VGG_DT, memory_format=torch.channels_last)
+x_vgg = cl(torch.rand(VGG_SHAPE, device=DEV, dtype=VGG_DT) * 2 - 1).requires_grad_()
+g_vgg = [torch.randn_like(f) for f in vgg_net(x_vgg.detach())]
+for vgg_name, vgg_fused in (("ATen bias add, ReLU", False), ("bias+ReLU kernel", True)):
+    record(f"VGG19 fwd+bwd {str(VGG_DT).split('.')[-1]} {list(VGG_SHAPE)}", vgg_name,
+           lambda f=vgg_fused: torch.autograd.grad(vgg_net(x_vgg, recompute=True, fused=f), x_vgg, g_vgg))
+del vgg_net, x_vgg, g_vgg
+
 # ----------------------------------------------------------------------------- TMA zero fill (design question)
 
 

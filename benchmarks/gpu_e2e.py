@@ -276,7 +276,8 @@ def opt_in():
     """The alternative kernels this run's fast variants take on this card (gpu_check.sh sets the switches as
     its breakdown measured them): "wgrad9" (DMFN_WGRAD9=1), "tma (eager)" (DMFN_TMA, on by default on sm_90;
     compiled graphs keep the row kernels), "wgrad tma (eager)" (DMFN_WGRAD_TMA=1 with DMFN_TMA on; it takes
-    precedence over wgrad9)."""
+    precedence over wgrad9), "bias+relu kernel (eager)" (DMFN_BIAS_ACT=1: the VGG's and the generator's first
+    convolutions add their bias under the ReLU in one kernel)."""
     from dmfn_fast.ops import dmfb
     on = []
     tma = CUDA and dmfb._TMA and torch.cuda.get_device_capability()[0] >= 9
@@ -286,6 +287,9 @@ def opt_in():
         on.append("tma (eager)")
     if tma and dmfb._WGRAD_TMA:
         on.append("wgrad tma (eager)")
+    from dmfn_fast.ops import bias_act
+    if bias_act._AUTO:
+        on.append("bias+relu kernel (eager)")
     return on
 
 

@@ -1,9 +1,10 @@
 """One small fused DMFB forward+backward (bf16 and fp32, odd sizes), on sm_90 the TMA kernels and the
-opt-in 9-tap and TMA wgrad kernels, and the centroid op in each of its kernel paths on CUDA: the workload gpu_check.sh runs under
-compute-sanitizer memcheck. Exits non-zero if a result is not finite."""
+opt-in 9-tap and TMA wgrad kernels, the centroid op in each of its kernel paths on CUDA, and the convolutions'
+bias + activation kernel: the workload gpu_check.sh runs under compute-sanitizer memcheck. Exits non-zero if a result is not finite."""
 import torch
 
 from dmfn_fast.models import DMFB
+from dmfn_fast.ops import bias_act as ba
 from dmfn_fast.ops import centroid_align as ca
 
 torch.manual_seed(0)
@@ -45,5 +46,12 @@ for dt, C, HW, mf, mf_tgt in ((torch.float32, 8, 5, torch.contiguous_format, Non
     loss = ca.centroid_align_loss(a, b, impl="fast")
     loss.backward()
     assert torch.isfinite(loss) and torch.isfinite(a.grad).all()
+# the convolutions' bias + activation kernel: a partial channel tile (40) and a partial pixel tile, both forms
+xb = torch.randn(2, 40, 9, 13, device="cuda", dtype=torch.bfloat16).contiguous(memory_format=torch.channels_last)
+for bias, act in ((torch.randn(40, device="cuda", dtype=torch.bfloat16), "lrelu"), (None, "relu")):
+    yb = ba.bias_act(xb.requires_grad_(), bias, act)
+    yb.float().sum().backward()
+    assert torch.isfinite(yb).all() and torch.isfinite(xb.grad).all()
+    xb = xb.detach()
 torch.cuda.synchronize()
 print("sanitize case ok")

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch.profiler import record_function
 
 from .ops._impl import recompute
+from .ops import bias_act
 from .ops.centroid_align import centroid_align_loss
 from .recipes import check_recipe
 from .vgg import CHANNELS, VGG19Features
@@ -121,9 +122,14 @@ class DMFNLoss(nn.Module):
             # impl auto/fast: the VGG's inner activations are recomputed in backward (VGG19Features.forward);
             # compiled, Inductor picks its own recomputes (as in the generator)
             lean = recompute(self.impl) and isinstance(self.vgg, VGG19Features) and not torch.compiler.is_compiling()
-            fo = self.vgg(out, recompute=True) if lean else self.vgg(out)
+            # each convolution's bias and ReLU in one kernel where the fast path runs (ops.bias_act)
+            # (only where the kernel runs: impl="fast" here asks it of the centroid op, which also runs on CPUs)
+            fused = (isinstance(self.vgg, VGG19Features) and not bias_act.fast_why_not(out)
+                     and bias_act.use_fast(out, self.impl))
+            kw = dict(fused=True) if fused else {}
+            fo = self.vgg(out, recompute=True, **kw) if lean else self.vgg(out, **kw)
             with torch.no_grad():
-                ft = self.vgg(tgt)
+                ft = self.vgg(tgt, **kw)
         terms = {
             "rec": self.w_rec * reconstruction_loss(out, tgt),
             "guided": self.w_vgg * self_guided_loss(fo, ft, out, tgt, self.layer_weights),

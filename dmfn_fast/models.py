@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 from .ops._impl import check_impl, recompute
+from .ops import bias_act as _bias_act
 from .ops import dmfb as _dmfb
 from .ops.dmfb import DMFBParams, dmfb_block, dmfb_block_reference
 from .recipes import check_recipe
@@ -232,7 +233,7 @@ def _keep_conv_output(weight_shape):
     return functools.partial(create_selective_checkpoint_contexts, policy)
 
 
-def _run_layers(layers, x, lean, fused_norm):
+def _run_layers(layers, x, lean, fused_norm, fused_act=False):
     """layers on x, as nn.Sequential would, with two changes that keep values and gradients:
     - lean: each [norm, activation, conv] run (and the first [conv, ReLU, conv]) is one selectively
       checkpointed region: backward recomputes the activation from the saved norm input instead of holding
@@ -243,7 +244,9 @@ def _run_layers(layers, x, lean, fused_norm):
       conv after it, dmfb.norm_relu_conv, which also keeps only the norm input), where nn.InstanceNorm2d
       converts channels-last to contiguous and back; to rounding (the statistics in fp32, as the
       reference's). There, a convolution followed by a norm skips its bias, which the norm cancels
-      (dmfb.conv_before_norm). Not where a layer has forward hooks (they would be skipped)."""
+      (dmfb.conv_before_norm). Not where a layer has forward hooks (they would be skipped).
+    - fused_act: a convolution followed by a ReLU and no norm (the first) adds its bias under the ReLU in one
+      kernel (ops.bias_act), outside the checkpointed regions (inference, or recompute off)."""
     convs = (nn.Conv2d, nn.ConvTranspose2d)
 
     def before_norm(j):  # the layer after layers[j] is an instance norm of this sample's statistics, no hooks
@@ -274,6 +277,10 @@ def _run_layers(layers, x, lean, fused_norm):
         elif fused_norm and isinstance(layers[i], convs) and before_norm(i) and not _has_hooks(layers[i]):
             x = _dmfb.conv_before_norm(layers[i], x)
             i += 1
+        elif (fused_act and _bias_act.fusable(layers[i]) and i + 1 < len(layers)
+              and type(layers[i + 1]) is nn.ReLU and not _has_hooks(layers[i + 1])):
+            x = _bias_act.conv_bias_act(layers[i], x, "relu", impl="fast")  # bias and ReLU in one pass
+            i += 2
         else:
             x = layers[i](x)
             i += 1
@@ -335,11 +342,13 @@ class Generator(nn.Module):
         unhooked = not reference and not _hooked(self.encoder) and not _hooked(self.decoder)
         lean = unhooked and not compiling and torch.is_grad_enabled() and recompute(self.impl)
         fused_norm = unhooked and (not compiling or _dmfb.COMPILED_NORMS) and _dmfb.use_fused(x, self.impl)
+        # compiled, Inductor fuses the bias and ReLU itself (use_fast says no while tracing)
+        fused_act = fused_norm and _bias_act.use_fast(x, self.impl)
         run = lean or fused_norm
-        h = _run_layers(_flat(self.encoder), x, lean, fused_norm) if run else self.encoder(x)
+        h = _run_layers(_flat(self.encoder), x, lean, fused_norm, fused_act) if run else self.encoder(x)
         for b in self.blocks:
             h = b.forward_reference(h) if reference else b(h)
-        return _run_layers(_flat(self.decoder), h, lean, fused_norm) if run else self.decoder(h)
+        return _run_layers(_flat(self.decoder), h, lean, fused_norm, fused_act) if run else self.decoder(h)
 
     def fill(self, image, mask):
         """(raw, composite): feed_generator(self, image, mask), for one image batch on this model's device."""

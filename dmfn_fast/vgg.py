@@ -2,12 +2,14 @@
 
 Defined here (not imported from torchvision, which does not run beside the CPU
 torch wheel) with torchvision's layer indices, so its `vgg19` state dict loads."""
+import functools
 import os
 
 import torch
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
+from .ops.bias_act import conv_bias_act
 from .recipes import check_recipe
 
 VGG19_URL = "https://download.pytorch.org/models/vgg19-dcbb9e9d.pth"
@@ -51,6 +53,19 @@ def _load_weights(weights):
         raise RuntimeError(f"Could not get VGG19 weights ({type(e).__name__}: {e}). {HOW_TO}") from None
 
 
+def _run_fused(stage, x):
+    """stage (a slice of `features`) on x, each Conv2d + ReLU pair as one conv_bias_act."""
+    layers, i = list(stage), 0
+    while i < len(layers):
+        if isinstance(layers[i], nn.Conv2d) and i + 1 < len(layers) and isinstance(layers[i + 1], nn.ReLU):
+            x = conv_bias_act(layers[i], x, "relu", impl="fast")
+            i += 2
+        else:
+            x = layers[i](x)
+            i += 1
+    return x
+
+
 class VGG19Features(nn.Module):
     """relu1_1 .. relu5_1 of an image x in [-1, 1]. Frozen, eval mode.
 
@@ -84,17 +99,22 @@ class VGG19Features(nn.Module):
     def train(self, mode=True):
         return super().train(False)  # always frozen
 
-    def forward(self, x, recompute=False):
+    def forward(self, x, recompute=False, fused=False):
         """The five feature maps. recompute=True (training with the fast path): each stage after the first
         keeps only its input for backward and reruns its layers there, so the layers between the returned
         maps (relu1_2, the pools and their int64 indices, relu3_2 ...) are not held from the forward to the
         backward: at 256 px, batch 16, 664 MiB less peak memory for the cost of rerunning relu1_1 -> relu5_1
-        once in the backward (benchmarks/roofline.py). The values and gradients are the same."""
+        once in the backward (benchmarks/roofline.py). The values and gradients are the same.
+        fused=True: each convolution's bias and ReLU in one pass (ops.bias_act.conv_bias_act, impl="fast";
+        the caller decides where it runs, as DMFNLoss does with use_fast); the same values to rounding."""
         x = (x - self.shift.to(x.dtype)) / self.scale.to(x.dtype)
         out, start = [], 0
         recompute = recompute and torch.is_grad_enabled() and x.requires_grad
+        fused = fused and not any(m._forward_hooks or m._forward_pre_hooks for m in self.features)
         for end in LAYERS:
             stage = self.features[start:end + 1]
+            if fused:
+                stage = functools.partial(_run_fused, stage)
             if recompute and start > 0:
                 x = checkpoint(stage, x, use_reentrant=False, preserve_rng_state=False)
             else:

@@ -75,6 +75,22 @@ def instance_norm_specs(dtype="bf16"):
     return out
 
 
+def bias_act_specs(dtype="bf16"):
+    """The convolutions' bias + activation kernel (ops/bias_act.py), with a bias and leaky ReLU (the longest
+    form) and without a bias, ReLU."""
+    from dmfn_fast.kernels import bias_act as kba
+
+    act = "*" + dtype
+    sig = dict(x_ptr=act, b_ptr=act, y_ptr=act, P="i32", C="i32", slope="fp32")
+    tiles = dict(BLOCK_P=kba.BLOCK_P, BLOCK_C=kba.BLOCK_C)
+    out = []
+    for name, cx in (("bias_act lrelu", dict(HAS_BIAS=True, ACT=2)), ("bias_act relu no bias", dict(HAS_BIAS=False, ACT=1))):
+        cx = dict(tiles, **cx)
+        out.append((name, kba.bias_act, dict(sig, **{k: "constexpr" for k in cx}), cx,
+                    dict(num_warps=kba.NUM_WARPS), ("x_ptr", "b_ptr", "y_ptr", "C")))
+    return out
+
+
 def compile_specs(dtype="bf16"):
     """Every DMFB kernel's specs for `dtype`. "tf32" only changes the branch kernels (the only ones with dots)."""
-    return branches_specs(dtype) + ([] if dtype == "tf32" else instance_norm_specs(dtype))
+    return branches_specs(dtype) + ([] if dtype == "tf32" else instance_norm_specs(dtype) + bias_act_specs(dtype))

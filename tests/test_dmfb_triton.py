@@ -81,6 +81,13 @@ CASES["wgrad9-splits-tiles-C16"] = ("wgrad_splits", dict(N=1, C=16, H=5, W=13, B
                                                          taps9=True))
 CASES["autotuned-launch-cache"] = ("tuned_launch", {})
 CASES["eager-sums-one-zeros-per-pass"] = ("arena", dict(N=2, H=9, W=7))
+# The convolutions' bias + activation kernel (ops/bias_act.py): two channel tiles, the second partial, and a
+# partial pixel tile; N 1 and 3; then where it runs: the frozen VGG and the generator's first convolution.
+for _dt in ("fp32", "fp16"):
+    for _n in (1, 3):
+        CASES[f"bias-act-{_dt}-{_n}x13x11-C80"] = ("bias_act", dict(dtype=_dt, N=_n, H=13, W=11, C=80))
+CASES["bias-act-vgg-fused-32px"] = ("vgg_fused", dict(N=2, H=32, W=32))
+CASES["bias-act-generator-inference"] = ("generator_inference", dict(N=2, H=16, W=12))
 
 
 # ----------------------------------------------------------------------------- checks (child process)
@@ -553,6 +560,91 @@ def check_compiled(N, H, W):
     return _compare_module(block, compiled, block.forward_reference, x)
 
 
+def check_bias_act(dtype, N, H, W, C):
+    """bias_act against bias_act_reference, forward and the gradients of x and b, for each activation and
+    without a bias; ReLU's forward equal to the bit (one rounding of the same fp32 sum)."""
+    from dmfn_fast.ops import bias_act as ba
+
+    dt = DTYPES[dtype]
+    out = []
+    for act in ba.ACTS:
+        for with_bias in (True, False):
+            x = torch.randn(N, C, H, W).to(dt).contiguous(memory_format=torch.channels_last)
+            b = torch.randn(C).to(dt) if with_bias else None
+            g = torch.randn(N, C, H, W).to(dt)
+            xs, bs = _leaf(x), None if b is None else _leaf(b)
+            xr, br = _leaf(x), None if b is None else _leaf(b)
+            y = ba.bias_act(xs, bs, act, 0.2)
+            y_ref = ba.bias_act_reference(xr, br, act, 0.2)
+            assert y.is_contiguous(memory_format=torch.channels_last)
+            tag = f"{act}{'' if with_bias else ' no bias'}"
+            if act == "relu":
+                assert torch.equal(y, y_ref), f"{tag}: ReLU forward not bit-identical"
+            out.append((f"{tag} out", _err(y, y_ref)))
+            grads = torch.autograd.grad(y, [t for t in (xs, bs) if t is not None], g)
+            grads_ref = torch.autograd.grad(y_ref, [t for t in (xr, br) if t is not None], g)
+            for name, a, r in zip(("dx", "db"), grads, grads_ref):
+                out.append((f"{tag} {name}", _err(a, r)))
+    return out
+
+
+def check_vgg_fused(N, H, W):
+    """The VGG with each convolution's bias and ReLU in the kernel, against its plain layers on the same
+    channels-last input (as training feeds it): the five features and the input gradient equal to the bit
+    in fp32, with and without the stages recomputed. (Against an NCHW input the features differ by the
+    convolutions' rounding, and a max-pool near-tie can then send a gradient elsewhere: not comparable.)"""
+    from dmfn_fast.vgg import VGG19Features
+
+    torch.manual_seed(2)
+    vgg = VGG19Features("random")
+    for m in vgg.features:
+        if isinstance(m, torch.nn.Conv2d):
+            torch.nn.init.normal_(m.bias, 0.0, 0.5)  # a bias that shows if it is dropped
+    x = (torch.rand(N, 3, H, W) * 2 - 1).contiguous(memory_format=torch.channels_last)
+    g = [torch.randn(N, c, H >> k, W >> k) for k, c in enumerate((64, 128, 256, 512, 512))]
+    out = []
+    for recompute in (False, True):
+        xs, xr = _leaf(x), _leaf(x)
+        fs, fr = vgg(xs, recompute=recompute, fused=True), vgg(xr, recompute=recompute)
+        for k, (a, r) in enumerate(zip(fs, fr)):
+            assert torch.equal(a, r), f"recompute={recompute} relu{k + 1}_1 differs"
+            out.append((f"recompute={recompute} relu{k + 1}_1", _err(a, r)))
+        dxs = torch.autograd.grad(fs, xs, g)[0]
+        dxr = torch.autograd.grad(fr, xr, g)[0]
+        assert torch.equal(dxs, dxr), f"recompute={recompute}: the input gradient differs"
+        out.append((f"recompute={recompute} dx", _err(dxs, dxr)))
+    return out
+
+
+def check_generator_inference(N, H, W):
+    """The fast generator without gradients: its first convolution's bias and ReLU in the kernel (once, and
+    equal to the bit to that layer's plain output), the whole output against the reference model."""
+    from dmfn_fast.models import Generator
+    from dmfn_fast.ops import bias_act as ba
+
+    torch.manual_seed(3)
+    G = Generator(nf=16, n_blocks=2, impl="fast")
+    first = G.encoder[0].conv
+    torch.nn.init.normal_(first.bias, 0.0, 0.5)
+    G_ref = Generator(nf=16, n_blocks=2, impl="reference", init=False)
+    G_ref.load_state_dict(G.state_dict())
+    x = torch.cat([torch.rand(N, 3, H, W) * 2 - 1, (torch.rand(N, 1, H, W) > 0.5).float()], 1)
+    calls = []
+    real = ba.bias_act
+    ba.bias_act = lambda *a, **k: calls.append(1) or real(*a, **k)
+    try:
+        with torch.no_grad():
+            y = G(x)
+    finally:
+        ba.bias_act = real
+    assert len(calls) == 1, f"the first convolution took the kernel {len(calls)} times"
+    with torch.no_grad():
+        xc = x.contiguous(memory_format=torch.channels_last)
+        assert torch.equal(ba.conv_bias_act(first, xc, "relu", impl="fast"), torch.relu(first(xc)))
+        # the fast generator's norms differ from the reference's by rounding (about 1e-5 at the maximum)
+        return [("out (relative L2)", _err(y, G_ref(x), l2=True))]
+
+
 def check_opcheck(N, H, W, C, device="cpu"):
     """torch.library.opcheck (schema, fake kernel, autograd registration, AOT dispatch) of every DMFB op,
     forward and backward. A failure raises; each op that passes reports 0."""
@@ -579,6 +671,8 @@ def check_opcheck(N, H, W, C, device="cpu"):
         ("dmfb_branches_in_relu_backward", ops.dmfb_branches_in_relu_backward.default,
          (h.detach(), w.detach(), b.detach(), t, mean, rstd, g, dil)),
         ("instance_norm_act_backward", ops.instance_norm_act_backward.default, (g, x.detach(), xm, xr, True)),
+        ("bias_act relu", ops.bias_act.default, (x, torch.randn(4 * C, device=device).requires_grad_(), 1, 0.2)),
+        ("bias_act lrelu no bias", ops.bias_act.default, (x, None, 2, 0.2)),
     ]
     out = []
     for name, op, args in cases:

@@ -85,6 +85,14 @@ def test_adopt_takes_an_opt_in_kernel_only_where_the_breakdown_measured_it_faste
     assert adopted(wgrad=0.120, wgrad9=0.080, wgrad_tma=0.100) == {"DMFN_WGRAD9"}
     assert adopted(wgrad=0.120, wgrad9=0.118, wgrad_tma=0.080) == {"DMFN_WGRAD_TMA"}
     assert adopted(wgrad9=0.001, fwd_tma=0.001, grad_tma=0.001) == set()  # the defaults' rows missing
+    # the VGG's bias+ReLU kernel, from its own rows (another group)
+    vgg = "VGG19 fwd+bwd bfloat16 [16, 3, 256, 256]"
+
+    def vgg_adopted(fused, plain):
+        return {s for s, on, _ in decide([dict(group=vgg, name="bias+ReLU kernel", gpu_ms=fused),
+                                          dict(group=vgg, name="ATen bias add, ReLU", gpu_ms=plain)]) if on}
+    assert vgg_adopted(9.0, 10.0) == {"DMFN_BIAS_ACT"}
+    assert vgg_adopted(9.8, 10.0) == set()
 
 
 def test_centroid_input_read_share(tmp_path):

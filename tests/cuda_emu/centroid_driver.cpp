@@ -7,6 +7,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <memory>
 #include <new>
 #include <string>
 #include <vector>
@@ -34,13 +35,13 @@ struct Buf {
   Buf& operator=(const Buf&) = delete;
 };
 
-Buf* read_file(const char* path) {
+std::unique_ptr<Buf> read_file(const char* path) {
   FILE* f = std::fopen(path, "rb");
   if (!f) { std::perror(path); std::exit(2); }
   std::fseek(f, 0, SEEK_END);
   const long n = std::ftell(f);
   std::fseek(f, 0, SEEK_SET);
-  Buf* b = new Buf(static_cast<size_t>(n), 0);
+  auto b = std::make_unique<Buf>(static_cast<size_t>(n), 0);
   if (std::fread(b->p, 1, b->n, f) != b->n) { std::perror(path); std::exit(2); }
   std::fclose(f);
   return b;
@@ -69,8 +70,7 @@ int main(int argc, char** argv) {
     const int H = static_cast<int>(num(5)), W = static_cast<int>(num(6)), sms = static_cast<int>(num(7));
     emu::occupancy = static_cast<int>(num(8));
     emu::rng.seed(static_cast<unsigned>(num(9)));
-    Buf* a = read_file(argv[10]);
-    Buf* b = read_file(argv[16]);
+    const auto a = read_file(argv[10]), b = read_file(argv[16]);
     const MapView ma{static_cast<char*>(a->p) + num(11) * elem_size(dt), num(12), num(13), num(14), num(15)};
     const MapView mb{static_cast<char*>(b->p) + num(17) * elem_size(dt), num(18), num(19), num(20), num(21)};
     Buf stats(2 * N * C * 3 * acc_size(dt), 0xA5), loss(acc_size(dt), 0xA5);
@@ -78,8 +78,6 @@ int main(int argc, char** argv) {
     check(launch_forward(ma, mb, dt, N, C, H, W, sms, stats.p, loss.p, work.p, nullptr), "launch_forward");
     write_file(argv[22], stats.p, stats.n);
     write_file(argv[23], loss.p, loss.n);
-    delete a;
-    delete b;
     return 0;
   }
   if (op == "grad" && argc == 13) {
@@ -88,18 +86,15 @@ int main(int argc, char** argv) {
     const int H = static_cast<int>(num(5)), W = static_cast<int>(num(6)), which = static_cast<int>(num(7));
     const bool cl = num(8) != 0;
     emu::rng.seed(static_cast<unsigned>(num(9)));
-    Buf* g = read_file(argv[10]);
-    Buf* st = read_file(argv[11]);
+    const auto g = read_file(argv[10]), st = read_file(argv[11]);
     Buf out(N * C * H * W * elem_size(dt), 0xFF);
     check(launch_grad(g->p, st->p, dt, N, C, H, W, which, cl, out.p, nullptr), "launch_grad");
     write_file(argv[12], out.p, out.n);
-    delete g;
-    delete st;
     return 0;
   }
   if (op == "round" && argc == 5) {
     const DType dt = static_cast<DType>(num(2));
-    Buf* in = read_file(argv[3]);
+    const auto in = read_file(argv[3]);
     const size_t n = in->n / 4;
     std::vector<unsigned short> bits(n);
     std::vector<float> back(n);
@@ -117,7 +112,6 @@ int main(int argc, char** argv) {
     std::memcpy(out.data(), bits.data(), n * 2);
     std::memcpy(out.data() + n * 2, back.data(), n * 4);
     write_file(argv[4], out.data(), out.size());
-    delete in;
     return 0;
   }
   std::fprintf(stderr, "usage: see the comment at the top of centroid_driver.cpp\n");
