@@ -106,7 +106,8 @@ class VGG19Features(nn.Module):
         backward: at 256 px, batch 16, 664 MiB less peak memory for the cost of rerunning relu1_1 -> relu5_1
         once in the backward (benchmarks/roofline.py). The values and gradients are the same.
         fused=True: each convolution's bias and ReLU in one pass (ops.bias_act.conv_bias_act, impl="fast";
-        the caller decides where it runs, as DMFNLoss does with use_fast); the same values to rounding."""
+        the caller decides where it runs, as DMFNLoss does with use_fast): the plain layers' values and
+        gradients to the bit on the same input."""
         x = (x - self.shift.to(x.dtype)) / self.scale.to(x.dtype)
         out, start = [], 0
         recompute = recompute and torch.is_grad_enabled() and x.requires_grad

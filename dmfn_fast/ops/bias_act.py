@@ -90,6 +90,11 @@ def bias_act(x: torch.Tensor, b: Optional[torch.Tensor], act: str = "relu", slop
     return _op(_d._cl(x), None if b is None else b.to(x.dtype), ACTS.index(act), float(slope))
 
 
+def available() -> bool:
+    """Whether Triton and the kernel imported."""
+    return _kba is not None
+
+
 def fast_why_not(x: torch.Tensor) -> str:
     """"" when the kernel can run on x (given that Triton imported), else why not."""
     if not (x.is_cuda or (_d.INTERPRET and x.device.type == "cpu")):
