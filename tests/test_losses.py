@@ -157,6 +157,26 @@ def test_combined_loss_terms_weights_and_gradient_flow():
     assert terms0["rec"].item() == 0 and set(terms0) == {"rec", "guided", "fm_vgg", "align"}
 
 
+def test_impl_fast_runs_where_the_vgg_kernel_cannot(monkeypatch):
+    """DMFNLoss(impl="fast") asks the fast path of the centroid op (which runs on CPUs) and of the VGG's
+    bias + ReLU kernel (which needs CUDA and Triton): on a CPU the VGG keeps its plain layers, without an
+    error, and the terms are the reference's."""
+    from dmfn_fast.ops import bias_act, centroid_align
+
+    if not centroid_align.extension_available():
+        pytest.skip("the centroid extension is not built: impl='fast' has nothing to run here")
+    torch.manual_seed(0)
+    vgg = VGG19Features(weights="random")
+    out, tgt = torch.rand(2, 3, 32, 32) * 2 - 1, torch.rand(2, 3, 32, 32) * 2 - 1
+    calls = []
+    monkeypatch.setattr(bias_act, "bias_act", lambda *a, **k: calls.append(1))
+    _, fast = losses.DMFNLoss(vgg, impl="fast")(out, tgt)
+    _, ref = losses.DMFNLoss(vgg, impl="reference")(out, tgt)
+    assert not calls
+    for k in ref:
+        assert fast[k].item() == pytest.approx(ref[k].item(), rel=1e-4, abs=1e-9), k
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("guided", [False, True])
 def test_l1_mean_same_gradients_as_the_formula(dtype, guided):
