@@ -343,7 +343,7 @@ class Generator(nn.Module):
         lean = unhooked and not compiling and torch.is_grad_enabled() and recompute(self.impl)
         fused_norm = unhooked and (not compiling or _dmfb.COMPILED_NORMS) and _dmfb.use_fused(x, self.impl)
         # compiled, Inductor fuses the bias and ReLU itself (use_fast says no while tracing)
-        fused_act = fused_norm and _bias_act.use_fast(x, self.impl)
+        fused_act = fused_norm and _bias_act.available() and _bias_act.use_fast(x, self.impl)
         run = lean or fused_norm
         h = _run_layers(_flat(self.encoder), x, lean, fused_norm, fused_act) if run else self.encoder(x)
         for b in self.blocks:

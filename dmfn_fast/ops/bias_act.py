@@ -36,9 +36,16 @@ def bias_act_reference(x: torch.Tensor, b: Optional[torch.Tensor], act: str = "r
 
 
 def _import_kernel():
+    """The kernel module, or None without Triton (dmfb reports why) or where it fails to import (one warning:
+    the plain layers run)."""
     if _d.triton is None:
         return None
-    from dmfn_fast.kernels import bias_act as k  # noqa: PLC0415 (needs triton)
+    try:
+        from dmfn_fast.kernels import bias_act as k  # noqa: PLC0415 (needs triton)
+    except Exception as e:  # a broken kernels/ must not break the model
+        _impl.warn_once(("import", "bias_act"), f"dmfn_fast: the bias + activation kernel failed to import "
+                        f"({type(e).__name__}: {e}); the plain layers run")
+        return None
     return k
 
 
@@ -111,7 +118,7 @@ def use_fast(x: torch.Tensor, impl: str = "auto") -> bool:
     if torch.compiler.is_compiling():
         return False
     return _impl.resolve(impl, lambda: fast_why_not(x), op="convolution bias and activation",
-                         missing=lambda: _d._TRITON_ERROR or "",
+                         missing=lambda: _d._TRITON_ERROR or ("" if available() else "its kernel failed to import"),
                          prefer_fast=lambda: _AUTO and _d.auto_prefers_fused(x))
 
 
