@@ -641,8 +641,9 @@ def check_generator_inference(N, H, W):
     with torch.no_grad():
         xc = x.contiguous(memory_format=torch.channels_last)
         assert torch.equal(ba.conv_bias_act(first, xc, "relu", impl="fast"), torch.relu(first(xc)))
-        # the fast generator's norms differ from the reference's by rounding (about 1e-5 at the maximum)
-        return [("out (relative L2)", _err(y, G_ref(x), l2=True))]
+        # the fast generator's norms differ from the reference's by rounding: 7.5e-6 here, about as much
+        # with the first convolution's plain layers (the bit-equal check above is the kernel's own)
+        return [("out (relative L2)", _err(y, G_ref(x), l2=True), 3e-5)]
 
 
 def check_opcheck(N, H, W, C, device="cpu"):
