@@ -8,7 +8,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
-from .ops._impl import check_impl, recompute
+from .ops._impl import check_impl, has_hooks, recompute
 from .ops import bias_act as _bias_act
 from .ops import dmfb as _dmfb
 from .ops.dmfb import DMFBParams, dmfb_block, dmfb_block_reference
@@ -202,13 +202,9 @@ def feed_generator(G, image, mask):
     return generator_output(G(generator_input(image, mask)), image, mask)
 
 
-def _has_hooks(m):
-    return bool(m._forward_hooks or m._forward_pre_hooks)
-
-
 def _hooked(seq):
-    """Whether a container in seq has forward hooks: the lean path would skip them (it runs the leaves)."""
-    return any(_has_hooks(m) for m in seq.modules() if not isinstance(m, (nn.Conv2d, nn.ConvTranspose2d,
+    """Whether a container in seq has hooks: the lean path would skip them (it runs the leaves)."""
+    return any(has_hooks(m) for m in seq.modules() if not isinstance(m, (nn.Conv2d, nn.ConvTranspose2d,
                nn.InstanceNorm2d, nn.ReLU, nn.Tanh)))
 
 
@@ -252,13 +248,13 @@ def _run_layers(layers, x, lean, fused_norm, fused_act=False):
     def before_norm(j):  # the layer after layers[j] is an instance norm of this sample's statistics, no hooks
         norm = layers[j + 1] if j + 1 < len(layers) else None
         return isinstance(norm, nn.InstanceNorm2d) and not norm.affine and not norm.track_running_stats \
-            and not _has_hooks(norm)
+            and not has_hooks(norm)
 
     i = 0
     while i < len(layers):
         region = layers[i:i + 3]
         if (fused_norm and len(region) >= 2 and isinstance(region[0], nn.InstanceNorm2d)
-                and isinstance(region[1], nn.ReLU) and not any(_has_hooks(m) for m in region)):
+                and isinstance(region[1], nn.ReLU) and not any(has_hooks(m) for m in region)):
             if len(region) == 3 and isinstance(region[2], convs):
                 x = _dmfb.norm_relu_conv(x, region[2], before_norm(i + 2))
                 i += 3
@@ -269,16 +265,16 @@ def _run_layers(layers, x, lean, fused_norm, fused_act=False):
         starts = isinstance(region[0], nn.InstanceNorm2d) or (i == 0 and isinstance(region[0], convs))
         if lean and len(region) == 3 and starts and isinstance(region[2], convs):
             conv = region[2]
-            if fused_norm and before_norm(i + 2) and not _has_hooks(conv):
+            if fused_norm and before_norm(i + 2) and not has_hooks(conv):
                 conv = functools.partial(_dmfb.conv_before_norm, conv)
             x = checkpoint(lambda t, a=region[0], b=region[1], c=conv: c(b(a(t))), x, use_reentrant=False,
                            context_fn=_keep_conv_output(tuple(region[2].weight.shape)))
             i += 3
-        elif fused_norm and isinstance(layers[i], convs) and before_norm(i) and not _has_hooks(layers[i]):
+        elif fused_norm and isinstance(layers[i], convs) and before_norm(i) and not has_hooks(layers[i]):
             x = _dmfb.conv_before_norm(layers[i], x)
             i += 1
         elif (fused_act and _bias_act.fusable(layers[i]) and i + 1 < len(layers)
-              and type(layers[i + 1]) is nn.ReLU and not _has_hooks(layers[i + 1])):
+              and type(layers[i + 1]) is nn.ReLU and not has_hooks(layers[i + 1])):
             x = _bias_act.conv_bias_act(layers[i], x, "relu", impl="fast")  # bias and ReLU in one pass
             i += 2
         else:

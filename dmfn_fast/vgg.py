@@ -9,6 +9,7 @@ import torch
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
+from .ops._impl import has_hooks
 from .ops.bias_act import conv_bias_act
 from .recipes import check_recipe
 
@@ -106,12 +107,13 @@ class VGG19Features(nn.Module):
         backward: at 256 px, batch 16, 664 MiB less peak memory for the cost of rerunning relu1_1 -> relu5_1
         once in the backward (benchmarks/roofline.py). The values and gradients are the same.
         fused=True: each convolution's bias and ReLU in one pass (ops.bias_act.conv_bias_act, impl="fast";
-        the caller decides where it runs, as DMFNLoss does with use_fast): the plain layers' values and
-        gradients to the bit on the same input."""
+        the caller decides where it runs, as DMFNLoss does with use_fast; not where a layer has hooks, which
+        it would skip): on a channels-last input, the plain layers' values and gradients to the bit (the
+        kernel's output is channels-last, so an NCHW input costs one conversion)."""
         x = (x - self.shift.to(x.dtype)) / self.scale.to(x.dtype)
         out, start = [], 0
         recompute = recompute and torch.is_grad_enabled() and x.requires_grad
-        fused = fused and not any(m._forward_hooks or m._forward_pre_hooks for m in self.features)
+        fused = fused and not any(has_hooks(m) for m in self.features.modules())
         for end in LAYERS:
             stage = self.features[start:end + 1]
             if fused:

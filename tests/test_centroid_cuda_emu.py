@@ -23,9 +23,16 @@ pytestmark = pytest.mark.skipif(shutil.which("g++") is None, reason="g++ not on 
 
 
 def cpu_launches(src: str) -> tuple[str, int]:
-    """kernel<T><<<grid, block, smem, stream>>>(args) -> ::emu::launch(kernel<T>, ::emu::config(grid, ...), args)."""
+    """The .cu as the CPU stand-in compiles it: kernel<T><<<grid, block, smem, stream>>>(args) ->
+    ::emu::launch(kernel<T>, ::emu::config(grid, ...), args); and after each `__shared__ T name[...];` a call
+    that fills it with 0xFF bytes once per block (a GPU's shared memory starts as garbage; the stand-in's is
+    one static copy that would otherwise keep the last block's values). Returns (source, launches found)."""
     pat = re.compile(r"(\w+(?:<[^<>;]*>)?)<<<(.*?)>>>\(", re.S)
-    return pat.subn(lambda m: f"::emu::launch({m.group(1)}, ::emu::config({m.group(2)}), ", src)
+    src, launches = pat.subn(lambda m: f"::emu::launch({m.group(1)}, ::emu::config({m.group(2)}), ", src)
+    shared = re.compile(r"(__shared__\s+[^;]+?\s(\w+)\s*(?:\[[^\]]*\]\s*)*;)")
+    src, declared = shared.subn(lambda m: f"{m.group(1)} ::emu::poison_once(&{m.group(2)}, sizeof({m.group(2)}));", src)
+    assert declared >= 5, "the kernel file's __shared__ declarations were not all found"
+    return src, launches
 
 
 @pytest.fixture(scope="module")
@@ -249,24 +256,53 @@ def test_emulator_reports_a_read_past_the_map(driver):
                     torch.float32)
 
 
-def test_emulator_reports_a_missing_barrier(driver, tmp_path):
-    """A block-wide sum read before __syncthreads must fail here (a wrong result or a wrong order), or the
-    random thread order would hide the bugs it exists to find."""
+def _broken_driver(driver, tmp_path, pattern, replacement):
+    """A driver built (without sanitizers) from the kernel file with one mutation, for the tests that show the
+    emulation catches what it claims to."""
     with open(KERNEL) as f:
-        src = f.read()
-    assert src.count("__syncthreads();") >= 3
-    broken, n = re.subn(r"(part\[warp\]\[2\]\[lane \* V \+ j\] = sy\[j\];\n    \}\n  \}\n)  __syncthreads\(\);",
-                        r"\1", src)
-    assert n == 1, "the mutation's anchor (channel_sums_vec's barrier) moved"
-    exe, d = driver
+        broken, n = re.subn(pattern, replacement, f.read())
+    assert n == 1, f"the mutation's anchor moved: {pattern!r}"
     with open(tmp_path / "kernel.cpp", "w") as f:
         f.write(cpu_launches(broken)[0])
     flags = ["-std=c++17", "-O1", f"-I{EMU}/include", f"-I{ROOT}/csrc"]
     r = subprocess.run(["g++", *flags, str(tmp_path / "kernel.cpp"), os.path.join(EMU, "centroid_driver.cpp"),
                         "-o", str(tmp_path / "broken")], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
+    return str(tmp_path / "broken"), driver[1]
+
+
+def test_emulator_reports_a_missing_barrier(driver, tmp_path):
+    """A block-wide sum read before __syncthreads must fail here (a wrong result or a wrong order), or the
+    random thread order would hide the bugs it exists to find."""
+    broken = _broken_driver(driver, tmp_path,
+                            r"(part\[warp\]\[2\]\[lane \* V \+ j\] = sy\[j\];\n    \}\n  \}\n)  __syncthreads\(\);", r"\1")
     shape = (2, 24, 5, 16)
     maps = make_map(shape, "channels_last", torch.float32, 11), make_map(shape, "nchw", torch.float32, 12)
-    stats, loss = emu_forward((str(tmp_path / "broken"), d), *maps, torch.float32, seed=4)
+    stats, loss = emu_forward(broken, *maps, torch.float32, seed=4)
     with pytest.raises(AssertionError):
         check_forward(stats, loss, maps[0][3], maps[1][3], torch.float32)
+
+
+def test_emulator_reports_a_misaligned_vector_load(driver, tmp_path):
+    """16-byte loads from a map that starts 4 bytes in fault on a GPU; here too, if the launcher's alignment
+    test were lost."""
+    broken = _broken_driver(driver, tmp_path, r"return reinterpret_cast<unsigned long long>\(p\) % 16 == 0 && ",
+                            "return ")
+    shape = (2, 24, 5, 16)
+    maps = make_map(shape, "cl_offset", torch.float32, 13), make_map(shape, "cl_offset", torch.float32, 14)
+    with pytest.raises(AssertionError, match="misaligned load"):
+        emu_forward(broken, *maps, torch.float32)
+
+
+def test_emulator_gives_each_block_fresh_shared_memory(driver, tmp_path):
+    """Shared memory a block reads but never wrote holds garbage on a GPU: here NaN, not the last block's
+    values (which are often the right ones). The gradient kernel with only block 0 working out its
+    coefficients must give a wrong gradient."""
+    broken = _broken_driver(driver, tmp_path, r"if \(threadIdx\.x < kCh && ", "if (blockIdx.x == 0 && threadIdx.x < kCh && ")
+    # one image in two blocks of rows: after block 0, block 1 would find the right coefficients left over
+    shape, dtype = (1, 16, 8, 4), torch.float32
+    a, b = make_map(shape, "channels_last", dtype, 15), make_map(shape, "channels_last", dtype, 16)
+    stats, _ = emu_forward(driver, a, b, dtype)
+    for seed in range(4):  # both block orders
+        with pytest.raises(AssertionError):
+            check_grads(broken, stats, a[3], b[3], dtype, True, seed=seed)

@@ -613,6 +613,15 @@ def check_vgg_fused(N, H, W):
         dxr = torch.autograd.grad(fr, xr, g)[0]
         assert torch.equal(dxs, dxr), f"recompute={recompute}: the input gradient differs"
         out.append((f"recompute={recompute} dx", _err(dxs, dxr)))
+    # a layer with hooks of any kind keeps the plain layers, so its hooks run
+    fired = []
+    handles = [vgg.features[0].register_full_backward_pre_hook(lambda m, go: fired.append("conv backward pre")),
+               vgg.features[1].register_full_backward_hook(lambda m, gi, go: fired.append("relu backward")),
+               vgg.features[1].register_forward_hook(lambda m, i, o: fired.append("relu forward"))]
+    vgg(_leaf(x), fused=True)[0].sum().backward()
+    for h in handles:
+        h.remove()
+    assert sorted(fired) == ["conv backward pre", "relu backward", "relu forward"], fired
     return out
 
 

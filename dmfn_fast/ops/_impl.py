@@ -35,6 +35,13 @@ def check_impl(impl: str) -> str:
     return impl
 
 
+def has_hooks(module) -> bool:
+    """Whether a module has hooks of its own that a fast path running its computation another way would skip:
+    forward, forward-pre, backward and backward-pre (its parameters' and tensors' hooks still run)."""
+    return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
+                or getattr(module, "_backward_pre_hooks", None))
+
+
 def forced_reference() -> bool:
     return os.environ.get("DMFN_IMPL", "").strip().lower() == "reference"
 

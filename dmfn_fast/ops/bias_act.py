@@ -125,7 +125,7 @@ def use_fast(x: torch.Tensor, impl: str = "auto") -> bool:
 def fusable(conv: nn.Module) -> bool:
     """conv is a plain nn.Conv2d (zero padding, no hooks) whose bias the kernel can add."""
     return (type(conv) is nn.Conv2d and conv.padding_mode == "zeros" and not isinstance(conv.padding, str)
-            and not (conv._forward_hooks or conv._forward_pre_hooks or conv._backward_hooks))
+            and not _impl.has_hooks(conv))
 
 
 def conv_bias_act(conv: nn.Conv2d, x: torch.Tensor, act: str = "relu", slope: float = 0.2,

@@ -18,6 +18,7 @@
 #include <memory>
 #include <random>
 #include <tuple>
+#include <unordered_map>
 #include <utility>
 #include <vector>
 
@@ -26,7 +27,7 @@
 #define __host__
 #define __forceinline__ inline
 #define __launch_bounds__(...)
-#define __shared__ static  // blocks run one at a time: one copy serves every block
+#define __shared__ static  // blocks run one at a time: one copy serves every block (poisoned per block)
 
 struct dim3 {
   unsigned x, y, z;
@@ -35,13 +36,19 @@ struct dim3 {
 using uint3 = dim3;
 inline dim3 threadIdx, blockIdx, blockDim, gridDim;
 
-struct float4 { float x, y, z, w; };
-struct double2 { double x, y; };
-struct uint4 { unsigned x, y, z, w; };
+struct alignas(16) float4 { float x, y, z, w; };  // aligned as CUDA's: a misaligned vector access fails
+struct alignas(16) double2 { double x, y; };
+struct alignas(16) uint4 { unsigned x, y, z, w; };
 inline float4 make_float4(float x, float y, float z, float w) { return {x, y, z, w}; }
 inline double2 make_double2(double x, double y) { return {x, y}; }
 inline uint4 make_uint4(unsigned x, unsigned y, unsigned z, unsigned w) { return {x, y, z, w}; }
-template <typename T> inline T __ldg(const T* p) { return *p; }
+namespace emu {
+[[noreturn]] inline void fail(const char* what);
+}
+template <typename T> inline T __ldg(const T* p) {
+  if (reinterpret_cast<std::uintptr_t>(p) % alignof(T)) emu::fail("misaligned load: a GPU faults here");
+  return *p;
+}
 inline float __uint_as_float(unsigned u) {
   float f;
   std::memcpy(&f, &u, 4);
@@ -97,6 +104,18 @@ struct Block {
   std::function<void()> body;
 };
 inline Block* block = nullptr;
+inline unsigned long block_serial = 0;  // one per block run
+inline std::unordered_map<const void*, unsigned long> poisoned;
+
+// Called after each __shared__ declaration (the test rewrites them): the first thread of a block to pass it
+// fills the object with 0xFF bytes (NaN for floats), as a GPU gives a block garbage, not the last block's data.
+inline void poison_once(void* p, size_t n) {
+  unsigned long& seen = poisoned[p];
+  if (seen != block_serial) {
+    seen = block_serial;
+    std::memset(p, 0xFF, n);
+  }
+}
 
 inline int linear_tid() { return static_cast<int>(threadIdx.x + blockDim.x * (threadIdx.y + blockDim.y * threadIdx.z)); }
 
@@ -131,6 +150,7 @@ inline void run_block(const dim3& bid, const std::function<void()>& body) {
   Block& B = *block;
   const int n = static_cast<int>(blockDim.x * blockDim.y * blockDim.z), warps = (n + 31) / 32;
   blockIdx = bid;
+  ++block_serial;
   B.body = body;
   B.block_bar = Barrier{n, 0, 0};
   B.warp_bar.assign(warps, Barrier{});
