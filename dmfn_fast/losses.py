@@ -122,10 +122,8 @@ class DMFNLoss(nn.Module):
             # impl auto/fast: the VGG's inner activations are recomputed in backward (VGG19Features.forward);
             # compiled, Inductor picks its own recomputes (as in the generator)
             lean = recompute(self.impl) and isinstance(self.vgg, VGG19Features) and not torch.compiler.is_compiling()
-            # each convolution's bias and ReLU in one kernel where it runs (ops.bias_act); only there, since
-            # impl="fast" here is asked of the centroid op too, which also runs on CPUs and without Triton
-            fused = (isinstance(self.vgg, VGG19Features) and bias_act.available()
-                     and not bias_act.fast_why_not(out) and bias_act.use_fast(out, self.impl))
+            # each convolution's bias and ReLU in one kernel where it runs (ops.bias_act.use_fast)
+            fused = isinstance(self.vgg, VGG19Features) and bias_act.use_fast(out, self.impl)
             kw = dict(fused=True) if fused else {}
             fo = self.vgg(out, recompute=True, **kw) if lean else self.vgg(out, **kw)
             with torch.no_grad():

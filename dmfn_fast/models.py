@@ -275,7 +275,7 @@ def _run_layers(layers, x, lean, fused_norm, fused_act=False):
             i += 1
         elif (fused_act and _bias_act.fusable(layers[i]) and i + 1 < len(layers)
               and type(layers[i + 1]) is nn.ReLU and not has_hooks(layers[i + 1])):
-            x = _bias_act.conv_bias_act(layers[i], x, "relu", impl="fast")  # bias and ReLU in one pass
+            x = _bias_act.conv_bias_act(layers[i], x, "relu")  # bias and ReLU in one pass
             i += 2
         else:
             x = layers[i](x)
@@ -339,7 +339,7 @@ class Generator(nn.Module):
         lean = unhooked and not compiling and torch.is_grad_enabled() and recompute(self.impl)
         fused_norm = unhooked and (not compiling or _dmfb.COMPILED_NORMS) and _dmfb.use_fused(x, self.impl)
         # compiled, Inductor fuses the bias and ReLU itself (use_fast says no while tracing)
-        fused_act = fused_norm and _bias_act.available() and _bias_act.use_fast(x, self.impl)
+        fused_act = fused_norm and _bias_act.use_fast(x, self.impl)
         run = lean or fused_norm
         h = _run_layers(_flat(self.encoder), x, lean, fused_norm, fused_act) if run else self.encoder(x)
         for b in self.blocks:

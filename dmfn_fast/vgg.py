@@ -59,7 +59,7 @@ def _run_fused(stage, x):
     layers, i = list(stage), 0
     while i < len(layers):
         if isinstance(layers[i], nn.Conv2d) and i + 1 < len(layers) and isinstance(layers[i + 1], nn.ReLU):
-            x = conv_bias_act(layers[i], x, "relu", impl="fast")
+            x = conv_bias_act(layers[i], x, "relu")
             i += 2
         else:
             x = layers[i](x)
@@ -106,8 +106,8 @@ class VGG19Features(nn.Module):
         maps (relu1_2, the pools and their int64 indices, relu3_2 ...) are not held from the forward to the
         backward: at 256 px, batch 16, 664 MiB less peak memory for the cost of rerunning relu1_1 -> relu5_1
         once in the backward (benchmarks/roofline.py). The values and gradients are the same.
-        fused=True: each convolution's bias and ReLU in one pass (ops.bias_act.conv_bias_act, impl="fast";
-        the caller decides where it runs, as DMFNLoss does with use_fast; not where a layer has hooks, which
+        fused=True: each convolution's bias and ReLU in one pass (ops.bias_act.conv_bias_act; the caller
+        decides where it runs, as DMFNLoss does with use_fast; not where a layer has hooks, which
         it would skip): on a channels-last input, the plain layers' values and gradients to the bit (the
         kernel's output is channels-last, so an NCHW input costs one conversion)."""
         x = (x - self.shift.to(x.dtype)) / self.scale.to(x.dtype)

@@ -6,8 +6,8 @@ the output where ATen makes two, the first a broadcast add that does not vectori
 Op `dmfn_fast::bias_act(x, b, act, slope) -> act(x + b)`, registered with fake and autograd at import through
 the DMFB ops' machinery (dmfb._define: traced by torch.compile, checked by opcheck; plain eager calls skip the
 dispatcher). Backward is ATen's ReLU / leaky-ReLU backward from the output, and the bias gradient a sum in
-fp32. Under torch.compile conv_bias_act runs the module instead: Inductor fuses the bias and activation
-itself."""
+fp32. Where to use it is use_fast's call, made once per model call: never under torch.compile, whose Inductor
+fuses the bias and activation itself."""
 import os
 from typing import Optional
 
@@ -104,21 +104,17 @@ def available() -> bool:
 
 def fast_why_not(x: torch.Tensor) -> str:
     """"" when the kernel can run on x (given that Triton imported), else why not."""
-    if not (x.is_cuda or (_d.INTERPRET and x.device.type == "cpu")):
-        return f"the fused bias and activation run on CUDA tensors, got a {x.device.type} tensor"
-    if x.dim() != 4 or x.dtype not in _d._FLOATS:
-        return f"expected a float32/16/bf16 [N, C, H, W] tensor, got {x.dtype} {tuple(x.shape)}"
-    return ""
+    return _d.kernels_why_not(x, "the fused bias and activation")
 
 
 def use_fast(x: torch.Tensor, impl: str = "auto") -> bool:
-    """Whether conv_bias_act takes the kernel on x under `impl`, never while torch.compile traces. auto: with
-    DMFN_BIAS_ACT=1 (not yet timed on a GPU), then as the DMFB decides (dmfb.auto_prefers_fused: fp16/bf16,
-    autocast included); fast: wherever it runs."""
-    if torch.compiler.is_compiling():
+    """Whether the callers (the VGG, the generator) take the kernel for x's convolutions under `impl`: only
+    where it can run (imported, CUDA, float; never while torch.compile traces), so impl="fast", which they
+    also pass to ops that run elsewhere, raises nothing here. auto: with DMFN_BIAS_ACT=1 (not yet timed on a
+    GPU), then as the DMFB decides (dmfb.auto_prefers_fused: fp16/bf16, autocast included); fast: always."""
+    if torch.compiler.is_compiling() or not available() or fast_why_not(x):
         return False
-    return _impl.resolve(impl, lambda: fast_why_not(x), op="convolution bias and activation",
-                         missing=lambda: _d._TRITON_ERROR or ("" if available() else "its kernel failed to import"),
+    return _impl.resolve(impl, lambda: "", op="convolution bias and activation",
                          prefer_fast=lambda: _AUTO and _d.auto_prefers_fused(x))
 
 
@@ -128,11 +124,11 @@ def fusable(conv: nn.Module) -> bool:
             and not _impl.has_hooks(conv))
 
 
-def conv_bias_act(conv: nn.Conv2d, x: torch.Tensor, act: str = "relu", slope: float = 0.2,
-                  impl: str = "auto") -> torch.Tensor:
-    """act(conv(x)) ("relu", "lrelu" with `slope`, or "none"), the bias added by the kernel where use_fast
-    says so and `conv` is fusable, else the module and F.relu / F.leaky_relu."""
-    if fusable(conv) and use_fast(x, impl):
+def conv_bias_act(conv: nn.Conv2d, x: torch.Tensor, act: str = "relu", slope: float = 0.2) -> torch.Tensor:
+    """act(conv(x)) ("relu", "lrelu" with `slope`, or "none"), the bias added by the kernel where `conv` is
+    fusable, else the module and F.relu / F.leaky_relu. For x where the caller's use_fast said yes: asked
+    once per call of the model, not per convolution."""
+    if fusable(conv):
         y = F.conv2d(x, conv.weight, None, conv.stride, conv.padding, conv.dilation, conv.groups)
         return bias_act(y, conv.bias, act, slope)
     return bias_act_reference(conv(x), None, act, slope) if act != "none" else conv(x)

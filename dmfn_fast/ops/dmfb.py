@@ -935,12 +935,21 @@ def norm_relu_conv(x: torch.Tensor, conv: torch.nn.Module, before_norm: bool = F
     return conv_before_norm(conv, y) if before_norm else conv(y)
 
 
-def fused_why_not(x: torch.Tensor) -> str:
-    """"" when the fused DMFB can run on x, else why not (given that Triton imported)."""
+def kernels_why_not(x: torch.Tensor, what: str) -> str:
+    """"" when the Triton kernels can take x (a float32/16/bf16 [N, C, H, W] CUDA tensor, or a CPU one under
+    the interpreter), else why not; `what` names the caller in the message."""
     if not (x.is_cuda or (INTERPRET and x.device.type == "cpu")):
-        return f"the fused DMFB runs on CUDA tensors, got a {x.device.type} tensor"
+        return f"{what} runs on CUDA tensors, got a {x.device.type} tensor"
     if x.dim() != 4 or x.dtype not in _FLOATS:
         return f"expected a float32/16/bf16 [N, C, H, W] tensor, got {x.dtype} {tuple(x.shape)}"
+    return ""
+
+
+def fused_why_not(x: torch.Tensor) -> str:
+    """"" when the fused DMFB can run on x, else why not (given that Triton imported)."""
+    why = kernels_why_not(x, "the fused DMFB")
+    if why:
+        return why
     if torch.are_deterministic_algorithms_enabled():
         # The statistics and weight gradients are summed with fp32 atomics: run to run they differ in
         # the last bits. Deterministic mode takes the reference instead.
