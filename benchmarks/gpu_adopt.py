@@ -25,9 +25,12 @@ RULES = [
 
 def decide(rows):
     """[(switch, adopted, reason)] from breakdown rows; an opt-in whose rows are missing is not adopted."""
+    def times(group):
+        return {r["name"]: r["gpu_ms"] for r in rows if r.get("group", "").startswith(group) and r.get("gpu_ms")}
+
     out = []
     for switch, group, new, old in RULES:
-        gpu = {r["name"]: r["gpu_ms"] for r in rows if r.get("group", "").startswith(group) and r.get("gpu_ms")}
+        gpu = times(group)
         if not all(n in gpu for n in new + old):
             out.append((switch, False, "not measured"))
             continue
@@ -35,7 +38,7 @@ def decide(rows):
         out.append((switch, a < MARGIN * b, f"{a * 1e3:.1f} us against the default's {b * 1e3:.1f} us"))
     # DMFN_WGRAD_TMA takes precedence over DMFN_WGRAD9 in dmfb._branches_wgrad: of two winners keep the faster
     on = {s: i for i, (s, adopted, _) in enumerate(out) if adopted}
-    gpu = {r["name"]: r["gpu_ms"] for r in rows if r.get("group") == GROUP and r.get("gpu_ms")}
+    gpu = times(GROUP)
     if "DMFN_WGRAD9" in on and "DMFN_WGRAD_TMA" in on:
         t9, tt = gpu["fused wgrad kernel, 9 taps per program"], gpu["fused wgrad kernel, TMA 2-D tiles"]
         drop = "DMFN_WGRAD9" if tt <= t9 else "DMFN_WGRAD_TMA"

@@ -278,7 +278,7 @@ def opt_in():
     compiled graphs keep the row kernels), "wgrad tma (eager)" (DMFN_WGRAD_TMA=1 with DMFN_TMA on; it takes
     precedence over wgrad9), "bias+relu kernel (eager)" (DMFN_BIAS_ACT=1: the VGG's and the generator's first
     convolutions add their bias under the ReLU in one kernel)."""
-    from dmfn_fast.ops import dmfb
+    from dmfn_fast.ops import bias_act, dmfb
     on = []
     tma = CUDA and dmfb._TMA and torch.cuda.get_device_capability()[0] >= 9
     if CUDA and dmfb._taps9(torch.bfloat16, torch.device(DEV)) and not (tma and dmfb._WGRAD_TMA):
@@ -287,7 +287,6 @@ def opt_in():
         on.append("tma (eager)")
     if tma and dmfb._WGRAD_TMA:
         on.append("wgrad tma (eager)")
-    from dmfn_fast.ops import bias_act
     if bias_act._AUTO:
         on.append("bias+relu kernel (eager)")
     return on

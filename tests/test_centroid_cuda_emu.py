@@ -18,6 +18,7 @@ EMU = os.path.join(ROOT, "tests", "cuda_emu")
 KERNEL = os.path.join(ROOT, "csrc", "centroid_align_kernel.cu")
 CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.float64: 3}
 EPS = 1e-7
+CXX = ["g++", "-std=c++17", "-O1", f"-I{EMU}/include", f"-I{ROOT}/csrc"]  # the stand-in headers first
 
 pytestmark = pytest.mark.skipif(shutil.which("g++") is None, reason="g++ not on PATH: the CUDA emulation needs it")
 
@@ -43,20 +44,19 @@ def driver(tmp_path_factory):
     assert launches >= 8, "the kernel file's <<<...>>> launches were not all found"
     with open(d / "kernel.cpp", "w") as f:
         f.write(f'#line 1 "{KERNEL}"\n' + src)
-    flags = ["-std=c++17", "-O1", "-g", "-fno-omit-frame-pointer", "-fsanitize=address,undefined",
-             "-fno-sanitize-recover=undefined", f"-I{EMU}/include", f"-I{ROOT}/csrc"]
+    cxx = CXX + ["-g", "-fno-omit-frame-pointer", "-fsanitize=address,undefined", "-fno-sanitize-recover=undefined"]
     objs = []
     procs = []
     for name, path in (("kernel", d / "kernel.cpp"), ("driver", os.path.join(EMU, "centroid_driver.cpp"))):
         obj = d / f"{name}.o"
         objs.append(str(obj))
-        procs.append(subprocess.Popen(["g++", *flags, "-c", str(path), "-o", str(obj)],
+        procs.append(subprocess.Popen([*cxx, "-c", str(path), "-o", str(obj)],
                                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
     for p in procs:
         out = p.communicate()[0]
         assert p.returncode == 0, out
     exe = d / "driver"
-    r = subprocess.run(["g++", *flags, *objs, "-o", str(exe)], capture_output=True, text=True)
+    r = subprocess.run([*cxx, *objs, "-o", str(exe)], capture_output=True, text=True)
     assert r.returncode == 0, r.stdout + r.stderr
     return str(exe), d
 
@@ -264,8 +264,7 @@ def _broken_driver(driver, tmp_path, pattern, replacement):
     assert n == 1, f"the mutation's anchor moved: {pattern!r}"
     with open(tmp_path / "kernel.cpp", "w") as f:
         f.write(cpu_launches(broken)[0])
-    flags = ["-std=c++17", "-O1", f"-I{EMU}/include", f"-I{ROOT}/csrc"]
-    r = subprocess.run(["g++", *flags, str(tmp_path / "kernel.cpp"), os.path.join(EMU, "centroid_driver.cpp"),
+    r = subprocess.run([*CXX, str(tmp_path / "kernel.cpp"), os.path.join(EMU, "centroid_driver.cpp"),
                         "-o", str(tmp_path / "broken")], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     return str(tmp_path / "broken"), driver[1]
