@@ -122,6 +122,7 @@ def record(case, variant, fn, flop=0, images=0, rounds=ROUNDS, classes=False):
         if classes and CUDA:
             try:
                 row["gpu_ms"], row["gpu_ms_by_class"], row["top_kernels"], row["top_ops"] = gpu_by_class(fn)
+                row["gpu_ms_kernels_only"] = True  # user annotations left out (gpu_summary.kernels_only)
                 if train:  # which parts of the step its GPU time goes to
                     row["gpu_ms_by_region"] = gpu_ms_by_region(fn, DEV)
             except Exception as e:  # noqa: BLE001: keep the timing

@@ -136,10 +136,18 @@ def test_tma_kernels_match_row_kernels(dtype, shape):
     dh_rows = dmfb._branches_dgrad(w, G_rows, [1, 2, 4, 8], h, tma=False)
     dh_tma = dmfb._branches_dgrad(w, G_rows, [1, 2, 4, 8], h, tma=True)
     assert _err(dh_tma, dh_rows) <= TOL[dtype], _err(dh_tma, dh_rows)
-    # the opt-in TMA weight gradient (DMFN_WGRAD_TMA), fp32 sums, against the row kernel's
+    # the TMA weight gradient (DMFN_WGRAD_TMA), fp32 sums, against the row kernel's
     dw_rows, db_rows = dmfb._branches_wgrad(h, G_rows, [1, 2, 4, 8], taps9=False, tma=False)
     dw_tma, db_tma = dmfb._branches_wgrad(h, G_rows, [1, 2, 4, 8], tma=True)
-    assert _err(dw_tma, dw_rows) <= 1e-4 and _err(db_tma, db_rows) <= 1e-4, (_err(dw_tma, dw_rows), _err(db_tma, db_rows))
+    assert _err(dw_tma, dw_rows) <= 1e-4, _err(dw_tma, dw_rows)
+    # The bias gradient sums G over pixels, and G comes through the instance norm's backward, whose sum over
+    # an image's pixels is zero: in fp16 the terms' magnitudes are about 6e5 times their sum (H200, s10), so
+    # two fp32 summation orders differ by about 2e-4 of the result. Both kernels are checked against the
+    # float64 sum, in units of the summed magnitudes (fp32 rounding, whatever the order).
+    Gp = G_rows.double().permute(0, 2, 3, 1).reshape(-1, 4, C)
+    db64, mag = Gp.sum(0), Gp.abs().sum(0)
+    for db in (db_rows, db_tma):
+        assert (db.double() - db64).norm() <= 1e-6 * mag.norm(), ((db.double() - db64).norm() / mag.norm()).item()
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -187,7 +195,8 @@ def test_opcheck_every_op_on_cuda():
     interpreter."""
     from test_dmfb_triton import check_opcheck
 
-    assert len(check_opcheck(2, 7, 5, 16, device="cuda")) == 7
+    checked = {name.split()[1] for name, _ in check_opcheck(2, 7, 5, 16, device="cuda")}
+    assert checked == set(dmfb.DEFINED), set(dmfb.DEFINED) ^ checked
 
 
 def _block_pair(dtype):

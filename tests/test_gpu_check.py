@@ -93,6 +93,12 @@ def test_adopt_takes_an_opt_in_kernel_only_where_the_breakdown_measured_it_faste
                                           dict(group=vgg, name="ATen bias add, ReLU", gpu_ms=plain)]) if on}
     assert vgg_adopted(9.0, 10.0) == {"DMFN_BIAS_ACT"}
     assert vgg_adopted(9.8, 10.0) == set()
+    # less GPU time but slower per call (host-bound: s10's H200 VGG rows) is not adopted; per call within 3% is
+    rows_s10 = [dict(group=vgg, name="bias+ReLU kernel", gpu_ms=6.13, ms=10.84),
+                dict(group=vgg, name="ATen bias add, ReLU", gpu_ms=7.53, ms=8.08)]
+    assert not dict((s, on) for s, on, _ in decide(rows_s10))["DMFN_BIAS_ACT"]
+    rows_s10[0]["ms"] = 8.3
+    assert dict((s, on) for s, on, _ in decide(rows_s10))["DMFN_BIAS_ACT"]
 
 
 def test_centroid_input_read_share(tmp_path):
@@ -143,6 +149,43 @@ def test_top_ops_names_the_ops_that_launched_the_most_gpu_time(tmp_path):
     gpu_summary.main(str(tmp_path))
     md = (tmp_path / "summary.md").read_text()
     assert "| 2.0 | `aten::copy_` | `[[2], [2]]` |" in md
+
+
+def test_device_kernel_times_leave_out_user_annotations():
+    """The GPU time of a profiled call sums kernels only: a record_function range also shows as a device
+    event spanning its kernels (with CPU activity on), which counted them twice."""
+    from types import SimpleNamespace
+
+    import torch
+
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    import e2e_common
+
+    cpu, cuda = torch.autograd.DeviceType.CPU, torch.autograd.DeviceType.CUDA
+    ev = [SimpleNamespace(key="G forward", device_type=cuda, self_device_time_total=9000.0, is_user_annotation=True),
+          SimpleNamespace(key="sm90_xmma_fprop", device_type=cuda, self_device_time_total=6000.0,
+                          is_user_annotation=False),
+          SimpleNamespace(key="in_apply", device_type=cuda, self_device_time_total=3000.0),
+          SimpleNamespace(key="aten::add_", device_type=cpu, self_device_time_total=3000.0, is_user_annotation=False)]
+    assert e2e_common.device_kernel_ms(ev, steps=3) == {"sm90_xmma_fprop": 2.0, "in_apply": 1.0}
+
+
+def test_summary_takes_annotations_out_of_old_rows(tmp_path):
+    """Rows from before device_kernel_ms (s10's H200 run) counted train_step's record_function ranges as
+    kernels: the summary takes out the ones listed among the top kernels and says when a shorter one may
+    be left in; new rows (gpu_ms_kernels_only) are read as they are."""
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    import gpu_summary
+
+    top = [["G forward", "other", 14.0], ["sm90_xmma_fprop", "conv/matmul libraries", 2.0],
+           ["## Call CompiledFxGraph abc ##", "other", 6.0]] + [[f"k{i}", "other", 0.5] for i in range(17)]
+    old = dict(case="train step 256px batch 16", variant="fast", ms=60.0, gpu_ms=30.5, top_kernels=top,
+               gpu_ms_by_class={"other": 28.5, "conv/matmul libraries": 2.0})
+    fixed = gpu_summary.kernels_only(old)
+    assert fixed["gpu_ms"] == 10.5 and fixed["gpu_ms_by_class"]["other"] == 8.5
+    assert fixed["gpu_ms_annotations_removed"] == 20.0 and fixed["gpu_ms_annotations_left_under_ms"] == 0.5
+    assert [k[0] for k in fixed["top_kernels"]][:2] == ["sm90_xmma_fprop", "k0"]
+    assert gpu_summary.kernels_only(dict(old, gpu_ms_kernels_only=True))["gpu_ms"] == 30.5
 
 
 def test_adopt_sets_each_measured_switch_both_ways(tmp_path, capsys):

@@ -219,6 +219,39 @@ def test_train_step_drops_what_a_nonfinite_loss_computed(bad, monkeypatch):
         assert all(p.grad is None for p in G.parameters())
 
 
+def test_step_terms_outlive_the_loss_outputs():
+    """The terms train_step returns are copies, not the loss's own outputs: under torch.compile's
+    reduce-overhead mode those live in CUDA graph memory that the next step's replay overwrites (on the
+    H200 the e2e stage kept a step's terms past the next step and failed). Here the loss's outputs are
+    overwritten in place after the step, as a replay would, and the terms keep their values."""
+    import dmfn_fast.training.step as S
+    from dmfn_fast.training import build
+
+    torch.manual_seed(0)
+    G, D = build.models(8, 1, 4, "reference", "cpu", torch.contiguous_format, 0)
+    parts = build.optimizers(G, D)
+    image, mask = torch.rand(2, 3, 32, 32) * 2 - 1, torch.zeros(2, 1, 32, 32)
+    mask[..., 8:24, 8:24] = 1
+    box = torch.tensor([[8, 8, 16, 16]] * 2)
+    outputs = []
+
+    def crit(out, tgt, pred_real, pred_fake, *feats):
+        rec = (out - tgt).abs().mean()
+        loss = rec + pred_fake.float().mean()
+        outputs.extend([rec, loss])
+        return loss, {"rec": rec}
+    terms, ok = S.train_step(G, D, S.RealFake(D), crit, parts.opt_G, parts.opt_D, parts.scaler, image, mask, box,
+                             lambda: torch.autocast("cpu", enabled=False), lambda loss: True)
+    assert ok and set(terms) == {"rec", "G", "D"}
+    kept = {k: v.item() for k, v in terms.items()}
+    assert kept["rec"] == outputs[0].item() and kept["G"] == outputs[1].item()
+    with torch.no_grad():
+        for t in outputs:
+            t.fill_(float("nan"))
+    assert {k: v.item() for k, v in terms.items()} == kept
+    assert all(v.dtype == torch.float32 and v.dim() == 0 for v in terms.values())
+
+
 def test_compile_compiles_every_module_of_the_step(tmp_path, monkeypatch):
     """--compile compiles G, D, the real+fake pair and the loss (with its VGG), and trains as eager does:
     traced by aot_eager (Inductor's CPU build takes minutes here; CUDA's Inductor is checked by

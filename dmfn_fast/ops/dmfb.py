@@ -328,14 +328,15 @@ def _taps9(dtype, device):
 
 
 _WGRAD9 = os.environ.get("DMFN_WGRAD9", "0") == "1"
-# branches_wgrad_tma: opt-in until a GPU benchmark shows it faster (gpu_breakdown.py times it; gpu_adopt.py)
-_WGRAD_TMA = os.environ.get("DMFN_WGRAD_TMA", "0") == "1"
+# branches_wgrad_tma where _tma allows (sm_90): 83 against the row kernel's 120 us at the training shape (H200,
+# s10, gpu_breakdown.py); DMFN_WGRAD_TMA=0 turns it off
+_WGRAD_TMA = os.environ.get("DMFN_WGRAD_TMA", "1") != "0"
 
 
 def _branches_wgrad(h, G, dil, taps9=None, tma=None):
     """(dw fp32 [4, 9, C, C], db fp32 [4, C]) from h and the suffix sums G. taps9: force (True) or refuse
-    (False) branches_wgrad9; None: _taps9. tma: the same for branches_wgrad_tma (None: DMFN_WGRAD_TMA=1 where
-    _tma allows); it takes precedence over taps9."""
+    (False) branches_wgrad9; None: _taps9. tma: the same for branches_wgrad_tma (None: where _tma allows, unless
+    DMFN_WGRAD_TMA=0); it takes precedence over taps9."""
     N, C, H, W = h.shape
     # apart in the op path (a custom op's outputs may not alias); in the eager Functions, from their _arena
     dw = _zeros32(4, 9, C, C, like=h)
@@ -443,10 +444,14 @@ def _on_input_device(fn):
 
 
 
+DEFINED = []  # the names of the ops _define registered (the opcheck tests check every one)
+
+
 def _define(name, fn, backward=None, setup_context=None):
     """The op `dmfn_fast::name`: a triton_op, or else an opaque custom_op whose fake impl is `fn`
     itself (its launches skip fake tensors). Returns an _Op."""
     qualname = f"dmfn_fast::{name}"
+    DEFINED.append(name)
     fn = _on_input_device(fn)
     if _USE_TRITON_OP:
         op = torch.library.triton_op(qualname, fn, mutates_args=())

@@ -82,7 +82,7 @@ def train_step(G, D, D_pair, criterion, opt_G, opt_D, scaler, image, mask, box, 
     D_pair is RealFake(D), possibly DDP-wrapped. `autocast()` gives the autocast context and
     `finite(loss)` says whether a loss is finite (on every rank). Returns (terms, ok): ok is False
     when a loss was non-finite and its update skipped (a G update whose D loss is bad stays; a bad G loss
-    skips both updates)."""
+    skips both updates). The terms are fp32 scalars of one fresh tensor: they outlive the next step."""
     D.requires_grad_(False)
     with autocast():
         with record_function("G forward"):
@@ -93,8 +93,7 @@ def train_step(G, D, D_pair, criterion, opt_G, opt_D, scaler, image, mask, box, 
             pred_real, feats_real = D(crops(image), global_view(image))
         with record_function("losses"):
             loss_g, terms = criterion(out, image, pred_real, pred_fake, feats_fake, feats_real)
-    terms = {k: v.detach().float() for k, v in terms.items()}
-    terms["G"] = loss_g.detach().float()
+    terms = dict(terms, G=loss_g)
     opt_G.zero_grad(set_to_none=True)
     with record_function("G backward"):
         scaler.scale(loss_g).backward()
@@ -109,9 +108,13 @@ def train_step(G, D, D_pair, criterion, opt_G, opt_D, scaler, image, mask, box, 
         with autocast():
             pred_real, pred_fake = D_pair(crops(image), global_view(image), crops(fake), global_view(fake))
             loss_d = rals_d_loss(pred_real.float(), pred_fake.float())
-        terms["D"] = loss_d.detach()
+        terms["D"] = loss_d
         opt_D.zero_grad(set_to_none=True)
         scaler.scale(loss_d).backward()
+    # One copy of every term, out of memory that a compiled loss's CUDA graphs reuse (mode reduce-overhead):
+    # the next step's replay overwrites its outputs, and a caller may keep the terms past it (s10's H200).
+    values = torch.stack([v.detach().float() for v in terms.values()])
+    terms = dict(zip(terms, values.unbind()))
     ok_g = finite(loss_g)
     ok = ok_g and finite(loss_d)
     if ok_g:
