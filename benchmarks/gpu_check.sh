@@ -99,10 +99,11 @@ if [ "${GPU_CHECK_ADOPT:-1}" = 1 ]; then
   [ -n "$ADOPT" ] && echo "e2e runs with the kernel switches the breakdown chose: $ADOPT" >> "$OUT/stages.txt"
 fi
 [ $DRY = 1 ] && rm -rf "$STATE"
-# GPU_CHECK_E2E_ONLY="fast,amp+compile,...": only those variants (gpu_e2e.py --only), to fit a lease
+# GPU_CHECK_E2E_ONLY="fast,amp+compile,...": only those variants (gpu_e2e.py --only), to fit a lease;
+# GPU_CHECK_E2E_LIMIT: the stage's limit in seconds (360), for a call that gives it most of its time
 E2E_ONLY=(); [ -n "${GPU_CHECK_E2E_ONLY:-}" ] && E2E_ONLY=(--only "$GPU_CHECK_E2E_ONLY")
 # shellcheck disable=SC2086  # ADOPT: zero or more NAME=0|1 words
-stage e2e 360 env $ADOPT $PY benchmarks/gpu_e2e.py "$OUT" "${DRYFLAG[@]}" "${E2E_ONLY[@]}"
+stage e2e "${GPU_CHECK_E2E_LIMIT:-360}" env $ADOPT $PY benchmarks/gpu_e2e.py "$OUT" "${DRYFLAG[@]}" "${E2E_ONLY[@]}"
 # fast+compile again with the fused ops opaque to the compiler (DMFN_TRITON_OP=0; CUDA only), to compare
 # shellcheck disable=SC2086
 [ $DRY = 1 ] || stage e2e-opaque 240 env $ADOPT DMFN_TRITON_OP=0 $PY benchmarks/gpu_e2e.py "$OUT" --only fast+compile

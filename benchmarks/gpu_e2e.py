@@ -110,8 +110,8 @@ def record(case, variant, fn, flop=0, images=0, rounds=ROUNDS, classes=False):
     if on:
         row["opt_in"] = on
     train = case.startswith("train step")
+    t0 = time.perf_counter()
     try:
-        t0 = time.perf_counter()
         if train:  # the first steps from the fixed weights and batch, which compiled and eager must agree on (the
             # second's terms follow from the first's gradients and update), are the first warm-up calls
             firsts = [fn() for _ in range(min(2, WARM))]
@@ -140,6 +140,7 @@ def record(case, variant, fn, flop=0, images=0, rounds=ROUNDS, classes=False):
                 row["mfu_pct"] = 100 * row["tflops"] / bf16_peak(DEV)
     except Exception as e:  # noqa: BLE001: one failed variant must not stop the others
         row["error"] = f"{type(e).__name__}: {e}"[:500]
+        row["wall_s_to_error"] = time.perf_counter() - t0  # how much of a lease it cost (compiles included)
         traceback.print_exc()
     with open(LOG, "a") as f:
         f.write(json.dumps(row) + "\n")
@@ -276,8 +277,8 @@ def label(variant):
 def opt_in():
     """The alternative kernels this run's fast variants take on this card (gpu_check.sh sets the switches as
     its breakdown measured them): "wgrad9" (DMFN_WGRAD9=1), "tma (eager)" (DMFN_TMA, on by default on sm_90;
-    compiled graphs keep the row kernels), "wgrad tma (eager)" (DMFN_WGRAD_TMA=1 with DMFN_TMA on; it takes
-    precedence over wgrad9), "bias+relu kernel (eager)" (DMFN_BIAS_ACT=1: the VGG's and the generator's first
+    compiled graphs keep the row kernels), "wgrad tma (eager)" (DMFN_WGRAD_TMA, on by default with DMFN_TMA since
+    s10; it takes precedence over wgrad9), "bias+relu kernel (eager)" (DMFN_BIAS_ACT=1: the VGG's and the generator's first
     convolutions add their bias under the ReLU in one kernel)."""
     from dmfn_fast.ops import bias_act, dmfb
     on = []

@@ -19,8 +19,8 @@ from . import _impl
 from . import dmfb as _d
 
 ACTS = ("none", "relu", "lrelu")
-# impl="auto" takes the kernel only with DMFN_BIAS_ACT=1 until a GPU has timed it against ATen's two passes
-# (benchmarks/gpu_breakdown.py's VGG rows; gpu_adopt.py sets the switch where it wins). impl="fast" takes it.
+# impl="auto" takes the kernel only with DMFN_BIAS_ACT=1: on the H200 (s10) the VGG's fwd+bwd took 1.40 ms less
+# GPU time with it but 2.76 ms more per call (host-bound eager; gpu_adopt.py weighs both). impl="fast" takes it.
 _AUTO = os.environ.get("DMFN_BIAS_ACT", "0") == "1"
 
 
@@ -110,8 +110,8 @@ def fast_why_not(x: torch.Tensor) -> str:
 def use_fast(x: torch.Tensor, impl: str = "auto") -> bool:
     """Whether the callers (the VGG, the generator) take the kernel for x's convolutions under `impl`: only
     where it can run (imported, CUDA, float; never while torch.compile traces), so impl="fast", which they
-    also pass to ops that run elsewhere, raises nothing here. auto: with DMFN_BIAS_ACT=1 (not yet timed on a
-    GPU), then as the DMFB decides (dmfb.auto_prefers_fused: fp16/bf16, autocast included); fast: always."""
+    also pass to ops that run elsewhere, raises nothing here. auto: with DMFN_BIAS_ACT=1 (slower per call on a
+    host-bound eager path, see _AUTO), then as the DMFB decides (dmfb.auto_prefers_fused: fp16/bf16, autocast included); fast: always."""
     if torch.compiler.is_compiling() or not available() or fast_why_not(x):
         return False
     return _impl.resolve(impl, lambda: "", op="convolution bias and activation",
