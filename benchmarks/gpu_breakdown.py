@@ -347,6 +347,13 @@ for dt, layout, a, t in ([] if args.no_centroid else centroid_cases()):
     record(g, "torch formula", lambda: torch.autograd.grad(ca.centroid_align_loss_reference(a, t), a), 0, nbytes)
     if ca.extension_available() and ca.has_kernel(DEV):
         record(g, "extension", lambda: torch.autograd.grad(ca.centroid_align_loss(a, t, impl="fast"), a), 0, nbytes)
+        if CUDA and layout == "channels_last":  # the forward planned as two waves of blocks (DMFN_CENTROID_WAVES)
+            os.environ["DMFN_CENTROID_WAVES"] = "2"
+            try:
+                record(g, "extension, two waves", lambda: torch.autograd.grad(
+                    ca.centroid_align_loss(a, t, impl="fast"), a), 0, nbytes)
+            finally:
+                del os.environ["DMFN_CENTROID_WAVES"]
     else:
         print(f"[{g}] extension not available: {ca._ext_state.get('why')}")
 

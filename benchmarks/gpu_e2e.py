@@ -298,17 +298,17 @@ def main():
     G, x, _ = gen_fwd_bwd("baseline")
     gflop["gen_fwd"] = count_flops(lambda: G(x))
     del G, x
-    eager = [v for v in ("fast", "amp", "baseline") if want(v)]
-    for v in eager:
+    eager = ("fast", "amp", "baseline")
+    for v in [v for v in eager if want(v, "generator")]:
         _, _, step = gen_fwd_bwd(v)
         record(f"generator fwd+bwd {SIZE}px batch {BATCH}", label(v), step, 3 * gflop["gen_fwd"], classes=True)
-    for v in [v for v in ("fast", "amp") if want(v)]:
+    for v in [v for v in ("fast", "amp") if want(v, "inference")]:
         record(f"inference {SIZE}px batch {INFER_BATCH}", label(v), inference(v),
                gflop["gen_fwd"] * INFER_BATCH // BATCH, images=INFER_BATCH, classes=True)
     step = build_training("baseline", SIZE, BATCH, NF, NB, D_NF, DEV)
     gflop["train"] = count_flops(step)
     del step
-    for v in eager:
+    for v in [v for v in eager if want(v, "step")]:
         step = build_training(v, SIZE, BATCH, NF, NB, D_NF, DEV)
         record(f"train step {SIZE}px batch {BATCH}", label(v), step, gflop["train"], images=BATCH, classes=True)
         del step

@@ -4,6 +4,8 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include <cstdlib>
+#include <cstring>
 #include <limits>
 
 #include "centroid_align.h"
@@ -36,6 +38,19 @@ void check_sizes(const at::Tensor& f) {
               "centroid_align: map too large for the CUDA kernels: ", f.sizes());
 }
 
+// The forward's plan sizes its pixel runs to fill the SMs once (one wave of blocks). DMFN_CENTROID_WAVES=2..4
+// plans that many waves of shorter runs instead: an A/B that gpu_breakdown.py times (the fp32 forward read at
+// 2.88 TB/s in one wave on the H200, s10; whether overlapping one block's tail with the next block's loads
+// wins is measured, not modelled). Read per call, so a benchmark can switch it.
+int plan_waves() {
+  const char* v = std::getenv("DMFN_CENTROID_WAVES");
+  if (v == nullptr || *v == '\0') return 1;
+  TORCH_CHECK(std::strlen(v) == 1 && v[0] >= '1' && v[0] <= '4',
+              "DMFN_CENTROID_WAVES must be 1, 2, 3 or 4 (waves of blocks the centroid forward plans), got '", v,
+              "'; unset it for the default 1");
+  return v[0] - '0';
+}
+
 std::tuple<at::Tensor, at::Tensor> fwd_cuda(const at::Tensor& f_out_in, const at::Tensor& f_tgt_in) {
   check_fwd_inputs(f_out_in, f_tgt_in);
   check_sizes(f_out_in);
@@ -47,7 +62,8 @@ std::tuple<at::Tensor, at::Tensor> fwd_cuda(const at::Tensor& f_out_in, const at
   at::Tensor stats = at::empty({2, N, C, 3}, f_out.options().dtype(acc));
   at::Tensor loss = at::empty({}, f_out.options().dtype(acc));
   const auto dt = dtype_of(f_out.scalar_type());
-  const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  // the plan fills `sms` SMs once: that many times the waves asked for
+  const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount * plan_waves();
   const dmfn_fast_cuda::MapView a = view_of(f_out), b = view_of(f_tgt);
   const size_t bytes = dmfn_fast_cuda::forward_work_bytes(a, b, dt, N, C, H, W, sms);
   at::Tensor work = at::empty({static_cast<int64_t>(bytes)}, f_out.options().dtype(at::kByte));

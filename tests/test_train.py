@@ -175,6 +175,17 @@ def test_rng_state_round_trip(tmp_path):
     assert torch.equal(first[0], second[0]) and np.array_equal(first[1], second[1]) and first[2] == second[2]
 
 
+def _tiny_step_setup():
+    """A tiny reference G and D on the CPU, their optimizers, and one batch (image, mask, box) for train_step."""
+    from dmfn_fast.training import build
+
+    torch.manual_seed(0)
+    G, D = build.models(8, 1, 4, "reference", "cpu", torch.contiguous_format, 0)
+    image, mask = torch.rand(2, 3, 32, 32) * 2 - 1, torch.zeros(2, 1, 32, 32)
+    mask[..., 8:24, 8:24] = 1
+    return G, D, build.optimizers(G, D), image, mask, torch.tensor([[8, 8, 16, 16]] * 2)
+
+
 @pytest.mark.parametrize("bad", ["G", "D"])
 def test_train_step_drops_what_a_nonfinite_loss_computed(bad, monkeypatch):
     """The losses are read once both backwards are queued (the host waits for the GPU once per step): at the
@@ -184,14 +195,8 @@ def test_train_step_drops_what_a_nonfinite_loss_computed(bad, monkeypatch):
     import copy
 
     import dmfn_fast.training.step as S
-    from dmfn_fast.training import build
 
-    torch.manual_seed(0)
-    G, D = build.models(8, 1, 4, "reference", "cpu", torch.contiguous_format, 0)
-    parts = build.optimizers(G, D)
-    image, mask = torch.rand(2, 3, 32, 32) * 2 - 1, torch.zeros(2, 1, 32, 32)
-    mask[..., 8:24, 8:24] = 1
-    box = torch.tensor([[8, 8, 16, 16]] * 2)
+    G, D, parts, image, mask, box = _tiny_step_setup()
     nan = float("nan")
 
     def crit(out, tgt, pred_real, pred_fake, *feats):
@@ -225,14 +230,8 @@ def test_step_terms_outlive_the_loss_outputs():
     H200 the e2e stage kept a step's terms past the next step and failed). Here the loss's outputs are
     overwritten in place after the step, as a replay would, and the terms keep their values."""
     import dmfn_fast.training.step as S
-    from dmfn_fast.training import build
 
-    torch.manual_seed(0)
-    G, D = build.models(8, 1, 4, "reference", "cpu", torch.contiguous_format, 0)
-    parts = build.optimizers(G, D)
-    image, mask = torch.rand(2, 3, 32, 32) * 2 - 1, torch.zeros(2, 1, 32, 32)
-    mask[..., 8:24, 8:24] = 1
-    box = torch.tensor([[8, 8, 16, 16]] * 2)
+    G, D, parts, image, mask, box = _tiny_step_setup()
     outputs = []
 
     def crit(out, tgt, pred_real, pred_fake, *feats):
