@@ -238,7 +238,7 @@ for dt in (torch.bfloat16, torch.float32):
                4 * CONV, 9 * act, configs=lambda: best_configs("lowp" if dt != torch.float32 else "f32"))
         G = ops._branches_forward(h, w, b, DIL, grad=(dtg, mean, rstd, sa, sb), tma=False)
         if sm90:
-            # the opt-in TMA kernels (DMFN_TMA=1): 2-D pixel tiles, h by tensor descriptor
+            # the TMA kernels (DMFN_TMA, the sm_90 default): 2-D pixel tiles, h by tensor descriptor
             record(g, "fused fwd kernel, TMA 2-D tiles", lambda: ops._branches_forward(h, w, b, DIL, tma=True),
                    4 * CONV, 5 * act, configs=lambda: best_configs("lowp"))
             record(g, "fused grad kernel, TMA 2-D tiles",
@@ -251,7 +251,7 @@ for dt in (torch.bfloat16, torch.float32):
                    4 * CONV, 5 * act, configs=lambda: best_configs("lowp"))
         record(g, "fused wgrad kernel", lambda: ops._branches_wgrad(h, G, DIL, taps9=False, tma=False),
                4 * CONV, 5 * act, configs=lambda: best_configs("lowp" if dt != torch.float32 else "f32"))
-        if sm90:  # the opt-in branches_wgrad_tma (DMFN_WGRAD_TMA=1): runs of 2-D tiles by TMA per (branch, tap)
+        if sm90:  # branches_wgrad_tma (DMFN_WGRAD_TMA, the sm_90 default since s10): TMA tiles per (branch, tap)
             record(g, "fused wgrad kernel, TMA 2-D tiles", lambda: ops._branches_wgrad(h, G, DIL, tma=True),
                    4 * CONV, 5 * act, configs=lambda: best_configs("lowp"))
         if dt != torch.float32 and (not CUDA or torch.cuda.get_device_capability()[0] >= 9):
@@ -346,14 +346,18 @@ for dt, layout, a, t in ([] if args.no_centroid else centroid_cases()):
     g = f"centroid fwd+bwd {tag} {layout} {list(CENTROID)}"
     record(g, "torch formula", lambda: torch.autograd.grad(ca.centroid_align_loss_reference(a, t), a), 0, nbytes)
     if ca.extension_available() and ca.has_kernel(DEV):
-        record(g, "extension", lambda: torch.autograd.grad(ca.centroid_align_loss(a, t, impl="fast"), a), 0, nbytes)
-        if CUDA and layout == "channels_last":  # the forward planned as two waves of blocks (DMFN_CENTROID_WAVES)
-            os.environ["DMFN_CENTROID_WAVES"] = "2"
-            try:
-                record(g, "extension, two waves", lambda: torch.autograd.grad(
-                    ca.centroid_align_loss(a, t, impl="fast"), a), 0, nbytes)
-            finally:
-                del os.environ["DMFN_CENTROID_WAVES"]
+        # the forward planned as one wave of blocks (the default), and as two (DMFN_CENTROID_WAVES, read per call)
+        waves_set = os.environ.get("DMFN_CENTROID_WAVES")
+        try:
+            for waves, name in (("1", "extension"), ("2", "extension, two waves")):
+                if waves == "2" and not (CUDA and layout == "channels_last"):
+                    continue
+                os.environ["DMFN_CENTROID_WAVES"] = waves
+                record(g, name, lambda: torch.autograd.grad(ca.centroid_align_loss(a, t, impl="fast"), a), 0, nbytes)
+        finally:
+            os.environ.pop("DMFN_CENTROID_WAVES", None)
+            if waves_set is not None:
+                os.environ["DMFN_CENTROID_WAVES"] = waves_set
     else:
         print(f"[{g}] extension not available: {ca._ext_state.get('why')}")
 

@@ -277,9 +277,9 @@ def label(variant):
 def opt_in():
     """The alternative kernels this run's fast variants take on this card (gpu_check.sh sets the switches as
     its breakdown measured them): "wgrad9" (DMFN_WGRAD9=1), "tma (eager)" (DMFN_TMA, on by default on sm_90;
-    compiled graphs keep the row kernels), "wgrad tma (eager)" (DMFN_WGRAD_TMA, on by default with DMFN_TMA since
-    s10; it takes precedence over wgrad9), "bias+relu kernel (eager)" (DMFN_BIAS_ACT=1: the VGG's and the generator's first
-    convolutions add their bias under the ReLU in one kernel)."""
+    compiled graphs keep the row kernels), "wgrad tma (eager)" (DMFN_WGRAD_TMA, on by default with DMFN_TMA
+    since s10; it takes precedence over wgrad9), "bias+relu kernel (eager)" (DMFN_BIAS_ACT=1: the VGG's and
+    the generator's first convolutions add their bias under the ReLU in one kernel)."""
     from dmfn_fast.ops import bias_act, dmfb
     on = []
     tma = CUDA and dmfb._TMA and torch.cuda.get_device_capability()[0] >= 9

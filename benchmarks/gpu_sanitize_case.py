@@ -1,6 +1,7 @@
-"""One small fused DMFB forward+backward (bf16 and fp32, odd sizes), on sm_90 the TMA kernels and the
-opt-in 9-tap and TMA wgrad kernels, the centroid op in each of its kernel paths on CUDA, and the convolutions'
-bias + activation kernel: the workload gpu_check.sh runs under compute-sanitizer memcheck. Exits non-zero if a result is not finite."""
+"""One small fused DMFB forward+backward (bf16 and fp32, odd sizes), on sm_90 the TMA kernels (the TMA
+wgrad among them) and the opt-in 9-tap wgrad kernel, the centroid op in each of its kernel paths on CUDA,
+and the convolutions' bias + activation kernel: the workload gpu_check.sh runs under compute-sanitizer
+memcheck. Exits non-zero if a result is not finite."""
 import torch
 
 from dmfn_fast.models import DMFB

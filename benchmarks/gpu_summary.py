@@ -85,7 +85,10 @@ def kernels_only(row):
         cut = sum(k[2] for k in ann)
         row = dict(row, gpu_ms=round(row["gpu_ms"] - cut, 3), gpu_ms_annotations_removed=round(cut, 3),
                    top_kernels=[k for k in row["top_kernels"] if k not in ann])
-        row["gpu_ms_by_class"] = dict(row["gpu_ms_by_class"], other=round(row["gpu_ms_by_class"]["other"] - cut, 3))
+        by_class = dict(row["gpu_ms_by_class"])
+        for _, cls, ms in ann:  # each from the class the row filed it under (a graph's hash may match one)
+            by_class[cls] = round(by_class[cls] - ms, 3)
+        row["gpu_ms_by_class"] = by_class
         if len(row["top_kernels"]) + len(ann) >= 20:  # a shorter range may be left in
             row["gpu_ms_annotations_left_under_ms"] = row["top_kernels"][-1][2]
     return row

@@ -88,9 +88,9 @@ def test_branches_tf32(shape):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("shape", [(16, 64, 64, 64), (1, 48, 37, 29), (1, 64, 37, 29)])
 def test_wgrad9_matches_float64(dtype, shape):
-    """The opt-in weight gradients, with one program per branch over its 9 taps (DMFN_WGRAD9=1) and over
-    runs of TMA tiles (DMFN_WGRAD_TMA=1), at full size and with edge tiles, against float64 (dW_j[tap, ci,
-    co] and db_j), held to what the per-tap kernel reaches."""
+    """The other weight gradients, with one program per branch over its 9 taps (opt-in DMFN_WGRAD9=1) and
+    over runs of TMA tiles (DMFN_WGRAD_TMA, the sm_90 default), at full size and with edge tiles, against
+    float64 (dW_j[tap, ci, co] and db_j), held to what the per-tap kernel reaches."""
     N, C, H, W = shape
     h = torch.randn(N, C, H, W, device="cuda").to(dtype).contiguous(memory_format=torch.channels_last)
     G = torch.randn(N, 4 * C, H, W, device="cuda").to(dtype).contiguous(memory_format=torch.channels_last)
@@ -114,7 +114,7 @@ def test_wgrad9_matches_float64(dtype, shape):
 def test_tma_kernels_match_row_kernels(dtype, shape):
     """The TMA forward, grad and dgrad kernels (sm_90's default, DMFN_TMA: 2-D pixel tiles, h or G by tensor
     descriptor, the padding zero-filled by the copy engine) at full size and at odd sizes (edge tiles past
-    the image), against the row kernels and the forward against float64; the opt-in TMA wgrad too."""
+    the image), against the row kernels and the forward against float64; the TMA wgrad too."""
     N, C, H, W = shape
     g = torch.Generator(device="cuda").manual_seed(0)
     cl = lambda t: t.to(dtype).contiguous(memory_format=torch.channels_last)  # noqa: E731

@@ -249,6 +249,11 @@ def test_step_terms_outlive_the_loss_outputs():
             t.fill_(float("nan"))
     assert {k: v.item() for k, v in terms.items()} == kept
     assert all(v.dtype == torch.float32 and v.dim() == 0 for v in terms.values())
+    # a term that is not a scalar is refused with its name and shape
+    with pytest.raises(ValueError, match=r"scalar tensors.*'rec': \(\(2,\)"):
+        S.train_step(G, D, S.RealFake(D), lambda *a: (crit(*a)[0], {"rec": torch.zeros(2)}), parts.opt_G,
+                     parts.opt_D, parts.scaler, image, mask, box, lambda: torch.autocast("cpu", enabled=False),
+                     lambda loss: True)
 
 
 def test_compile_compiles_every_module_of_the_step(tmp_path, monkeypatch):

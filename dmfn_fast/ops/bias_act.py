@@ -110,8 +110,9 @@ def fast_why_not(x: torch.Tensor) -> str:
 def use_fast(x: torch.Tensor, impl: str = "auto") -> bool:
     """Whether the callers (the VGG, the generator) take the kernel for x's convolutions under `impl`: only
     where it can run (imported, CUDA, float; never while torch.compile traces), so impl="fast", which they
-    also pass to ops that run elsewhere, raises nothing here. auto: with DMFN_BIAS_ACT=1 (slower per call on a
-    host-bound eager path, see _AUTO), then as the DMFB decides (dmfb.auto_prefers_fused: fp16/bf16, autocast included); fast: always."""
+    also pass to ops that run elsewhere, raises nothing here. auto: with DMFN_BIAS_ACT=1 (slower per call on
+    a host-bound eager path, see _AUTO), then as the DMFB decides (dmfb.auto_prefers_fused: fp16/bf16,
+    autocast included); fast: always."""
     if torch.compiler.is_compiling() or not available() or fast_why_not(x):
         return False
     return _impl.resolve(impl, lambda: "", op="convolution bias and activation",

@@ -321,8 +321,9 @@ def _branches_dgrad(w, G, dil, like, tma=None):
 
 def _taps9(dtype, device):
     """Whether the weight gradient runs branches_wgrad9 (a program per branch over its 9 taps) rather than
-    branches_wgrad (a program per tap): opt-in with DMFN_WGRAD9=1: the H200 timed it at 117.5 against 120.0 us
-    (s10), within the noise, and the TMA wgrad (83.3) takes precedence on sm_90; fp16/bf16 on sm_90 or newer only (its 9 accumulators spill on sm_80)."""
+    branches_wgrad (a program per tap): opt-in with DMFN_WGRAD9=1 (the H200 timed it at 117.5 against 120.0
+    us in s10, within the noise, and the TMA wgrad, 83.3, takes precedence on sm_90); fp16/bf16 on sm_90 or
+    newer only (its 9 accumulators spill on sm_80)."""
     return (_WGRAD9 and not INTERPRET and dtype != torch.float32 and device.type == "cuda"
             and torch.cuda.get_device_capability(device)[0] >= 9)
 

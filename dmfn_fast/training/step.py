@@ -75,6 +75,20 @@ class RealFake(torch.nn.Module):
         return self.D(real_local, real_global)[0], self.D(fake_local, fake_global)[0]
 
 
+def _copied(terms):
+    """{name: fp32 scalar}, one fresh tensor's views: the loss's own outputs may live in memory that its CUDA
+    graphs reuse (torch.compile mode="reduce-overhead"), which a later replay overwrites while a caller may
+    still hold the terms (the H200's e2e stage did, s10). One stack, taken before anything else replays."""
+    try:
+        values = torch.stack([v.detach().float() for v in terms.values()])
+    except (RuntimeError, AttributeError) as e:
+        shapes = {k: (tuple(v.shape), str(v.device)) if torch.is_tensor(v) else type(v).__name__
+                  for k, v in terms.items()}
+        raise ValueError(f"train_step: the criterion's loss terms must be scalar tensors on one device, "
+                         f"got {shapes}") from e
+    return dict(zip(terms, values.unbind()))
+
+
 def train_step(G, D, D_pair, criterion, opt_G, opt_D, scaler, image, mask, box, autocast, finite):
     """The paper's recipe: one G update with D frozen, then one D update on the detached composite.
 
@@ -82,7 +96,7 @@ def train_step(G, D, D_pair, criterion, opt_G, opt_D, scaler, image, mask, box, 
     D_pair is RealFake(D), possibly DDP-wrapped. `autocast()` gives the autocast context and
     `finite(loss)` says whether a loss is finite (on every rank). Returns (terms, ok): ok is False
     when a loss was non-finite and its update skipped (a G update whose D loss is bad stays; a bad G loss
-    skips both updates). The terms are fp32 scalars of one fresh tensor: they outlive the next step."""
+    skips both updates). The terms are fresh fp32 scalars: they outlive the next step."""
     D.requires_grad_(False)
     with autocast():
         with record_function("G forward"):
@@ -93,7 +107,7 @@ def train_step(G, D, D_pair, criterion, opt_G, opt_D, scaler, image, mask, box, 
             pred_real, feats_real = D(crops(image), global_view(image))
         with record_function("losses"):
             loss_g, terms = criterion(out, image, pred_real, pred_fake, feats_fake, feats_real)
-    terms = dict(terms, G=loss_g)
+    terms = _copied(dict(terms, G=loss_g))
     opt_G.zero_grad(set_to_none=True)
     with record_function("G backward"):
         scaler.scale(loss_g).backward()
@@ -108,13 +122,9 @@ def train_step(G, D, D_pair, criterion, opt_G, opt_D, scaler, image, mask, box, 
         with autocast():
             pred_real, pred_fake = D_pair(crops(image), global_view(image), crops(fake), global_view(fake))
             loss_d = rals_d_loss(pred_real.float(), pred_fake.float())
-        terms["D"] = loss_d
         opt_D.zero_grad(set_to_none=True)
         scaler.scale(loss_d).backward()
-    # One copy of every term, out of memory that a compiled loss's CUDA graphs reuse (mode reduce-overhead):
-    # the next step's replay overwrites its outputs, and a caller may keep the terms past it (s10's H200).
-    values = torch.stack([v.detach().float() for v in terms.values()])
-    terms = dict(zip(terms, values.unbind()))
+    terms["D"] = loss_d.detach().float()
     ok_g = finite(loss_g)
     ok = ok_g and finite(loss_d)
     if ok_g:
