@@ -346,12 +346,12 @@ for dt, layout, a, t in ([] if args.no_centroid else centroid_cases()):
     g = f"centroid fwd+bwd {tag} {layout} {list(CENTROID)}"
     record(g, "torch formula", lambda: torch.autograd.grad(ca.centroid_align_loss_reference(a, t), a), 0, nbytes)
     if ca.extension_available() and ca.has_kernel(DEV):
-        # the forward planned as one wave of blocks (the default), and as two (DMFN_CENTROID_WAVES, read per call)
+        # the forward planned as one wave of blocks (the default), and on CUDA channels-last as two
+        # (DMFN_CENTROID_WAVES, read per call)
+        plans = [("1", "extension")] + ([("2", "extension, two waves")] if CUDA and layout == "channels_last" else [])
         waves_set = os.environ.get("DMFN_CENTROID_WAVES")
         try:
-            for waves, name in (("1", "extension"), ("2", "extension, two waves")):
-                if waves == "2" and not (CUDA and layout == "channels_last"):
-                    continue
+            for waves, name in plans:
                 os.environ["DMFN_CENTROID_WAVES"] = waves
                 record(g, name, lambda: torch.autograd.grad(ca.centroid_align_loss(a, t, impl="fast"), a), 0, nbytes)
         finally:
