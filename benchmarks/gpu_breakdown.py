@@ -117,7 +117,7 @@ def record(group, name, fn, flop=0, nbytes=0, **extra):
     msg = f"{row['ms']:9.4f} ms" if "ms" in row else "ERROR " + row["error"][:200]
     perf = "".join(f"  {k}={row[k]:.3g}" for k in ("gpu_ms", "host_ms", "tflops", "pct_bf16_peak", "tbs", "pct_copy_bw") if k in row)
     print(f"[{group}] {name}: {msg}{perf}", flush=True)
-    if name == "extension" and row.get("gpu_us_by_kernel"):  # the centroid op's launches
+    if name.startswith("extension") and row.get("gpu_us_by_kernel"):  # the centroid op's launches, each plan
         print("    us by kernel: " + ", ".join(f"{k[:40]} {v}" for k, v in row["gpu_us_by_kernel"].items()), flush=True)
 
 
@@ -346,18 +346,25 @@ for dt, layout, a, t in ([] if args.no_centroid else centroid_cases()):
     g = f"centroid fwd+bwd {tag} {layout} {list(CENTROID)}"
     record(g, "torch formula", lambda: torch.autograd.grad(ca.centroid_align_loss_reference(a, t), a), 0, nbytes)
     if ca.extension_available() and ca.has_kernel(DEV):
-        # the forward planned as one wave of blocks (the default), and on CUDA channels-last as two
-        # (DMFN_CENTROID_WAVES, read per call)
-        plans = [("1", "extension")] + ([("2", "extension, two waves")] if CUDA and layout == "channels_last" else [])
-        waves_set = os.environ.get("DMFN_CENTROID_WAVES")
+        # the forward as planned by default, and on CUDA channels-last its A/B plans (DMFN_CENTROID_*, read per
+        # call by the extension): two waves of shorter runs, the finish folded into the sums' last blocks
+        plans = [({}, "extension")]
+        if CUDA and layout == "channels_last":
+            plans += [({"WAVES": "2"}, "extension, two waves"), ({"FOLD": "1"}, "extension, folded finish"),
+                      ({"FOLD": "1", "WAVES": "2"}, "extension, folded, two waves")]
+        keys = [f"DMFN_CENTROID_{k}" for k in ("WAVES", "FOLD")]
+        saved = {k: os.environ.get(k) for k in keys}
         try:
-            for waves, name in plans:
-                os.environ["DMFN_CENTROID_WAVES"] = waves
+            for env, name in plans:
+                for k in keys:
+                    os.environ.pop(k, None)
+                os.environ.update({f"DMFN_CENTROID_{k}": v for k, v in env.items()})
                 record(g, name, lambda: torch.autograd.grad(ca.centroid_align_loss(a, t, impl="fast"), a), 0, nbytes)
         finally:
-            os.environ.pop("DMFN_CENTROID_WAVES", None)
-            if waves_set is not None:
-                os.environ["DMFN_CENTROID_WAVES"] = waves_set
+            for k, v in saved.items():
+                os.environ.pop(k, None)
+                if v is not None:
+                    os.environ[k] = v
     else:
         print(f"[{g}] extension not available: {ca._ext_state.get('why')}")
 

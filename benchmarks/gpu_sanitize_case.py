@@ -2,6 +2,8 @@
 wgrad among them) and the opt-in 9-tap wgrad kernel, the centroid op in each of its kernel paths on CUDA,
 and the convolutions' bias + activation kernel: the workload gpu_check.sh runs under compute-sanitizer
 memcheck. Exits non-zero if a result is not finite."""
+import os
+
 import torch
 
 from dmfn_fast.models import DMFB
@@ -35,18 +37,22 @@ if torch.cuda.get_device_capability()[0] >= 9:
     assert all(torch.isfinite(v).all() for v in (k, G, dw, dh, dw_tma, db_tma))
 # every centroid kernel: planes (NCHW), both maps in one launch with 16-byte channels-last loads (C a multiple
 # of 8 in bf16, 4 in fp32; 40x42: 14 runs of 128 pixels, the last partial, rows wider than a thread's 32-pixel
-# step), 16-byte channels-last one map at a time (the target NCHW), and scalar channels-last (C = 6 in bf16)
-for dt, C, HW, mf, mf_tgt in ((torch.float32, 8, 5, torch.contiguous_format, None),
-                              (torch.bfloat16, 24, 5, torch.channels_last, None),
-                              (torch.float32, 12, 5, torch.channels_last, None),
-                              (torch.bfloat16, 16, 40, torch.channels_last, None),
-                              (torch.bfloat16, 16, 5, torch.channels_last, torch.contiguous_format),
-                              (torch.bfloat16, 6, 5, torch.channels_last, None)):
+# step), 16-byte channels-last one map at a time (the target NCHW), and scalar channels-last (C = 6 in bf16);
+# then the two-map cases again with the finish folded into that kernel (DMFN_CENTROID_FOLD, read per call)
+cases = ((torch.float32, 8, 5, torch.contiguous_format, None),
+         (torch.bfloat16, 24, 5, torch.channels_last, None),
+         (torch.float32, 12, 5, torch.channels_last, None),
+         (torch.bfloat16, 16, 40, torch.channels_last, None),
+         (torch.bfloat16, 16, 5, torch.channels_last, torch.contiguous_format),
+         (torch.bfloat16, 6, 5, torch.channels_last, None))
+for fold, (dt, C, HW, mf, mf_tgt) in [("0", c) for c in cases] + [("1", c) for c in cases[1:4]]:
+    os.environ["DMFN_CENTROID_FOLD"] = fold
     a = torch.rand(2, C, HW, HW + 2, device="cuda", dtype=dt).contiguous(memory_format=mf).requires_grad_()
     b = torch.rand_like(a).contiguous(memory_format=mf_tgt or mf)
     loss = ca.centroid_align_loss(a, b, impl="fast")
     loss.backward()
     assert torch.isfinite(loss) and torch.isfinite(a.grad).all()
+os.environ.pop("DMFN_CENTROID_FOLD")
 # the convolutions' bias + activation kernel: a partial channel tile (40) and a partial pixel tile, both forms
 xb = torch.randn(2, 40, 9, 13, device="cuda", dtype=torch.bfloat16).contiguous(memory_format=torch.channels_last)
 for bias, act in ((torch.randn(40, device="cuda", dtype=torch.bfloat16), "lrelu"), (None, "relu")):

@@ -38,17 +38,27 @@ void check_sizes(const at::Tensor& f) {
               "centroid_align: map too large for the CUDA kernels: ", f.sizes());
 }
 
-// The forward's plan sizes its pixel runs to fill the SMs once (one wave of blocks). DMFN_CENTROID_WAVES=2..4
-// plans that many waves of shorter runs instead: an A/B that gpu_breakdown.py times (the fp32 forward read at
-// 2.88 TB/s in one wave on the H200, s10; whether overlapping one block's tail with the next block's loads
-// wins is measured, not modelled). Read per call, so a benchmark can switch it.
-int plan_waves() {
-  const char* v = std::getenv("DMFN_CENTROID_WAVES");
-  if (v == nullptr || *v == '\0') return 1;
-  TORCH_CHECK(std::strlen(v) == 1 && v[0] >= '1' && v[0] <= '4',
-              "DMFN_CENTROID_WAVES must be 1, 2, 3 or 4 (waves of blocks the centroid forward plans), got '", v,
-              "'; unset it for the default 1");
+// A digit from the environment, one of `allowed`, or `fallback` when unset. Read per call, so a benchmark can
+// switch it between calls.
+int env_choice(const char* name, const char* allowed, int fallback, const char* what) {
+  const char* v = std::getenv(name);
+  if (v == nullptr || *v == '\0') return fallback;
+  TORCH_CHECK(std::strlen(v) == 1 && std::strchr(allowed, v[0]) != nullptr, name, " must be one of the digits '",
+              allowed, "' (", what, "), got '", v, "'; unset it for the default ", fallback);
   return v[0] - '0';
+}
+
+// The forward's plan, A/B switches that gpu_breakdown.py times (the defaults are what the H200 measured):
+// - DMFN_CENTROID_WAVES=1..4: pixel runs sized to fill the SMs that many times (default one wave). The fp32
+//   forward read at 2.88 TB/s in one wave (s10): does overlapping one block's tail with the next block's loads
+//   win?
+// - DMFN_CENTROID_FOLD=1: the finish in the two-map kernel's last blocks, one launch (for a memset) fewer.
+dmfn_fast_cuda::ForwardOptions forward_options() {
+  dmfn_fast_cuda::ForwardOptions o;
+  o.sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount *
+          env_choice("DMFN_CENTROID_WAVES", "1234", 1, "waves of blocks the centroid forward plans");
+  o.fold = env_choice("DMFN_CENTROID_FOLD", "01", 0, "1 folds the centroid forward's finish into its sums") == 1;
+  return o;
 }
 
 std::tuple<at::Tensor, at::Tensor> fwd_cuda(const at::Tensor& f_out_in, const at::Tensor& f_tgt_in) {
@@ -62,12 +72,11 @@ std::tuple<at::Tensor, at::Tensor> fwd_cuda(const at::Tensor& f_out_in, const at
   at::Tensor stats = at::empty({2, N, C, 3}, f_out.options().dtype(acc));
   at::Tensor loss = at::empty({}, f_out.options().dtype(acc));
   const auto dt = dtype_of(f_out.scalar_type());
-  // the plan fills `sms` SMs once: that many times the waves asked for
-  const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount * plan_waves();
+  const dmfn_fast_cuda::ForwardOptions opt = forward_options();
   const dmfn_fast_cuda::MapView a = view_of(f_out), b = view_of(f_tgt);
-  const size_t bytes = dmfn_fast_cuda::forward_work_bytes(a, b, dt, N, C, H, W, sms);
+  const size_t bytes = dmfn_fast_cuda::forward_work_bytes(a, b, dt, N, C, H, W, opt);
   at::Tensor work = at::empty({static_cast<int64_t>(bytes)}, f_out.options().dtype(at::kByte));
-  check_launch(dmfn_fast_cuda::launch_forward(a, b, dt, N, C, H, W, sms, stats.data_ptr(), loss.data_ptr(),
+  check_launch(dmfn_fast_cuda::launch_forward(a, b, dt, N, C, H, W, opt, stats.data_ptr(), loss.data_ptr(),
                                               work.data_ptr(), at::cuda::getCurrentCUDAStream()),
                "forward");
   return {loss, stats};

@@ -7,7 +7,8 @@
 // Channels-last maps with 16-byte loads (the layout training uses) take both maps
 // in one launch, split over pixels as well as channels (pair_sums_vec); other
 // layouts take one launch per map: one block per (n, c) plane (NCHW) or per
-// (n, a group of channels). Backward writes A*u[w] + B*v[h] + K per element.
+// (n, a group of channels). The two-map kernel can finish in its own last blocks
+// instead (ForwardOptions::fold). Backward writes A*u[w] + B*v[h] + K per element.
 #include <algorithm>
 
 #include <cuda_bf16.h>
@@ -269,28 +270,71 @@ channel_sums_vec(MapView m, int C, int H, int W, typename AccOf<T>::type step_u,
   }
 }
 
+// Plane i's stats [2, NC, 3] = (S0, cx, cy), with the reference's eps added, from its `splits` partial sums
+// part[(split * 2 + map) * NC + i][k], added in split order; returns its squared centroid difference. VOL:
+// part was written by other blocks of the running kernel (read past L1, which is not coherent).
+template <typename A, bool VOL>
+__device__ __forceinline__ double finish_plane(const A* part, int splits, long long NC, long long i, A e0, A ex,
+                                               A ey, A* stats) {
+  A c[2][2];
+#pragma unroll
+  for (int m = 0; m < 2; ++m) {
+    A s0 = 0, sx = 0, sy = 0;
+    for (int sp = 0; sp < splits; ++sp) {
+      const A* q = part + ((static_cast<long long>(sp) * 2 + m) * NC + i) * 3;
+      if (VOL) {
+        const volatile A* v = q;
+        s0 += v[0]; sx += v[1]; sy += v[2];
+      } else {
+        s0 += q[0]; sx += q[1]; sy += q[2];
+      }
+    }
+    s0 += e0;
+    c[m][0] = (sx + ex) / s0;
+    c[m][1] = (sy + ey) / s0;
+    A* o = stats + (m * NC + i) * 3;
+    o[0] = s0; o[1] = c[m][0]; o[2] = c[m][1];
+  }
+  const double dx = static_cast<double>(c[0][0] - c[1][0]), dy = static_cast<double>(c[0][1] - c[1][1]);
+  return dx * dx + dy * dy;
+}
+
+// What the finish needs: the eps terms, the outputs, and (folded into pair_sums_vec) a loss partial per column
+// of blocks and the tickets [columns + 1], zero at launch.
+template <typename A>
+struct FinishArgs {
+  A e0, ex, ey;
+  A* stats;
+  A* loss;
+  double* col_loss;
+  unsigned* tickets;
+};
+
 // Channels last, 16-byte loads, both maps in one pass (the forward's fast path): one block per (n, kPairVecs
 // vectors of V channels, a run of pixels); thread (lane % kPairVecs) takes one vector of channels, the other
 // kPairRows thread rows take pixels, kPairPix pixels of both maps in flight each (2 * kPairPix 16-byte loads).
 // plan_t sizes the runs so the blocks fill the card once (the blocks per SM from the occupancy API): the H200
 // ran an earlier plan (2 pixels in flight, runs for "4 blocks per SM" of which 2 fit) at 28.5 us fwd+bwd on
-// [16, 512, 32, 32] bf16, 42% of copy bandwidth. Raw sums go to part[(split * 2 + map) * NC + n * C + c][k];
-// finish_pairs adds the splits up in order.
+// [16, 512, 32, 32] bf16, 42% of copy bandwidth. Raw sums go to part[(split * 2 + map) * NC + n * C + c][k].
+// Then either finish_pairs adds the splits up in a second launch, or (FOLD) the last block of each column
+// (n, channel group) to finish its run finishes that column's planes, and the last column adds up the loss:
+// one launch fewer, for a memset of the tickets (finish_pairs took 3.7-4.2 us on the H200, s10).
 constexpr int kPairVecs = 8;
 constexpr int kPairRows = 256 / kPairVecs;
-constexpr int kPairPix = 4;
+constexpr int kPairPix = 4;  // 8 issued about 12 loads before the first add in fp32 (sm_90), and spilled on sm_80
 
-template <typename T>
+template <typename T, bool FOLD>
 __global__ void __launch_bounds__(256, 2)
 pair_sums_vec(MapView ma, MapView mb, int C, int H, int W, int pix_per_split, typename AccOf<T>::type step_u,
-              typename AccOf<T>::type step_v, typename AccOf<T>::type* part, unsigned* counter) {
+              typename AccOf<T>::type step_v, typename AccOf<T>::type* part, unsigned* counter,
+              FinishArgs<typename AccOf<T>::type> fin) {
   using A = typename AccOf<T>::type;
   constexpr int V = Vec<T>::n;
   const int vecs = C / V, groups = (vecs + kPairVecs - 1) / kPairVecs;
   const long long n = blockIdx.x / groups, NC = static_cast<long long>(gridDim.x / groups) * C;
   const int cv = (blockIdx.x % groups) * kPairVecs + threadIdx.x % kPairVecs;
   const int row = threadIdx.x / kPairVecs;
-  if (blockIdx.x == 0 && blockIdx.y == 0 && threadIdx.x == 0) *counter = 0u;  // finish_pairs' ticket, next launch
+  if (!FOLD && blockIdx.x == 0 && blockIdx.y == 0 && threadIdx.x == 0) *counter = 0u;  // finish_pairs' ticket
   A s[2][3][V];
 #pragma unroll
   for (int m = 0; m < 2; ++m)
@@ -367,6 +411,7 @@ pair_sums_vec(MapView ma, MapView mb, int C, int H, int W, int pix_per_split, ty
 #pragma unroll
         for (int j = 0; j < V; ++j) s[m][k][j] += __shfl_xor_sync(0xffffffffu, s[m][k][j], o);
   constexpr int kCh = kPairVecs * V;  // channels per block
+  static_assert(kCh <= 256, "the folded finish takes one thread per channel");
   __shared__ A sh[8][2][3][kCh];
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   if (lane < kPairVecs) {
@@ -388,36 +433,46 @@ pair_sums_vec(MapView ma, MapView mb, int C, int H, int W, int pix_per_split, ty
       part[((static_cast<long long>(blockIdx.y) * 2 + m) * NC + n * C + c) * 3 + k] = t;
     }
   }
+  if (!FOLD) return;
+  // The last block of this column to finish its run finishes the column's planes (all runs' sums are out).
+  __shared__ bool last;
+  __threadfence();  // this thread's partial sums are visible before the block's ticket
+  __syncthreads();
+  if (threadIdx.x == 0) last = atomicAdd(&fin.tickets[blockIdx.x], 1u) == gridDim.y - 1;
+  __syncthreads();
+  if (!last) return;
+  __threadfence();
+  double d = 0, unused1 = 0, unused2 = 0;
+  const int c = (blockIdx.x % groups) * kCh + threadIdx.x;
+  if (c < C && threadIdx.x < kCh)
+    d = finish_plane<A, true>(part, gridDim.y, NC, n * C + c, fin.e0, fin.ex, fin.ey, fin.stats);
+  block_sum3<double, 256>(d, unused1, unused2);
+  // Then the last column to finish adds the columns' loss partials up in column order: deterministic.
+  if (threadIdx.x == 0) {
+    fin.col_loss[blockIdx.x] = d;
+    __threadfence();
+    last = atomicAdd(&fin.tickets[gridDim.x], 1u) == gridDim.x - 1;
+  }
+  __syncthreads();
+  if (!last) return;
+  __threadfence();
+  double t = 0;
+  for (int b = threadIdx.x; b < static_cast<int>(gridDim.x); b += 256)
+    t += static_cast<volatile double*>(fin.col_loss)[b];
+  block_sum3<double, 256>(t, unused1, unused2);
+  if (threadIdx.x == 0) *fin.loss = static_cast<A>(t / static_cast<double>(2 * NC));
 }
 
-// Raw sums -> stats [2, NC, 3] = (S0, cx, cy) with the reference's eps added, and the loss = mean over (n, c,
-// {x, y}) of the squared centroid difference. One thread per plane adds its `splits` partial sums in order
-// (part may be stats itself when splits == 1); each block's loss partial goes to block_loss, and the last
-// block to finish (the ticket on *counter, which starts at 0) adds them up in block order: deterministic.
+// Raw sums -> stats and the loss = mean over (n, c, {x, y}) of the squared centroid difference: one thread
+// per plane (finish_plane; part may be stats itself when splits == 1); each block's loss partial goes to
+// block_loss, and the last block to finish (the ticket on *counter, which starts at 0) adds them up in block
+// order: deterministic.
 template <typename A>
 __global__ void __launch_bounds__(kFinishThreads)
-finish_pairs(const A* part, int splits, long long NC, A e0, A ex, A ey, A* stats, double* block_loss,
-             unsigned* counter, A* loss) {
+finish_pairs(const A* part, int splits, long long NC, FinishArgs<A> fin, double* block_loss, unsigned* counter) {
   const long long i = static_cast<long long>(blockIdx.x) * kFinishThreads + threadIdx.x;
   double d = 0;
-  if (i < NC) {
-    A c[2][2];
-#pragma unroll
-    for (int m = 0; m < 2; ++m) {
-      A s0 = 0, sx = 0, sy = 0;
-      for (int sp = 0; sp < splits; ++sp) {
-        const A* q = part + ((static_cast<long long>(sp) * 2 + m) * NC + i) * 3;
-        s0 += q[0]; sx += q[1]; sy += q[2];
-      }
-      s0 += e0;
-      c[m][0] = (sx + ex) / s0;
-      c[m][1] = (sy + ey) / s0;
-      A* o = stats + (m * NC + i) * 3;
-      o[0] = s0; o[1] = c[m][0]; o[2] = c[m][1];
-    }
-    const double dx = static_cast<double>(c[0][0] - c[1][0]), dy = static_cast<double>(c[0][1] - c[1][1]);
-    d = dx * dx + dy * dy;
-  }
+  if (i < NC) d = finish_plane<A, false>(part, splits, NC, i, fin.e0, fin.ex, fin.ey, fin.stats);
   double unused1 = 0, unused2 = 0;
   block_sum3<double, kFinishThreads>(d, unused1, unused2);
   __shared__ bool last;
@@ -433,7 +488,7 @@ finish_pairs(const A* part, int splits, long long NC, A e0, A ex, A ey, A* stats
   for (int b = threadIdx.x; b < static_cast<int>(gridDim.x); b += kFinishThreads)
     t += static_cast<volatile double*>(block_loss)[b];
   block_sum3<double, kFinishThreads>(t, unused1, unused2);
-  if (threadIdx.x == 0) *loss = static_cast<A>(t / static_cast<double>(2 * NC));
+  if (threadIdx.x == 0) *fin.loss = static_cast<A>(t / static_cast<double>(2 * NC));
 }
 
 // grad = a*u[w] + b*v[h] + k for plane i of map `which`.
@@ -584,9 +639,9 @@ cudaError_t map_sums_t(MapView m, long long N, long long C, int H, int W, void* 
   return cudaGetLastError();
 }
 
-// Blocks of pair_sums_vec<T> that fit on one SM of the current device (registers decide: 2 in bf16 and fp16
-// on sm_90), asked once per device.
-template <typename T>
+// Blocks of pair_sums_vec<T, FOLD> that fit on one SM of the current device (registers decide: 2 in
+// bf16 and fp16 on sm_90), asked once per device.
+template <typename T, bool FOLD>
 int pair_blocks_per_sm() {
   constexpr int kDevices = 64;
   static int cached[kDevices] = {};
@@ -594,7 +649,8 @@ int pair_blocks_per_sm() {
   if (cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= kDevices) dev = -1;
   if (dev >= 0 && cached[dev] > 0) return cached[dev];
   int n = 0;
-  if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, pair_sums_vec<T>, 256, 0) != cudaSuccess || n < 1) {
+  if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, pair_sums_vec<T, FOLD>, 256, 0) != cudaSuccess ||
+      n < 1) {
     cudaGetLastError();  // not sticky; fall back to the launch bound's 2
     n = 2;
   }
@@ -603,17 +659,17 @@ int pair_blocks_per_sm() {
 }
 
 // The forward's launch plan: the two-map kernel where both maps allow it, how it splits the pixels, and the
-// scratch memory (partial sums, the finish's per-block losses, its ticket counter).
+// scratch memory (partial sums, the loss partials, the tickets).
 struct Plan {
-  bool pair = false;
-  long long groups = 0;
+  bool pair = false, fold = false;
+  long long groups = 0, columns = 0;
   int pix_per_split = 0, splits = 1;
-  long long finish_blocks = 0;
+  long long finish_blocks = 0, tickets = 1;
   size_t part_bytes = 0, loss_offset = 0, counter_offset = 0, bytes = 0;
 };
 
 template <typename T>
-Plan plan_t(const MapView& a, const MapView& b, long long N, long long C, int H, int W, int sms) {
+Plan plan_t(const MapView& a, const MapView& b, long long N, long long C, int H, int W, const ForwardOptions& o) {
   using A = typename AccOf<T>::type;
   Plan p;
   const long long NC = N * C;
@@ -622,51 +678,72 @@ Plan plan_t(const MapView& a, const MapView& b, long long N, long long C, int H,
   if (p.pair) {
     // As many blocks as fit on the card at once (more runs would only add a second, short wave of blocks,
     // each with its reduction), each over whole kPairPix-pixel steps of its rows.
+    p.fold = o.fold;
     p.groups = (C / Vec<T>::n + kPairVecs - 1) / kPairVecs;
-    const long long fit = static_cast<long long>(pair_blocks_per_sm<T>()) * std::max(sms, 1);
+    p.columns = N * p.groups;
+    const int per_sm = o.fold ? pair_blocks_per_sm<T, true>() : pair_blocks_per_sm<T, false>();
+    const long long fit = static_cast<long long>(per_sm) * std::max(o.sms, 1);
     const int step = kPairPix * kPairRows, HW = H * W;
     const long long most = (HW + step - 1) / step;  // runs of at least one step
-    const long long want = std::min(most, std::max(1LL, fit / (N * p.groups)));
+    const long long want = std::min(most, std::max(1LL, fit / p.columns));
     const long long pix = (HW + want - 1) / want;
     p.pix_per_split = static_cast<int>((pix + step - 1) / step * step);
     p.splits = (HW + p.pix_per_split - 1) / p.pix_per_split;
     p.part_bytes = static_cast<size_t>(p.splits) * 2 * NC * 3 * sizeof(A);
   }
+  // loss partials: finish_pairs' per block, or the folded finish's per column; tickets: one, or a column's each
+  // and one for the loss
+  p.tickets = p.fold ? p.columns + 1 : 1;
   p.loss_offset = (p.part_bytes + 15) / 16 * 16;
-  p.counter_offset = p.loss_offset + static_cast<size_t>(p.finish_blocks) * sizeof(double);
-  p.bytes = p.counter_offset + sizeof(unsigned);
+  p.counter_offset = p.loss_offset + static_cast<size_t>(p.fold ? p.columns : p.finish_blocks) * sizeof(double);
+  p.bytes = p.counter_offset + static_cast<size_t>(p.tickets) * sizeof(unsigned);
   return p;
 }
 
+template <typename T, bool FOLD>
+void launch_pair(const Plan& p, MapView a, MapView b, int C, int H, int W, typename AccOf<T>::type su,
+                 typename AccOf<T>::type sv, typename AccOf<T>::type* part, unsigned* counter,
+                 FinishArgs<typename AccOf<T>::type> fin, cudaStream_t stream) {
+  pair_sums_vec<T, FOLD><<<dim3(static_cast<unsigned>(p.columns), p.splits), 256, 0, stream>>>(
+      a, b, C, H, W, p.pix_per_split, su, sv, part, counter, fin);
+}
+
 template <typename T>
-cudaError_t forward_t(MapView a, MapView b, long long N, long long C, int H, int W, int sms, void* stats_v,
-                      void* loss, void* work, cudaStream_t stream) {
+cudaError_t forward_t(MapView a, MapView b, long long N, long long C, int H, int W, const ForwardOptions& o,
+                      void* stats_v, void* loss, void* work, cudaStream_t stream) {
   using A = typename AccOf<T>::type;
-  const Plan p = plan_t<T>(a, b, N, C, H, W, sms);
+  const Plan p = plan_t<T>(a, b, N, C, H, W, o);
   const long long NC = N * C;
   const A su = static_cast<A>(2.0 / W), sv = static_cast<A>(2.0 / H);
-  A* stats = static_cast<A*>(stats_v);
   char* ws = static_cast<char*>(work);
   auto* counter = reinterpret_cast<unsigned*>(ws + p.counter_offset);
-  const A* part = stats;  // one launch per map: the raw sums go to stats, which finish_pairs turns in place
-  if (p.pair) {
-    pair_sums_vec<T><<<dim3(static_cast<unsigned>(N * p.groups), p.splits), 256, 0, stream>>>(
-        a, b, static_cast<int>(C), H, W, p.pix_per_split, su, sv, reinterpret_cast<A*>(ws), counter);
-    part = reinterpret_cast<const A*>(ws);
-  } else {
-    cudaError_t err = map_sums_t<T>(a, N, C, H, W, stats, stream);
-    if (err == cudaSuccess) err = map_sums_t<T>(b, N, C, H, W, stats + NC * 3, stream);
-    if (err == cudaSuccess) err = cudaMemsetAsync(counter, 0, sizeof(unsigned), stream);
-    if (err != cudaSuccess) return err;
-  }
+  auto* loss_parts = reinterpret_cast<double*>(ws + p.loss_offset);
   // The reference's eps in closed form: sum(eps), sum(eps*u), sum(eps*v).
   double sum_u = 0, sum_v = 0;
   for (int w = 0; w < W; ++w) sum_u += static_cast<A>(w) * su - A(1);
   for (int h = 0; h < H; ++h) sum_v += static_cast<A>(h) * sv - A(1);
+  const FinishArgs<A> fin{static_cast<A>(kEps * H * W), static_cast<A>(kEps * H * sum_u),
+                          static_cast<A>(kEps * W * sum_v), static_cast<A*>(stats_v), static_cast<A*>(loss),
+                          loss_parts, counter};
+  const A* part = fin.stats;  // one launch per map: the raw sums go to stats, which finish_pairs turns in place
+  if (p.pair) {
+    A* pp = reinterpret_cast<A*>(ws);
+    if (p.fold) {
+      const cudaError_t err = cudaMemsetAsync(counter, 0, static_cast<size_t>(p.tickets) * sizeof(unsigned), stream);
+      if (err != cudaSuccess) return err;
+      launch_pair<T, true>(p, a, b, static_cast<int>(C), H, W, su, sv, pp, counter, fin, stream);
+      return cudaGetLastError();
+    }
+    launch_pair<T, false>(p, a, b, static_cast<int>(C), H, W, su, sv, pp, counter, fin, stream);
+    part = pp;
+  } else {
+    cudaError_t err = map_sums_t<T>(a, N, C, H, W, fin.stats, stream);
+    if (err == cudaSuccess) err = map_sums_t<T>(b, N, C, H, W, fin.stats + NC * 3, stream);
+    if (err == cudaSuccess) err = cudaMemsetAsync(counter, 0, sizeof(unsigned), stream);
+    if (err != cudaSuccess) return err;
+  }
   finish_pairs<A><<<static_cast<unsigned>(p.finish_blocks), kFinishThreads, 0, stream>>>(
-      part, p.splits, NC, static_cast<A>(kEps * H * W), static_cast<A>(kEps * H * sum_u),
-      static_cast<A>(kEps * W * sum_v), stats, reinterpret_cast<double*>(ws + p.loss_offset), counter,
-      static_cast<A*>(loss));
+      part, p.splits, NC, fin, loss_parts, counter);
   return cudaGetLastError();
 }
 
@@ -696,23 +773,24 @@ cudaError_t grad_t(const void* grad, const void* stats, long long N, long long C
 
 }  // namespace
 
-size_t forward_work_bytes(MapView out, MapView tgt, DType dtype, long long N, long long C, int H, int W, int sms) {
+size_t forward_work_bytes(MapView out, MapView tgt, DType dtype, long long N, long long C, int H, int W,
+                          const ForwardOptions& opt) {
   switch (dtype) {
-    case kFloat32: return plan_t<float>(out, tgt, N, C, H, W, sms).bytes;
-    case kFloat16: return plan_t<__half>(out, tgt, N, C, H, W, sms).bytes;
-    case kBFloat16: return plan_t<__nv_bfloat16>(out, tgt, N, C, H, W, sms).bytes;
-    case kFloat64: return plan_t<double>(out, tgt, N, C, H, W, sms).bytes;
+    case kFloat32: return plan_t<float>(out, tgt, N, C, H, W, opt).bytes;
+    case kFloat16: return plan_t<__half>(out, tgt, N, C, H, W, opt).bytes;
+    case kBFloat16: return plan_t<__nv_bfloat16>(out, tgt, N, C, H, W, opt).bytes;
+    case kFloat64: return plan_t<double>(out, tgt, N, C, H, W, opt).bytes;
   }
   return 0;
 }
 
-cudaError_t launch_forward(MapView out, MapView tgt, DType dtype, long long N, long long C, int H, int W, int sms,
-                           void* stats, void* loss, void* work, cudaStream_t stream) {
+cudaError_t launch_forward(MapView out, MapView tgt, DType dtype, long long N, long long C, int H, int W,
+                           const ForwardOptions& opt, void* stats, void* loss, void* work, cudaStream_t stream) {
   switch (dtype) {
-    case kFloat32: return forward_t<float>(out, tgt, N, C, H, W, sms, stats, loss, work, stream);
-    case kFloat16: return forward_t<__half>(out, tgt, N, C, H, W, sms, stats, loss, work, stream);
-    case kBFloat16: return forward_t<__nv_bfloat16>(out, tgt, N, C, H, W, sms, stats, loss, work, stream);
-    case kFloat64: return forward_t<double>(out, tgt, N, C, H, W, sms, stats, loss, work, stream);
+    case kFloat32: return forward_t<float>(out, tgt, N, C, H, W, opt, stats, loss, work, stream);
+    case kFloat16: return forward_t<__half>(out, tgt, N, C, H, W, opt, stats, loss, work, stream);
+    case kBFloat16: return forward_t<__nv_bfloat16>(out, tgt, N, C, H, W, opt, stats, loss, work, stream);
+    case kFloat64: return forward_t<double>(out, tgt, N, C, H, W, opt, stats, loss, work, stream);
   }
   return cudaErrorInvalidValue;
 }

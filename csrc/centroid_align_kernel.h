@@ -17,14 +17,21 @@ struct MapView {
   long long sN, sC, sH, sW;
 };
 
-// Scratch bytes launch_forward needs for these maps on a card with `sms` multiprocessors.
-size_t forward_work_bytes(MapView out, MapView tgt, DType dtype, long long N, long long C, int H, int W, int sms);
+// How the forward plans the two-map kernel (other layouts ignore it).
+struct ForwardOptions {
+  int sms = 1;        // multiprocessors whose blocks the pixel runs fill once: the card's count times the waves
+  bool fold = false;  // the finish in the kernel's last blocks: a memset of their tickets and one kernel, not two
+};
+
+// Scratch bytes launch_forward needs for these maps with these options.
+size_t forward_work_bytes(MapView out, MapView tgt, DType dtype, long long N, long long C, int H, int W,
+                          const ForwardOptions& opt);
 
 // The forward: stats [2, N, C, 3] = (S0, cx, cy) per (map, n, c), with the reference's 1e-7 per element
 // added, and loss = mean over (n, c, {x, y}) of the squared centroid difference, written to *loss. stats
 // and loss are float, or double for kFloat64 maps; work holds forward_work_bytes(...) bytes, 16-byte aligned.
-cudaError_t launch_forward(MapView out, MapView tgt, DType dtype, long long N, long long C, int H, int W, int sms,
-                           void* stats, void* loss, void* work, cudaStream_t stream);
+cudaError_t launch_forward(MapView out, MapView tgt, DType dtype, long long N, long long C, int H, int W,
+                           const ForwardOptions& opt, void* stats, void* loss, void* work, cudaStream_t stream);
 
 // d loss / d map `which` (0 = out, 1 = tgt) for the scalar *grad, into a
 // dense NCHW (channels_last = false) or NHWC gradient.

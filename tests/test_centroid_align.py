@@ -369,6 +369,30 @@ def test_cuda_two_map_launch_matches_one_map_launches(dtype):
 
 
 @cuda_ext
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("waves", ["1", "2"])
+def test_cuda_folded_finish_matches_two_launches(dtype, waves, monkeypatch):
+    """DMFN_CENTROID_FOLD=1 (read per call): the finish in the two-map kernel's last blocks, on the GPU, where
+    blocks run at once and only __threadfence orders their sums (the CPU emulation runs them one by one). The
+    same stats bit for bit (each plane's runs added in the same order), the loss to its sum order, and the same
+    bits again on a rerun. One and two waves of blocks (several runs per column of blocks)."""
+    shape = (3, 104, 33, 35)
+    a, b = rand(shape, 33, dtype, "cuda", "channels_last"), rand(shape, 34, dtype, "cuda", "channels_last")
+    monkeypatch.setenv("DMFN_CENTROID_WAVES", waves)
+    monkeypatch.delenv("DMFN_CENTROID_FOLD", raising=False)
+    loss, st = torch.ops.dmfn_fast.centroid_align_fwd(a, b)
+    monkeypatch.setenv("DMFN_CENTROID_FOLD", "1")
+    for _ in range(3):
+        loss_f, st_f = torch.ops.dmfn_fast.centroid_align_fwd(a, b)
+        assert torch.equal(st_f, st)
+        torch.testing.assert_close(loss_f, loss, rtol=1e-6, atol=1e-12)
+    assert torch.equal(torch.ops.dmfn_fast.centroid_align_fwd(a, b)[0], loss_f)
+    monkeypatch.setenv("DMFN_CENTROID_FOLD", "2")
+    with pytest.raises(RuntimeError, match="DMFN_CENTROID_FOLD must be one of"):
+        torch.ops.dmfn_fast.centroid_align_fwd(a, b)
+
+
+@cuda_ext
 def test_cuda_matches_cpu_op_and_compiles():
     a, b = rand((2, 32, 9, 12), 29, device="cuda"), rand((2, 32, 9, 12), 30, device="cuda")
     torch.testing.assert_close(stats(a, b).cpu(), stats(a.cpu(), b.cpu()), rtol=1e-6, atol=1e-6)

@@ -125,14 +125,15 @@ def reference(a, b):
     return stats, (stats[0, ..., 1:] - stats[1, ..., 1:]).pow(2).mean()
 
 
-def emu_forward(driver, a_map, b_map, dtype, sms=4, occ=2, seed=0):
+def emu_forward(driver, a_map, b_map, dtype, sms=4, occ=2, seed=0, fold=False):
+    """The forward's (stats, loss); fold: the two-map kernel's finish folded into its last blocks."""
     _, d = driver
     (ba, oa, sa, a), (bb, ob, sb, b) = a_map, b_map
     write(ba, d / "a.bin")
     write(bb, d / "b.bin")
     N, C, H, W = a.shape
-    run(driver, ["forward", CODES[dtype], N, C, H, W, sms, occ, seed, d / "a.bin", oa, *sa, d / "b.bin", ob, *sb,
-                 d / "stats.bin", d / "loss.bin"])
+    run(driver, ["forward", CODES[dtype], N, C, H, W, sms, occ, int(fold), seed, d / "a.bin", oa, *sa,
+                 d / "b.bin", ob, *sb, d / "stats.bin", d / "loss.bin"])
     acc = torch.float64 if dtype == torch.float64 else torch.float32
     return read(d / "stats.bin", acc, (2, N, C, 3)).clone(), read(d / "loss.bin", acc, ()).clone()
 
@@ -212,13 +213,43 @@ def test_forward_is_deterministic_across_block_and_thread_orders(driver):
         assert torch.equal(first[0], again[0]) and torch.equal(first[1], again[1])
 
 
+@pytest.mark.parametrize("fold", [False, True])
 @pytest.mark.parametrize("sms,occ", [(1, 1), (3, 2), (200, 4)])
-def test_forward_plans_for_other_cards(driver, sms, occ):
-    """The pixel runs per block follow the card's multiprocessors and the blocks that fit on one."""
+def test_forward_plans_for_other_cards(driver, sms, occ, fold):
+    """The pixel runs per block follow the card's multiprocessors and the blocks that fit on one (one run per
+    column of blocks up to 9 here), with the finish in its own launch or folded into the last blocks."""
     shape, dtype = (2, 16, 11, 13), torch.float32
     a_map, b_map = make_map(shape, "channels_last", dtype, 7), make_map(shape, "channels_last", dtype, 8)
-    stats, loss = emu_forward(driver, a_map, b_map, dtype, sms=sms, occ=occ)
+    stats, loss = emu_forward(driver, a_map, b_map, dtype, sms=sms, occ=occ, fold=fold)
     check_forward(stats, loss, a_map[3], b_map[3], dtype)
+
+
+PAIR_CASES = [c for c in FORWARD_CASES if c.startswith("pair-")]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+@pytest.mark.parametrize("case", PAIR_CASES)
+def test_folded_finish_matches_float64(driver, case, dtype):
+    """The finish folded into the two-map kernel (DMFN_CENTROID_FOLD) against float64. It adds each plane's runs
+    in finish_pairs' order, so its stats are the default's bit for bit; only the loss's sum order differs."""
+    shape, la, lb = FORWARD_CASES[case]
+    seed = sum(map(ord, case)) + CODES[dtype]
+    a_map, b_map = make_map(shape, la, dtype, seed), make_map(shape, lb, dtype, seed + 1)
+    plain = emu_forward(driver, a_map, b_map, dtype, seed=seed)
+    folded = emu_forward(driver, a_map, b_map, dtype, seed=seed + 1, fold=True)
+    for stats, loss in (plain, folded):
+        check_forward(stats, loss, a_map[3], b_map[3], dtype)
+    assert torch.equal(plain[0], folded[0]), "the folded finish changed a plane's stats"
+
+
+def test_folded_forward_is_deterministic_across_block_orders(driver):
+    """Which block of a column finishes it depends on the block order; the result must not."""
+    shape = (2, 40, 9, 15)
+    maps = [make_map(shape, "channels_last", torch.bfloat16, s) for s in (5, 6)]
+    first = emu_forward(driver, *maps, torch.bfloat16, sms=3, seed=1, fold=True)
+    for seed in (2, 3, 4):
+        again = emu_forward(driver, *maps, torch.bfloat16, sms=3, seed=seed, fold=True)
+        assert torch.equal(first[0], again[0]) and torch.equal(first[1], again[1])
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -280,6 +311,19 @@ def test_emulator_reports_a_missing_barrier(driver, tmp_path):
     stats, loss = emu_forward(broken, *maps, torch.float32, seed=4)
     with pytest.raises(AssertionError):
         check_forward(stats, loss, maps[0][3], maps[1][3], torch.float32)
+
+
+def test_emulator_reports_an_early_ticket(driver, tmp_path):
+    """A column finished by its first block to end (not its last) reads runs not yet summed: garbage here, in
+    some block order, as on a GPU."""
+    broken = _broken_driver(driver, tmp_path, r"last = atomicAdd\(&fin\.tickets\[blockIdx\.x\], 1u\) == gridDim\.y - 1;",
+                            "last = atomicAdd(&fin.tickets[blockIdx.x], 1u) == 0;")
+    shape, dtype = (1, 8, 11, 13), torch.float32
+    maps = make_map(shape, "channels_last", dtype, 17), make_map(shape, "channels_last", dtype, 18)
+    with pytest.raises(AssertionError, match="not close"):  # two runs here: the first to end finishes alone
+        for seed in range(3):
+            stats, loss = emu_forward(broken, *maps, dtype, sms=3, seed=seed, fold=True)
+            check_forward(stats, loss, maps[0][3], maps[1][3], dtype)
 
 
 def test_emulator_reports_a_misaligned_vector_load(driver, tmp_path):

@@ -111,7 +111,9 @@ def test_centroid_input_read_share(tmp_path):
     launches = {"fill": 1.5, "pair_sums_vec": 10.0, "finish_pairs": 3.0, "grad_channels_vec": 5.0}
     rows = [dict(group="ceilings", name="measured", copy_tbs=4.0, tiny_kernel_us=2.0),
             dict(group=g, name="extension", ms=0.2, gpu_ms=0.040, bytes=3 * 2 ** 24, gpu_us_by_kernel=launches),
-            dict(group=g, name="extension", ms=0.1, gpu_ms=0.036, bytes=3 * 2 ** 24, gpu_us_by_kernel=launches)]
+            dict(group=g, name="extension", ms=0.1, gpu_ms=0.036, bytes=3 * 2 ** 24, gpu_us_by_kernel=launches),
+            dict(group=g, name="extension, folded finish", ms=0.1, gpu_ms=0.0331, bytes=3 * 2 ** 24),
+            dict(group=g, name="extension, two waves", error="RuntimeError: ...")]
     (tmp_path / "breakdown.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
     gpu_summary.main(str(tmp_path))
     summary = json.loads((tmp_path / "summary.json").read_text())
@@ -122,6 +124,9 @@ def test_centroid_input_read_share(tmp_path):
     assert ratios["centroid_read_share_bound_bf16"] == round((2 * 2 ** 24 / 4e12) / (3 * 2 ** 24 / 4e12 + 4 * 2e-6), 3)
     assert ratios["centroid_read_share_bound_fp32"] is None
     assert summary["ceilings"]["tiny_kernel_us"] == 2.0
+    # each plan of the forward with its GPU time (a failed row left out), and the fastest: the A/B's answer
+    assert summary["centroid_plans_gpu_us"] == {"bfloat16": {"extension": 36.0, "extension, folded finish": 33.1,
+                                                             "fastest": "extension, folded finish"}}
 
 
 def test_top_ops_names_the_ops_that_launched_the_most_gpu_time(tmp_path):
