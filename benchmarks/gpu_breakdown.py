@@ -367,6 +367,16 @@ for dt, layout, a, t in ([] if args.no_centroid else centroid_cases()):
                     os.environ[k] = v
     else:
         print(f"[{g}] extension not available: {ca._ext_state.get('why')}")
+    if CUDA and layout == "channels_last":
+        # what ATen's own kernels take for the op's least traffic at this size, one launch each: both maps'
+        # bytes read (one sum over a buffer of both maps' size) and one map's bytes written (a fill); with the
+        # smallest kernel for autograd's seed, the floor gpu_summary.py compares the read share against
+        both = torch.empty(2 * a.numel(), device=DEV, dtype=dt).uniform_()
+        grad_like = torch.empty_like(a)
+        fg = f"centroid floor {tag} {list(CENTROID)}"
+        record(fg, "read both maps' bytes (torch.sum)", lambda: both.sum(), 0, 2 * a.numel() * a.element_size())
+        record(fg, "write one map's bytes (fill_)", lambda: grad_like.fill_(0.5), 0, a.numel() * a.element_size())
+        del both, grad_like
 
 # ----------------------------------------------------------------------------- VGG: bias + ReLU in one kernel
 # The frozen VGG as the training step runs it (stages recomputed in backward), its sixteen convolutions'

@@ -163,6 +163,19 @@ def main(out):
         floor_s = nbytes / (copy * 1e12) + kernels * tiny * 1e-6
         return round((2 * nbytes / 3) / (copy * 1e12) / floor_s, 3)
 
+    def cen_aten_floor(dt):
+        """The read share at ATen's measured floor: both maps read by one ATen sum, one map written by one
+        fill, and the smallest kernel (autograd's seed), each timed at the op's size on this card. Below 0.5,
+        the target asks more than ATen's own streaming kernels reach here: the measured argument that it is
+        beyond the card at this size; above, what the extension's kernels could still gain."""
+        fg = f"centroid floor {dt}"
+        read_name, write_name = "read both maps' bytes (torch.sum)", "write one map's bytes (fill_)"
+        read, write, nbytes = ms(fg, read_name, "gpu_ms"), ms(fg, write_name, "gpu_ms"), ms(fg, read_name, "bytes")
+        copy, tiny = ceil.get("copy_tbs"), ceil.get("tiny_kernel_us")
+        if not (read and write and nbytes and copy and tiny):
+            return None
+        return round(nbytes / (copy * 1e12) / ((read + write) * 1e-3 + tiny * 1e-6), 3)
+
     def cen_plans():
         """{dtype: {plan: GPU us}} of the extension's channels-last rows (its A/B plans, gpu_breakdown.py), with
         the fastest plan's name: a plan that beats the default by 3% becomes that dtype's default."""
@@ -230,6 +243,8 @@ def main(out):
         "centroid_input_read_share_fp32": cen_read_share("float32"),
         "centroid_read_share_bound_bf16": cen_read_share_bound("bfloat16"),
         "centroid_read_share_bound_fp32": cen_read_share_bound("float32"),
+        "centroid_read_share_aten_floor_bf16": cen_aten_floor("bfloat16"),
+        "centroid_read_share_aten_floor_fp32": cen_aten_floor("float32"),
         "inference_img_s_256_b64_bf16": e("inference", "fast", "images_per_s"),
         "inference_img_s_256_b64_bf16_amp_compile": e("inference", "amp+compile", "images_per_s"),
         "inference_img_s_256_b64_bf16_fast_compile": e("inference", "fast+compile", "images_per_s"),

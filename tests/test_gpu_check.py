@@ -14,7 +14,8 @@ KEYS = ["branch_in_relu_fwd_bwd_vs_eager", "branch_in_relu_fwd_bwd_vs_compile", 
         "centroid_fwd_bwd_vs_torch_fp32", "inference_img_s_256_b64_bf16", "train_step_best_fast_vs_best_amp_compile",
         "train_step_best_fast_vs_amp", "generator_fwd_bwd_best_fast_vs_best_amp_compile",
         "inference_img_s_256_b64_bf16_best_fast", "centroid_input_read_share_bf16", "centroid_input_read_share_fp32",
-        "centroid_read_share_bound_bf16", "centroid_read_share_bound_fp32"]
+        "centroid_read_share_bound_bf16", "centroid_read_share_bound_fp32", "centroid_read_share_aten_floor_bf16",
+        "centroid_read_share_aten_floor_fp32"]
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="bash script")
@@ -113,7 +114,11 @@ def test_centroid_input_read_share(tmp_path):
             dict(group=g, name="extension", ms=0.2, gpu_ms=0.040, bytes=3 * 2 ** 24, gpu_us_by_kernel=launches),
             dict(group=g, name="extension", ms=0.1, gpu_ms=0.036, bytes=3 * 2 ** 24, gpu_us_by_kernel=launches),
             dict(group=g, name="extension, folded finish", ms=0.1, gpu_ms=0.0331, bytes=3 * 2 ** 24),
-            dict(group=g, name="extension, two waves", error="RuntimeError: ...")]
+            dict(group=g, name="extension, two waves", error="RuntimeError: ..."),
+            dict(group="centroid floor bfloat16 [16, 512, 32, 32]", name="read both maps' bytes (torch.sum)",
+                 gpu_ms=0.010, bytes=2 * 2 ** 24),
+            dict(group="centroid floor bfloat16 [16, 512, 32, 32]", name="write one map's bytes (fill_)",
+                 gpu_ms=0.005, bytes=2 ** 24)]
     (tmp_path / "breakdown.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
     gpu_summary.main(str(tmp_path))
     summary = json.loads((tmp_path / "summary.json").read_text())
@@ -123,6 +128,9 @@ def test_centroid_input_read_share(tmp_path):
     # the bound: every byte at copy bandwidth plus the smallest kernel's time for each of the 4 launches
     assert ratios["centroid_read_share_bound_bf16"] == round((2 * 2 ** 24 / 4e12) / (3 * 2 ** 24 / 4e12 + 4 * 2e-6), 3)
     assert ratios["centroid_read_share_bound_fp32"] is None
+    # at ATen's floor: both maps read by one sum, one written by one fill, and the seed's smallest kernel
+    assert ratios["centroid_read_share_aten_floor_bf16"] == round((2 * 2 ** 24 / 4e12) / (15e-6 + 2e-6), 3)
+    assert ratios["centroid_read_share_aten_floor_fp32"] is None
     assert summary["ceilings"]["tiny_kernel_us"] == 2.0
     # each plan of the forward with its GPU time (a failed row left out), and the fastest: the A/B's answer
     assert summary["centroid_plans_gpu_us"] == {"bfloat16": {"extension": 36.0, "extension, folded finish": 33.1,
