@@ -312,7 +312,8 @@ struct FinishArgs {
 
 // Channels last, 16-byte loads, both maps in one pass (the forward's fast path): one block per (n, kPairVecs
 // vectors of V channels, a run of pixels); thread (lane % kPairVecs) takes one vector of channels, the other
-// kPairRows thread rows take pixels, kPairPix pixels of both maps in flight each (2 * kPairPix 16-byte loads).
+// kPairRows thread rows take pixels, kPairPix<T> pixels of both maps in flight each (2 * kPairPix<T> 16-byte
+// loads).
 // plan_t sizes the runs so the blocks fill the card once (the blocks per SM from the occupancy API): the H200
 // ran an earlier plan (2 pixels in flight, runs for "4 blocks per SM" of which 2 fit) at 28.5 us fwd+bwd on
 // [16, 512, 32, 32] bf16, 42% of copy bandwidth. Raw sums go to part[(split * 2 + map) * NC + n * C + c][k].
@@ -321,7 +322,11 @@ struct FinishArgs {
 // one launch fewer, for a memset of the tickets (finish_pairs took 3.7-4.2 us on the H200, s10).
 constexpr int kPairVecs = 8;
 constexpr int kPairRows = 256 / kPairVecs;
-constexpr int kPairPix = 4;  // 8 issued about 12 loads before the first add in fp32 (sm_90), and spilled on sm_80
+// Pixels of both maps in flight per thread (sm_90 SASS: all their 16-byte loads issued before the first add).
+// fp32: 6, 12 loads (it read at 2.88 TB/s with 8 on the H200, s10: bytes in flight; 8 pixels spilled on sm_80);
+// 16-bit: 4, 8 loads (their unpacked values take 64 registers).
+template <typename T> constexpr int kPairPix = 4;
+template <> constexpr int kPairPix<float> = 6;
 
 template <typename T, bool FOLD>
 __global__ void __launch_bounds__(256, 2)
@@ -382,23 +387,32 @@ pair_sums_vec(MapView ma, MapView mb, int C, int H, int W, int pix_per_split, ty
     at.w = p - at.h * W;
     at.a = pa + at.h * ma.sH + at.w * ma.sW;
     at.b = pb + at.h * mb.sH + at.w * mb.sW;
-    for (; p + (kPairPix - 1) * kPairRows < p_end; p += kPairPix * kPairRows) {
-      At qs[kPairPix];
-      A x[kPairPix][2][V];  // every load issued before the first add
+    for (; p + (kPairPix<T> - 1) * kPairRows < p_end; p += kPairPix<T> * kPairRows) {
+      At qs[kPairPix<T>];
+      A x[kPairPix<T>][2][V];  // every load issued before the first add
 #pragma unroll
-      for (int r = 0; r < kPairPix; ++r) {
+      for (int r = 0; r < kPairPix<T>; ++r) {
         qs[r] = at;
         next(at);
         load(qs[r], x[r]);
       }
 #pragma unroll
-      for (int r = 0; r < kPairPix; ++r) add(qs[r].h, qs[r].w, x[r]);
+      for (int r = 0; r < kPairPix<T>; ++r) add(qs[r].h, qs[r].w, x[r]);
     }
-    for (; p < p_end; p += kPairRows) {
-      A x[2][V];
-      load(at, x);
-      add(at.h, at.w, x);
-      next(at);
+    if (p < p_end) {  // the run's last pixels, fewer than a step: their loads issued together too
+      At qs[kPairPix<T>];
+      A x[kPairPix<T>][2][V];
+      bool in[kPairPix<T>];
+#pragma unroll
+      for (int r = 0; r < kPairPix<T>; ++r) {
+        qs[r] = at;
+        next(at);
+        in[r] = p + r * kPairRows < p_end;
+        if (in[r]) load(qs[r], x[r]);
+      }
+#pragma unroll
+      for (int r = 0; r < kPairPix<T>; ++r)
+        if (in[r]) add(qs[r].h, qs[r].w, x[r]);
     }
   }
   // Add up the rows: the 32 / kPairVecs rows within a warp, then the 8 warps in shared memory.
@@ -677,13 +691,13 @@ Plan plan_t(const MapView& a, const MapView& b, long long N, long long C, int H,
   p.pair = channel_vectors<T>(a, N, C) && channel_vectors<T>(b, N, C);
   if (p.pair) {
     // As many blocks as fit on the card at once (more runs would only add a second, short wave of blocks,
-    // each with its reduction), each over whole kPairPix-pixel steps of its rows.
+    // each with its reduction), each over whole kPairPix<T>-pixel steps of its rows.
     p.fold = o.fold;
     p.groups = (C / Vec<T>::n + kPairVecs - 1) / kPairVecs;
     p.columns = N * p.groups;
     const int per_sm = o.fold ? pair_blocks_per_sm<T, true>() : pair_blocks_per_sm<T, false>();
     const long long fit = static_cast<long long>(per_sm) * std::max(o.sms, 1);
-    const int step = kPairPix * kPairRows, HW = H * W;
+    const int step = kPairPix<T> * kPairRows, HW = H * W;
     const long long most = (HW + step - 1) / step;  // runs of at least one step
     const long long want = std::min(most, std::max(1LL, fit / p.columns));
     const long long pix = (HW + want - 1) / want;
