@@ -178,7 +178,8 @@ def main(out):
 
     def cen_plans():
         """{dtype: {plan: GPU us}} of the extension's channels-last rows (its A/B plans, gpu_breakdown.py), with
-        the fastest plan's name: a plan that beats the default by 3% becomes that dtype's default."""
+        the fastest plan's name (a plan 3% faster than the default is the candidate for that dtype's default,
+        which a session sets in csrc/centroid_align_cuda.cpp after the CUDA tests pass)."""
         plans = {}
         for dt in ("bfloat16", "float32"):
             g = f"centroid fwd+bwd {dt} channels_last"

@@ -462,13 +462,14 @@ pair_sums_vec(MapView ma, MapView mb, int C, int H, int W, int pix_per_split, ty
     d = finish_plane<A, true>(part, gridDim.y, NC, n * C + c, fin.e0, fin.ex, fin.ey, fin.stats);
   block_sum3<double, 256>(d, unused1, unused2);
   // Then the last column to finish adds the columns' loss partials up in column order: deterministic.
+  __shared__ bool last_column;
   if (threadIdx.x == 0) {
     fin.col_loss[blockIdx.x] = d;
     __threadfence();
-    last = atomicAdd(&fin.tickets[gridDim.x], 1u) == gridDim.x - 1;
+    last_column = atomicAdd(&fin.tickets[gridDim.x], 1u) == gridDim.x - 1;
   }
   __syncthreads();
-  if (!last) return;
+  if (!last_column) return;
   __threadfence();
   double t = 0;
   for (int b = threadIdx.x; b < static_cast<int>(gridDim.x); b += 256)
@@ -653,9 +654,9 @@ cudaError_t map_sums_t(MapView m, long long N, long long C, int H, int W, void* 
   return cudaGetLastError();
 }
 
-// Blocks of pair_sums_vec<T, FOLD> that fit on one SM of the current device (registers decide: 2 in
-// bf16 and fp16 on sm_90), asked once per device.
-template <typename T, bool FOLD>
+// Blocks of pair_sums_vec<T, false> that fit on one SM of the current device (registers decide: 2 on sm_90),
+// asked once per device.
+template <typename T>
 int pair_blocks_per_sm() {
   constexpr int kDevices = 64;
   static int cached[kDevices] = {};
@@ -663,7 +664,7 @@ int pair_blocks_per_sm() {
   if (cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= kDevices) dev = -1;
   if (dev >= 0 && cached[dev] > 0) return cached[dev];
   int n = 0;
-  if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, pair_sums_vec<T, FOLD>, 256, 0) != cudaSuccess ||
+  if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, pair_sums_vec<T, false>, 256, 0) != cudaSuccess ||
       n < 1) {
     cudaGetLastError();  // not sticky; fall back to the launch bound's 2
     n = 2;
@@ -695,8 +696,8 @@ Plan plan_t(const MapView& a, const MapView& b, long long N, long long C, int H,
     p.fold = o.fold;
     p.groups = (C / Vec<T>::n + kPairVecs - 1) / kPairVecs;
     p.columns = N * p.groups;
-    const int per_sm = o.fold ? pair_blocks_per_sm<T, true>() : pair_blocks_per_sm<T, false>();
-    const long long fit = static_cast<long long>(per_sm) * std::max(o.sms, 1);
+    // the unfolded kernel's occupancy for both: the same runs, so the folded stats are the unfolded ones' bits
+    const long long fit = static_cast<long long>(pair_blocks_per_sm<T>()) * std::max(o.sms, 1);
     const int step = kPairPix<T> * kPairRows, HW = H * W;
     const long long most = (HW + step - 1) / step;  // runs of at least one step
     const long long want = std::min(most, std::max(1LL, fit / p.columns));
