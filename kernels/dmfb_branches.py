@@ -58,19 +58,19 @@ CONFIGS = {
     + [_tcfg(8, 8, 8, 3, EPI=e) for e in (0, 1, 2)],
     # FLAT: one loop through the 36 (branch, tap) steps, pipelined across branches (132-134 instructions per
     # step on sm_90), or a loop per branch that drains between branches (119-120): the autotuner decides
-    # 16 x 16 (s11): 2 programs per SM (122 registers, 88 KB), 256 programs at N=16, 64x64: one wave on 132
+    # 16 x 16 (s11): 2 programs per SM (122 registers, 90 KB), 256 programs at N=16, 64x64: one wave on 132
     # SMs, where the 8 x 16 winner (s10) ran 512 programs at 3 per SM, 1.3 waves
     "dgrad_tma_lowp": [_tcfg(8, 8, 4, 3, FLAT=0), _tcfg(8, 8, 4, 3, FLAT=1), _tcfg(8, 16, 8, 3, FLAT=0),
                        _tcfg(8, 16, 8, 3, FLAT=1), _tcfg(8, 8, 4, 4, FLAT=1), _tcfg(16, 16, 8, 3, FLAT=1)],
     # sm_90, fp16/bf16 (branches_wgrad_tma): tile shape, warps, stages, runs per weight program's taps
     # (SPLITS: how well the programs fill the SMs is measured, not modelled) and taps per program (3 read
     # each G_j tile once for 3 dots: 4 loads per 3 MMAs, not 6). With TAPS 3 there are 12 * SPLITS weight
-    # programs: 44 and 66 (s11) fill 2 programs per SM on 132 SMs in 2 and 3 whole waves, where the s10
-    # winner, 48, makes 2.2
+    # programs, 3 per SM (72 KB of shared memory each): the s10 winner, 48, makes 1.45 waves on 132 SMs and
+    # beat 32 (one wave); 66 (s11) makes 2 whole waves, with shorter runs but more weight atomics
     "wgrad_tma_lowp": [_wtcfg(th, tw, w, st, sp, taps) for th, tw, w, st, sp, taps in (
         (8, 8, 4, 3, 16, 1), (8, 8, 4, 4, 32, 1), (8, 16, 8, 3, 16, 1), (16, 8, 8, 3, 32, 1),
         (8, 8, 4, 3, 32, 3), (8, 8, 4, 3, 48, 3), (8, 16, 8, 3, 32, 3), (8, 16, 8, 2, 48, 3),
-        (8, 8, 4, 3, 44, 3), (8, 8, 4, 3, 66, 3))],
+        (8, 8, 4, 3, 66, 3))],
     "wgrad9_lowp": [_wcfg(64, 64, 64, 8, 2), _wcfg(32, 64, 64, 8, 3), _wcfg(32, 64, 64, 8, 4)],
 }
 
