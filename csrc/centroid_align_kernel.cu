@@ -112,6 +112,18 @@ __device__ __forceinline__ void block_sum3(A& a, A& b, A& c) {
   }
 }
 
+// The sum of one value over the block (the finishes' loss shares), valid in warp 0: block_sum3's first value.
+template <typename A, int THREADS>
+__device__ __forceinline__ A block_sum1(A a) {
+  __shared__ A part1[THREADS / 32];
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  a = warp_sum(a);
+  if (lane == 0) part1[warp] = a;
+  __syncthreads();
+  if (warp == 0) a = warp_sum(lane < THREADS / 32 ? part1[lane] : A(0));
+  return a;
+}
+
 // One block per (n, c) plane of a map whose rows have unit stride.
 template <typename T, bool VEC>
 __global__ void __launch_bounds__(kPlaneThreads)
@@ -456,11 +468,11 @@ pair_sums_vec(MapView ma, MapView mb, int C, int H, int W, int pix_per_split, ty
   __syncthreads();
   if (!last) return;
   __threadfence();
-  double d = 0, unused1 = 0, unused2 = 0;
+  double d = 0;
   const int c = (blockIdx.x % groups) * kCh + threadIdx.x;
   if (c < C && threadIdx.x < kCh)
     d = finish_plane<A, true>(part, gridDim.y, NC, n * C + c, fin.e0, fin.ex, fin.ey, fin.stats);
-  block_sum3<double, 256>(d, unused1, unused2);
+  d = block_sum1<double, 256>(d);
   // Then the last column to finish adds the columns' loss partials up in column order: deterministic.
   __shared__ bool last_column;
   if (threadIdx.x == 0) {
@@ -474,7 +486,7 @@ pair_sums_vec(MapView ma, MapView mb, int C, int H, int W, int pix_per_split, ty
   double t = 0;
   for (int b = threadIdx.x; b < static_cast<int>(gridDim.x); b += 256)
     t += static_cast<volatile double*>(fin.col_loss)[b];
-  block_sum3<double, 256>(t, unused1, unused2);
+  t = block_sum1<double, 256>(t);
   if (threadIdx.x == 0) *fin.loss = static_cast<A>(t / static_cast<double>(2 * NC));
 }
 
@@ -488,8 +500,7 @@ finish_pairs(const A* part, int splits, long long NC, FinishArgs<A> fin, double*
   const long long i = static_cast<long long>(blockIdx.x) * kFinishThreads + threadIdx.x;
   double d = 0;
   if (i < NC) d = finish_plane<A, false>(part, splits, NC, i, fin.e0, fin.ex, fin.ey, fin.stats);
-  double unused1 = 0, unused2 = 0;
-  block_sum3<double, kFinishThreads>(d, unused1, unused2);
+  d = block_sum1<double, kFinishThreads>(d);
   __shared__ bool last;
   if (threadIdx.x == 0) {
     block_loss[blockIdx.x] = d;
@@ -502,7 +513,7 @@ finish_pairs(const A* part, int splits, long long NC, FinishArgs<A> fin, double*
   double t = 0;
   for (int b = threadIdx.x; b < static_cast<int>(gridDim.x); b += kFinishThreads)
     t += static_cast<volatile double*>(block_loss)[b];
-  block_sum3<double, kFinishThreads>(t, unused1, unused2);
+  t = block_sum1<double, kFinishThreads>(t);
   if (threadIdx.x == 0) *fin.loss = static_cast<A>(t / static_cast<double>(2 * NC));
 }
 
