@@ -311,14 +311,15 @@ __device__ __forceinline__ double finish_plane(const A* part, int splits, long l
   return dx * dx + dy * dy;
 }
 
-// What the finish needs: the eps terms, the outputs, and (folded into pair_sums_vec) a loss partial per column
-// of blocks and the tickets [columns + 1], zero at launch.
+// What the finish needs: the eps terms, the outputs, the loss partials (one per finish_pairs block, or folded
+// into pair_sums_vec one per column of blocks) and the tickets (finish_pairs' one, or the folded finish's
+// [columns + 1]), zero when the finish starts.
 template <typename A>
 struct FinishArgs {
   A e0, ex, ey;
   A* stats;
   A* loss;
-  double* col_loss;
+  double* loss_parts;
   unsigned* tickets;
 };
 
@@ -343,7 +344,7 @@ template <> constexpr int kPairPix<float> = 6;
 template <typename T, bool FOLD>
 __global__ void __launch_bounds__(256, 2)
 pair_sums_vec(MapView ma, MapView mb, int C, int H, int W, int pix_per_split, typename AccOf<T>::type step_u,
-              typename AccOf<T>::type step_v, typename AccOf<T>::type* part, unsigned* counter,
+              typename AccOf<T>::type step_v, typename AccOf<T>::type* part,
               FinishArgs<typename AccOf<T>::type> fin) {
   using A = typename AccOf<T>::type;
   constexpr int V = Vec<T>::n;
@@ -351,7 +352,7 @@ pair_sums_vec(MapView ma, MapView mb, int C, int H, int W, int pix_per_split, ty
   const long long n = blockIdx.x / groups, NC = static_cast<long long>(gridDim.x / groups) * C;
   const int cv = (blockIdx.x % groups) * kPairVecs + threadIdx.x % kPairVecs;
   const int row = threadIdx.x / kPairVecs;
-  if (!FOLD && blockIdx.x == 0 && blockIdx.y == 0 && threadIdx.x == 0) *counter = 0u;  // finish_pairs' ticket
+  if (!FOLD && blockIdx.x == 0 && blockIdx.y == 0 && threadIdx.x == 0) *fin.tickets = 0u;  // finish_pairs' ticket
   A s[2][3][V];
 #pragma unroll
   for (int m = 0; m < 2; ++m)
@@ -476,7 +477,7 @@ pair_sums_vec(MapView ma, MapView mb, int C, int H, int W, int pix_per_split, ty
   // Then the last column to finish adds the columns' loss partials up in column order: deterministic.
   __shared__ bool last_column;
   if (threadIdx.x == 0) {
-    fin.col_loss[blockIdx.x] = d;
+    fin.loss_parts[blockIdx.x] = d;
     __threadfence();
     last_column = atomicAdd(&fin.tickets[gridDim.x], 1u) == gridDim.x - 1;
   }
@@ -485,34 +486,34 @@ pair_sums_vec(MapView ma, MapView mb, int C, int H, int W, int pix_per_split, ty
   __threadfence();
   double t = 0;
   for (int b = threadIdx.x; b < static_cast<int>(gridDim.x); b += 256)
-    t += static_cast<volatile double*>(fin.col_loss)[b];
+    t += static_cast<volatile double*>(fin.loss_parts)[b];
   t = block_sum1<double, 256>(t);
   if (threadIdx.x == 0) *fin.loss = static_cast<A>(t / static_cast<double>(2 * NC));
 }
 
 // Raw sums -> stats and the loss = mean over (n, c, {x, y}) of the squared centroid difference: one thread
 // per plane (finish_plane; part may be stats itself when splits == 1); each block's loss partial goes to
-// block_loss, and the last block to finish (the ticket on *counter, which starts at 0) adds them up in block
-// order: deterministic.
+// fin.loss_parts, and the last block to finish (the ticket fin.tickets[0], which starts at 0) adds them up in
+// block order: deterministic.
 template <typename A>
 __global__ void __launch_bounds__(kFinishThreads)
-finish_pairs(const A* part, int splits, long long NC, FinishArgs<A> fin, double* block_loss, unsigned* counter) {
+finish_pairs(const A* part, int splits, long long NC, FinishArgs<A> fin) {
   const long long i = static_cast<long long>(blockIdx.x) * kFinishThreads + threadIdx.x;
   double d = 0;
   if (i < NC) d = finish_plane<A, false>(part, splits, NC, i, fin.e0, fin.ex, fin.ey, fin.stats);
   d = block_sum1<double, kFinishThreads>(d);
   __shared__ bool last;
   if (threadIdx.x == 0) {
-    block_loss[blockIdx.x] = d;
+    fin.loss_parts[blockIdx.x] = d;
     __threadfence();  // this block's partial is visible before its ticket
-    last = atomicAdd(counter, 1u) == gridDim.x - 1;
+    last = atomicAdd(fin.tickets, 1u) == gridDim.x - 1;
   }
   __syncthreads();
   if (!last) return;
   __threadfence();
   double t = 0;
   for (int b = threadIdx.x; b < static_cast<int>(gridDim.x); b += kFinishThreads)
-    t += static_cast<volatile double*>(block_loss)[b];
+    t += static_cast<volatile double*>(fin.loss_parts)[b];
   t = block_sum1<double, kFinishThreads>(t);
   if (threadIdx.x == 0) *fin.loss = static_cast<A>(t / static_cast<double>(2 * NC));
 }
@@ -728,10 +729,10 @@ Plan plan_t(const MapView& a, const MapView& b, long long N, long long C, int H,
 
 template <typename T, bool FOLD>
 void launch_pair(const Plan& p, MapView a, MapView b, int C, int H, int W, typename AccOf<T>::type su,
-                 typename AccOf<T>::type sv, typename AccOf<T>::type* part, unsigned* counter,
+                 typename AccOf<T>::type sv, typename AccOf<T>::type* part,
                  FinishArgs<typename AccOf<T>::type> fin, cudaStream_t stream) {
   pair_sums_vec<T, FOLD><<<dim3(static_cast<unsigned>(p.columns), p.splits), 256, 0, stream>>>(
-      a, b, C, H, W, p.pix_per_split, su, sv, part, counter, fin);
+      a, b, C, H, W, p.pix_per_split, su, sv, part, fin);
 }
 
 template <typename T>
@@ -742,34 +743,34 @@ cudaError_t forward_t(MapView a, MapView b, long long N, long long C, int H, int
   const long long NC = N * C;
   const A su = static_cast<A>(2.0 / W), sv = static_cast<A>(2.0 / H);
   char* ws = static_cast<char*>(work);
-  auto* counter = reinterpret_cast<unsigned*>(ws + p.counter_offset);
-  auto* loss_parts = reinterpret_cast<double*>(ws + p.loss_offset);
   // The reference's eps in closed form: sum(eps), sum(eps*u), sum(eps*v).
   double sum_u = 0, sum_v = 0;
   for (int w = 0; w < W; ++w) sum_u += static_cast<A>(w) * su - A(1);
   for (int h = 0; h < H; ++h) sum_v += static_cast<A>(h) * sv - A(1);
   const FinishArgs<A> fin{static_cast<A>(kEps * H * W), static_cast<A>(kEps * H * sum_u),
                           static_cast<A>(kEps * W * sum_v), static_cast<A*>(stats_v), static_cast<A*>(loss),
-                          loss_parts, counter};
+                          reinterpret_cast<double*>(ws + p.loss_offset),
+                          reinterpret_cast<unsigned*>(ws + p.counter_offset)};
   const A* part = fin.stats;  // one launch per map: the raw sums go to stats, which finish_pairs turns in place
   if (p.pair) {
     A* pp = reinterpret_cast<A*>(ws);
     if (p.fold) {
-      const cudaError_t err = cudaMemsetAsync(counter, 0, static_cast<size_t>(p.tickets) * sizeof(unsigned), stream);
+      const cudaError_t err =
+          cudaMemsetAsync(fin.tickets, 0, static_cast<size_t>(p.tickets) * sizeof(unsigned), stream);
       if (err != cudaSuccess) return err;
-      launch_pair<T, true>(p, a, b, static_cast<int>(C), H, W, su, sv, pp, counter, fin, stream);
+      launch_pair<T, true>(p, a, b, static_cast<int>(C), H, W, su, sv, pp, fin, stream);
       return cudaGetLastError();
     }
-    launch_pair<T, false>(p, a, b, static_cast<int>(C), H, W, su, sv, pp, counter, fin, stream);
+    launch_pair<T, false>(p, a, b, static_cast<int>(C), H, W, su, sv, pp, fin, stream);
     part = pp;
   } else {
     cudaError_t err = map_sums_t<T>(a, N, C, H, W, fin.stats, stream);
     if (err == cudaSuccess) err = map_sums_t<T>(b, N, C, H, W, fin.stats + NC * 3, stream);
-    if (err == cudaSuccess) err = cudaMemsetAsync(counter, 0, sizeof(unsigned), stream);
+    if (err == cudaSuccess) err = cudaMemsetAsync(fin.tickets, 0, sizeof(unsigned), stream);
     if (err != cudaSuccess) return err;
   }
   finish_pairs<A><<<static_cast<unsigned>(p.finish_blocks), kFinishThreads, 0, stream>>>(
-      part, p.splits, NC, fin, loss_parts, counter);
+      part, p.splits, NC, fin);
   return cudaGetLastError();
 }
 
