@@ -18,6 +18,7 @@ import statistics
 import sys
 import time
 import traceback
+from unittest import mock
 
 ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 ap.add_argument("out")
@@ -352,19 +353,12 @@ for dt, layout, a, t in ([] if args.no_centroid else centroid_cases()):
         if CUDA and layout == "channels_last":
             plans += [({"WAVES": "2"}, "extension, two waves"), ({"FOLD": "1"}, "extension, folded finish"),
                       ({"FOLD": "1", "WAVES": "2"}, "extension, folded, two waves")]
-        keys = [f"DMFN_CENTROID_{k}" for k in ("WAVES", "FOLD")]
-        saved = {k: os.environ.get(k) for k in keys}
-        try:
-            for env, name in plans:
-                for k in keys:
-                    os.environ.pop(k, None)
+        for env, name in plans:
+            with mock.patch.dict(os.environ):  # restored after each plan
+                for k in ("WAVES", "FOLD"):
+                    os.environ.pop(f"DMFN_CENTROID_{k}", None)
                 os.environ.update({f"DMFN_CENTROID_{k}": v for k, v in env.items()})
                 record(g, name, lambda: torch.autograd.grad(ca.centroid_align_loss(a, t, impl="fast"), a), 0, nbytes)
-        finally:
-            for k, v in saved.items():
-                os.environ.pop(k, None)
-                if v is not None:
-                    os.environ[k] = v
     else:
         print(f"[{g}] extension not available: {ca._ext_state.get('why')}")
     if CUDA and layout == "channels_last":

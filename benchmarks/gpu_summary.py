@@ -183,12 +183,10 @@ def main(out):
         plans = {}
         for dt in ("bfloat16", "float32"):
             g = f"centroid fwd+bwd {dt} channels_last"
-            rows = {}
-            for r in bd:  # a rerun's rows too: the fastest of each plan
-                if (r.get("group", "").startswith(g) and r.get("name", "").startswith("extension")
-                        and isinstance(r.get("gpu_ms"), (int, float))):
-                    rows[r["name"]] = min(rows.get(r["name"], 1e9), round(r["gpu_ms"] * 1e3, 2))
-            if rows:
+            names = {r["name"] for r in bd if r.get("group", "").startswith(g)
+                     and r.get("name", "").startswith("extension")}
+            rows = {n: round(ms(g, n, "gpu_ms") * 1e3, 2) for n in sorted(names) if ms(g, n, "gpu_ms")}
+            if rows:  # ms: a rerun's fastest; a failed row has no gpu_ms
                 plans[dt] = dict(rows, fastest=min(rows, key=rows.get))
         return plans
 
