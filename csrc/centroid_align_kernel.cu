@@ -8,11 +8,14 @@
 // in one launch, split over pixels as well as channels (pair_sums_vec); other
 // layouts take one launch per map: one block per (n, c) plane (NCHW) or per
 // (n, a group of channels). The two-map kernel can finish in its own last blocks
-// instead (ForwardOptions::fold). Backward writes A*u[w] + B*v[h] + K per element.
+// instead (ForwardOptions::fold), and stage its loads through shared memory
+// (ForwardOptions::async_copy). Backward writes A*u[w] + B*v[h] + K per element.
 #include <algorithm>
+#include <type_traits>
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+#include <cuda_pipeline_primitives.h>
 #include <cuda_runtime.h>
 
 #include "centroid_align_kernel.h"
@@ -35,6 +38,10 @@ template <> struct Vec<float> {
     const float4 v = __ldg(reinterpret_cast<const float4*>(p));
     x[0] = v.x; x[1] = v.y; x[2] = v.z; x[3] = v.w;
   }
+  __device__ static void lds(const void* p, float (&x)[4]) {  // a vector staged in shared memory
+    const float4 v = *static_cast<const float4*>(p);
+    x[0] = v.x; x[1] = v.y; x[2] = v.z; x[3] = v.w;
+  }
   __device__ static void store(float* p, const float (&x)[4]) {
     *reinterpret_cast<float4*>(p) = make_float4(x[0], x[1], x[2], x[3]);
   }
@@ -45,6 +52,10 @@ template <> struct Vec<double> {
     const double2 v = __ldg(reinterpret_cast<const double2*>(p));
     x[0] = v.x; x[1] = v.y;
   }
+  __device__ static void lds(const void* p, double (&x)[2]) {
+    const double2 v = *static_cast<const double2*>(p);
+    x[0] = v.x; x[1] = v.y;
+  }
   __device__ static void store(double* p, const double (&x)[2]) {
     *reinterpret_cast<double2*>(p) = make_double2(x[0], x[1]);
   }
@@ -52,8 +63,9 @@ template <> struct Vec<double> {
 template <typename H, void (*Unpack)(unsigned, float&, float&), unsigned short (*FromF)(float)>
 struct Vec16 {  // eight 16-bit floats in one uint4
   static constexpr int n = 8;
-  __device__ static void load(const H* p, float (&x)[8]) {
-    const uint4 v = __ldg(reinterpret_cast<const uint4*>(p));
+  __device__ static void load(const H* p, float (&x)[8]) { unpack(__ldg(reinterpret_cast<const uint4*>(p)), x); }
+  __device__ static void lds(const void* p, float (&x)[8]) { unpack(*static_cast<const uint4*>(p), x); }
+  __device__ static void unpack(const uint4 v, float (&x)[8]) {
     Unpack(v.x, x[0], x[1]);
     Unpack(v.y, x[2], x[3]);
     Unpack(v.z, x[4], x[5]);
@@ -340,12 +352,17 @@ constexpr int kPairRows = 256 / kPairVecs;
 // 16-bit: 4, 8 loads (their unpacked values take 64 registers).
 template <typename T> constexpr int kPairPix = 4;
 template <> constexpr int kPairPix<float> = 6;
+// ASYNC (ForwardOptions::async_copy): each thread's loads go to its own slots of a ring in shared memory
+// (cp.async, L1 bypassed), `stages` steps of kPairPix<T> pixels ahead of its adds: up to 3x (16-bit) or 2x
+// (fp32) the bytes in flight of the register loads, in fewer registers, and later steps' loads overlap this
+// step's adds. Each thread reads only the slots it filled: a wait on its own copies is all the order it needs.
+template <typename T> constexpr size_t kStageBytes = 2 * kPairPix<T> * 256 * 16;  // one step of a block's loads
 
-template <typename T, bool FOLD>
+template <typename T, bool FOLD, bool ASYNC>
 __global__ void __launch_bounds__(256, 2)
 pair_sums_vec(MapView ma, MapView mb, int C, int H, int W, int pix_per_split, typename AccOf<T>::type step_u,
               typename AccOf<T>::type step_v, typename AccOf<T>::type* part,
-              FinishArgs<typename AccOf<T>::type> fin) {
+              FinishArgs<typename AccOf<T>::type> fin, int stages) {
   using A = typename AccOf<T>::type;
   constexpr int V = Vec<T>::n;
   const int vecs = C / V, groups = (vecs + kPairVecs - 1) / kPairVecs;
@@ -400,32 +417,81 @@ pair_sums_vec(MapView ma, MapView mb, int C, int H, int W, int pix_per_split, ty
     at.w = p - at.h * W;
     at.a = pa + at.h * ma.sH + at.w * ma.sW;
     at.b = pb + at.h * mb.sH + at.w * mb.sW;
-    for (; p + (kPairPix<T> - 1) * kPairRows < p_end; p += kPairPix<T> * kPairRows) {
-      At qs[kPairPix<T>];
-      A x[kPairPix<T>][2][V];  // every load issued before the first add
+    if constexpr (ASYNC) {
+      // slot (stage s, load j) of this thread: ring[(s * 2 * kPairPix<T> + j) * 256 + thread], j = 2 * pixel + map
+      extern __shared__ uint4 ring[];
+      uint4* const mine = ring + threadIdx.x;
+      constexpr int kStep = kPairPix<T> * kPairRows, kSlots = 2 * kPairPix<T> * 256;
+      At ahead = at;  // the next step to issue
+      int p_ahead = p;
+      // One step's copies as one group (none past the run: an empty group keeps the count). Runs are whole steps
+      // but for the last run's last step, whose pixels past the run are skipped (the checks compiled only there).
+      auto copy_step = [&](uint4* slot, auto whole) {
 #pragma unroll
-      for (int r = 0; r < kPairPix<T>; ++r) {
-        qs[r] = at;
-        next(at);
-        load(qs[r], x[r]);
+        for (int r = 0; r < kPairPix<T>; ++r) {
+          if (decltype(whole)::value || p_ahead + r * kPairRows < p_end) {
+            __pipeline_memcpy_async(slot + 2 * r * 256, ahead.a, 16);
+            __pipeline_memcpy_async(slot + (2 * r + 1) * 256, ahead.b, 16);
+          }
+          next(ahead);
+        }
+      };
+      auto issue = [&](int s) {
+        uint4* const slot = mine + s * kSlots;
+        if (p_ahead + (kPairPix<T> - 1) * kPairRows < p_end) copy_step(slot, std::true_type{});
+        else if (p_ahead < p_end) copy_step(slot, std::false_type{});
+        p_ahead += kStep;
+        __pipeline_commit();
+      };
+      auto add_step = [&](const uint4* slot, auto whole) {
+#pragma unroll
+        for (int r = 0; r < kPairPix<T>; ++r) {
+          if (decltype(whole)::value || p + r * kPairRows < p_end) {
+            A x[2][V];
+            Vec<T>::lds(slot + 2 * r * 256, x[0]);
+            Vec<T>::lds(slot + (2 * r + 1) * 256, x[1]);
+            add(at.h, at.w, x);
+          }
+          next(at);
+        }
+      };
+      for (int s = 0; s < stages; ++s) issue(s);
+      for (int s = 0; p < p_end; p += kStep) {
+        if (stages == 3) __pipeline_wait_prior(2); else __pipeline_wait_prior(1);  // this step's group landed
+        const uint4* const slot = mine + s * kSlots;
+        if (p + (kPairPix<T> - 1) * kPairRows < p_end) add_step(slot, std::true_type{});
+        else add_step(slot, std::false_type{});
+        issue(s);  // the step `stages` ahead, into the slots just read
+        s = s + 1 == stages ? 0 : s + 1;
       }
+    } else {
+      for (; p + (kPairPix<T> - 1) * kPairRows < p_end; p += kPairPix<T> * kPairRows) {
+        At qs[kPairPix<T>];
+        A x[kPairPix<T>][2][V];  // every load issued before the first add
 #pragma unroll
-      for (int r = 0; r < kPairPix<T>; ++r) add(qs[r].h, qs[r].w, x[r]);
-    }
-    if (p < p_end) {  // the run's last pixels, fewer than a step: their loads issued together too
-      At qs[kPairPix<T>];
-      A x[kPairPix<T>][2][V];
-      bool in[kPairPix<T>];
+        for (int r = 0; r < kPairPix<T>; ++r) {
+          qs[r] = at;
+          next(at);
+          load(qs[r], x[r]);
+        }
 #pragma unroll
-      for (int r = 0; r < kPairPix<T>; ++r) {
-        qs[r] = at;
-        next(at);
-        in[r] = p + r * kPairRows < p_end;
-        if (in[r]) load(qs[r], x[r]);
+        for (int r = 0; r < kPairPix<T>; ++r) add(qs[r].h, qs[r].w, x[r]);
       }
+      if (p < p_end) {  // the run's last pixels, fewer than a step: their loads issued together too
+        At qs[kPairPix<T>];
+        A x[kPairPix<T>][2][V];
+        bool in[kPairPix<T>];
 #pragma unroll
-      for (int r = 0; r < kPairPix<T>; ++r)
-        if (in[r]) add(qs[r].h, qs[r].w, x[r]);
+        for (int r = 0; r < kPairPix<T>; ++r) {
+          qs[r] = at;
+          next(at);
+          in[r] = p + r * kPairRows < p_end;
+          if (in[r]) load(qs[r], x[r]);
+        }
+#pragma unroll
+        for (int r = 0; r < kPairPix<T>; ++r)
+          if (in[r]) add(qs[r].h, qs[r].w, x[r]);
+      }
     }
   }
   // Add up the rows: the 32 / kPairVecs rows within a warp, then the 8 warps in shared memory.
@@ -666,8 +732,8 @@ cudaError_t map_sums_t(MapView m, long long N, long long C, int H, int W, void* 
   return cudaGetLastError();
 }
 
-// Blocks of pair_sums_vec<T, false> that fit on one SM of the current device (registers decide: 2 on sm_90),
-// asked once per device.
+// Blocks of pair_sums_vec<T, false, false> that fit on one SM of the current device (registers decide: 2 on
+// sm_90), asked once per device.
 template <typename T>
 int pair_blocks_per_sm() {
   constexpr int kDevices = 64;
@@ -676,7 +742,7 @@ int pair_blocks_per_sm() {
   if (cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= kDevices) dev = -1;
   if (dev >= 0 && cached[dev] > 0) return cached[dev];
   int n = 0;
-  if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, pair_sums_vec<T, false>, 256, 0) != cudaSuccess ||
+  if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, pair_sums_vec<T, false, false>, 256, 0) != cudaSuccess ||
       n < 1) {
     cudaGetLastError();  // not sticky; fall back to the launch bound's 2
     n = 2;
@@ -685,10 +751,39 @@ int pair_blocks_per_sm() {
   return n;
 }
 
+// Ring stages (3, else 2) with which the async-copy kernel still fits as many blocks per SM as the register
+// kernel (the plan's runs are sized for those), or 0 where neither does (the register loads serve then).
+// Shared memory decides: 16-bit maps take 32 KB a stage, so 3 stages on sm_90 (2 blocks in its 228 KB) and
+// 2 on sm_80 (164 KB); fp32 48 KB, so 2 on sm_90 and none on sm_80. Sets the kernel's dynamic shared memory
+// limit to match; asked once per device.
+template <typename T, bool FOLD>
+int async_stages() {
+  constexpr int kDevices = 64;
+  static int cached[kDevices] = {};  // 0: not asked yet; -1: none fits
+  int dev = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= kDevices) dev = -1;
+  if (dev >= 0 && cached[dev] != 0) return std::max(cached[dev], 0);
+  const int want = pair_blocks_per_sm<T>();
+  int got = -1;
+  for (int s = 3; s >= 2 && got < 0; --s) {
+    const size_t bytes = s * kStageBytes<T>;
+    int n = 0;
+    if (cudaFuncSetAttribute(pair_sums_vec<T, FOLD, true>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                             static_cast<int>(bytes)) == cudaSuccess &&
+        cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, pair_sums_vec<T, FOLD, true>, 256, bytes) == cudaSuccess &&
+        n >= want)
+      got = s;
+    cudaGetLastError();  // a refused size is not sticky
+  }
+  if (dev >= 0) cached[dev] = got;
+  return std::max(got, 0);
+}
+
 // The forward's launch plan: the two-map kernel where both maps allow it, how it splits the pixels, and the
 // scratch memory (partial sums, the loss partials, the tickets).
 struct Plan {
-  bool pair = false, fold = false;
+  bool pair = false, fold = false, async_copy = false;
+  int stages = 0;  // of the async-copy kernel's ring
   long long groups = 0, columns = 0;
   int pix_per_split = 0, splits = 1;
   long long finish_blocks = 0, tickets = 1;
@@ -717,6 +812,9 @@ Plan plan_t(const MapView& a, const MapView& b, long long N, long long C, int H,
     p.pix_per_split = static_cast<int>((pix + step - 1) / step * step);
     p.splits = (HW + p.pix_per_split - 1) / p.pix_per_split;
     p.part_bytes = static_cast<size_t>(p.splits) * 2 * NC * 3 * sizeof(A);
+    // the same runs with either loads: the same sums in the same order, so the same bits
+    if (o.async_copy) p.stages = p.fold ? async_stages<T, true>() : async_stages<T, false>();
+    p.async_copy = p.stages > 0;
   }
   // loss partials: finish_pairs' per block, or the folded finish's per column; tickets: one, or a column's each
   // and one for the loss
@@ -731,8 +829,12 @@ template <typename T, bool FOLD>
 void launch_pair(const Plan& p, MapView a, MapView b, int C, int H, int W, typename AccOf<T>::type su,
                  typename AccOf<T>::type sv, typename AccOf<T>::type* part,
                  FinishArgs<typename AccOf<T>::type> fin, cudaStream_t stream) {
-  pair_sums_vec<T, FOLD><<<dim3(static_cast<unsigned>(p.columns), p.splits), 256, 0, stream>>>(
-      a, b, C, H, W, p.pix_per_split, su, sv, part, fin);
+  const dim3 grid(static_cast<unsigned>(p.columns), p.splits);
+  if (p.async_copy)
+    pair_sums_vec<T, FOLD, true><<<grid, 256, p.stages * kStageBytes<T>, stream>>>(a, b, C, H, W, p.pix_per_split, su,
+                                                                                 sv, part, fin, p.stages);
+  else
+    pair_sums_vec<T, FOLD, false><<<grid, 256, 0, stream>>>(a, b, C, H, W, p.pix_per_split, su, sv, part, fin, 0);
 }
 
 template <typename T>

@@ -393,6 +393,30 @@ def test_cuda_folded_finish_matches_two_launches(dtype, waves, monkeypatch):
 
 
 @cuda_ext
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("fold", ["0", "1"])
+def test_cuda_async_copies_match_register_loads(dtype, fold, monkeypatch):
+    """DMFN_CENTROID_ASYNC=1 (read per call): the two-map kernel's loads staged through shared memory by
+    cp.async, on the GPU, where the copies really land late (the CPU emulation lands them at the wait). The
+    same runs and order as the register loads, so the same stats and loss bit for bit, unfolded and folded;
+    [3, 104, 33, 35]: the last run ends inside a step. Where the stages do not fit the register loads serve."""
+    shape = (3, 104, 33, 35)
+    a, b = rand(shape, 35, dtype, "cuda", "channels_last"), rand(shape, 36, dtype, "cuda", "channels_last")
+    monkeypatch.setenv("DMFN_CENTROID_FOLD", fold)
+    monkeypatch.delenv("DMFN_CENTROID_ASYNC", raising=False)
+    loss, st = torch.ops.dmfn_fast.centroid_align_fwd(a, b)
+    monkeypatch.setenv("DMFN_CENTROID_ASYNC", "1")
+    for _ in range(3):
+        loss_s, st_s = torch.ops.dmfn_fast.centroid_align_fwd(a, b)
+        assert torch.equal(st_s, st) and torch.equal(loss_s, loss)
+    g = torch.autograd.grad(ca.centroid_align_loss(a.requires_grad_(), b, impl="fast"), a)[0]
+    assert torch.isfinite(g).all()
+    monkeypatch.setenv("DMFN_CENTROID_ASYNC", "yes")
+    with pytest.raises(RuntimeError, match="DMFN_CENTROID_ASYNC must be one of"):
+        torch.ops.dmfn_fast.centroid_align_fwd(a, b)
+
+
+@cuda_ext
 def test_cuda_matches_cpu_op_and_compiles():
     a, b = rand((2, 32, 9, 12), 29, device="cuda"), rand((2, 32, 9, 12), 30, device="cuda")
     torch.testing.assert_close(stats(a, b).cpu(), stats(a.cpu(), b.cpu()), rtol=1e-6, atol=1e-6)

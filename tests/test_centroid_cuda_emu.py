@@ -30,6 +30,8 @@ def cpu_launches(src: str) -> tuple[str, int]:
     one static copy that would otherwise keep the last block's values). Returns (source, launches found)."""
     pat = re.compile(r"(\w+(?:<[^<>;]*>)?)<<<(.*?)>>>\(", re.S)
     src, launches = pat.subn(lambda m: f"::emu::launch({m.group(1)}, ::emu::config({m.group(2)}), ", src)
+    # dynamic shared memory: the launch's buffer, poisoned per block by the stand-in
+    src = re.sub(r"extern __shared__ (\w+) (\w+)\[\];", r"\1* \2 = reinterpret_cast<\1*>(::emu::dyn_shared);", src)
     shared = re.compile(r"(__shared__\s+[^;]+?\s(\w+)\s*(?:\[[^\]]*\]\s*)*;)")
     src, declared = shared.subn(lambda m: f"{m.group(1)} ::emu::poison_once(&{m.group(2)}, sizeof({m.group(2)}));", src)
     assert declared >= 5, "the kernel file's __shared__ declarations were not all found"
@@ -66,6 +68,7 @@ def run(driver, args):
     env = dict(os.environ, ASAN_OPTIONS="detect_leaks=0:abort_on_error=0", UBSAN_OPTIONS="print_stacktrace=1")
     r = subprocess.run([exe, *map(str, args)], capture_output=True, text=True, env=env, timeout=600)
     assert r.returncode == 0, f"driver failed ({r.returncode}):\n{r.stdout}\n{r.stderr[-4000:]}"
+    return r.stdout
 
 
 def make_map(shape, layout, dtype, seed):
@@ -125,17 +128,26 @@ def reference(a, b):
     return stats, (stats[0, ..., 1:] - stats[1, ..., 1:]).pow(2).mean()
 
 
-def emu_forward(driver, a_map, b_map, dtype, sms=4, occ=2, seed=0, fold=False):
-    """The forward's (stats, loss); fold: the two-map kernel's finish folded into its last blocks."""
+H200_SHARED = 228 * 1024  # shared memory per SM on sm_90 (the async-copy kernel's stages follow it)
+
+
+def emu_forward(driver, a_map, b_map, dtype, sms=4, occ=2, seed=0, fold=False, async_copy=False, shared=H200_SHARED,
+                report=False):
+    """The forward's (stats, loss); fold: the two-map kernel's finish folded into its last blocks; async_copy:
+    its loads staged through shared memory (cp.async), as many stages as `shared` bytes per SM allow. report:
+    also the most dynamic shared memory a launch took (the async-copy kernel's ring; 0 without it)."""
     _, d = driver
     (ba, oa, sa, a), (bb, ob, sb, b) = a_map, b_map
     write(ba, d / "a.bin")
     write(bb, d / "b.bin")
     N, C, H, W = a.shape
-    run(driver, ["forward", CODES[dtype], N, C, H, W, sms, occ, int(fold), seed, d / "a.bin", oa, *sa,
-                 d / "b.bin", ob, *sb, d / "stats.bin", d / "loss.bin"])
+    out = run(driver, ["forward", CODES[dtype], N, C, H, W, sms, occ, int(fold), int(async_copy), shared, seed,
+                       d / "a.bin", oa, *sa, d / "b.bin", ob, *sb, d / "stats.bin", d / "loss.bin"])
     acc = torch.float64 if dtype == torch.float64 else torch.float32
-    return read(d / "stats.bin", acc, (2, N, C, 3)).clone(), read(d / "loss.bin", acc, ()).clone()
+    result = read(d / "stats.bin", acc, (2, N, C, 3)).clone(), read(d / "loss.bin", acc, ()).clone()
+    if report:
+        return (*result, int(re.search(r"dynamic shared bytes: (\d+)", out).group(1)))
+    return result
 
 
 def emu_grad(driver, g, stats, like, which, channels_last, seed=0):
@@ -252,6 +264,39 @@ def test_folded_forward_is_deterministic_across_block_orders(driver):
         assert torch.equal(first[0], again[0]) and torch.equal(first[1], again[1])
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+@pytest.mark.parametrize("case", PAIR_CASES)
+def test_async_copy_matches_register_loads(driver, case, dtype):
+    """DMFN_CENTROID_ASYNC: the two-map kernel's loads staged through shared memory (cp.async), against float64
+    and against the register loads: the same runs, each thread adding its pixels in the same order, so the
+    same bits. In the stand-in a copy lands only at its thread's wait, so a slot read early reads garbage."""
+    shape, la, lb = FORWARD_CASES[case]
+    seed = sum(map(ord, case)) + CODES[dtype]
+    a_map, b_map = make_map(shape, la, dtype, seed), make_map(shape, lb, dtype, seed + 1)
+    plain = emu_forward(driver, a_map, b_map, dtype, seed=seed)
+    staged = emu_forward(driver, a_map, b_map, dtype, seed=seed + 1, async_copy=True, report=True)
+    check_forward(*staged[:2], a_map[3], b_map[3], dtype)
+    assert staged[2] > 0, "the async-copy kernel did not run"
+    assert torch.equal(plain[0], staged[0]) and torch.equal(plain[1], staged[1])
+    folded = emu_forward(driver, a_map, b_map, dtype, seed=seed + 2, async_copy=True, fold=True)
+    assert torch.equal(plain[0], folded[0]), "the folded async-copy kernel changed a plane's stats"
+
+
+# (dtype, shared memory per SM, the ring the kernel takes): 3 stages where 2 blocks still fit (sm_90, 16-bit
+# maps: 32 KB a stage), else 2, else the register loads (fp32 on sm_80: 2 x 2 x 48 KB > 164 KB)
+STAGE_CASES = [(torch.bfloat16, 228 * 1024, 3 * 32768), (torch.bfloat16, 164 * 1024, 2 * 32768),
+               (torch.float32, 228 * 1024, 2 * 49152), (torch.float32, 164 * 1024, 0), (torch.float16, 60 * 1024, 0)]
+
+
+@pytest.mark.parametrize("dtype,shared,ring", STAGE_CASES)
+def test_async_copy_stages_follow_shared_memory(driver, dtype, shared, ring):
+    shape = (2, 16, 11, 13)
+    a_map, b_map = make_map(shape, "channels_last", dtype, 21), make_map(shape, "channels_last", dtype, 22)
+    stats, loss, took = emu_forward(driver, a_map, b_map, dtype, async_copy=True, shared=shared, report=True)
+    assert took == ring
+    check_forward(stats, loss, a_map[3], b_map[3], dtype)
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_emulated_16_bit_conversions_round_as_torch(driver, dtype):
     """The stand-in's float -> half / bfloat16 (round to nearest even) and back, against torch's, on values
@@ -324,6 +369,20 @@ def test_emulator_reports_an_early_ticket(driver, tmp_path):
         for seed in range(3):
             stats, loss = emu_forward(broken, *maps, dtype, sms=3, seed=seed, fold=True)
             check_forward(stats, loss, maps[0][3], maps[1][3], dtype)
+
+
+def test_emulator_reports_a_copy_read_before_its_wait(driver, tmp_path):
+    """With 3 stages, waiting for all but the 3 newest groups leaves the step being added still in flight: its
+    slots read as garbage here (on a GPU they may hold the step before's pixels), and the last steps' copies
+    are never waited for."""
+    broken = _broken_driver(driver, tmp_path, r"__pipeline_wait_prior\(2\);", "__pipeline_wait_prior(3);")
+    shape, dtype = (1, 16, 17, 19), torch.bfloat16
+    maps = make_map(shape, "channels_last", dtype, 23), make_map(shape, "channels_last", dtype, 24)
+    with pytest.raises(AssertionError, match="never waited for|not close|nan"):
+        stats, loss = emu_forward(broken, *maps, dtype, async_copy=True)
+        check_forward(stats, loss, maps[0][3], maps[1][3], dtype)
+    stats, loss = emu_forward(broken, *maps, dtype, async_copy=True, shared=164 * 1024)  # 2 stages: unaffected
+    check_forward(stats, loss, maps[0][3], maps[1][3], dtype)
 
 
 def test_emulator_reports_a_misaligned_vector_load(driver, tmp_path):
