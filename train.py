@@ -20,8 +20,12 @@ import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from dmfn_fast.training import build, checkpoint, config, report, rundir
-from dmfn_fast.training.step import RealFake, train_step
+try:  # importing dmfn_fast refuses a bad DMFN_* environment switch: exit 2, as for a bad flag, before any work
+    from dmfn_fast.training import build, checkpoint, config, report, rundir
+    from dmfn_fast.training.step import RealFake, train_step
+except ValueError as e:
+    print(f"train.py: error: {e}", file=sys.stderr)
+    sys.exit(2)
 
 
 def parse_args(argv=None):

@@ -7,6 +7,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <limits>
+#include <string>
 
 #include "centroid_align.h"
 #include "centroid_align_kernel.h"
@@ -38,13 +39,17 @@ void check_sizes(const at::Tensor& f) {
               "centroid_align: map too large for the CUDA kernels: ", f.sizes());
 }
 
-// A digit from the environment, one of `allowed`, or `fallback` when unset. Read per call, so a benchmark can
-// switch it between calls.
+// A digit from the environment (spaces around it ignored, as dmfn_fast/ops/_impl.py's env_switch, which
+// checks these switches at import), one of `allowed`, or `fallback` when unset or blank. Read per call, so a
+// benchmark can switch it between calls.
 int env_choice(const char* name, const char* allowed, int fallback, const char* what) {
-  const char* v = std::getenv(name);
-  if (v == nullptr || *v == '\0') return fallback;
-  TORCH_CHECK(std::strlen(v) == 1 && std::strchr(allowed, v[0]) != nullptr, name, " must be one of the digits '",
-              allowed, "' (", what, "), got '", v, "'; unset it for the default ", fallback);
+  const char* raw = std::getenv(name);
+  std::string v = raw == nullptr ? "" : raw;
+  const size_t b = v.find_first_not_of(" \t\n\r\f\v"), e = v.find_last_not_of(" \t\n\r\f\v");
+  v = b == std::string::npos ? "" : v.substr(b, e - b + 1);
+  if (v.empty()) return fallback;
+  TORCH_CHECK(v.size() == 1 && std::strchr(allowed, v[0]) != nullptr, name, " must be one of the digits '", allowed,
+              "' (", what, "), got '", raw, "'; unset it for the default ", fallback);
   return v[0] - '0';
 }
 

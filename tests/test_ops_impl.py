@@ -1,4 +1,9 @@
-"""The one switch every op uses to pick its fast path or its reference (dmfn_fast/ops/_impl.py)."""
+"""The one switch every op uses to pick its fast path or its reference (dmfn_fast/ops/_impl.py), and the
+environment switches the package reads."""
+import os
+import re
+import subprocess
+import sys
 import warnings
 
 import pytest
@@ -96,3 +101,79 @@ def test_the_models_and_the_loss_go_through_the_resolver(monkeypatch):
     with pytest.warns(DeprecationWarning):
         g = Generator(nf=4, n_blocks=2, impl="fused")
     assert g.impl == "fast" and all(b.impl == "fast" for b in g.blocks)
+
+
+# ----------------------------------------------------------------------------- the environment switches
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.mark.parametrize("name", list(_impl.SWITCHES))
+def test_each_switch_takes_its_values_and_refuses_others(name, monkeypatch):
+    values = _impl.SWITCHES[name]
+    for unset in (None, "", "  "):
+        if unset is None:
+            monkeypatch.delenv(name, raising=False)
+        else:
+            monkeypatch.setenv(name, unset)
+        assert _impl.env_switch(name) == values[0]
+    for v in values:
+        monkeypatch.setenv(name, f" {v.upper()} ")  # as typed: spaces and case do not matter
+        assert _impl.env_switch(name) == v
+    for bad in ("true", "yes", "9", "referenc"):
+        monkeypatch.setenv(name, bad)
+        with pytest.raises(ValueError, match=f"{name}='{bad}' is not one of {', '.join(values)}.*unset it"):
+            _impl.env_switch(name)
+        with pytest.raises(ValueError, match=name):
+            _impl.check_environment()
+
+
+def test_a_misspelt_impl_switch_is_refused_where_it_is_read(monkeypatch):
+    """DMFN_IMPL is read per call: a typo must not quietly run the fast path."""
+    monkeypatch.setenv("DMFN_IMPL", "refrence")
+    with pytest.raises(ValueError, match="DMFN_IMPL='refrence'"):
+        _impl.resolve("auto", lambda: "", op="test op")
+    monkeypatch.setenv("DMFN_IMPL", "Reference")
+    assert _impl.forced_reference() and not _impl.resolve("auto", _refuse, op="test op")
+
+
+def test_an_unknown_dmfn_variable_is_named_with_the_likely_switch(monkeypatch):
+    monkeypatch.setenv("DMFN_WGRAD_TAM", "0")
+    with pytest.warns(RuntimeWarning, match="does not read the environment variable DMFN_WGRAD_TAM .did you mean "
+                                             "DMFN_WGRAD_TMA.."):
+        _impl.check_environment()
+    monkeypatch.setenv("DMFN_VGG19_WEIGHTS", "/some/file.pth")  # a file, not a switch: no warning about it
+    monkeypatch.delenv("DMFN_WGRAD_TAM")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _impl.check_environment()
+
+
+def test_every_dmfn_variable_the_code_names_is_known():
+    """A switch read anywhere in the package or the extension is in SWITCHES (so import validates it), and the
+    package reads switches only through env_switch."""
+    names, direct = set(), []
+    for folder in ("dmfn_fast", "csrc"):
+        for dirpath, _, files in os.walk(os.path.join(ROOT, folder)):
+            for f in files:
+                if f.endswith((".py", ".cpp", ".cu", ".h")):
+                    text = open(os.path.join(dirpath, f)).read()
+                    names |= set(re.findall(r"\bDMFN_[A-Z0-9_]+\b", text))
+                    direct += [f"{f}: {m}" for m in re.findall(r"os\.environ(?:\.get)?[\[(]\"(DMFN_[A-Z0-9_]+)", text)
+                               if m not in _impl.OTHER_VARIABLES]
+    names.discard("DMFN_PY_MODULE")  # a compile definition of setup.py's build, not a variable
+    assert names <= set(_impl.SWITCHES) | set(_impl.OTHER_VARIABLES), names - set(_impl.SWITCHES)
+    assert not direct, f"switches read without env_switch: {direct}"
+
+
+def test_import_and_train_py_refuse_a_bad_switch_before_any_work(tmp_path):
+    env = dict(os.environ, DMFN_TMA="false", DMFN_IMPL="fast")
+    r = subprocess.run([sys.executable, "-c", "import dmfn_fast"], capture_output=True, text=True, env=env)
+    assert r.returncode != 0
+    assert "DMFN_IMPL='fast' is not one of auto, reference" in r.stderr and "DMFN_TMA='false'" in r.stderr
+    out = tmp_path / "run"
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), "--steps", "1", "--out", str(out)],
+                       capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.startswith("train.py: error: dmfn_fast: the environment variable DMFN_IMPL='fast'")
+    assert not out.exists()

@@ -7,12 +7,69 @@ DMFN_IMPL=reference forces the reference everywhere, whatever `impl` says.
 
 With a fast path (auto or fast) training also trades a little recompute for memory (recompute()):
 DMFN_RECOMPUTE=0 turns that off.
+
+Every environment switch the package reads is in SWITCHES, with the values it takes; `import dmfn_fast`
+refuses any other value (check_environment), and so does each read (env_switch).
 """
+import difflib
 import os
 import warnings
 from typing import Callable, Optional
 
 IMPLS = ("auto", "reference", "fast")
+
+# Each switch's values, its default first (what unset or empty means). Read leniently, a typo such as
+# DMFN_IMPL=refrence or DMFN_TMA=false would quietly run the other path, so any other value is refused.
+SWITCHES = {
+    "DMFN_IMPL": ("auto", "reference"),  # reference: every op's PyTorch reference, whatever impl says
+    "DMFN_RECOMPUTE": ("1", "0"),  # 0: training holds cheap activations instead of recomputing them
+    "DMFN_BIAS_ACT": ("0", "1"),  # 1: impl="auto" takes the convolutions' bias + activation kernel
+    "DMFN_TRITON_OP": ("1", "0"),  # 0: the fused DMFB ops opaque to torch.compile
+    "DMFN_COMPILED_NORMS": ("1", "0"),  # 0: Inductor's own instance norms under torch.compile
+    "DMFN_TMA": ("1", "0"),  # 0: no TMA branch kernels (sm_90)
+    "DMFN_WGRAD9": ("0", "1"),  # 1: the 9-tap weight-gradient kernel (sm_90)
+    "DMFN_WGRAD_TMA": ("1", "0"),  # 0: no TMA weight-gradient kernel (sm_90)
+    # the centroid extension's forward plan, read by its C++ per call (benchmark A/B switches)
+    "DMFN_CENTROID_WAVES": ("1", "2", "3", "4"),
+    "DMFN_CENTROID_FOLD": ("0", "1"),
+    "DMFN_CENTROID_ASYNC": ("0", "1"),
+}
+# DMFN_* variables that are not switches: a file (the VGG weights), the build's and the benchmarks' own
+OTHER_VARIABLES = ("DMFN_VGG19_WEIGHTS", "DMFN_NO_EXT", "DMFN_BENCH_QUICK", "DMFN_CUDA_VENV")
+
+
+def env_switch(name: str) -> str:
+    """Switch `name`'s value: its default when unset or empty, else the set value (spaces stripped, lower
+    case) if the switch takes it; a ValueError saying what it takes otherwise."""
+    values = SWITCHES[name]
+    raw = os.environ.get(name, "")
+    value = raw.strip().lower()
+    if not value:
+        return values[0]
+    if value not in values:
+        raise ValueError(f"the environment variable {name}={raw!r} is not one of {', '.join(values)}: set one of "
+                         f"them, or unset it for the default ({values[0]})")
+    return value
+
+
+def check_environment() -> None:
+    """Refuse, in one ValueError, every switch set to a value it does not take; warn once about each DMFN_*
+    variable the package does not read (a misspelt switch would do nothing)."""
+    bad = []
+    for name in SWITCHES:
+        try:
+            env_switch(name)
+        except ValueError as e:
+            bad.append(str(e))
+    if bad:
+        raise ValueError("dmfn_fast: " + "; ".join(bad))
+    known = (*SWITCHES, *OTHER_VARIABLES)
+    for name in sorted(os.environ):
+        if name.startswith("DMFN_") and name not in known:
+            close = difflib.get_close_matches(name, known, n=1)
+            hint = f" (did you mean {close[0]}?)" if close else ""
+            warn_once(("unknown variable", name), f"dmfn_fast does not read the environment variable {name}{hint}; "
+                      "it has no effect", stacklevel=2)
 _ALIASES = {"fused": "fast"}  # deprecated spelling -> value; saved configs and scripts still use it
 _warned = set()
 
@@ -43,15 +100,14 @@ def has_hooks(module) -> bool:
 
 
 def forced_reference() -> bool:
-    return os.environ.get("DMFN_IMPL", "").strip().lower() == "reference"
+    return env_switch("DMFN_IMPL") == "reference"
 
 
 def recompute(impl: str) -> bool:
     """Whether training recomputes cheap activations in backward instead of holding them from the forward
     (the frozen VGG's inner layers, the generator's norm+ReLU runs): impl auto or fast, unless
     DMFN_IMPL=reference or DMFN_RECOMPUTE=0. The values and gradients are the same either way."""
-    return (check_impl(impl) != "reference" and not forced_reference()
-            and os.environ.get("DMFN_RECOMPUTE", "1").strip() != "0")
+    return check_impl(impl) != "reference" and not forced_reference() and env_switch("DMFN_RECOMPUTE") == "1"
 
 
 def resolve(impl: str, why_not: Callable[[], str], *, op: str,

@@ -8,7 +8,6 @@ the DMFB ops' machinery (dmfb._define: traced by torch.compile, checked by opche
 dispatcher). Backward is ATen's ReLU / leaky-ReLU backward from the output, and the bias gradient a sum in
 fp32. Where to use it is use_fast's call, made once per model call: never under torch.compile, whose Inductor
 fuses the bias and activation itself."""
-import os
 from typing import Optional
 
 import torch
@@ -21,7 +20,7 @@ from . import dmfb as _d
 ACTS = ("none", "relu", "lrelu")
 # impl="auto" takes the kernel only with DMFN_BIAS_ACT=1: on the H200 (s10) the VGG's fwd+bwd took 1.40 ms less
 # GPU time with it but 2.76 ms more per call (host-bound eager; gpu_adopt.py weighs both). impl="fast" takes it.
-_AUTO = os.environ.get("DMFN_BIAS_ACT", "0") == "1"
+_AUTO = _impl.env_switch("DMFN_BIAS_ACT") == "1"
 
 
 def bias_act_reference(x: torch.Tensor, b: Optional[torch.Tensor], act: str = "relu",

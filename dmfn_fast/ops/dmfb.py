@@ -63,7 +63,7 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 # sums, views of one zeroed base (see _sums32, separate when traced). Since that fix the traced ops match
 # eager op by op and in the generator, fp32 and bf16, and the compiled training step is 8% faster than
 # with opaque ops (benchmarks/RESULTS.md, fourth session).
-_USE_TRITON_OP = (os.environ.get("DMFN_TRITON_OP", "1") != "0" and hasattr(torch.library, "triton_op")
+_USE_TRITON_OP = (_impl.env_switch("DMFN_TRITON_OP") == "1" and hasattr(torch.library, "triton_op")
                   and hasattr(torch.library, "wrap_triton") and not INTERPRET)
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 # Under torch.compile the generator's encoder and decoder norms run these ops too (each [norm, ReLU, conv]
@@ -71,7 +71,7 @@ _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 # nn.InstanceNorm2d. DMFN_COMPILED_NORMS=0: Inductor's. The H200 (s7) measured, besides the convolutions and
 # the DMFB kernels, 7.8 ms of GPU time per generator fwd+bwd with Inductor's norms and about 2.3 ms with
 # these in eager (benchmarks/RESULTS.md); the compiled comparison is the next lease's.
-COMPILED_NORMS = os.environ.get("DMFN_COMPILED_NORMS", "1") != "0"
+COMPILED_NORMS = _impl.env_switch("DMFN_COMPILED_NORMS") == "1"
 
 
 # ----------------------------------------------------------------------------- references
@@ -251,7 +251,7 @@ def _cdiv(a, b):
     return -(-a // b)
 
 
-_TMA = os.environ.get("DMFN_TMA", "1") != "0"
+_TMA = _impl.env_switch("DMFN_TMA") == "1"
 
 
 def _tma(h):
@@ -328,10 +328,10 @@ def _taps9(dtype, device):
             and torch.cuda.get_device_capability(device)[0] >= 9)
 
 
-_WGRAD9 = os.environ.get("DMFN_WGRAD9", "0") == "1"
+_WGRAD9 = _impl.env_switch("DMFN_WGRAD9") == "1"
 # branches_wgrad_tma where _tma allows (sm_90): 83 against the row kernel's 120 us at the training shape (H200,
 # s10, gpu_breakdown.py); DMFN_WGRAD_TMA=0 turns it off
-_WGRAD_TMA = os.environ.get("DMFN_WGRAD_TMA", "1") != "0"
+_WGRAD_TMA = _impl.env_switch("DMFN_WGRAD_TMA") == "1"
 
 
 def _branches_wgrad(h, G, dil, taps9=None, tma=None):
