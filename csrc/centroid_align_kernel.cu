@@ -457,7 +457,8 @@ pair_sums_vec(MapView ma, MapView mb, int C, int H, int W, int pix_per_split, ty
       };
       for (int s = 0; s < stages; ++s) issue(s);
       for (int s = 0; p < p_end; p += kStep) {
-        if (stages == 3) __pipeline_wait_prior(2); else __pipeline_wait_prior(1);  // this step's group landed
+        // this step's group landed (async_stages gives 2 or 3)
+        if (stages == 3) __pipeline_wait_prior(2); else __pipeline_wait_prior(1);
         const uint4* const slot = mine + s * kSlots;
         if (p + (kPairPix<T> - 1) * kPairRows < p_end) add_step(slot, std::true_type{});
         else add_step(slot, std::false_type{});
@@ -769,11 +770,12 @@ int async_stages() {
     const size_t bytes = s * kStageBytes<T>;
     int n = 0;
     if (cudaFuncSetAttribute(pair_sums_vec<T, FOLD, true>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                             static_cast<int>(bytes)) == cudaSuccess &&
-        cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, pair_sums_vec<T, FOLD, true>, 256, bytes) == cudaSuccess &&
-        n >= want)
-      got = s;
-    cudaGetLastError();  // a refused size is not sticky
+                             static_cast<int>(bytes)) != cudaSuccess ||
+        cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, pair_sums_vec<T, FOLD, true>, 256, bytes) != cudaSuccess) {
+      cudaGetLastError();  // a refused size is not sticky; clear only that error
+      continue;
+    }
+    if (n >= want) got = s;
   }
   if (dev >= 0) cached[dev] = got;
   return std::max(got, 0);

@@ -371,17 +371,18 @@ def test_emulator_reports_an_early_ticket(driver, tmp_path):
             check_forward(stats, loss, maps[0][3], maps[1][3], dtype)
 
 
-def test_emulator_reports_a_copy_read_before_its_wait(driver, tmp_path):
-    """With 3 stages, waiting for all but the 3 newest groups leaves the step being added still in flight: its
-    slots read as garbage here (on a GPU they may hold the step before's pixels), and the last steps' copies
-    are never waited for."""
-    broken = _broken_driver(driver, tmp_path, r"__pipeline_wait_prior\(2\);", "__pipeline_wait_prior(3);")
+@pytest.mark.parametrize("stages,wait,shared,other", [(3, 2, 228 * 1024, 164 * 1024), (2, 1, 164 * 1024, 228 * 1024)])
+def test_emulator_reports_a_copy_read_before_its_wait(driver, tmp_path, stages, wait, shared, other):
+    """Waiting for all but the `stages` newest groups (one short) leaves the step being added still in flight:
+    its slots read as garbage here (on a GPU they may hold the step before's pixels), and the last steps'
+    copies are never waited for. The other stage count's wait is untouched, and its runs stay right."""
+    broken = _broken_driver(driver, tmp_path, rf"__pipeline_wait_prior\({wait}\);", f"__pipeline_wait_prior({stages});")
     shape, dtype = (1, 16, 17, 19), torch.bfloat16
     maps = make_map(shape, "channels_last", dtype, 23), make_map(shape, "channels_last", dtype, 24)
     with pytest.raises(AssertionError, match="never waited for|not close|nan"):
-        stats, loss = emu_forward(broken, *maps, dtype, async_copy=True)
+        stats, loss = emu_forward(broken, *maps, dtype, async_copy=True, shared=shared)
         check_forward(stats, loss, maps[0][3], maps[1][3], dtype)
-    stats, loss = emu_forward(broken, *maps, dtype, async_copy=True, shared=164 * 1024)  # 2 stages: unaffected
+    stats, loss = emu_forward(broken, *maps, dtype, async_copy=True, shared=other)
     check_forward(stats, loss, maps[0][3], maps[1][3], dtype)
 
 
