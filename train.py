@@ -22,6 +22,7 @@ from tqdm import tqdm
 
 try:  # importing dmfn_fast refuses a bad DMFN_* environment switch: exit 2, as for a bad flag, before any work
     from dmfn_fast.training import build, checkpoint, config, report, rundir
+    from dmfn_fast.training.graphed import GraphedStep
     from dmfn_fast.training.step import RealFake, train_step
 except ValueError as e:
     print(f"train.py: error: {e}", file=sys.stderr)
@@ -79,6 +80,9 @@ def train(args, resume_from=None):
     if args.compile:  # every module of the step; the bare parts stay eager for validation and checkpoints
         G, D, D_pair, criterion = (torch.compile(m, mode=args.compile_mode) for m in (G, D, D_pair, criterion))
     graphs = args.compile and args.compile_mode in ("reduce-overhead", "max-autotune")
+    step_fn = None  # --cuda-graphs: the whole step as one CUDA graph replay after 3 eager steps
+    if args.cuda_graphs:
+        step_fn = GraphedStep(G, D, D_pair, criterion, parts.opt_G, parts.opt_D, parts.scaler, rt.amp_dtype)
     if args.compile and rt.master:
         print(f"--compile ({args.compile_mode}): the first steps compile G, D and the loss, which takes a minute "
               "or more (minutes on a CPU); the steps after run the compiled graphs", file=sys.stderr)
@@ -125,8 +129,11 @@ def train(args, resume_from=None):
 
             if graphs:  # CUDA graph trees: a new step, whose replays may reuse the last step's output memory
                 torch.compiler.cudagraph_mark_step_begin()
-            terms, ok = train_step(G, D, D_pair, criterion, parts.opt_G, parts.opt_D, parts.scaler, image,
-                                   mask, batch["box"], autocast, lambda loss: build.all_ranks_finite(loss, rt.ddp))
+            if step_fn is not None:
+                terms, ok = step_fn(image, mask, batch["box"])
+            else:
+                terms, ok = train_step(G, D, D_pair, criterion, parts.opt_G, parts.opt_D, parts.scaler, image,
+                                       mask, batch["box"], autocast, lambda loss: build.all_ranks_finite(loss, rt.ddp))
             if not ok:  # the G update of a step whose D loss is non-finite stays; D's is skipped
                 bad_steps += 1
                 named = ", ".join(k for k, v in terms.items() if not torch.isfinite(v)) or "on another rank"

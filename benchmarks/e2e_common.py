@@ -125,12 +125,14 @@ def build_generator(variant, nf, n_blocks, device):
     return G, compiled(G, compile_), dtype, mf
 
 
-def build_training(variant, size, batch, nf, n_blocks, d_nf, device, seed=0, read_flags=True):
+def build_training(variant, size, batch, nf, n_blocks, d_nf, device, seed=0, read_flags=True, graphs=False):
     """Everything one training step needs, for one variant, built as train.py builds it (the paper's
     optimizers, a random VGG), from fixed weights and a fixed batch. Returns step() -> (terms, ok).
     read_flags=False: the step takes every loss as finite without reading it, so the host never waits for
-    the GPU inside a step (what its flag reads cost; not a way to train)."""
+    the GPU inside a step (what its flag reads cost; not a way to train). graphs: the step as one CUDA graph
+    replay after 3 eager steps (train.py --cuda-graphs; on a CPU its graph's body runs eagerly)."""
     from dmfn_fast.training import build
+    from dmfn_fast.training.graphed import GraphedStep
     from dmfn_fast.training.step import RealFake, train_step
 
     dtype, channels_last, impl, compile_ = VARIANTS[variant]
@@ -138,7 +140,8 @@ def build_training(variant, size, batch, nf, n_blocks, d_nf, device, seed=0, rea
     dev = torch.device(device).type
     G, D = build.models(nf, n_blocks, d_nf, impl, device, mf, seed)
     crit = build.criterion(build.vgg(random=True, quiet=True).to(device, memory_format=mf), impl)
-    parts = build.optimizers(G, D, device_type=dev, amp_dtype=dtype)  # bf16: the scaler stays off
+    # bf16: the scaler stays off; fused Adam on CUDA (and for a graphed step anywhere)
+    parts = build.optimizers(G, D, device_type=dev, amp_dtype=dtype, fused=True if graphs else None)
     g = torch.Generator().manual_seed(seed + 1)
     image = (torch.rand(batch, 3, size, size, generator=g) * 2 - 1).to(device, memory_format=mf)
     mask = torch.zeros(batch, 1, size, size)
@@ -151,6 +154,11 @@ def build_training(variant, size, batch, nf, n_blocks, d_nf, device, seed=0, rea
     # compiled as train.py --compile does: G, D (bare and the real+fake pair) and the loss with its VGG
     Gc, Dc, D_pair, crit = (compiled(m, compile_) for m in (G, D, RealFake(D), crit))
     autocast = build.autocast(dev, dtype)
+
+    if graphs:  # 2 eager steps (gpu_e2e's first two calls, whose terms it keeps), then the capture
+        graphed = GraphedStep(Gc, Dc, D_pair, crit, parts.opt_G, parts.opt_D, parts.scaler, dtype, warmup=2,
+                              capture=dev == "cuda")
+        return lambda: graphed(image, mask, box)
 
     def finite(loss):
         return build.all_ranks_finite(loss, ddp=False) if read_flags else True

@@ -324,12 +324,19 @@ def main():
         step = _built(lambda v: build_training(v, SIZE, BATCH, NF, NB, D_NF, DEV, read_flags=False), "fast")
         record(f"train step {SIZE}px batch {BATCH}", "fast (no flag reads)", step, gflop["train"], images=BATCH)
         del step
+    # the training step as one CUDA graph replay (train.py --cuda-graphs; on the CPU its body runs eagerly)
+    for v in [v for v in ("fast", "amp") if want(f"{v}+graphs", "step")]:
+        step = _built(lambda v: build_training(v, SIZE, BATCH, NF, NB, D_NF, DEV, graphs=True), v)
+        record(f"train step {SIZE}px batch {BATCH}", f"{v}+graphs", step, gflop["train"], images=BATCH,
+               classes=True)
+        del step
     if CUDA:
         # CUDA graphs: the same GPU work with no host cost per call (how far the host holds each variant back)
-        for v in [v for v in ("fast", "amp") if want(f"{v}+graphs")]:
+        for v in [v for v in ("fast", "amp") if want(f"{v}+graphs", "generator")]:
             step = _built(graphed_gen_fwd_bwd, v)
             record(f"generator fwd+bwd {SIZE}px batch {BATCH}", f"{v}+graphs", step, 3 * gflop["gen_fwd"])
             del step
+        for v in [v for v in ("fast", "amp") if want(f"{v}+graphs", "inference")]:
             run = _built(graphed_inference, v)
             record(f"inference {SIZE}px batch {INFER_BATCH}", f"{v}+graphs", run,
                    gflop["gen_fwd"] * INFER_BATCH // BATCH, images=INFER_BATCH)

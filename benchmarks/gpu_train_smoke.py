@@ -1,6 +1,6 @@
-"""train.py as a user runs it, on one GPU: `--amp` (bf16), `--amp --amp-dtype fp16` and `--amp --compile
---compile-mode reduce-overhead`, 50 steps each at 256x256, batch 16, the paper's model, the built-in demo
-set and a random VGG (no weights offline).
+"""train.py as a user runs it, on one GPU: `--amp` (bf16), `--amp --amp-dtype fp16`, `--amp --cuda-graphs`
+and `--amp --compile --compile-mode reduce-overhead`, 50 steps each at 256x256, batch 16, the paper's model,
+the built-in demo set and a random VGG (no weights offline).
 Passes when each run exits 0 and logs 50 training steps with finite losses; prints each run's speed.
 
     python benchmarks/gpu_train_smoke.py          # CUDA
@@ -24,10 +24,15 @@ SIZES = (["--size", "32", "--batch", "2", "--nf", "8", "--n-blocks", "1", "--d-n
          ["--size", "256", "--batch", "16", "--nf", "64", "--n-blocks", "8", "--d-nf", "64"])
 RUNS = {"bf16": ["--amp"], "fp16": ["--amp", "--amp-dtype", "fp16"],
         # every module compiled, as CUDA graph replays, with validation, samples and checkpoints in between
+        # the whole step as one CUDA graph replay after 3 eager steps, with evaluations in between (before the
+        # compiled run, which a cut stage loses first)
+        "bf16 cuda-graphs": ["--amp", "--cuda-graphs", "--val-every", "20", "--sample-every", "20", "--ckpt-every",
+                             "20"],
         "bf16 compile-ro": ["--amp", "--compile", "--compile-mode", "reduce-overhead", "--val-every", "20",
                             "--sample-every", "20", "--ckpt-every", "20"]}
 if args.dry:  # the CPU has no CUDA graphs, and Inductor's CPU build of the step takes minutes
     RUNS.pop("bf16 compile-ro")
+    RUNS.pop("bf16 cuda-graphs")
 
 failed = []
 with tempfile.TemporaryDirectory() as tmp:

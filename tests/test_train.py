@@ -282,6 +282,27 @@ def test_compile_compiles_every_module_of_the_step(tmp_path, monkeypatch):
         torch.testing.assert_close(b[part]["state"], a[part]["state"], rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("flags, env, why", [
+    (["--cuda-graphs"], {}, "--cuda-graphs needs CUDA"),
+    (["--cuda-graphs", "--compile"], {}, "both replay CUDA graphs"),
+    (["--cuda-graphs", "--amp", "--amp-dtype", "fp16"], {"cuda": True}, "does not take fp16"),
+    (["--cuda-graphs", "--amp"], {"cuda": True, "bf16": False}, "does not take fp16"),
+    (["--cuda-graphs"], {"cuda": True, "WORLD_SIZE": "2"}, "runs one process"),
+])
+def test_cuda_graphs_refused_before_work(tmp_path, capsys, monkeypatch, flags, env, why):
+    """--cuda-graphs (dmfn_fast/training/graphed.py) where its graph cannot run: checked with the flags, before
+    anything is built (a card is faked where the refusal needs one; the accepted runs are the GPU check's)."""
+    if env.get("cuda"):
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+        monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: env.get("bf16", True))
+    if "WORLD_SIZE" in env:
+        monkeypatch.setenv("WORLD_SIZE", env["WORLD_SIZE"])
+    with pytest.raises(SystemExit) as e:
+        train.parse_args(TINY + ["--out", str(tmp_path / "r"), *flags])
+    assert e.value.code == 2 and why in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()
+
+
 @pytest.mark.parametrize("flags, why", [
     (["--compile-mode", "reduce-overhead"], "applies only with --compile"),
     (["--compile", "--compile-mode", "reduce-overhead", "--device", "cpu"], "need CUDA"),
@@ -368,3 +389,28 @@ def test_crop_boxes_gathers_what_a_crop_per_image_gives(size, channels_last):
     assert not any("Select" in type(f).__name__ for f in nodes), {type(f).__name__ for f in nodes}
     with pytest.raises(ValueError, match="outside"):
         S.crop_boxes(x, same + torch.tensor([0, size, 0, 0]))
+
+
+def test_cuda_graphs_flag_trains_as_the_eager_step(tmp_path, monkeypatch):
+    """train.py --cuda-graphs on the CPU, with the graph's body run eagerly as a replay runs it (capture=False;
+    the capture is the GPU check's): 5 steps, 3 eager and 2 through the graphed step, give the eager run's
+    weights and Adam states bit for bit, and the same log rows. Both runs use fused Adam, the graphed step's."""
+    import functools
+
+    from dmfn_fast.training import build, config, graphed
+
+    optimizers = build.optimizers
+    monkeypatch.setattr(build, "optimizers", lambda *a, **k: optimizers(*a, **dict(k, fused=True)))
+    monkeypatch.setattr(config, "_check_cuda_graphs", lambda p, a: None)
+    monkeypatch.setattr(train, "GraphedStep", functools.partial(graphed.GraphedStep, capture=False))
+    run(tmp_path / "eager", "--batch", 4, "--steps", 5, "--ckpt-every", 5)
+    run(tmp_path / "graphs", "--batch", 4, "--steps", 5, "--ckpt-every", 5, "--cuda-graphs")
+    a, b = (torch.load(tmp_path / d / "ckpt_0000005.pt", weights_only=True) for d in ("eager", "graphs"))
+    for part in ("G", "D"):
+        assert all(torch.equal(a[part][k], b[part][k]) for k in a[part]), part
+    for part in ("opt_G", "opt_D"):
+        sa, sb = a[part]["state"], b[part]["state"]
+        assert all(torch.equal(sa[i][k], sb[i][k]) for i in sa for k in sa[i]), part
+    rows = [[{k: v for k, v in r.items() if k != "it_s"} for r in R.read_log(tmp_path / d / "log.jsonl")]
+            for d in ("eager", "graphs")]
+    assert rows[0] == rows[1] and len([r for r in rows[0] if r["kind"] == "train"]) == 5

@@ -126,7 +126,7 @@ def models(nf, n_blocks, d_nf, impl, device, memory_format, seed):
 
 
 def optimizers(G, D, lr_g=2e-4, lr_d=2e-4, betas=(0.5, 0.999), lr_steps=(100_000,), lr_gamma=0.5,
-               device_type="cpu", amp_dtype=None):
+               device_type="cpu", amp_dtype=None, fused=None):
     """Adam for both, MultiStepLR for both, and the GradScaler (on only for fp16). Returns Parts.
 
     The decay follows the authors' order under both recipes: they step the schedulers before each
@@ -135,8 +135,10 @@ def optimizers(G, D, lr_g=2e-4, lr_d=2e-4, betas=(0.5, 0.999), lr_steps=(100_000
 
     On CUDA, Adam is torch's fused kernel: the same update in one launch per step instead of the foreach
     path's dozens (the step is host-bound), and GradScaler then unscales and skips inside it, without
-    reading found_inf on the host. Its state dict is the foreach one's, so checkpoints move either way."""
-    fused = device_type == "cuda" or None  # None: torch's default (foreach) elsewhere
+    reading found_inf on the host. Its state dict is the foreach one's, so checkpoints move either way.
+    fused=True asks for it elsewhere too (a CUDA-graph step's tests on the CPU)."""
+    if fused is None:
+        fused = device_type == "cuda" or None  # None: torch's default (foreach) elsewhere
     opt_G = torch.optim.Adam(G.parameters(), lr=lr_g, betas=tuple(betas), fused=fused)
     opt_D = torch.optim.Adam(D.parameters(), lr=lr_d, betas=tuple(betas), fused=fused)
     milestones = [m - 1 for m in lr_steps]

@@ -32,24 +32,41 @@ class Crops:
 
     def __init__(self, boxes, like):
         N, C, H, W = like.shape
-        self.boxes = boxes.tolist()
-        if any(t < 0 or l < 0 or t + bh > H or l + bw > W for t, l, bh, bw in self.boxes):
-            raise ValueError(f"a box (top, left, h, w) reaches outside the {H}x{W} image: {self.boxes}")
+        self.boxes = check_boxes(boxes, H, W)
         self.pix = None
         if len({(bh, bw) for _, _, bh, bw in self.boxes}) == 1:
-            (h, w), dev = self.boxes[0][2:], like.device
-            b = boxes.to(dev, non_blocking=True)
-            rows = b[:, 0, None] + torch.arange(h, device=dev)  # [N, h]
-            cols = b[:, 1, None] + torch.arange(w, device=dev)  # [N, w]
-            self.pix = (torch.arange(N, device=dev)[:, None, None] * H + rows[:, :, None]) * W + cols[:, None, :]
+            self.pix = crop_pixels(boxes.to(like.device, non_blocking=True), *self.boxes[0][2:], H, W)
 
     def __call__(self, x):
         if self.pix is None:
             return torch.cat([_to_128(img[:, t:t + bh, l:l + bw].unsqueeze(0))
                               for img, (t, l, bh, bw) in zip(x, self.boxes)])
-        N, C, H, W = x.shape
-        flat = x.permute(0, 2, 3, 1).reshape(N * H * W, C)  # a view of a channels-last x
-        return _to_128(flat[self.pix].permute(0, 3, 1, 2))  # channels-last strides
+        return gather_crops(x, self.pix)
+
+
+def check_boxes(boxes, H, W):
+    """The boxes (top, left, h, w) as a list (the loader's are on the CPU: no wait), or a ValueError if one
+    reaches outside the H x W image."""
+    boxes = boxes.tolist()
+    if any(t < 0 or l < 0 or t + bh > H or l + bw > W for t, l, bh, bw in boxes):
+        raise ValueError(f"a box (top, left, h, w) reaches outside the {H}x{W} image: {boxes}")
+    return boxes
+
+
+def crop_pixels(boxes, h, w, H, W):
+    """[N, h, w] flat pixel indices (n * H + row) * W + col of N boxes (top, left, ...) of size h x w, on the
+    boxes' device: device ops only, so a CUDA graph recomputes them from whatever boxes its buffer holds."""
+    dev = boxes.device
+    rows = boxes[:, 0, None] + torch.arange(h, device=dev)  # [N, h]
+    cols = boxes[:, 1, None] + torch.arange(w, device=dev)  # [N, w]
+    return (torch.arange(boxes.shape[0], device=dev)[:, None, None] * H + rows[:, :, None]) * W + cols[:, None, :]
+
+
+def gather_crops(x, pix):
+    """x's pixels at crop_pixels' indices, as [N, C, h, w] (channels-last strides), resized to 128 if needed."""
+    N, C, H, W = x.shape
+    flat = x.permute(0, 2, 3, 1).reshape(N * H * W, C)  # a view of a channels-last x
+    return _to_128(flat[pix].permute(0, 3, 1, 2))
 
 
 def crop_boxes(x, boxes):

@@ -1,0 +1,154 @@
+"""The CUDA-graph training step (dmfn_fast/training/graphed.py) on the CPU: what its graph holds, run eagerly
+as a replay runs it (capture=False), against train_step. The capture itself needs a GPU (gpu_check.sh's
+e2e rows and train-smoke)."""
+import copy
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from dmfn_fast.training import build, graphed
+from dmfn_fast.training.step import RealFake, train_step
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def setup(seed=0):
+    """A tiny G (fused path where it runs: here the reference), D, the paper's loss with a random VGG, fused
+    Adam (its found_inf is what the graphed step skips with), and 5 batches whose boxes move."""
+    torch.manual_seed(seed)
+    G, D = build.models(8, 1, 4, "auto", "cpu", torch.contiguous_format, seed)
+    crit = build.criterion(build.vgg(random=True, quiet=True), "auto")
+    parts = build.optimizers(G, D, fused=True)
+    g = torch.Generator().manual_seed(seed + 1)
+    batches = []
+    for i in range(5):
+        image = torch.rand(2, 3, 32, 32, generator=g) * 2 - 1
+        mask = torch.zeros(2, 1, 32, 32)
+        mask[..., 8:24, 8:24] = 1
+        box = torch.tensor([[i, 2 * i, 16, 16], [16 - i, 3, 16, 16]])
+        batches.append((image, mask, box))
+    return G, D, crit, parts, batches
+
+
+def eager_steps(G, D, crit, parts, batches):
+    out = []
+    for image, mask, box in batches:
+        out.append(train_step(G, D, RealFake(D), crit, parts.opt_G, parts.opt_D, parts.scaler, image, mask, box,
+                              lambda: torch.autocast("cpu", enabled=False), lambda t: bool(torch.isfinite(t))))
+    return out
+
+
+def graphed_steps(G, D, crit, parts, batches, warmup=2):
+    step = graphed.GraphedStep(G, D, RealFake(D), crit, parts.opt_G, parts.opt_D, parts.scaler, warmup=warmup,
+                               capture=False)
+    return [step(*b) for b in batches], step
+
+
+def assert_same(a, b):
+    for part in ("G", "D"):
+        sa, sb = getattr(a[3], part).state_dict(), getattr(b[3], part).state_dict()
+        assert all(torch.equal(sa[k], sb[k]) for k in sa), part
+    for opt in ("opt_G", "opt_D"):
+        sa, sb = getattr(a[3], opt).state_dict()["state"], getattr(b[3], opt).state_dict()["state"]
+        assert sa.keys() == sb.keys() and all(torch.equal(sa[i][k], sb[i][k]) for i in sa for k in sa[i]), opt
+
+
+def test_graphed_step_updates_as_train_step_bit_for_bit():
+    """2 eager warm-up steps, then 3 as a replay runs them: the same weights, Adam states and terms as 5 of
+    train_step (the same ops in the same order; fused Adam's found_inf = 0 changes nothing)."""
+    a, b = setup(), setup()
+    eager = eager_steps(*a[:4], a[4])
+    graph, step = graphed_steps(*b[:4], b[4])
+    assert step.inputs is not None  # the last 3 ran the graph's body
+    for (te, oke), (tg, okg) in zip(eager, graph):
+        assert oke and okg and list(te) == list(tg) and all(torch.equal(te[k], tg[k]) for k in te)
+    assert_same(a, b)
+
+
+@pytest.mark.parametrize("bad", ["G", "D"])
+def test_graphed_step_skips_as_train_step(bad, monkeypatch):
+    """A non-finite G loss skips both updates, a non-finite D loss D's, on the device (found_inf), and the step
+    says so; the next good step then updates as train_step's does after its skip (Adam's moments and step
+    count as if the bad step never ran)."""
+    import dmfn_fast.training.step as S
+
+    nan, state = float("nan"), {"n": 0}
+
+    def poisoned(crit):
+        def call(*args):
+            state["n"] += 1
+            loss, terms = crit(*args)
+            return (loss * nan if bad == "G" and state["n"] == 2 else loss), terms
+        return call
+
+    real_d = S.rals_d_loss
+
+    def d_loss(r, f):
+        state["d"] = state.get("d", 0) + 1
+        return real_d(r, f) * (nan if bad == "D" and state["d"] == 2 else 1.0)
+    results = []
+    for run in ("eager", "graphed"):
+        state.clear()
+        state["n"] = 0
+        monkeypatch.setattr(S, "rals_d_loss", d_loss)
+        monkeypatch.setattr(graphed, "rals_d_loss", d_loss)
+        G, D, crit, parts, batches = setup()
+        args = (G, D, poisoned(crit), parts, batches[:2])
+        steps = eager_steps(*args) if run == "eager" else graphed_steps(*args, warmup=1)[0]
+        after_bad = copy.deepcopy((G.state_dict(), D.state_dict(), parts.opt_G.state_dict(),
+                                   parts.opt_D.state_dict()))
+        args = (G, D, poisoned(crit), parts, batches[2:3])
+        steps += eager_steps(*args) if run == "eager" else [graphed_steps(*args, warmup=0)[0][0]]
+        assert [ok for _, ok in steps] == [True, False, True]
+        results.append((G, D, crit, parts, after_bad))
+    (Ge, De, *_, bad_e), (Gg, Dg, *_, bad_g) = results
+    for se, sg in zip(bad_e, bad_g):  # right after the bad step
+        flat_e, flat_g = torch.utils._pytree.tree_leaves(se), torch.utils._pytree.tree_leaves(sg)
+        assert len(flat_e) == len(flat_g) and all(
+            torch.equal(x, y) if torch.is_tensor(x) else x == y for x, y in zip(flat_e, flat_g))
+    assert_same(results[0][:4], results[1][:4])
+
+
+def test_graphed_body_reads_nothing_on_the_host():
+    """Nothing in the graph's body may wait for the GPU (a capture fails on it): no op that reads a tensor's
+    value on the host or sizes its output by the data."""
+    host_reads = {"_local_scalar_dense", "nonzero", "masked_select", "unique", "_unique2", "item", "equal"}
+    seen = []
+
+    class Watch(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            seen.append(func.__name__.split(".")[0])
+            return func(*args, **(kwargs or {}))
+    G, D, crit, parts, batches = setup()
+    step = graphed.GraphedStep(G, D, RealFake(D), crit, parts.opt_G, parts.opt_D, parts.scaler, warmup=1,
+                               capture=False)
+    step(*batches[0])
+    body = step._body
+
+    def watched():
+        with Watch():
+            body()
+    step._body = watched
+    step(*batches[1])
+    assert len(seen) > 100 and not host_reads & set(seen), sorted(host_reads & set(seen))
+
+
+def test_graphed_step_refuses_what_its_graph_cannot_hold():
+    G, D, crit, parts, batches = setup()
+    with pytest.raises(ValueError, match="no GradScaler"):
+        graphed.GraphedStep(G, D, RealFake(D), crit, parts.opt_G, parts.opt_D,
+                            torch.amp.GradScaler("cpu", enabled=True), capture=False)
+    plain = build.optimizers(G, D)
+    with pytest.raises(ValueError, match="fused Adam"):
+        graphed.GraphedStep(G, D, RealFake(D), crit, plain.opt_G, plain.opt_D, plain.scaler, capture=False)
+    step = graphed.GraphedStep(G, D, RealFake(D), crit, parts.opt_G, parts.opt_D, parts.scaler, warmup=0,
+                               capture=False)
+    image, mask, box = batches[0]
+    step(image, mask, box)
+    with pytest.raises(ValueError, match="batches of one shape"):
+        step(image[:1], mask[:1], box[:1])
+    with pytest.raises(ValueError, match="boxes of one size"):
+        step(image, mask, torch.tensor([[0, 0, 16, 16], [0, 0, 8, 8]]))
+    with pytest.raises(ValueError, match="outside the 32x32 image"):
+        step(image, mask, torch.tensor([[20, 0, 16, 16], [0, 0, 16, 16]]))
