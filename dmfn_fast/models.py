@@ -267,8 +267,10 @@ def _run_layers(layers, x, lean, fused_norm, fused_act=False):
             conv = region[2]
             if fused_norm and before_norm(i + 2) and not has_hooks(conv):
                 conv = functools.partial(_dmfb.conv_before_norm, conv)
+            # no randomness in [norm, ReLU, conv]: no RNG state to save and restore (nor to read in a CUDA
+            # graph capture, train.py --cuda-graphs)
             x = checkpoint(lambda t, a=region[0], b=region[1], c=conv: c(b(a(t))), x, use_reentrant=False,
-                           context_fn=_keep_conv_output(tuple(region[2].weight.shape)))
+                           preserve_rng_state=False, context_fn=_keep_conv_output(tuple(region[2].weight.shape)))
             i += 3
         elif fused_norm and isinstance(layers[i], convs) and before_norm(i) and not has_hooks(layers[i]):
             x = _dmfb.conv_before_norm(layers[i], x)

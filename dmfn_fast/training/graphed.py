@@ -30,13 +30,21 @@ class GraphedStep:
         self.models, self.opts, self.scaler = (G, D, D_pair, criterion), (opt_G, opt_D), scaler
         self.amp_dtype, self.warmup, self.capture = amp_dtype, warmup, capture
         self.steps, self.graph, self.inputs = 0, None, None
-        self.stream = torch.cuda.Stream() if capture else None  # warm-up and capture on one stream
+        self.stream = None  # warm-up and capture on one side stream of the batch's device
 
     def _autocast(self, device_type, cache_enabled=True):
         return torch.autocast(device_type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None,
                               cache_enabled=cache_enabled)
 
     def __call__(self, image, mask, box):
+        if not self.capture:
+            return self._step(image, mask, box)
+        with torch.cuda.device(image.device):  # streams and replays on the batch's card (--device cuda:1)
+            if self.stream is None:
+                self.stream = torch.cuda.Stream()
+            return self._step(image, mask, box)
+
+    def _step(self, image, mask, box):
         if self.inputs is None and self.steps < self.warmup:
             self.steps += 1
             return self._eager(image, mask, box)
@@ -65,7 +73,7 @@ class GraphedStep:
     def _eager(self, image, mask, box):
         G, D, D_pair, criterion = self.models
 
-        def run():
+        def run():  # train_step with this step's autocast (fp32 off, bf16 on) and its own flag reads
             return train_step(G, D, D_pair, criterion, *self.opts, self.scaler, image, mask, box,
                               lambda: self._autocast(image.device.type),
                               lambda loss: bool(torch.isfinite(loss.detach()).all()))
