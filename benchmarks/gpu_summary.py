@@ -41,8 +41,9 @@ def achieved(e2e, roofline):
         r["achieved"] = rates
 
 
-# the training step's default fast configurations (train.py --amp, with --compile, with its reduce-overhead mode)
-BEST_FAST = ("fast", "fast+compile (traced)", "fast+compile-ro (traced)")
+# the training step's fast configurations (train.py --amp; with --cuda-graphs; with --compile, and its
+# reduce-overhead mode)
+BEST_FAST = ("fast", "fast+graphs", "fast+compile (traced)", "fast+compile-ro (traced)")
 
 
 def step_parity(e2e):
@@ -227,6 +228,9 @@ def main(out):
         "train_step_best_fast_vs_amp": ratio(e("train step", "amp"),
                                              first(*(e("train step", v) for v in BEST_FAST))),
         "train_step_mfu": e("train step", "fast", "mfu_pct"),
+        # the uncompiled step as one CUDA graph (train.py --cuda-graphs), against eager amp and amp graphed alike
+        "train_step_fast_graphs_vs_amp": ratio(e("train step", "amp"), e("train step", "fast+graphs")),
+        "train_step_fast_graphs_vs_amp_graphs": ratio(e("train step", "amp+graphs"), e("train step", "fast+graphs")),
         "train_step_fast_vs_fast_no_recompute": ratio(e("train step", "fast (no recompute)"), e("train step", "fast")),
         "train_step_fast_compile_ro_traced_vs_amp_compile": ratio(
             e("train step", "amp+compile"), e("train step", "fast+compile-ro (traced)")),
