@@ -991,6 +991,28 @@ def test_packed_weights_cached_only_without_autograd():
     assert w1 is not w2 and w1.requires_grad
 
 
+def test_packed_weights_follow_a_fused_adam_step():
+    """Fused Adam (train.py's on CUDA) writes the weights in place without bumping their versions: a
+    validation after its step must not see the packed weights of the one before (any optimizer step drops
+    the cache)."""
+    from dmfn_fast.ops import dmfb
+
+    torch.manual_seed(0)
+    ws = [torch.nn.Parameter(torch.randn(8, 8, 3, 3)) for _ in range(4)]
+    bs = [torch.nn.Parameter(torch.randn(8)) for _ in range(4)]
+    opt = torch.optim.Adam(ws + bs, lr=0.1, fused=True)
+    with torch.no_grad():
+        before = dmfb.pack_branches(ws, bs, torch.float32)
+    for p in ws + bs:
+        p.grad = torch.ones_like(p)
+    versions = [p._version for p in ws]
+    opt.step()
+    with torch.no_grad():
+        after = dmfb.pack_branches(ws, bs, torch.float32)
+    assert [p._version for p in ws] == versions  # why the versions alone cannot key the cache
+    assert after[0] is not before[0] and torch.equal(after[0][2, 4], ws[2][:, :, 1, 1].t())
+
+
 def test_auto_rule_follows_the_benchmarks(monkeypatch):
     """impl="auto" runs the fused DMFB only in fp16/bf16 (autocast included): the fp32 kernels were
     measured 2.5x slower than cuDNN on an H200 (benchmarks/RESULTS.md). impl="fast" still forces them."""

@@ -23,6 +23,7 @@ from typing import NamedTuple, Optional, Sequence
 import torch
 import torch.nn.functional as F
 from torch._subclasses.fake_tensor import is_fake
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from . import _impl
 
@@ -625,7 +626,8 @@ def triton_unavailable_reason():
 
 def pack_branches(weights, biases, dtype):
     """Four [C, C, 3, 3] weights and [C] biases -> (w [4, 9, C, C] as (tap, ci, co), b [4, C]), in `dtype`.
-    Without autograd (inference) the result is cached until a weight or bias changes (tensor versions)."""
+    Without autograd (inference) the result is cached until a weight or bias changes: its tensor version
+    moves, or any optimizer steps (torch's fused Adam updates in place without moving versions)."""
     params = list(weights) + list(biases)
     cacheable = (not torch.is_grad_enabled() or not any(p.requires_grad for p in params)) \
         and not torch.compiler.is_compiling()
@@ -643,6 +645,9 @@ def pack_branches(weights, biases, dtype):
 
 
 _PACKED = {}
+# Any optimizer's step drops the cache: fused optimizers (train.py's Adam on CUDA) write the parameters in
+# place without bumping their versions, so validation between steps would pack stale weights.
+register_optimizer_step_post_hook(lambda *_: _PACKED.clear())
 
 
 def _pack(weights, biases, dtype):

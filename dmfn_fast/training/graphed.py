@@ -109,12 +109,13 @@ class GraphedStep:
 
     def _record(self):
         self._unset_grads()
-        self.graph = torch.cuda.CUDAGraph()
+        graph = torch.cuda.CUDAGraph()
         self.stream.wait_stream(torch.cuda.current_stream())
         # thread_local: the data loader's pin-memory thread keeps working while this thread captures
-        with torch.cuda.graph(self.graph, stream=self.stream, capture_error_mode="thread_local"):
+        with torch.cuda.graph(graph, stream=self.stream, capture_error_mode="thread_local"):
             self._body()
-        self.graph.replay()  # capturing ran nothing
+        graph.replay()  # capturing ran nothing
+        self.graph = graph  # only a whole capture is replayed after
 
     def _body(self):
         """train_step's forward and backward, G's then D's, on the input buffers, with device ops only; sets
