@@ -368,52 +368,47 @@ def test_cuda_two_map_launch_matches_one_map_launches(dtype):
     torch.testing.assert_close(loss, ca.centroid_align_loss_reference(a, b).to(loss.dtype), rtol=tol, atol=1e-12)
 
 
-@cuda_ext
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("waves", ["1", "2"])
-def test_cuda_folded_finish_matches_two_launches(dtype, waves, monkeypatch):
-    """DMFN_CENTROID_FOLD=1 (read per call): the finish in the two-map kernel's last blocks, on the GPU, where
-    blocks run at once and only __threadfence orders their sums (the CPU emulation runs them one by one). The
-    same stats bit for bit (each plane's runs added in the same order), the loss to its sum order, and the same
-    bits again on a rerun. One and two waves of blocks (several runs per column of blocks)."""
-    shape = (3, 104, 33, 35)
-    a, b = rand(shape, 33, dtype, "cuda", "channels_last"), rand(shape, 34, dtype, "cuda", "channels_last")
-    monkeypatch.setenv("DMFN_CENTROID_WAVES", waves)
-    monkeypatch.delenv("DMFN_CENTROID_FOLD", raising=False)
-    loss, st = torch.ops.dmfn_fast.centroid_align_fwd(a, b)
-    monkeypatch.setenv("DMFN_CENTROID_FOLD", "1")
-    for _ in range(3):
-        loss_f, st_f = torch.ops.dmfn_fast.centroid_align_fwd(a, b)
-        assert torch.equal(st_f, st)
-        torch.testing.assert_close(loss_f, loss, rtol=1e-6, atol=1e-12)
-    assert torch.equal(torch.ops.dmfn_fast.centroid_align_fwd(a, b)[0], loss_f)
-    monkeypatch.setenv("DMFN_CENTROID_FOLD", "2")
-    with pytest.raises(RuntimeError, match="DMFN_CENTROID_FOLD must be one of"):
-        torch.ops.dmfn_fast.centroid_align_fwd(a, b)
+# The forward's A/B plans (DMFN_CENTROID_*, read per call), each against the default plan with the same waves
+# (the same runs): FOLD, the finish in the two-map kernel's last blocks, where blocks run at once and only
+# __threadfence orders their sums (the CPU emulation runs them one by one); ASYNC, the loads staged through
+# shared memory by cp.async, where the copies really land late (the emulation lands them at the wait). Two
+# waves: several runs per column of blocks.
+PLANS = [dict(FOLD="1"), dict(FOLD="1", WAVES="2"), dict(ASYNC="1"), dict(ASYNC="1", WAVES="2"),
+         dict(ASYNC="1", FOLD="1")]
 
 
 @cuda_ext
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("fold", ["0", "1"])
-def test_cuda_async_copies_match_register_loads(dtype, fold, monkeypatch):
-    """DMFN_CENTROID_ASYNC=1 (read per call): the two-map kernel's loads staged through shared memory by
-    cp.async, on the GPU, where the copies really land late (the CPU emulation lands them at the wait). The
-    same runs and order as the register loads, so the same stats and loss bit for bit, unfolded and folded;
-    [3, 104, 33, 35]: the last run ends inside a step. Where the stages do not fit the register loads serve."""
+@pytest.mark.parametrize("plan", PLANS, ids=lambda p: ",".join(f"{k}={v}" for k, v in p.items()))
+def test_cuda_forward_plans_match_the_default(dtype, plan, monkeypatch):
+    """The same stats bit for bit (each plane's runs added in the same order, each thread's pixels too), the
+    loss bit for bit unless folded (then to its sum order), the same bits on a rerun, and a finite gradient;
+    [3, 104, 33, 35]: the last run ends inside a step. Where the async stages do not fit, the register
+    loads serve. A bad value is refused."""
     shape = (3, 104, 33, 35)
-    a, b = rand(shape, 35, dtype, "cuda", "channels_last"), rand(shape, 36, dtype, "cuda", "channels_last")
-    monkeypatch.setenv("DMFN_CENTROID_FOLD", fold)
-    monkeypatch.delenv("DMFN_CENTROID_ASYNC", raising=False)
+    a, b = rand(shape, 33, dtype, "cuda", "channels_last"), rand(shape, 34, dtype, "cuda", "channels_last")
+    for k in ("WAVES", "FOLD", "ASYNC"):
+        monkeypatch.delenv(f"DMFN_CENTROID_{k}", raising=False)
+    monkeypatch.setenv("DMFN_CENTROID_WAVES", plan.get("WAVES", "1"))
     loss, st = torch.ops.dmfn_fast.centroid_align_fwd(a, b)
-    monkeypatch.setenv("DMFN_CENTROID_ASYNC", "1")
+    for k, v in plan.items():
+        monkeypatch.setenv(f"DMFN_CENTROID_{k}", v)
     for _ in range(3):
-        loss_s, st_s = torch.ops.dmfn_fast.centroid_align_fwd(a, b)
-        assert torch.equal(st_s, st) and torch.equal(loss_s, loss)
+        loss_p, st_p = torch.ops.dmfn_fast.centroid_align_fwd(a, b)
+        assert torch.equal(st_p, st)
+        if "FOLD" in plan:
+            torch.testing.assert_close(loss_p, loss, rtol=1e-6, atol=1e-12)
+        else:
+            assert torch.equal(loss_p, loss)
+    assert torch.equal(torch.ops.dmfn_fast.centroid_align_fwd(a, b)[0], loss_p)
     g = torch.autograd.grad(ca.centroid_align_loss(a.requires_grad_(), b, impl="fast"), a)[0]
     assert torch.isfinite(g).all()
-    monkeypatch.setenv("DMFN_CENTROID_ASYNC", "yes")
-    with pytest.raises(RuntimeError, match="DMFN_CENTROID_ASYNC must be one of"):
-        torch.ops.dmfn_fast.centroid_align_fwd(a, b)
+    for k in plan:
+        if k != "WAVES":
+            monkeypatch.setenv(f"DMFN_CENTROID_{k}", "2")
+            with pytest.raises(RuntimeError, match=f"DMFN_CENTROID_{k} must be one of"):
+                torch.ops.dmfn_fast.centroid_align_fwd(a, b)
+            monkeypatch.setenv(f"DMFN_CENTROID_{k}", plan[k])
 
 
 @cuda_ext
