@@ -349,16 +349,18 @@ for dt, layout, a, t in ([] if args.no_centroid else centroid_cases()):
     if ca.extension_available() and ca.has_kernel(DEV):
         # the forward as planned by default, and on CUDA channels-last its A/B plans (DMFN_CENTROID_*, read per
         # call by the extension): two waves of shorter runs, the finish folded into the sums' last blocks, the
-        # loads staged through shared memory
+        # loads staged through shared memory, the gradient written by more blocks of fewer rows
         plans = [({}, "extension")]
         if CUDA and layout == "channels_last":
             plans += [({"WAVES": "2"}, "extension, two waves"), ({"FOLD": "1"}, "extension, folded finish"),
                       ({"FOLD": "1", "WAVES": "2"}, "extension, folded, two waves"),
                       ({"ASYNC": "1"}, "extension, async copies"),
-                      ({"ASYNC": "1", "FOLD": "1"}, "extension, async copies, folded")]
+                      ({"ASYNC": "1", "FOLD": "1"}, "extension, async copies, folded"),
+                      ({"GRAD_ROWS": "2"}, "extension, gradient 2 rows a block"),
+                      ({"GRAD_ROWS": "1"}, "extension, gradient 1 row a block")]
         for env, name in plans:
             with mock.patch.dict(os.environ):  # restored after each plan
-                for k in ("WAVES", "FOLD", "ASYNC"):
+                for k in ("WAVES", "FOLD", "ASYNC", "GRAD_ROWS"):
                     os.environ.pop(f"DMFN_CENTROID_{k}", None)
                 os.environ.update({f"DMFN_CENTROID_{k}": v for k, v in env.items()})
                 record(g, name, lambda: torch.autograd.grad(ca.centroid_align_loss(a, t, impl="fast"), a), 0, nbytes)

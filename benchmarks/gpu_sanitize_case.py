@@ -38,25 +38,27 @@ if torch.cuda.get_device_capability()[0] >= 9:
 # every centroid kernel: planes (NCHW), both maps in one launch with 16-byte channels-last loads (C a multiple
 # of 8 in bf16, 4 in fp32; 40x42: 14 runs of 128 pixels, the last partial, rows wider than a thread's 32-pixel
 # step), 16-byte channels-last one map at a time (the target NCHW), and scalar channels-last (C = 6 in bf16);
-# then the two-map cases again with the finish folded into that kernel (DMFN_CENTROID_FOLD, read per call), and
-# with its loads staged through shared memory by cp.async (DMFN_CENTROID_ASYNC), unfolded and folded
+# then the two-map cases again with the finish folded into that kernel (DMFN_CENTROID_FOLD, read per call), with
+# its loads staged through shared memory by cp.async (DMFN_CENTROID_ASYNC), and with both and the gradient in
+# blocks of one image row (DMFN_CENTROID_GRAD_ROWS)
 cases = ((torch.float32, 8, 5, torch.contiguous_format, None),
          (torch.bfloat16, 24, 5, torch.channels_last, None),
          (torch.float32, 12, 5, torch.channels_last, None),
          (torch.bfloat16, 16, 40, torch.channels_last, None),
          (torch.bfloat16, 16, 5, torch.channels_last, torch.contiguous_format),
          (torch.bfloat16, 6, 5, torch.channels_last, None))
-plans = [("0", "0", c) for c in cases]
-plans += [(fold, staged, c) for fold, staged in (("1", "0"), ("0", "1"), ("1", "1")) for c in cases[1:4]]
-for fold, staged, (dt, C, HW, mf, mf_tgt) in plans:
-    os.environ["DMFN_CENTROID_FOLD"], os.environ["DMFN_CENTROID_ASYNC"] = fold, staged
+plans = [("0", "0", "4", c) for c in cases]
+plans += [(fold, staged, rows, c) for fold, staged, rows in (("1", "0", "4"), ("0", "1", "4"), ("1", "1", "1"))
+          for c in cases[1:4]]
+for fold, staged, rows, (dt, C, HW, mf, mf_tgt) in plans:
+    os.environ.update(DMFN_CENTROID_FOLD=fold, DMFN_CENTROID_ASYNC=staged, DMFN_CENTROID_GRAD_ROWS=rows)
     a = torch.rand(2, C, HW, HW + 2, device="cuda", dtype=dt).contiguous(memory_format=mf).requires_grad_()
     b = torch.rand_like(a).contiguous(memory_format=mf_tgt or mf)
     loss = ca.centroid_align_loss(a, b, impl="fast")
     loss.backward()
     assert torch.isfinite(loss) and torch.isfinite(a.grad).all()
-os.environ.pop("DMFN_CENTROID_FOLD")
-os.environ.pop("DMFN_CENTROID_ASYNC")
+for k in ("FOLD", "ASYNC", "GRAD_ROWS"):
+    os.environ.pop(f"DMFN_CENTROID_{k}")
 # the convolutions' bias + activation kernel: a partial channel tile (40) and a partial pixel tile, both forms
 xb = torch.randn(2, 40, 9, 13, device="cuda", dtype=torch.bfloat16).contiguous(memory_format=torch.channels_last)
 for bias, act in ((torch.randn(40, device="cuda", dtype=torch.bfloat16), "lrelu"), (None, "relu")):

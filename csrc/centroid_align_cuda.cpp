@@ -92,6 +92,14 @@ std::tuple<at::Tensor, at::Tensor> fwd_cuda(const at::Tensor& f_out_in, const at
   return {loss, stats};
 }
 
+// DMFN_CENTROID_GRAD_ROWS=1, 2 or 4: image rows per block of the channels-last gradient kernel (default 4),
+// an A/B that gpu_breakdown.py times (fewer rows, more blocks in flight).
+dmfn_fast_cuda::GradOptions grad_options() {
+  dmfn_fast_cuda::GradOptions o;
+  o.rows = env_choice("DMFN_CENTROID_GRAD_ROWS", "124", 4, "image rows per block of the centroid gradient");
+  return o;
+}
+
 at::Tensor bwd_cuda(const at::Tensor& grad, const at::Tensor& stats_in, const at::Tensor& like, int64_t which) {
   check_bwd_inputs(grad, stats_in, like, which);
   check_sizes(like);
@@ -104,7 +112,7 @@ at::Tensor bwd_cuda(const at::Tensor& grad, const at::Tensor& stats_in, const at
   check_launch(dmfn_fast_cuda::launch_grad(g.const_data_ptr(), stats.const_data_ptr(), dtype_of(like.scalar_type()),
                                            like.size(0), like.size(1), static_cast<int>(like.size(2)),
                                            static_cast<int>(like.size(3)), static_cast<int>(which), cl,
-                                           out.data_ptr(), at::cuda::getCurrentCUDAStream()),
+                                           out.data_ptr(), at::cuda::getCurrentCUDAStream(), grad_options()),
                "backward");
   return out;
 }

@@ -645,23 +645,22 @@ grad_channels(const typename AccOf<T>::type* grad, const typename AccOf<T>::type
   for (int w = threadIdx.y; w < W; w += 8) row[static_cast<long long>(w) * C] = from_acc<T, A>(a * (static_cast<A>(w) * step_u - A(1)) + rk);
 }
 
-// NHWC, 16-byte stores: blockIdx.x = (n, kGradRows image rows), blockIdx.y = 32 vectors of V channels (one
-// per lane), the 8 warps split W. The block's threads work out one channel's coefficients each, into shared
+// NHWC, 16-byte stores: blockIdx.x = (n, `rows` image rows), blockIdx.y = 32 vectors of V channels (one per
+// lane), the 8 warps split W. The block's threads work out one channel's coefficients each, into shared
 // memory, before any store: each warp worked out its lane's V channels itself before (8 times over, with
-// 3 * V divisions serial with the first store).
-constexpr int kGradRows = 4;
-
+// 3 * V divisions serial with the first store). rows: GradOptions (4 by default).
 template <typename T>
 __global__ void __launch_bounds__(256)
 grad_channels_vec(const typename AccOf<T>::type* grad, const typename AccOf<T>::type* stats, int N, int C,
-                  int which, int H, int W, typename AccOf<T>::type step_u, typename AccOf<T>::type step_v, T* out) {
+                  int which, int H, int W, typename AccOf<T>::type step_u, typename AccOf<T>::type step_v, int rows,
+                  T* out) {
   using A = typename AccOf<T>::type;
   constexpr int V = Vec<T>::n, kCh = 32 * V;  // channels per block, at most 256
   static_assert(kCh <= 256, "one thread per channel's coefficients");
   __shared__ A coef[3][kCh];
-  const int chunks = (H + kGradRows - 1) / kGradRows;
+  const int chunks = (H + rows - 1) / rows;
   const long long n = blockIdx.x / chunks;
-  const int h0 = static_cast<int>(blockIdx.x % chunks) * kGradRows;
+  const int h0 = static_cast<int>(blockIdx.x % chunks) * rows;
   const long long NC = static_cast<long long>(N) * C;
   const int c0 = blockIdx.y * kCh;
   if (threadIdx.x < kCh && c0 + static_cast<int>(threadIdx.x) < C) {
@@ -681,7 +680,7 @@ grad_channels_vec(const typename AccOf<T>::type* grad, const typename AccOf<T>::
     b[j] = coef[1][lane * V + j];
     k[j] = coef[2][lane * V + j];
   }
-  for (int h = h0; h < H && h < h0 + kGradRows; ++h) {
+  for (int h = h0; h < H && h < h0 + rows; ++h) {
     const A vh = static_cast<A>(h) * step_v - A(1);
     T* row = out + (n * H + h) * W * C + c0 + lane * V;
     for (int w = threadIdx.x / 32; w < W; w += 8) {
@@ -880,24 +879,25 @@ cudaError_t forward_t(MapView a, MapView b, long long N, long long C, int H, int
 
 template <typename T>
 cudaError_t grad_t(const void* grad, const void* stats, long long N, long long C, int H, int W, int which,
-                   bool channels_last, void* out, cudaStream_t stream) {
+                   bool channels_last, void* out, cudaStream_t stream, const GradOptions& o) {
   using A = typename AccOf<T>::type;
   const A su = static_cast<A>(2.0 / W), sv = static_cast<A>(2.0 / H);
   const A* g = static_cast<const A*>(grad);
   const A* st = static_cast<const A*>(stats);
-  T* o = static_cast<T*>(out);
+  T* out_t = static_cast<T*>(out);
   constexpr int V = 16 / sizeof(T);
   if (channels_last && C % V == 0 && reinterpret_cast<unsigned long long>(out) % 16 == 0) {
-    const long long chunks = (H + kGradRows - 1) / kGradRows;
+    if (o.rows < 1) return cudaErrorInvalidValue;
+    const long long chunks = (H + o.rows - 1) / o.rows;
     grad_channels_vec<T><<<dim3(N * chunks, (C / V + 31) / 32), 256, 0, stream>>>(
-        g, st, static_cast<int>(N), static_cast<int>(C), which, H, W, su, sv, o);
+        g, st, static_cast<int>(N), static_cast<int>(C), which, H, W, su, sv, o.rows, out_t);
   } else if (channels_last) {
     grad_channels<T><<<dim3(N * H, (C + 31) / 32), dim3(32, 8), 0, stream>>>(g, st, static_cast<int>(C), which, H,
-                                                                              W, su, sv, o);
+                                                                              W, su, sv, out_t);
   } else if (W % (16 / sizeof(T)) == 0 && reinterpret_cast<unsigned long long>(out) % 16 == 0) {
-    grad_planes<T, true><<<N * C, kPlaneThreads, 0, stream>>>(g, st, N * C, which, H, W, su, sv, o);
+    grad_planes<T, true><<<N * C, kPlaneThreads, 0, stream>>>(g, st, N * C, which, H, W, su, sv, out_t);
   } else {
-    grad_planes<T, false><<<N * C, kPlaneThreads, 0, stream>>>(g, st, N * C, which, H, W, su, sv, o);
+    grad_planes<T, false><<<N * C, kPlaneThreads, 0, stream>>>(g, st, N * C, which, H, W, su, sv, out_t);
   }
   return cudaGetLastError();
 }
@@ -927,12 +927,12 @@ cudaError_t launch_forward(MapView out, MapView tgt, DType dtype, long long N, l
 }
 
 cudaError_t launch_grad(const void* grad, const void* stats, DType dtype, long long N, long long C, int H, int W,
-                        int which, bool channels_last, void* out, cudaStream_t stream) {
+                        int which, bool channels_last, void* out, cudaStream_t stream, const GradOptions& o) {
   switch (dtype) {
-    case kFloat32: return grad_t<float>(grad, stats, N, C, H, W, which, channels_last, out, stream);
-    case kFloat16: return grad_t<__half>(grad, stats, N, C, H, W, which, channels_last, out, stream);
-    case kBFloat16: return grad_t<__nv_bfloat16>(grad, stats, N, C, H, W, which, channels_last, out, stream);
-    case kFloat64: return grad_t<double>(grad, stats, N, C, H, W, which, channels_last, out, stream);
+    case kFloat32: return grad_t<float>(grad, stats, N, C, H, W, which, channels_last, out, stream, o);
+    case kFloat16: return grad_t<__half>(grad, stats, N, C, H, W, which, channels_last, out, stream, o);
+    case kBFloat16: return grad_t<__nv_bfloat16>(grad, stats, N, C, H, W, which, channels_last, out, stream, o);
+    case kFloat64: return grad_t<double>(grad, stats, N, C, H, W, which, channels_last, out, stream, o);
   }
   return cudaErrorInvalidValue;
 }

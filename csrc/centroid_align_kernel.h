@@ -34,9 +34,17 @@ size_t forward_work_bytes(MapView out, MapView tgt, DType dtype, long long N, lo
 cudaError_t launch_forward(MapView out, MapView tgt, DType dtype, long long N, long long C, int H, int W,
                            const ForwardOptions& opt, void* stats, void* loss, void* work, cudaStream_t stream);
 
+// How the gradient kernels are laid out (only the channels-last 16-byte one reads it).
+struct GradOptions {
+  // image rows per block: fewer make more blocks. s10's H200 wrote the bf16 gradient of [16, 512, 32, 32]
+  // (256 blocks of 4 rows) at 2.98 TB/s, the fp32 one (512 blocks) at 3.7
+  int rows = 4;
+};
+
 // d loss / d map `which` (0 = out, 1 = tgt) for the scalar *grad, into a
 // dense NCHW (channels_last = false) or NHWC gradient.
 cudaError_t launch_grad(const void* grad, const void* stats, DType dtype, long long N, long long C, int H, int W,
-                        int which, bool channels_last, void* out, cudaStream_t stream);
+                        int which, bool channels_last, void* out, cudaStream_t stream,
+                        const GradOptions& opt = GradOptions());
 
 }  // namespace dmfn_fast_cuda

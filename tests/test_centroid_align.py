@@ -371,10 +371,10 @@ def test_cuda_two_map_launch_matches_one_map_launches(dtype):
 # The forward's A/B plans (DMFN_CENTROID_*, read per call), each against the default plan with the same waves
 # (the same runs): FOLD, the finish in the two-map kernel's last blocks, where blocks run at once and only
 # __threadfence orders their sums (the CPU emulation runs them one by one); ASYNC, the loads staged through
-# shared memory by cp.async, where the copies really land late (the emulation lands them at the wait). Two
-# waves: several runs per column of blocks.
+# shared memory by cp.async, where the copies really land late (the emulation lands them at the wait); GRAD_ROWS,
+# the gradient written by more blocks of fewer image rows. Two waves: several runs per column of blocks.
 PLANS = [dict(FOLD="1"), dict(FOLD="1", WAVES="2"), dict(ASYNC="1"), dict(ASYNC="1", WAVES="2"),
-         dict(ASYNC="1", FOLD="1")]
+         dict(ASYNC="1", FOLD="1"), dict(GRAD_ROWS="1"), dict(GRAD_ROWS="2")]
 
 
 @cuda_ext
@@ -382,15 +382,17 @@ PLANS = [dict(FOLD="1"), dict(FOLD="1", WAVES="2"), dict(ASYNC="1"), dict(ASYNC=
 @pytest.mark.parametrize("plan", PLANS, ids=lambda p: ",".join(f"{k}={v}" for k, v in p.items()))
 def test_cuda_forward_plans_match_the_default(dtype, plan, monkeypatch):
     """The same stats bit for bit (each plane's runs added in the same order, each thread's pixels too), the
-    loss bit for bit unless folded (then to its sum order), the same bits on a rerun, and a finite gradient;
-    [3, 104, 33, 35]: the last run ends inside a step. Where the async stages do not fit, the register
-    loads serve. A bad value is refused."""
+    loss bit for bit unless folded (then to its sum order), the same bits on a rerun, and the same gradient
+    bit for bit (it follows from the stats alone); [3, 104, 33, 35]: the last run ends inside a step. Where
+    the async stages do not fit, the register loads serve. A bad value is refused."""
     shape = (3, 104, 33, 35)
     a, b = rand(shape, 33, dtype, "cuda", "channels_last"), rand(shape, 34, dtype, "cuda", "channels_last")
-    for k in ("WAVES", "FOLD", "ASYNC"):
+    a.requires_grad_()
+    for k in ("WAVES", "FOLD", "ASYNC", "GRAD_ROWS"):
         monkeypatch.delenv(f"DMFN_CENTROID_{k}", raising=False)
     monkeypatch.setenv("DMFN_CENTROID_WAVES", plan.get("WAVES", "1"))
     loss, st = torch.ops.dmfn_fast.centroid_align_fwd(a, b)
+    g = torch.autograd.grad(ca.centroid_align_loss(a, b, impl="fast"), a)[0]
     for k, v in plan.items():
         monkeypatch.setenv(f"DMFN_CENTROID_{k}", v)
     for _ in range(3):
@@ -401,13 +403,13 @@ def test_cuda_forward_plans_match_the_default(dtype, plan, monkeypatch):
         else:
             assert torch.equal(loss_p, loss)
     assert torch.equal(torch.ops.dmfn_fast.centroid_align_fwd(a, b)[0], loss_p)
-    g = torch.autograd.grad(ca.centroid_align_loss(a.requires_grad_(), b, impl="fast"), a)[0]
+    assert torch.equal(torch.autograd.grad(ca.centroid_align_loss(a, b, impl="fast"), a)[0], g)
     assert torch.isfinite(g).all()
     for k in plan:
         if k != "WAVES":
-            monkeypatch.setenv(f"DMFN_CENTROID_{k}", "2")
+            monkeypatch.setenv(f"DMFN_CENTROID_{k}", "3")
             with pytest.raises(RuntimeError, match=f"DMFN_CENTROID_{k} must be one of"):
-                torch.ops.dmfn_fast.centroid_align_fwd(a, b)
+                torch.autograd.grad(ca.centroid_align_loss(a, b, impl="fast"), a)
             monkeypatch.setenv(f"DMFN_CENTROID_{k}", plan[k])
 
 

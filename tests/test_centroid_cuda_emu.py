@@ -150,13 +150,14 @@ def emu_forward(driver, a_map, b_map, dtype, sms=4, occ=2, seed=0, fold=False, a
     return result
 
 
-def emu_grad(driver, g, stats, like, which, channels_last, seed=0):
+def emu_grad(driver, g, stats, like, which, channels_last, seed=0, rows=4):
+    """rows: image rows per block of the channels-last 16-byte gradient kernel (DMFN_CENTROID_GRAD_ROWS)."""
     _, d = driver
     write(g.reshape(1), d / "g.bin")
     write(stats, d / "st.bin")
     N, C, H, W = like.shape
     run(driver, ["grad", CODES[like.dtype], N, C, H, W, which, int(channels_last), seed, d / "g.bin", d / "st.bin",
-                 d / "out.bin"])
+                 d / "out.bin", rows])
     out = read(d / "out.bin", like.dtype, (N, H, W, C) if channels_last else (N, C, H, W)).clone()
     return out.permute(0, 3, 1, 2) if channels_last else out
 
@@ -280,6 +281,20 @@ def test_async_copy_matches_register_loads(driver, case, dtype):
     assert torch.equal(plain[0], staged[0]) and torch.equal(plain[1], staged[1])
     folded = emu_forward(driver, a_map, b_map, dtype, seed=seed + 2, async_copy=True, fold=True)
     assert torch.equal(plain[0], folded[0]), "the folded async-copy kernel changed a plane's stats"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("case", ["pair-runs-partial-group", "pair-wide-rows", "pair-many-runs"])
+def test_gradient_rows_per_block_change_no_bit(driver, case, dtype):
+    """DMFN_CENTROID_GRAD_ROWS: 1 or 2 image rows per block of the 16-byte channels-last gradient (more blocks)
+    write what 4 write, bit for bit (each element's arithmetic is its own), H not a multiple of the rows."""
+    shape, la, lb = FORWARD_CASES[case]
+    a_map, b_map = make_map(shape, la, dtype, 31), make_map(shape, lb, dtype, 32)
+    stats, _ = emu_forward(driver, a_map, b_map, dtype)
+    g = torch.tensor(0.75, dtype=stats.dtype)
+    four = emu_grad(driver, g, stats, a_map[3], 0, True)
+    for rows in (1, 2):
+        assert torch.equal(emu_grad(driver, g, stats, a_map[3], 0, True, seed=rows, rows=rows), four)
 
 
 # (dtype, shared memory per SM, the ring the kernel takes): 3 stages where 2 blocks still fit (sm_90, 16-bit

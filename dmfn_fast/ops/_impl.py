@@ -29,10 +29,11 @@ SWITCHES = {
     "DMFN_TMA": ("1", "0"),  # 0: no TMA branch kernels (sm_90)
     "DMFN_WGRAD9": ("0", "1"),  # 1: the 9-tap weight-gradient kernel (sm_90)
     "DMFN_WGRAD_TMA": ("1", "0"),  # 0: no TMA weight-gradient kernel (sm_90)
-    # the centroid extension's forward plan, read by its C++ per call (benchmark A/B switches)
+    # the centroid extension's kernel plans, read by its C++ per call (benchmark A/B switches)
     "DMFN_CENTROID_WAVES": ("1", "2", "3", "4"),
     "DMFN_CENTROID_FOLD": ("0", "1"),
     "DMFN_CENTROID_ASYNC": ("0", "1"),
+    "DMFN_CENTROID_GRAD_ROWS": ("4", "1", "2"),
 }
 # DMFN_* variables that are not switches: a file (the VGG weights), the build's and the benchmarks' own
 OTHER_VARIABLES = ("DMFN_VGG19_WEIGHTS", "DMFN_NO_EXT", "DMFN_BENCH_QUICK", "DMFN_CUDA_VENV")

@@ -3,7 +3,7 @@
 // size of the data, so AddressSanitizer sees a read past one; scratch and outputs start as garbage.
 //   forward DTYPE N C H W SMS OCC FOLD ASYNC SHARED SEED A OFF sN sC sH sW B OFF sN sC sH sW STATS_OUT LOSS_OUT
 //     (OCC: blocks per SM by registers; SHARED: shared memory bytes per SM, for the async-copy kernel's stages)
-//   grad DTYPE N C H W WHICH CHANNELS_LAST SEED GRAD STATS OUT
+//   grad DTYPE N C H W WHICH CHANNELS_LAST SEED GRAD STATS OUT [ROWS]
 //   round DTYPE IN OUT   (fp16 or bf16: float32 in, the 16-bit values and their floats out; checks the stand-in)
 #include <cstdio>
 #include <cstdlib>
@@ -87,7 +87,7 @@ int main(int argc, char** argv) {
     std::printf("dynamic shared bytes: %zu\n", emu::most_shared);
     return 0;
   }
-  if (op == "grad" && argc == 13) {
+  if (op == "grad" && (argc == 13 || argc == 14)) {
     const DType dt = static_cast<DType>(num(2));
     const long long N = num(3), C = num(4);
     const int H = static_cast<int>(num(5)), W = static_cast<int>(num(6)), which = static_cast<int>(num(7));
@@ -95,7 +95,9 @@ int main(int argc, char** argv) {
     emu::rng.seed(static_cast<unsigned>(num(9)));
     const auto g = read_file(argv[10]), st = read_file(argv[11]);
     Buf out(N * C * H * W * elem_size(dt), 0xFF);
-    check(launch_grad(g->p, st->p, dt, N, C, H, W, which, cl, out.p, nullptr), "launch_grad");
+    GradOptions opt;
+    if (argc == 14) opt.rows = static_cast<int>(num(13));
+    check(launch_grad(g->p, st->p, dt, N, C, H, W, which, cl, out.p, nullptr, opt), "launch_grad");
     write_file(argv[12], out.p, out.n);
     return 0;
   }
