@@ -177,6 +177,25 @@ def main(out):
             return None
         return round(nbytes / (copy * 1e12) / ((read + write) * 1e-3 + tiny * 1e-6), 3)
 
+    def cen_best_plan_share(dt, op_kernels=False):
+        """cen_read_share for the fastest plan of the forward (the default's candidate, cen_plans). op_kernels:
+        without autograd's seed (the FillFunctor kernel that writes the loss's ones before backward: not a
+        kernel of the op, and in training one seed serves the whole loss), the op's own kernels alone."""
+        g = f"centroid fwd+bwd {dt} channels_last"
+        rows = [r for r in bd if r.get("group", "").startswith(g) and r.get("name", "").startswith("extension")
+                and r.get("gpu_ms")]
+        nbytes, copy = ms(g, "extension", "bytes"), ceil.get("copy_tbs")
+        if not (rows and nbytes and copy):
+            return None
+        best = min(rows, key=lambda r: r["gpu_ms"])
+        gpu_ms = best["gpu_ms"]
+        if op_kernels:
+            kernels = best.get("gpu_us_by_kernel")
+            if not kernels:
+                return None
+            gpu_ms -= sum(us for name, us in kernels.items() if "FillFunctor" in name) / 1e3
+        return round(2 * nbytes / 3 / (copy * 1e12) / (gpu_ms * 1e-3), 3)
+
     def cen_plans():
         """{dtype: {plan: GPU us}} of the extension's channels-last rows (its A/B plans, gpu_breakdown.py), with
         the fastest plan's name (a plan 3% faster than the default is the candidate for that dtype's default,
@@ -246,6 +265,10 @@ def main(out):
         "centroid_input_read_share_fp32": cen_read_share("float32"),
         "centroid_read_share_bound_bf16": cen_read_share_bound("bfloat16"),
         "centroid_read_share_bound_fp32": cen_read_share_bound("float32"),
+        "centroid_input_read_share_best_plan_bf16": cen_best_plan_share("bfloat16"),
+        "centroid_input_read_share_best_plan_fp32": cen_best_plan_share("float32"),
+        "centroid_input_read_share_best_plan_op_kernels_bf16": cen_best_plan_share("bfloat16", op_kernels=True),
+        "centroid_input_read_share_best_plan_op_kernels_fp32": cen_best_plan_share("float32", op_kernels=True),
         "centroid_read_share_aten_floor_bf16": cen_aten_floor("bfloat16"),
         "centroid_read_share_aten_floor_fp32": cen_aten_floor("float32"),
         "inference_img_s_256_b64_bf16": e("inference", "fast", "images_per_s"),

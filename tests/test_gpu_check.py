@@ -113,7 +113,9 @@ def test_centroid_input_read_share(tmp_path):
     rows = [dict(group="ceilings", name="measured", copy_tbs=4.0, tiny_kernel_us=2.0),
             dict(group=g, name="extension", ms=0.2, gpu_ms=0.040, bytes=3 * 2 ** 24, gpu_us_by_kernel=launches),
             dict(group=g, name="extension", ms=0.1, gpu_ms=0.036, bytes=3 * 2 ** 24, gpu_us_by_kernel=launches),
-            dict(group=g, name="extension, folded finish", ms=0.1, gpu_ms=0.0331, bytes=3 * 2 ** 24),
+            dict(group=g, name="extension, folded finish", ms=0.1, gpu_ms=0.0331, bytes=3 * 2 ** 24,
+                 gpu_us_by_kernel={"void at::native::vectorized_elementwise_kernel<4, at::native::FillFunctor<float>":
+                                   1.5, "pair_sums_vec": 26.6, "grad_channels_vec": 5.0}),
             dict(group=g, name="extension, two waves", error="RuntimeError: ..."),
             dict(group="centroid floor bfloat16 [16, 512, 32, 32]", name="read both maps' bytes (torch.sum)",
                  gpu_ms=0.010, bytes=2 * 2 ** 24),
@@ -132,6 +134,9 @@ def test_centroid_input_read_share(tmp_path):
     assert ratios["centroid_read_share_aten_floor_bf16"] == round((2 * 2 ** 24 / 4e12) / (15e-6 + 2e-6), 3)
     assert ratios["centroid_read_share_aten_floor_fp32"] is None
     assert summary["ceilings"]["tiny_kernel_us"] == 2.0
+    # the fastest plan's share, and its share without autograd's seed fill (not a kernel of the op)
+    assert ratios["centroid_input_read_share_best_plan_bf16"] == round(2 * 2 ** 24 / 4e12 / 33.1e-6, 3)
+    assert ratios["centroid_input_read_share_best_plan_op_kernels_bf16"] == round(2 * 2 ** 24 / 4e12 / 31.6e-6, 3)
     # each plan of the forward with its GPU time (a failed row left out), and the fastest: the A/B's answer
     assert summary["centroid_plans_gpu_us"] == {"bfloat16": {"extension": 36.0, "extension, folded finish": 33.1,
                                                              "fastest": "extension, folded finish"}}
