@@ -357,7 +357,8 @@ for dt, layout, a, t in ([] if args.no_centroid else centroid_cases()):
                       ({"ASYNC": "1"}, "extension, async copies"),
                       ({"ASYNC": "1", "FOLD": "1"}, "extension, async copies, folded"),
                       ({"GRAD_ROWS": "2"}, "extension, gradient 2 rows a block"),
-                      ({"GRAD_ROWS": "1"}, "extension, gradient 1 row a block")]
+                      ({"GRAD_ROWS": "1"}, "extension, gradient 1 row a block"),
+                      ({"ASYNC": "1", "FOLD": "1", "GRAD_ROWS": "2"}, "extension, async, folded, gradient 2 rows")]
         for env, name in plans:
             with mock.patch.dict(os.environ):  # restored after each plan
                 for k in ("WAVES", "FOLD", "ASYNC", "GRAD_ROWS"):
