@@ -1,7 +1,7 @@
 """One small fused DMFB forward+backward (bf16 and fp32, odd sizes), on sm_90 the TMA kernels (the TMA
 wgrad among them) and the opt-in 9-tap wgrad kernel, the centroid op in each of its kernel paths on CUDA,
-and the convolutions' bias + activation kernel: the workload gpu_check.sh runs under compute-sanitizer
-memcheck. Exits non-zero if a result is not finite."""
+the convolutions' bias + activation kernel, and a tiny training step captured as a CUDA graph and replayed:
+the workload gpu_check.sh runs under compute-sanitizer memcheck. Exits non-zero if a result is not finite."""
 import os
 
 import torch
@@ -66,5 +66,23 @@ for bias, act in ((torch.randn(40, device="cuda", dtype=torch.bfloat16), "lrelu"
     yb.float().sum().backward()
     assert torch.isfinite(yb).all() and torch.isfinite(xb.grad).all()
     xb = xb.detach()
+# the training step as a CUDA graph (train.py --cuda-graphs): a tiny model at 64 px, 1 eager step, the capture,
+# then replays with moving crop boxes, bf16. The generator's reference path: the fused kernels were checked
+# above, and their autotuning at new shapes would take minutes under memcheck; the loss's extension runs
+from dmfn_fast.training import build  # noqa: E402
+from dmfn_fast.training.graphed import GraphedStep  # noqa: E402
+from dmfn_fast.training.step import RealFake  # noqa: E402
+
+mf = torch.channels_last
+Gs, Ds = build.models(16, 2, 8, "reference", "cuda", mf, 0)
+parts = build.optimizers(Gs, Ds, device_type="cuda", amp_dtype=torch.bfloat16)
+crit = build.criterion(build.vgg(random=True, quiet=True).to("cuda", memory_format=mf), "auto")
+step = GraphedStep(Gs, Ds, RealFake(Ds), crit, parts.opt_G, parts.opt_D, parts.scaler, torch.bfloat16, warmup=1)
+image = (torch.rand(2, 3, 64, 64, device="cuda") * 2 - 1).contiguous(memory_format=mf)
+mask = torch.zeros(2, 1, 64, 64, device="cuda")
+mask[..., 16:48, 16:48] = 1
+for i in range(3):
+    terms, ok = step(image, mask, torch.tensor([[i, 2 * i, 32, 32], [32 - i, 3, 32, 32]]))
+    assert ok and all(torch.isfinite(v) for v in terms.values())
 torch.cuda.synchronize()
 print("sanitize case ok")
