@@ -66,8 +66,10 @@ fi
 XDIST=()
 [ $DRY = 0 ] && $PY -c "import xdist" 2>/dev/null && XDIST=(-n 4)
 stage tests-dmfb 240 $PY -m pytest tests/test_dmfb_cuda.py -q -rs -p no:cacheprovider --durations=8 "${XDIST[@]}"
-# the CUDA tests only: the CPU ones and the nvcc check run in CI
-stage tests-centroid 60 $PY -m pytest tests/test_centroid_align.py -q -rs -p no:cacheprovider -k "cuda and not compile_without_spills"
+# the CUDA tests only (the CPU ones and the nvcc check run in CI): the centroid op's, and the training step
+# captured as a CUDA graph (train.py --cuda-graphs) against the eager step
+stage tests-centroid 90 $PY -m pytest tests/test_centroid_align.py tests/test_graphed.py -q -rs -p no:cacheprovider \
+  -k "cuda and not compile_without_spills"
 # recipe="authors": reference and fast paths (fused DMFB + C++ op on CUDA) give the same 3 training steps
 stage tests-recipe 60 $PY -m pytest tests/test_recipe.py -q -rs -p no:cacheprovider -k same_steps
 # train.py as users run it: --amp (bf16), --amp --amp-dtype fp16 and --amp --compile --compile-mode

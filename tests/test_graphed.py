@@ -1,6 +1,7 @@
-"""The CUDA-graph training step (dmfn_fast/training/graphed.py) on the CPU: what its graph holds, run eagerly
-as a replay runs it (capture=False), against train_step. The capture itself needs a GPU (gpu_check.sh's
-e2e rows and train-smoke)."""
+"""The CUDA-graph training step (dmfn_fast/training/graphed.py): on the CPU, what its graph holds run eagerly
+as a replay runs it (capture=False), against train_step; on a GPU, captured and replayed
+(test_cuda_graphed_step_trains_as_train_step, in gpu_check.sh's tests-centroid stage; its e2e and
+train-smoke stages run it at the paper's size)."""
 import copy
 
 import pytest
@@ -152,3 +153,42 @@ def test_graphed_step_refuses_what_its_graph_cannot_hold():
         step(image, mask, torch.tensor([[0, 0, 16, 16], [0, 0, 8, 8]]))
     with pytest.raises(ValueError, match="outside the 32x32 image"):
         step(image, mask, torch.tensor([[20, 0, 16, 16], [0, 0, 16, 16]]))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: the capture and replays (CPU: the body)")
+def test_cuda_graphed_step_trains_as_train_step():
+    """On a GPU, captured and replayed (1 eager step, then 4 replays with moving boxes): the weights and Adam
+    states of 5 train_step calls, to fp32 rounding (cuDNN's weight gradients may sum in another order run to
+    run), and the same terms per step. The generator's reference path, fp32 without TF32: the capture is
+    what is checked here, the fused kernels under a graph by gpu_check's e2e and train-smoke stages."""
+    prev = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        runs = []
+        for graphs in (False, True):
+            torch.manual_seed(0)
+            G, D = build.models(8, 1, 4, "reference", "cuda", torch.channels_last, 0)
+            crit = build.criterion(build.vgg(random=True, quiet=True).cuda(), "auto")
+            parts = build.optimizers(G, D, device_type="cuda")
+            _, _, _, _, batches = setup()
+            batches = [(x.cuda().contiguous(memory_format=torch.channels_last), m.cuda(), b.pin_memory())
+                       for x, m, b in batches]
+            if graphs:
+                step = graphed.GraphedStep(G, D, RealFake(D), crit, parts.opt_G, parts.opt_D, parts.scaler, warmup=1)
+                out = [step(*b) for b in batches]
+                assert step.graph is not None
+            else:
+                out = eager_steps(G, D, crit, parts, batches)
+            runs.append((out, G, D, parts))
+        (eager, *_), (graph, *_) = runs
+        for (te, oke), (tg, okg) in zip(eager, graph):
+            assert oke and okg and list(te) == list(tg)
+            torch.testing.assert_close(torch.stack(list(tg.values())), torch.stack(list(te.values())), rtol=1e-4,
+                                       atol=1e-6)
+        for i in (1, 2):
+            torch.testing.assert_close(runs[1][i].state_dict(), runs[0][i].state_dict(), rtol=1e-4, atol=1e-5)
+        for opt in ("opt_G", "opt_D"):
+            torch.testing.assert_close(getattr(runs[1][3], opt).state_dict()["state"],
+                                       getattr(runs[0][3], opt).state_dict()["state"], rtol=1e-4, atol=1e-6)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = prev
