@@ -732,23 +732,31 @@ cudaError_t map_sums_t(MapView m, long long N, long long C, int H, int W, void* 
   return cudaGetLastError();
 }
 
+// ask() for the current device, asked once per device (every call where the device is unknown). `cache`
+// holds ask() + 1: 0 is "not asked yet".
+constexpr int kDevices = 64;
+template <typename Ask>
+int once_per_device(int (&cache)[kDevices], Ask ask) {
+  int dev = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= kDevices) return ask();
+  if (cache[dev] == 0) cache[dev] = ask() + 1;
+  return cache[dev] - 1;
+}
+
 // Blocks of pair_sums_vec<T, false, false> that fit on one SM of the current device (registers decide: 2 on
-// sm_90), asked once per device.
+// sm_90).
 template <typename T>
 int pair_blocks_per_sm() {
-  constexpr int kDevices = 64;
-  static int cached[kDevices] = {};
-  int dev = 0;
-  if (cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= kDevices) dev = -1;
-  if (dev >= 0 && cached[dev] > 0) return cached[dev];
-  int n = 0;
-  if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, pair_sums_vec<T, false, false>, 256, 0) != cudaSuccess ||
-      n < 1) {
-    cudaGetLastError();  // not sticky; fall back to the launch bound's 2
-    n = 2;
-  }
-  if (dev >= 0) cached[dev] = n;
-  return n;
+  static int cache[kDevices] = {};
+  return once_per_device(cache, [] {
+    int n = 0;
+    if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, pair_sums_vec<T, false, false>, 256, 0) != cudaSuccess ||
+        n < 1) {
+      cudaGetLastError();  // not sticky; fall back to the launch bound's 2
+      n = 2;
+    }
+    return n;
+  });
 }
 
 // Ring stages (3, else 2) with which the async-copy kernel still fits as many blocks per SM as the register
@@ -758,26 +766,23 @@ int pair_blocks_per_sm() {
 // limit to match; asked once per device.
 template <typename T, bool FOLD>
 int async_stages() {
-  constexpr int kDevices = 64;
-  static int cached[kDevices] = {};  // 0: not asked yet; -1: none fits
-  int dev = 0;
-  if (cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= kDevices) dev = -1;
-  if (dev >= 0 && cached[dev] != 0) return std::max(cached[dev], 0);
-  const int want = pair_blocks_per_sm<T>();
-  int got = -1;
-  for (int s = 3; s >= 2 && got < 0; --s) {
-    const size_t bytes = s * kStageBytes<T>;
-    int n = 0;
-    if (cudaFuncSetAttribute(pair_sums_vec<T, FOLD, true>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                             static_cast<int>(bytes)) != cudaSuccess ||
-        cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, pair_sums_vec<T, FOLD, true>, 256, bytes) != cudaSuccess) {
-      cudaGetLastError();  // a refused size is not sticky; clear only that error
-      continue;
+  static int cache[kDevices] = {};
+  return once_per_device(cache, [] {
+    const int want = pair_blocks_per_sm<T>();
+    for (int s = 3; s >= 2; --s) {
+      const size_t bytes = s * kStageBytes<T>;
+      int n = 0;
+      if (cudaFuncSetAttribute(pair_sums_vec<T, FOLD, true>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                               static_cast<int>(bytes)) != cudaSuccess ||
+          cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, pair_sums_vec<T, FOLD, true>, 256, bytes) !=
+              cudaSuccess) {
+        cudaGetLastError();  // a refused size is not sticky; clear only that error
+        continue;
+      }
+      if (n >= want) return s;
     }
-    if (n >= want) got = s;
-  }
-  if (dev >= 0) cached[dev] = got;
-  return std::max(got, 0);
+    return 0;
+  });
 }
 
 // The forward's launch plan: the two-map kernel where both maps allow it, how it splits the pixels, and the
