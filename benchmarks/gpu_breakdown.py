@@ -37,6 +37,9 @@ from dmfn_fast.models import DMFB  # noqa: E402
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from e2e_common import kernel_ms  # noqa: E402
 from dmfn_fast.ops import centroid_align as ca  # noqa: E402
+from dmfn_fast.ops._impl import SWITCHES  # noqa: E402
+
+CENTROID_SWITCHES = [k for k in SWITCHES if k.startswith("DMFN_CENTROID_")]  # the extension's plan switches
 from dmfn_fast.ops import dmfb as ops  # noqa: E402
 
 CUDA = torch.cuda.is_available() and not args.dry
@@ -361,8 +364,8 @@ for dt, layout, a, t in ([] if args.no_centroid else centroid_cases()):
                       ({"ASYNC": "1", "FOLD": "1", "GRAD_ROWS": "2"}, "extension, async, folded, gradient 2 rows")]
         for env, name in plans:
             with mock.patch.dict(os.environ):  # restored after each plan
-                for k in ("WAVES", "FOLD", "ASYNC", "GRAD_ROWS"):
-                    os.environ.pop(f"DMFN_CENTROID_{k}", None)
+                for k in CENTROID_SWITCHES:
+                    os.environ.pop(k, None)
                 os.environ.update({f"DMFN_CENTROID_{k}": v for k, v in env.items()})
                 record(g, name, lambda: torch.autograd.grad(ca.centroid_align_loss(a, t, impl="fast"), a), 0, nbytes)
     else:

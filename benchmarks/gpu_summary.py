@@ -140,11 +140,13 @@ def main(out):
         g = f"centroid fwd+bwd {dt} channels_last"
         return ratio(ms(g, "torch formula", field), ms(g, "extension", field))
 
-    def cen_read_share(dt):
+    def cen_read_share(dt, gpu_ms=None):
         """The issue's bandwidth target: the time to read the op's inputs (the two maps) at the measured copy
-        bandwidth, as a share of the op's forward+backward GPU time (target >= 0.5)."""
+        bandwidth, as a share of the op's forward+backward GPU time (target >= 0.5); gpu_ms: that time, if not
+        the default plan's."""
         g = f"centroid fwd+bwd {dt} channels_last"
-        gpu_ms, nbytes, copy = ms(g, "extension", "gpu_ms"), ms(g, "extension", "bytes"), ceil.get("copy_tbs")
+        gpu_ms = gpu_ms or ms(g, "extension", "gpu_ms")
+        nbytes, copy = ms(g, "extension", "bytes"), ceil.get("copy_tbs")
         if not (gpu_ms and nbytes and copy):
             return None
         inputs = 2 * nbytes / 3  # bytes counts both maps and the gradient (gpu_breakdown.py)
@@ -184,8 +186,7 @@ def main(out):
         g = f"centroid fwd+bwd {dt} channels_last"
         rows = [r for r in bd if r.get("group", "").startswith(g) and r.get("name", "").startswith("extension")
                 and r.get("gpu_ms")]
-        nbytes, copy = ms(g, "extension", "bytes"), ceil.get("copy_tbs")
-        if not (rows and nbytes and copy):
+        if not rows:
             return None
         best = min(rows, key=lambda r: r["gpu_ms"])
         gpu_ms = best["gpu_ms"]
@@ -194,7 +195,7 @@ def main(out):
             if not kernels:
                 return None
             gpu_ms -= sum(us for name, us in kernels.items() if "FillFunctor" in name) / 1e3
-        return round(2 * nbytes / 3 / (copy * 1e12) / (gpu_ms * 1e-3), 3)
+        return cen_read_share(dt, gpu_ms)
 
     def cen_plans():
         """{dtype: {plan: GPU us}} of the extension's channels-last rows (its A/B plans, gpu_breakdown.py), with

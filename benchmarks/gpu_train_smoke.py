@@ -23,11 +23,11 @@ STEPS = 2 if args.dry else 50
 SIZES = (["--size", "32", "--batch", "2", "--nf", "8", "--n-blocks", "1", "--d-nf", "8"] if args.dry else
          ["--size", "256", "--batch", "16", "--nf", "64", "--n-blocks", "8", "--d-nf", "64"])
 RUNS = {"bf16": ["--amp"], "fp16": ["--amp", "--amp-dtype", "fp16"],
-        # every module compiled, as CUDA graph replays, with validation, samples and checkpoints in between
         # the whole step as one CUDA graph replay after 3 eager steps, with evaluations in between (before the
         # compiled run, which a cut stage loses first)
         "bf16 cuda-graphs": ["--amp", "--cuda-graphs", "--val-every", "20", "--sample-every", "20", "--ckpt-every",
                              "20"],
+        # every module compiled, as CUDA graph replays, with validation, samples and checkpoints in between
         "bf16 compile-ro": ["--amp", "--compile", "--compile-mode", "reduce-overhead", "--val-every", "20",
                             "--sample-every", "20", "--ckpt-every", "20"]}
 if args.dry:  # the CPU has no CUDA graphs, and Inductor's CPU build of the step takes minutes

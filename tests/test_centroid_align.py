@@ -388,8 +388,9 @@ def test_cuda_forward_plans_match_the_default(dtype, plan, monkeypatch):
     shape = (3, 104, 33, 35)
     a, b = rand(shape, 33, dtype, "cuda", "channels_last"), rand(shape, 34, dtype, "cuda", "channels_last")
     a.requires_grad_()
-    for k in ("WAVES", "FOLD", "ASYNC", "GRAD_ROWS"):
-        monkeypatch.delenv(f"DMFN_CENTROID_{k}", raising=False)
+    for k in _impl.SWITCHES:
+        if k.startswith("DMFN_CENTROID_"):
+            monkeypatch.delenv(k, raising=False)
     monkeypatch.setenv("DMFN_CENTROID_WAVES", plan.get("WAVES", "1"))
     loss, st = torch.ops.dmfn_fast.centroid_align_fwd(a, b)
     g = torch.autograd.grad(ca.centroid_align_loss(a, b, impl="fast"), a)[0]

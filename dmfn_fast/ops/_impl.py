@@ -17,6 +17,8 @@ import warnings
 from typing import Callable, Optional
 
 IMPLS = ("auto", "reference", "fast")
+_ALIASES = {"fused": "fast"}  # deprecated spelling -> value; saved configs and scripts still use it
+_warned = set()
 
 # Each switch's values, its default first (what unset or empty means). Read leniently, a typo such as
 # DMFN_IMPL=refrence or DMFN_TMA=false would quietly run the other path, so any other value is refused.
@@ -71,8 +73,6 @@ def check_environment() -> None:
             hint = f" (did you mean {close[0]}?)" if close else ""
             warn_once(("unknown variable", name), f"dmfn_fast does not read the environment variable {name}{hint}; "
                       "it has no effect", stacklevel=2)
-_ALIASES = {"fused": "fast"}  # deprecated spelling -> value; saved configs and scripts still use it
-_warned = set()
 
 
 def warn_once(key, message: str, category=RuntimeWarning, stacklevel: int = 3) -> None:

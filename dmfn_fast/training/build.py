@@ -67,9 +67,9 @@ def runtime(args):
                            amp_dtype=amp_dtype)
 
 
-def autocast(device_type, dtype):
-    """A factory of autocast contexts (None: off)."""
-    return lambda: torch.autocast(device_type, dtype=dtype, enabled=dtype is not None)
+def autocast(device_type, dtype, cache_enabled=True):
+    """A factory of autocast contexts (None: off); cache_enabled=False for a CUDA graph capture."""
+    return lambda: torch.autocast(device_type, dtype=dtype, enabled=dtype is not None, cache_enabled=cache_enabled)
 
 
 def all_ranks_finite(loss, ddp):

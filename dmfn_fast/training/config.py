@@ -222,6 +222,13 @@ def check(p, a):
     a.mask_probs = _parse_probs(p, a.mask_probs)
 
 
+def _on_cpu(a):
+    """Whether --device puts the run on the CPU (auto: where there is no CUDA)."""
+    import torch
+
+    return a.device.startswith("cpu") or (a.device == "auto" and not torch.cuda.is_available())
+
+
 def _check_cuda_graphs(p, a):
     """What a CUDA-graph step needs (dmfn_fast/training/graphed.py), before any work."""
     import torch
@@ -229,7 +236,7 @@ def _check_cuda_graphs(p, a):
     if a.compile:
         p.error("--cuda-graphs and --compile both replay CUDA graphs: for graphs of the compiled step use "
                 "--compile --compile-mode reduce-overhead, else drop --compile")
-    if a.device.startswith("cpu") or (a.device == "auto" and not torch.cuda.is_available()):
+    if _on_cpu(a):
         p.error("--cuda-graphs needs CUDA; this run is on the CPU: drop --cuda-graphs")
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         p.error("--cuda-graphs runs one process; under torchrun drop it (each rank's step stays eager)")
@@ -245,9 +252,7 @@ def _check_compile(p, a):
     import importlib.util
     import shutil
 
-    import torch
-
-    on_cpu = a.device.startswith("cpu") or (a.device == "auto" and not torch.cuda.is_available())
+    on_cpu = _on_cpu(a)
     if on_cpu and a.compile_mode in ("reduce-overhead", "max-autotune"):  # torch would run without graphs
         p.error(f"--compile-mode {a.compile_mode} replays CUDA graphs, which need CUDA; this run is on the CPU: "
                 "use --compile-mode default")

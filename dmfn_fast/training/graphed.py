@@ -14,6 +14,7 @@ fused Adam, and every batch of one shape with crop boxes of one size (train.py's
 import torch
 
 from ..losses import rals_d_loss
+from .build import all_ranks_finite, autocast
 from .step import check_boxes, crop_pixels, gather_crops, generate, global_view, train_step
 
 
@@ -31,10 +32,6 @@ class GraphedStep:
         self.amp_dtype, self.warmup, self.capture = amp_dtype, warmup, capture
         self.steps, self.graph, self.inputs = 0, None, None
         self.stream = None  # warm-up and capture on one side stream of the batch's device
-
-    def _autocast(self, device_type, cache_enabled=True):
-        return torch.autocast(device_type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None,
-                              cache_enabled=cache_enabled)
 
     def __call__(self, image, mask, box):
         if not self.capture:
@@ -73,10 +70,9 @@ class GraphedStep:
     def _eager(self, image, mask, box):
         G, D, D_pair, criterion = self.models
 
-        def run():  # train_step with this step's autocast (fp32 off, bf16 on) and its own flag reads
+        def run():  # train_step with this step's autocast (fp32 off, bf16 on), one process
             return train_step(G, D, D_pair, criterion, *self.opts, self.scaler, image, mask, box,
-                              lambda: self._autocast(image.device.type),
-                              lambda loss: bool(torch.isfinite(loss.detach()).all()))
+                              autocast(image.device.type, self.amp_dtype), lambda loss: all_ranks_finite(loss, False))
         if self.stream is None:
             return run()
         self.stream.wait_stream(torch.cuda.current_stream())
@@ -127,9 +123,9 @@ class GraphedStep:
 
         def crops(t):
             return gather_crops(t, pix)
-        dev = image.device.type
+        amp = autocast(image.device.type, self.amp_dtype, cache_enabled=False)  # a graph needs the cache off
         D.requires_grad_(False)
-        with self._autocast(dev, cache_enabled=False):  # a graph needs autocast's cache off
+        with amp():
             out = generate(G, image, mask)
             pred_fake, feats_fake = D(crops(out), global_view(out))
             pred_real, feats_real = D(crops(image), global_view(image))
@@ -137,7 +133,7 @@ class GraphedStep:
         loss_g.backward()
         D.requires_grad_(True)
         fake = out.detach()
-        with self._autocast(dev, cache_enabled=False):
+        with amp():
             pred_real, pred_fake = D_pair(crops(image), global_view(image), crops(fake), global_view(fake))
             loss_d = rals_d_loss(pred_real.float(), pred_fake.float())
         loss_d.backward()
