@@ -11,6 +11,7 @@ import sys
 
 GROUP = "pieces bfloat16"  # the training dtype, N=16, 64x64, C=64
 VGG = "VGG19 fwd+bwd bfloat16"  # the frozen VGG as the training step runs it, 256 px, batch 16
+THIN = "G input conv bfloat16"  # the generator's 4 -> 64 5x5 convolution and ReLU, inference and training
 MARGIN = 0.97  # an opt-in must be at least 3% faster in GPU time: below that the medians do not separate
 # ... and at most 1 / MARGIN (about 3%) slower per call (do_bench's ms, host time included) where both rows
 # have it: the eager step is host-bound, and the VGG's bias+ReLU kernel saved 1.4 ms of GPU time per pass but
@@ -23,6 +24,8 @@ RULES = [
                          "fused dgrad kernel, TMA 2-D tiles"],
      ["fused fwd kernel", "fused grad kernel (recompute + IN/ReLU bwd + suffix)", "fused dgrad kernel"]),
     ("DMFN_BIAS_ACT", VGG, ["bias+ReLU kernel"], ["ATen bias add, ReLU"]),
+    ("DMFN_THIN_CONV", THIN, ["fwd, batch 64: thin conv kernel", "fwd+bwd, batch 16: thin conv kernel"],
+     ["fwd, batch 64: cuDNN, bias, ReLU", "fwd+bwd, batch 16: cuDNN, bias, ReLU"]),
 ]
 
 

@@ -396,6 +396,35 @@ for vgg_name, vgg_fused in (("ATen bias add, ReLU", False), ("bias+ReLU kernel",
            lambda f=vgg_fused: torch.autograd.grad(vgg_net(x_vgg, recompute=True, fused=f), x_vgg, g_vgg))
 del vgg_net, x_vgg, g_vgg
 
+# ----------------------------------------------------------------------------- the generator's input convolution
+# 4 -> 64 channels, 5x5, then ReLU: cuDNN (a channel-padding pass and an sm_80 tile kernel, s10), its bias add
+# and the ReLU, or ops/thin_conv.py's one kernel (and its weight-gradient kernel); gpu_adopt.py's DMFN_THIN_CONV.
+# Inference runs it at batch 64; training at batch 16, where its checkpointed region also reruns the forward.
+from dmfn_fast.ops import thin_conv as tc  # noqa: E402
+
+THIN_DT = VGG_DT
+thin_g = f"G input conv {str(THIN_DT).split('.')[-1]}"
+w_in = (torch.randn(64, 4, 5, 5, device=DEV) / 10).to(THIN_DT).requires_grad_()
+b_in = torch.randn(64, device=DEV).to(THIN_DT).requires_grad_()
+for batch, label in ((64, "fwd, batch 64"), (16, "fwd+bwd, batch 16")):
+    side = 256 if CUDA else 16
+    x_in = cl(torch.rand(batch if CUDA else 2, 4, side, side, device=DEV).to(THIN_DT))
+    flop = 2 * x_in.shape[0] * side * side * 64 * 100
+    nbytes = x_in.numel() * x_in.element_size() * 17  # the input once, the 64-channel output once
+    plain = lambda x=x_in: F.relu(F.conv2d(x, w_in, b_in, 1, 2))  # noqa: E731
+    kernel = lambda x=x_in: tc.thin_conv(x, w_in, b_in, 1, 2, "relu")  # noqa: E731
+    for name, fn in ((f"{label}: cuDNN, bias, ReLU", plain), (f"{label}: thin conv kernel", kernel)):
+        if label.startswith("fwd,"):
+            def run(fn=fn):
+                with torch.no_grad():
+                    return fn()
+            record(thin_g, name, run, flop, nbytes)
+        else:
+            gy = torch.randn_like(plain())
+            record(thin_g, name, lambda fn=fn, gy=gy: torch.autograd.grad(fn(), (w_in, b_in), gy), 2 * flop,
+                   3 * nbytes)
+del w_in, b_in, x_in
+
 # ----------------------------------------------------------------------------- TMA zero fill (design question)
 
 

@@ -1,7 +1,8 @@
 """One small fused DMFB forward+backward (bf16 and fp32, odd sizes), on sm_90 the TMA kernels (the TMA
 wgrad among them) and the opt-in 9-tap wgrad kernel, the centroid op in each of its kernel paths on CUDA,
-the convolutions' bias + activation kernel, and a tiny training step captured as a CUDA graph and replayed:
-the workload gpu_check.sh runs under compute-sanitizer memcheck. Exits non-zero if a result is not finite."""
+the convolutions' bias + activation kernel, the thin-input convolution, and a tiny training step captured as
+a CUDA graph and replayed: the workload gpu_check.sh runs under compute-sanitizer memcheck. Exits non-zero if
+a result is not finite."""
 import os
 
 import torch
@@ -9,6 +10,7 @@ import torch
 from dmfn_fast.models import DMFB
 from dmfn_fast.ops import bias_act as ba
 from dmfn_fast.ops import centroid_align as ca
+from dmfn_fast.ops import thin_conv as tc
 
 torch.manual_seed(0)
 for dt in (torch.bfloat16, torch.float32):
@@ -66,6 +68,16 @@ for bias, act in ((torch.randn(40, device="cuda", dtype=torch.bfloat16), "lrelu"
     yb.float().sum().backward()
     assert torch.isfinite(yb).all() and torch.isfinite(xb.grad).all()
     xb = xb.detach()
+# the thin-input convolution (the generator's input convolution): a partial pixel tile, stride 2, 8 channels,
+# 24 outputs, forward and the weight, bias and input gradients in bf16 and fp32
+for dt in (torch.bfloat16, torch.float32):
+    for C, K, stride, pad in ((4, 5, 1, 2), (8, 3, 2, 1)):
+        xt = torch.randn(2, C, 13, 11, device="cuda", dtype=dt).contiguous(memory_format=torch.channels_last)
+        wt = torch.randn(24, C, K, K, device="cuda", dtype=dt).requires_grad_()
+        bt = torch.randn(24, device="cuda", dtype=dt).requires_grad_()
+        yt = tc.thin_conv(xt.requires_grad_(), wt, bt, stride, pad, "relu")
+        grads = torch.autograd.grad(yt.float().square().sum(), (xt, wt, bt))
+        assert torch.isfinite(yt).all() and all(torch.isfinite(g).all() for g in grads)
 # the training step as a CUDA graph (train.py --cuda-graphs): a tiny model at 64 px, 1 eager step, the capture,
 # then replays with moving crop boxes, bf16. The generator's reference path: the fused kernels were checked
 # above, and their autotuning at new shapes would take minutes under memcheck; the loss's extension runs

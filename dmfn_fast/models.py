@@ -11,6 +11,7 @@ from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selectiv
 from .ops._impl import check_impl, has_hooks, recompute
 from .ops import bias_act as _bias_act
 from .ops import dmfb as _dmfb
+from .ops import thin_conv as _thin
 from .ops.dmfb import DMFBParams, dmfb_block, dmfb_block_reference
 from .recipes import check_recipe
 
@@ -229,7 +230,13 @@ def _keep_conv_output(weight_shape):
     return functools.partial(create_selective_checkpoint_contexts, policy)
 
 
-def _run_layers(layers, x, lean, fused_norm, fused_act=False):
+def _conv_relu(layers, i):
+    """layers[i] is a convolution the thin-input kernel computes and a plain ReLU comes next."""
+    return (_thin.fits(layers[i]) and i + 1 < len(layers) and type(layers[i + 1]) is nn.ReLU
+            and not has_hooks(layers[i + 1]))
+
+
+def _run_layers(layers, x, lean, fused_norm, fused_act=False, thin=False):
     """layers on x, as nn.Sequential would, with two changes that keep values and gradients:
     - lean: each [norm, activation, conv] run (and the first [conv, ReLU, conv]) is one selectively
       checkpointed region: backward recomputes the activation from the saved norm input instead of holding
@@ -242,7 +249,10 @@ def _run_layers(layers, x, lean, fused_norm, fused_act=False):
       reference's). There, a convolution followed by a norm skips its bias, which the norm cancels
       (dmfb.conv_before_norm). Not where a layer has forward hooks (they would be skipped).
     - fused_act: a convolution followed by a ReLU and no norm (the first) adds its bias under the ReLU in one
-      kernel (ops.bias_act), outside the checkpointed regions (inference, or recompute off)."""
+      kernel (ops.bias_act), outside the checkpointed regions (inference, or recompute off).
+    - thin: the first convolution (4 input channels) and its ReLU in one kernel (ops.thin_conv), inside its
+      checkpointed region too (it computes the ReLU's output again there, instead of cuDNN, a bias add and
+      the ReLU)."""
     convs = (nn.Conv2d, nn.ConvTranspose2d)
 
     def before_norm(j):  # the layer after layers[j] is an instance norm of this sample's statistics, no hooks
@@ -267,14 +277,21 @@ def _run_layers(layers, x, lean, fused_norm, fused_act=False):
             conv = region[2]
             if fused_norm and before_norm(i + 2) and not has_hooks(conv):
                 conv = functools.partial(_dmfb.conv_before_norm, conv)
+            if thin and i == 0 and _conv_relu(layers, 0):
+                run = lambda t, a=region[0], c=conv: c(_thin.conv_act(a, t, "relu"))  # noqa: E731
+            else:
+                run = lambda t, a=region[0], b=region[1], c=conv: c(b(a(t)))  # noqa: E731
             # no randomness in [norm, ReLU, conv]: no RNG state to save and restore (nor to read in a CUDA
             # graph capture, train.py --cuda-graphs)
-            x = checkpoint(lambda t, a=region[0], b=region[1], c=conv: c(b(a(t))), x, use_reentrant=False,
-                           preserve_rng_state=False, context_fn=_keep_conv_output(tuple(region[2].weight.shape)))
+            x = checkpoint(run, x, use_reentrant=False, preserve_rng_state=False,
+                           context_fn=_keep_conv_output(tuple(region[2].weight.shape)))
             i += 3
         elif fused_norm and isinstance(layers[i], convs) and before_norm(i) and not has_hooks(layers[i]):
             x = _dmfb.conv_before_norm(layers[i], x)
             i += 1
+        elif thin and _conv_relu(layers, i):
+            x = _thin.conv_act(layers[i], x, "relu")
+            i += 2
         elif (fused_act and _bias_act.fusable(layers[i]) and i + 1 < len(layers)
               and type(layers[i + 1]) is nn.ReLU and not has_hooks(layers[i + 1])):
             x = _bias_act.conv_bias_act(layers[i], x, "relu")  # bias and ReLU in one pass
@@ -342,8 +359,9 @@ class Generator(nn.Module):
         fused_norm = unhooked and (not compiling or _dmfb.COMPILED_NORMS) and _dmfb.use_fused(x, self.impl)
         # compiled, Inductor fuses the bias and ReLU itself (use_fast says no while tracing)
         fused_act = fused_norm and _bias_act.use_fast(x, self.impl)
+        thin = fused_norm and _thin.use_fast(x, self.impl)  # the input convolution and its ReLU in one kernel
         run = lean or fused_norm
-        h = _run_layers(_flat(self.encoder), x, lean, fused_norm, fused_act) if run else self.encoder(x)
+        h = _run_layers(_flat(self.encoder), x, lean, fused_norm, fused_act, thin) if run else self.encoder(x)
         for b in self.blocks:
             h = b.forward_reference(h) if reference else b(h)
         return _run_layers(_flat(self.decoder), h, lean, fused_norm, fused_act) if run else self.decoder(h)

@@ -91,6 +91,35 @@ def bias_act_specs(dtype="bf16"):
     return out
 
 
+def thin_conv_specs(dtype="bf16"):
+    """The thin-input convolution (ops/thin_conv.py) at every autotune config: the generator's input convolution
+    (4 channels, 5x5, ReLU: the pixel gathers in 8-byte vectors), and an 8-channel 3x3 stride-2 one without a
+    bias, leaky ReLU (16-byte gathers, 72 of the 128 K)."""
+    from dmfn_fast.kernels import thin_conv as ktc
+
+    act = "*fp32" if dtype == "tf32" else "*" + dtype
+    flags = dict(UPCAST=False, PREC="ieee" if dtype == "fp32" else "tf32")
+    ints = dict(M="i32", H="i32", W="i32", OH="i32", OW="i32", O="i32", slope="fp32")
+    fwd_sig = dict(x_ptr=act, w_ptr=act, b_ptr=act, y_ptr=act, **ints)
+    wgrad_sig = dict(x_ptr=act, y_ptr=act, dy_ptr=act, dw_ptr="*fp32", db_ptr="*fp32", **ints, PROGRAMS="i32")
+    shapes = (("generator input", dict(C=4, KH=5, KW=5, STRIDE=1, PAD=2, ACT=1, HAS_BIAS=True)),
+              ("8 channels stride 2", dict(C=8, KH=3, KW=3, STRIDE=2, PAD=1, ACT=2, HAS_BIAS=False)))
+    out = []
+    for label, shape in shapes:
+        for name, fn, sig in (("thin_conv_fwd", ktc.thin_conv_fwd, fwd_sig),
+                              ("thin_conv_wgrad", ktc.thin_conv_wgrad, wgrad_sig)):
+            for cfg in ktc.CONFIGS[f"{name.split('_')[-1]}_{'lowp' if dtype in ('bf16', 'fp16') else 'f32'}"]:
+                cx = dict(shape, **flags, **cfg.kwargs, BLOCK_O=64, BLOCK_K=128)
+                if "wgrad" in name:
+                    del cx["HAS_BIAS"]
+                ptrs = tuple(k for k, v in sig.items() if v.startswith("*"))
+                out.append((f"{name} {label}[{cfg}]", fn, dict(sig, **{k: "constexpr" for k in cx}), cx,
+                            dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages), ptrs + ("O",)))
+    return out
+
+
 def compile_specs(dtype="bf16"):
-    """Every DMFB kernel's specs for `dtype`. "tf32" only changes the branch kernels (the only ones with dots)."""
-    return branches_specs(dtype) + ([] if dtype == "tf32" else instance_norm_specs(dtype) + bias_act_specs(dtype))
+    """Every DMFB kernel's specs for `dtype`. "tf32" only changes the kernels with dots (the branches', the thin
+    convolution's)."""
+    dots = branches_specs(dtype) + thin_conv_specs(dtype)
+    return dots + ([] if dtype == "tf32" else instance_norm_specs(dtype) + bias_act_specs(dtype))

@@ -44,7 +44,8 @@ def _compile_and_inspect(fn, signature, constexprs, options, divisible, cap):
         res = subprocess.run([_cuobjdump(), "-res-usage", path], capture_output=True, text=True, check=True).stdout
         sass = subprocess.run([_cuobjdump(), "-sass", path], capture_output=True, text=True, check=True).stdout
     usage = {k: int(v) for k, v in re.findall(r"\b(REG|STACK|LOCAL):(\d+)", res)}
-    ops = {op: len(re.findall(r"\b" + op + r"\b", sass)) for op in ("HMMA", "HGMMA", "LDL", "STL", "UTMALDG")}
+    ops = {op: len(re.findall(r"\b" + re.escape(op) + r"\b", sass))
+           for op in ("HMMA", "HGMMA", "LDL", "STL", "UTMALDG", "LDG.E.64")}
     return dict(usage, **ops)
 
 
@@ -107,6 +108,18 @@ def test_tensor_cores_used(compiled):
         assert compiled[key][op] > 0, f"{key}: no {op} instructions"
         if "_tma_" in key:
             assert compiled[key]["UTMALDG"] > 0, f"{key}: no TMA loads"
+
+
+def test_thin_conv_kernels(compiled):
+    """The thin-input convolution's dots run on tensor cores in bf16 and TF32 (HMMA, or HGMMA where the tile has
+    64 pixels or more on sm_90), and its 4-channel gathers load each pixel's channels as one 8-byte vector."""
+    thin = [k for k in compiled if k.split()[2] in ("thin_conv_fwd", "thin_conv_wgrad")]
+    assert thin
+    for key in thin:
+        if " fp32 " not in key:
+            assert compiled[key]["HMMA"] + compiled[key]["HGMMA"] > 0, f"{key}: no tensor-core instructions"
+        if " bf16 " in key and "generator input" in key:
+            assert compiled[key]["LDG.E.64"] > 0, f"{key}: no 8-byte gathers"
 
 
 if __name__ == "__main__":

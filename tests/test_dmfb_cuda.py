@@ -381,3 +381,64 @@ def test_vgg_fused_matches_plain_layers():
     (fa, da), (fb, db) = outs
     assert all(torch.equal(a, b) for a, b in zip(fa, fb))
     assert torch.equal(da, db)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(16, 4, 256, 256, 5, 1, 2), (3, 4, 37, 29, 5, 1, 2), (2, 8, 33, 31, 3, 2, 1),
+                                   (1, 1, 17, 13, 3, 1, 1)])  # the generator's input convolution first
+def test_thin_conv_parity(dtype, shape):
+    """The thin-input convolution (ops/thin_conv.py) with bias and ReLU, forward and the weight, bias and input
+    gradients, against the reference in float64 from the same rounded inputs."""
+    from dmfn_fast.ops import thin_conv as tc
+
+    N, C, H, W, K, stride, pad = shape
+    torch.manual_seed(0)
+    x = torch.randn(N, C, H, W, device="cuda").to(dtype).contiguous(memory_format=torch.channels_last)
+    w = (torch.randn(64, C, K, K, device="cuda") / (K * C ** 0.5)).to(dtype)
+    b = torch.randn(64, device="cuda").to(dtype)
+    fast = [_leaf(t) for t in (x, w, b)]
+    ref = [_leaf(t.double()) for t in (x, w, b)]
+    y = tc.thin_conv(*fast, stride, pad, "relu")
+    y64 = tc.thin_conv_reference(*ref, stride, pad, "relu")
+    g = torch.randn_like(y)
+    for a, r in zip((y, *torch.autograd.grad(y, fast, g)), (y64, *torch.autograd.grad(y64, ref, g.double()))):
+        assert _err(a, r) <= TOL[dtype]
+
+
+def test_generator_thin_conv_in_training():
+    """The generator's input convolution by the thin-input kernel as training runs it (bf16 autocast,
+    channels-last, inside its selectively checkpointed region, recomputed in backward), and at inference: held
+    to an fp32 run (TF32 off) as test_generator_training_autocast_matches_reference holds the fused path, it
+    strays at most twice as far as the same run with the plain layers plus 1e-2 (relative L2), output and
+    every weight gradient."""
+    from dmfn_fast.models import Generator
+    from dmfn_fast.ops import thin_conv as tc
+
+    torch.manual_seed(0)
+    G = Generator(nf=32, n_blocks=2, impl="fast").cuda().to(memory_format=torch.channels_last)
+    x = torch.cat([torch.rand(2, 3, 64, 64, device="cuda") * 2 - 1,
+                   (torch.rand(2, 1, 64, 64, device="cuda") > 0.5).float()], 1)
+    g = torch.randn(2, 3, 64, 64, device="cuda")
+    calls = []
+    real_forward = tc._forward
+
+    def run(thin, autocast):
+        G.zero_grad()
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(tc, "_forward", lambda *a: calls.append(thin) or real_forward(*a))
+            if not thin:
+                mp.setattr(tc, "use_fast", lambda *a, **k: False)
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+                y = G(x)
+                with torch.no_grad():
+                    y_inf = G(x)
+            y.float().backward(g)
+        return [y.float(), y_inf.float()] + [p.grad.float().clone() for n, p in G.named_parameters()
+                                             if n.endswith("weight")]
+
+    exact = run(False, False)
+    thin, plain = run(True, True), run(False, True)
+    assert calls == [True] * 3, calls  # the training forward, its recompute in backward, the inference forward
+    for i, (f, r, e) in enumerate(zip(thin, plain, exact)):
+        l2 = lambda a: ((a - e).norm() / e.norm()).item()  # noqa: E731
+        assert l2(f) <= 2 * l2(r) + 1e-2, (i, l2(f), l2(r))

@@ -88,6 +88,11 @@ for _dt in ("fp32", "fp16"):
         CASES[f"bias-act-{_dt}-{_n}x13x11-C80"] = ("bias_act", dict(dtype=_dt, N=_n, H=13, W=11, C=80))
 CASES["bias-act-vgg-fused-32px"] = ("vgg_fused", dict(N=2, H=32, W=32))
 CASES["bias-act-generator-inference"] = ("generator_inference", dict(N=2, H=16, W=12))
+# The thin-input convolution (ops/thin_conv.py): forward and gradients for its shapes, then in the generator.
+for _dt in ("fp32", "fp16"):
+    for _n in (1, 3):
+        CASES[f"thin-conv-{_dt}-N{_n}"] = ("thin_conv", dict(dtype=_dt, N=_n))
+CASES["thin-conv-generator"] = ("generator_thin", dict(N=2, H=16, W=12))
 
 
 # ----------------------------------------------------------------------------- checks (child process)
@@ -369,8 +374,8 @@ def check_bias_before_norm(N, H, W):
 def check_generator_compiled(N, H, W):
     """torch.compile(fullgraph=True) of the fast generator: the encoder's and decoder's norms are the fused
     ops there too (dmfb.COMPILED_NORMS): 8 instance_norm_act calls besides the block's 2, no aten instance
-    norm; DMFN_COMPILED_NORMS=0 leaves them to the compiler. Under aot_eager the output and every gradient
-    match eager's (the same kernels through the ops)."""
+    norm; DMFN_COMPILED_NORMS=0 leaves them to the compiler. The input convolution is the thin_conv op. Under
+    aot_eager the output and every gradient match eager's (the same kernels through the ops)."""
     from dmfn_fast.ops import dmfb
 
     G, x = _generator_random_biases(N, H, W, seed=4)
@@ -390,6 +395,8 @@ def check_generator_compiled(N, H, W):
         finally:
             dmfb.COMPILED_NORMS = real
         targets = [t for g in graphs for t in g]
+        # the input convolution (ops.thin_conv), where the generator runs its layers itself (with our norms)
+        assert sum("thin_conv" in t for t in targets) == int(compiled_norms), targets
         return (sum("instance_norm_act" in t for t in targets), sum("instance_norm" in t and "act" not in t
                                                                   for t in targets))
 
@@ -630,6 +637,7 @@ def check_generator_inference(N, H, W):
     equal to the bit to that layer's plain output), the whole output against the reference model."""
     from dmfn_fast.models import Generator
     from dmfn_fast.ops import bias_act as ba
+    from dmfn_fast.ops import thin_conv as tc
 
     torch.manual_seed(3)
     G = Generator(nf=16, n_blocks=2, impl="fast")
@@ -639,13 +647,14 @@ def check_generator_inference(N, H, W):
     G_ref.load_state_dict(G.state_dict())
     x = torch.cat([torch.rand(N, 3, H, W) * 2 - 1, (torch.rand(N, 1, H, W) > 0.5).float()], 1)
     calls = []
-    real = ba.bias_act
+    real, thin = ba.bias_act, tc.use_fast
     ba.bias_act = lambda *a, **k: calls.append(1) or real(*a, **k)
+    tc.use_fast = lambda *a, **k: False  # the thin-input kernel would take the first convolution
     try:
         with torch.no_grad():
             y = G(x)
     finally:
-        ba.bias_act = real
+        ba.bias_act, tc.use_fast = real, thin
     assert len(calls) == 1, f"the first convolution took the kernel {len(calls)} times"
     with torch.no_grad():
         xc = x.contiguous(memory_format=torch.channels_last)
@@ -653,6 +662,81 @@ def check_generator_inference(N, H, W):
         # the fast generator's norms differ from the reference's by rounding: 7.5e-6 here, about as much
         # with the first convolution's plain layers (the bit-equal check above is the kernel's own)
         return [("out (relative L2)", _err(y, G_ref(x), l2=True), 3e-5)]
+
+
+# (C, H, W, O, kernel, stride, padding): the generator's input convolution, a 2-channel 5x5 stride-2 one, an
+# 8-channel 3x3 one with a partial output tile (O=24), one channel, stride 2 without padding
+THIN_SHAPES = ((4, 13, 11, 64, 5, 1, 2), (2, 13, 11, 64, 5, 2, 2), (8, 9, 7, 24, 3, 1, 1), (1, 6, 5, 16, 3, 2, 0))
+
+
+def check_thin_conv(dtype, N):
+    """thin_conv against thin_conv_reference, forward and the gradients of x, w and b, for each activation
+    and shape (THIN_SHAPES with this N), the last one without a bias. The weight gradient sums over several
+    programs' runs of pixel tiles (3 programs of 16-pixel tiles under the interpreter), some idle."""
+    from dmfn_fast.ops import thin_conv as tc
+
+    dt = DTYPES[dtype]
+    out = []
+    for C, H, W, O, K, stride, pad in THIN_SHAPES:
+        for act in tc.ACTS:
+            with_bias = C != 1
+            x = torch.randn(N, C, H, W).to(dt).contiguous(memory_format=torch.channels_last)
+            w = (torch.randn(O, C, K, K) / (K * C ** 0.5)).to(dt)
+            b = torch.randn(O).to(dt) if with_bias else None
+            fast = [_leaf(t) for t in (x, w, b) if t is not None]
+            ref = [_leaf(t.float()) for t in (x, w, b) if t is not None]
+            y = tc.thin_conv(*fast[:2], fast[2] if with_bias else None, stride, pad, act)
+            y_ref = tc.thin_conv_reference(*ref[:2], ref[2] if with_bias else None, stride, pad, act)
+            assert y.dtype == dt and y.shape == y_ref.shape and y.is_contiguous(memory_format=torch.channels_last)
+            g = torch.randn_like(y_ref)
+            tag = f"C{C} {K}x{K}/{stride} O{O} {act}"
+            out.append((f"{tag} out", _err(y, y_ref)))
+            for name, a, r in zip(("dx", "dw", "db"), torch.autograd.grad(y, fast, g.to(dt)),
+                                  torch.autograd.grad(y_ref, ref, g)):
+                out.append((f"{tag} {name}", _err(a, r)))
+    return out
+
+
+def check_generator_thin(N, H, W):
+    """The fast generator's input convolution and ReLU by the thin-input kernel: once without gradients; in
+    training once forward and once again in backward (its checkpointed region recomputes it, under the
+    selective checkpoint's dispatch mode, through the eager Function); output and every gradient against the
+    reference generator (fp32). Biases before an instance norm have zero true gradient: each parameter's
+    gradient is compared over its module's largest."""
+    from dmfn_fast.models import Generator
+    from dmfn_fast.ops import thin_conv as tc
+
+    torch.manual_seed(4)
+    G = Generator(nf=16, n_blocks=1, impl="fast")
+    torch.nn.init.normal_(G.encoder[0].conv.bias, 0.0, 0.5)  # a bias that shows if it is dropped
+    G_ref = Generator(nf=16, n_blocks=1, impl="reference", init=False)
+    G_ref.load_state_dict(G.state_dict())
+    x = torch.cat([torch.rand(N, 3, H, W) * 2 - 1, (torch.rand(N, 1, H, W) > 0.5).float()], 1)
+    calls = []
+    real_fn, real_fwd = tc._ThinConvEager.apply, tc._forward
+    tc._ThinConvEager.apply = lambda *a: calls.append("function") or real_fn(*a)
+    tc._forward = lambda *a: calls.append("kernel") or real_fwd(*a)
+    try:
+        with torch.no_grad():
+            y = G(x)
+        assert calls == ["kernel"], calls
+        calls.clear()
+        y_train = G(x)
+        g = torch.randn_like(y_train)
+        y_train.backward(g)
+        assert calls == ["function", "kernel"] * 2, calls
+    finally:
+        tc._ThinConvEager.apply, tc._forward = real_fn, real_fwd
+    y_ref = G_ref(x)
+    y_ref.backward(g)
+    out = [("inference out (relative L2)", _err(y, y_ref, l2=True), 3e-5),
+           ("training out (relative L2)", _err(y_train, y_ref, l2=True), 3e-5)]
+    refs = dict(G_ref.named_parameters())
+    for name, p in G.named_parameters():
+        module = name.rsplit(".", 1)[0]
+        scale = max(refs[n].grad.abs().max().item() for n in refs if n.rsplit(".", 1)[0] == module)
+        out.append((f"grad {name}", _err(p.grad, refs[name].grad, scale), 1e-4))
+    return out
 
 
 def check_opcheck(N, H, W, C, device="cpu"):
@@ -672,6 +756,9 @@ def check_opcheck(N, H, W, C, device="cpu"):
     g = torch.randn(N, 4 * C, H, W, device=device).contiguous(memory_format=cl)
     t, mean, rstd = ops.dmfb_branches_in_relu(h.detach(), w.detach(), b.detach(), dil)
     _, xm, xr = ops.instance_norm_act(x.detach(), None, True)
+    xt = torch.randn(N, 4, H, W, device=device).contiguous(memory_format=cl).requires_grad_()
+    wt = (torch.randn(C, 4, 5, 5, device=device) / 10).requires_grad_()
+    yt = ops.thin_conv(xt.detach(), wt.detach(), None, 1, 2, 1, 0.2)
     cases = [
         ("dmfb_branches", ops.dmfb_branches.default, (h, w, b, dil)),
         ("dmfb_branches_in_relu", ops.dmfb_branches_in_relu.default, (h, w, b, dil)),
@@ -683,6 +770,11 @@ def check_opcheck(N, H, W, C, device="cpu"):
         ("instance_norm_act_backward", ops.instance_norm_act_backward.default, (g, x.detach(), xm, xr, True)),
         ("bias_act relu", ops.bias_act.default, (x, torch.randn(4 * C, device=device).requires_grad_(), 1, 0.2)),
         ("bias_act lrelu no bias", ops.bias_act.default, (x, None, 2, 0.2)),
+        ("thin_conv relu", ops.thin_conv.default, (xt, wt, torch.randn(C, device=device).requires_grad_(), 1, 2,
+                                                   1, 0.2)),
+        ("thin_conv lrelu no bias stride 2", ops.thin_conv.default, (xt, wt, None, 2, 2, 2, 0.2)),
+        ("thin_conv_wgrad", ops.thin_conv_wgrad.default, (xt.detach(), yt, torch.randn_like(yt), wt.detach(), 1, 2,
+                                                          1, 0.2)),
     ]
     missed = set(dmfb.DEFINED) - {name.split()[0] for name, _, _ in cases}
     assert not missed, f"ops with no opcheck case: {missed}"
@@ -1267,3 +1359,26 @@ def test_traced_sums_are_separate_allocations():
         traced = dmfb._sums32(3, 2, 5, like=mode.from_tensor(torch.empty(1)))
         assert len({t.untyped_storage()._cdata for t in traced}) == 3
         assert all(t.shape == (2, 5) and t.storage_offset() == 0 for t in traced)
+
+
+def test_thin_conv_takes_only_what_it_computes():
+    """thin_conv refuses shapes its kernel does not compute (a 3-channel input: scalar gathers that spilled;
+    more taps x channels than one dot holds; more than 128 outputs), and fits() picks the generator's input
+    convolution and no other layer of the generator or the VGG."""
+    from dmfn_fast.models import Generator
+    from dmfn_fast.ops import thin_conv as tc
+    from dmfn_fast.vgg import VGG19Features
+
+    for c, w_shape in ((3, (64, 3, 5, 5)), (8, (64, 8, 5, 5)), (4, (256, 4, 3, 3)), (4, (64, 2, 5, 5))):
+        with pytest.raises(ValueError, match="thin_conv takes"):
+            tc.thin_conv(torch.randn(1, c, 8, 8), torch.randn(w_shape))
+    G = Generator(nf=16, n_blocks=1, init=False)
+    convs = [m for m in G.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert [tc.fits(m) for m in convs] == [True] + [False] * (len(convs) - 1)
+    assert not any(tc.fits(m) for m in VGG19Features("random").modules())  # 3 channels: not computed
+    first = G.encoder[0].conv
+    handle = first.register_forward_hook(lambda *a: None)
+    assert not tc.fits(first)  # a hook the kernel would skip
+    handle.remove()
+    odd = torch.nn.Conv2d(4, 64, 5, stride=(1, 2), padding=2)
+    assert not tc.fits(odd)

@@ -100,6 +100,19 @@ def test_adopt_takes_an_opt_in_kernel_only_where_the_breakdown_measured_it_faste
     assert not dict((s, on) for s, on, _ in decide(rows_s10))["DMFN_BIAS_ACT"]
     rows_s10[0]["ms"] = 8.3
     assert dict((s, on) for s, on, _ in decide(rows_s10))["DMFN_BIAS_ACT"]
+    # the thin-input convolution, from its forward (inference) and fwd+bwd (training) rows together
+    thin = "G input conv bfloat16"
+
+    def thin_adopted(fwd, train, plain_fwd=1.3, plain_train=1.0):
+        rows = [dict(group=thin, name=f"{label}: {kind}", gpu_ms=t)
+                for label, kind, t in (("fwd, batch 64", "thin conv kernel", fwd),
+                                       ("fwd+bwd, batch 16", "thin conv kernel", train),
+                                       ("fwd, batch 64", "cuDNN, bias, ReLU", plain_fwd),
+                                       ("fwd+bwd, batch 16", "cuDNN, bias, ReLU", plain_train))]
+        return {s for s, on, _ in decide(rows) if on}
+    assert thin_adopted(0.3, 0.4) == {"DMFN_THIN_CONV"}
+    assert thin_adopted(1.3, 0.99) == set()  # 0.4% faster in sum: within the noise
+    assert thin_adopted(0.3, None) == set()  # a row missing (its kernel failed)
 
 
 def test_centroid_input_read_share(tmp_path):

@@ -145,6 +145,12 @@ def _kernel(k, *tensors):
 
         if any(is_fake(t) for t in tensors):
             return _Skip()
+    return _eager_kernel(k)
+
+
+def _eager_kernel(k):
+    """k, ready for an eager launch k[grid](...) on real tensors (an autotuned kernel through _Tuned), whatever
+    dispatch modes are active: for eager autograd Functions that may run under one (a selective checkpoint's)."""
     if isinstance(k, triton.runtime.Autotuner):
         tuned = _TUNED.get(k)
         if tuned is None:

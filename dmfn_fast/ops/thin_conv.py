@@ -1,0 +1,264 @@
+"""A convolution of a thin input (1, 2, 4 or 8 channels) with its bias and activation in one Triton kernel:
+thin_conv(x, w, b, stride, padding, act) = act(conv2d(x, w, b, stride, padding)). Where it runs: the
+generator's 4-channel 5x5 input convolution and the ReLU after it (kernels/thin_conv.py: cuDNN runs that
+layer at a fraction of its floor).
+
+Ops (namespace `dmfn_fast`, registered with fake kernels through the DMFB ops' machinery, dmfb._define, so
+torch.compile can trace them and opcheck checks them):
+- thin_conv(x, w, b, stride, padding, act, slope) -> y, with autograd;
+- thin_conv_wgrad(x, y, dy, w, stride, padding, act, slope) -> (dw, db): the weight and bias gradient, summed
+  in fp32 by one kernel from the activation's output y (the input gradient, when x needs one, is ATen's
+  activation backward and cuDNN's dgrad).
+Plain eager calls, and calls inside a selective checkpoint (the generator's training regions, whose dispatch
+mode is not a trace), run the same Python through _ThinConvEager with the kernels launched directly.
+impl="auto" takes the kernel only with DMFN_THIN_CONV=1 (not yet timed on a GPU); impl="fast" takes it, eager
+and compiled."""
+import functools
+from typing import Optional, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch._subclasses.fake_tensor import is_fake
+
+from . import _impl
+from . import dmfb as _d
+from .bias_act import ACTS, bias_act_reference
+
+_AUTO = _impl.env_switch("DMFN_THIN_CONV") == "1"
+CHANNELS = (1, 2, 4, 8)  # input channels: vector gathers (3 channels spilled, kernels/thin_conv.py)
+MAX_OUT = 128  # output channels: one tile of them
+MAX_K = 128  # taps x channels in the one dot (5x5 x 4: 100)
+
+
+def thin_conv_reference(x, w, b=None, stride=1, padding=0, act="relu", slope=0.2):
+    """act(conv2d(x, w, b, stride, padding)) in PyTorch: the ground truth."""
+    return bias_act_reference(F.conv2d(x, w, b, stride, padding), None, act, slope)
+
+
+def _import_kernel():
+    if _d.triton is None:
+        return None
+    try:
+        from dmfn_fast.kernels import thin_conv as k  # noqa: PLC0415 (needs triton)
+    except Exception as e:  # a broken kernels/ must not break the model
+        _impl.warn_once(("import", "thin_conv"), f"dmfn_fast: the thin-input convolution kernel failed to import "
+                        f"({type(e).__name__}: {e}); the plain layers run")
+        return None
+    return k
+
+
+_ktc = _import_kernel()
+
+
+def _pow2(n):
+    return 1 << (int(n) - 1).bit_length()
+
+
+def _shape(x, w, stride, padding):
+    """(N, C, H, W, O, KH, KW, OH, OW, constexprs shared by both kernels)."""
+    N, C, H, W = x.shape
+    O, _, KH, KW = w.shape
+    OH, OW = (H + 2 * padding - KH) // stride + 1, (W + 2 * padding - KW) // stride + 1
+    cx = dict(C=C, KH=KH, KW=KW, STRIDE=stride, PAD=padding, BLOCK_O=max(16, _pow2(O)),
+              BLOCK_K=max(16, _pow2(KH * KW * C)))
+    return N, C, H, W, O, KH, KW, OH, OW, cx
+
+
+def _flags(dtype):
+    """The dot flags: fp16/bf16 on tensor cores; fp32 with TF32 where cuDNN may use it (as the DMFB kernels);
+    under the interpreter 16-bit dots run in fp32 (its own are unreliable)."""
+    lowp = dtype != torch.float32
+    tf32 = (lowp or torch.backends.cudnn.allow_tf32) and not _d.INTERPRET
+    return dict(UPCAST=lowp and _d.INTERPRET, PREC="tf32" if tf32 else "ieee")
+
+
+@functools.lru_cache(maxsize=None)
+def _programs(device_index):
+    """The weight gradient's programs: two per SM, each summing a run of pixel tiles."""
+    return 2 * torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _forward(x, w, b, stride, padding, act, slope, launch):
+    """y = act(conv(x) + b), channels-last. launch(kernel, *tensors) -> kernel ready for [grid](...)."""
+    x = _d._cl(x)
+    N, C, H, W, O, KH, KW, OH, OW, cx = _shape(x, w, stride, padding)
+    y = _d._empty_cl(N, O, OH, OW, x)
+    M = N * OH * OW
+    if _d.INTERPRET:  # one raw kernel, small tiles: several programs and a partial last tile in the tests
+        kern, tiles = _ktc.thin_conv_fwd, dict(BLOCK_M=32)
+    else:
+        kern, tiles = _ktc.TUNED["fwd", "f32" if x.dtype == torch.float32 else "lowp"], {}
+    grid = lambda META: (_d._cdiv(M, META["BLOCK_M"]),)  # noqa: E731
+    launch(kern, x)[grid](x, w.contiguous(), x if b is None else b, y, M, H, W, OH, OW, O, float(slope),
+                          HAS_BIAS=b is not None, ACT=act, **cx, **_flags(x.dtype), **tiles)
+    return y
+
+
+def _wgrad(x, y, dy, w, stride, padding, act, slope, launch):
+    """(dw in w's layout and dtype, db [O] in w's dtype) from the output y and its gradient dy."""
+    x, y, dy = _d._cl(x), _d._cl(y), _d._cl(dy)
+    N, C, H, W, O, KH, KW, OH, OW, cx = _shape(x, w, stride, padding)
+    M = N * OH * OW
+    dw32 = torch.zeros(cx["BLOCK_K"], O, device=x.device, dtype=torch.float32)
+    db32 = torch.zeros(O, device=x.device, dtype=torch.float32)
+    if _d.INTERPRET:  # 3 programs over tiles of 16 pixels: runs of several tiles, some programs idle
+        kern, tiles, programs = _ktc.thin_conv_wgrad, dict(BLOCK_M=16), 3
+    else:
+        kern, tiles = _ktc.TUNED["wgrad", "f32" if x.dtype == torch.float32 else "lowp"], {}
+        # traced (fake tensors) too: the compiled graph launches with the number it records here
+        programs = _programs(x.device.index if x.device.index is not None else torch.cuda.current_device())
+    launch(kern, x)[(programs,)](x, y, dy, dw32, db32, M, H, W, OH, OW, O, float(slope), programs, ACT=act, **cx,
+                                 **_flags(x.dtype), **tiles)
+    # rows k = (ky * KW + kx) * C + c -> [O, C, KH, KW]
+    dw = dw32[:KH * KW * C].view(KH, KW, C, O).permute(3, 2, 0, 1)
+    return dw.contiguous().to(w.dtype), db32.to(w.dtype, copy=True)
+
+
+def _act_backward(dy, y, act, slope):
+    if act == 1:
+        return torch.ops.aten.threshold_backward(dy, y, 0)
+    if act == 2:
+        return torch.ops.aten.leaky_relu_backward(dy, y, slope, True)  # y's sign is its input's
+    return dy
+
+
+def _grads(needs, dy, x, w, y, has_bias, spec, wgrad):
+    """(dx, dw, db) for the inputs that need them; wgrad(x, y, dy, w, *spec) -> (dw, db)."""
+    stride, padding, act, slope = spec
+    dx = dw = db = None
+    if needs[1] or (has_bias and needs[2]):
+        dw, db = wgrad(x, y, dy, w, *spec)
+    if needs[0]:
+        dz = _act_backward(dy, y, act, slope)
+        dx = torch.ops.aten.convolution_backward(dz, x, w, None, [stride] * 2, [padding] * 2, [1, 1], False,
+                                                 [0, 0], 1, [True, False, False])[0]
+    return dx, dw if needs[1] else None, db if has_bias and needs[2] else None
+
+
+def _eager_launch(kernel, *tensors):
+    return _d._eager_kernel(kernel)
+
+
+def _thin_conv_fn(x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor], stride: int, padding: int, act: int,
+                  slope: float) -> torch.Tensor:
+    return _forward(x, w, b, stride, padding, act, slope, _d._kernel)
+
+
+def _thin_conv_wgrad_fn(x: torch.Tensor, y: torch.Tensor, dy: torch.Tensor, w: torch.Tensor, stride: int,
+                        padding: int, act: int, slope: float) -> Tuple[torch.Tensor, torch.Tensor]:
+    return _wgrad(x, y, dy, w, stride, padding, act, slope, _d._kernel)
+
+
+def _setup(ctx, inputs, output):
+    x, w, b, stride, padding, act, slope = inputs
+    ctx.save_for_backward(x, w, output)
+    ctx.spec, ctx.has_bias = (stride, padding, act, slope), b is not None
+
+
+def _backward(ctx, dy):
+    x, w, y = ctx.saved_tensors
+    return _grads(ctx.needs_input_grad, dy, x, w, y, ctx.has_bias, ctx.spec, _wgrad_op) + (None,) * 4
+
+
+if _ktc is not None:
+    _op = _d._define("thin_conv", _thin_conv_fn, _backward, _setup)
+    _wgrad_op = _d._define("thin_conv_wgrad", _thin_conv_wgrad_fn)
+
+
+class _ThinConvEager(torch.autograd.Function):
+    """thin_conv's forward and backward with the kernels launched directly (no dispatcher, no tracing): plain
+    eager calls with gradients, and calls under a selective checkpoint's dispatch mode, where the ops'
+    launches would take the traced path."""
+
+    @staticmethod
+    def forward(ctx, x, w, b, stride, padding, act, slope):
+        with _d._device_of(x):
+            y = _forward(x, w, b, stride, padding, act, slope, _eager_launch)
+        ctx.save_for_backward(x, w, y)
+        ctx.spec, ctx.has_bias = (stride, padding, act, slope), b is not None
+        return y
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dy):
+        x, w, y = ctx.saved_tensors
+
+        def wgrad(*args):
+            with _d._device_of(x):
+                return _wgrad(*args, _eager_launch)
+        return _grads(ctx.needs_input_grad, dy, x, w, y, ctx.has_bias, ctx.spec, wgrad) + (None,) * 4
+
+
+def _real(tensors) -> bool:
+    """Real tensors, not being traced (fake, functional or compiled): the eager path may launch directly."""
+    return not torch.compiler.is_compiling() and all(
+        type(t) in (torch.Tensor, nn.Parameter) and not is_fake(t) for t in tensors if t is not None)
+
+
+def thin_conv(x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor] = None, stride: int = 1,
+              padding: int = 0, act: str = "relu", slope: float = 0.2) -> torch.Tensor:
+    """act(conv2d(x, w, b, stride, padding)) by the Triton kernels, channels-last out. Under autocast the
+    operands are cast as autocast casts a convolution's; w and b are then taken in x's dtype. For inputs
+    fast_why_not accepts: x [N, C, H, W] with C in CHANNELS, w [O, C, KH, KW] with O <= MAX_OUT and
+    KH * KW * C <= MAX_K (a ValueError otherwise)."""
+    if act not in ACTS:
+        raise ValueError(f"act must be one of {ACTS}, got {act!r}")
+    if x.dim() != 4 or w.dim() != 4 or x.shape[1] != w.shape[1] or x.shape[1] not in CHANNELS \
+            or w.shape[0] > MAX_OUT or w.shape[2] * w.shape[3] * w.shape[1] > MAX_K:
+        raise ValueError(f"thin_conv takes x [N, C, H, W] with C in {CHANNELS} and w [O, C, KH, KW] with O <= "
+                         f"{MAX_OUT} and KH * KW * C <= {MAX_K}; got x {tuple(x.shape)}, w {tuple(w.shape)}")
+    x, w, b = _d._autocast_operands(x.device.type, x, w, b)
+    x = _d._cl(x)
+    w = w.to(x.dtype)
+    b = None if b is None else b.to(x.dtype)
+    args = (x, w, b, int(stride), int(padding), ACTS.index(act), float(slope))
+    if not _real((x, w, b)):
+        return _op(*args)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, w, b)):
+        return _ThinConvEager.apply(*args)
+    with _d._device_of(x):
+        return _forward(*args, _eager_launch)
+
+
+def available() -> bool:
+    """Whether Triton and the kernel imported."""
+    return _ktc is not None
+
+
+def fast_why_not(x: torch.Tensor) -> str:
+    """"" when the kernels can run on x (given that Triton imported), else why not."""
+    why = _d.kernels_why_not(x, "the thin-input convolution")
+    if not why and torch.are_deterministic_algorithms_enabled():
+        why = "torch.use_deterministic_algorithms(True) is on and its weight gradient sums with atomics"
+    return why
+
+
+def fits(conv: nn.Module) -> bool:
+    """conv is a plain nn.Conv2d the kernel computes: 1, 2, 4 or 8 input and at most 128 output channels, a
+    square kernel whose taps x channels fit one dot, one stride and one zero padding for both axes, no
+    dilation or groups, no hooks."""
+    if type(conv) is not nn.Conv2d or conv.padding_mode != "zeros" or isinstance(conv.padding, str):
+        return False
+    kh, kw = conv.kernel_size
+    return (conv.in_channels in CHANNELS and conv.out_channels <= MAX_OUT and kh == kw
+            and kh * kw * conv.in_channels <= MAX_K and conv.stride[0] == conv.stride[1]
+            and conv.padding[0] == conv.padding[1] and conv.dilation == (1, 1) and conv.groups == 1
+            and not _impl.has_hooks(conv))
+
+
+def use_fast(x: torch.Tensor, impl: str = "auto") -> bool:
+    """Whether the generator takes the kernel for its input convolution on x under `impl` (asked once per call
+    of the model): where it runs (imported, CUDA or the interpreter, float, not deterministic). Compiled too:
+    Inductor would call the same cuDNN convolution and only fuse the bias and ReLU after it. auto: with
+    DMFN_THIN_CONV=1, then as the DMFB decides (dmfb.auto_prefers_fused: fp16/bf16, autocast included);
+    fast: always."""
+    if not available() or fast_why_not(x):
+        return False
+    return _impl.resolve(impl, lambda: "", op="thin-input convolution",
+                         prefer_fast=lambda: _AUTO and _d.auto_prefers_fused(x))
+
+
+def conv_act(conv: nn.Conv2d, x: torch.Tensor, act: str = "relu", slope: float = 0.2) -> torch.Tensor:
+    """act(conv(x)) by the kernel, for a conv that fits() and x where use_fast said yes."""
+    return thin_conv(x, conv.weight, conv.bias, conv.stride[0], conv.padding[0], act, slope)
