@@ -24,6 +24,7 @@ RULES = [
                          "fused dgrad kernel, TMA 2-D tiles"],
      ["fused fwd kernel", "fused grad kernel (recompute + IN/ReLU bwd + suffix)", "fused dgrad kernel"]),
     ("DMFN_BIAS_ACT", VGG, ["bias+ReLU kernel"], ["ATen bias add, ReLU"]),
+    ("DMFN_MAX_POOL", VGG, ["max-pool kernels"], ["ATen bias add, ReLU"]),  # that row: ATen's pools too
     ("DMFN_THIN_CONV", THIN, ["fwd, batch 64: thin conv kernel", "fwd+bwd, batch 16: thin conv kernel"],
      ["fwd, batch 64: cuDNN, bias, ReLU", "fwd+bwd, batch 16: cuDNN, bias, ReLU"]),
 ]

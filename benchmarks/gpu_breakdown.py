@@ -391,10 +391,21 @@ VGG_SHAPE = (16, 3, 256, 256) if CUDA else (1, 3, 32, 32)
 vgg_net = VGG19Features("random").to(DEV, VGG_DT, memory_format=torch.channels_last)
 x_vgg = cl(torch.rand(VGG_SHAPE, device=DEV, dtype=VGG_DT) * 2 - 1).requires_grad_()
 g_vgg = [torch.randn_like(f) for f in vgg_net(x_vgg.detach())]
-for vgg_name, vgg_fused in (("ATen bias add, ReLU", False), ("bias+ReLU kernel", True)):
+for vgg_name, vgg_kw in (("ATen bias add, ReLU", {}), ("bias+ReLU kernel", dict(fused=True)),
+                         ("max-pool kernels", dict(pool=True))):
     record(f"VGG19 fwd+bwd {str(VGG_DT).split('.')[-1]} {list(VGG_SHAPE)}", vgg_name,
-           lambda f=vgg_fused: torch.autograd.grad(vgg_net(x_vgg, recompute=True, fused=f), x_vgg, g_vgg))
+           lambda kw=vgg_kw: torch.autograd.grad(vgg_net(x_vgg, recompute=True, **kw), x_vgg, g_vgg))
 del vgg_net, x_vgg, g_vgg
+# the VGG's first pool alone, forward+backward: ATen (int64 indices) or ops/max_pool.py (none)
+from dmfn_fast.ops import max_pool as mpool  # noqa: E402
+
+x_pool = cl(torch.randn(VGG_SHAPE[0], 64, VGG_SHAPE[2], VGG_SHAPE[3], device=DEV, dtype=VGG_DT)).requires_grad_()
+g_pool = cl(torch.randn_like(mpool.max_pool2x2_reference(x_pool.detach())))
+pool_bytes = x_pool.numel() * x_pool.element_size() * 2.5  # forward: read x, write y; backward: read x, dy, write dx
+for pool_name, pool_fn in (("ATen max_pool2d", mpool.max_pool2x2_reference), ("max-pool kernels", mpool.max_pool2x2)):
+    record(f"max pool 2x2 fwd+bwd {str(VGG_DT).split('.')[-1]} {list(x_pool.shape)}", pool_name,
+           lambda fn=pool_fn: torch.autograd.grad(fn(x_pool), x_pool, g_pool), 0, pool_bytes)
+del x_pool, g_pool
 
 # ----------------------------------------------------------------------------- the generator's input convolution
 # 4 -> 64 channels, 5x5, then ReLU: cuDNN (a channel-padding pass and an sm_80 tile kernel, s10), its bias add

@@ -280,8 +280,9 @@ def opt_in():
     compiled graphs keep the row kernels), "wgrad tma (eager)" (DMFN_WGRAD_TMA, on by default with DMFN_TMA
     since s10; it takes precedence over wgrad9), "bias+relu kernel (eager)" (DMFN_BIAS_ACT=1: the VGG's and
     the generator's first convolutions add their bias under the ReLU in one kernel), "thin conv kernel (eager)"
-    (DMFN_THIN_CONV=1: the generator's input convolution and ReLU in ops/thin_conv.py's kernels)."""
-    from dmfn_fast.ops import bias_act, dmfb, thin_conv
+    (DMFN_THIN_CONV=1: the generator's input convolution and ReLU in ops/thin_conv.py's kernels), "max-pool
+    kernels (eager)" (DMFN_MAX_POOL=1: the VGG's pools without indices, ops/max_pool.py)."""
+    from dmfn_fast.ops import bias_act, dmfb, max_pool, thin_conv
     on = []
     tma = CUDA and dmfb._TMA and torch.cuda.get_device_capability()[0] >= 9
     if CUDA and dmfb._taps9(torch.bfloat16, torch.device(DEV)) and not (tma and dmfb._WGRAD_TMA):
@@ -294,6 +295,8 @@ def opt_in():
         on.append("bias+relu kernel (eager)")
     if thin_conv._AUTO:
         on.append("thin conv kernel (eager)")
+    if max_pool._AUTO:
+        on.append("max-pool kernels (eager)")
     return on
 
 

@@ -1,8 +1,8 @@
 """One small fused DMFB forward+backward (bf16 and fp32, odd sizes), on sm_90 the TMA kernels (the TMA
 wgrad among them) and the opt-in 9-tap wgrad kernel, the centroid op in each of its kernel paths on CUDA,
-the convolutions' bias + activation kernel, the thin-input convolution, and a tiny training step captured as
-a CUDA graph and replayed: the workload gpu_check.sh runs under compute-sanitizer memcheck. Exits non-zero if
-a result is not finite."""
+the convolutions' bias + activation kernel, the thin-input convolution, the index-free max pool, and a tiny
+training step captured as a CUDA graph and replayed: the workload gpu_check.sh runs under compute-sanitizer
+memcheck. Exits non-zero if a result is not finite."""
 import os
 
 import torch
@@ -78,6 +78,15 @@ for dt in (torch.bfloat16, torch.float32):
         yt = tc.thin_conv(xt.requires_grad_(), wt, bt, stride, pad, "relu")
         grads = torch.autograd.grad(yt.float().square().sum(), (xt, wt, bt))
         assert torch.isfinite(yt).all() and all(torch.isfinite(g).all() for g in grads)
+# the index-free max pool: odd height and width (a row and column in no window), two channel tiles, a partial
+# pixel tile, forward and backward in bf16 and fp32
+from dmfn_fast.ops import max_pool as mp  # noqa: E402
+
+for dt in (torch.bfloat16, torch.float32):
+    xp = torch.randn(2, 80, 13, 11, device="cuda", dtype=dt).contiguous(memory_format=torch.channels_last)
+    yp = mp.max_pool2x2(xp.requires_grad_())
+    (dxp,) = torch.autograd.grad(yp.float().sum(), xp)
+    assert torch.isfinite(yp).all() and torch.isfinite(dxp).all()
 # the training step as a CUDA graph (train.py --cuda-graphs): a tiny model at 64 px, 1 eager step, the capture,
 # then replays with moving crop boxes, bf16. The generator's reference path: the fused kernels were checked
 # above, and their autotuning at new shapes would take minutes under memcheck; the loss's extension runs

@@ -131,6 +131,16 @@ def main(out):
         out_["dmfb_fwd_bwd_vs_eager"] = ratio(ms(blk, "DMFB reference", field), ms(blk, "DMFB fused", field))
         out_["dmfb_fwd_bwd_vs_compile"] = ratio(ms(blk, "DMFB torch.compile(reference)", field),
                                                 ms(blk, "DMFB fused", field))
+        # the opt-in kernels against what they replace (gpu_adopt.py decides from the same rows)
+        thin = "G input conv bfloat16"
+        for label, key in (("fwd, batch 64", "fwd_b64"), ("fwd+bwd, batch 16", "fwd_bwd_b16")):
+            out_[f"g_input_conv_{key}_thin_kernel_vs_cudnn"] = ratio(ms(thin, f"{label}: cuDNN, bias, ReLU", field),
+                                                                     ms(thin, f"{label}: thin conv kernel", field))
+        out_["max_pool_fwd_bwd_kernels_vs_aten"] = ratio(ms("max pool 2x2 fwd+bwd bfloat16", "ATen max_pool2d", field),
+                                                         ms("max pool 2x2 fwd+bwd bfloat16", "max-pool kernels", field))
+        vgg = "VGG19 fwd+bwd bfloat16"
+        out_["vgg_fwd_bwd_max_pool_kernels_vs_plain"] = ratio(ms(vgg, "ATen bias add, ReLU", field),
+                                                              ms(vgg, "max-pool kernels", field))
 
     def e(case, variant, field="ms"):
         hits = [r.get(field) for r in e2e if r.get("case", "").startswith(case) and r.get("variant") == variant]

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch.profiler import record_function
 
 from .ops._impl import recompute
-from .ops import bias_act
+from .ops import bias_act, max_pool
 from .ops.centroid_align import centroid_align_loss
 from .recipes import check_recipe
 from .vgg import CHANNELS, VGG19Features
@@ -122,9 +122,11 @@ class DMFNLoss(nn.Module):
             # impl auto/fast: the VGG's inner activations are recomputed in backward (VGG19Features.forward);
             # compiled, Inductor picks its own recomputes (as in the generator)
             lean = recompute(self.impl) and isinstance(self.vgg, VGG19Features) and not torch.compiler.is_compiling()
-            # each convolution's bias and ReLU in one kernel where it runs (ops.bias_act.use_fast)
-            fused = isinstance(self.vgg, VGG19Features) and bias_act.use_fast(out, self.impl)
-            kw = dict(fused=True) if fused else {}
+            # each convolution's bias and ReLU in one kernel where it runs (ops.bias_act.use_fast), and the pools
+            # without indices (ops.max_pool.use_fast)
+            ours = isinstance(self.vgg, VGG19Features)
+            kw = {k: True for k, on in (("fused", ours and bias_act.use_fast(out, self.impl)),
+                                        ("pool", ours and max_pool.use_fast(out, self.impl))) if on}
             fo = self.vgg(out, recompute=True, **kw) if lean else self.vgg(out, **kw)
             with torch.no_grad():
                 ft = self.vgg(tgt, **kw)

@@ -10,6 +10,7 @@ import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
 from .ops._impl import has_hooks
+from .ops import max_pool
 from .ops.bias_act import conv_bias_act
 from .recipes import check_recipe
 
@@ -54,13 +55,17 @@ def _load_weights(weights):
         raise RuntimeError(f"Could not get VGG19 weights ({type(e).__name__}: {e}). {HOW_TO}") from None
 
 
-def _run_fused(stage, x):
-    """stage (a slice of `features`) on x, each Conv2d + ReLU pair as one conv_bias_act."""
+def _run_fused(stage, x, convs=True, pools=False):
+    """stage (a slice of `features`) on x; convs: each Conv2d + ReLU pair as one conv_bias_act; pools: each 2x2
+    max pool by ops.max_pool (no indices)."""
     layers, i = list(stage), 0
     while i < len(layers):
-        if isinstance(layers[i], nn.Conv2d) and i + 1 < len(layers) and isinstance(layers[i + 1], nn.ReLU):
+        if convs and isinstance(layers[i], nn.Conv2d) and i + 1 < len(layers) and isinstance(layers[i + 1], nn.ReLU):
             x = conv_bias_act(layers[i], x, "relu")
             i += 2
+        elif pools and max_pool.fits(layers[i]):
+            x = max_pool.max_pool2x2(x)
+            i += 1
         else:
             x = layers[i](x)
             i += 1
@@ -100,7 +105,7 @@ class VGG19Features(nn.Module):
     def train(self, mode=True):
         return super().train(False)  # always frozen
 
-    def forward(self, x, recompute=False, fused=False):
+    def forward(self, x, recompute=False, fused=False, pool=False):
         """The five feature maps. recompute=True (training with the fast path): each stage after the first
         keeps only its input for backward and reruns its layers there, so the layers between the returned
         maps (relu1_2, the pools and their int64 indices, relu3_2 ...) are not held from the forward to the
@@ -109,15 +114,18 @@ class VGG19Features(nn.Module):
         fused=True: each convolution's bias and ReLU in one pass (ops.bias_act.conv_bias_act; the caller
         decides where it runs, as DMFNLoss does with use_fast; not where a layer has hooks, which
         it would skip): on a channels-last input, the plain layers' values and gradients to the bit (the
-        kernel's output is channels-last, so an NCHW input costs one conversion)."""
+        kernel's output is channels-last, so an NCHW input costs one conversion).
+        pool=True: the four 2x2 max pools by ops.max_pool, which keeps no indices (ATen's values and gradients to
+        the bit; the caller decides where it runs, as DMFNLoss does with max_pool.use_fast)."""
         x = (x - self.shift.to(x.dtype)) / self.scale.to(x.dtype)
         out, start = [], 0
         recompute = recompute and torch.is_grad_enabled() and x.requires_grad
-        fused = fused and not any(has_hooks(m) for m in self.features.modules())
+        hooked = any(has_hooks(m) for m in self.features.modules())
+        fused, pool = fused and not hooked, pool and not hooked
         for end in LAYERS:
             stage = self.features[start:end + 1]
-            if fused:
-                stage = functools.partial(_run_fused, stage)
+            if fused or pool:
+                stage = functools.partial(_run_fused, stage, convs=fused, pools=pool)
             if recompute and start > 0:
                 x = checkpoint(stage, x, use_reentrant=False, preserve_rng_state=False)
             else:

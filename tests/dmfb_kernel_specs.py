@@ -118,8 +118,24 @@ def thin_conv_specs(dtype="bf16"):
     return out
 
 
+def max_pool_specs(dtype="bf16"):
+    """The index-free 2x2 max pool (ops/max_pool.py), forward and backward."""
+    from dmfn_fast.kernels import max_pool as kmp
+
+    act = "*" + dtype
+    ints = dict(P="i32", H="i32", W="i32", OH="i32", OW="i32", C="i32")
+    out = []
+    for name, fn, ptrs in (("max_pool2x2_fwd", kmp.max_pool2x2_fwd, ("x_ptr", "y_ptr")),
+                           ("max_pool2x2_bwd", kmp.max_pool2x2_bwd, ("x_ptr", "dy_ptr", "dx_ptr"))):
+        cx = dict(BLOCK_P=kmp.BLOCK_P[name[-3:]], BLOCK_C=kmp.BLOCK_C)
+        sig = dict({p: act for p in ptrs}, **ints, **{k: "constexpr" for k in cx})
+        out.append((name, fn, sig, cx, dict(num_warps=kmp.NUM_WARPS), ptrs + ("C",)))
+    return out
+
+
 def compile_specs(dtype="bf16"):
     """Every DMFB kernel's specs for `dtype`. "tf32" only changes the kernels with dots (the branches', the thin
     convolution's)."""
     dots = branches_specs(dtype) + thin_conv_specs(dtype)
-    return dots + ([] if dtype == "tf32" else instance_norm_specs(dtype) + bias_act_specs(dtype))
+    return dots + ([] if dtype == "tf32" else instance_norm_specs(dtype) + bias_act_specs(dtype)
+                   + max_pool_specs(dtype))

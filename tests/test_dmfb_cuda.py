@@ -361,26 +361,47 @@ def test_bias_act_parity(dtype, act):
         assert _err(a, r) <= TOL[dtype]
 
 
-def test_vgg_fused_matches_plain_layers():
-    """The VGG's sixteen convolutions with their bias and ReLU in the kernel, as training runs them (bf16
-    autocast, channels-last, stages recomputed): the features and the input gradient equal to the plain
-    layers' to the bit (the same convolutions, the same single rounding of each sum)."""
+@pytest.mark.parametrize("kernels", [dict(fused=True), dict(pool=True), dict(fused=True, pool=True)])
+def test_vgg_fused_matches_plain_layers(kernels):
+    """The VGG's sixteen convolutions with their bias and ReLU in the kernel, its four pools by the index-free
+    max-pool kernels, and both, as training runs them (bf16 autocast, channels-last, stages recomputed): the
+    features and the input gradient equal to the plain layers' to the bit (the same convolutions, the same
+    single rounding of each sum, the same maxima and the same element of each window taking its gradient)."""
     from dmfn_fast.vgg import VGG19Features
 
     torch.manual_seed(0)
     vgg = VGG19Features("random").cuda().to(memory_format=torch.channels_last)
     x = (torch.rand(2, 3, 128, 128, device="cuda") * 2 - 1).contiguous(memory_format=torch.channels_last)
     outs = []
-    for fused in (True, False):
+    for kw in (kernels, {}):
         xs = _leaf(x)
         # deterministic cuDNN: the same algorithms both times, so any difference is the kernel's
         with torch.backends.cudnn.flags(enabled=True, benchmark=False, deterministic=True, allow_tf32=False):
             with torch.autocast("cuda", dtype=torch.bfloat16):
-                feats = vgg(xs, recompute=True, fused=fused)
+                feats = vgg(xs, recompute=True, **kw)
             outs.append((feats, torch.autograd.grad([f.float().sum() for f in feats], xs)[0]))
     (fa, da), (fb, db) = outs
     assert all(torch.equal(a, b) for a, b in zip(fa, fb))
     assert torch.equal(da, db)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(16, 64, 256, 256), (16, 512, 32, 32), (3, 40, 37, 29)])  # the VGG's first
+def test_max_pool_matches_aten(dtype, shape):
+    """The index-free 2x2 max pool against ATen's max_pool2d on CUDA: values and input gradient equal to the
+    bit, with ties (small integers), NaNs and -inf in the windows, an odd last row and column (3x40x37x29)."""
+    from dmfn_fast.ops import max_pool as mp
+
+    torch.manual_seed(0)
+    x = torch.randint(-4, 4, shape, device="cuda").to(dtype)
+    x.view(-1)[::97] = float("nan")
+    x.view(-1)[5::89] = float("-inf")
+    x = x.contiguous(memory_format=torch.channels_last)
+    xs, xr = _leaf(x), _leaf(x)
+    y, y_ref = mp.max_pool2x2(xs), mp.max_pool2x2_reference(xr)
+    g = torch.randn_like(y_ref)
+    assert torch.equal(y.isnan(), y_ref.isnan()) and torch.equal(y.nan_to_num(7.0), y_ref.nan_to_num(7.0))
+    assert torch.equal(torch.autograd.grad(y, xs, g)[0], torch.autograd.grad(y_ref, xr, g)[0])
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -420,12 +441,14 @@ def test_generator_thin_conv_in_training():
                    (torch.rand(2, 1, 64, 64, device="cuda") > 0.5).float()], 1)
     g = torch.randn(2, 3, 64, 64, device="cuda")
     calls = []
-    real_forward = tc._forward
+    real_forward, real_function = tc._forward, tc._ThinConvEager.apply
 
     def run(thin, autocast):
         G.zero_grad()
         with pytest.MonkeyPatch.context() as mp:
-            mp.setattr(tc, "_forward", lambda *a: calls.append(thin) or real_forward(*a))
+            mp.setenv("DMFN_RECOMPUTE", "1")  # the checkpointed region (read per call)
+            mp.setattr(tc, "_forward", lambda *a: calls.append("kernel") or real_forward(*a))
+            mp.setattr(tc._ThinConvEager, "apply", lambda *a: calls.append("function") or real_function(*a))
             if not thin:
                 mp.setattr(tc, "use_fast", lambda *a, **k: False)
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
@@ -438,7 +461,9 @@ def test_generator_thin_conv_in_training():
 
     exact = run(False, False)
     thin, plain = run(True, True), run(False, True)
-    assert calls == [True] * 3, calls  # the training forward, its recompute in backward, the inference forward
+    # the training forward and its recompute in backward through the eager Function (not the traced op), and
+    # the inference forward
+    assert sorted(calls) == ["function"] * 2 + ["kernel"] * 3, calls
     for i, (f, r, e) in enumerate(zip(thin, plain, exact)):
         l2 = lambda a: ((a - e).norm() / e.norm()).item()  # noqa: E731
         assert l2(f) <= 2 * l2(r) + 1e-2, (i, l2(f), l2(r))

@@ -93,6 +93,10 @@ for _dt in ("fp32", "fp16"):
     for _n in (1, 3):
         CASES[f"thin-conv-{_dt}-N{_n}"] = ("thin_conv", dict(dtype=_dt, N=_n))
 CASES["thin-conv-generator"] = ("generator_thin", dict(N=2, H=16, W=12))
+# The index-free max pool (ops/max_pool.py); in the VGG: the bias-act case above (bias-act-vgg-fused-32px).
+for _dt in ("fp32", "fp16"):
+    for _n in (1, 3):
+        CASES[f"max-pool-{_dt}-N{_n}"] = ("max_pool", dict(dtype=_dt, N=_n))
 
 
 # ----------------------------------------------------------------------------- checks (child process)
@@ -595,10 +599,40 @@ def check_bias_act(dtype, N, H, W, C):
     return out
 
 
+def check_max_pool(dtype, N):
+    """max_pool2x2 against F.max_pool2d: values and input gradient equal to the bit (NaN where ATen has NaN),
+    with ties (small integers), NaNs and -inf in the windows (ATen's pick: the first greater, a later NaN),
+    odd heights and widths (the last row or column in no window: gradient 0), two channel tiles (C=80), a
+    partial pixel tile; an input under 2 rows refused as ATen refuses it."""
+    from dmfn_fast.ops import max_pool as mp
+
+    dt = DTYPES[dtype]
+    out = []
+    for C, H, W in ((80, 13, 11), (16, 8, 6), (3, 7, 2)):
+        x = torch.randint(-3, 3, (N, C, H, W)).to(dt)
+        x.view(-1)[::17] = float("nan")
+        x.view(-1)[5::23] = float("-inf")
+        x = x.contiguous(memory_format=torch.channels_last)
+        xs, xr = _leaf(x), _leaf(x)
+        y, y_ref = mp.max_pool2x2(xs), mp.max_pool2x2_reference(xr)
+        assert y.is_contiguous(memory_format=torch.channels_last)
+        assert torch.equal(y.isnan(), y_ref.isnan()) and torch.equal(y.nan_to_num(7.0), y_ref.nan_to_num(7.0))
+        g = torch.randn_like(y_ref)
+        dx, dx_ref = torch.autograd.grad(y, xs, g)[0], torch.autograd.grad(y_ref, xr, g)[0]
+        assert torch.equal(dx, dx_ref), f"{C}x{H}x{W}: the input gradient differs"
+        out.append((f"{C}x{H}x{W} dx", _err(dx, dx_ref)))
+    try:
+        mp.max_pool2x2(torch.randn(N, 4, 1, 5))
+        raise AssertionError("a one-row input was accepted")
+    except ValueError:
+        pass
+    return out
+
+
 def check_vgg_fused(N, H, W):
-    """The VGG with each convolution's bias and ReLU in the kernel, against its plain layers on the same
-    channels-last input (as training feeds it): the five features and the input gradient equal to the bit
-    in fp32, with and without the stages recomputed. (Against an NCHW input the features differ by the
+    """The VGG with each convolution's bias and ReLU in the kernel, with its pools by the max-pool kernels, and
+    with both, against its plain layers on the same channels-last input (as training feeds it): the five
+    features and the input gradient equal to the bit in fp32, with and without the stages recomputed. (Against an NCHW input the features differ by the
     convolutions' rounding, and a max-pool near-tie can then send a gradient elsewhere: not comparable.)"""
     from dmfn_fast.vgg import VGG19Features
 
@@ -611,21 +645,23 @@ def check_vgg_fused(N, H, W):
     g = [torch.randn(N, c, H >> k, W >> k) for k, c in enumerate((64, 128, 256, 512, 512))]
     out = []
     for recompute in (False, True):
-        xs, xr = _leaf(x), _leaf(x)
-        fs, fr = vgg(xs, recompute=recompute, fused=True), vgg(xr, recompute=recompute)
-        for k, (a, r) in enumerate(zip(fs, fr)):
-            assert torch.equal(a, r), f"recompute={recompute} relu{k + 1}_1 differs"
-            out.append((f"recompute={recompute} relu{k + 1}_1", _err(a, r)))
-        dxs = torch.autograd.grad(fs, xs, g)[0]
-        dxr = torch.autograd.grad(fr, xr, g)[0]
-        assert torch.equal(dxs, dxr), f"recompute={recompute}: the input gradient differs"
-        out.append((f"recompute={recompute} dx", _err(dxs, dxr)))
+        for kernels in (dict(fused=True), dict(pool=True), dict(fused=True, pool=True)):
+            tag = f"recompute={recompute} {'+'.join(kernels)}"
+            xs, xr = _leaf(x), _leaf(x)
+            fs, fr = vgg(xs, recompute=recompute, **kernels), vgg(xr, recompute=recompute)
+            for k, (a, r) in enumerate(zip(fs, fr)):
+                assert torch.equal(a, r), f"{tag} relu{k + 1}_1 differs"
+                out.append((f"{tag} relu{k + 1}_1", _err(a, r)))
+            dxs = torch.autograd.grad(fs, xs, g)[0]
+            dxr = torch.autograd.grad(fr, xr, g)[0]
+            assert torch.equal(dxs, dxr), f"{tag}: the input gradient differs"
+            out.append((f"{tag} dx", _err(dxs, dxr)))
     # a layer with hooks of any kind keeps the plain layers, so its hooks run
     fired = []
     handles = [vgg.features[0].register_full_backward_pre_hook(lambda m, go: fired.append("conv backward pre")),
                vgg.features[1].register_full_backward_hook(lambda m, gi, go: fired.append("relu backward")),
                vgg.features[1].register_forward_hook(lambda m, i, o: fired.append("relu forward"))]
-    vgg(_leaf(x), fused=True)[0].sum().backward()
+    vgg(_leaf(x), fused=True, pool=True)[0].sum().backward()
     for h in handles:
         h.remove()
     assert sorted(fired) == ["conv backward pre", "relu backward", "relu forward"], fired
@@ -672,8 +708,22 @@ THIN_SHAPES = ((4, 13, 11, 64, 5, 1, 2), (2, 13, 11, 64, 5, 2, 2), (8, 9, 7, 24,
 def check_thin_conv(dtype, N):
     """thin_conv against thin_conv_reference, forward and the gradients of x, w and b, for each activation
     and shape (THIN_SHAPES with this N), the last one without a bias. The weight gradient sums over several
-    programs' runs of pixel tiles (3 programs of 16-pixel tiles under the interpreter), some idle."""
+    programs' runs of pixel tiles (3 programs of 16-pixel tiles under the interpreter), some idle. (The input
+    gradient is ATen's activation backward and convolution dgrad: it checks their wiring, in fp32 to the
+    bit.) Under a dispatch mode that is not a selective checkpoint's, the call goes through the op, which
+    the mode sees."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
     from dmfn_fast.ops import thin_conv as tc
+
+    class Seen(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            seen.append(str(func))
+            return func(*args, **(kwargs or {}))
+    seen = []
+    with Seen():
+        tc.thin_conv(torch.randn(N, 4, 9, 7).to(DTYPES[dtype]), torch.randn(8, 4, 3, 3).to(DTYPES[dtype]))
+    assert any("thin_conv" in f for f in seen), seen
 
     dt = DTYPES[dtype]
     out = []
@@ -716,6 +766,7 @@ def check_generator_thin(N, H, W):
     real_fn, real_fwd = tc._ThinConvEager.apply, tc._forward
     tc._ThinConvEager.apply = lambda *a: calls.append("function") or real_fn(*a)
     tc._forward = lambda *a: calls.append("kernel") or real_fwd(*a)
+    os.environ["DMFN_RECOMPUTE"] = "1"  # the checkpointed region (read per call); a child process of its own
     try:
         with torch.no_grad():
             y = G(x)
@@ -759,6 +810,7 @@ def check_opcheck(N, H, W, C, device="cpu"):
     xt = torch.randn(N, 4, H, W, device=device).contiguous(memory_format=cl).requires_grad_()
     wt = (torch.randn(C, 4, 5, 5, device=device) / 10).requires_grad_()
     yt = ops.thin_conv(xt.detach(), wt.detach(), None, 1, 2, 1, 0.2)
+    yp = ops.max_pool2x2(x.detach())
     cases = [
         ("dmfb_branches", ops.dmfb_branches.default, (h, w, b, dil)),
         ("dmfb_branches_in_relu", ops.dmfb_branches_in_relu.default, (h, w, b, dil)),
@@ -775,6 +827,8 @@ def check_opcheck(N, H, W, C, device="cpu"):
         ("thin_conv lrelu no bias stride 2", ops.thin_conv.default, (xt, wt, None, 2, 2, 2, 0.2)),
         ("thin_conv_wgrad", ops.thin_conv_wgrad.default, (xt.detach(), yt, torch.randn_like(yt), wt.detach(), 1, 2,
                                                           1, 0.2)),
+        ("max_pool2x2", ops.max_pool2x2.default, (x,)),
+        ("max_pool2x2_backward", ops.max_pool2x2_backward.default, (x.detach(), torch.randn_like(yp))),
     ]
     missed = set(dmfb.DEFINED) - {name.split()[0] for name, _, _ in cases}
     assert not missed, f"ops with no opcheck case: {missed}"
@@ -1361,6 +1415,7 @@ def test_traced_sums_are_separate_allocations():
         assert all(t.shape == (2, 5) and t.storage_offset() == 0 for t in traced)
 
 
+@_NEEDS_TRITON
 def test_thin_conv_takes_only_what_it_computes():
     """thin_conv refuses shapes its kernel does not compute (a 3-channel input: scalar gathers that spilled;
     more taps x channels than one dot holds; more than 128 outputs), and fits() picks the generator's input

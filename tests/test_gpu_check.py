@@ -94,6 +94,10 @@ def test_adopt_takes_an_opt_in_kernel_only_where_the_breakdown_measured_it_faste
                                           dict(group=vgg, name="ATen bias add, ReLU", gpu_ms=plain)]) if on}
     assert vgg_adopted(9.0, 10.0) == {"DMFN_BIAS_ACT"}
     assert vgg_adopted(9.8, 10.0) == set()
+    # the max-pool kernels against the same plain row
+    pools = {s for s, on, _ in decide([dict(group=vgg, name="max-pool kernels", gpu_ms=9.0),
+                                        dict(group=vgg, name="ATen bias add, ReLU", gpu_ms=10.0)]) if on}
+    assert pools == {"DMFN_MAX_POOL"}
     # less GPU time but slower per call (host-bound: s10's H200 VGG rows) is not adopted; per call within 3% is
     rows_s10 = [dict(group=vgg, name="bias+ReLU kernel", gpu_ms=6.13, ms=10.84),
                 dict(group=vgg, name="ATen bias add, ReLU", gpu_ms=7.53, ms=8.08)]
@@ -113,6 +117,33 @@ def test_adopt_takes_an_opt_in_kernel_only_where_the_breakdown_measured_it_faste
     assert thin_adopted(0.3, 0.4) == {"DMFN_THIN_CONV"}
     assert thin_adopted(1.3, 0.99) == set()  # 0.4% faster in sum: within the noise
     assert thin_adopted(0.3, None) == set()  # a row missing (its kernel failed)
+
+
+def test_summary_ratios_of_the_opt_in_kernels(tmp_path):
+    """The summary's ratios for the thin-input convolution and the max-pool kernels, from their breakdown rows
+    (per call and GPU time); a missing row gives None."""
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    import gpu_summary
+
+    thin, vgg = "G input conv bfloat16", "VGG19 fwd+bwd bfloat16 [16, 3, 256, 256]"
+    rows = [dict(group=thin, name="fwd, batch 64: cuDNN, bias, ReLU", ms=2.0, gpu_ms=1.9),
+            dict(group=thin, name="fwd, batch 64: thin conv kernel", ms=0.5, gpu_ms=0.25),
+            dict(group=thin, name="fwd+bwd, batch 16: cuDNN, bias, ReLU", ms=1.0, gpu_ms=0.9),
+            dict(group=vgg, name="ATen bias add, ReLU", ms=8.0, gpu_ms=7.5),
+            dict(group=vgg, name="max-pool kernels", ms=8.0, gpu_ms=7.0),
+            dict(group="max pool 2x2 fwd+bwd bfloat16 [16, 64, 256, 256]", name="ATen max_pool2d", ms=0.4, gpu_ms=0.3),
+            dict(group="max pool 2x2 fwd+bwd bfloat16 [16, 64, 256, 256]", name="max-pool kernels", ms=0.2,
+                 gpu_ms=0.15)]
+    (tmp_path / "breakdown.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    gpu_summary.main(str(tmp_path))
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    ratios, gpu = summary["ratios"], summary["ratios_gpu_time"]
+    assert ratios["g_input_conv_fwd_b64_thin_kernel_vs_cudnn"] == 4.0
+    assert gpu["g_input_conv_fwd_b64_thin_kernel_vs_cudnn"] == 7.6
+    assert ratios["g_input_conv_fwd_bwd_b16_thin_kernel_vs_cudnn"] is None  # the kernel's row is missing
+    assert ratios["max_pool_fwd_bwd_kernels_vs_aten"] == 2.0 and gpu["max_pool_fwd_bwd_kernels_vs_aten"] == 2.0
+    assert ratios["vgg_fwd_bwd_max_pool_kernels_vs_plain"] == 1.0
+    assert gpu["vgg_fwd_bwd_max_pool_kernels_vs_plain"] == round(7.5 / 7.0, 3)
 
 
 def test_centroid_input_read_share(tmp_path):

@@ -159,9 +159,9 @@ def test_combined_loss_terms_weights_and_gradient_flow():
 
 def test_impl_fast_runs_where_the_vgg_kernel_cannot(monkeypatch):
     """DMFNLoss(impl="fast") asks the fast path of the centroid op (which runs on CPUs) and of the VGG's
-    bias + ReLU kernel (which needs CUDA and Triton): on a CPU the VGG keeps its plain layers, without an
-    error, and the terms are the reference's."""
-    from dmfn_fast.ops import bias_act, centroid_align
+    bias + ReLU and max-pool kernels (which need CUDA and Triton): on a CPU the VGG keeps its plain layers,
+    without an error, and the terms are the reference's."""
+    from dmfn_fast.ops import bias_act, centroid_align, max_pool
 
     if not centroid_align.extension_available():
         pytest.skip("the centroid extension is not built: impl='fast' has nothing to run here")
@@ -170,6 +170,7 @@ def test_impl_fast_runs_where_the_vgg_kernel_cannot(monkeypatch):
     out, tgt = torch.rand(2, 3, 32, 32) * 2 - 1, torch.rand(2, 3, 32, 32) * 2 - 1
     calls = []
     monkeypatch.setattr(bias_act, "bias_act", lambda *a, **k: calls.append(1))
+    monkeypatch.setattr(max_pool, "max_pool2x2", lambda *a, **k: calls.append(2))
     _, fast = losses.DMFNLoss(vgg, impl="fast")(out, tgt)
     _, ref = losses.DMFNLoss(vgg, impl="reference")(out, tgt)
     assert not calls

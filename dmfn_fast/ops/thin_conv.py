@@ -19,7 +19,9 @@ from typing import Optional, Tuple
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch._subclasses.fake_tensor import is_fake
+from torch.utils._python_dispatch import _get_current_dispatch_mode_stack
 
 from . import _impl
 from . import dmfb as _d
@@ -110,9 +112,9 @@ def _wgrad(x, y, dy, w, stride, padding, act, slope, launch):
         programs = _programs(x.device.index if x.device.index is not None else torch.cuda.current_device())
     launch(kern, x)[(programs,)](x, y, dy, dw32, db32, M, H, W, OH, OW, O, float(slope), programs, ACT=act, **cx,
                                  **_flags(x.dtype), **tiles)
-    # rows k = (ky * KW + kx) * C + c -> [O, C, KH, KW]
-    dw = dw32[:KH * KW * C].view(KH, KW, C, O).permute(3, 2, 0, 1)
-    return dw.contiguous().to(w.dtype), db32.to(w.dtype, copy=True)
+    # rows k = (ky * KW + kx) * C + c -> [O, C, KH, KW], in w's dtype and strides (no copy when accumulated)
+    dw = torch.empty_like(w).copy_(dw32[:KH * KW * C].view(KH, KW, C, O).permute(3, 2, 0, 1))
+    return dw, db32.to(w.dtype, copy=True)
 
 
 def _act_backward(dy, y, act, slope):
@@ -190,24 +192,40 @@ class _ThinConvEager(torch.autograd.Function):
         return _grads(ctx.needs_input_grad, dy, x, w, y, ctx.has_bias, ctx.spec, wgrad) + (None,) * 4
 
 
+# a selective checkpoint's modes record and replay ATen ops and leave a direct launch alone; any other mode (a
+# trace such as make_fx, a FLOP counter, ...) must see the op
+_CHECKPOINT_MODES = tuple(getattr(torch.utils.checkpoint, n) for n in ("_CachingTorchDispatchMode",
+                                                                      "_CachedTorchDispatchMode")
+                          if hasattr(torch.utils.checkpoint, n))
+
+
 def _real(tensors) -> bool:
-    """Real tensors, not being traced (fake, functional or compiled): the eager path may launch directly."""
-    return not torch.compiler.is_compiling() and all(
-        type(t) in (torch.Tensor, nn.Parameter) and not is_fake(t) for t in tensors if t is not None)
+    """Real tensors, not compiled, and no dispatch mode active but a selective checkpoint's: the eager path
+    may launch directly."""
+    if torch.compiler.is_compiling():
+        return False
+    if any(not isinstance(m, _CHECKPOINT_MODES) for m in _get_current_dispatch_mode_stack()):
+        return False
+    return all(type(t) in (torch.Tensor, nn.Parameter) and not is_fake(t) for t in tensors if t is not None)
 
 
 def thin_conv(x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor] = None, stride: int = 1,
               padding: int = 0, act: str = "relu", slope: float = 0.2) -> torch.Tensor:
     """act(conv2d(x, w, b, stride, padding)) by the Triton kernels, channels-last out. Under autocast the
-    operands are cast as autocast casts a convolution's; w and b are then taken in x's dtype. For inputs
-    fast_why_not accepts: x [N, C, H, W] with C in CHANNELS, w [O, C, KH, KW] with O <= MAX_OUT and
-    KH * KW * C <= MAX_K (a ValueError otherwise)."""
+    operands are cast as autocast casts a convolution's; w and b are then taken in x's dtype. Takes x [N, C,
+    H, W] with C in CHANNELS and w [O, C, KH, KW] with O <= MAX_OUT and KH * KW * C <= MAX_K (a ValueError
+    otherwise), where the kernels can run (fast_why_not; a RuntimeError saying why not)."""
+    if not available():
+        raise RuntimeError(f"thin_conv needs Triton and its kernel: {_d.triton_unavailable_reason()}")
     if act not in ACTS:
         raise ValueError(f"act must be one of {ACTS}, got {act!r}")
     if x.dim() != 4 or w.dim() != 4 or x.shape[1] != w.shape[1] or x.shape[1] not in CHANNELS \
             or w.shape[0] > MAX_OUT or w.shape[2] * w.shape[3] * w.shape[1] > MAX_K:
         raise ValueError(f"thin_conv takes x [N, C, H, W] with C in {CHANNELS} and w [O, C, KH, KW] with O <= "
                          f"{MAX_OUT} and KH * KW * C <= {MAX_K}; got x {tuple(x.shape)}, w {tuple(w.shape)}")
+    why = fast_why_not(x)
+    if why:
+        raise RuntimeError(f"thin_conv cannot run: {why}")
     x, w, b = _d._autocast_operands(x.device.type, x, w, b)
     x = _d._cl(x)
     w = w.to(x.dtype)
