@@ -23,6 +23,42 @@ def cuda_or_skip():
         pytest.skip("needs a CUDA GPU: fused kernels run only there")
 
 
+def skip_unless_runs(impl, dtype):
+    """Skip a case that cannot run here: impl "fast" needs CUDA and Triton; half precision is timed on CUDA only
+    (a CPU run in fp32 proves the harness)."""
+    if impl == "fast":
+        cuda_or_skip()
+        from dmfn_fast.ops.dmfb import triton_unavailable_reason
+
+        if triton_unavailable_reason():
+            pytest.skip(triton_unavailable_reason())
+    if not torch.cuda.is_available() and dtype != "fp32":
+        pytest.skip("half precision is timed only on CUDA")
+
+
+def time_case(benchmark, fn, group, label, **info):
+    """fn timed by pytest-benchmark (synchronized), after one warm-up call (compiles, autotuning, cuDNN's
+    algorithm search); on CUDA also the CUDA-timed median (triton.testing.do_bench) in extra_info, printed
+    under `label`. info: extra_info (impl, dtype, ...)."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+
+    def run():
+        out = fn()
+        sync(device)
+        return out
+
+    run()
+    benchmark.group = group
+    benchmark.extra_info.update(info)
+    if device == "cuda":
+        import triton.testing
+
+        ms = triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+        benchmark.extra_info.update(cuda_median_ms=ms)
+        print(f"[{label} bench] {group} {info.get('impl', '')}: {ms:.3f} ms (CUDA median)")
+    benchmark(run)
+
+
 @pytest.fixture(autouse=True)
 def _fresh_compile():
     """Each benchmark compiles its own new modules: the graphs of those before would only count against

@@ -401,7 +401,7 @@ from dmfn_fast.ops import max_pool as mpool  # noqa: E402
 
 x_pool = cl(torch.randn(VGG_SHAPE[0], 64, VGG_SHAPE[2], VGG_SHAPE[3], device=DEV, dtype=VGG_DT)).requires_grad_()
 g_pool = cl(torch.randn_like(mpool.max_pool2x2_reference(x_pool.detach())))
-pool_bytes = x_pool.numel() * x_pool.element_size() * 2.5  # forward: read x, write y; backward: read x, dy, write dx
+pool_bytes = x_pool.numel() * x_pool.element_size() * 3.5  # fwd: read x, write y; bwd: read x and dy, write dx
 for pool_name, pool_fn in (("ATen max_pool2d", mpool.max_pool2x2_reference), ("max-pool kernels", mpool.max_pool2x2)):
     record(f"max pool 2x2 fwd+bwd {str(VGG_DT).split('.')[-1]} {list(x_pool.shape)}", pool_name,
            lambda fn=pool_fn: torch.autograd.grad(fn(x_pool), x_pool, g_pool), 0, pool_bytes)

@@ -6,7 +6,7 @@ run in fp32 at tiny sizes."""
 import pytest
 import torch
 
-from conftest import QUICK, cuda_or_skip, sync
+from conftest import QUICK, skip_unless_runs, time_case
 from dmfn_fast.ops import bias_act as ba
 from dmfn_fast.vgg import VGG19Features
 
@@ -36,29 +36,8 @@ def _case(what, impl, dtype):
 @pytest.mark.parametrize("dtype", list(DTYPES))
 @pytest.mark.parametrize("what", ["bias+relu", "vgg fwd+bwd"])
 def test_bench_bias_act(benchmark, what, dtype, impl):
-    if impl == "fast":
-        cuda_or_skip()
-        why = ba._d.triton_unavailable_reason()
-        if why:
-            pytest.skip(why)
-    if not CUDA and dtype != "fp32":
-        pytest.skip("half precision is timed only on CUDA")
+    skip_unless_runs(impl, dtype)
     torch.backends.cudnn.benchmark = True
-    fn = _case(what, impl, DTYPES[dtype])
-
-    def run():
-        out = fn()
-        sync(DEVICE)
-        return out
-
-    run()  # warm-up: the kernel's compile, cuDNN's algorithm search
     shape = ACT_SHAPE if what == "bias+relu" else VGG_SHAPE
-    benchmark.group = f"{what} {list(shape)} {dtype}"
-    benchmark.extra_info.update(what=what, impl=impl, dtype=dtype)
-    if CUDA:
-        import triton.testing
-
-        ms = triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
-        benchmark.extra_info.update(cuda_median_ms=ms)
-        print(f"[bias_act bench] {benchmark.group} {impl}: {ms:.3f} ms (CUDA median)")
-    benchmark(run)
+    time_case(benchmark, _case(what, impl, DTYPES[dtype]), f"{what} {list(shape)} {dtype}", "bias_act", what=what,
+              impl=impl, dtype=dtype)

@@ -5,7 +5,7 @@ prints it; without CUDA the kernel cases skip and ATen's run in fp32 at a tiny s
 import pytest
 import torch
 
-from conftest import QUICK, cuda_or_skip, sync
+from conftest import QUICK, skip_unless_runs, time_case
 from dmfn_fast.ops import max_pool as mp
 
 CUDA = torch.cuda.is_available()
@@ -17,34 +17,11 @@ SHAPE = (1, 64, 16, 16) if QUICK else (16, 64, 256, 256)
 @pytest.mark.parametrize("impl", ["reference", "fast"])
 @pytest.mark.parametrize("dtype", list(DTYPES))
 def test_bench_max_pool(benchmark, dtype, impl):
-    if impl == "fast":
-        cuda_or_skip()
-        why = mp._d.triton_unavailable_reason()
-        if why:
-            pytest.skip(why)
-    if not CUDA and dtype != "fp32":
-        pytest.skip("half precision is timed only on CUDA")
+    skip_unless_runs(impl, dtype)
     torch.manual_seed(0)
     x = torch.randn(SHAPE, device=DEVICE, dtype=DTYPES[dtype]).contiguous(memory_format=torch.channels_last)
     x.requires_grad_()
     pool = mp.max_pool2x2 if impl == "fast" else mp.max_pool2x2_reference
     g = torch.randn_like(mp.max_pool2x2_reference(x.detach()))
-
-    def fn():
-        return torch.autograd.grad(pool(x), x, g)
-
-    def run():
-        out = fn()
-        sync(DEVICE)
-        return out
-
-    run()  # warm-up: the kernels' compile
-    benchmark.group = f"max pool 2x2 fwd+bwd {list(SHAPE)} {dtype}"
-    benchmark.extra_info.update(impl=impl, dtype=dtype)
-    if CUDA:
-        import triton.testing
-
-        ms = triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
-        benchmark.extra_info.update(cuda_median_ms=ms)
-        print(f"[max_pool bench] {benchmark.group} {impl}: {ms:.3f} ms (CUDA median)")
-    benchmark(run)
+    time_case(benchmark, lambda: torch.autograd.grad(pool(x), x, g), f"max pool 2x2 fwd+bwd {list(SHAPE)} {dtype}",
+              "max_pool", impl=impl, dtype=dtype)

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import QUICK, cuda_or_skip, sync
+from conftest import QUICK, skip_unless_runs, time_case
 from dmfn_fast.ops import thin_conv as tc
 
 CUDA = torch.cuda.is_available()
@@ -41,28 +41,7 @@ def _case(what, impl, dtype):
 @pytest.mark.parametrize("dtype", list(DTYPES))
 @pytest.mark.parametrize("what", ["fwd", "fwd+bwd"])
 def test_bench_thin_conv(benchmark, what, dtype, impl):
-    if impl == "fast":
-        cuda_or_skip()
-        why = tc._d.triton_unavailable_reason()
-        if why:
-            pytest.skip(why)
-    if not CUDA and dtype != "fp32":
-        pytest.skip("half precision is timed only on CUDA")
+    skip_unless_runs(impl, dtype)
     torch.backends.cudnn.benchmark = True
-    fn = _case(what, impl, DTYPES[dtype])
-
-    def run():
-        out = fn()
-        sync(DEVICE)
-        return out
-
-    run()  # warm-up: the kernels' autotuning, cuDNN's algorithm search
-    benchmark.group = f"G input conv {what} [{BATCH[what]}, 4, {SIDE}, {SIDE}] {dtype}"
-    benchmark.extra_info.update(what=what, impl=impl, dtype=dtype)
-    if CUDA:
-        import triton.testing
-
-        ms = triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
-        benchmark.extra_info.update(cuda_median_ms=ms)
-        print(f"[thin_conv bench] {benchmark.group} {impl}: {ms:.3f} ms (CUDA median)")
-    benchmark(run)
+    time_case(benchmark, _case(what, impl, DTYPES[dtype]), f"G input conv {what} [{BATCH[what]}, 4, {SIDE}, {SIDE}] "
+              f"{dtype}", "thin_conv", what=what, impl=impl, dtype=dtype)

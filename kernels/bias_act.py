@@ -22,10 +22,18 @@ def bias_act(x_ptr, b_ptr, y_ptr, P, C, slope, HAS_BIAS: tl.constexpr, ACT: tl.c
     m = (p < P)[:, None] & cm[None, :]
     off = p.to(tl.int64)[:, None] * C + c[None, :]
     y = tl.load(x_ptr + off, mask=m, other=0.0).to(tl.float32)
+    y = add_bias_act(y, b_ptr, c, cm, slope, HAS_BIAS, ACT)
+    tl.store(y_ptr + off, y.to(y_ptr.dtype.element_ty), mask=m)
+
+
+@triton.jit
+def add_bias_act(y, b_ptr, c, cm, slope, HAS_BIAS: tl.constexpr, ACT: tl.constexpr):
+    """act(y + b[c]) for an fp32 [rows, channels] tile y of channels c (cm: c in range); also the thin-input
+    convolution's epilogue (kernels/thin_conv.py)."""
     if HAS_BIAS:
         y += tl.load(b_ptr + c, mask=cm, other=0.0).to(tl.float32)[None, :]
     if ACT == 1:
         y = tl.maximum(y, 0.0)
     elif ACT == 2:
         y = tl.where(y > 0, y, y * slope)
-    tl.store(y_ptr + off, y.to(y_ptr.dtype.element_ty), mask=m)
+    return y

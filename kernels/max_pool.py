@@ -5,7 +5,10 @@ a bf16 output, and keeps it for backward: the frozen VGG's four pools took 1.02 
 step on the H200 (s10), about twice what reading their inputs and writing their outputs takes. Here the
 forward writes the maxima only, and the backward finds each window's maximum again from the input. Both
 pick ATen's element: the first in (0,0), (0,1), (1,0), (1,1) order that is greater than those before it,
-or NaN (a later NaN wins), so values and gradients are ATen's to the bit.
+or NaN (a later NaN wins), so values and gradients are ATen's to the bit. One exception, which a pool after
+a ReLU (the VGG's) never meets: a window of four -inf gives its gradient to its first input here, as ATen's
+CPU and NCHW CUDA kernels do; ATen's channels-last CUDA kernel drops it (its index starts at the image's
+first pixel).
 """
 import triton
 import triton.language as tl
@@ -30,10 +33,11 @@ def _window(x_ptr, p, c, P, H, W, OH, OW, C):
     m = (p < P)[:, None] & (c < C)[None, :]
     off = ((n.to(tl.int64) * H + 2 * oy) * W + 2 * ox)[:, None] * C + c[None, :]
     row = tl.cast(W, tl.int64) * C  # tl.cast: a traced launch may pass W as a plain int
-    v0 = tl.load(x_ptr + off, mask=m, other=0.0)
-    v1 = tl.load(x_ptr + off + C, mask=m, other=0.0)
-    v2 = tl.load(x_ptr + off + row, mask=m, other=0.0)
-    v3 = tl.load(x_ptr + off + row + C, mask=m, other=0.0)
+    # compared in fp32 (exact for every input dtype): the interpreter compares bf16 by its bit patterns
+    v0 = tl.load(x_ptr + off, mask=m, other=0.0).to(tl.float32)
+    v1 = tl.load(x_ptr + off + C, mask=m, other=0.0).to(tl.float32)
+    v2 = tl.load(x_ptr + off + row, mask=m, other=0.0).to(tl.float32)
+    v3 = tl.load(x_ptr + off + row + C, mask=m, other=0.0).to(tl.float32)
     best = v0
     idx = tl.zeros(v0.shape, dtype=tl.int32)
     take = (v1 > best) | (v1 != v1)
@@ -55,7 +59,7 @@ def max_pool2x2_fwd(x_ptr, y_ptr, P, H, W, OH, OW, C, BLOCK_P: tl.constexpr, BLO
     p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     best, idx, off, row, m = _window(x_ptr, p, c, P, H, W, OH, OW, C)
-    tl.store(y_ptr + p.to(tl.int64)[:, None] * C + c[None, :], best, mask=m)
+    tl.store(y_ptr + p.to(tl.int64)[:, None] * C + c[None, :], best.to(y_ptr.dtype.element_ty), mask=m)
 
 
 @triton.jit

@@ -14,6 +14,8 @@ channels the gathers are scalar, each with its own address, and the sm_90 cubins
 import triton
 import triton.language as tl
 
+from .bias_act import add_bias_act
+
 
 def _cfg(bm, warps):
     return triton.Config({"BLOCK_M": bm}, num_warps=warps, num_stages=1)
@@ -79,12 +81,7 @@ def thin_conv_fwd(
         b = b.to(tl.float32)
     acc = tl.dot(a, b, input_precision=PREC)
     om = o < O
-    if HAS_BIAS:
-        acc += tl.load(b_ptr + o, mask=om, other=0.0).to(tl.float32)[None, :]
-    if ACT == 1:
-        acc = tl.maximum(acc, 0.0)
-    elif ACT == 2:
-        acc = tl.where(acc > 0, acc, acc * slope)
+    acc = add_bias_act(acc, b_ptr, o, om, slope, HAS_BIAS, ACT)
     off = m.to(tl.int64)[:, None] * O + o[None, :]
     tl.store(y_ptr + off, acc.to(y_ptr.dtype.element_ty), mask=(m < M)[:, None] & om[None, :])
 

@@ -372,14 +372,21 @@ def test_vgg_fused_matches_plain_layers(kernels):
     torch.manual_seed(0)
     vgg = VGG19Features("random").cuda().to(memory_format=torch.channels_last)
     x = (torch.rand(2, 3, 128, 128, device="cuda") * 2 - 1).contiguous(memory_format=torch.channels_last)
-    outs = []
+    from dmfn_fast.ops import max_pool as mp
+
+    outs, pools = [], []
+    real_pool = mp.max_pool2x2
     for kw in (kernels, {}):
         xs = _leaf(x)
         # deterministic cuDNN: the same algorithms both times, so any difference is the kernel's
-        with torch.backends.cudnn.flags(enabled=True, benchmark=False, deterministic=True, allow_tf32=False):
+        with torch.backends.cudnn.flags(enabled=True, benchmark=False, deterministic=True, allow_tf32=False), \
+                pytest.MonkeyPatch.context() as patch:
+            patch.setattr(mp, "max_pool2x2", lambda t: pools.append(1) or real_pool(t))
             with torch.autocast("cuda", dtype=torch.bfloat16):
                 feats = vgg(xs, recompute=True, **kw)
             outs.append((feats, torch.autograd.grad([f.float().sum() for f in feats], xs)[0]))
+    # the four pools forward and again in backward (the recomputed stages), with pool=True only
+    assert len(pools) == (8 if kernels.get("pool") else 0), len(pools)
     (fa, da), (fb, db) = outs
     assert all(torch.equal(a, b) for a, b in zip(fa, fb))
     assert torch.equal(da, db)
@@ -404,9 +411,13 @@ def test_max_pool_matches_aten(dtype, shape):
     assert torch.equal(torch.autograd.grad(y, xs, g)[0], torch.autograd.grad(y_ref, xr, g)[0])
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("shape", [(16, 4, 256, 256, 5, 1, 2), (3, 4, 37, 29, 5, 1, 2), (2, 8, 33, 31, 3, 2, 1),
-                                   (1, 1, 17, 13, 3, 1, 1)])  # the generator's input convolution first
+# the generator's input convolution in three dtypes; other shapes in bf16 (each new shape and dtype compiles
+# and autotunes the kernels again, and the interpreter covers fp32 and fp16 at these shapes)
+THIN_CASES = [(dt, (16, 4, 256, 256, 5, 1, 2)) for dt in DTYPES] + [
+    (torch.bfloat16, shape) for shape in ((3, 4, 37, 29, 5, 1, 2), (2, 8, 33, 31, 3, 2, 1), (1, 1, 17, 13, 3, 1, 1))]
+
+
+@pytest.mark.parametrize("dtype, shape", THIN_CASES)
 def test_thin_conv_parity(dtype, shape):
     """The thin-input convolution (ops/thin_conv.py) with bias and ReLU, forward and the weight, bias and input
     gradients, against the reference in float64 from the same rounded inputs."""

@@ -97,6 +97,7 @@ CASES["thin-conv-generator"] = ("generator_thin", dict(N=2, H=16, W=12))
 for _dt in ("fp32", "fp16"):
     for _n in (1, 3):
         CASES[f"max-pool-{_dt}-N{_n}"] = ("max_pool", dict(dtype=_dt, N=_n))
+CASES["max-pool-bf16-N1"] = ("max_pool", dict(dtype="bf16", N=1))  # exact: compares, no arithmetic
 
 
 # ----------------------------------------------------------------------------- checks (child process)
@@ -602,8 +603,9 @@ def check_bias_act(dtype, N, H, W, C):
 def check_max_pool(dtype, N):
     """max_pool2x2 against F.max_pool2d: values and input gradient equal to the bit (NaN where ATen has NaN),
     with ties (small integers), NaNs and -inf in the windows (ATen's pick: the first greater, a later NaN),
-    odd heights and widths (the last row or column in no window: gradient 0), two channel tiles (C=80), a
-    partial pixel tile; an input under 2 rows refused as ATen refuses it."""
+    a window of four -inf, odd heights and widths (the last row or column in no window: gradient 0), two
+    channel tiles (C=80), a partial pixel tile, in fp32, fp16 and bf16 (compared in fp32 by the kernel); an
+    input under 2 rows refused as ATen refuses it."""
     from dmfn_fast.ops import max_pool as mp
 
     dt = DTYPES[dtype]
@@ -621,6 +623,14 @@ def check_max_pool(dtype, N):
         dx, dx_ref = torch.autograd.grad(y, xs, g)[0], torch.autograd.grad(y_ref, xr, g)[0]
         assert torch.equal(dx, dx_ref), f"{C}x{H}x{W}: the input gradient differs"
         out.append((f"{C}x{H}x{W} dx", _err(dx, dx_ref)))
+    # a window of four -inf (not the image's first): its gradient to its first input, as ATen's CPU kernel
+    x = torch.randn(N, 8, 6, 6).to(dt)
+    x[:, :, 2:4, 2:4] = float("-inf")
+    xs, xr = _leaf(x), _leaf(x)
+    g = torch.randn(N, 8, 3, 3).to(dt)
+    dx, dx_ref = (torch.autograd.grad(f(t), t, g)[0] for f, t in ((mp.max_pool2x2, xs),
+                                                                   (mp.max_pool2x2_reference, xr)))
+    assert torch.equal(dx, dx_ref) and torch.equal(dx[:, :, 2, 2], g[:, :, 1, 1]), "an all -inf window"
     try:
         mp.max_pool2x2(torch.randn(N, 4, 1, 5))
         raise AssertionError("a one-row input was accepted")
@@ -643,12 +653,22 @@ def check_vgg_fused(N, H, W):
             torch.nn.init.normal_(m.bias, 0.0, 0.5)  # a bias that shows if it is dropped
     x = (torch.rand(N, 3, H, W) * 2 - 1).contiguous(memory_format=torch.channels_last)
     g = [torch.randn(N, c, H >> k, W >> k) for k, c in enumerate((64, 128, 256, 512, 512))]
+    from dmfn_fast.ops import max_pool as mp
+
     out = []
+    real_pool = mp.max_pool2x2
     for recompute in (False, True):
         for kernels in (dict(fused=True), dict(pool=True), dict(fused=True, pool=True)):
             tag = f"recompute={recompute} {'+'.join(kernels)}"
             xs, xr = _leaf(x), _leaf(x)
-            fs, fr = vgg(xs, recompute=recompute, **kernels), vgg(xr, recompute=recompute)
+            pools = []
+            mp.max_pool2x2 = lambda t: pools.append(1) or real_pool(t)
+            try:
+                fs = vgg(xs, recompute=recompute, **kernels)
+            finally:
+                mp.max_pool2x2 = real_pool
+            assert len(pools) == (4 if "pool" in kernels else 0), (tag, len(pools))  # the four pools, forward
+            fr = vgg(xr, recompute=recompute)
             for k, (a, r) in enumerate(zip(fs, fr)):
                 assert torch.equal(a, r), f"{tag} relu{k + 1}_1 differs"
                 out.append((f"{tag} relu{k + 1}_1", _err(a, r)))
@@ -710,8 +730,8 @@ def check_thin_conv(dtype, N):
     and shape (THIN_SHAPES with this N), the last one without a bias. The weight gradient sums over several
     programs' runs of pixel tiles (3 programs of 16-pixel tiles under the interpreter), some idle. (The input
     gradient is ATen's activation backward and convolution dgrad: it checks their wiring, in fp32 to the
-    bit.) Under a dispatch mode that is not a selective checkpoint's, the call goes through the op, which
-    the mode sees."""
+    bit.) Under deterministic mode the gradients are ATen's, in fp32 to the bit. Under a dispatch mode that
+    is not a selective checkpoint's, the call goes through the op, which the mode sees."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     from dmfn_fast.ops import thin_conv as tc
@@ -744,6 +764,15 @@ def check_thin_conv(dtype, N):
             for name, a, r in zip(("dx", "dw", "db"), torch.autograd.grad(y, fast, g.to(dt)),
                                   torch.autograd.grad(y_ref, ref, g)):
                 out.append((f"{tag} {name}", _err(a, r)))
+    if dtype == "fp32":  # deterministic mode: the forward by the kernel, the gradients by ATen (no atomics)
+        torch.use_deterministic_algorithms(True)
+        try:
+            fast, ref = [_leaf(x), _leaf(w)], [_leaf(x), _leaf(w)]
+            grads = torch.autograd.grad(tc.thin_conv(*fast, None, stride, pad).sum(), fast)
+            grads_ref = torch.autograd.grad(tc.thin_conv_reference(*ref, None, stride, pad).sum(), ref)
+            assert all(torch.equal(a, r) for a, r in zip(grads, grads_ref)), "deterministic gradients"
+        finally:
+            torch.use_deterministic_algorithms(False)
     return out
 
 
@@ -1338,6 +1367,26 @@ def test_kernel_import_errors_report_their_cause(monkeypatch):
     assert "dmfn_fast.kernels" in why and "SyntaxError: invalid syntax (simulated)" in why, why
     monkeypatch.undo()
     assert dmfb._import_kernels()[3] is None
+
+
+@_NEEDS_TRITON
+def test_a_broken_kernel_file_falls_back_with_one_warning(monkeypatch):
+    """A kernels/ file of one of the smaller ops that fails to import leaves that op unavailable (its callers
+    run their plain layers) with one warning naming the op, the error and what runs instead."""
+    from dmfn_fast.ops import _impl, dmfb
+
+    real = importlib.import_module
+
+    def failing(name, *args, **kwargs):
+        if name == "dmfn_fast.kernels.max_pool":
+            raise SyntaxError("invalid syntax (simulated)")
+        return real(name, *args, **kwargs)
+    monkeypatch.setattr(importlib, "import_module", failing)
+    monkeypatch.setattr(_impl, "_warned", set())
+    with pytest.warns(RuntimeWarning, match=r"max-pool kernel failed to import \(SyntaxError: invalid syntax "
+                      r"\(simulated\)\); ATen's pooling runs"):
+        assert dmfb.import_kernel_module("max_pool", "max-pool kernel", "ATen's pooling runs") is None
+    assert dmfb.import_kernel_module("thin_conv", "thin-input convolution kernel", "...") is not None
 
 
 def test_ops_registered_at_import():

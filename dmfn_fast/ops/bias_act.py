@@ -34,21 +34,7 @@ def bias_act_reference(x: torch.Tensor, b: Optional[torch.Tensor], act: str = "r
     return y
 
 
-def _import_kernel():
-    """The kernel module, or None without Triton (dmfb reports why) or where it fails to import (one warning:
-    the plain layers run)."""
-    if _d.triton is None:
-        return None
-    try:
-        from dmfn_fast.kernels import bias_act as k  # noqa: PLC0415 (needs triton)
-    except Exception as e:  # a broken kernels/ must not break the model
-        _impl.warn_once(("import", "bias_act"), f"dmfn_fast: the bias + activation kernel failed to import "
-                        f"({type(e).__name__}: {e}); the plain layers run")
-        return None
-    return k
-
-
-_kba = _import_kernel()
+_kba = _d.import_kernel_module("bias_act", "bias + activation kernel", "the plain layers run")
 
 
 def _bias_act_fn(x: torch.Tensor, b: Optional[torch.Tensor], act: int, slope: float) -> torch.Tensor:

@@ -16,6 +16,7 @@ A convolution whose output feeds an instance norm runs without its bias (see con
 """
 import contextlib
 import functools
+import importlib
 import os
 import threading
 from typing import NamedTuple, Optional, Sequence
@@ -54,6 +55,20 @@ def _import_kernels():
 
 
 triton, _kb, _kn, _TRITON_ERROR = _import_kernels()
+
+
+def import_kernel_module(name, what, fallback):
+    """dmfn_fast.kernels.<name> (kernels/<name>.py), or None: without Triton (triton_unavailable_reason says
+    why), or where it fails to import (one warning naming `what` and the `fallback` that runs instead: a
+    broken kernels/ file must not break the model)."""
+    if triton is None:
+        return None
+    try:
+        return importlib.import_module(f"dmfn_fast.kernels.{name}")
+    except Exception as e:
+        _impl.warn_once(("import", name), f"dmfn_fast: the {what} failed to import ({type(e).__name__}: {e}); "
+                        f"{fallback}")
+        return None
 
 # Under TRITON_INTERPRET=1 the kernels run on CPU tensors (tests); otherwise they need CUDA.
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"

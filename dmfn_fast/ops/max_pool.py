@@ -5,7 +5,8 @@ training step (kernels/max_pool.py says why).
 Ops `dmfn_fast::max_pool2x2(x) -> y` (with autograd) and `dmfn_fast::max_pool2x2_backward(x, dy) -> dx`,
 registered with fake kernels through the DMFB ops' machinery (dmfb._define: opcheck checks them; plain eager
 calls skip the dispatcher). impl="auto" takes the kernels only with DMFN_MAX_POOL=1 (not yet timed on a GPU);
-impl="fast" takes them; never under torch.compile, whose Inductor writes its own pooling kernel."""
+impl="fast" takes them; never under torch.compile, whose Inductor writes its own pooling kernel. Once
+differentiable (a gradient of the gradient raises; ATen's pooling has one)."""
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -21,19 +22,7 @@ def max_pool2x2_reference(x: torch.Tensor) -> torch.Tensor:
     return F.max_pool2d(x, 2, 2)
 
 
-def _import_kernel():
-    if _d.triton is None:
-        return None
-    try:
-        from dmfn_fast.kernels import max_pool as k  # noqa: PLC0415 (needs triton)
-    except Exception as e:  # a broken kernels/ must not break the model
-        _impl.warn_once(("import", "max_pool"), f"dmfn_fast: the max-pool kernel failed to import "
-                        f"({type(e).__name__}: {e}); ATen's pooling runs")
-        return None
-    return k
-
-
-_kmp = _import_kernel()
+_kmp = _d.import_kernel_module("max_pool", "max-pool kernel", "ATen's pooling runs")
 
 
 def _launch(which, x, *args):
@@ -104,9 +93,11 @@ def fast_why_not(x: torch.Tensor) -> str:
 
 def use_fast(x: torch.Tensor, impl: str = "auto") -> bool:
     """Whether the VGG takes the kernels for its pools on x under `impl` (asked once per call): where they run
-    (imported, CUDA or the interpreter, float; never while torch.compile traces). auto: with DMFN_MAX_POOL=1;
-    fast: always. Any float dtype: the result is ATen's to the bit."""
+    (imported, CUDA or the interpreter, float; never while torch.compile traces), for a channels-last x (as
+    training's). auto: with DMFN_MAX_POOL=1; fast: always. Any float dtype: the result is ATen's to the bit."""
     if torch.compiler.is_compiling() or not available() or fast_why_not(x):
+        return False
+    if not x.is_contiguous(memory_format=torch.channels_last):  # each pool would copy its NCHW input first
         return False
     return _impl.resolve(impl, lambda: "", op="max pooling", prefer_fast=lambda: _AUTO)
 

@@ -38,19 +38,7 @@ def thin_conv_reference(x, w, b=None, stride=1, padding=0, act="relu", slope=0.2
     return bias_act_reference(F.conv2d(x, w, b, stride, padding), None, act, slope)
 
 
-def _import_kernel():
-    if _d.triton is None:
-        return None
-    try:
-        from dmfn_fast.kernels import thin_conv as k  # noqa: PLC0415 (needs triton)
-    except Exception as e:  # a broken kernels/ must not break the model
-        _impl.warn_once(("import", "thin_conv"), f"dmfn_fast: the thin-input convolution kernel failed to import "
-                        f"({type(e).__name__}: {e}); the plain layers run")
-        return None
-    return k
-
-
-_ktc = _import_kernel()
+_ktc = _d.import_kernel_module("thin_conv", "thin-input convolution kernel", "the plain layers run")
 
 
 def _pow2(n):
@@ -126,15 +114,22 @@ def _act_backward(dy, y, act, slope):
 
 
 def _grads(needs, dy, x, w, y, has_bias, spec, wgrad):
-    """(dx, dw, db) for the inputs that need them; wgrad(x, y, dy, w, *spec) -> (dw, db)."""
+    """(dx, dw, db) for the inputs that need them; wgrad(x, y, dy, w, *spec) -> (dw, db). Under
+    torch.use_deterministic_algorithms(True) the weight and bias gradients are ATen's too (the kernel sums
+    with atomics)."""
     stride, padding, act, slope = spec
+    need_w = needs[1] or (has_bias and needs[2])
+    deterministic = torch.are_deterministic_algorithms_enabled()
     dx = dw = db = None
-    if needs[1] or (has_bias and needs[2]):
+    if need_w and not deterministic:
         dw, db = wgrad(x, y, dy, w, *spec)
-    if needs[0]:
+    if needs[0] or (need_w and deterministic):
         dz = _act_backward(dy, y, act, slope)
-        dx = torch.ops.aten.convolution_backward(dz, x, w, None, [stride] * 2, [padding] * 2, [1, 1], False,
-                                                 [0, 0], 1, [True, False, False])[0]
+        mask = [bool(needs[0]), bool(need_w and deterministic), bool(has_bias and need_w and deterministic)]
+        dx, dw_aten, db_aten = torch.ops.aten.convolution_backward(
+            dz, x, w, [w.shape[0]] if mask[2] else None, [stride] * 2, [padding] * 2, [1, 1], False, [0, 0], 1, mask)
+        if mask[1]:
+            dw, db = dw_aten, db_aten
     return dx, dw if needs[1] else None, db if has_bias and needs[2] else None
 
 
@@ -214,7 +209,7 @@ def thin_conv(x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor] = None
     """act(conv2d(x, w, b, stride, padding)) by the Triton kernels, channels-last out. Under autocast the
     operands are cast as autocast casts a convolution's; w and b are then taken in x's dtype. Takes x [N, C,
     H, W] with C in CHANNELS and w [O, C, KH, KW] with O <= MAX_OUT and KH * KW * C <= MAX_K (a ValueError
-    otherwise), where the kernels can run (fast_why_not; a RuntimeError saying why not)."""
+    otherwise), where the kernels can run (dmfb.kernels_why_not; a RuntimeError saying why not)."""
     if not available():
         raise RuntimeError(f"thin_conv needs Triton and its kernel: {_d.triton_unavailable_reason()}")
     if act not in ACTS:
@@ -223,7 +218,7 @@ def thin_conv(x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor] = None
             or w.shape[0] > MAX_OUT or w.shape[2] * w.shape[3] * w.shape[1] > MAX_K:
         raise ValueError(f"thin_conv takes x [N, C, H, W] with C in {CHANNELS} and w [O, C, KH, KW] with O <= "
                          f"{MAX_OUT} and KH * KW * C <= {MAX_K}; got x {tuple(x.shape)}, w {tuple(w.shape)}")
-    why = fast_why_not(x)
+    why = _d.kernels_why_not(x, "thin_conv")  # deterministic mode too: its gradients are then ATen's (_grads)
     if why:
         raise RuntimeError(f"thin_conv cannot run: {why}")
     x, w, b = _d._autocast_operands(x.device.type, x, w, b)
