@@ -7,9 +7,11 @@ layer whose floor is writing its output (537 MB, about 0.14 ms), and the bias an
 their own. Here one program computes a tile of output pixels against every output channel in one dot:
 A[p, k] is the input around pixel p, k = (ky * KW + kx) * C + c over the KH x KW taps and the channels,
 gathered straight from the channels-last input in C-element vectors (zero outside the image: the padding);
-B[k, o] is the weight w[o, c, ky, kx]. K = KH * KW * C fits one dot (5x5 x 4 channels: 100 of BLOCK_K 128).
-The output is written once, channels-last, after the bias and activation. C is a power of two: with 3
-channels the gathers are scalar, each with its own address, and the sm_90 cubins spilled 1.5-1.7 KB.
+B[k, o] is the weight w[o, c, ky, kx], packed by the caller as [K, O] rows and loaded in 16-byte vectors (read
+in place from [O, C, KH, KW], its loads were scalar, twice the gathers' load instructions). K = KH * KW * C
+fits one dot (5x5 x 4 channels: 100 of BLOCK_K 128). The output is written once, channels-last, after the
+bias and activation. C is a power of two: with 3 channels the gathers are scalar, each with its own address,
+and the sm_90 cubins spilled 1.5-1.7 KB.
 """
 import triton
 import triton.language as tl
@@ -53,12 +55,10 @@ def _gather(x_ptr, m, M, H, W, OH, OW, k, C: tl.constexpr, KH: tl.constexpr, KW:
 
 @triton.jit
 def _weight(w_ptr, k, o, O, C: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr):
-    """B[k, o] = w[o, c, ky, kx] of a contiguous [O, C, KH, KW] weight (0 for k and o past the ends)."""
-    t = k // C
-    c = k % C
-    kmask = t < KH * KW
-    off = ((o[None, :] * C + c[:, None]) * KH + (t // KW)[:, None]) * KW + (t % KW)[:, None]
-    return tl.load(w_ptr + off, mask=kmask[:, None] & (o < O)[None, :], other=0.0)
+    """B[k, o] of the weight packed as [KH * KW * C, O] (w[o, c, ky, kx] at row (ky * KW + kx) * C + c): rows
+    of O contiguous outputs, loaded in 16-byte vectors (0 for k and o past the ends)."""
+    return tl.load(w_ptr + k[:, None] * O + o[None, :], mask=(k < KH * KW * C)[:, None] & (o < O)[None, :],
+                   other=0.0)
 
 
 @triton.jit

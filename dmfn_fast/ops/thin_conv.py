@@ -80,7 +80,9 @@ def _forward(x, w, b, stride, padding, act, slope, launch):
     else:
         kern, tiles = _ktc.TUNED["fwd", "f32" if x.dtype == torch.float32 else "lowp"], {}
     grid = lambda META: (_d._cdiv(M, META["BLOCK_M"]),)  # noqa: E731
-    launch(kern, x)[grid](x, w.contiguous(), x if b is None else b, y, M, H, W, OH, OW, O, float(slope),
+    # [K, O] rows, (ky * KW + kx) * C + c (a 25 KB copy; with one channel the reshape alone is a strided view)
+    wp = w.permute(2, 3, 1, 0).reshape(KH * KW * C, O).contiguous()
+    launch(kern, x)[grid](x, wp, x if b is None else b, y, M, H, W, OH, OW, O, float(slope),
                           HAS_BIAS=b is not None, ACT=act, **cx, **_flags(x.dtype), **tiles)
     return y
 
@@ -209,7 +211,7 @@ def thin_conv(x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor] = None
     """act(conv2d(x, w, b, stride, padding)) by the Triton kernels, channels-last out. Under autocast the
     operands are cast as autocast casts a convolution's; w and b are then taken in x's dtype. Takes x [N, C,
     H, W] with C in CHANNELS and w [O, C, KH, KW] with O <= MAX_OUT and KH * KW * C <= MAX_K (a ValueError
-    otherwise), where the kernels can run (dmfb.kernels_why_not; a RuntimeError saying why not)."""
+    otherwise), where the kernels can run (fast_why_not; a RuntimeError saying why not)."""
     if not available():
         raise RuntimeError(f"thin_conv needs Triton and its kernel: {_d.triton_unavailable_reason()}")
     if act not in ACTS:
@@ -218,7 +220,7 @@ def thin_conv(x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor] = None
             or w.shape[0] > MAX_OUT or w.shape[2] * w.shape[3] * w.shape[1] > MAX_K:
         raise ValueError(f"thin_conv takes x [N, C, H, W] with C in {CHANNELS} and w [O, C, KH, KW] with O <= "
                          f"{MAX_OUT} and KH * KW * C <= {MAX_K}; got x {tuple(x.shape)}, w {tuple(w.shape)}")
-    why = _d.kernels_why_not(x, "thin_conv")  # deterministic mode too: its gradients are then ATen's (_grads)
+    why = fast_why_not(x)
     if why:
         raise RuntimeError(f"thin_conv cannot run: {why}")
     x, w, b = _d._autocast_operands(x.device.type, x, w, b)
@@ -240,11 +242,9 @@ def available() -> bool:
 
 
 def fast_why_not(x: torch.Tensor) -> str:
-    """"" when the kernels can run on x (given that Triton imported), else why not."""
-    why = _d.kernels_why_not(x, "the thin-input convolution")
-    if not why and torch.are_deterministic_algorithms_enabled():
-        why = "torch.use_deterministic_algorithms(True) is on and its weight gradient sums with atomics"
-    return why
+    """"" when the kernels can run on x (given that Triton imported), else why not. Deterministic mode is no
+    reason: the gradients are then ATen's (_grads)."""
+    return _d.kernels_why_not(x, "the thin-input convolution")
 
 
 def fits(conv: nn.Module) -> bool:
@@ -262,7 +262,7 @@ def fits(conv: nn.Module) -> bool:
 
 def use_fast(x: torch.Tensor, impl: str = "auto") -> bool:
     """Whether the generator takes the kernel for its input convolution on x under `impl` (asked once per call
-    of the model): where it runs (imported, CUDA or the interpreter, float, not deterministic). Compiled too:
+    of the model): where it runs (imported, CUDA or the interpreter, float). Compiled too:
     Inductor would call the same cuDNN convolution and only fuse the bias and ReLU after it. auto: with
     DMFN_THIN_CONV=1, then as the DMFB decides (dmfb.auto_prefers_fused: fp16/bf16, autocast included);
     fast: always."""
