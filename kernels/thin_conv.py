@@ -110,11 +110,9 @@ def thin_conv_wgrad(
         off = m.to(tl.int64)[:, None] * O + o[None, :]
         mask = (m < M)[:, None] & om[None, :]
         dz = tl.load(dy_ptr + off, mask=mask, other=0.0)
-        if ACT == 1:
-            dz = tl.where(tl.load(y_ptr + off, mask=mask, other=0.0) > 0, dz, 0.0).to(dy_ptr.dtype.element_ty)
-        elif ACT == 2:
-            yv = tl.load(y_ptr + off, mask=mask, other=0.0)
-            dz = tl.where(yv > 0, dz, dz * slope).to(dy_ptr.dtype.element_ty)
+        if ACT != 0:  # y's sign compared in fp32: the interpreter compares bf16 by its bit patterns
+            pos = tl.load(y_ptr + off, mask=mask, other=0.0).to(tl.float32) > 0
+            dz = tl.where(pos, dz, 0.0 if ACT == 1 else dz * slope).to(dy_ptr.dtype.element_ty)
         bacc += tl.sum(dz.to(tl.float32), 0)
         if UPCAST:
             a = a.to(tl.float32)
