@@ -183,6 +183,15 @@ def _empty_cl(n, c, h, w, like, dtype=None):
                        memory_format=torch.channels_last)
 
 
+def dot_flags(dtype):
+    """A kernel's dot flags for `dtype`: fp16/bf16 on tensor cores; fp32 as cuDNN's convolutions run it, with TF32
+    tensor cores when torch.backends.cudnn.allow_tf32 (PyTorch's default), else IEEE; under the interpreter,
+    IEEE, and 16-bit dots upcast to fp32 (its own are unreliable)."""
+    lowp = dtype != torch.float32
+    tf32 = lowp or torch.backends.cudnn.allow_tf32
+    return dict(UPCAST=lowp and INTERPRET, PREC="tf32" if tf32 and not INTERPRET else "ieee")
+
+
 def _conv_kernel(name, dtype, pixels, C):
     """(kernel, launch kwargs) for one of the branch kernels ("fwd", "grad", "dgrad", "wgrad", "wgrad9",
     "fwd_tma", "grad_tma", "dgrad_tma").
@@ -193,11 +202,8 @@ def _conv_kernel(name, dtype, pixels, C):
     interpreter's cost is per op and per program and its autotuner cannot benchmark; its bf16/fp16
     dots are unreliable, so they run in fp32 there."""
     lowp = dtype != torch.float32
-    # fp32 follows cuDNN's convolutions: TF32 tensor cores when allowed (PyTorch's default), else IEEE. The
-    # TMA kernels take neither flag (fp16/bf16 on the GPU; fp32 tiles as they are under the interpreter).
-    tf32 = lowp or torch.backends.cudnn.allow_tf32
-    flags = {} if name.endswith("_tma") else dict(UPCAST=lowp and INTERPRET,
-                                                   PREC="tf32" if tf32 and not INTERPRET else "ieee")
+    # The TMA kernels take neither flag (fp16/bf16 on the GPU; fp32 tiles as they are under the interpreter).
+    flags = {} if name.endswith("_tma") else dot_flags(dtype)
     if not INTERPRET:
         return getattr(_kb, f"branches_{name}_{'lowp' if lowp else 'f32'}"), flags
     raw = {"fwd": _kb.branches_fwd, "grad": _kb.branches_grad, "dgrad": _kb.branches_dgrad,

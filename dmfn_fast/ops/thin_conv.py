@@ -41,26 +41,15 @@ def thin_conv_reference(x, w, b=None, stride=1, padding=0, act="relu", slope=0.2
 _ktc = _d.import_kernel_module("thin_conv", "thin-input convolution kernel", "the plain layers run")
 
 
-def _pow2(n):
-    return 1 << (int(n) - 1).bit_length()
-
-
 def _shape(x, w, stride, padding):
     """(N, C, H, W, O, KH, KW, OH, OW, constexprs shared by both kernels)."""
     N, C, H, W = x.shape
     O, _, KH, KW = w.shape
     OH, OW = (H + 2 * padding - KH) // stride + 1, (W + 2 * padding - KW) // stride + 1
-    cx = dict(C=C, KH=KH, KW=KW, STRIDE=stride, PAD=padding, BLOCK_O=max(16, _pow2(O)),
-              BLOCK_K=max(16, _pow2(KH * KW * C)))
+    pow2 = _d.triton.next_power_of_2
+    cx = dict(C=C, KH=KH, KW=KW, STRIDE=stride, PAD=padding, BLOCK_O=max(16, pow2(O)),
+              BLOCK_K=max(16, pow2(KH * KW * C)))
     return N, C, H, W, O, KH, KW, OH, OW, cx
-
-
-def _flags(dtype):
-    """The dot flags: fp16/bf16 on tensor cores; fp32 with TF32 where cuDNN may use it (as the DMFB kernels);
-    under the interpreter 16-bit dots run in fp32 (its own are unreliable)."""
-    lowp = dtype != torch.float32
-    tf32 = (lowp or torch.backends.cudnn.allow_tf32) and not _d.INTERPRET
-    return dict(UPCAST=lowp and _d.INTERPRET, PREC="tf32" if tf32 else "ieee")
 
 
 @functools.lru_cache(maxsize=None)
@@ -83,7 +72,7 @@ def _forward(x, w, b, stride, padding, act, slope, launch):
     # [K, O] rows, (ky * KW + kx) * C + c (a 25 KB copy; with one channel the reshape alone is a strided view)
     wp = w.permute(2, 3, 1, 0).reshape(KH * KW * C, O).contiguous()
     launch(kern, x)[grid](x, wp, x if b is None else b, y, M, H, W, OH, OW, O, float(slope),
-                          HAS_BIAS=b is not None, ACT=act, **cx, **_flags(x.dtype), **tiles)
+                          HAS_BIAS=b is not None, ACT=act, **cx, **_d.dot_flags(x.dtype), **tiles)
     return y
 
 
@@ -101,7 +90,7 @@ def _wgrad(x, y, dy, w, stride, padding, act, slope, launch):
         # traced (fake tensors) too: the compiled graph launches with the number it records here
         programs = _programs(x.device.index if x.device.index is not None else torch.cuda.current_device())
     launch(kern, x)[(programs,)](x, y, dy, dw32, db32, M, H, W, OH, OW, O, float(slope), programs, ACT=act, **cx,
-                                 **_flags(x.dtype), **tiles)
+                                 **_d.dot_flags(x.dtype), **tiles)
     # rows k = (ky * KW + kx) * C + c -> [O, C, KH, KW], in w's dtype and strides (no copy when accumulated)
     dw = torch.empty_like(w).copy_(dw32[:KH * KW * C].view(KH, KW, C, O).permute(3, 2, 0, 1))
     return dw, db32.to(w.dtype, copy=True)
