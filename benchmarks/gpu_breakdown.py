@@ -407,6 +407,27 @@ for pool_name, pool_fn in (("ATen max_pool2d", mpool.max_pool2x2_reference), ("m
            lambda fn=pool_fn: torch.autograd.grad(fn(x_pool), x_pool, g_pool), 0, pool_bytes)
 del x_pool, g_pool
 
+# ----------------------------------------------------------------------------- the losses' L1 terms
+# DMFNLoss's guided (relu1_1, relu2_1, weighted by 1 + the error map) and feature-matching (relu3_1..relu5_1)
+# terms on the VGG features of a training batch, forward+backward into the output's features: _L1Mean's ATen
+# passes (impl="reference") or ops/l1_loss.py's two kernels per term; gpu_adopt.py's DMFN_L1_KERNEL.
+from dmfn_fast import losses as dl  # noqa: E402
+
+l1_n, l1_side = (VGG_SHAPE[0], VGG_SHAPE[2])
+l1_fo = [cl(torch.relu(torch.randn(l1_n, c, l1_side >> k, l1_side >> k, device=DEV))).to(VGG_DT).requires_grad_()
+         for k, c in enumerate((64, 128, 256, 512, 512))]
+l1_ft = [(f.detach() + 0.1 * torch.relu(torch.randn_like(f))).contiguous(memory_format=torch.channels_last)
+         for f in l1_fo]
+l1_img = torch.rand(l1_n, 3, l1_side, l1_side, device=DEV) * 2 - 1
+l1_out = l1_img + 0.1 * torch.randn_like(l1_img)
+l1_bytes = 4 * sum(f.numel() * f.element_size() for f in l1_fo)  # read a, b; write, read the int8 sign; write the grad
+for l1_name, l1_impl in (("ATen (the loss's formula)", "reference"), ("L1 kernels", "fast")):
+    record(f"L1 loss terms fwd+bwd {str(VGG_DT).split('.')[-1]} (VGG features of {l1_n} x {l1_side} px)", l1_name,
+           lambda impl=l1_impl: torch.autograd.grad(
+               dl.self_guided_loss(l1_fo, l1_ft, l1_out, l1_img, impl=impl)
+               + dl.feature_matching_loss(l1_fo, l1_ft, impl=impl), l1_fo), 0, l1_bytes)
+del l1_fo, l1_ft, l1_img, l1_out
+
 # ----------------------------------------------------------------------------- the generator's input convolution
 # 4 -> 64 channels, 5x5, then ReLU: cuDNN (a channel-padding pass and an sm_80 tile kernel, s10), its bias add
 # and the ReLU, or ops/thin_conv.py's one kernel (and its weight-gradient kernel); gpu_adopt.py's DMFN_THIN_CONV.

@@ -281,8 +281,9 @@ def opt_in():
     since s10; it takes precedence over wgrad9), "bias+relu kernel (eager)" (DMFN_BIAS_ACT=1: the VGG's and
     the generator's first convolutions add their bias under the ReLU in one kernel), "thin conv kernel (eager)"
     (DMFN_THIN_CONV=1: the generator's input convolution and ReLU in ops/thin_conv.py's kernels), "max-pool
-    kernels (eager)" (DMFN_MAX_POOL=1: the VGG's pools without indices, ops/max_pool.py)."""
-    from dmfn_fast.ops import bias_act, dmfb, max_pool, thin_conv
+    kernels (eager)" (DMFN_MAX_POOL=1: the VGG's pools without indices, ops/max_pool.py), "L1 loss kernels
+    (eager)" (DMFN_L1_KERNEL=1: the loss's guided and feature-matching terms, ops/l1_loss.py)."""
+    from dmfn_fast.ops import bias_act, dmfb, l1_loss, max_pool, thin_conv
     on = []
     tma = CUDA and dmfb._TMA and torch.cuda.get_device_capability()[0] >= 9
     if CUDA and dmfb._taps9(torch.bfloat16, torch.device(DEV)) and not (tma and dmfb._WGRAD_TMA):
@@ -297,6 +298,8 @@ def opt_in():
         on.append("thin conv kernel (eager)")
     if max_pool._AUTO:
         on.append("max-pool kernels (eager)")
+    if l1_loss._AUTO:
+        on.append("L1 loss kernels (eager)")
     return on
 
 

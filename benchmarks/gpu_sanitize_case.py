@@ -1,8 +1,8 @@
 """One small fused DMFB forward+backward (bf16 and fp32, odd sizes), on sm_90 the TMA kernels (the TMA
 wgrad among them) and the opt-in 9-tap wgrad kernel, the centroid op in each of its kernel paths on CUDA,
-the convolutions' bias + activation kernel, the thin-input convolution, the index-free max pool, and a tiny
-training step captured as a CUDA graph and replayed: the workload gpu_check.sh runs under compute-sanitizer
-memcheck. Exits non-zero if a result is not finite."""
+the convolutions' bias + activation kernel, the thin-input convolution, the index-free max pool, the losses'
+L1 kernels, and a tiny training step captured as a CUDA graph and replayed: the workload gpu_check.sh runs
+under compute-sanitizer memcheck. Exits non-zero if a result is not finite."""
 import os
 
 import torch
@@ -87,6 +87,18 @@ for dt in (torch.bfloat16, torch.float32):
     yp = mp.max_pool2x2(xp.requires_grad_())
     (dxp,) = torch.autograd.grad(yp.float().sum(), xp)
     assert torch.isfinite(yp).all() and torch.isfinite(dxp).all()
+# the losses' L1 kernels: each g layout (none, channels-last's per pixel, NCHW's per plane), a partial tile,
+# forward and backward in bf16 and fp32
+from dmfn_fast.ops import l1_loss as l1k  # noqa: E402
+
+for dt in (torch.bfloat16, torch.float32):
+    for fmt, guided in ((torch.channels_last, True), (torch.contiguous_format, True), (torch.channels_last, False)):
+        la = torch.randn(2, 80, 13, 11, device="cuda", dtype=dt).contiguous(memory_format=fmt).requires_grad_()
+        lb = torch.randn_like(la)
+        lg = (1 + torch.rand(2, 1, 13, 11, device="cuda")).to(dt) if guided else None
+        loss = l1k.l1_mean(la, lb, lg)
+        (dla,) = torch.autograd.grad(loss, la)
+        assert torch.isfinite(loss) and torch.isfinite(dla).all()
 # the training step as a CUDA graph (train.py --cuda-graphs): a tiny model at 64 px, 1 eager step, the capture,
 # then replays with moving crop boxes, bf16. The generator's reference path: the fused kernels were checked
 # above, and their autotuning at new shapes would take minutes under memcheck; the loss's extension runs

@@ -141,6 +141,9 @@ def main(out):
         vgg = "VGG19 fwd+bwd bfloat16"
         out_["vgg_fwd_bwd_max_pool_kernels_vs_plain"] = ratio(ms(vgg, "ATen bias add, ReLU", field),
                                                               ms(vgg, "max-pool kernels", field))
+        l1 = "L1 loss terms fwd+bwd bfloat16"
+        out_["l1_loss_terms_fwd_bwd_kernels_vs_aten"] = ratio(ms(l1, "ATen (the loss's formula)", field),
+                                                              ms(l1, "L1 kernels", field))
 
     def e(case, variant, field="ms"):
         hits = [r.get(field) for r in e2e if r.get("case", "").startswith(case) and r.get("variant") == variant]

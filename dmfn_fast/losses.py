@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch.profiler import record_function
 
 from .ops._impl import recompute
-from .ops import bias_act, max_pool
+from .ops import bias_act, l1_loss, max_pool
 from .ops.centroid_align import centroid_align_loss
 from .recipes import check_recipe
 from .vgg import CHANNELS, VGG19Features
@@ -42,10 +42,13 @@ class _L1Mean(torch.autograd.Function):
         return (ga.mul_(g) if g is not None else ga), None, None
 
 
-def l1_mean(a, b, g=None):
-    """mean |a*g - b*g| (or mean |a - b|) for a with gradient and b, g without: _L1Mean."""
+def l1_mean(a, b, g=None, impl="auto"):
+    """mean |a*g - b*g| (or mean |a - b|) for a with gradient and b, g without: one Triton kernel each way where
+    ops.l1_loss.use_fast says so, else _L1Mean."""
     if b.requires_grad or (g is not None and g.requires_grad):
-        return (a * g - b * g).abs().mean() if g is not None else (a - b).abs().mean()
+        return l1_loss.l1_mean_reference(a, b, g)
+    if l1_loss.use_fast(a, b, g, impl):
+        return l1_loss.l1_mean(a, b, g)
     return _L1Mean.apply(a, b, g)
 
 
@@ -61,19 +64,19 @@ def guidance_map(out, tgt):
     return e / torch.where(m > 0, m, torch.ones_like(m))  # a perfect image gives 0, not NaN
 
 
-def self_guided_loss(feats_out, feats_tgt, out, tgt, layer_weights=LAYER_WEIGHTS):
-    """Guided L1 on relu1_1 (G1 = 1 + En) and relu2_1 (G2 = 1 + avgpool2(En))."""
+def self_guided_loss(feats_out, feats_tgt, out, tgt, layer_weights=LAYER_WEIGHTS, impl="auto"):
+    """Guided L1 on relu1_1 (G1 = 1 + En) and relu2_1 (G2 = 1 + avgpool2(En)); impl: l1_mean's."""
     en = guidance_map(out, tgt)
     guides = (1 + en, 1 + F.avg_pool2d(en, 2))
     loss = 0.0
     for fo, ft, g, w in zip(feats_out[:2], feats_tgt[:2], guides, layer_weights[:2]):
-        loss = loss + w * l1_mean(fo, ft, g.to(fo.dtype))
+        loss = loss + w * l1_mean(fo, ft, g.to(fo.dtype), impl)
     return loss
 
 
-def feature_matching_loss(feats_out, feats_tgt, layer_weights=LAYER_WEIGHTS):
-    """L1 on relu3_1, relu4_1, relu5_1."""
-    return sum(w * l1_mean(fo, ft) for fo, ft, w in zip(feats_out[2:], feats_tgt[2:], layer_weights[2:]))
+def feature_matching_loss(feats_out, feats_tgt, layer_weights=LAYER_WEIGHTS, impl="auto"):
+    """L1 on relu3_1, relu4_1, relu5_1; impl: l1_mean's."""
+    return sum(w * l1_mean(fo, ft, impl=impl) for fo, ft, w in zip(feats_out[2:], feats_tgt[2:], layer_weights[2:]))
 
 
 def _bce(logits, target: float):
@@ -92,16 +95,18 @@ def rals_g_loss(real_logits, fake_logits):
     return (_bce(r - f.mean(), 0.0) + _bce(f - r.mean(), 1.0)) / 2
 
 
-def disc_feature_matching_loss(feats_fake, feats_real, layer_weights=LAYER_WEIGHTS):
-    """L1 between the discriminator's local features of the output and of the (detached) target."""
-    return sum(w * l1_mean(a, b.detach()) for a, b, w in zip(feats_fake, feats_real, layer_weights))
+def disc_feature_matching_loss(feats_fake, feats_real, layer_weights=LAYER_WEIGHTS, impl="auto"):
+    """L1 between the discriminator's local features of the output and of the (detached) target; impl:
+    l1_mean's."""
+    return sum(w * l1_mean(a, b.detach(), impl=impl) for a, b, w in zip(feats_fake, feats_real, layer_weights))
 
 
 class DMFNLoss(nn.Module):
     """The generator's total loss. Returns (total, {term: value}) so training can log every term.
 
     Terms whose inputs are not given (no discriminator outputs) are left out.
-    `impl` picks the alignment loss's implementation ("auto", "reference", "fast").
+    `impl` ("auto", "reference", "fast") picks the alignment loss's implementation, and whether the VGG's and the
+    L1 terms' Triton kernels may run (each where it can, under its own auto rule: docs/impl.md).
     `recipe` "paper" measures the alignment loss's centroids on the paper's grid (v along the
     height), "authors" on their code's (v along the width; see dmfn_fast.recipes)."""
 
@@ -132,13 +137,14 @@ class DMFNLoss(nn.Module):
                 ft = self.vgg(tgt, **kw)
         terms = {
             "rec": self.w_rec * reconstruction_loss(out, tgt),
-            "guided": self.w_vgg * self_guided_loss(fo, ft, out, tgt, self.layer_weights),
-            "fm_vgg": self.w_vgg * feature_matching_loss(fo, ft, self.layer_weights),
+            "guided": self.w_vgg * self_guided_loss(fo, ft, out, tgt, self.layer_weights, self.impl),
+            "fm_vgg": self.w_vgg * feature_matching_loss(fo, ft, self.layer_weights, self.impl),
             "align": self.w_align * centroid_align_loss(fo[3], ft[3], impl=self.impl, grid=self.recipe),
         }
         if real_logits is not None and fake_logits is not None:
             terms["adv"] = self.w_adv * rals_g_loss(real_logits, fake_logits)
         if feats_fake is not None and feats_real is not None:
-            terms["fm_dis"] = self.w_dfm * disc_feature_matching_loss(feats_fake, feats_real, self.layer_weights)
+            terms["fm_dis"] = self.w_dfm * disc_feature_matching_loss(feats_fake, feats_real, self.layer_weights,
+                                                                      self.impl)
         total = sum(t.float() for t in terms.values())
         return total, terms

@@ -45,7 +45,7 @@ def _compile_and_inspect(fn, signature, constexprs, options, divisible, cap):
         sass = subprocess.run([_cuobjdump(), "-sass", path], capture_output=True, text=True, check=True).stdout
     usage = {k: int(v) for k, v in re.findall(r"\b(REG|STACK|LOCAL):(\d+)", res)}
     ops = {op: len(re.findall(r"\b" + re.escape(op) + r"\b", sass))
-           for op in ("HMMA", "HGMMA", "LDL", "STL", "UTMALDG", "LDG.E.64")}
+           for op in ("HMMA", "HGMMA", "LDL", "STL", "UTMALDG", "LDG.E.64", "LDG.E.128", "FFMA", "HMUL2")}
     return dict(usage, **ops)
 
 
@@ -120,6 +120,17 @@ def test_thin_conv_kernels(compiled):
             assert compiled[key]["HMMA"] + compiled[key]["HGMMA"] > 0, f"{key}: no tensor-core instructions"
         if " bf16 " in key and "thin_conv_fwd generator input" in key:  # (the wgrad's dy rows load wider)
             assert compiled[key]["LDG.E.64"] > 0, f"{key}: no 8-byte gathers"
+
+
+def test_l1_loss_kernels(compiled):
+    """The losses' L1 forward rounds each product before the subtraction, as ATen does: no FMA (fp32: FFMA;
+    16-bit: a product narrowed to HMUL2, which LLVM would contract with the subtraction, as it did before the
+    products were inline mul.rn), and it loads its tensors in 16-byte vectors."""
+    fwd = [k for k in compiled if k.split()[2] == "l1_sign_fwd"]
+    assert fwd
+    for key in fwd:
+        assert compiled[key]["FFMA"] == 0 and compiled[key]["HMUL2"] == 0, f"{key}: a contracted product"
+        assert compiled[key]["LDG.E.128"] > 0, f"{key}: no 16-byte loads"
 
 
 if __name__ == "__main__":

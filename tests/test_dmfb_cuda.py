@@ -411,6 +411,38 @@ def test_max_pool_matches_aten(dtype, shape):
     assert torch.equal(torch.autograd.grad(y, xs, g)[0], torch.autograd.grad(y_ref, xr, g)[0])
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape, layout, guided", [
+    ((16, 64, 256, 256), torch.channels_last, True),  # the guided term on relu1_1 at the training shape
+    ((16, 512, 32, 32), torch.channels_last, False),  # a feature-matching term (relu4_1)
+    ((3, 40, 37, 29), torch.contiguous_format, True),  # NCHW, odd sizes
+    ((2, 80, 13, 11), torch.channels_last, True)])
+def test_l1_loss_matches_the_formula(dtype, shape, layout, guided):
+    """The losses' L1 kernels against _L1Mean (ATen's passes) on CUDA: the gradient equal to the bit (every
+    product, difference and sign rounded as ATen rounds them: a contracted FMA would leave a gradient where
+    a == b), exactly 0 where a == b (the known region), the loss to the float64 sum."""
+    from dmfn_fast import losses
+    from dmfn_fast.ops import l1_loss as l1
+
+    torch.manual_seed(0)
+    N, C, H, W = shape
+    a = torch.relu(torch.randn(shape, device="cuda")).to(dtype)
+    b = a.clone()
+    b[:, :, H // 4:H // 2, W // 4:W // 2] = torch.relu(torch.randn(N, C, H // 2 - H // 4, W // 2 - W // 4,
+                                                                   device="cuda")).to(dtype)
+    a, b = a.contiguous(memory_format=layout), b.contiguous(memory_format=layout)
+    g = (1 + torch.rand(N, 1, H, W, device="cuda")).to(dtype) if guided else None
+    ak, ar = _leaf(a), _leaf(a)
+    lk, lr = l1.l1_mean(ak, b, g), losses._L1Mean.apply(ar, b, g)
+    gl = torch.tensor(0.75, device="cuda").to(dtype)
+    (gk,), (gr,) = torch.autograd.grad(lk, ak, gl), torch.autograd.grad(lr, ar, gl)
+    assert torch.equal(gk, gr)
+    assert (gk[(a == b).expand_as(gk)] == 0).all()
+    want = l1.l1_mean_reference(a.double(), b.double(), None if g is None else g.double())
+    rel = 1e-5 if dtype == torch.float32 else 2 * torch.finfo(dtype).eps  # fp32: summation order; else 2 roundings
+    assert lk.dtype == dtype and abs(lk.double() - want).item() <= rel * want.item()
+
+
 # the generator's input convolution in three dtypes; other shapes in bf16 (each new shape and dtype compiles
 # and autotunes the kernels again, and the interpreter covers fp32 and fp16 at these shapes)
 THIN_CASES = [(dt, (16, 4, 256, 256, 5, 1, 2)) for dt in DTYPES] + [

@@ -98,6 +98,12 @@ for _dt in ("fp32", "fp16"):
     for _n in (1, 3):
         CASES[f"max-pool-{_dt}-N{_n}"] = ("max_pool", dict(dtype=_dt, N=_n))
 CASES["max-pool-bf16-N1"] = ("max_pool", dict(dtype="bf16", N=1))  # exact: compares, no arithmetic
+# The losses' L1 kernels (ops/l1_loss.py): every layout and g, against the loss's formula; then in DMFNLoss.
+for _dt in ("fp32", "fp16"):
+    for _n in (1, 3):
+        CASES[f"l1-loss-{_dt}-N{_n}"] = ("l1_loss", dict(dtype=_dt, N=_n))
+CASES["l1-loss-bf16-N3"] = ("l1_loss", dict(dtype="bf16", N=3))  # the interpreter truncates bf16: not exact
+CASES["l1-loss-in-dmfn-loss"] = ("l1_in_loss", dict(N=2, H=32, W=32))
 
 
 # ----------------------------------------------------------------------------- checks (child process)
@@ -639,6 +645,106 @@ def check_max_pool(dtype, N):
     return out
 
 
+def check_l1_loss(dtype, N):
+    """l1_mean's kernels against the loss's formula (_L1Mean, ATen's passes) on features equal to the target's
+    outside a patch (as in the known region): channels-last and NCHW, with the guide g or none, 80 channels
+    (two channel tiles), 13x11 (partial tiles), one channel at 7x9 (the NCHW guide's own layout), several
+    programs each over several row tiles. fp32 and fp16: the gradient equal to the bit, the loss to the
+    float64 sum (1e-6) and to the formula's (2 ulp); bf16 (the interpreter truncates where a GPU rounds): both
+    to bf16's rounding. Every dtype: exactly 0 gradient where a == b; a NaN gives a NaN loss; b or g with
+    gradients take the formula (the kernels would drop theirs)."""
+    from dmfn_fast import losses
+    from dmfn_fast.ops import l1_loss as l1
+
+    dt = DTYPES[dtype]
+    exact = dtype != "bf16"
+    calls = []
+    real = l1._op
+    l1._op = lambda *args: calls.append(1) or real(*args)
+    out = []
+    try:
+        for C, H, W in ((80, 13, 11), (1, 7, 9)):
+            for fmt in (torch.channels_last, torch.contiguous_format):
+                for guided in (True, False):
+                    tag = f"C{C} {'cl' if fmt == torch.channels_last else 'nchw'} {'g' if guided else 'no g'}"
+                    a = torch.relu(torch.randn(N, C, H, W)).to(dt)
+                    b = a.clone()
+                    # differences well above the rounding inside the patch: no near-ties, whose sign the
+                    # interpreter's truncating bf16 may flip
+                    step = torch.rand(N, C, H // 2 - 1, W // 2 - 2) + 0.25
+                    b[:, :, 1:H // 2, 2:W // 2] += (step * torch.randn_like(step).sign()).to(dt)
+                    a, b = a.contiguous(memory_format=fmt), b.contiguous(memory_format=fmt)
+                    g = (1 + torch.rand(N, 1, H, W)).to(dt) if guided else None
+                    ak, ar = _leaf(a), _leaf(a)
+                    n0 = len(calls)
+                    lk = losses.l1_mean(ak, b, g, impl="fast")
+                    assert len(calls) == n0 + 1, f"{tag}: the kernels did not run"
+                    lr = losses._L1Mean.apply(ar, b, g)
+                    assert lk.dtype == lr.dtype and lk.shape == lr.shape == ()
+                    gl = torch.tensor(0.75).to(dt)
+                    (gk,), (gr,) = torch.autograd.grad(lk, ak, gl), torch.autograd.grad(lr, ar, gl)
+                    assert gk.stride() == gr.stride(), tag
+                    known = (a == b).expand_as(gk)
+                    assert (gk[known] == 0).all(), f"{tag}: a gradient where a == b"
+                    if exact:
+                        assert torch.equal(gk, gr), f"{tag}: the gradient differs"
+                    # fp32: against the float64 sum (ATen's CPU vector_norm is 1e-4 off it at 16k elements)
+                    ulps = 2 * torch.finfo(dt).eps if dt != torch.float32 else 1e-6
+                    want = lr if dt != torch.float32 else l1.l1_mean_reference(a.double(), b.double(),
+                                                                              None if g is None else g.double())
+                    out.append((f"{tag} loss", _err(lk, want), ulps if exact else 2e-2))
+                    out.append((f"{tag} grad", _err(gk, gr), 0.0 if exact else 2e-2))
+        a = torch.randn(N, 16, 5, 5).to(dt)
+        a[0, 3, 2, 2] = float("nan")
+        assert torch.isnan(l1.l1_mean(a, torch.zeros_like(a))), "a NaN"
+        bg = torch.randn(N, 16, 5, 5).to(dt).requires_grad_()
+        n0 = len(calls)
+        losses.l1_mean(_leaf(a), bg, impl="fast").backward()
+        assert len(calls) == n0 and bg.grad is not None, "b with a gradient took the kernels"
+    finally:
+        l1._op = real
+    return out
+
+
+def check_l1_in_loss(N, H, W):
+    """DMFNLoss with impl="fast" (the L1 kernels for its guided, VGG and discriminator feature-matching terms,
+    8 calls) against impl="reference" (the VGG's kernels off in both, so the features are the same): each term
+    and the gradients into the output and into the discriminator's features, fp32."""
+    from dmfn_fast import losses
+    from dmfn_fast.ops import bias_act, max_pool
+    from dmfn_fast.ops import l1_loss as l1
+    from dmfn_fast.vgg import VGG19Features
+
+    torch.manual_seed(4)
+    vgg = VGG19Features("random")
+    tgt = (torch.rand(N, 3, H, W) * 2 - 1).contiguous(memory_format=torch.channels_last)
+    out0 = (tgt + 0.2 * torch.randn_like(tgt)).clamp(-1, 1).contiguous(memory_format=torch.channels_last)
+    feats = [torch.relu(torch.randn(N, c, H >> k, W >> k)).contiguous(memory_format=torch.channels_last)
+             for k, c in enumerate((8, 16, 32))]
+    real_logits, fake_logits = torch.randn(N, 1), torch.randn(N, 1)
+    calls = []
+    real_op, real_fused, real_pool = l1._op, bias_act.use_fast, max_pool.use_fast
+    l1._op = lambda *args: calls.append(1) or real_op(*args)
+    bias_act.use_fast = max_pool.use_fast = lambda *args: False
+    res = {}
+    try:
+        for impl in ("fast", "reference"):
+            crit = losses.DMFNLoss(vgg, impl=impl)
+            o, ff = _leaf(out0), [_leaf(f) for f in feats]
+            fr = [(f + 0.1).detach() for f in feats]
+            n0 = len(calls)
+            total, terms = crit(o, tgt, real_logits, fake_logits, ff, fr)
+            res[impl] = (terms, torch.autograd.grad(total, [o] + ff), len(calls) - n0)
+    finally:
+        l1._op, bias_act.use_fast, max_pool.use_fast = real_op, real_fused, real_pool
+    assert res["fast"][2] == 2 + 3 + 3 and res["reference"][2] == 0, (res["fast"][2], res["reference"][2])
+    # the reference's terms sum fp32 by ATen's CPU vector_norm, about 1e-4 off the float64 sum here (the
+    # kernels' 1e-7: check_l1_loss)
+    errs = [(f"term {k}", _err(res["fast"][0][k], v), 5e-4) for k, v in res["reference"][0].items()]
+    errs += [(f"grad {i}", _err(a, b), 1e-5) for i, (a, b) in enumerate(zip(res["fast"][1], res["reference"][1]))]
+    return errs
+
+
 def check_vgg_fused(N, H, W):
     """The VGG with each convolution's bias and ReLU in the kernel, with its pools by the max-pool kernels, and
     with both, against its plain layers on the same channels-last input (as training feeds it): the five
@@ -840,6 +946,12 @@ def check_opcheck(N, H, W, C, device="cpu"):
     wt = (torch.randn(C, 4, 5, 5, device=device) / 10).requires_grad_()
     yt = ops.thin_conv(xt.detach(), wt.detach(), None, 1, 2, 1, 0.2)
     yp = ops.max_pool2x2(x.detach())
+    from dmfn_fast.ops import l1_loss  # noqa: F401  (defines its ops)
+
+    xl = x.detach().requires_grad_()
+    gl = 1 + torch.rand(N, 1, H, W, device=device)
+    xn = torch.randn(N, 3, H, W, device=device).requires_grad_()  # NCHW
+    _, sl = ops.l1_mean_sign(xl.detach(), res, gl)
     cases = [
         ("dmfb_branches", ops.dmfb_branches.default, (h, w, b, dil)),
         ("dmfb_branches_in_relu", ops.dmfb_branches_in_relu.default, (h, w, b, dil)),
@@ -858,6 +970,9 @@ def check_opcheck(N, H, W, C, device="cpu"):
                                                           1, 0.2)),
         ("max_pool2x2", ops.max_pool2x2.default, (x,)),
         ("max_pool2x2_backward", ops.max_pool2x2_backward.default, (x.detach(), torch.randn_like(yp))),
+        ("l1_mean_sign guided", ops.l1_mean_sign.default, (xl, res, gl)),
+        ("l1_mean_sign nchw", ops.l1_mean_sign.default, (xn, torch.randn_like(xn), None)),
+        ("l1_mean_sign_backward", ops.l1_mean_sign_backward.default, (sl, gl, torch.tensor(0.5, device=device))),
     ]
     missed = set(dmfb.DEFINED) - {name.split()[0] for name, _, _ in cases}
     assert not missed, f"ops with no opcheck case: {missed}"

@@ -117,11 +117,19 @@ def test_adopt_takes_an_opt_in_kernel_only_where_the_breakdown_measured_it_faste
     assert thin_adopted(0.3, 0.4) == {"DMFN_THIN_CONV"}
     assert thin_adopted(1.3, 0.99) == set()  # 0.4% faster in sum: within the noise
     assert thin_adopted(0.3, None) == set()  # a row missing (its kernel failed)
+    # the loss's L1 kernels, from their own rows
+    l1 = "L1 loss terms fwd+bwd bfloat16 (VGG features of 16 x 256 px)"
+
+    def l1_adopted(kernels, aten):
+        return {s for s, on, _ in decide([dict(group=l1, name="L1 kernels", gpu_ms=kernels),
+                                          dict(group=l1, name="ATen (the loss's formula)", gpu_ms=aten)]) if on}
+    assert l1_adopted(0.4, 1.6) == {"DMFN_L1_KERNEL"}
+    assert l1_adopted(1.58, 1.6) == set()
 
 
 def test_summary_ratios_of_the_opt_in_kernels(tmp_path):
-    """The summary's ratios for the thin-input convolution and the max-pool kernels, from their breakdown rows
-    (per call and GPU time); a missing row gives None."""
+    """The summary's ratios for the thin-input convolution, the max-pool and the L1 loss kernels, from their
+    breakdown rows (per call and GPU time); a missing row gives None."""
     sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
     import gpu_summary
 
@@ -133,7 +141,11 @@ def test_summary_ratios_of_the_opt_in_kernels(tmp_path):
             dict(group=vgg, name="max-pool kernels", ms=8.0, gpu_ms=7.0),
             dict(group="max pool 2x2 fwd+bwd bfloat16 [16, 64, 256, 256]", name="ATen max_pool2d", ms=0.4, gpu_ms=0.3),
             dict(group="max pool 2x2 fwd+bwd bfloat16 [16, 64, 256, 256]", name="max-pool kernels", ms=0.2,
-                 gpu_ms=0.15)]
+                 gpu_ms=0.15),
+            dict(group="L1 loss terms fwd+bwd bfloat16 (VGG features of 16 x 256 px)",
+                 name="ATen (the loss's formula)", ms=2.0, gpu_ms=1.6),
+            dict(group="L1 loss terms fwd+bwd bfloat16 (VGG features of 16 x 256 px)", name="L1 kernels", ms=0.5,
+                 gpu_ms=0.4)]
     (tmp_path / "breakdown.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
     gpu_summary.main(str(tmp_path))
     summary = json.loads((tmp_path / "summary.json").read_text())
@@ -144,6 +156,8 @@ def test_summary_ratios_of_the_opt_in_kernels(tmp_path):
     assert ratios["max_pool_fwd_bwd_kernels_vs_aten"] == 2.0 and gpu["max_pool_fwd_bwd_kernels_vs_aten"] == 2.0
     assert ratios["vgg_fwd_bwd_max_pool_kernels_vs_plain"] == 1.0
     assert gpu["vgg_fwd_bwd_max_pool_kernels_vs_plain"] == round(7.5 / 7.0, 3)
+    l1 = "l1_loss_terms_fwd_bwd_kernels_vs_aten"
+    assert ratios[l1] == 4.0 and gpu[l1] == 4.0
 
 
 def test_centroid_input_read_share(tmp_path):

@@ -159,9 +159,9 @@ def test_combined_loss_terms_weights_and_gradient_flow():
 
 def test_impl_fast_runs_where_the_vgg_kernel_cannot(monkeypatch):
     """DMFNLoss(impl="fast") asks the fast path of the centroid op (which runs on CPUs) and of the VGG's
-    bias + ReLU and max-pool kernels (which need CUDA and Triton): on a CPU the VGG keeps its plain layers,
-    without an error, and the terms are the reference's."""
-    from dmfn_fast.ops import bias_act, centroid_align, max_pool
+    bias + ReLU and max-pool kernels and the L1 kernels (which need CUDA and Triton): on a CPU the VGG and the
+    L1 terms keep their plain layers and formula, without an error, and the terms are the reference's."""
+    from dmfn_fast.ops import bias_act, centroid_align, l1_loss, max_pool
 
     if not centroid_align.extension_available():
         pytest.skip("the centroid extension is not built: impl='fast' has nothing to run here")
@@ -171,6 +171,7 @@ def test_impl_fast_runs_where_the_vgg_kernel_cannot(monkeypatch):
     calls = []
     monkeypatch.setattr(bias_act, "bias_act", lambda *a, **k: calls.append(1))
     monkeypatch.setattr(max_pool, "max_pool2x2", lambda *a, **k: calls.append(2))
+    monkeypatch.setattr(l1_loss, "l1_mean", lambda *a, **k: calls.append(3))
     _, fast = losses.DMFNLoss(vgg, impl="fast")(out, tgt)
     _, ref = losses.DMFNLoss(vgg, impl="reference")(out, tgt)
     assert not calls
@@ -200,6 +201,30 @@ def test_l1_mean_same_gradients_as_the_formula(dtype, guided):
                                atol=0)
     assert torch.equal(out["l1_mean"][1], out["formula"][1])
     assert (out["l1_mean"][1][1] == 0).all()
+
+
+def test_every_l1_term_asks_the_kernels_with_the_loss_impl(monkeypatch):
+    """DMFNLoss's guided (2), VGG feature-matching (3) and discriminator feature-matching (one per feature) terms
+    each ask ops.l1_loss.use_fast with the loss's impl, with b and g that need no gradient; where it says no,
+    _L1Mean runs."""
+    from dmfn_fast.ops import l1_loss
+
+    torch.manual_seed(0)
+    asked = []
+
+    def ask(a, b, g=None, impl="auto"):
+        asked.append((impl, g is not None, b.requires_grad))
+        return False
+    monkeypatch.setattr(l1_loss, "use_fast", ask)
+    vgg = VGG19Features(weights="random")
+    out = (torch.rand(2, 3, 32, 32) * 2 - 1).requires_grad_()
+    tgt = torch.rand(2, 3, 32, 32) * 2 - 1
+    ff = [torch.randn(2, 4, 3, 3, requires_grad=True) for _ in range(5)]
+    fr = [torch.randn(2, 4, 3, 3, requires_grad=True) for _ in range(5)]  # detached by the term
+    for impl in ("reference", "fast"):
+        asked.clear()
+        losses.DMFNLoss(vgg, impl=impl)(out, tgt, torch.randn(2, 1), torch.randn(2, 1), ff, fr)
+        assert asked == [(impl, True, False)] * 2 + [(impl, False, False)] * 3 + [(impl, False, False)] * 5
 
 
 def test_l1_mean_keeps_int8_signs_for_backward():
