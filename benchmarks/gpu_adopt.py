@@ -12,6 +12,7 @@ import sys
 GROUP = "pieces bfloat16"  # the training dtype, N=16, 64x64, C=64
 VGG = "VGG19 fwd+bwd bfloat16"  # the frozen VGG as the training step runs it, 256 px, batch 16
 THIN = "G input conv bfloat16"  # the generator's 4 -> 64 5x5 convolution and ReLU, inference and training
+THIN_D = "D input conv bfloat16"  # the discriminator's 3 -> 64 5x5 stride-2 convolution, training
 L1 = "L1 loss terms fwd+bwd bfloat16"  # the loss's guided and feature-matching terms on a batch's VGG features
 MARGIN = 0.97  # an opt-in must be at least 3% faster in GPU time: below that the medians do not separate
 # ... and at most 1 / MARGIN (about 3%) slower per call (do_bench's ms, host time included) where both rows
@@ -26,8 +27,11 @@ RULES = [
      ["fused fwd kernel", "fused grad kernel (recompute + IN/ReLU bwd + suffix)", "fused dgrad kernel"]),
     ("DMFN_BIAS_ACT", VGG, ["bias+ReLU kernel"], ["ATen bias add, ReLU"]),
     ("DMFN_MAX_POOL", VGG, ["max-pool kernels"], ["ATen bias add, ReLU"]),  # that row: ATen's pools too
-    ("DMFN_THIN_CONV", THIN, ["fwd, batch 64: thin conv kernel", "fwd+bwd, batch 16: thin conv kernel"],
-     ["fwd, batch 64: cuDNN, bias, ReLU", "fwd+bwd, batch 16: cuDNN, bias, ReLU"]),
+    # one switch for both models' input convolutions: their rows summed (row names unique across the two groups)
+    ("DMFN_THIN_CONV", (THIN, THIN_D),
+     ["fwd, batch 64: thin conv kernel", "fwd+bwd, batch 16: thin conv kernel",
+      "D fwd+bwd, batch 16: thin conv kernel"],
+     ["fwd, batch 64: cuDNN, bias, ReLU", "fwd+bwd, batch 16: cuDNN, bias, ReLU", "D fwd+bwd, batch 16: cuDNN"]),
     ("DMFN_L1_KERNEL", L1, ["L1 kernels"], ["ATen (the loss's formula)"]),
 ]
 

@@ -456,6 +456,22 @@ for batch, label in ((64, "fwd, batch 64"), (16, "fwd+bwd, batch 16")):
             record(thin_g, name, lambda fn=fn, gy=gy: torch.autograd.grad(fn(), (w_in, b_in), gy), 2 * flop,
                    3 * nbytes)
 del w_in, b_in, x_in
+# the discriminator's global input convolution, 3 -> 64 channels, 5x5, stride 2, as its training runs it (a batch
+# norm after it): cuDNN (a generic kernel, 0.76 ms per step in s10) or the thin kernels (the image padded to 4
+# channels); forward, then the input (the generator's step) and weight gradients; gpu_adopt.py's DMFN_THIN_CONV
+# with the generator's rows
+thin_d = f"D input conv {str(THIN_DT).split('.')[-1]}"
+w_d = (torch.randn(64, 3, 5, 5, device=DEV) / 10).to(THIN_DT).requires_grad_()
+b_d = torch.randn(64, device=DEV).to(THIN_DT).requires_grad_()
+side = 256 if CUDA else 16
+x_d = cl(torch.rand(16 if CUDA else 2, 3, side, side, device=DEV).to(THIN_DT)).requires_grad_()
+flop = 2 * x_d.shape[0] * (side // 2) ** 2 * 64 * 75
+gy = torch.randn_like(F.conv2d(x_d.detach(), w_d.detach(), None, 2, 2))
+nbytes = x_d.numel() * x_d.element_size() * (1 + 64 / 12) * 3  # forward, dgrad, wgrad: the input and the output
+for name, fn in (("D fwd+bwd, batch 16: cuDNN", lambda: F.conv2d(x_d, w_d, b_d, 2, 2)),
+                 ("D fwd+bwd, batch 16: thin conv kernel", lambda: tc.thin_conv(x_d, w_d, b_d, 2, 2, "none"))):
+    record(thin_d, name, lambda fn=fn: torch.autograd.grad(fn(), (x_d, w_d, b_d), gy), 3 * flop, nbytes)
+del w_d, b_d, x_d, gy
 
 # ----------------------------------------------------------------------------- TMA zero fill (design question)
 

@@ -280,7 +280,8 @@ def opt_in():
     compiled graphs keep the row kernels), "wgrad tma (eager)" (DMFN_WGRAD_TMA, on by default with DMFN_TMA
     since s10; it takes precedence over wgrad9), "bias+relu kernel (eager)" (DMFN_BIAS_ACT=1: the VGG's and
     the generator's first convolutions add their bias under the ReLU in one kernel), "thin conv kernel (eager)"
-    (DMFN_THIN_CONV=1: the generator's input convolution and ReLU in ops/thin_conv.py's kernels), "max-pool
+    (DMFN_THIN_CONV=1: the generator's input convolution and ReLU, and the discriminator's two input convolutions, in
+    ops/thin_conv.py's kernels), "max-pool
     kernels (eager)" (DMFN_MAX_POOL=1: the VGG's pools without indices, ops/max_pool.py), "L1 loss kernels
     (eager)" (DMFN_L1_KERNEL=1: the loss's guided and feature-matching terms, ops/l1_loss.py)."""
     from dmfn_fast.ops import bias_act, dmfb, l1_loss, max_pool, thin_conv

@@ -68,10 +68,11 @@ for bias, act in ((torch.randn(40, device="cuda", dtype=torch.bfloat16), "lrelu"
     yb.float().sum().backward()
     assert torch.isfinite(yb).all() and torch.isfinite(xb.grad).all()
     xb = xb.detach()
-# the thin-input convolution (the generator's input convolution): a partial pixel tile, stride 2, 8 channels,
-# 24 outputs, forward and the weight, bias and input gradients in bf16 and fp32
+# the thin-input convolution (the generator's input convolution; the discriminator's, 3 channels padded to 4):
+# a partial pixel tile, stride 2, 8 channels, 24 outputs, forward and the weight, bias and input gradients in
+# bf16 and fp32
 for dt in (torch.bfloat16, torch.float32):
-    for C, K, stride, pad in ((4, 5, 1, 2), (8, 3, 2, 1)):
+    for C, K, stride, pad in ((4, 5, 1, 2), (3, 5, 2, 2), (8, 3, 2, 1)):
         xt = torch.randn(2, C, 13, 11, device="cuda", dtype=dt).contiguous(memory_format=torch.channels_last)
         wt = torch.randn(24, C, K, K, device="cuda", dtype=dt).requires_grad_()
         bt = torch.randn(24, device="cuda", dtype=dt).requires_grad_()

@@ -136,6 +136,9 @@ def main(out):
         for label, key in (("fwd, batch 64", "fwd_b64"), ("fwd+bwd, batch 16", "fwd_bwd_b16")):
             out_[f"g_input_conv_{key}_thin_kernel_vs_cudnn"] = ratio(ms(thin, f"{label}: cuDNN, bias, ReLU", field),
                                                                      ms(thin, f"{label}: thin conv kernel", field))
+        out_["d_input_conv_fwd_bwd_b16_thin_kernel_vs_cudnn"] = ratio(
+            ms("D input conv bfloat16", "D fwd+bwd, batch 16: cuDNN", field),
+            ms("D input conv bfloat16", "D fwd+bwd, batch 16: thin conv kernel", field))
         out_["max_pool_fwd_bwd_kernels_vs_aten"] = ratio(ms("max pool 2x2 fwd+bwd bfloat16", "ATen max_pool2d", field),
                                                          ms("max pool 2x2 fwd+bwd bfloat16", "max-pool kernels", field))
         vgg = "VGG19 fwd+bwd bfloat16"

@@ -11,7 +11,8 @@ B[k, o] is the weight w[o, c, ky, kx], packed by the caller as [K, O] rows and l
 in place from [O, C, KH, KW], its loads were scalar, twice the gathers' load instructions). K = KH * KW * C
 fits one dot (5x5 x 4 channels: 100 of BLOCK_K 128). The output is written once, channels-last, after the
 bias and activation. C is a power of two: with 3 channels the gathers are scalar, each with its own address,
-and the sm_90 cubins spilled 1.5-1.7 KB.
+and the sm_90 cubins spilled 1.5-1.7 KB, so the op runs a 3-channel input (the discriminator's image) as 4,
+a zero channel added to the input and the weight.
 """
 import triton
 import triton.language as tl

@@ -93,8 +93,9 @@ def bias_act_specs(dtype="bf16"):
 
 def thin_conv_specs(dtype="bf16"):
     """The thin-input convolution (ops/thin_conv.py) at every autotune config: the generator's input convolution
-    (4 channels, 5x5, ReLU: the pixel gathers in 8-byte vectors), and an 8-channel 3x3 stride-2 one without a
-    bias, leaky ReLU (16-byte gathers, 72 of the 128 K)."""
+    (4 channels, 5x5, ReLU: the pixel gathers in 8-byte vectors), the discriminator's (3 channels run as 4,
+    5x5, stride 2, no activation), and an 8-channel 3x3 stride-2 one without a bias, leaky ReLU (16-byte
+    gathers, 72 of the 128 K)."""
     from dmfn_fast.kernels import thin_conv as ktc
 
     act = "*fp32" if dtype == "tf32" else "*" + dtype
@@ -103,6 +104,8 @@ def thin_conv_specs(dtype="bf16"):
     fwd_sig = dict(x_ptr=act, w_ptr=act, b_ptr=act, y_ptr=act, **ints)
     wgrad_sig = dict(x_ptr=act, y_ptr=act, dy_ptr=act, dw_ptr="*fp32", db_ptr="*fp32", **ints, PROGRAMS="i32")
     shapes = (("generator input", dict(C=4, KH=5, KW=5, STRIDE=1, PAD=2, ACT=1, HAS_BIAS=True)),
+              # 3 channels padded to 4, no activation (a batch norm follows)
+              ("discriminator input", dict(C=4, KH=5, KW=5, STRIDE=2, PAD=2, ACT=0, HAS_BIAS=True)),
               ("8 channels stride 2", dict(C=8, KH=3, KW=3, STRIDE=2, PAD=1, ACT=2, HAS_BIAS=False)))
     out = []
     for label, shape in shapes:

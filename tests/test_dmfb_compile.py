@@ -118,7 +118,8 @@ def test_thin_conv_kernels(compiled):
     for key in thin:
         if " fp32 " not in key:
             assert compiled[key]["HMMA"] + compiled[key]["HGMMA"] > 0, f"{key}: no tensor-core instructions"
-        if " bf16 " in key and "thin_conv_fwd generator input" in key:  # (the wgrad's dy rows load wider)
+        if " bf16 " in key and ("thin_conv_fwd generator input" in key
+                                 or "thin_conv_fwd discriminator input" in key):  # (the wgrad's dy rows load wider)
             assert compiled[key]["LDG.E.64"] > 0, f"{key}: no 8-byte gathers"
 
 

@@ -446,7 +446,8 @@ def test_l1_loss_matches_the_formula(dtype, shape, layout, guided):
 # the generator's input convolution in three dtypes; other shapes in bf16 (each new shape and dtype compiles
 # and autotunes the kernels again, and the interpreter covers fp32 and fp16 at these shapes)
 THIN_CASES = [(dt, (16, 4, 256, 256, 5, 1, 2)) for dt in DTYPES] + [
-    (torch.bfloat16, shape) for shape in ((3, 4, 37, 29, 5, 1, 2), (2, 8, 33, 31, 3, 2, 1), (1, 1, 17, 13, 3, 1, 1))]
+    (torch.bfloat16, shape) for shape in ((3, 4, 37, 29, 5, 1, 2), (2, 8, 33, 31, 3, 2, 1), (1, 1, 17, 13, 3, 1, 1),
+                                          (16, 3, 256, 256, 5, 2, 2))]  # the last: the discriminator's global input
 
 
 @pytest.mark.parametrize("dtype, shape", THIN_CASES)
@@ -467,6 +468,39 @@ def test_thin_conv_parity(dtype, shape):
     g = torch.randn_like(y)
     for a, r in zip((y, *torch.autograd.grad(y, fast, g)), (y64, *torch.autograd.grad(y64, ref, g.double()))):
         assert _err(a, r) <= TOL[dtype]
+
+
+def test_discriminator_thin_conv_in_training():
+    """The discriminator's two 3-channel input convolutions by the thin-input kernel as training runs them (bf16
+    autocast, channels-last, batch-statistics norms): logits, local features and the input and weight
+    gradients within bf16's tolerance of the same discriminator on its plain layers."""
+    from dmfn_fast.models import Discriminator
+    from dmfn_fast.ops import thin_conv as tc
+
+    torch.manual_seed(0)
+    D = Discriminator(nf=32, impl="fast").cuda().to(memory_format=torch.channels_last)
+    D_ref = Discriminator(nf=32, impl="reference", init=False).cuda().to(memory_format=torch.channels_last)
+    D_ref.load_state_dict(D.state_dict())
+    cl = torch.channels_last
+    xl = (torch.rand(4, 3, 128, 128, device="cuda") * 2 - 1).contiguous(memory_format=cl)
+    xg = (torch.rand(4, 3, 256, 256, device="cuda") * 2 - 1).contiguous(memory_format=cl)
+    calls = []
+    real = tc._ThinConvEager.apply
+    tc._ThinConvEager.apply = lambda *a: calls.append(1) or real(*a)
+    out = {}
+    try:
+        for name, model in (("fast", D), ("ref", D_ref)):
+            ins = [_leaf(xl), _leaf(xg)]
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                logits, feats = model(*ins)
+            loss = logits.float().square().sum() + sum(f.float().square().mean() for f in feats)
+            grads = torch.autograd.grad(loss, ins + [model.local_fea1.conv.weight, model.global_model[0].conv.weight])
+            out[name] = [logits, *feats, *grads]
+    finally:
+        tc._ThinConvEager.apply = real
+    assert len(calls) == 2
+    for a, r in zip(out["fast"], out["ref"]):
+        assert (a.float() - r.float()).norm() <= 3e-2 * r.float().norm()
 
 
 def test_generator_thin_conv_in_training():

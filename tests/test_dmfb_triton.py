@@ -93,6 +93,7 @@ for _dt in ("fp32", "fp16"):
     for _n in (1, 3):
         CASES[f"thin-conv-{_dt}-N{_n}"] = ("thin_conv", dict(dtype=_dt, N=_n))
 CASES["thin-conv-generator"] = ("generator_thin", dict(N=2, H=16, W=12))
+CASES["thin-conv-discriminator"] = ("discriminator_thin", dict(N=2, nf=4))
 # The index-free max pool (ops/max_pool.py); in the VGG: the bias-act case above (bias-act-vgg-fused-32px).
 for _dt in ("fp32", "fp16"):
     for _n in (1, 3):
@@ -828,7 +829,9 @@ def check_generator_inference(N, H, W):
 
 # (C, H, W, O, kernel, stride, padding): the generator's input convolution, a 2-channel 5x5 stride-2 one, an
 # 8-channel 3x3 one with a partial output tile (O=24), one channel, stride 2 without padding
-THIN_SHAPES = ((4, 13, 11, 64, 5, 1, 2), (2, 13, 11, 64, 5, 2, 2), (8, 9, 7, 24, 3, 1, 1), (1, 6, 5, 16, 3, 2, 0))
+# (C, H, W, O, K, stride, padding); 3 channels (the discriminator's image input) run as 4
+THIN_SHAPES = ((4, 13, 11, 64, 5, 1, 2), (2, 13, 11, 64, 5, 2, 2), (3, 13, 11, 64, 5, 2, 2), (8, 9, 7, 24, 3, 1, 1),
+               (1, 6, 5, 16, 3, 2, 0))
 
 
 def check_thin_conv(dtype, N):
@@ -925,6 +928,48 @@ def check_generator_thin(N, H, W):
     return out
 
 
+def check_discriminator_thin(N, nf):
+    """The fast discriminator's two 3-channel input convolutions (5x5, stride 2) by the thin-input kernel (the
+    image padded to 4 channels): logits, the local features and the gradients of both inputs and of every
+    parameter against the reference discriminator (fp32, same weights, batch-statistics norms)."""
+    from dmfn_fast.models import Discriminator
+    from dmfn_fast.ops import thin_conv as tc
+
+    torch.manual_seed(5)
+    D = Discriminator(nf=nf, impl="fast")
+    D_ref = Discriminator(nf=nf, impl="reference", init=False)
+    D_ref.load_state_dict(D.state_dict())
+    cl = torch.channels_last
+    xl = (torch.rand(N, 3, 128, 128) * 2 - 1).contiguous(memory_format=cl)
+    xg = (torch.rand(N, 3, 256, 256) * 2 - 1).contiguous(memory_format=cl)
+    calls = []
+    real = tc._forward
+    tc._forward = lambda *a: calls.append(a[0].shape[1]) or real(*a)
+    try:
+        ins = [_leaf(xl), _leaf(xg)]
+        logits, feats = D(*ins)
+    finally:
+        tc._forward = real
+    assert calls == [3, 3], calls  # the local path's and the global path's input convolution
+    ins_ref = [_leaf(xl), _leaf(xg)]
+    logits_ref, feats_ref = D_ref(*ins_ref)
+    gl = torch.randn_like(logits)
+    gf = [torch.randn_like(f) for f in feats]
+    grads = torch.autograd.grad([logits] + feats, ins + list(D.parameters()), [gl] + gf)
+    grads_ref = torch.autograd.grad([logits_ref] + feats_ref, ins_ref + list(D_ref.parameters()), [gl] + gf)
+    out = [("logits", _err(logits, logits_ref), 1e-5)]
+    out += [(f"local feature {i + 1}", _err(f, r), 1e-5) for i, (f, r) in enumerate(zip(feats, feats_ref))]
+    out += [(f"grad {n}", _err(a, r), 1e-5) for n, a, r in zip(("x_local", "x_global"), grads, grads_ref)]
+    # a convolution's bias before a batch norm has zero true gradient: each parameter's gradient is compared
+    # over its module's largest
+    names = [n for n, _ in D.named_parameters()]
+    grads_ref = dict(zip(names, grads_ref[2:]))
+    for n, a in zip(names, grads[2:]):
+        scale = max(grads_ref[m].abs().max().item() for m in names if m.rsplit(".", 1)[0] == n.rsplit(".", 1)[0])
+        out.append((f"grad {n}", _err(a, grads_ref[n], scale), 1e-5))
+    return out
+
+
 def check_opcheck(N, H, W, C, device="cpu"):
     """torch.library.opcheck (schema, fake kernel, autograd registration, AOT dispatch) of every DMFB op,
     forward and backward. A failure raises; each op that passes reports 0."""
@@ -966,6 +1011,9 @@ def check_opcheck(N, H, W, C, device="cpu"):
         ("thin_conv relu", ops.thin_conv.default, (xt, wt, torch.randn(C, device=device).requires_grad_(), 1, 2,
                                                    1, 0.2)),
         ("thin_conv lrelu no bias stride 2", ops.thin_conv.default, (xt, wt, None, 2, 2, 2, 0.2)),
+        ("thin_conv 3 channels no act stride 2", ops.thin_conv.default,
+         (xt[:, :3].contiguous(memory_format=cl).detach().requires_grad_(), wt[:, :3].detach().requires_grad_(),
+          torch.randn(C, device=device).requires_grad_(), 2, 2, 0, 0.2)),
         ("thin_conv_wgrad", ops.thin_conv_wgrad.default, (xt.detach(), yt, torch.randn_like(yt), wt.detach(), 1, 2,
                                                           1, 0.2)),
         ("max_pool2x2", ops.max_pool2x2.default, (x,)),

@@ -107,16 +107,20 @@ def test_adopt_takes_an_opt_in_kernel_only_where_the_breakdown_measured_it_faste
     # the thin-input convolution, from its forward (inference) and fwd+bwd (training) rows together
     thin = "G input conv bfloat16"
 
-    def thin_adopted(fwd, train, plain_fwd=1.3, plain_train=1.0):
+    def thin_adopted(fwd, train, plain_fwd=1.3, plain_train=1.0, d=0.1, plain_d=0.3):
         rows = [dict(group=thin, name=f"{label}: {kind}", gpu_ms=t)
                 for label, kind, t in (("fwd, batch 64", "thin conv kernel", fwd),
                                        ("fwd+bwd, batch 16", "thin conv kernel", train),
                                        ("fwd, batch 64", "cuDNN, bias, ReLU", plain_fwd),
                                        ("fwd+bwd, batch 16", "cuDNN, bias, ReLU", plain_train))]
+        rows += [dict(group="D input conv bfloat16", name=f"D fwd+bwd, batch 16: {kind}", gpu_ms=t)
+                 for kind, t in (("thin conv kernel", d), ("cuDNN", plain_d))]
         return {s for s, on, _ in decide(rows) if on}
     assert thin_adopted(0.3, 0.4) == {"DMFN_THIN_CONV"}
-    assert thin_adopted(1.3, 0.99) == set()  # 0.4% faster in sum: within the noise
+    assert thin_adopted(1.3, 0.99, d=0.3) == set()  # 0.4% faster in sum: within the noise
+    assert thin_adopted(1.3, 1.0, d=0.1) == {"DMFN_THIN_CONV"}  # the discriminator's rows count too
     assert thin_adopted(0.3, None) == set()  # a row missing (its kernel failed)
+    assert thin_adopted(0.3, 0.4, d=None) == set()
     # the loss's L1 kernels, from their own rows
     l1 = "L1 loss terms fwd+bwd bfloat16 (VGG features of 16 x 256 px)"
 
@@ -145,7 +149,9 @@ def test_summary_ratios_of_the_opt_in_kernels(tmp_path):
             dict(group="L1 loss terms fwd+bwd bfloat16 (VGG features of 16 x 256 px)",
                  name="ATen (the loss's formula)", ms=2.0, gpu_ms=1.6),
             dict(group="L1 loss terms fwd+bwd bfloat16 (VGG features of 16 x 256 px)", name="L1 kernels", ms=0.5,
-                 gpu_ms=0.4)]
+                 gpu_ms=0.4),
+            dict(group="D input conv bfloat16", name="D fwd+bwd, batch 16: cuDNN", ms=0.6, gpu_ms=0.3),
+            dict(group="D input conv bfloat16", name="D fwd+bwd, batch 16: thin conv kernel", ms=0.2, gpu_ms=0.1)]
     (tmp_path / "breakdown.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
     gpu_summary.main(str(tmp_path))
     summary = json.loads((tmp_path / "summary.json").read_text())
@@ -156,6 +162,8 @@ def test_summary_ratios_of_the_opt_in_kernels(tmp_path):
     assert ratios["max_pool_fwd_bwd_kernels_vs_aten"] == 2.0 and gpu["max_pool_fwd_bwd_kernels_vs_aten"] == 2.0
     assert ratios["vgg_fwd_bwd_max_pool_kernels_vs_plain"] == 1.0
     assert gpu["vgg_fwd_bwd_max_pool_kernels_vs_plain"] == round(7.5 / 7.0, 3)
+    assert ratios["d_input_conv_fwd_bwd_b16_thin_kernel_vs_cudnn"] == 3.0
+    assert gpu["d_input_conv_fwd_bwd_b16_thin_kernel_vs_cudnn"] == 3.0
     l1 = "l1_loss_terms_fwd_bwd_kernels_vs_aten"
     assert ratios[l1] == 4.0 and gpu[l1] == 4.0
 

@@ -197,6 +197,35 @@ def test_discriminator_outputs_and_input_checks():
         d(torch.randn(2, 3, 64, 64), torch.randn(2, 3, 256, 256))
 
 
+def test_discriminator_impl_validates_and_keeps_its_hooks(monkeypatch):
+    """Discriminator(impl=...) is validated; where the thin-input kernel may run (use_fast patched to say yes,
+    the kernel stubbed), a path whose input block or whole global model carries a hook keeps its plain layers,
+    so the hook runs."""
+    import torch.nn.functional as F
+
+    from dmfn_fast.ops import thin_conv
+
+    with pytest.raises(ValueError, match="impl must be one of"):
+        Discriminator(impl="quick")
+    d = Discriminator(nf=4, impl="fast")
+    calls = []
+    monkeypatch.setattr(thin_conv, "use_fast", lambda x, impl="auto": impl != "reference")
+    monkeypatch.setattr(thin_conv, "thin_conv", lambda x, w, b, s, p, act: calls.append(1) or F.conv2d(x, w, b, s, p))
+    xl, xg = torch.randn(2, 3, 128, 128), torch.randn(2, 3, 256, 256)
+    with torch.no_grad():
+        ref = Discriminator(nf=4, impl="reference", init=False)
+        ref.load_state_dict(d.state_dict())
+        want = ref(xl, xg)[0]
+        assert torch.allclose(d(xl, xg)[0], want) and len(calls) == 2
+        fired = []
+        h1 = d.local_fea1.register_forward_hook(lambda m, i, o: fired.append("local"))
+        h2 = d.global_model.register_forward_pre_hook(lambda m, i: fired.append("global"))
+        calls.clear()
+        assert torch.allclose(d(xl, xg)[0], want)
+        assert calls == [] and sorted(fired) == ["global", "local"]
+        h1.remove(), h2.remove()
+
+
 def test_impl_switch_propagates_and_validates():
     g = Generator(nf=16, n_blocks=2, impl="reference")
     assert all(b.impl == "reference" for b in g.blocks)

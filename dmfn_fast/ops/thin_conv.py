@@ -1,7 +1,8 @@
-"""A convolution of a thin input (1, 2, 4 or 8 channels) with its bias and activation in one Triton kernel:
+"""A convolution of a thin input (1, 2, 3, 4 or 8 channels) with its bias and activation in one Triton kernel:
 thin_conv(x, w, b, stride, padding, act) = act(conv2d(x, w, b, stride, padding)). Where it runs: the
-generator's 4-channel 5x5 input convolution and the ReLU after it (kernels/thin_conv.py: cuDNN runs that
-layer at a fraction of its floor).
+generator's 4-channel 5x5 input convolution and the ReLU after it, and the discriminator's two 3-channel 5x5
+stride-2 input convolutions (kernels/thin_conv.py: cuDNN runs these layers at a fraction of their floor; a
+3-channel input runs as 4, with a zero channel).
 
 Ops (namespace `dmfn_fast`, registered with fake kernels through the DMFB ops' machinery, dmfb._define, so
 torch.compile can trace them and opcheck checks them):
@@ -28,7 +29,9 @@ from . import dmfb as _d
 from .bias_act import ACTS, bias_act_reference
 
 _AUTO = _impl.env_switch("DMFN_THIN_CONV") == "1"
-CHANNELS = (1, 2, 4, 8)  # input channels: vector gathers (3 channels spilled, kernels/thin_conv.py)
+# input channels: vector gathers; 3 (an image: the discriminator's first convolutions) run as 4, a zero channel
+# added to the input and the weight (3-channel gathers were scalar and spilled, kernels/thin_conv.py)
+CHANNELS = (1, 2, 3, 4, 8)
 MAX_OUT = 128  # output channels: one tile of them
 MAX_K = 128  # taps x channels in the one dot (5x5 x 4: 100)
 
@@ -39,6 +42,18 @@ def thin_conv_reference(x, w, b=None, stride=1, padding=0, act="relu", slope=0.2
 
 
 _ktc = _d.import_kernel_module("thin_conv", "thin-input convolution kernel", "the plain layers run")
+
+
+def _kernel_channels(c):
+    return 4 if c == 3 else c
+
+
+def _padded(x, w):
+    """(x, w) with 3 input channels padded to 4 by a zero channel (x channels-last): what the kernels take."""
+    if x.shape[1] != 3:
+        return x, w
+    x = _d._cl(torch.cat([x, x.new_zeros(x.shape[0], 1, *x.shape[2:])], 1))
+    return x, F.pad(w, (0, 0, 0, 0, 0, 1))
 
 
 def _shape(x, w, stride, padding):
@@ -60,7 +75,7 @@ def _programs(device_index):
 
 def _forward(x, w, b, stride, padding, act, slope, launch):
     """y = act(conv(x) + b), channels-last. launch(kernel, *tensors) -> kernel ready for [grid](...)."""
-    x = _d._cl(x)
+    x, w = _padded(_d._cl(x), w)
     N, C, H, W, O, KH, KW, OH, OW, cx = _shape(x, w, stride, padding)
     y = _d._empty_cl(N, O, OH, OW, x)
     M = N * OH * OW
@@ -79,7 +94,8 @@ def _forward(x, w, b, stride, padding, act, slope, launch):
 def _wgrad(x, y, dy, w, stride, padding, act, slope, launch):
     """(dw in w's layout and dtype, db [O] in w's dtype) from the output y and its gradient dy."""
     x, y, dy = _d._cl(x), _d._cl(y), _d._cl(dy)
-    N, C, H, W, O, KH, KW, OH, OW, cx = _shape(x, w, stride, padding)
+    x, w_k = _padded(x, w)
+    N, C, H, W, O, KH, KW, OH, OW, cx = _shape(x, w_k, stride, padding)
     M = N * OH * OW
     dw32 = torch.zeros(cx["BLOCK_K"], O, device=x.device, dtype=torch.float32)
     db32 = torch.zeros(O, device=x.device, dtype=torch.float32)
@@ -91,8 +107,9 @@ def _wgrad(x, y, dy, w, stride, padding, act, slope, launch):
         programs = _programs(x.device.index if x.device.index is not None else torch.cuda.current_device())
     launch(kern, x)[(programs,)](x, y, dy, dw32, db32, M, H, W, OH, OW, O, float(slope), programs, ACT=act, **cx,
                                  **_d.dot_flags(x.dtype), **tiles)
-    # rows k = (ky * KW + kx) * C + c -> [O, C, KH, KW], in w's dtype and strides (no copy when accumulated)
-    dw = torch.empty_like(w).copy_(dw32[:KH * KW * C].view(KH, KW, C, O).permute(3, 2, 0, 1))
+    # rows k = (ky * KW + kx) * C + c -> [O, C, KH, KW] (a padded channel dropped), in w's dtype and strides (no
+    # copy when accumulated)
+    dw = torch.empty_like(w).copy_(dw32[:KH * KW * C].view(KH, KW, C, O).permute(3, 2, 0, 1)[:, :w.shape[1]])
     return dw, db32.to(w.dtype, copy=True)
 
 
@@ -199,14 +216,14 @@ def thin_conv(x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor] = None
               padding: int = 0, act: str = "relu", slope: float = 0.2) -> torch.Tensor:
     """act(conv2d(x, w, b, stride, padding)) by the Triton kernels, channels-last out. Under autocast the
     operands are cast as autocast casts a convolution's; w and b are then taken in x's dtype. Takes x [N, C,
-    H, W] with C in CHANNELS and w [O, C, KH, KW] with O <= MAX_OUT and KH * KW * C <= MAX_K (a ValueError
-    otherwise), where the kernels can run (fast_why_not; a RuntimeError saying why not)."""
+    H, W] with C in CHANNELS and w [O, C, KH, KW] with O <= MAX_OUT and KH * KW * C <= MAX_K (C = 3 counts as
+    4; a ValueError otherwise), where the kernels can run (fast_why_not; a RuntimeError saying why not)."""
     if not available():
         raise RuntimeError(f"thin_conv needs Triton and its kernel: {_d.triton_unavailable_reason()}")
     if act not in ACTS:
         raise ValueError(f"act must be one of {ACTS}, got {act!r}")
     if x.dim() != 4 or w.dim() != 4 or x.shape[1] != w.shape[1] or x.shape[1] not in CHANNELS \
-            or w.shape[0] > MAX_OUT or w.shape[2] * w.shape[3] * w.shape[1] > MAX_K:
+            or w.shape[0] > MAX_OUT or w.shape[2] * w.shape[3] * _kernel_channels(w.shape[1]) > MAX_K:
         raise ValueError(f"thin_conv takes x [N, C, H, W] with C in {CHANNELS} and w [O, C, KH, KW] with O <= "
                          f"{MAX_OUT} and KH * KW * C <= {MAX_K}; got x {tuple(x.shape)}, w {tuple(w.shape)}")
     why = fast_why_not(x)
@@ -237,14 +254,14 @@ def fast_why_not(x: torch.Tensor) -> str:
 
 
 def fits(conv: nn.Module) -> bool:
-    """conv is a plain nn.Conv2d the kernel computes: 1, 2, 4 or 8 input and at most 128 output channels, a
+    """conv is a plain nn.Conv2d the kernel computes: 1, 2, 3, 4 or 8 input and at most 128 output channels, a
     square kernel whose taps x channels fit one dot, one stride and one zero padding for both axes, no
     dilation or groups, no hooks."""
     if type(conv) is not nn.Conv2d or conv.padding_mode != "zeros" or isinstance(conv.padding, str):
         return False
     kh, kw = conv.kernel_size
     return (conv.in_channels in CHANNELS and conv.out_channels <= MAX_OUT and kh == kw
-            and kh * kw * conv.in_channels <= MAX_K and conv.stride[0] == conv.stride[1]
+            and kh * kw * _kernel_channels(conv.in_channels) <= MAX_K and conv.stride[0] == conv.stride[1]
             and conv.padding[0] == conv.padding[1] and conv.dilation == (1, 1) and conv.groups == 1
             and not _impl.has_hooks(conv))
 

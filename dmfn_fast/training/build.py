@@ -122,7 +122,7 @@ def generator(nf, n_blocks, impl, device, memory_format, seed):
 
 def models(nf, n_blocks, d_nf, impl, device, memory_format, seed):
     G = generator(nf, n_blocks, impl, device, memory_format, seed)
-    return G, Discriminator(nf=d_nf).to(device, memory_format=memory_format)
+    return G, Discriminator(nf=d_nf, impl=impl).to(device, memory_format=memory_format)
 
 
 def optimizers(G, D, lr_g=2e-4, lr_d=2e-4, betas=(0.5, 0.999), lr_steps=(100_000,), lr_gamma=0.5,
