@@ -411,12 +411,16 @@ def test_max_pool_matches_aten(dtype, shape):
     assert torch.equal(torch.autograd.grad(y, xs, g)[0], torch.autograd.grad(y_ref, xr, g)[0])
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("shape, layout, guided", [
-    ((16, 64, 256, 256), torch.channels_last, True),  # the guided term on relu1_1 at the training shape
-    ((16, 512, 32, 32), torch.channels_last, False),  # a feature-matching term (relu4_1)
-    ((3, 40, 37, 29), torch.contiguous_format, True),  # NCHW, odd sizes
-    ((2, 80, 13, 11), torch.channels_last, True)])
+# the guided term on relu1_1 at the training shape in three dtypes; in bf16 a feature-matching term (relu4_1),
+# NCHW at odd sizes and a partial channel tile (each dtype and layout compiles the kernels again; the
+# interpreter covers fp32 and fp16 at small shapes)
+L1_CASES = [(dt, (16, 64, 256, 256), torch.channels_last, True) for dt in DTYPES] + [
+    (torch.bfloat16, (16, 512, 32, 32), torch.channels_last, False),
+    (torch.bfloat16, (3, 40, 37, 29), torch.contiguous_format, True),
+    (torch.bfloat16, (2, 80, 13, 11), torch.channels_last, True)]
+
+
+@pytest.mark.parametrize("dtype, shape, layout, guided", L1_CASES)
 def test_l1_loss_matches_the_formula(dtype, shape, layout, guided):
     """The losses' L1 kernels against _L1Mean (ATen's passes) on CUDA: the gradient equal to the bit (every
     product, difference and sign rounded as ATen rounds them: a contracted FMA would leave a gradient where
