@@ -38,37 +38,54 @@ def _rounded(x, dtype: tl.constexpr):
 
 
 @triton.jit
+def _g_rows(g_ptr, r64, R):
+    """G_MODE 1: one g per row, [BLOCK_R, 1] in fp32."""
+    return tl.load(g_ptr + r64, mask=r64 < R, other=0.0).to(tl.float32)[:, None]
+
+
+@triton.jit
+def _g_planes(g_ptr, r64, k, m, K, C):
+    """G_MODE 2: g[(row // C) * K + col] at each element, fp32."""
+    return tl.load(g_ptr + (r64 // C)[:, None] * K + k[None, :], mask=m, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _tile(t, R, K, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Tile t of the [R, K] matrix, row-major over [cdiv(R, BLOCK_R), cdiv(K, BLOCK_K)] tiles: its rows (int64),
+    columns, mask and offsets. A t past the last tile gives rows past R: all masked."""
+    kt = tl.cdiv(K, BLOCK_K)
+    rb = t // kt
+    r = rb.to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    k = (t - rb * kt) * BLOCK_K + tl.arange(0, BLOCK_K)
+    m = (r < R)[:, None] & (k < K)[None, :]
+    return r, k, m, r[:, None] * K + k[None, :]
+
+
+@triton.jit
 def l1_sign_fwd(a_ptr, b_ptr, g_ptr, sign_ptr, part_ptr, R, K, C, ITERS,
                 G_MODE: tl.constexpr, RN: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
-    """part[pid] = sum |d| over this program's rows, sign = sign(d) as int8 (0 where d is 0 or NaN), with
+    """part[pid] = sum |d| over this program's tiles, sign = sign(d) as int8 (0 where d is 0 or NaN), with
     d = a*g - b*g (G_MODE 1: g[row]; 2: g[(row // C) * K + col]) or a - b (G_MODE 0), rounded as ATen's.
-    Program pid takes row tiles pid, pid + programs, ... (ITERS of them, the last ones may be past R)."""
+    Program pid takes tiles pid, pid + programs, ... (ITERS of them; the last ones may be past the end), so an
+    NCHW tensor of few planes still spreads over every program."""
     pid = tl.program_id(0)
     dtype = a_ptr.dtype.element_ty
     acc = tl.zeros([BLOCK_R, BLOCK_K], dtype=tl.float32)
     for i in range(ITERS):
-        r = (pid + i * tl.num_programs(0)) * BLOCK_R + tl.arange(0, BLOCK_R)
-        rm = r < R
-        r64 = r.to(tl.int64)
-        if G_MODE == 1:
-            g_row = tl.load(g_ptr + r64, mask=rm, other=0.0).to(tl.float32)[:, None]
-        for k0 in range(0, K, BLOCK_K):
-            k = k0 + tl.arange(0, BLOCK_K)
-            m = rm[:, None] & (k < K)[None, :]
-            off = r64[:, None] * K + k[None, :]
-            a = tl.load(a_ptr + off, mask=m, other=0.0).to(tl.float32)
-            b = tl.load(b_ptr + off, mask=m, other=0.0).to(tl.float32)
-            if G_MODE == 0:
-                d = _rounded(a - b, dtype)
+        r, k, m, off = _tile(pid + i * tl.num_programs(0), R, K, BLOCK_R, BLOCK_K)
+        a = tl.load(a_ptr + off, mask=m, other=0.0).to(tl.float32)
+        b = tl.load(b_ptr + off, mask=m, other=0.0).to(tl.float32)
+        if G_MODE == 0:
+            d = _rounded(a - b, dtype)
+        else:
+            if G_MODE == 1:
+                g = _g_rows(g_ptr, r, R)
             else:
-                if G_MODE == 1:
-                    g = g_row
-                else:
-                    g = tl.load(g_ptr + (r64 // C)[:, None] * K + k[None, :], mask=m, other=0.0).to(tl.float32)
-                d = _rounded(_rounded(_product(a, g, RN), dtype) - _rounded(_product(b, g, RN), dtype), dtype)
-            acc += tl.abs(d)  # masked elements: 0 - 0
-            s = tl.where(d > 0, 1, 0) - tl.where(d < 0, 1, 0)
-            tl.store(sign_ptr + off, s.to(tl.int8), mask=m)
+                g = _g_planes(g_ptr, r, k, m, K, C)
+            d = _rounded(_rounded(_product(a, g, RN), dtype) - _rounded(_product(b, g, RN), dtype), dtype)
+        acc += tl.abs(d)  # masked elements: 0 - 0
+        s = tl.where(d > 0, 1, 0) - tl.where(d < 0, 1, 0)
+        tl.store(sign_ptr + off, s.to(tl.int8), mask=m)
     tl.store(part_ptr + pid, tl.sum(tl.sum(acc, axis=1), axis=0))
 
 
@@ -76,15 +93,11 @@ def l1_sign_fwd(a_ptr, b_ptr, g_ptr, sign_ptr, part_ptr, R, K, C, ITERS,
 def l1_sign_bwd(sign_ptr, g_ptr, scale_ptr, ga_ptr, R, K, C,
                 G_MODE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
     """ga = sign * scale (* g), scale the loss's gradient over the element count in ga's dtype: sign * scale
-    is exact, so the one rounding is ATen's mul by g."""
-    r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-    k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
-    m = (r < R)[:, None] & (k < K)[None, :]
-    r64 = r.to(tl.int64)
-    off = r64[:, None] * K + k[None, :]
+    is exact, so the one rounding is ATen's mul by g. One tile per program (a 1-D grid: no axis limit)."""
+    r, k, m, off = _tile(tl.program_id(0), R, K, BLOCK_R, BLOCK_K)
     v = tl.load(sign_ptr + off, mask=m, other=0).to(tl.float32) * tl.load(scale_ptr).to(tl.float32)
     if G_MODE == 1:
-        v = v * tl.load(g_ptr + r64, mask=r < R, other=0.0).to(tl.float32)[:, None]
+        v = v * _g_rows(g_ptr, r, R)
     elif G_MODE == 2:
-        v = v * tl.load(g_ptr + (r64 // C)[:, None] * K + k[None, :], mask=m, other=0.0).to(tl.float32)
+        v = v * _g_planes(g_ptr, r, k, m, K, C)
     tl.store(ga_ptr + off, v.to(ga_ptr.dtype.element_ty), mask=m)

@@ -138,23 +138,26 @@ def max_pool_specs(dtype="bf16"):
 
 def l1_loss_specs(dtype="bf16"):
     """The losses' L1 kernels (ops/l1_loss.py): forward (each g layout) and backward, at the training's tiles
-    (channels-last, 64 channels: 32 x 64; K = 512: 16 x 128)."""
+    (channels-last, 64 channels: 32 x 64; K = 512: 16 x 128). "bf16" also compiles fp16 (named "... fp16"):
+    LLVM treats the two 16-bit types' products differently."""
     from dmfn_fast.kernels import l1_loss as kl
 
-    act = "*" + dtype
-    ints = dict(R="i32", K="i32", C="i32")
-    fwd = dict(a_ptr=act, b_ptr=act, g_ptr=act, sign_ptr="*i8", part_ptr="*fp32", **ints, ITERS="i32")
-    bwd = dict(sign_ptr="*i8", g_ptr=act, scale_ptr=act, ga_ptr=act, **ints)
     out = []
-    for bk in (64, kl.MAX_BLOCK_K):
-        tiles = dict(BLOCK_R=kl.TILE // bk, BLOCK_K=bk)
-        for mode in (0, 1, 2):
-            for name, fn, sig, extra in (("l1_sign_fwd", kl.l1_sign_fwd, fwd, dict(RN=True)),
-                                         ("l1_sign_bwd", kl.l1_sign_bwd, bwd, {})):
-                cx = dict(G_MODE=mode, **extra, **tiles)
-                ptrs = tuple(k for k, v in sig.items() if v.startswith("*"))
-                out.append((f"{name} g{mode} {bk}", fn, dict(sig, **{k: "constexpr" for k in cx}), cx,
-                            dict(num_warps=kl.NUM_WARPS), ptrs + ("K",)))
+    for dt in (dtype, "fp16") if dtype == "bf16" else (dtype,):
+        act = "*" + dt
+        ints = dict(R="i32", K="i32", C="i32")
+        fwd = dict(a_ptr=act, b_ptr=act, g_ptr=act, sign_ptr="*i8", part_ptr="*fp32", **ints, ITERS="i32")
+        bwd = dict(sign_ptr="*i8", g_ptr=act, scale_ptr=act, ga_ptr=act, **ints)
+        for bk in (64, kl.MAX_BLOCK_K):
+            tiles = dict(BLOCK_R=kl.TILE // bk, BLOCK_K=bk)
+            for mode in (0, 1, 2):
+                for name, fn, sig, extra in (("l1_sign_fwd", kl.l1_sign_fwd, fwd, dict(RN=True)),
+                                             ("l1_sign_bwd", kl.l1_sign_bwd, bwd, {})):
+                    cx = dict(G_MODE=mode, **extra, **tiles)
+                    ptrs = tuple(k for k, v in sig.items() if v.startswith("*"))
+                    label = f"{name} g{mode} {bk}" + (" fp16" if dt != dtype else "")
+                    out.append((label, fn, dict(sig, **{k: "constexpr" for k in cx}), cx,
+                                dict(num_warps=kl.NUM_WARPS), ptrs + ("K",)))
     return out
 
 

@@ -46,6 +46,7 @@ def _compile_and_inspect(fn, signature, constexprs, options, divisible, cap):
     usage = {k: int(v) for k, v in re.findall(r"\b(REG|STACK|LOCAL):(\d+)", res)}
     ops = {op: len(re.findall(r"\b" + re.escape(op) + r"\b", sass))
            for op in ("HMMA", "HGMMA", "LDL", "STL", "UTMALDG", "LDG.E.64", "LDG.E.128", "FFMA", "HMUL2")}
+    ops["ptx mul.rn.f32"] = kernel.asm["ptx"].count("mul.rn.f32")
     return dict(usage, **ops)
 
 
@@ -124,13 +125,16 @@ def test_thin_conv_kernels(compiled):
 
 
 def test_l1_loss_kernels(compiled):
-    """The losses' L1 forward rounds each product before the subtraction, as ATen does: no FMA (fp32: FFMA;
-    16-bit: a product narrowed to HMUL2, which LLVM would contract with the subtraction, as it did before the
-    products were inline mul.rn), and it loads its tensors in 16-byte vectors."""
+    """The losses' L1 forward rounds each product before the subtraction, as ATen does. Plain multiplies (even
+    rounded to 16 bits right after) were narrowed and contracted with the subtraction into one FMA
+    (fma.rn.bf16x2 in the PTX; on sm_80 and for fp16 no HMUL2 shows it in the SASS): every product is an
+    inline mul.rn.f32 (2 per element, 16 elements per thread), and the fp32 SASS has no FFMA. 16-byte loads."""
     fwd = [k for k in compiled if k.split()[2] == "l1_sign_fwd"]
-    assert fwd
+    assert any(k.endswith(" fp16") for k in fwd)
     for key in fwd:
-        assert compiled[key]["FFMA"] == 0 and compiled[key]["HMUL2"] == 0, f"{key}: a contracted product"
+        guided = key.split()[3] != "g0"
+        assert compiled[key]["ptx mul.rn.f32"] == (32 if guided else 0), f"{key}: products not by mul.rn"
+        assert compiled[key]["FFMA"] == 0, f"{key}: a contracted product"
         assert compiled[key]["LDG.E.128"] > 0, f"{key}: no 16-byte loads"
 
 

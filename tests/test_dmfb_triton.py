@@ -648,12 +648,13 @@ def check_max_pool(dtype, N):
 
 def check_l1_loss(dtype, N):
     """l1_mean's kernels against the loss's formula (_L1Mean, ATen's passes) on features equal to the target's
-    outside a patch (as in the known region): channels-last and NCHW, with the guide g or none, 80 channels
-    (two channel tiles), 13x11 (partial tiles), one channel at 7x9 (the NCHW guide's own layout), several
-    programs each over several row tiles. fp32 and fp16: the gradient equal to the bit, the loss to the
+    outside a patch (as in the known region): channels-last and NCHW, with the guide g or none, 200 channels
+    (two channel tiles, the second partial), 13x11 (partial tiles), one channel at 7x9 (the NCHW guide's own
+    layout), several programs each over several tiles. fp32 and fp16: the gradient equal to the bit, the loss to the
     float64 sum (1e-6) and to the formula's (2 ulp); bf16 (the interpreter truncates where a GPU rounds): both
-    to bf16's rounding. Every dtype: exactly 0 gradient where a == b; a NaN gives a NaN loss; b or g with
-    gradients take the formula (the kernels would drop theirs)."""
+    to bf16's rounding. Every dtype: exactly 0 gradient where a == b; a NaN gives a NaN loss and the formula's
+    gradient; b or g with gradients take the formula (the kernels would drop theirs); a gradient of the
+    gradient (create_graph) is the formula's."""
     from dmfn_fast import losses
     from dmfn_fast.ops import l1_loss as l1
 
@@ -664,7 +665,7 @@ def check_l1_loss(dtype, N):
     l1._op = lambda *args: calls.append(1) or real(*args)
     out = []
     try:
-        for C, H, W in ((80, 13, 11), (1, 7, 9)):
+        for C, H, W in ((200, 13, 11), (1, 7, 9)):
             for fmt in (torch.channels_last, torch.contiguous_format):
                 for guided in (True, False):
                     tag = f"C{C} {'cl' if fmt == torch.channels_last else 'nchw'} {'g' if guided else 'no g'}"
@@ -697,11 +698,28 @@ def check_l1_loss(dtype, N):
                     out.append((f"{tag} grad", _err(gk, gr), 0.0 if exact else 2e-2))
         a = torch.randn(N, 16, 5, 5).to(dt)
         a[0, 3, 2, 2] = float("nan")
-        assert torch.isnan(l1.l1_mean(a, torch.zeros_like(a))), "a NaN"
-        bg = torch.randn(N, 16, 5, 5).to(dt).requires_grad_()
+        ak, ar, zero = _leaf(a), _leaf(a), torch.zeros_like(a)
+        lk = l1.l1_mean(ak, zero)
+        assert torch.isnan(lk), "a NaN"
+        gk, gr = torch.autograd.grad(lk, ak)[0], torch.autograd.grad(losses._L1Mean.apply(ar, zero, None), ar)[0]
+        assert torch.equal(gk, gr) or not exact, "a NaN's gradient"
         n0 = len(calls)
-        losses.l1_mean(_leaf(a), bg, impl="fast").backward()
-        assert len(calls) == n0 and bg.grad is not None, "b with a gradient took the kernels"
+        for b, g in ((_leaf(a), None), (a, _leaf((1 + torch.rand(N, 1, 5, 5)).to(dt)))):
+            losses.l1_mean(_leaf(a), b, g, impl="fast").backward()
+            assert len(calls) == n0 and (b if g is None else g).grad is not None, "a gradient of b or g dropped"
+        # a gradient of the gradient: linear in the loss's gradient, as the formula's
+        a = torch.randn(N, 16, 5, 5).to(dt)
+        g = (1 + torch.rand(N, 1, 5, 5)).to(dt)
+        b = torch.randn_like(a)
+        w = [torch.tensor(1.5, dtype=dt, requires_grad=True) for _ in range(2)]
+        second = []
+        for fn, wi in ((l1.l1_mean, w[0]), (losses._L1Mean.apply, w[1])):
+            at = _leaf(a)
+            (ga,) = torch.autograd.grad(wi * fn(at, b, g), at, create_graph=True)
+            second.append(torch.autograd.grad((ga.float() * torch.linspace(-1, 1, ga.numel()).view_as(ga)).sum(),
+                                              wi)[0])
+        # bf16: the formula's second derivative rounds each product and its sum in bf16, the kernels' in fp32
+        out.append(("gradient of the gradient", _err(second[0], second[1]), 1e-5 if exact else 5e-2))
     finally:
         l1._op = real
     return out
@@ -1020,6 +1038,7 @@ def check_opcheck(N, H, W, C, device="cpu"):
         ("max_pool2x2_backward", ops.max_pool2x2_backward.default, (x.detach(), torch.randn_like(yp))),
         ("l1_mean_sign guided", ops.l1_mean_sign.default, (xl, res, gl)),
         ("l1_mean_sign nchw", ops.l1_mean_sign.default, (xn, torch.randn_like(xn), None)),
+        ("l1_mean_sign nchw guided", ops.l1_mean_sign.default, (xn, torch.randn_like(xn), gl)),
         ("l1_mean_sign_backward", ops.l1_mean_sign_backward.default, (sl, gl, torch.tensor(0.5, device=device))),
     ]
     missed = set(dmfb.DEFINED) - {name.split()[0] for name, _, _ in cases}

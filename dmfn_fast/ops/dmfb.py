@@ -476,9 +476,10 @@ def _on_input_device(fn):
 DEFINED = []  # the names of the ops _define registered (the opcheck tests check every one)
 
 
-def _define(name, fn, backward=None, setup_context=None):
+def _define(name, fn, backward=None, setup_context=None, twice=False):
     """The op `dmfn_fast::name`: a triton_op, or else an opaque custom_op whose fake impl is `fn`
-    itself (its launches skip fake tensors). Returns an _Op."""
+    itself (its launches skip fake tensors). Returns an _Op. twice: its backward is itself differentiable (its
+    eager Function's backward not marked once_differentiable)."""
     qualname = f"dmfn_fast::{name}"
     DEFINED.append(name)
     fn = _on_input_device(fn)
@@ -489,7 +490,7 @@ def _define(name, fn, backward=None, setup_context=None):
         op.register_fake(fn)
     if backward is not None:
         op.register_autograd(backward, setup_context=setup_context)
-    return _Op(op, fn, backward, setup_context)
+    return _Op(op, fn, backward, setup_context, twice)
 
 
 def _plain_eager(args) -> bool:
@@ -512,7 +513,7 @@ class _Op:
     a third of its Python cost: with the launches stubbed, one DMFB forward+backward took 1.56 ms of
     host time through the ops and 1.09 ms this way (2-core dev CPU, median of 15 interleaved rounds)."""
 
-    def __init__(self, op, fn, backward, setup_context):
+    def __init__(self, op, fn, backward, setup_context, twice=False):
         self.op, self.fn = op, fn
         self.function = None
         if backward is not None:
@@ -526,7 +527,7 @@ class _Op:
 
             self.function = type(f"{op._name}_eager", (torch.autograd.Function,), {
                 "forward": staticmethod(forward),
-                "backward": staticmethod(torch.autograd.function.once_differentiable(backward)),
+                "backward": staticmethod(backward if twice else torch.autograd.function.once_differentiable(backward)),
             })
 
     def __call__(self, *args):

@@ -8,7 +8,8 @@ DMFB ops' machinery (dmfb._define: opcheck checks them; plain eager calls skip t
 the gradient are the reference's, (a*g - b*g).abs().mean(), but for the order of the sum: every element's
 difference and sign, and so the gradient, are ATen's to the bit on a GPU (the interpreter's bf16 rounding
 truncates). impl="auto" takes the kernels only with DMFN_L1_KERNEL=1 (not yet timed on a GPU); impl="fast"
-takes them; never under torch.compile, whose Inductor fuses the reference itself. Once differentiable."""
+takes them; never under torch.compile, whose Inductor fuses the reference itself. Twice differentiable, as
+the formula (the gradient is linear in the loss's gradient)."""
 import functools
 from typing import Optional, Tuple
 
@@ -60,8 +61,8 @@ def _l1_mean_sign_fn(a: torch.Tensor, b: torch.Tensor, g: Optional[torch.Tensor]
     R, K, C, mode = _matrix(a, g)
     sign = torch.empty_like(a, dtype=torch.int8)
     br, bk = _blocks(K)
-    tiles = _d._cdiv(R, br)
-    if _d.INTERPRET:  # few programs: several row tiles each, some past the end
+    tiles = _d._cdiv(R, br) * _d._cdiv(K, bk)
+    if _d.INTERPRET:  # few programs: several tiles each, some past the end
         programs = min(tiles, 3)
     else:  # traced (fake tensors) too: the compiled graph launches with the number it records here
         programs = min(tiles, _programs(a.device.index if a.device.index is not None else torch.cuda.current_device()))
@@ -82,7 +83,7 @@ def _l1_mean_sign_backward_fn(sign: torch.Tensor, g: Optional[torch.Tensor], sca
     ga = torch.empty_like(sign, dtype=scale.dtype)
     br, bk = _blocks(K)
     if R and K:
-        _d._kernel(_kl1.l1_sign_bwd, sign)[(_d._cdiv(R, br), _d._cdiv(K, bk))](
+        _d._kernel(_kl1.l1_sign_bwd, sign)[(_d._cdiv(R, br) * _d._cdiv(K, bk),)](
             sign, sign if g is None else g, scale, ga, R, K, C, G_MODE=mode, BLOCK_R=br, BLOCK_K=bk,
             num_warps=_kl1.NUM_WARPS)
     return ga
@@ -98,9 +99,22 @@ def _backward(ctx, grad, _sign_grad):
     return _backward_op(sign, g, grad / sign.numel()), None, None
 
 
+def _setup_backward(ctx, inputs, output):
+    ctx.save_for_backward(inputs[0], inputs[1])
+    ctx.scale_dtype = inputs[2].dtype
+
+
+def _backward_backward(ctx, dga):
+    """The gradient is linear in scale (a gradient of the gradient: create_graph=True, as the formula allows)."""
+    sign, g = ctx.saved_tensors
+    v = dga.float() * sign
+    return None, None, (v if g is None else v * g.float()).sum().to(ctx.scale_dtype)
+
+
 if _kl1 is not None:
-    _op = _d._define("l1_mean_sign", _l1_mean_sign_fn, _backward, _setup)
-    _backward_op = _d._define("l1_mean_sign_backward", _l1_mean_sign_backward_fn)
+    _op = _d._define("l1_mean_sign", _l1_mean_sign_fn, _backward, _setup, twice=True)
+    _backward_op = _d._define("l1_mean_sign_backward", _l1_mean_sign_backward_fn, _backward_backward,
+                              _setup_backward)
 
 
 def l1_mean(a: torch.Tensor, b: torch.Tensor, g: Optional[torch.Tensor] = None) -> torch.Tensor:
