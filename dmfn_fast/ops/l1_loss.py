@@ -138,6 +138,8 @@ def fast_why_not(a: torch.Tensor, b: torch.Tensor, g: Optional[torch.Tensor] = N
     why = _d.kernels_why_not(a, "the L1 loss kernel")
     if why:
         return why
+    if a.is_cuda and torch.version.hip:
+        return "the L1 loss kernel's products are inline PTX (NVIDIA GPUs only)"
     if b.shape != a.shape or b.dtype != a.dtype or b.device != a.device:
         return (f"b must match a in shape, dtype and device, got {b.dtype} {tuple(b.shape)} for "
                 f"{a.dtype} {tuple(a.shape)}")
