@@ -86,18 +86,15 @@ def test_adopt_takes_an_opt_in_kernel_only_where_the_breakdown_measured_it_faste
     assert adopted(wgrad=0.120, wgrad9=0.080, wgrad_tma=0.100) == {"DMFN_WGRAD9"}
     assert adopted(wgrad=0.120, wgrad9=0.118, wgrad_tma=0.080) == {"DMFN_WGRAD_TMA"}
     assert adopted(wgrad9=0.001, fwd_tma=0.001, grad_tma=0.001) == set()  # the defaults' rows missing
+    def pair_adopted(group, new, old, t_new, t_old):  # an opt-in row against its default's, in one group
+        return {s for s, on, _ in decide([dict(group=group, name=new, gpu_ms=t_new),
+                                          dict(group=group, name=old, gpu_ms=t_old)]) if on}
     # the VGG's bias+ReLU kernel, from its own rows (another group)
     vgg = "VGG19 fwd+bwd bfloat16 [16, 3, 256, 256]"
-
-    def vgg_adopted(fused, plain):
-        return {s for s, on, _ in decide([dict(group=vgg, name="bias+ReLU kernel", gpu_ms=fused),
-                                          dict(group=vgg, name="ATen bias add, ReLU", gpu_ms=plain)]) if on}
-    assert vgg_adopted(9.0, 10.0) == {"DMFN_BIAS_ACT"}
-    assert vgg_adopted(9.8, 10.0) == set()
+    assert pair_adopted(vgg, "bias+ReLU kernel", "ATen bias add, ReLU", 9.0, 10.0) == {"DMFN_BIAS_ACT"}
+    assert pair_adopted(vgg, "bias+ReLU kernel", "ATen bias add, ReLU", 9.8, 10.0) == set()
     # the max-pool kernels against the same plain row
-    pools = {s for s, on, _ in decide([dict(group=vgg, name="max-pool kernels", gpu_ms=9.0),
-                                        dict(group=vgg, name="ATen bias add, ReLU", gpu_ms=10.0)]) if on}
-    assert pools == {"DMFN_MAX_POOL"}
+    assert pair_adopted(vgg, "max-pool kernels", "ATen bias add, ReLU", 9.0, 10.0) == {"DMFN_MAX_POOL"}
     # less GPU time but slower per call (host-bound: s10's H200 VGG rows) is not adopted; per call within 3% is
     rows_s10 = [dict(group=vgg, name="bias+ReLU kernel", gpu_ms=6.13, ms=10.84),
                 dict(group=vgg, name="ATen bias add, ReLU", gpu_ms=7.53, ms=8.08)]
@@ -123,12 +120,8 @@ def test_adopt_takes_an_opt_in_kernel_only_where_the_breakdown_measured_it_faste
     assert thin_adopted(0.3, 0.4, d=None) == set()
     # the loss's L1 kernels, from their own rows
     l1 = "L1 loss terms fwd+bwd bfloat16 (VGG features of 16 x 256 px)"
-
-    def l1_adopted(kernels, aten):
-        return {s for s, on, _ in decide([dict(group=l1, name="L1 kernels", gpu_ms=kernels),
-                                          dict(group=l1, name="ATen (the loss's formula)", gpu_ms=aten)]) if on}
-    assert l1_adopted(0.4, 1.6) == {"DMFN_L1_KERNEL"}
-    assert l1_adopted(1.58, 1.6) == set()
+    assert pair_adopted(l1, "L1 kernels", "ATen (the loss's formula)", 0.4, 1.6) == {"DMFN_L1_KERNEL"}
+    assert pair_adopted(l1, "L1 kernels", "ATen (the loss's formula)", 1.58, 1.6) == set()
 
 
 def test_summary_ratios_of_the_opt_in_kernels(tmp_path):
