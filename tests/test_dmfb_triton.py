@@ -1648,20 +1648,26 @@ def test_traced_sums_are_separate_allocations():
 
 @_NEEDS_TRITON
 def test_thin_conv_takes_only_what_it_computes():
-    """thin_conv refuses shapes its kernel does not compute (a 3-channel input: scalar gathers that spilled;
-    more taps x channels than one dot holds; more than 128 outputs), and fits() picks the generator's input
-    convolution and no other layer of the generator or the VGG."""
-    from dmfn_fast.models import Generator
+    """thin_conv refuses shapes its kernel does not compute (more taps x channels than one dot holds, 3 channels
+    counting as 4; 5 channels; more than 128 outputs; mismatched channels), and fits() picks the generator's
+    input convolution and no other layer of the generator, the discriminator's two input convolutions, and of
+    the VGG its first (which the VGG does not ask)."""
+    from dmfn_fast.models import Discriminator, Generator
     from dmfn_fast.ops import thin_conv as tc
     from dmfn_fast.vgg import VGG19Features
 
-    for c, w_shape in ((3, (64, 3, 5, 5)), (8, (64, 8, 5, 5)), (4, (256, 4, 3, 3)), (4, (64, 2, 5, 5))):
+    for c, w_shape in ((3, (64, 3, 7, 7)), (8, (64, 8, 5, 5)), (5, (64, 5, 3, 3)), (4, (256, 4, 3, 3)),
+                       (4, (64, 2, 5, 5))):
         with pytest.raises(ValueError, match="thin_conv takes"):
             tc.thin_conv(torch.randn(1, c, 8, 8), torch.randn(w_shape))
     G = Generator(nf=16, n_blocks=1, init=False)
     convs = [m for m in G.modules() if isinstance(m, torch.nn.Conv2d)]
     assert [tc.fits(m) for m in convs] == [True] + [False] * (len(convs) - 1)
-    assert not any(tc.fits(m) for m in VGG19Features("random").modules())  # 3 channels: not computed
+    D = Discriminator(init=False)  # the paper's widths (with 4, the second layers take 4 channels too)
+    assert {n for n, m in D.named_modules() if isinstance(m, torch.nn.Conv2d) and tc.fits(m)} == {
+        "global_model.0.conv", "local_fea1.conv"}
+    vgg = [m for m in VGG19Features("random").modules() if isinstance(m, torch.nn.Conv2d)]
+    assert [tc.fits(m) for m in vgg] == [True] + [False] * (len(vgg) - 1)
     first = G.encoder[0].conv
     handle = first.register_forward_hook(lambda *a: None)
     assert not tc.fits(first)  # a hook the kernel would skip
