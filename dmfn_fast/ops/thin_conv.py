@@ -52,8 +52,7 @@ def _padded(x, w):
     """(x, w) with 3 input channels padded to 4 by a zero channel (x channels-last): what the kernels take."""
     if x.shape[1] != 3:
         return x, w
-    x = _d._cl(torch.cat([x, x.new_zeros(x.shape[0], 1, *x.shape[2:])], 1))
-    return x, F.pad(w, (0, 0, 0, 0, 0, 1))
+    return _d._cl(F.pad(x, (0, 0, 0, 0, 0, 1))), F.pad(w, (0, 0, 0, 0, 0, 1))  # one copy, channels-last kept
 
 
 def _shape(x, w, stride, padding):
