@@ -26,9 +26,9 @@ SWITCHES = {
     "DMFN_IMPL": ("auto", "reference"),  # reference: every op's PyTorch reference, whatever impl says
     "DMFN_RECOMPUTE": ("1", "0"),  # 0: training holds cheap activations instead of recomputing them
     "DMFN_BIAS_ACT": ("0", "1"),  # 1: impl="auto" takes the convolutions' bias + activation kernel
-    "DMFN_THIN_CONV": ("0", "1"),  # 1: impl="auto" takes the thin-input convolution kernel (the generator's first)
+    "DMFN_THIN_CONV": ("0", "1"),  # 1: impl="auto" takes the thin-input convolution kernel (G's and D's first)
     "DMFN_MAX_POOL": ("0", "1"),  # 1: impl="auto" takes the index-free max-pool kernels (the VGG's pools)
-    "DMFN_L1_KERNEL": ("0", "1"),  # 1: impl="auto" takes the L1 loss kernels (the losses' guided and L1 terms)
+    "DMFN_L1_KERNEL": ("0", "1"),  # 1: impl="auto" takes the loss's L1 kernels (guided and feature-matching terms)
     "DMFN_TRITON_OP": ("1", "0"),  # 0: the fused DMFB ops opaque to torch.compile
     "DMFN_COMPILED_NORMS": ("1", "0"),  # 0: Inductor's own instance norms under torch.compile
     "DMFN_TMA": ("1", "0"),  # 0: no TMA branch kernels (sm_90)
