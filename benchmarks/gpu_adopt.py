@@ -3,7 +3,10 @@ switches that turn them on or off: gpu_check.sh runs the end-to-end stage with t
 the fastest kernels end to end without a second e2e run per switch. Prints the measured switches on one line
 (NAME=1 or NAME=0; an unmeasured one keeps its default) and why to stderr.
 
-    python benchmarks/gpu_adopt.py OUT_DIR      # reads OUT_DIR/breakdown.jsonl
+    python benchmarks/gpu_adopt.py OUT_DIR [--gpu-time-only]   # reads OUT_DIR/breakdown.jsonl
+
+--gpu-time-only: GPU time alone decides, for end-to-end rows that are GPU-bound (inference at batch 64, the
+step as one CUDA graph), where the host time an eager step pays per kernel launch does not show.
 """
 import json
 import os
@@ -36,8 +39,9 @@ RULES = [
 ]
 
 
-def decide(rows):
-    """[(switch, adopted, reason)] from breakdown rows; an opt-in whose rows are missing is not adopted."""
+def decide(rows, per_call=True):
+    """[(switch, adopted, reason)] from breakdown rows; an opt-in whose rows are missing is not adopted.
+    per_call=False: GPU time alone decides."""
     def times(group, key="gpu_ms"):
         return {r["name"]: r[key] for r in rows if r.get("group", "").startswith(group) and r.get(key)}
 
@@ -50,7 +54,7 @@ def decide(rows):
         a, b = sum(gpu[n] for n in new), sum(gpu[n] for n in old)
         why = f"{a * 1e3:.1f} us against the default's {b * 1e3:.1f} us"
         ok = a < MARGIN * b
-        if all(n in call for n in new + old):
+        if per_call and all(n in call for n in new + old):
             ca, cb = sum(call[n] for n in new), sum(call[n] for n in old)
             why += f" (per call {ca * 1e3:.1f} against {cb * 1e3:.1f} us)"
             ok = ok and ca <= cb / MARGIN
@@ -66,7 +70,7 @@ def decide(rows):
     return out
 
 
-def main(folder):
+def main(folder, per_call=True):
     path = os.path.join(folder, "breakdown.jsonl")
     rows = []
     if os.path.exists(path):
@@ -75,7 +79,7 @@ def main(folder):
                 rows.append(json.loads(line))
             except ValueError:  # a line cut off by a timeout
                 pass
-    decisions = decide(rows)
+    decisions = decide(rows, per_call)
     for switch, on, why in decisions:
         print(f"adopt: {switch}={'its default' if why == 'not measured' else int(on)}: {why}", file=sys.stderr)
     # both ways: a switch's default may be on (DMFN_TMA on sm_90); unmeasured ones keep their default
@@ -83,4 +87,7 @@ def main(folder):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    flags = [a for a in sys.argv[2:] if a != "--gpu-time-only"]
+    if len(sys.argv) < 2 or flags:
+        sys.exit(f"usage: {sys.argv[0]} OUT_DIR [--gpu-time-only]; got {sys.argv[1:]}")
+    main(sys.argv[1], per_call="--gpu-time-only" not in sys.argv[2:])

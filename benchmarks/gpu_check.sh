@@ -95,7 +95,10 @@ STATE=${GPU_CHECK_STATE:-$HOME/.cache/dmfn-gpu-check}
 ADOPT=""
 if [ "${GPU_CHECK_ADOPT:-1}" = 1 ]; then
   if [[ " ${GPU_CHECK_SKIP:-} " != *" breakdown "* ]] && [ -s "$OUT/breakdown.jsonl" ]; then
-    mkdir -p "$STATE" && $PY benchmarks/gpu_adopt.py "$OUT" > "$STATE/adopt.env" 2>> "$OUT/stages.txt"
+    # GPU_CHECK_ADOPT_GPU_ONLY=1: GPU time alone decides (this call's e2e rows are GPU-bound: a graphed step,
+    # inference at batch 64), not also the eager per-call time
+    BY=(); [ "${GPU_CHECK_ADOPT_GPU_ONLY:-0}" = 1 ] && BY=(--gpu-time-only)
+    mkdir -p "$STATE" && $PY benchmarks/gpu_adopt.py "$OUT" "${BY[@]}" > "$STATE/adopt.env" 2>> "$OUT/stages.txt"
   fi
   ADOPT=$(cat "$STATE/adopt.env" 2>/dev/null)
   [ -n "$ADOPT" ] && echo "e2e runs with the kernel switches the breakdown chose: $ADOPT" >> "$OUT/stages.txt"

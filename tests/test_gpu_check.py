@@ -99,6 +99,7 @@ def test_adopt_takes_an_opt_in_kernel_only_where_the_breakdown_measured_it_faste
     rows_s10 = [dict(group=vgg, name="bias+ReLU kernel", gpu_ms=6.13, ms=10.84),
                 dict(group=vgg, name="ATen bias add, ReLU", gpu_ms=7.53, ms=8.08)]
     assert not dict((s, on) for s, on, _ in decide(rows_s10))["DMFN_BIAS_ACT"]
+    assert dict((s, on) for s, on, _ in decide(rows_s10, per_call=False))["DMFN_BIAS_ACT"]  # GPU-bound rows
     rows_s10[0]["ms"] = 8.3
     assert dict((s, on) for s, on, _ in decide(rows_s10))["DMFN_BIAS_ACT"]
     # the thin-input convolution, from its forward (inference) and fwd+bwd (training) rows together
@@ -278,3 +279,15 @@ def test_adopt_sets_each_measured_switch_both_ways(tmp_path, capsys):
     (tmp_path / "breakdown.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
     gpu_adopt.main(str(tmp_path))
     assert capsys.readouterr().out.split() == ["DMFN_TMA=0"]
+    # the command line: --gpu-time-only takes s10's VGG rows (less GPU time, more per call) for GPU-bound rows;
+    # an unknown flag is refused
+    vgg = "VGG19 fwd+bwd bfloat16 [16, 3, 256, 256]"
+    rows = [dict(group=vgg, name="bias+ReLU kernel", gpu_ms=6.13, ms=10.84),
+            dict(group=vgg, name="ATen bias add, ReLU", gpu_ms=7.53, ms=8.08)]
+    (tmp_path / "breakdown.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    script = os.path.join(ROOT, "benchmarks", "gpu_adopt.py")
+    for flags, want in (([], "DMFN_BIAS_ACT=0"), (["--gpu-time-only"], "DMFN_BIAS_ACT=1")):
+        p = subprocess.run([sys.executable, script, str(tmp_path), *flags], capture_output=True, text=True)
+        assert p.returncode == 0 and p.stdout.split() == [want], (flags, p.stdout, p.stderr)
+    p = subprocess.run([sys.executable, script, str(tmp_path), "--gpu-only"], capture_output=True, text=True)
+    assert p.returncode != 0 and "usage" in p.stderr
