@@ -62,9 +62,10 @@ fi
 # 2. correctness on CUDA at full sizes: the Triton DMFB tests, then (extension built) the centroid tests,
 #    then compute-sanitizer memcheck on one small fused DMFB forward+backward and one centroid call.
 #    The DMFB tests' time is mostly Triton compiling and autotuning on the host (51 tests: 91 s in s4; cut at
-#    180 s after 44 in s7, on a slower host), so on the GPU machine (16 cores) they run in 4 processes.
+#    180 s after 44 in s7, on a slower host; 60 tests in 4 processes: 159 s in s10; s13 and s14 added about 25),
+#    so on the GPU machine (16 cores) they run in 8 processes.
 XDIST=()
-[ $DRY = 0 ] && $PY -c "import xdist" 2>/dev/null && XDIST=(-n 4)
+[ $DRY = 0 ] && $PY -c "import xdist" 2>/dev/null && XDIST=(-n 8)
 stage tests-dmfb 240 $PY -m pytest tests/test_dmfb_cuda.py -q -rs -p no:cacheprovider --durations=8 "${XDIST[@]}"
 # the CUDA tests only (the CPU ones and the nvcc check run in CI): the centroid op's, and the training step
 # captured as a CUDA graph (train.py --cuda-graphs) against the eager step
