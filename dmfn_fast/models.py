@@ -444,29 +444,26 @@ class Discriminator(nn.Module):
         h = x_local
         for i in range(5):
             block = getattr(self, f"local_fea{i + 1}")
-            h = self._input_block(block, h) if i == 0 else block(h)
+            y = self._thin_block(block, h) if i == 0 else None
+            h = block(h) if y is None else y
             feats.append(h)
         loc = self.local_classifier(h.flatten(1))
-        if self._thin_input(self.global_model[0], x_global) and not has_hooks(self.global_model):
-            g = self._input_block(self.global_model[0], x_global)
+        g = None if has_hooks(self.global_model) else self._thin_block(self.global_model[0], x_global)
+        if g is None:
+            g = self.global_model(x_global)
+        else:
             for block in self.global_model[1:]:
                 g = block(g)
-        else:
-            g = self.global_model(x_global)
         glob = self.global_classifier(g.flatten(1))
         return self.classifier(torch.cat([loc, glob], 1)), feats
 
-    def _thin_input(self, block, x):
-        """Whether block is a plain [conv, norm, act] whose convolution the thin-input kernel runs on x."""
-        return (type(block) is nn.Sequential and list(dict(block.named_children())) == ["conv", "norm", "act"]
-                and not has_hooks(block) and _thin.fits(block.conv) and _thin.use_fast(x, self.impl))
-
-    def _input_block(self, block, x):
-        """block(x), its 3-channel 5x5 stride-2 convolution by the thin-input kernel where it runs
-        (ops.thin_conv: cuDNN ran these two layers in a generic kernel, 0.76 ms of the training step's GPU time
-        on the H200 of s10), then its norm and activation."""
-        if not self._thin_input(block, x):
-            return block(x)
+    def _thin_block(self, block, x):
+        """block(x) with its 3-channel 5x5 stride-2 convolution by the thin-input kernel (ops.thin_conv: cuDNN ran
+        these two layers in a generic kernel, 0.76 ms of the training step's GPU time on the H200 of s10), then
+        its norm and activation; None where block is not a plain [conv, norm, act] the kernel runs on x."""
+        if not (type(block) is nn.Sequential and list(dict(block.named_children())) == ["conv", "norm", "act"]
+                and not has_hooks(block) and _thin.fits(block.conv) and _thin.use_fast(x, self.impl)):
+            return None
         conv = block.conv
         y = _thin.thin_conv(x, conv.weight, conv.bias, conv.stride[0], conv.padding[0], "none")
         if not x.is_contiguous(memory_format=torch.channels_last):
