@@ -720,6 +720,11 @@ def check_l1_loss(dtype, N):
                                               wi)[0])
         # bf16: the formula's second derivative rounds each product and its sum in bf16, the kernels' in fp32
         out.append(("gradient of the gradient", _err(second[0], second[1]), 1e-5 if exact else 5e-2))
+        # a sum past fp16's largest value (65504; the H200's [16, 64, 256, 256] fp16 loss was inf): the mean is 1
+        a = torch.ones(1, 8, 100, 100).to(dt)
+        for name, fn in (("kernels", l1.l1_mean), ("_L1Mean", losses._L1Mean.apply)):
+            out.append((f"{name}: mean of a sum past 65504", _err(fn(_leaf(a), torch.zeros_like(a), None),
+                                                                 torch.tensor(1.0)), 0.0))
     finally:
         l1._op = real
     return out

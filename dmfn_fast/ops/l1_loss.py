@@ -7,8 +7,8 @@ and `dmfn_fast::l1_mean_sign_backward(sign, g, scale) -> grad_a`, registered wit
 DMFB ops' machinery (dmfb._define: opcheck checks them; plain eager calls skip the dispatcher). The loss and
 the gradient are the reference's, (a*g - b*g).abs().mean(), but for the order of the sum: every element's
 difference and sign, and so the gradient, are ATen's to the bit on a GPU (the interpreter's bf16 rounding
-truncates). impl="auto" takes the kernels only with DMFN_L1_KERNEL=1 (not yet timed on a GPU); impl="fast"
-takes them; never under torch.compile, whose Inductor fuses the reference itself. Twice differentiable, as
+truncates). impl="auto" takes the kernels as DMFN_L1_KERNEL says (by default in a CUDA-graph step only:
+_impl.switch_on); impl="fast" takes them; never under torch.compile, whose Inductor fuses the reference itself. Twice differentiable, as
 the formula (the gradient is linear in the loss's gradient)."""
 import functools
 from typing import Optional, Tuple
@@ -18,7 +18,7 @@ import torch
 from . import _impl
 from . import dmfb as _d
 
-_AUTO = _impl.env_switch("DMFN_L1_KERNEL") == "1"
+_AUTO = _impl.env_switch("DMFN_L1_KERNEL")  # "graphs", "1" or "0": _impl.switch_on
 
 
 def l1_mean_reference(a: torch.Tensor, b: torch.Tensor, g: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -73,8 +73,9 @@ def _l1_mean_sign_fn(a: torch.Tensor, b: torch.Tensor, g: Optional[torch.Tensor]
             RN=not _d.INTERPRET, BLOCK_R=br, BLOCK_K=bk, num_warps=_kl1.NUM_WARPS)
     else:  # an empty tensor: ATen's mean is NaN
         part.fill_(float("nan"))
-    # as the reference's vector_norm(d, 1) / numel: the fp32 sum rounded to a's dtype, then the division
-    return part.sum().to(a.dtype) / a.numel(), sign
+    # as ATen's mean: the fp32 sum divided, then rounded once to a's dtype (rounded first, an fp16 sum over
+    # 65504 was inf: the H200's [16, 64, 256, 256] test, s15)
+    return (part.sum() / a.numel()).to(a.dtype), sign
 
 
 def _l1_mean_sign_backward_fn(sign: torch.Tensor, g: Optional[torch.Tensor], scale: torch.Tensor) -> torch.Tensor:
@@ -156,8 +157,8 @@ def fast_why_not(a: torch.Tensor, b: torch.Tensor, g: Optional[torch.Tensor] = N
 
 def use_fast(a: torch.Tensor, b: torch.Tensor, g: Optional[torch.Tensor] = None, impl: str = "auto") -> bool:
     """Whether the loss takes the kernels for this term under `impl` (asked per call): where they run (imported,
-    CUDA or the interpreter, the layouts above; never while torch.compile traces). auto: with DMFN_L1_KERNEL=1;
-    fast: always. Elsewhere the loss's own formula runs, as for the VGG's kernels."""
+    CUDA or the interpreter, the layouts above; never while torch.compile traces). auto: as DMFN_L1_KERNEL says
+    (_impl.switch_on); fast: always. Elsewhere the loss's own formula runs, as for the VGG's kernels."""
     if torch.compiler.is_compiling() or not available() or fast_why_not(a, b, g):
         return False
-    return _impl.resolve(impl, lambda: "", op="L1 loss", prefer_fast=lambda: _AUTO)
+    return _impl.resolve(impl, lambda: "", op="L1 loss", prefer_fast=lambda: _impl.switch_on(_AUTO))
