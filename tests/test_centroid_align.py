@@ -384,7 +384,7 @@ def test_cuda_forward_plans_match_the_default(dtype, plan, monkeypatch):
     """The same stats bit for bit (each plane's runs added in the same order, each thread's pixels too), the
     loss bit for bit unless folded (then to its sum order), the same bits on a rerun, and the same gradient
     bit for bit (it follows from the stats alone); [3, 104, 33, 35]: the last run ends inside a step. Where
-    the async stages do not fit, the register loads serve. A bad value is refused."""
+    the async stages do not fit, the register loads serve. (A bad value: test_cuda_bad_plan_values_are_refused.)"""
     shape = (3, 104, 33, 35)
     a, b = rand(shape, 33, dtype, "cuda", "channels_last"), rand(shape, 34, dtype, "cuda", "channels_last")
     a.requires_grad_()
@@ -406,12 +406,45 @@ def test_cuda_forward_plans_match_the_default(dtype, plan, monkeypatch):
     assert torch.equal(torch.ops.dmfn_fast.centroid_align_fwd(a, b)[0], loss_p)
     assert torch.equal(torch.autograd.grad(ca.centroid_align_loss(a, b, impl="fast"), a)[0], g)
     assert torch.isfinite(g).all()
-    for k in plan:
-        if k != "WAVES":
-            monkeypatch.setenv(f"DMFN_CENTROID_{k}", "3")
-            with pytest.raises(RuntimeError, match=f"DMFN_CENTROID_{k} must be one of"):
-                torch.autograd.grad(ca.centroid_align_loss(a, b, impl="fast"), a)
-            monkeypatch.setenv(f"DMFN_CENTROID_{k}", plan[k])
+
+
+_REFUSALS = """
+import os, sys, torch
+from dmfn_fast.ops import centroid_align as ca
+assert ca.has_kernel("cuda")
+a = torch.rand(2, 64, 9, 8, device="cuda").contiguous(memory_format=torch.channels_last)
+def refused(what, fn, match):
+    print("calling:", what, flush=True)
+    try:
+        fn()
+    except RuntimeError as e:
+        assert match in str(e), str(e)
+        print("refused:", what, flush=True)
+    else:
+        sys.exit("not refused: " + what)
+refused("dtype mismatch", lambda: torch.ops.dmfn_fast.centroid_align_fwd(a, a.double()), "differ in dtype")
+for name in sys.argv[1:]:
+    os.environ[name] = "3"  # after import: import dmfn_fast refuses it itself
+    refused(name + ", the op", lambda: torch.ops.dmfn_fast.centroid_align_fwd(a, a), name + " must be one of")
+    x = a.clone().requires_grad_()
+    refused(name + ", through autograd", lambda: torch.autograd.grad(ca.centroid_align_loss(x, a, impl="fast"), x),
+            name + " must be one of")
+    del os.environ[name]
+"""
+
+
+@cuda_ext
+def test_cuda_bad_plan_values_are_refused():
+    """A plan switch set to a value it does not take, after import (import refuses it itself), is refused by the
+    CUDA op with a RuntimeError that names it, called directly and through autograd. In a child process: on
+    the H200 (s15) the first such refusal through autograd ended the process with a segmentation fault."""
+    names = ["DMFN_CENTROID_FOLD", "DMFN_CENTROID_ASYNC", "DMFN_CENTROID_GRAD_ROWS"]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DMFN_CENTROID_")}
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (ROOT, env.get("PYTHONPATH")) if p)
+    r = subprocess.run([sys.executable, "-c", _REFUSALS, *names], capture_output=True, text=True, env=env,
+                       timeout=300)
+    assert r.returncode == 0, f"rc {r.returncode} (-11: a segmentation fault)\n{r.stdout}\n{r.stderr[-3000:]}"
+    assert r.stdout.count("refused:") == 1 + 2 * len(names), r.stdout
 
 
 @cuda_ext

@@ -34,6 +34,11 @@ def _err(a, b, scale=None):
     return (a - b).abs().max().item() / scale
 
 
+def _rel_l2(a, b):
+    a, b = a.detach().float(), b.detach().float()
+    return ((a - b).norm() / b.norm()).item()
+
+
 def _leaf(t):
     return t.detach().clone().requires_grad_()
 
@@ -457,7 +462,9 @@ THIN_CASES = [(dt, (16, 4, 256, 256, 5, 1, 2)) for dt in DTYPES] + [
 @pytest.mark.parametrize("dtype, shape", THIN_CASES)
 def test_thin_conv_parity(dtype, shape):
     """The thin-input convolution (ops/thin_conv.py) with bias and ReLU, forward and the weight, bias and input
-    gradients, against the reference in float64 from the same rounded inputs."""
+    gradients, against the reference in float64 from the same rounded inputs. The reference's gradients pass
+    through the kernel's own ReLU mask (y > 0): at 67 M outputs some lie within rounding of 0, and one flipped
+    mask bit moved the input gradient by 1.4e-2 of its largest value (the H200, s15, fp32 and fp16)."""
     from dmfn_fast.ops import thin_conv as tc
 
     N, C, H, W, K, stride, pad = shape
@@ -468,16 +475,20 @@ def test_thin_conv_parity(dtype, shape):
     fast = [_leaf(t) for t in (x, w, b)]
     ref = [_leaf(t.double()) for t in (x, w, b)]
     y = tc.thin_conv(*fast, stride, pad, "relu")
-    y64 = tc.thin_conv_reference(*ref, stride, pad, "relu")
+    z64 = tc.thin_conv_reference(*ref, stride, pad, "none")
     g = torch.randn_like(y)
-    for a, r in zip((y, *torch.autograd.grad(y, fast, g)), (y64, *torch.autograd.grad(y64, ref, g.double()))):
-        assert _err(a, r) <= TOL[dtype]
+    got = (y, *torch.autograd.grad(y, fast, g))
+    want = (torch.relu(z64), *torch.autograd.grad(z64, ref, g.double() * (y > 0)))
+    for name, a, r in zip(("y", "dx", "dw", "db"), got, want):
+        assert _err(a, r) <= TOL[dtype], (name, _err(a, r))
 
 
 def test_discriminator_thin_conv_in_training():
     """The discriminator's two 3-channel input convolutions by the thin-input kernel as training runs them (bf16
     autocast, channels-last, batch-statistics norms): logits, local features and the input and weight
-    gradients within bf16's tolerance of the same discriminator on its plain layers."""
+    gradients held to an fp32 run of the plain layers (TF32 off), as the generator's test holds its own: at
+    most twice as far as the bf16 run of the plain layers, plus 1e-2 (relative L2). The two bf16 runs differ
+    by their roundings alone; compared directly, an input gradient stood 3.01e-2 apart (the H200, s15)."""
     from dmfn_fast.models import Discriminator
     from dmfn_fast.ops import thin_conv as tc
 
@@ -492,10 +503,12 @@ def test_discriminator_thin_conv_in_training():
     real = tc._ThinConvEager.apply
     tc._ThinConvEager.apply = lambda *a: calls.append(1) or real(*a)
     out = {}
+    D32 = Discriminator(nf=32, impl="reference", init=False).cuda().to(memory_format=torch.channels_last)
+    D32.load_state_dict(D.state_dict())
     try:
-        for name, model in (("fast", D), ("ref", D_ref)):
+        for name, model in (("fast", D), ("ref", D_ref), ("fp32", D32)):
             ins = [_leaf(xl), _leaf(xg)]
-            with torch.autocast("cuda", dtype=torch.bfloat16):
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=name != "fp32"):
                 logits, feats = model(*ins)
             loss = logits.float().square().sum() + sum(f.float().square().mean() for f in feats)
             grads = torch.autograd.grad(loss, ins + [model.local_fea1.conv.weight, model.global_model[0].conv.weight])
@@ -503,8 +516,9 @@ def test_discriminator_thin_conv_in_training():
     finally:
         tc._ThinConvEager.apply = real
     assert len(calls) == 2
-    for a, r in zip(out["fast"], out["ref"]):
-        assert (a.float() - r.float()).norm() <= 3e-2 * r.float().norm()
+    for i, (a, r, f) in enumerate(zip(out["fast"], out["ref"], out["fp32"])):
+        err, err_ref = (_rel_l2(t, f) for t in (a, r))
+        assert err <= 2 * err_ref + 1e-2, (i, err, err_ref)
 
 
 def test_generator_thin_conv_in_training():
