@@ -422,6 +422,8 @@ def refused(what, fn, match):
         print("refused:", what, flush=True)
     else:
         sys.exit("not refused: " + what)
+c = a.cpu()  # the same extension's CPU kernel first: does any C++ error kill this process, or the CUDA path's?
+refused("dtype mismatch, CPU", lambda: torch.ops.dmfn_fast.centroid_align_fwd(c, c.double()), "differ in dtype")
 refused("dtype mismatch", lambda: torch.ops.dmfn_fast.centroid_align_fwd(a, a.double()), "differ in dtype")
 for name in sys.argv[1:]:
     os.environ[name] = "3"  # after import: import dmfn_fast refuses it itself
@@ -436,15 +438,16 @@ for name in sys.argv[1:]:
 @cuda_ext
 def test_cuda_bad_plan_values_are_refused():
     """A plan switch set to a value it does not take, after import (import refuses it itself), is refused by the
-    CUDA op with a RuntimeError that names it, called directly and through autograd. In a child process: on
-    the H200 (s15) the first such refusal through autograd ended the process with a segmentation fault."""
+    CUDA op with a RuntimeError that names it, called directly and through autograd, after a dtype mismatch
+    refused by the CPU and the CUDA kernels. In a child process: on the H200 (s15) the first such refusal
+    through autograd ended the process with a segmentation fault; the markers say which call did."""
     names = ["DMFN_CENTROID_FOLD", "DMFN_CENTROID_ASYNC", "DMFN_CENTROID_GRAD_ROWS"]
     env = {k: v for k, v in os.environ.items() if not k.startswith("DMFN_CENTROID_")}
     env["PYTHONPATH"] = os.pathsep.join(p for p in (ROOT, env.get("PYTHONPATH")) if p)
     r = subprocess.run([sys.executable, "-c", _REFUSALS, *names], capture_output=True, text=True, env=env,
                        timeout=300)
     assert r.returncode == 0, f"rc {r.returncode} (-11: a segmentation fault)\n{r.stdout}\n{r.stderr[-3000:]}"
-    assert r.stdout.count("refused:") == 1 + 2 * len(names), r.stdout
+    assert r.stdout.count("refused:") == 2 + 2 * len(names), r.stdout
 
 
 @cuda_ext
