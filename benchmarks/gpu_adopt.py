@@ -1,7 +1,8 @@
 """Which alternative kernels the per-kernel breakdown measured faster than the kernels they replace, as the
 switches that turn them on or off: gpu_check.sh runs the end-to-end stage with them, so one lease measures
 the fastest kernels end to end without a second e2e run per switch. Prints the measured switches on one line
-(NAME=1 or NAME=0; an unmeasured one keeps its default) and why to stderr.
+(NAME=1, NAME=0, or NAME=graphs for a kernel that won in GPU time only; an unmeasured one keeps its default)
+and why to stderr.
 
     python benchmarks/gpu_adopt.py OUT_DIR [--gpu-time-only]   # reads OUT_DIR/breakdown.jsonl
 
@@ -70,6 +71,19 @@ def decide(rows, per_call=True):
     return out
 
 
+# switches whose default, "graphs", takes the kernel in a CUDA-graph step only (ops/_impl.py SWITCHES): where the
+# per-call rule rejects a kernel that wins in GPU time, they keep that default instead of 0
+GRAPHS = ("DMFN_BIAS_ACT", "DMFN_THIN_CONV", "DMFN_MAX_POOL", "DMFN_L1_KERNEL")
+
+
+def values(rows, per_call=True):
+    """{switch: value to set} for the measured switches: 1 adopted; "graphs" for a GRAPHS switch that won in
+    GPU time only; else 0."""
+    gpu_wins = {switch for switch, on, _ in decide(rows, per_call=False) if on}
+    return {switch: "1" if on else "graphs" if switch in GRAPHS and switch in gpu_wins else "0"
+            for switch, on, why in decide(rows, per_call) if why != "not measured"}
+
+
 def main(folder, per_call=True):
     path = os.path.join(folder, "breakdown.jsonl")
     rows = []
@@ -79,11 +93,11 @@ def main(folder, per_call=True):
                 rows.append(json.loads(line))
             except ValueError:  # a line cut off by a timeout
                 pass
-    decisions = decide(rows, per_call)
-    for switch, on, why in decisions:
-        print(f"adopt: {switch}={'its default' if why == 'not measured' else int(on)}: {why}", file=sys.stderr)
+    chosen = values(rows, per_call)
+    for switch, on, why in decide(rows, per_call):
+        print(f"adopt: {switch}={chosen.get(switch, 'its default')}: {why}", file=sys.stderr)
     # both ways: a switch's default may be on (DMFN_TMA on sm_90); unmeasured ones keep their default
-    print(" ".join(f"{switch}={int(on)}" for switch, on, why in decisions if why != "not measured"))
+    print(" ".join(f"{switch}={value}" for switch, value in chosen.items()))
 
 
 if __name__ == "__main__":

@@ -278,12 +278,13 @@ def opt_in():
     """The alternative kernels this run's fast variants take on this card (gpu_check.sh sets the switches as
     its breakdown measured them): "wgrad9" (DMFN_WGRAD9=1), "tma (eager)" (DMFN_TMA, on by default on sm_90;
     compiled graphs keep the row kernels), "wgrad tma (eager)" (DMFN_WGRAD_TMA, on by default with DMFN_TMA
-    since s10; it takes precedence over wgrad9), "bias+relu kernel (eager)" (DMFN_BIAS_ACT=1: the VGG's and
-    the generator's first convolutions add their bias under the ReLU in one kernel), "thin conv kernel (eager)"
-    (DMFN_THIN_CONV=1: the generator's input convolution and ReLU, and the discriminator's two input convolutions, in
+    since s10; it takes precedence over wgrad9); and these four, "(eager)" where their switch is 1, "(in
+    CUDA-graph steps)" where it is graphs (their default): "bias+relu kernel" (DMFN_BIAS_ACT: the VGG's and
+    the generator's first convolutions add their bias under the ReLU in one kernel), "thin conv kernel"
+    (DMFN_THIN_CONV: the generator's input convolution and ReLU, and the discriminator's two input convolutions, in
     ops/thin_conv.py's kernels), "max-pool
-    kernels (eager)" (DMFN_MAX_POOL=1: the VGG's pools without indices, ops/max_pool.py), "L1 loss kernels
-    (eager)" (DMFN_L1_KERNEL=1: the loss's guided and feature-matching terms, ops/l1_loss.py)."""
+    kernels" (DMFN_MAX_POOL: the VGG's pools without indices, ops/max_pool.py), "L1 loss kernels"
+    (DMFN_L1_KERNEL: the loss's guided and feature-matching terms, ops/l1_loss.py)."""
     from dmfn_fast.ops import bias_act, dmfb, l1_loss, max_pool, thin_conv
     on = []
     tma = CUDA and dmfb._TMA and torch.cuda.get_device_capability()[0] >= 9
@@ -293,14 +294,12 @@ def opt_in():
         on.append("tma (eager)")
     if tma and dmfb._WGRAD_TMA:
         on.append("wgrad tma (eager)")
-    if bias_act._AUTO:
-        on.append("bias+relu kernel (eager)")
-    if thin_conv._AUTO:
-        on.append("thin conv kernel (eager)")
-    if max_pool._AUTO:
-        on.append("max-pool kernels (eager)")
-    if l1_loss._AUTO:
-        on.append("L1 loss kernels (eager)")
+    for mod, name in ((bias_act, "bias+relu kernel"), (thin_conv, "thin conv kernel"),
+                      (max_pool, "max-pool kernels"), (l1_loss, "L1 loss kernels")):
+        if mod._AUTO == "1":
+            on.append(f"{name} (eager)")
+        elif mod._AUTO == "graphs":  # the switches' default (ops/_impl.py); the generator's thin conv anywhere
+            on.append(f"{name} (in CUDA-graph steps{', and G' if mod is thin_conv else ''})")
     return on
 
 

@@ -359,7 +359,7 @@ class Generator(nn.Module):
         fused_norm = unhooked and (not compiling or _dmfb.COMPILED_NORMS) and _dmfb.use_fused(x, self.impl)
         # compiled, Inductor fuses the bias and ReLU itself (use_fast says no while tracing)
         fused_act = fused_norm and _bias_act.use_fast(x, self.impl)
-        thin = fused_norm and _thin.use_fast(x, self.impl)  # the input convolution and its ReLU in one kernel
+        thin = fused_norm and _thin.use_fast(x, self.impl, per_call_wins=True)  # the input conv and ReLU: one kernel
         run = lean or fused_norm
         h = _run_layers(_flat(self.encoder), x, lean, fused_norm, fused_act, thin) if run else self.encoder(x)
         for b in self.blocks:

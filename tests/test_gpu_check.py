@@ -267,8 +267,9 @@ def test_summary_takes_annotations_out_of_old_rows(tmp_path):
 
 
 def test_adopt_sets_each_measured_switch_both_ways(tmp_path, capsys):
-    """gpu_adopt.py prints every measured switch as 0 or 1 (DMFN_TMA is on by default on sm_90, so a loss
-    must turn it off for the e2e stage); an unmeasured switch is left to its default."""
+    """gpu_adopt.py prints every measured switch as 0 or 1, or graphs for a kernel that won in GPU time only
+    (DMFN_TMA is on by default on sm_90, so a loss must turn it off for the e2e stage); an unmeasured switch is
+    left to its default."""
     sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
     import gpu_adopt
 
@@ -279,15 +280,20 @@ def test_adopt_sets_each_measured_switch_both_ways(tmp_path, capsys):
     (tmp_path / "breakdown.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
     gpu_adopt.main(str(tmp_path))
     assert capsys.readouterr().out.split() == ["DMFN_TMA=0"]
-    # the command line: --gpu-time-only takes s10's VGG rows (less GPU time, more per call) for GPU-bound rows;
-    # an unknown flag is refused
+    # the command line: s10's VGG rows (less GPU time, more per call) keep the switch's default, graphs (the
+    # kernel in CUDA-graph steps only); --gpu-time-only takes them everywhere; an unknown flag is refused
     vgg = "VGG19 fwd+bwd bfloat16 [16, 3, 256, 256]"
     rows = [dict(group=vgg, name="bias+ReLU kernel", gpu_ms=6.13, ms=10.84),
             dict(group=vgg, name="ATen bias add, ReLU", gpu_ms=7.53, ms=8.08)]
     (tmp_path / "breakdown.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
     script = os.path.join(ROOT, "benchmarks", "gpu_adopt.py")
-    for flags, want in (([], "DMFN_BIAS_ACT=0"), (["--gpu-time-only"], "DMFN_BIAS_ACT=1")):
+    for flags, want in (([], "DMFN_BIAS_ACT=graphs"), (["--gpu-time-only"], "DMFN_BIAS_ACT=1")):
         p = subprocess.run([sys.executable, script, str(tmp_path), *flags], capture_output=True, text=True)
         assert p.returncode == 0 and p.stdout.split() == [want], (flags, p.stdout, p.stderr)
     p = subprocess.run([sys.executable, script, str(tmp_path), "--gpu-only"], capture_output=True, text=True)
     assert p.returncode != 0 and "usage" in p.stderr
+    # slower in GPU time too: never (0), not graphs; and GRAPHS names exactly the switches that take graphs
+    rows[0]["gpu_ms"] = 7.6
+    assert gpu_adopt.values(rows) == {"DMFN_BIAS_ACT": "0"} == gpu_adopt.values(rows, per_call=False)
+    from dmfn_fast.ops import _impl
+    assert set(gpu_adopt.GRAPHS) == {k for k, v in _impl.SWITCHES.items() if "graphs" in v}

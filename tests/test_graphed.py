@@ -67,6 +67,22 @@ def test_graphed_step_updates_as_train_step_bit_for_bit():
     assert_same(a, b)
 
 
+def test_graphed_step_runs_in_a_graph_region(monkeypatch):
+    """Its warm-up steps and the body its graph holds run inside _impl.graphs(), where the kernels whose switch
+    is "graphs" (their default) are taken; train_step outside it does not."""
+    from dmfn_fast import losses
+    from dmfn_fast.ops import _impl
+    depths = []
+    real = losses.l1_loss.use_fast
+    monkeypatch.setattr(losses.l1_loss, "use_fast", lambda *a: depths.append(_impl._graphed) or real(*a))
+    a = setup()
+    eager_steps(*a[:4], a[4][:1])
+    assert depths and set(depths) == {0}
+    depths.clear()
+    graphed_steps(*a[:4], a[4][:3], warmup=1)
+    assert depths and set(depths) == {1} and _impl._graphed == 0
+
+
 @pytest.mark.parametrize("bad", ["G", "D"])
 def test_graphed_step_skips_as_train_step(bad, monkeypatch):
     """A non-finite G loss skips both updates, a non-finite D loss D's, on the device (found_inf), and the step

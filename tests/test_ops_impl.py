@@ -108,6 +108,44 @@ def test_the_models_and_the_loss_go_through_the_resolver(monkeypatch):
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def test_graphs_switches_are_on_inside_graph_regions_only():
+    """A kernel switch's "graphs" (the default of those that cost host time per call) is on inside
+    _impl.graphs() (train.py --cuda-graphs' warm-up and capture), nested or not, and off again after it, an
+    exception included; "1" is on and "0" off everywhere."""
+    assert not _impl.switch_on("graphs") and _impl.switch_on("1") and not _impl.switch_on("0")
+    with _impl.graphs():
+        with _impl.graphs():
+            assert _impl.switch_on("graphs")
+        assert _impl.switch_on("graphs") and _impl.switch_on("1") and not _impl.switch_on("0")
+    with pytest.raises(KeyError):
+        with _impl.graphs():
+            raise KeyError
+    assert not _impl.switch_on("graphs")
+
+
+def test_thin_conv_auto_rule(monkeypatch):
+    """The thin-input kernel under auto: the generator's (per_call_wins: it won per call too) anywhere unless
+    DMFN_THIN_CONV=0; the discriminator's where the switch is on (by default in graph regions only); neither
+    where the DMFB's rule declines the dtype (fp32)."""
+    from dmfn_fast.ops import dmfb
+    from dmfn_fast.ops import thin_conv as tc
+    monkeypatch.setattr(tc, "available", lambda: True)
+    monkeypatch.setattr(tc, "fast_why_not", lambda x: "")
+    half = True
+    monkeypatch.setattr(dmfb, "auto_prefers_fused", lambda x: half)
+    x = torch.zeros(1)
+    for value, g_out, d_out, g_in, d_in in (("graphs", True, False, True, True), ("1", True, True, True, True),
+                                           ("0", False, False, False, False)):
+        monkeypatch.setattr(tc, "_AUTO", value)
+        assert (tc.use_fast(x, per_call_wins=True), tc.use_fast(x)) == (g_out, d_out), value
+        with _impl.graphs():
+            assert (tc.use_fast(x, per_call_wins=True), tc.use_fast(x)) == (g_in, d_in), value
+        assert tc.use_fast(x, "fast") and not tc.use_fast(x, "reference", per_call_wins=True)
+    half = False
+    monkeypatch.setattr(tc, "_AUTO", "1")
+    assert not tc.use_fast(x, per_call_wins=True) and not tc.use_fast(x)
+
+
 @pytest.mark.parametrize("name", list(_impl.SWITCHES))
 def test_each_switch_takes_its_values_and_refuses_others(name, monkeypatch):
     values = _impl.SWITCHES[name]

@@ -11,6 +11,7 @@ DMFN_RECOMPUTE=0 turns that off.
 Every environment switch the package reads is in SWITCHES, with the values it takes; `import dmfn_fast`
 refuses any other value (check_environment), and so does each read (env_switch).
 """
+import contextlib
 import difflib
 import os
 import warnings
@@ -25,10 +26,14 @@ _warned = set()
 SWITCHES = {
     "DMFN_IMPL": ("auto", "reference"),  # reference: every op's PyTorch reference, whatever impl says
     "DMFN_RECOMPUTE": ("1", "0"),  # 0: training holds cheap activations instead of recomputing them
-    "DMFN_BIAS_ACT": ("0", "1"),  # 1: impl="auto" takes the convolutions' bias + activation kernel
-    "DMFN_THIN_CONV": ("0", "1"),  # 1: impl="auto" takes the thin-input convolution kernel (G's and D's first)
-    "DMFN_MAX_POOL": ("0", "1"),  # 1: impl="auto" takes the index-free max-pool kernels (the VGG's pools)
-    "DMFN_L1_KERNEL": ("0", "1"),  # 1: impl="auto" takes the loss's L1 kernels (guided and feature-matching terms)
+    # Kernels that save GPU time but cost host time per call (Triton launches, autograd nodes), so impl="auto"
+    # takes them by default only in a step replayed as one CUDA graph (graphs(): train.py --cuda-graphs), where
+    # the GPU's time alone counts: H200, s15, the graphed step 37.3 -> 29.7 ms with the four, while per call
+    # each was slower than ATen in the host-bound eager step. 1: everywhere; 0: never.
+    "DMFN_BIAS_ACT": ("graphs", "1", "0"),  # the convolutions' bias + activation kernel (VGG, generator)
+    "DMFN_THIN_CONV": ("graphs", "1", "0"),  # the thin-input convolution kernel (D's two; G's takes it anyway)
+    "DMFN_MAX_POOL": ("graphs", "1", "0"),  # the index-free max-pool kernels (the VGG's pools)
+    "DMFN_L1_KERNEL": ("graphs", "1", "0"),  # the loss's L1 kernels (guided and feature-matching terms)
     "DMFN_TRITON_OP": ("1", "0"),  # 0: the fused DMFB ops opaque to torch.compile
     "DMFN_COMPILED_NORMS": ("1", "0"),  # 0: Inductor's own instance norms under torch.compile
     "DMFN_TMA": ("1", "0"),  # 0: no TMA branch kernels (sm_90)
@@ -101,6 +106,27 @@ def has_hooks(module) -> bool:
     forward, forward-pre, backward and backward-pre (its parameters' and tensors' hooks still run)."""
     return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
                 or getattr(module, "_backward_pre_hooks", None))
+
+
+_graphed = 0  # depth of graphs() regions
+
+
+@contextlib.contextmanager
+def graphs():
+    """Marks work that a CUDA graph will replay (train.py --cuda-graphs: its eager warm-up steps, so the kernels
+    compile and tune there, and its capture): there a switch set to "graphs" is on (switch_on)."""
+    global _graphed
+    _graphed += 1
+    try:
+        yield
+    finally:
+        _graphed -= 1
+
+
+def switch_on(value: str) -> bool:
+    """A kernel switch's value ("graphs", "1" or "0", read once at import) for this call: "graphs" is on
+    inside graphs() only."""
+    return value == "1" or (value == "graphs" and _graphed > 0)
 
 
 def forced_reference() -> bool:

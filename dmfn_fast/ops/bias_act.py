@@ -18,9 +18,10 @@ from . import _impl
 from . import dmfb as _d
 
 ACTS = ("none", "relu", "lrelu")
-# impl="auto" takes the kernel only with DMFN_BIAS_ACT=1: on the H200 (s10) the VGG's fwd+bwd took 1.40 ms less
-# GPU time with it but 2.76 ms more per call (host-bound eager; gpu_adopt.py weighs both). impl="fast" takes it.
-_AUTO = _impl.env_switch("DMFN_BIAS_ACT") == "1"
+# impl="auto" takes the kernel as DMFN_BIAS_ACT says, by default in a CUDA-graph step only: on the H200 the VGG's
+# fwd+bwd took 1.40 ms less GPU time with it but 2.76 ms more per call (s10; s15: 1.44 less, 5.46 more). impl="fast"
+# takes it.
+_AUTO = _impl.env_switch("DMFN_BIAS_ACT")  # "graphs", "1" or "0": _impl.switch_on
 
 
 def bias_act_reference(x: torch.Tensor, b: Optional[torch.Tensor], act: str = "relu",
@@ -95,13 +96,13 @@ def fast_why_not(x: torch.Tensor) -> str:
 def use_fast(x: torch.Tensor, impl: str = "auto") -> bool:
     """Whether the callers (the VGG, the generator) take the kernel for x's convolutions under `impl`: only
     where it can run (imported, CUDA, float; never while torch.compile traces), so impl="fast", which they
-    also pass to ops that run elsewhere, raises nothing here. auto: with DMFN_BIAS_ACT=1 (slower per call on
-    a host-bound eager path, see _AUTO), then as the DMFB decides (dmfb.auto_prefers_fused: fp16/bf16,
-    autocast included); fast: always."""
+    also pass to ops that run elsewhere, raises nothing here. auto: as DMFN_BIAS_ACT says (_impl.switch_on:
+    by default in a CUDA-graph step only; slower per call on the host-bound eager path), then as the DMFB
+    decides (dmfb.auto_prefers_fused: fp16/bf16, autocast included); fast: always."""
     if torch.compiler.is_compiling() or not available() or fast_why_not(x):
         return False
     return _impl.resolve(impl, lambda: "", op="convolution bias and activation",
-                         prefer_fast=lambda: _AUTO and _d.auto_prefers_fused(x))
+                         prefer_fast=lambda: _impl.switch_on(_AUTO) and _d.auto_prefers_fused(x))
 
 
 def fusable(conv: nn.Module) -> bool:

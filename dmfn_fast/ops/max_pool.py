@@ -4,9 +4,9 @@ training step (kernels/max_pool.py says why).
 
 Ops `dmfn_fast::max_pool2x2(x) -> y` (with autograd) and `dmfn_fast::max_pool2x2_backward(x, dy) -> dx`,
 registered with fake kernels through the DMFB ops' machinery (dmfb._define: opcheck checks them; plain eager
-calls skip the dispatcher). impl="auto" takes the kernels only with DMFN_MAX_POOL=1 (not yet timed on a GPU);
-impl="fast" takes them; never under torch.compile, whose Inductor writes its own pooling kernel. Once
-differentiable (a gradient of the gradient raises; ATen's pooling has one)."""
+calls skip the dispatcher). impl="auto" takes the kernels as DMFN_MAX_POOL says (by default in a CUDA-graph
+step only: _impl.switch_on); impl="fast" takes them; never under torch.compile, whose Inductor writes its own
+pooling kernel. Once differentiable (a gradient of the gradient raises; ATen's pooling has one)."""
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from . import _impl
 from . import dmfb as _d
 
-_AUTO = _impl.env_switch("DMFN_MAX_POOL") == "1"
+_AUTO = _impl.env_switch("DMFN_MAX_POOL")  # "graphs", "1" or "0": _impl.switch_on
 
 
 def max_pool2x2_reference(x: torch.Tensor) -> torch.Tensor:
@@ -94,12 +94,12 @@ def fast_why_not(x: torch.Tensor) -> str:
 def use_fast(x: torch.Tensor, impl: str = "auto") -> bool:
     """Whether the VGG takes the kernels for its pools on x under `impl` (asked once per call): where they run
     (imported, CUDA or the interpreter, float; never while torch.compile traces), for a channels-last x (as
-    training's). auto: with DMFN_MAX_POOL=1; fast: always. Any float dtype: the result is ATen's to the bit."""
+    training's). auto: as DMFN_MAX_POOL says; fast: always. Any float dtype: the result is ATen's to the bit."""
     if torch.compiler.is_compiling() or not available() or fast_why_not(x):
         return False
     if not x.is_contiguous(memory_format=torch.channels_last):  # each pool would copy its NCHW input first
         return False
-    return _impl.resolve(impl, lambda: "", op="max pooling", prefer_fast=lambda: _AUTO)
+    return _impl.resolve(impl, lambda: "", op="max pooling", prefer_fast=lambda: _impl.switch_on(_AUTO))
 
 
 def fits(pool: nn.Module) -> bool:

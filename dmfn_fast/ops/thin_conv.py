@@ -12,8 +12,8 @@ torch.compile can trace them and opcheck checks them):
   activation backward and cuDNN's dgrad).
 Plain eager calls, and calls inside a selective checkpoint (the generator's training regions, whose dispatch
 mode is not a trace), run the same Python through _ThinConvEager with the kernels launched directly.
-impl="auto" takes the kernel only with DMFN_THIN_CONV=1 (not yet timed on a GPU); impl="fast" takes it, eager
-and compiled."""
+impl="auto" takes it as use_fast says (the generator's anywhere, the discriminator's in a CUDA-graph step, by
+default); impl="fast" takes it, eager and compiled."""
 import functools
 from typing import Optional, Tuple
 
@@ -28,7 +28,7 @@ from . import _impl
 from . import dmfb as _d
 from .bias_act import ACTS, bias_act_reference
 
-_AUTO = _impl.env_switch("DMFN_THIN_CONV") == "1"
+_AUTO = _impl.env_switch("DMFN_THIN_CONV")  # "graphs", "1" or "0": _impl.switch_on
 # input channels: vector gathers; 3 (an image: the discriminator's first convolutions) run as 4, a zero channel
 # added to the input and the weight (3-channel gathers were scalar and spilled, kernels/thin_conv.py)
 CHANNELS = (1, 2, 3, 4, 8)
@@ -265,16 +265,20 @@ def fits(conv: nn.Module) -> bool:
             and not _impl.has_hooks(conv))
 
 
-def use_fast(x: torch.Tensor, impl: str = "auto") -> bool:
-    """Whether the generator takes the kernel for its input convolution on x under `impl` (asked once per call
-    of the model): where it runs (imported, CUDA or the interpreter, float). Compiled too:
-    Inductor would call the same cuDNN convolution and only fuse the bias and ReLU after it. auto: with
-    DMFN_THIN_CONV=1, then as the DMFB decides (dmfb.auto_prefers_fused: fp16/bf16, autocast included);
-    fast: always."""
+def use_fast(x: torch.Tensor, impl: str = "auto", per_call_wins: bool = False) -> bool:
+    """Whether a model takes the kernel for its input convolution on x under `impl` (asked once per call of
+    the model): where it runs (imported, CUDA or the interpreter, float). Compiled too: Inductor would call
+    the same cuDNN convolution and only fuse the bias and ReLU after it. auto: as DMFN_THIN_CONV says
+    (_impl.switch_on: by default in a CUDA-graph step only), or, for a caller whose rows won per call too
+    (per_call_wins: the generator's, H200 s15, bf16: batch 64 forward 0.35 against cuDNN's 2.22 ms, batch 16
+    forward+backward 0.98 against 1.02), anywhere unless DMFN_THIN_CONV=0; then as the DMFB decides
+    (dmfb.auto_prefers_fused: fp16/bf16, autocast included); fast: always. The discriminator's rows lost per
+    call (1.10 against 0.58 ms: host time) and won in GPU time (0.28 against 0.52)."""
     if not available() or fast_why_not(x):
         return False
+    on = (lambda: _AUTO != "0") if per_call_wins else (lambda: _impl.switch_on(_AUTO))
     return _impl.resolve(impl, lambda: "", op="thin-input convolution",
-                         prefer_fast=lambda: _AUTO and _d.auto_prefers_fused(x))
+                         prefer_fast=lambda: on() and _d.auto_prefers_fused(x))
 
 
 def conv_act(conv: nn.Conv2d, x: torch.Tensor, act: str = "relu", slope: float = 0.2) -> torch.Tensor:

@@ -14,6 +14,7 @@ fused Adam, and every batch of one shape with crop boxes of one size (train.py's
 import torch
 
 from ..losses import rals_d_loss
+from ..ops import _impl
 from .build import all_ranks_finite, autocast
 from .step import check_boxes, crop_pixels, gather_crops, generate, global_view, train_step
 
@@ -34,12 +35,14 @@ class GraphedStep:
         self.stream = None  # warm-up and capture on one side stream of the batch's device
 
     def __call__(self, image, mask, box):
-        if not self.capture:
-            return self._step(image, mask, box)
-        with torch.cuda.device(image.device):  # streams and replays on the batch's card (--device cuda:1)
-            if self.stream is None:
-                self.stream = torch.cuda.Stream()
-            return self._step(image, mask, box)
+        # the kernels that win only where the GPU's time alone counts (_impl.graphs), warm-up steps included
+        with _impl.graphs():
+            if not self.capture:
+                return self._step(image, mask, box)
+            with torch.cuda.device(image.device):  # streams and replays on the batch's card (--device cuda:1)
+                if self.stream is None:
+                    self.stream = torch.cuda.Stream()
+                return self._step(image, mask, box)
 
     def _step(self, image, mask, box):
         if self.inputs is None and self.steps < self.warmup:
