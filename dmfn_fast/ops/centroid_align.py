@@ -150,9 +150,14 @@ def _setup_context(ctx, inputs, output):
     f_out, f_tgt = inputs
     ctx.save_for_backward(output[1], f_out, f_tgt)
     ctx.mark_non_differentiable(output[1])
+    # no zeros for the stats' gradient, which backward never reads: a fill kernel per backward (0.77 us of
+    # the op's 38 us of GPU time on the H200, s15)
+    ctx.set_materialize_grads(False)
 
 
 def _backward(ctx, grad_loss, _grad_stats):
+    if grad_loss is None:  # not materialized: nothing flowed into the loss
+        return None, None
     stats, f_out, f_tgt = ctx.saved_tensors
     bwd = torch.ops.dmfn_fast.centroid_align_bwd
     g_out = bwd(grad_loss, stats, f_out, 0) if ctx.needs_input_grad[0] else None
