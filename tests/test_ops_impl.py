@@ -146,6 +146,27 @@ def test_thin_conv_auto_rule(monkeypatch):
     assert not tc.use_fast(x, per_call_wins=True) and not tc.use_fast(x)
 
 
+@pytest.mark.parametrize("op", ["bias_act", "max_pool", "l1_loss"])
+def test_graphs_kernels_auto_rule(op, monkeypatch):
+    """The bias+ReLU, max-pool and L1 kernels under auto: by default (graphs) inside a graph region only, 1
+    everywhere, 0 nowhere; fp16/bf16 only (they were timed in bf16 alone); impl="fast" always."""
+    import importlib
+    mod = importlib.import_module(f"dmfn_fast.ops.{op}")
+    monkeypatch.setattr(mod, "available", lambda: True)
+    monkeypatch.setattr(mod, "fast_why_not", lambda *a: "")
+    x = torch.zeros(1, 4, 2, 2, dtype=torch.bfloat16).contiguous(memory_format=torch.channels_last)
+
+    def asks(t, impl="auto"):
+        return mod.use_fast(t, t, None, impl) if op == "l1_loss" else mod.use_fast(t, impl)
+
+    for value, outside, inside in (("graphs", False, True), ("1", True, True), ("0", False, False)):
+        monkeypatch.setattr(mod, "_AUTO", value)
+        assert asks(x) == outside, value
+        with _impl.graphs():
+            assert asks(x) == inside and not asks(x.float()), value
+        assert asks(x.float(), "fast") and not asks(x, "reference")
+
+
 @pytest.mark.parametrize("name", list(_impl.SWITCHES))
 def test_each_switch_takes_its_values_and_refuses_others(name, monkeypatch):
     values = _impl.SWITCHES[name]

@@ -158,7 +158,9 @@ def fast_why_not(a: torch.Tensor, b: torch.Tensor, g: Optional[torch.Tensor] = N
 def use_fast(a: torch.Tensor, b: torch.Tensor, g: Optional[torch.Tensor] = None, impl: str = "auto") -> bool:
     """Whether the loss takes the kernels for this term under `impl` (asked per call): where they run (imported,
     CUDA or the interpreter, the layouts above; never while torch.compile traces). auto: as DMFN_L1_KERNEL says
-    (_impl.switch_on); fast: always. Elsewhere the loss's own formula runs, as for the VGG's kernels."""
+    (_impl.switch_on), then fp16/bf16 only (dmfb.auto_prefers_fused: timed in bf16 alone); fast: always.
+    Elsewhere the loss's own formula runs, as for the VGG's kernels."""
     if torch.compiler.is_compiling() or not available() or fast_why_not(a, b, g):
         return False
-    return _impl.resolve(impl, lambda: "", op="L1 loss", prefer_fast=lambda: _impl.switch_on(_AUTO))
+    return _impl.resolve(impl, lambda: "", op="L1 loss",
+                         prefer_fast=lambda: _impl.switch_on(_AUTO) and _d.auto_prefers_fused(a))

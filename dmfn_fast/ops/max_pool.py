@@ -94,12 +94,14 @@ def fast_why_not(x: torch.Tensor) -> str:
 def use_fast(x: torch.Tensor, impl: str = "auto") -> bool:
     """Whether the VGG takes the kernels for its pools on x under `impl` (asked once per call): where they run
     (imported, CUDA or the interpreter, float; never while torch.compile traces), for a channels-last x (as
-    training's). auto: as DMFN_MAX_POOL says; fast: always. Any float dtype: the result is ATen's to the bit."""
+    training's). auto: as DMFN_MAX_POOL says, then fp16/bf16 only (dmfb.auto_prefers_fused: timed in bf16
+    alone); fast: always. Any float dtype: the result is ATen's to the bit."""
     if torch.compiler.is_compiling() or not available() or fast_why_not(x):
         return False
     if not x.is_contiguous(memory_format=torch.channels_last):  # each pool would copy its NCHW input first
         return False
-    return _impl.resolve(impl, lambda: "", op="max pooling", prefer_fast=lambda: _impl.switch_on(_AUTO))
+    return _impl.resolve(impl, lambda: "", op="max pooling",
+                         prefer_fast=lambda: _impl.switch_on(_AUTO) and _d.auto_prefers_fused(x))
 
 
 def fits(pool: nn.Module) -> bool:
