@@ -452,6 +452,29 @@ def test_l1_loss_matches_the_formula(dtype, shape, layout, guided):
     assert lk.dtype == dtype and abs(lk.double() - want).item() <= rel * want.item()
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_l1_loss_under_autocast(dtype):
+    """As training runs the loss (autocast, 16-bit features): both paths give an fp32 loss, as ATen's autocast
+    vector_norm gave _L1Mean (the kernels had given bf16: the s15 graphed step logged bf16-rounded terms),
+    within the sum order of each other, and the same gradient to the bit."""
+    from dmfn_fast import losses
+    from dmfn_fast.ops import l1_loss as l1
+
+    torch.manual_seed(1)
+    cl = torch.channels_last
+    a = torch.relu(torch.randn(16, 64, 256, 256, device="cuda")).to(dtype).contiguous(memory_format=cl)
+    b = torch.relu(torch.randn(16, 64, 256, 256, device="cuda")).to(dtype).contiguous(memory_format=cl)
+    g = (1 + torch.rand(16, 1, 256, 256, device="cuda")).to(dtype)
+    ak, ar = _leaf(a), _leaf(a)
+    with torch.autocast("cuda", dtype=dtype):
+        lk, lr = l1.l1_mean(ak, b, g), losses._L1Mean.apply(ar, b, g)
+    assert lk.dtype == lr.dtype == torch.float32
+    assert abs(lk.item() - lr.item()) <= 1e-5 * lr.item()
+    seed = torch.tensor(25.0, device="cuda")
+    (gk,), (gr,) = torch.autograd.grad(lk, ak, seed), torch.autograd.grad(lr, ar, seed)
+    assert gk.dtype == dtype and torch.equal(gk, gr)
+
+
 # the generator's input convolution in three dtypes; other shapes in bf16 (each new shape and dtype compiles
 # and autotunes the kernels again, and the interpreter covers fp32 and fp16 at these shapes)
 THIN_CASES = [(dt, (16, 4, 256, 256, 5, 1, 2)) for dt in DTYPES] + [

@@ -720,6 +720,19 @@ def check_l1_loss(dtype, N):
                                               wi)[0])
         # bf16: the formula's second derivative rounds each product and its sum in bf16, the kernels' in fp32
         out.append(("gradient of the gradient", _err(second[0], second[1]), 1e-5 if exact else 5e-2))
+        # under autocast (training's), both paths give an fp32 loss, as ATen's autocast vector_norm gave
+        # _L1Mean (the kernels had given a's dtype: the H200's s15 graphed step logged bf16-rounded terms), and
+        # the same gradient in a's dtype
+        if dt != torch.float32:
+            a = torch.relu(torch.randn(N, 16, 5, 7)).to(dt)
+            b, g = torch.relu(torch.randn_like(a.float())).to(dt), (1 + torch.rand(N, 1, 5, 7)).to(dt)
+            ak, ar = _leaf(a), _leaf(a)
+            with torch.autocast("cpu", dtype=dt):
+                lk, lr = l1.l1_mean(ak, b, g), losses._L1Mean.apply(ar, b, g)
+            assert lk.dtype == lr.dtype == torch.float32, (lk.dtype, lr.dtype)
+            (gk,), (gr,) = (torch.autograd.grad(x, y, torch.tensor(0.75)) for x, y in ((lk, ak), (lr, ar)))
+            assert gk.dtype == gr.dtype == dt and (torch.equal(gk, gr) or not exact), "autocast: the gradient differs"
+            out.append(("autocast: fp32 loss", _err(lk, lr), 1e-6 if exact else 2e-2))  # bf16: truncated here
         # a sum past fp16's largest value (65504; the H200's [16, 64, 256, 256] fp16 loss was inf): the mean is 1
         a = torch.ones(1, 8, 100, 100).to(dt)
         for name, fn in (("kernels", l1.l1_mean), ("_L1Mean", losses._L1Mean.apply)):

@@ -73,9 +73,9 @@ def _l1_mean_sign_fn(a: torch.Tensor, b: torch.Tensor, g: Optional[torch.Tensor]
             RN=not _d.INTERPRET, BLOCK_R=br, BLOCK_K=bk, num_warps=_kl1.NUM_WARPS)
     else:  # an empty tensor: ATen's mean is NaN
         part.fill_(float("nan"))
-    # as ATen's mean: the fp32 sum divided, then rounded once to a's dtype (rounded first, an fp16 sum over
-    # 65504 was inf: the H200's [16, 64, 256, 256] test, s15)
-    return (part.sum() / a.numel()).to(a.dtype), sign
+    # the fp32 sum divided, in fp32: l1_mean rounds it once to loss_dtype (rounded before the division, an fp16
+    # sum over 65504 was inf: the H200's [16, 64, 256, 256] test, s15)
+    return part.sum() / a.numel(), sign
 
 
 def _l1_mean_sign_backward_fn(sign: torch.Tensor, g: Optional[torch.Tensor], scale: torch.Tensor) -> torch.Tensor:
@@ -92,12 +92,13 @@ def _l1_mean_sign_backward_fn(sign: torch.Tensor, g: Optional[torch.Tensor], sca
 
 def _setup(ctx, inputs, output):
     ctx.save_for_backward(output[1], inputs[2])
+    ctx.dtype = inputs[0].dtype
 
 
 def _backward(ctx, grad, _sign_grad):
     sign, g = ctx.saved_tensors
-    # the reference's mean backward, grad / numel in the loss's dtype (one rounding), then abs's and g's
-    return _backward_op(sign, g, grad / sign.numel()), None, None
+    # _L1Mean's backward: grad / numel rounded once to a's dtype, then abs's and g's products
+    return _backward_op(sign, g, (grad.float() / sign.numel()).to(ctx.dtype)), None, None
 
 
 def _setup_backward(ctx, inputs, output):
@@ -126,7 +127,15 @@ def l1_mean(a: torch.Tensor, b: torch.Tensor, g: Optional[torch.Tensor] = None) 
     why = fast_why_not(a, b, g)
     if why:
         raise RuntimeError(f"l1_mean cannot run: {why}")
-    return _op(a, b, g)[0]
+    return _op(a, b, g)[0].to(loss_dtype(a))
+
+
+def loss_dtype(a: torch.Tensor) -> torch.dtype:
+    """The L1 terms' loss dtype (both paths): fp32 for 16-bit features under autocast, where ATen's
+    vector_norm, which _L1Mean used, autocasts to fp32 (the H200's s15 steps logged fp32 terms); else a's."""
+    if a.dtype in (torch.float16, torch.bfloat16) and torch.is_autocast_enabled(a.device.type):
+        return torch.float32
+    return a.dtype
 
 
 def available() -> bool:
