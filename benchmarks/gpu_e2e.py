@@ -281,10 +281,10 @@ def opt_in():
     since s10; it takes precedence over wgrad9); and these four, "(eager)" where their switch is 1, "(in
     CUDA-graph steps)" where it is graphs (their default): "bias+relu kernel" (DMFN_BIAS_ACT: the VGG's and
     the generator's first convolutions add their bias under the ReLU in one kernel), "thin conv kernel"
-    (DMFN_THIN_CONV: the generator's input convolution and ReLU, and the discriminator's two input convolutions, in
-    ops/thin_conv.py's kernels), "max-pool
-    kernels" (DMFN_MAX_POOL: the VGG's pools without indices, ops/max_pool.py), "L1 loss kernels"
-    (DMFN_L1_KERNEL: the loss's guided and feature-matching terms, ops/l1_loss.py)."""
+    (DMFN_THIN_CONV: the generator's input convolution and ReLU, and the discriminator's two input
+    convolutions, in ops/thin_conv.py's kernels), "max-pool kernels" (DMFN_MAX_POOL: the VGG's pools without
+    indices, ops/max_pool.py), "L1 loss kernels" (DMFN_L1_KERNEL: the loss's guided and feature-matching terms,
+    ops/l1_loss.py)."""
     from dmfn_fast.ops import bias_act, dmfb, l1_loss, max_pool, thin_conv
     on = []
     tma = CUDA and dmfb._TMA and torch.cuda.get_device_capability()[0] >= 9

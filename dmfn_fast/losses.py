@@ -30,9 +30,9 @@ class _L1Mean(torch.autograd.Function):
     def forward(ctx, a, b, g):
         d = a * g if g is not None else a.clone()
         d.sub_(b * g if g is not None else b)
-        # mean |d| without an |d| buffer, summed and divided in fp32 for 16-bit d (its own dtype's sum
-        # overflowed: inf in fp16 once it passed 65504), then rounded once to l1_loss.loss_dtype
-        acc = torch.float32 if d.dtype in (torch.float16, torch.bfloat16) else d.dtype
+        # mean |d| without an |d| buffer, summed and divided in fp32 at least (a 16-bit d's own sum overflowed:
+        # inf in fp16 once it passed 65504), then rounded once to l1_loss.loss_dtype
+        acc = torch.promote_types(d.dtype, torch.float32)
         loss = (torch.linalg.vector_norm(d, 1, dtype=acc) / d.numel()).to(l1_loss.loss_dtype(d))
         ctx.save_for_backward(d.sign_().to(torch.int8), g)
         ctx.dtype = d.dtype
