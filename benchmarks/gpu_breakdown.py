@@ -2,6 +2,7 @@
 
     python benchmarks/gpu_breakdown.py OUT_DIR          # CUDA: N=16, 64x64, C=64 (the 256x256 training shape)
     python benchmarks/gpu_breakdown.py OUT_DIR --dry    # CPU, kernels interpreted, tiny sizes: checks the script
+    python benchmarks/gpu_breakdown.py OUT_DIR --centroid-only   # the ceilings and the centroid rows (~30 s)
 
 Appends one JSON object per measurement to OUT_DIR/breakdown.jsonl as it goes (a timeout loses only what
 had not run yet) and prints a line for each. Times are medians of triton.testing.do_bench (CUDA events,
@@ -25,6 +26,7 @@ ap.add_argument("out")
 ap.add_argument("--dry", action="store_true", help="CPU, TRITON_INTERPRET=1, tiny sizes")
 ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile baselines")
 ap.add_argument("--no-centroid", action="store_true", help="skip the centroid op (needs the built extension)")
+ap.add_argument("--centroid-only", action="store_true", help="the ceilings and the centroid op's rows alone")
 args = ap.parse_args()
 if args.dry:
     os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported
@@ -159,6 +161,94 @@ if CUDA:
                  torch=torch.__version__))
     print(f"ceilings: copy {ceil['copy_tbs']:.2f} TB/s (read+write), bf16 matmul {ceil['bf16_tflops']:.0f} TFLOP/s, "
           f"smallest kernel {ceil['tiny_kernel_us']:.2f} us")
+
+# ----------------------------------------------------------------------------- centroid op
+
+
+def centroid_cases():
+    for dt in (torch.bfloat16, torch.float32):
+        for layout in ("channels_last", "nchw"):
+            torch.manual_seed(3)
+            a = torch.rand(*CENTROID, device=DEV).to(dt)
+            t = torch.rand(*CENTROID, device=DEV).to(dt)
+            if layout == "channels_last":
+                a, t = cl(a), cl(t)
+            yield dt, layout, a.requires_grad_(), t
+
+
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+
+
+@triton.jit
+def _read_sum(x, out, n, BLOCK: tl.constexpr):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    v = tl.load(x + offs, mask=offs < n, other=0.0)
+    tl.store(out + tl.program_id(0), tl.sum(v.to(tl.float32), 0))
+
+
+def stream_read(x, block, warps):
+    """x's elements summed per program of `block`: a streaming read with nothing else to do (the floor rows'
+    reader beside ATen's sum)."""
+    out = torch.empty(triton.cdiv(x.numel(), block), device=x.device, dtype=torch.float32)
+    _read_sum[(out.numel(),)](x, out, x.numel(), BLOCK=block, num_warps=warps)
+    return out
+
+
+for dt, layout, a, t in ([] if args.no_centroid else centroid_cases()):
+    tag = str(dt).replace("torch.", "")
+    # the least the op moves: read both maps, write f_out's gradient (the sixth session's count; before it
+    # counted f_out read again, which no kernel of the extension does)
+    nbytes = 3 * a.numel() * a.element_size()
+    g = f"centroid fwd+bwd {tag} {layout} {list(CENTROID)}"
+    record(g, "torch formula", lambda: torch.autograd.grad(ca.centroid_align_loss_reference(a, t), a), 0, nbytes)
+    if ca.extension_available() and ca.has_kernel(DEV):
+        # the forward as planned by default, and on CUDA channels-last its A/B plans (DMFN_CENTROID_*, read per
+        # call by the extension): two waves of shorter runs, the finish folded into the sums' last blocks, the
+        # loads staged through shared memory, the gradient written by more blocks of fewer rows
+        plans = [({}, "extension")]
+        if CUDA and layout == "channels_last":
+            plans += [({"WAVES": "2"}, "extension, two waves"), ({"FOLD": "1"}, "extension, folded finish"),
+                      ({"FOLD": "1", "WAVES": "2"}, "extension, folded, two waves"),
+                      ({"ASYNC": "1"}, "extension, async copies"),
+                      ({"ASYNC": "1", "FOLD": "1"}, "extension, async copies, folded"),
+                      ({"GRAD_ROWS": "2"}, "extension, gradient 2 rows a block"),
+                      ({"GRAD_ROWS": "1"}, "extension, gradient 1 row a block"),
+                      ({"ASYNC": "1", "FOLD": "1", "GRAD_ROWS": "2"}, "extension, async, folded, gradient 2 rows"),
+                      ({"WIDE": "1"}, "extension, wide blocks"),
+                      ({"WIDE": "1", "ASYNC": "1"}, "extension, wide blocks, async copies"),
+                      ({"WIDE": "1", "FOLD": "1"}, "extension, wide blocks, folded")]
+        for env, name in plans:
+            with mock.patch.dict(os.environ):  # restored after each plan
+                for k in CENTROID_SWITCHES:
+                    os.environ.pop(k, None)
+                os.environ.update({f"DMFN_CENTROID_{k}": v for k, v in env.items()})
+                record(g, name, lambda: torch.autograd.grad(ca.centroid_align_loss(a, t, impl="fast"), a), 0, nbytes)
+    else:
+        print(f"[{g}] extension not available: {ca._ext_state.get('why')}")
+    if layout == "channels_last" and (CUDA or dt == torch.float32):  # the interpreter has no bf16 math
+        # what ATen's own kernels take for the op's least traffic at this size, one launch each: both maps'
+        # bytes read (one sum over a buffer of both maps' size) and one map's bytes written (a fill); with the
+        # smallest kernel for autograd's seed, the floor gpu_summary.py compares the read share against
+        both = torch.empty(2 * a.numel(), device=DEV, dtype=dt).uniform_()
+        grad_like = torch.empty_like(a)
+        fg = f"centroid floor {tag} {list(CENTROID)}"
+        read_bytes = 2 * a.numel() * a.element_size()
+        record(fg, "read both maps' bytes (torch.sum)", lambda: both.sum(), 0, read_bytes)
+        record(fg, "write one map's bytes (fill_)", lambda: grad_like.fill_(0.5), 0, a.numel() * a.element_size())
+        # the same read by a kernel with nothing else to do, in a few shapes: does ATen's sum read at the rate
+        # this card reaches at this size? (s15: 3.14-3.18 TB/s, against a copy's 4.18)
+        want = both.double().sum().item()
+        for block, warps in ((4096, 4), (8192, 8), (16384, 8)):
+            name = f"read both maps' bytes (Triton, {block} a program, {warps} warps)"
+            got = stream_read(both, block, warps).double().sum().item()
+            if abs(got - want) > 1e-4 * abs(want):
+                log_row(dict(group=fg, name=name, error=f"its sum {got} is not the buffer's {want}"))
+                continue
+            record(fg, name, lambda block=block, warps=warps: stream_read(both, block, warps), 0, read_bytes)
+        del both, grad_like
+if args.centroid_only:
+    sys.exit(0)
 
 # ----------------------------------------------------------------------------- branch op, piece by piece
 CONV = 2 * N * H * W * C * C * 9  # one 3x3 conv C->C
@@ -327,59 +417,6 @@ for label, m in blocks.items():
     record("block fwd+bwd bf16", f"DMFB {label}", grads(lambda x, *_, m=m: m(x), params, gb), BLOCK_FLOP)
     with torch.no_grad():
         record("block fwd bf16", f"DMFB {label}", lambda: m(xb), BLOCK_FLOP // 3)
-
-# ----------------------------------------------------------------------------- centroid op
-
-
-def centroid_cases():
-    for dt in (torch.bfloat16, torch.float32):
-        for layout in ("channels_last", "nchw"):
-            torch.manual_seed(3)
-            a = torch.rand(*CENTROID, device=DEV).to(dt)
-            t = torch.rand(*CENTROID, device=DEV).to(dt)
-            if layout == "channels_last":
-                a, t = cl(a), cl(t)
-            yield dt, layout, a.requires_grad_(), t
-
-
-for dt, layout, a, t in ([] if args.no_centroid else centroid_cases()):
-    tag = str(dt).replace("torch.", "")
-    # the least the op moves: read both maps, write f_out's gradient (the sixth session's count; before it
-    # counted f_out read again, which no kernel of the extension does)
-    nbytes = 3 * a.numel() * a.element_size()
-    g = f"centroid fwd+bwd {tag} {layout} {list(CENTROID)}"
-    record(g, "torch formula", lambda: torch.autograd.grad(ca.centroid_align_loss_reference(a, t), a), 0, nbytes)
-    if ca.extension_available() and ca.has_kernel(DEV):
-        # the forward as planned by default, and on CUDA channels-last its A/B plans (DMFN_CENTROID_*, read per
-        # call by the extension): two waves of shorter runs, the finish folded into the sums' last blocks, the
-        # loads staged through shared memory, the gradient written by more blocks of fewer rows
-        plans = [({}, "extension")]
-        if CUDA and layout == "channels_last":
-            plans += [({"WAVES": "2"}, "extension, two waves"), ({"FOLD": "1"}, "extension, folded finish"),
-                      ({"FOLD": "1", "WAVES": "2"}, "extension, folded, two waves"),
-                      ({"ASYNC": "1"}, "extension, async copies"),
-                      ({"ASYNC": "1", "FOLD": "1"}, "extension, async copies, folded"),
-                      ({"GRAD_ROWS": "2"}, "extension, gradient 2 rows a block"),
-                      ({"GRAD_ROWS": "1"}, "extension, gradient 1 row a block"),
-                      ({"ASYNC": "1", "FOLD": "1", "GRAD_ROWS": "2"}, "extension, async, folded, gradient 2 rows")]
-        for env, name in plans:
-            with mock.patch.dict(os.environ):  # restored after each plan
-                for k in CENTROID_SWITCHES:
-                    os.environ.pop(k, None)
-                os.environ.update({f"DMFN_CENTROID_{k}": v for k, v in env.items()})
-                record(g, name, lambda: torch.autograd.grad(ca.centroid_align_loss(a, t, impl="fast"), a), 0, nbytes)
-    else:
-        print(f"[{g}] extension not available: {ca._ext_state.get('why')}")
-    if CUDA and layout == "channels_last":
-        # what ATen's own kernels take for the op's least traffic at this size, one launch each: both maps'
-        # bytes read (one sum over a buffer of both maps' size) and one map's bytes written (a fill); with the
-        # smallest kernel for autograd's seed, the floor gpu_summary.py compares the read share against
-        both = torch.empty(2 * a.numel(), device=DEV, dtype=dt).uniform_()
-        grad_like = torch.empty_like(a)
-        fg = f"centroid floor {tag} {list(CENTROID)}"
-        record(fg, "read both maps' bytes (torch.sum)", lambda: both.sum(), 0, 2 * a.numel() * a.element_size())
-        record(fg, "write one map's bytes (fill_)", lambda: grad_like.fill_(0.5), 0, a.numel() * a.element_size())
-        del both, grad_like
 
 # ----------------------------------------------------------------------------- VGG: bias + ReLU in one kernel
 # The frozen VGG as the training step runs it (stages recomputed in backward), its sixteen convolutions'

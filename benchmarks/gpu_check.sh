@@ -86,7 +86,10 @@ if [ $DRY = 0 ] && command -v compute-sanitizer >/dev/null; then
 fi
 
 # 3. per-kernel breakdown and op baselines; 4. end to end.
-stage breakdown 150 $PY benchmarks/gpu_breakdown.py "$OUT" "${DRYFLAG[@]}"
+# GPU_CHECK_BREAKDOWN_ARGS: more arguments (--centroid-only: the ceilings and the centroid rows alone, for a
+# lease that measures the centroid plans beside its other stages)
+# shellcheck disable=SC2086  # zero or more arguments
+stage breakdown 150 $PY benchmarks/gpu_breakdown.py "$OUT" "${DRYFLAG[@]}" ${GPU_CHECK_BREAKDOWN_ARGS:-}
 # Each kernel switch as the breakdown measured it (gpu_adopt.py): on where its kernels beat the ones they
 # replace by 3%, else off, for the end-to-end stage (its rows name them in "opt_in"). The choice is kept
 # outside OUT, so that a later call on the same machine (a lease's second call, which skips the breakdown)

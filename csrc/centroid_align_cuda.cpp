@@ -61,6 +61,9 @@ int env_choice(const char* name, const char* allowed, int fallback, const char* 
 // - DMFN_CENTROID_ASYNC=1: the two-map kernel's loads staged through shared memory (cp.async), 2-3 steps
 //   ahead of its adds, where the stages fit (else the register loads): more bytes in flight (s10: bf16 read at
 //   3.06 TB/s, fp32 2.88, against 4.15 copy).
+// - DMFN_CENTROID_WIDE=1: the two-map kernel's blocks take 32 channel vectors, not 8, where the map has them:
+//   a warp loads 512 contiguous bytes of one pixel, not 128 of each of four (fp32 read at 2.82 TB/s, s15), in
+//   4x the runs (finish_pairs adds more).
 dmfn_fast_cuda::ForwardOptions forward_options() {
   dmfn_fast_cuda::ForwardOptions o;
   o.sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount *
@@ -68,6 +71,7 @@ dmfn_fast_cuda::ForwardOptions forward_options() {
   o.fold = env_choice("DMFN_CENTROID_FOLD", "01", 0, "1 folds the centroid forward's finish into its sums") == 1;
   o.async_copy =
       env_choice("DMFN_CENTROID_ASYNC", "01", 0, "1 stages the centroid forward's loads in shared memory") == 1;
+  o.wide = env_choice("DMFN_CENTROID_WIDE", "01", 0, "1 gives the centroid forward's blocks 32 channel vectors") == 1;
   return o;
 }
 

@@ -304,7 +304,7 @@ __device__ __forceinline__ double finish_plane(const A* part, int splits, long l
 #pragma unroll
   for (int m = 0; m < 2; ++m) {
     A s0 = 0, sx = 0, sy = 0;
-    for (int sp = 0; sp < splits; ++sp) {
+    for (int sp = 0; sp < splits; ++sp) {  // nvcc unrolls it 4x, the 12 loads issued together (sm_90 SASS)
       const A* q = part + ((static_cast<long long>(sp) * 2 + m) * NC + i) * 3;
       if (VOL) {
         const volatile A* v = q;
@@ -335,9 +335,9 @@ struct FinishArgs {
   unsigned* tickets;
 };
 
-// Channels last, 16-byte loads, both maps in one pass (the forward's fast path): one block per (n, kPairVecs
-// vectors of V channels, a run of pixels); thread (lane % kPairVecs) takes one vector of channels, the other
-// kPairRows thread rows take pixels, kPairPix<T> pixels of both maps in flight each (2 * kPairPix<T> 16-byte
+// Channels last, 16-byte loads, both maps in one pass (the forward's fast path): one block per (n, VECS
+// vectors of V channels, a run of pixels); thread (lane % VECS) takes one vector of channels, the other
+// 256 / VECS thread rows take pixels, kPairPix<T> pixels of both maps in flight each (2 * kPairPix<T> 16-byte
 // loads).
 // plan_t sizes the runs so the blocks fill the card once (the blocks per SM from the occupancy API): the H200
 // ran an earlier plan (2 pixels in flight, runs for "4 blocks per SM" of which 2 fit) at 28.5 us fwd+bwd on
@@ -345,8 +345,11 @@ struct FinishArgs {
 // Then either finish_pairs adds the splits up in a second launch, or (FOLD) the last block of each column
 // (n, channel group) to finish its run finishes that column's planes, and the last column adds up the loss:
 // one launch fewer, for a memset of the tickets (finish_pairs took 3.7-4.2 us on the H200, s10).
+// VECS (ForwardOptions::wide): 8 channel vectors a block, so a warp loads 4 pixels' 128 bytes each, or 32
+// (where the map has that many), so a warp loads 512 contiguous bytes of one pixel, as the gradient kernel
+// stores them (fp32: it wrote at 3.68 TB/s on the H200 where this kernel read at 2.82, s15).
 constexpr int kPairVecs = 8;
-constexpr int kPairRows = 256 / kPairVecs;
+constexpr int kWideVecs = 32;
 // Pixels of both maps in flight per thread (sm_90 SASS: all their 16-byte loads issued before the first add).
 // fp32: 6, 12 loads (it read at 2.88 TB/s with 8 on the H200, s10: bytes in flight; 8 pixels spilled on sm_80);
 // 16-bit: 4, 8 loads (their unpacked values take 64 registers).
@@ -358,17 +361,17 @@ template <> constexpr int kPairPix<float> = 6;
 // step's adds. Each thread reads only the slots it filled: a wait on its own copies is all the order it needs.
 template <typename T> constexpr size_t kStageBytes = 2 * kPairPix<T> * 256 * 16;  // one step of a block's loads
 
-template <typename T, bool FOLD, bool ASYNC>
+template <typename T, int VECS, bool FOLD, bool ASYNC>
 __global__ void __launch_bounds__(256, 2)
 pair_sums_vec(MapView ma, MapView mb, int C, int H, int W, int pix_per_split, typename AccOf<T>::type step_u,
               typename AccOf<T>::type step_v, typename AccOf<T>::type* part,
               FinishArgs<typename AccOf<T>::type> fin, int stages) {
   using A = typename AccOf<T>::type;
-  constexpr int V = Vec<T>::n;
-  const int vecs = C / V, groups = (vecs + kPairVecs - 1) / kPairVecs;
+  constexpr int V = Vec<T>::n, ROWS = 256 / VECS;
+  const int vecs = C / V, groups = (vecs + VECS - 1) / VECS;
   const long long n = blockIdx.x / groups, NC = static_cast<long long>(gridDim.x / groups) * C;
-  const int cv = (blockIdx.x % groups) * kPairVecs + threadIdx.x % kPairVecs;
-  const int row = threadIdx.x / kPairVecs;
+  const int cv = (blockIdx.x % groups) * VECS + threadIdx.x % VECS;
+  const int row = threadIdx.x / VECS;
   if (!FOLD && blockIdx.x == 0 && blockIdx.y == 0 && threadIdx.x == 0) *fin.tickets = 0u;  // finish_pairs' ticket
   A s[2][3][V];
 #pragma unroll
@@ -390,13 +393,13 @@ pair_sums_vec(MapView ma, MapView mb, int C, int H, int W, int pix_per_split, ty
   if (cv < vecs) {
     const T* pa = static_cast<const T*>(ma.data) + n * ma.sN + static_cast<long long>(cv) * V;
     const T* pb = static_cast<const T*>(mb.data) + n * mb.sN + static_cast<long long>(cv) * V;
-    // Pixel p's (h, w) and its addresses in both maps, stepped kPairRows pixels at a time: no division or
+    // Pixel p's (h, w) and its addresses in both maps, stepped ROWS pixels at a time: no division or
     // 64-bit multiply per pixel (they took a third of the loop's instructions).
     struct At {
       int h, w;
       const T *a, *b;
     };
-    const int dh = kPairRows / W, dw = kPairRows - dh * W;
+    const int dh = ROWS / W, dw = ROWS - dh * W;
     const long long da = dh * ma.sH + dw * ma.sW, db = dh * mb.sH + dw * mb.sW;
     const long long wrap_a = ma.sH - W * ma.sW, wrap_b = mb.sH - W * mb.sW;
     auto next = [&](At& q) {
@@ -421,7 +424,7 @@ pair_sums_vec(MapView ma, MapView mb, int C, int H, int W, int pix_per_split, ty
       // slot (stage s, load j) of this thread: ring[(s * 2 * kPairPix<T> + j) * 256 + thread], j = 2 * pixel + map
       extern __shared__ uint4 ring[];
       uint4* const mine = ring + threadIdx.x;
-      constexpr int kStep = kPairPix<T> * kPairRows, kSlots = 2 * kPairPix<T> * 256;
+      constexpr int kStep = kPairPix<T> * ROWS, kSlots = 2 * kPairPix<T> * 256;
       At ahead = at;  // the next step to issue
       int p_ahead = p;
       // One step's copies as one group (none past the run: an empty group keeps the count). Runs are whole steps
@@ -429,7 +432,7 @@ pair_sums_vec(MapView ma, MapView mb, int C, int H, int W, int pix_per_split, ty
       auto copy_step = [&](uint4* slot, auto whole) {
 #pragma unroll
         for (int r = 0; r < kPairPix<T>; ++r) {
-          if (decltype(whole)::value || p_ahead + r * kPairRows < p_end) {
+          if (decltype(whole)::value || p_ahead + r * ROWS < p_end) {
             __pipeline_memcpy_async(slot + 2 * r * 256, ahead.a, 16);
             __pipeline_memcpy_async(slot + (2 * r + 1) * 256, ahead.b, 16);
           }
@@ -438,7 +441,7 @@ pair_sums_vec(MapView ma, MapView mb, int C, int H, int W, int pix_per_split, ty
       };
       auto issue = [&](int s) {
         uint4* const slot = mine + s * kSlots;
-        if (p_ahead + (kPairPix<T> - 1) * kPairRows < p_end) copy_step(slot, std::true_type{});
+        if (p_ahead + (kPairPix<T> - 1) * ROWS < p_end) copy_step(slot, std::true_type{});
         else if (p_ahead < p_end) copy_step(slot, std::false_type{});
         p_ahead += kStep;
         __pipeline_commit();
@@ -446,7 +449,7 @@ pair_sums_vec(MapView ma, MapView mb, int C, int H, int W, int pix_per_split, ty
       auto add_step = [&](const uint4* slot, auto whole) {
 #pragma unroll
         for (int r = 0; r < kPairPix<T>; ++r) {
-          if (decltype(whole)::value || p + r * kPairRows < p_end) {
+          if (decltype(whole)::value || p + r * ROWS < p_end) {
             A x[2][V];
             Vec<T>::lds(slot + 2 * r * 256, x[0]);
             Vec<T>::lds(slot + (2 * r + 1) * 256, x[1]);
@@ -460,13 +463,13 @@ pair_sums_vec(MapView ma, MapView mb, int C, int H, int W, int pix_per_split, ty
         // this step's group landed (async_stages gives 2 or 3)
         if (stages == 3) __pipeline_wait_prior(2); else __pipeline_wait_prior(1);
         const uint4* const slot = mine + s * kSlots;
-        if (p + (kPairPix<T> - 1) * kPairRows < p_end) add_step(slot, std::true_type{});
+        if (p + (kPairPix<T> - 1) * ROWS < p_end) add_step(slot, std::true_type{});
         else add_step(slot, std::false_type{});
         issue(s);  // the step `stages` ahead, into the slots just read
         s = s + 1 == stages ? 0 : s + 1;
       }
     } else {
-      for (; p + (kPairPix<T> - 1) * kPairRows < p_end; p += kPairPix<T> * kPairRows) {
+      for (; p + (kPairPix<T> - 1) * ROWS < p_end; p += kPairPix<T> * ROWS) {
         At qs[kPairPix<T>];
         A x[kPairPix<T>][2][V];  // every load issued before the first add
 #pragma unroll
@@ -486,7 +489,7 @@ pair_sums_vec(MapView ma, MapView mb, int C, int H, int W, int pix_per_split, ty
         for (int r = 0; r < kPairPix<T>; ++r) {
           qs[r] = at;
           next(at);
-          in[r] = p + r * kPairRows < p_end;
+          in[r] = p + r * ROWS < p_end;
           if (in[r]) load(qs[r], x[r]);
         }
 #pragma unroll
@@ -495,36 +498,43 @@ pair_sums_vec(MapView ma, MapView mb, int C, int H, int W, int pix_per_split, ty
       }
     }
   }
-  // Add up the rows: the 32 / kPairVecs rows within a warp, then the 8 warps in shared memory.
+  // Add up the rows: the 32 / VECS rows within a warp, then the 8 warps in shared memory.
 #pragma unroll
-  for (int o = kPairVecs; o < 32; o <<= 1)
+  for (int o = VECS; o < 32; o <<= 1)
 #pragma unroll
     for (int m = 0; m < 2; ++m)
 #pragma unroll
       for (int k = 0; k < 3; ++k)
 #pragma unroll
         for (int j = 0; j < V; ++j) s[m][k][j] += __shfl_xor_sync(0xffffffffu, s[m][k][j], o);
-  constexpr int kCh = kPairVecs * V;  // channels per block
+  constexpr int kCh = VECS * V;  // channels per block
   static_assert(kCh <= 256, "the folded finish takes one thread per channel");
-  __shared__ A sh[8][2][3][kCh];
+  // Both maps' sums at once where they take at most 24 KB, else one map after the other (16-bit maps, 32
+  // vectors: 48 KB, past the static limit).
+  constexpr int kMaps = 8 * 2 * 3 * kCh * sizeof(A) <= 24576 ? 2 : 1;
+  __shared__ A sh[8][kMaps][3][kCh];
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  if (lane < kPairVecs) {
 #pragma unroll
-    for (int m = 0; m < 2; ++m)
+  for (int m0 = 0; m0 < 2; m0 += kMaps) {
+    if (m0 > 0) __syncthreads();  // the first map's sums are read before the second's overwrite them
+    if (lane < VECS) {
 #pragma unroll
-      for (int k = 0; k < 3; ++k)
+      for (int mm = 0; mm < kMaps; ++mm)
 #pragma unroll
-        for (int j = 0; j < V; ++j) sh[warp][m][k][lane * V + j] = s[m][k][j];
-  }
-  __syncthreads();
-  for (int i = threadIdx.x; i < 2 * 3 * kCh; i += 256) {
-    const int cc = i % kCh, k = (i / kCh) % 3, m = i / (3 * kCh);
-    const int c = (blockIdx.x % groups) * kCh + cc;
-    if (c < C) {
-      A t = 0;
+        for (int k = 0; k < 3; ++k)
 #pragma unroll
-      for (int w8 = 0; w8 < 8; ++w8) t += sh[w8][m][k][cc];
-      part[((static_cast<long long>(blockIdx.y) * 2 + m) * NC + n * C + c) * 3 + k] = t;
+          for (int j = 0; j < V; ++j) sh[warp][mm][k][lane * V + j] = s[m0 + mm][k][j];
+    }
+    __syncthreads();
+    for (int i = threadIdx.x; i < kMaps * 3 * kCh; i += 256) {
+      const int cc = i % kCh, k = (i / kCh) % 3, mm = i / (3 * kCh);
+      const int c = (blockIdx.x % groups) * kCh + cc;
+      if (c < C) {
+        A t = 0;
+#pragma unroll
+        for (int w8 = 0; w8 < 8; ++w8) t += sh[w8][mm][k][cc];
+        part[((static_cast<long long>(blockIdx.y) * 2 + m0 + mm) * NC + n * C + c) * 3 + k] = t;
+      }
     }
   }
   if (!FOLD) return;
@@ -743,14 +753,15 @@ int once_per_device(int (&cache)[kDevices], Ask ask) {
   return cache[dev] - 1;
 }
 
-// Blocks of pair_sums_vec<T, false, false> that fit on one SM of the current device (registers decide: 2 on
-// sm_90).
-template <typename T>
+// Blocks of pair_sums_vec<T, VECS, false, false> that fit on one SM of the current device (registers decide:
+// 2 on sm_90).
+template <typename T, int VECS>
 int pair_blocks_per_sm() {
   static int cache[kDevices] = {};
   return once_per_device(cache, [] {
     int n = 0;
-    if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, pair_sums_vec<T, false, false>, 256, 0) != cudaSuccess ||
+    if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, pair_sums_vec<T, VECS, false, false>, 256, 0) !=
+            cudaSuccess ||
         n < 1) {
       cudaGetLastError();  // not sticky; fall back to the launch bound's 2
       n = 2;
@@ -764,17 +775,17 @@ int pair_blocks_per_sm() {
 // Shared memory decides: 16-bit maps take 32 KB a stage, so 3 stages on sm_90 (2 blocks in its 228 KB) and
 // 2 on sm_80 (164 KB); fp32 48 KB, so 2 on sm_90 and none on sm_80. Sets the kernel's dynamic shared memory
 // limit to match; asked once per device.
-template <typename T, bool FOLD>
+template <typename T, int VECS, bool FOLD>
 int async_stages() {
   static int cache[kDevices] = {};
   return once_per_device(cache, [] {
-    const int want = pair_blocks_per_sm<T>();
+    const int want = pair_blocks_per_sm<T, VECS>();
     for (int s = 3; s >= 2; --s) {
       const size_t bytes = s * kStageBytes<T>;
       int n = 0;
-      if (cudaFuncSetAttribute(pair_sums_vec<T, FOLD, true>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+      if (cudaFuncSetAttribute(pair_sums_vec<T, VECS, FOLD, true>, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                static_cast<int>(bytes)) != cudaSuccess ||
-          cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, pair_sums_vec<T, FOLD, true>, 256, bytes) !=
+          cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, pair_sums_vec<T, VECS, FOLD, true>, 256, bytes) !=
               cudaSuccess) {
         cudaGetLastError();  // a refused size is not sticky; clear only that error
         continue;
@@ -789,6 +800,7 @@ int async_stages() {
 // scratch memory (partial sums, the loss partials, the tickets).
 struct Plan {
   bool pair = false, fold = false, async_copy = false;
+  int vecs = kPairVecs;  // channel vectors a block of the two-map kernel takes
   int stages = 0;  // of the async-copy kernel's ring
   long long groups = 0, columns = 0;
   int pix_per_split = 0, splits = 1;
@@ -805,21 +817,30 @@ Plan plan_t(const MapView& a, const MapView& b, long long N, long long C, int H,
   p.pair = channel_vectors<T>(a, N, C) && channel_vectors<T>(b, N, C);
   if (p.pair) {
     // As many blocks as fit on the card at once (more runs would only add a second, short wave of blocks,
-    // each with its reduction), each over whole kPairPix<T>-pixel steps of its rows.
+    // each with its reduction), each over whole kPairPix<T>-pixel steps of its rows; with wide blocks, over
+    // whole rows (fp32's step is 48 pixels there: whole steps would cut [16, 512, 32, 32] into runs of 288,
+    // 288, 288 and 160 pixels).
     p.fold = o.fold;
-    p.groups = (C / Vec<T>::n + kPairVecs - 1) / kPairVecs;
+    const long long vecs = C / Vec<T>::n;
+    p.vecs = o.wide && vecs >= kWideVecs ? kWideVecs : kPairVecs;
+    p.groups = (vecs + p.vecs - 1) / p.vecs;
     p.columns = N * p.groups;
     // the unfolded kernel's occupancy for both: the same runs, so the folded stats are the unfolded ones' bits
-    const long long fit = static_cast<long long>(pair_blocks_per_sm<T>()) * std::max(o.sms, 1);
-    const int step = kPairPix<T> * kPairRows, HW = H * W;
+    const int per_sm = p.vecs == kWideVecs ? pair_blocks_per_sm<T, kWideVecs>() : pair_blocks_per_sm<T, kPairVecs>();
+    const long long fit = static_cast<long long>(per_sm) * std::max(o.sms, 1);
+    const int rows = 256 / p.vecs, step = kPairPix<T> * rows, unit = p.vecs == kWideVecs ? rows : step;
+    const int HW = H * W;
     const long long most = (HW + step - 1) / step;  // runs of at least one step
     const long long want = std::min(most, std::max(1LL, fit / p.columns));
     const long long pix = (HW + want - 1) / want;
-    p.pix_per_split = static_cast<int>((pix + step - 1) / step * step);
+    p.pix_per_split = static_cast<int>((pix + unit - 1) / unit * unit);
     p.splits = (HW + p.pix_per_split - 1) / p.pix_per_split;
     p.part_bytes = static_cast<size_t>(p.splits) * 2 * NC * 3 * sizeof(A);
     // the same runs with either loads: the same sums in the same order, so the same bits
-    if (o.async_copy) p.stages = p.fold ? async_stages<T, true>() : async_stages<T, false>();
+    if (o.async_copy && p.vecs == kWideVecs)
+      p.stages = p.fold ? async_stages<T, kWideVecs, true>() : async_stages<T, kWideVecs, false>();
+    else if (o.async_copy)
+      p.stages = p.fold ? async_stages<T, kPairVecs, true>() : async_stages<T, kPairVecs, false>();
     p.async_copy = p.stages > 0;
   }
   // loss partials: finish_pairs' per block, or the folded finish's per column; tickets: one, or a column's each
@@ -831,16 +852,25 @@ Plan plan_t(const MapView& a, const MapView& b, long long N, long long C, int H,
   return p;
 }
 
+template <typename T, int VECS, bool FOLD>
+void launch_pair_as(const Plan& p, MapView a, MapView b, int C, int H, int W, typename AccOf<T>::type su,
+                    typename AccOf<T>::type sv, typename AccOf<T>::type* part,
+                    FinishArgs<typename AccOf<T>::type> fin, cudaStream_t stream) {
+  const dim3 grid(static_cast<unsigned>(p.columns), p.splits);
+  if (p.async_copy)
+    pair_sums_vec<T, VECS, FOLD, true><<<grid, 256, p.stages * kStageBytes<T>, stream>>>(
+        a, b, C, H, W, p.pix_per_split, su, sv, part, fin, p.stages);
+  else
+    pair_sums_vec<T, VECS, FOLD, false><<<grid, 256, 0, stream>>>(a, b, C, H, W, p.pix_per_split, su, sv, part, fin,
+                                                                  0);
+}
+
 template <typename T, bool FOLD>
 void launch_pair(const Plan& p, MapView a, MapView b, int C, int H, int W, typename AccOf<T>::type su,
                  typename AccOf<T>::type sv, typename AccOf<T>::type* part,
                  FinishArgs<typename AccOf<T>::type> fin, cudaStream_t stream) {
-  const dim3 grid(static_cast<unsigned>(p.columns), p.splits);
-  if (p.async_copy)
-    pair_sums_vec<T, FOLD, true><<<grid, 256, p.stages * kStageBytes<T>, stream>>>(a, b, C, H, W, p.pix_per_split, su,
-                                                                                 sv, part, fin, p.stages);
-  else
-    pair_sums_vec<T, FOLD, false><<<grid, 256, 0, stream>>>(a, b, C, H, W, p.pix_per_split, su, sv, part, fin, 0);
+  if (p.vecs == kWideVecs) launch_pair_as<T, kWideVecs, FOLD>(p, a, b, C, H, W, su, sv, part, fin, stream);
+  else launch_pair_as<T, kPairVecs, FOLD>(p, a, b, C, H, W, su, sv, part, fin, stream);
 }
 
 template <typename T>

@@ -22,6 +22,7 @@ struct ForwardOptions {
   int sms = 1;        // multiprocessors whose blocks the pixel runs fill once: the card's count times the waves
   bool fold = false;  // the finish in the kernel's last blocks: a memset of their tickets and one kernel, not two
   bool async_copy = false;  // the kernel's loads staged through shared memory (cp.async), several steps ahead
+  bool wide = false;  // blocks of 32 channel vectors (a warp loads 512 contiguous bytes), where C has that many
 };
 
 // Scratch bytes launch_forward needs for these maps with these options.

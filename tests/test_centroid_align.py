@@ -430,6 +430,41 @@ def test_cuda_forward_plans_match_the_default(dtype, plan, monkeypatch):
     assert torch.isfinite(g).all()
 
 
+@cuda_ext
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("plan", [{}, dict(FOLD="1"), dict(ASYNC="1"), dict(WAVES="2")],
+                         ids=lambda p: ",".join(f"{k}={v}" for k, v in p.items()) or "alone")
+def test_cuda_wide_blocks_match_the_default(dtype, plan, monkeypatch):
+    """DMFN_CENTROID_WIDE: blocks of 32 channel vectors (264 channels: a partial group in every dtype) add each
+    plane's pixels in other runs, so the stats match the default's to rounding, not bit for bit; the same
+    bits on a rerun; with the loads staged (the same runs) or the finish folded, the wide plan's stats bit for
+    bit (and with two waves, its own bits again); the gradient to rounding."""
+    shape = (3, 264, 33, 35)
+    a, b = rand(shape, 35, dtype, "cuda", "channels_last"), rand(shape, 36, dtype, "cuda", "channels_last")
+    a.requires_grad_()
+    for k in _impl.SWITCHES:
+        if k.startswith("DMFN_CENTROID_"):
+            monkeypatch.delenv(k, raising=False)
+    loss, st = torch.ops.dmfn_fast.centroid_align_fwd(a, b)
+    g = torch.autograd.grad(ca.centroid_align_loss(a, b, impl="fast"), a)[0]
+    monkeypatch.setenv("DMFN_CENTROID_WIDE", "1")
+    monkeypatch.setenv("DMFN_CENTROID_WAVES", plan.get("WAVES", "1"))
+    loss_w, st_w = torch.ops.dmfn_fast.centroid_align_fwd(a, b)
+    for k, v in plan.items():
+        monkeypatch.setenv(f"DMFN_CENTROID_{k}", v)
+    for _ in range(3):
+        loss_p, st_p = torch.ops.dmfn_fast.centroid_align_fwd(a, b)
+        assert torch.equal(st_p, st_w)
+        if "FOLD" not in plan:  # the folded finish adds the loss in another order
+            assert torch.equal(loss_p, loss_w)
+    torch.testing.assert_close(st_p, st, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(loss_p, loss, rtol=1e-4, atol=1e-12)
+    g_p = torch.autograd.grad(ca.centroid_align_loss(a, b, impl="fast"), a)[0]
+    torch.testing.assert_close(g_p.float(), g.float(), rtol=1e-2 if dtype != torch.float32 else 1e-4,
+                               atol=1e-3 * g.abs().max().item())
+    assert torch.isfinite(g_p).all()
+
+
 _REFUSALS = """
 import os, sys, torch
 from dmfn_fast.ops import centroid_align as ca
@@ -463,7 +498,7 @@ def test_cuda_bad_plan_values_are_refused():
     CUDA op with a RuntimeError that names it, called directly and through autograd, after a dtype mismatch
     refused by the CPU and the CUDA kernels. In a child process: on the H200 (s15) the first such refusal
     through autograd ended the process with a segmentation fault; the markers say which call did."""
-    names = ["DMFN_CENTROID_FOLD", "DMFN_CENTROID_ASYNC", "DMFN_CENTROID_GRAD_ROWS"]
+    names = ["DMFN_CENTROID_FOLD", "DMFN_CENTROID_ASYNC", "DMFN_CENTROID_WIDE", "DMFN_CENTROID_GRAD_ROWS"]
     env = {k: v for k, v in os.environ.items() if not k.startswith("DMFN_CENTROID_")}
     env["PYTHONPATH"] = os.pathsep.join(p for p in (ROOT, env.get("PYTHONPATH")) if p)
     r = subprocess.run([sys.executable, "-c", _REFUSALS, *names], capture_output=True, text=True, env=env,

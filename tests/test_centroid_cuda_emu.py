@@ -131,22 +131,26 @@ def reference(a, b):
 H200_SHARED = 228 * 1024  # shared memory per SM on sm_90 (the async-copy kernel's stages follow it)
 
 
-def emu_forward(driver, a_map, b_map, dtype, sms=4, occ=2, seed=0, fold=False, async_copy=False, shared=H200_SHARED,
-                report=False):
+def emu_forward(driver, a_map, b_map, dtype, sms=4, occ=2, seed=0, fold=False, async_copy=False, wide=False,
+                shared=H200_SHARED, report=False, grids=False):
     """The forward's (stats, loss); fold: the two-map kernel's finish folded into its last blocks; async_copy:
-    its loads staged through shared memory (cp.async), as many stages as `shared` bytes per SM allow. report:
-    also the most dynamic shared memory a launch took (the async-copy kernel's ring; 0 without it)."""
+    its loads staged through shared memory (cp.async), as many stages as `shared` bytes per SM allow; wide:
+    its blocks take 32 channel vectors where the map has them. report: also the most dynamic shared memory a
+    launch took (the async-copy kernel's ring; 0 without it); grids: also each launch's (grid x, grid y)."""
     _, d = driver
     (ba, oa, sa, a), (bb, ob, sb, b) = a_map, b_map
     write(ba, d / "a.bin")
     write(bb, d / "b.bin")
     N, C, H, W = a.shape
-    out = run(driver, ["forward", CODES[dtype], N, C, H, W, sms, occ, int(fold), int(async_copy), shared, seed,
-                       d / "a.bin", oa, *sa, d / "b.bin", ob, *sb, d / "stats.bin", d / "loss.bin"])
+    out = run(driver, ["forward", CODES[dtype], N, C, H, W, sms, occ, int(fold), int(async_copy), int(wide), shared,
+                       seed, d / "a.bin", oa, *sa, d / "b.bin", ob, *sb, d / "stats.bin", d / "loss.bin"])
     acc = torch.float64 if dtype == torch.float64 else torch.float32
     result = read(d / "stats.bin", acc, (2, N, C, 3)).clone(), read(d / "loss.bin", acc, ()).clone()
     if report:
-        return (*result, int(re.search(r"dynamic shared bytes: (\d+)", out).group(1)))
+        result = (*result, int(re.search(r"dynamic shared bytes: (\d+)", out).group(1)))
+    if grids:
+        line = re.search(r"grids:(.*)", out).group(1)
+        result = (*result, [tuple(map(int, g.split(","))) for g in line.split()])
     return result
 
 
@@ -281,6 +285,46 @@ def test_async_copy_matches_register_loads(driver, case, dtype):
     assert torch.equal(plain[0], staged[0]) and torch.equal(plain[1], staged[1])
     folded = emu_forward(driver, a_map, b_map, dtype, seed=seed + 2, async_copy=True, fold=True)
     assert torch.equal(plain[0], folded[0]), "the folded async-copy kernel changed a plane's stats"
+
+
+# Maps with at least 32 channel vectors in every dtype, for DMFN_CENTROID_WIDE: 264 channels are 33 vectors in
+# 16 bits (a full group of 32 and a partial one), 66 in fp32 (2 and a partial), 132 in fp64; 256 is whole groups
+WIDE_CASES = {"wide-runs-partial-group": (2, 264, 9, 15), "wide-N1-one-run": (1, 256, 3, 5)}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+@pytest.mark.parametrize("case", list(WIDE_CASES))
+def test_wide_blocks_match_float64(driver, case, dtype):
+    """DMFN_CENTROID_WIDE: the two-map kernel's blocks take 32 channel vectors (N * ceil(vectors / 32) columns
+    of blocks, runs of whole rows), against float64, the same bits in other block and thread orders, and with
+    the finish folded or the loads staged (the same runs) the same stats bit for bit."""
+    shape = WIDE_CASES[case]
+    seed = sum(map(ord, case)) + CODES[dtype]
+    a_map, b_map = make_map(shape, "channels_last", dtype, seed), make_map(shape, "channels_last", dtype, seed + 1)
+    N, C = shape[:2]
+    vecs = C // (16 // torch.empty((), dtype=dtype).element_size())
+    wide = emu_forward(driver, a_map, b_map, dtype, sms=16, seed=seed, wide=True, grids=True)
+    check_forward(*wide[:2], a_map[3], b_map[3], dtype)
+    assert wide[2][0][0] == N * -(-vecs // 32), wide[2]
+    again = emu_forward(driver, a_map, b_map, dtype, sms=16, seed=seed + 1, wide=True)
+    assert torch.equal(again[0], wide[0]) and torch.equal(again[1], wide[1])
+    folded = emu_forward(driver, a_map, b_map, dtype, sms=16, seed=seed + 2, wide=True, fold=True)
+    check_forward(*folded, a_map[3], b_map[3], dtype)
+    assert torch.equal(folded[0], wide[0]), "the folded finish changed a plane's stats"
+    staged = emu_forward(driver, a_map, b_map, dtype, sms=16, seed=seed + 3, wide=True, async_copy=True, report=True)
+    assert staged[2] > 0, "the async-copy kernel did not run"
+    assert torch.equal(staged[0], wide[0]) and torch.equal(staged[1], wide[1])
+
+
+def test_wide_blocks_need_32_vectors(driver):
+    """Where the map has fewer than 32 channel vectors (40 bf16 channels: 5), DMFN_CENTROID_WIDE keeps the
+    default's blocks of 8, and so its bits."""
+    shape, dtype = (2, 40, 9, 15), torch.bfloat16
+    maps = make_map(shape, "channels_last", dtype, 41), make_map(shape, "channels_last", dtype, 42)
+    plain = emu_forward(driver, *maps, dtype, grids=True)
+    wide = emu_forward(driver, *maps, dtype, seed=1, wide=True, grids=True)
+    assert wide[2] == plain[2] and wide[2][0][0] == 2, wide[2]
+    assert torch.equal(wide[0], plain[0]) and torch.equal(wide[1], plain[1])
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

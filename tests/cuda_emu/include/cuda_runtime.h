@@ -18,6 +18,7 @@
 #include <functional>
 #include <memory>
 #include <random>
+#include <string>
 #include <tuple>
 #include <unordered_map>
 #include <utility>
@@ -121,6 +122,7 @@ inline char* dyn_shared = nullptr;
 inline size_t dyn_bytes = 0;
 inline size_t shared_per_sm = size_t(1) << 30;
 inline size_t most_shared = 0;  // the most dynamic shared memory a launch asked for (the driver reports it)
+inline std::string grids;  // " x,y" per launch, in launch order (the driver reports it)
 inline std::unordered_map<const void*, unsigned long> poisoned;
 
 // Called after each __shared__ declaration (the test rewrites them): the first thread of a block to pass it
@@ -230,6 +232,7 @@ void launch(void (*kernel)(P...), Config c, A&&... args) {
     return;
   }
   most_shared = std::max(most_shared, c.shared);
+  grids += " " + std::to_string(c.grid.x) + "," + std::to_string(c.grid.y);
   std::unique_ptr<uint4[]> shared(new uint4[c.shared / 16 + 1]);  // 16-byte aligned, as on a GPU
   char* outer_shared = dyn_shared;
   const size_t outer_bytes = dyn_bytes;
