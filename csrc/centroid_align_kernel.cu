@@ -428,7 +428,8 @@ pair_sums_vec(MapView ma, MapView mb, int C, int H, int W, int pix_per_split, ty
       At ahead = at;  // the next step to issue
       int p_ahead = p;
       // One step's copies as one group (none past the run: an empty group keeps the count). Runs are whole steps
-      // but for the last run's last step, whose pixels past the run are skipped (the checks compiled only there).
+      // but for the last run's last step (wide blocks: whole rows, so any run's last step), whose pixels past the
+      // run are skipped (the checks compiled only there).
       auto copy_step = [&](uint4* slot, auto whole) {
 #pragma unroll
         for (int r = 0; r < kPairPix<T>; ++r) {

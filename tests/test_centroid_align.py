@@ -399,6 +399,15 @@ PLANS = [dict(FOLD="1"), dict(FOLD="1", WAVES="2"), dict(ASYNC="1"), dict(ASYNC=
          dict(ASYNC="1", FOLD="1"), dict(GRAD_ROWS="1"), dict(GRAD_ROWS="2")]
 
 
+def _plan_maps(shape, seed, dtype, monkeypatch):
+    """Two channels-last CUDA maps (the first requiring grad), with every plan switch unset."""
+    a, b = rand(shape, seed, dtype, "cuda", "channels_last"), rand(shape, seed + 1, dtype, "cuda", "channels_last")
+    for k in _impl.SWITCHES:
+        if k.startswith("DMFN_CENTROID_"):
+            monkeypatch.delenv(k, raising=False)
+    return a.requires_grad_(), b
+
+
 @cuda_ext
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("plan", PLANS, ids=lambda p: ",".join(f"{k}={v}" for k, v in p.items()))
@@ -407,12 +416,7 @@ def test_cuda_forward_plans_match_the_default(dtype, plan, monkeypatch):
     loss bit for bit unless folded (then to its sum order), the same bits on a rerun, and the same gradient
     bit for bit (it follows from the stats alone); [3, 104, 33, 35]: the last run ends inside a step. Where
     the async stages do not fit, the register loads serve. (A bad value: test_cuda_bad_plan_values_are_refused.)"""
-    shape = (3, 104, 33, 35)
-    a, b = rand(shape, 33, dtype, "cuda", "channels_last"), rand(shape, 34, dtype, "cuda", "channels_last")
-    a.requires_grad_()
-    for k in _impl.SWITCHES:
-        if k.startswith("DMFN_CENTROID_"):
-            monkeypatch.delenv(k, raising=False)
+    a, b = _plan_maps((3, 104, 33, 35), 33, dtype, monkeypatch)
     monkeypatch.setenv("DMFN_CENTROID_WAVES", plan.get("WAVES", "1"))
     loss, st = torch.ops.dmfn_fast.centroid_align_fwd(a, b)
     g = torch.autograd.grad(ca.centroid_align_loss(a, b, impl="fast"), a)[0]
@@ -439,12 +443,7 @@ def test_cuda_wide_blocks_match_the_default(dtype, plan, monkeypatch):
     plane's pixels in other runs, so the stats match the default's to rounding, not bit for bit; the same
     bits on a rerun; with the loads staged (the same runs) or the finish folded, the wide plan's stats bit for
     bit (and with two waves, its own bits again); the gradient to rounding."""
-    shape = (3, 264, 33, 35)
-    a, b = rand(shape, 35, dtype, "cuda", "channels_last"), rand(shape, 36, dtype, "cuda", "channels_last")
-    a.requires_grad_()
-    for k in _impl.SWITCHES:
-        if k.startswith("DMFN_CENTROID_"):
-            monkeypatch.delenv(k, raising=False)
+    a, b = _plan_maps((3, 264, 33, 35), 35, dtype, monkeypatch)
     loss, st = torch.ops.dmfn_fast.centroid_align_fwd(a, b)
     g = torch.autograd.grad(ca.centroid_align_loss(a, b, impl="fast"), a)[0]
     monkeypatch.setenv("DMFN_CENTROID_WIDE", "1")
