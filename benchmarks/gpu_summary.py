@@ -182,28 +182,30 @@ def main(out):
         floor_s = nbytes / (copy * 1e12) + kernels * tiny * 1e-6
         return round((2 * nbytes / 3) / (copy * 1e12) / floor_s, 3)
 
-    def cen_aten_floor(dt, readers=("read both maps' bytes (torch.sum)",)):
+    def cen_aten_floor(dt, readers=("read both maps' bytes (torch.sum)",), writers=("write one map's bytes (fill_)",)):
         """The read share at ATen's measured floor: both maps read by one ATen sum, one map written by one
         fill, and the smallest kernel (autograd's seed), each timed at the op's size on this card. Below 0.5,
         the target asks more than ATen's own streaming kernels reach here: the measured argument that it is
-        beyond the card at this size; above, what the extension's kernels could still gain. readers: the
-        read rows to take the fastest of (cen_best_floor adds the Triton streaming reads)."""
+        beyond the card at this size; above, what the extension's kernels could still gain. readers, writers:
+        the rows to take the fastest of (cen_best_floor adds the Triton streaming reads and writes)."""
         fg = f"centroid floor {dt}"
-        write_name = "write one map's bytes (fill_)"
         reads = [(ms(fg, r, "gpu_ms"), ms(fg, r, "bytes")) for r in readers]
         read, nbytes = min(((t, b) for t, b in reads if t and b), default=(None, None))
-        write, copy, tiny = ms(fg, write_name, "gpu_ms"), ceil.get("copy_tbs"), ceil.get("tiny_kernel_us")
+        write = min((t for t in (ms(fg, w, "gpu_ms") for w in writers) if t), default=None)
+        copy, tiny = ceil.get("copy_tbs"), ceil.get("tiny_kernel_us")
         if not (read and write and nbytes and copy and tiny):
             return None
         return round(nbytes / (copy * 1e12) / ((read + write) * 1e-3 + tiny * 1e-6), 3)
 
     def cen_best_floor(dt):
-        """cen_aten_floor with the fastest reader the breakdown timed: ATen's sum or a Triton streaming read (a
-        kernel with nothing else to do). What the best kernels measured reach for the op's least traffic."""
+        """cen_aten_floor with the fastest reader and writer the breakdown timed: ATen's sum and fill_, or a
+        Triton streaming read or write (a kernel with nothing else to do). What the best kernels measured
+        reach for the op's least traffic."""
         fg = f"centroid floor {dt}"
-        readers = {r["name"] for r in bd if r.get("group", "").startswith(fg)
-                   and r.get("name", "").startswith("read both maps' bytes")}
-        return cen_aten_floor(dt, tuple(sorted(readers))) if readers else None
+        names = {r["name"] for r in bd if r.get("group", "").startswith(fg)}
+        readers = tuple(sorted(n for n in names if n.startswith("read both maps' bytes")))
+        writers = tuple(sorted(n for n in names if n.startswith("write one map's bytes")))
+        return cen_aten_floor(dt, readers, writers) if readers and writers else None
 
     def cen_best_plan_share(dt, op_kernels=False):
         """cen_read_share for the fastest plan of the forward (the default's candidate, cen_plans). op_kernels:
