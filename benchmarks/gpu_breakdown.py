@@ -2,7 +2,7 @@
 
     python benchmarks/gpu_breakdown.py OUT_DIR          # CUDA: N=16, 64x64, C=64 (the 256x256 training shape)
     python benchmarks/gpu_breakdown.py OUT_DIR --dry    # CPU, kernels interpreted, tiny sizes: checks the script
-    python benchmarks/gpu_breakdown.py OUT_DIR --centroid-only   # the ceilings and the centroid rows (~30 s)
+    python benchmarks/gpu_breakdown.py OUT_DIR --centroid-only   # the ceilings and the centroid rows (~50 s)
 
 Appends one JSON object per measurement to OUT_DIR/breakdown.jsonl as it goes (a timeout loses only what
 had not run yet) and prints a line for each. Times are medians of triton.testing.do_bench (CUDA events,
