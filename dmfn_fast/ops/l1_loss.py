@@ -7,9 +7,10 @@ and `dmfn_fast::l1_mean_sign_backward(sign, g, scale) -> grad_a`, registered wit
 DMFB ops' machinery (dmfb._define: opcheck checks them; plain eager calls skip the dispatcher). The loss and
 the gradient are the reference's, (a*g - b*g).abs().mean(), but for the order of the sum and the loss's dtype
 (loss_dtype: fp32 under autocast, as _L1Mean's): every element's difference and sign, and so the gradient,
-are ATen's to the bit on a GPU (the interpreter's bf16 rounding truncates). impl="auto" takes the kernels as DMFN_L1_KERNEL says (by default in a CUDA-graph step
-only: _impl.switch_on); impl="fast" takes them; never under torch.compile, whose Inductor fuses the
-reference itself. Twice differentiable, as the formula (the gradient is linear in the loss's gradient)."""
+are ATen's to the bit on a GPU (the interpreter's bf16 rounding truncates). impl="auto" takes the kernels as
+DMFN_L1_KERNEL says (by default in a CUDA-graph step only: _impl.switch_on); impl="fast" takes them; never
+under torch.compile, whose Inductor fuses the reference itself. Twice differentiable, as the formula (the
+gradient is linear in the loss's gradient)."""
 import functools
 from typing import Optional, Tuple
 
