@@ -2,7 +2,7 @@
 
     python benchmarks/gpu_breakdown.py OUT_DIR          # CUDA: N=16, 64x64, C=64 (the 256x256 training shape)
     python benchmarks/gpu_breakdown.py OUT_DIR --dry    # CPU, kernels interpreted, tiny sizes: checks the script
-    python benchmarks/gpu_breakdown.py OUT_DIR --centroid-only   # the ceilings and the centroid rows (~50 s)
+    python benchmarks/gpu_breakdown.py OUT_DIR --centroid-only   # the ceilings and the centroid rows (~55 s)
 
 Appends one JSON object per measurement to OUT_DIR/breakdown.jsonl as it goes (a timeout loses only what
 had not run yet) and prints a line for each. Times are medians of triton.testing.do_bench (CUDA events,
@@ -217,8 +217,9 @@ for dt, layout, a, t in ([] if args.no_centroid else centroid_cases()):
     if ca.extension_available() and ca.has_kernel(DEV):
         # the forward as planned by default, and on CUDA channels-last its A/B plans (DMFN_CENTROID_*, read per
         # call by the extension): two waves of shorter runs, the finish folded into the sums' last blocks, the
-        # loads staged through shared memory, the gradient written by more blocks of fewer rows, and blocks of
-        # 32 channel vectors (a warp loads 512 contiguous bytes of one pixel)
+        # loads staged through shared memory, the gradient written by more blocks of fewer rows, blocks of 32
+        # channel vectors (a warp loads 512 contiguous bytes of one pixel), and each block finishing its own
+        # planes where a column of blocks is one run (no finish_pairs)
         plans = [({}, "extension")]
         if CUDA and layout == "channels_last":
             plans += [({"WAVES": "2"}, "extension, two waves"), ({"FOLD": "1"}, "extension, folded finish"),
@@ -230,7 +231,11 @@ for dt, layout, a, t in ([] if args.no_centroid else centroid_cases()):
                       ({"ASYNC": "1", "FOLD": "1", "GRAD_ROWS": "2"}, "extension, async, folded, gradient 2 rows"),
                       ({"WIDE": "1"}, "extension, wide blocks"),
                       ({"WIDE": "1", "ASYNC": "1"}, "extension, wide blocks, async copies"),
-                      ({"WIDE": "1", "FOLD": "1"}, "extension, wide blocks, folded")]
+                      ({"WIDE": "1", "FOLD": "1"}, "extension, wide blocks, folded"),
+                      # one run per column (fp32 on 132 SMs; bf16 keeps two runs and finish_pairs, so its rows
+                      # repeat the default's plan: a measure of the rows' noise)
+                      ({"BLOCK_FINISH": "1"}, "extension, finish in blocks"),
+                      ({"BLOCK_FINISH": "1", "ASYNC": "1"}, "extension, finish in blocks, async copies")]
         for env, name in plans:
             with mock.patch.dict(os.environ):  # restored after each plan
                 for k in CENTROID_SWITCHES:

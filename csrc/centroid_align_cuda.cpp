@@ -64,6 +64,9 @@ int env_choice(const char* name, const char* allowed, int fallback, const char* 
 // - DMFN_CENTROID_WIDE=1: the two-map kernel's blocks take 32 channel vectors, not 8, where the map has them:
 //   a warp loads 512 contiguous bytes of one pixel, not 128 of each of four (fp32 read at 2.82 TB/s, s15), in
 //   4x the runs (finish_pairs adds more).
+// - DMFN_CENTROID_BLOCK_FINISH=1: where each block sums whole planes (one run per column, unfolded: fp32
+//   [16, 512, 32, 32] on 132 SMs), each turns them into stats and a loss share, and a one-block kernel adds
+//   the shares, in place of finish_pairs (3.58 us in fp32, s15) with its fence and ticket.
 dmfn_fast_cuda::ForwardOptions forward_options() {
   dmfn_fast_cuda::ForwardOptions o;
   o.sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount *
@@ -72,6 +75,8 @@ dmfn_fast_cuda::ForwardOptions forward_options() {
   o.async_copy =
       env_choice("DMFN_CENTROID_ASYNC", "01", 0, "1 stages the centroid forward's loads in shared memory") == 1;
   o.wide = env_choice("DMFN_CENTROID_WIDE", "01", 0, "1 gives the centroid forward's blocks 32 channel vectors") == 1;
+  o.block_finish =
+      env_choice("DMFN_CENTROID_BLOCK_FINISH", "01", 0, "1 finishes whole planes in the forward's blocks") == 1;
   return o;
 }
 

@@ -8,7 +8,8 @@
 // in one launch, split over pixels as well as channels (pair_sums_vec); other
 // layouts take one launch per map: one block per (n, c) plane (NCHW) or per
 // (n, a group of channels). The two-map kernel can finish in its own last blocks
-// instead (ForwardOptions::fold), and stage its loads through shared memory
+// instead (ForwardOptions::fold), or, where each block sums whole planes, in every
+// block (ForwardOptions::block_finish), and stage its loads through shared memory
 // (ForwardOptions::async_copy). Backward writes A*u[w] + B*v[h] + K per element.
 #include <algorithm>
 #include <type_traits>
@@ -294,13 +295,30 @@ channel_sums_vec(MapView m, int C, int H, int W, typename AccOf<T>::type step_u,
   }
 }
 
-// Plane i's stats [2, NC, 3] = (S0, cx, cy), with the reference's eps added, from its `splits` partial sums
-// part[(split * 2 + map) * NC + i][k], added in split order; returns its squared centroid difference. VOL:
-// part was written by other blocks of the running kernel (read past L1, which is not coherent).
+// A plane's stats (S0, cx, cy) for both maps from its raw sums s[map][k], with the reference's eps added, into
+// stats [2, NC, 3] at plane i; returns its squared centroid difference.
+template <typename A>
+__device__ __forceinline__ double plane_stats(const A (&s)[2][3], long long NC, long long i, A e0, A ex, A ey,
+                                              A* stats) {
+  A c[2][2];
+#pragma unroll
+  for (int m = 0; m < 2; ++m) {
+    const A s0 = s[m][0] + e0;
+    c[m][0] = (s[m][1] + ex) / s0;
+    c[m][1] = (s[m][2] + ey) / s0;
+    A* o = stats + (m * NC + i) * 3;
+    o[0] = s0; o[1] = c[m][0]; o[2] = c[m][1];
+  }
+  const double dx = static_cast<double>(c[0][0] - c[1][0]), dy = static_cast<double>(c[0][1] - c[1][1]);
+  return dx * dx + dy * dy;
+}
+
+// Plane i's stats (plane_stats) from its `splits` partial sums part[(split * 2 + map) * NC + i][k], added in
+// split order. VOL: part was written by other blocks of the running kernel (read past L1, which is not coherent).
 template <typename A, bool VOL>
 __device__ __forceinline__ double finish_plane(const A* part, int splits, long long NC, long long i, A e0, A ex,
                                                A ey, A* stats) {
-  A c[2][2];
+  A s[2][3];
 #pragma unroll
   for (int m = 0; m < 2; ++m) {
     A s0 = 0, sx = 0, sy = 0;
@@ -313,14 +331,19 @@ __device__ __forceinline__ double finish_plane(const A* part, int splits, long l
         s0 += q[0]; sx += q[1]; sy += q[2];
       }
     }
-    s0 += e0;
-    c[m][0] = (sx + ex) / s0;
-    c[m][1] = (sy + ey) / s0;
-    A* o = stats + (m * NC + i) * 3;
-    o[0] = s0; o[1] = c[m][0]; o[2] = c[m][1];
+    s[m][0] = s0; s[m][1] = sx; s[m][2] = sy;
   }
-  const double dx = static_cast<double>(c[0][0] - c[1][0]), dy = static_cast<double>(c[0][1] - c[1][1]);
-  return dx * dx + dy * dy;
+  return plane_stats(s, NC, i, e0, ex, ey, stats);
+}
+
+// The loss from the `count` loss shares another block of this launch, or the launch before, wrote: their sum
+// in share order (deterministic), over the 2 * NC centroid differences.
+template <typename A, int THREADS>
+__device__ __forceinline__ void loss_from_shares(const double* shares, int count, long long NC, A* loss) {
+  double t = 0;
+  for (int b = threadIdx.x; b < count; b += THREADS) t += static_cast<const volatile double*>(shares)[b];
+  t = block_sum1<double, THREADS>(t);
+  if (threadIdx.x == 0) *loss = static_cast<A>(t / static_cast<double>(2 * NC));
 }
 
 // What the finish needs: the eps terms, the outputs, the loss partials (one per finish_pairs block, or folded
@@ -342,9 +365,12 @@ struct FinishArgs {
 // plan_t sizes the runs so the blocks fill the card once (the blocks per SM from the occupancy API): the H200
 // ran an earlier plan (2 pixels in flight, runs for "4 blocks per SM" of which 2 fit) at 28.5 us fwd+bwd on
 // [16, 512, 32, 32] bf16, 42% of copy bandwidth. Raw sums go to part[(split * 2 + map) * NC + n * C + c][k].
-// Then either finish_pairs adds the splits up in a second launch, or (FOLD) the last block of each column
-// (n, channel group) to finish its run finishes that column's planes, and the last column adds up the loss:
-// one launch fewer, for a memset of the tickets (finish_pairs took 3.7-4.2 us on the H200, s10).
+// Then (FIN) either finish_pairs adds the splits up in a second launch; or (kFinFold) the last block of each
+// column (n, channel group) to finish its run finishes that column's planes, and the last column adds up the
+// loss: one launch fewer, for a memset of the tickets (finish_pairs took 3.7-4.2 us on the H200, s10); or
+// (kFinBlock, one run per column: fp32 [16, 512, 32, 32] on 132 SMs) each block turns its whole planes' sums
+// into stats and its loss share, and sum_shares, one block, adds the shares: no re-read of the sums, no fence,
+// no ticket.
 // VECS (ForwardOptions::wide): 8 channel vectors a block, so a warp loads 4 pixels' 128 bytes each, or 32
 // (where the map has that many), so a warp loads 512 contiguous bytes of one pixel, as the gradient kernel
 // stores them (fp32: it wrote at 3.68 TB/s on the H200 where this kernel read at 2.82, s15).
@@ -361,7 +387,9 @@ template <> constexpr int kPairPix<float> = 6;
 // step's adds. Each thread reads only the slots it filled: a wait on its own copies is all the order it needs.
 template <typename T> constexpr size_t kStageBytes = 2 * kPairPix<T> * 256 * 16;  // one step of a block's loads
 
-template <typename T, int VECS, bool FOLD, bool ASYNC>
+enum Fin { kFinKernel, kFinFold, kFinBlock };  // how the two-map kernel's sums are finished (above)
+
+template <typename T, int VECS, Fin FIN, bool ASYNC>
 __global__ void __launch_bounds__(256, 2)
 pair_sums_vec(MapView ma, MapView mb, int C, int H, int W, int pix_per_split, typename AccOf<T>::type step_u,
               typename AccOf<T>::type step_v, typename AccOf<T>::type* part,
@@ -372,7 +400,8 @@ pair_sums_vec(MapView ma, MapView mb, int C, int H, int W, int pix_per_split, ty
   const long long n = blockIdx.x / groups, NC = static_cast<long long>(gridDim.x / groups) * C;
   const int cv = (blockIdx.x % groups) * VECS + threadIdx.x % VECS;
   const int row = threadIdx.x / VECS;
-  if (!FOLD && blockIdx.x == 0 && blockIdx.y == 0 && threadIdx.x == 0) *fin.tickets = 0u;  // finish_pairs' ticket
+  if (FIN == kFinKernel && blockIdx.x == 0 && blockIdx.y == 0 && threadIdx.x == 0)
+    *fin.tickets = 0u;  // finish_pairs' ticket
   A s[2][3][V];
 #pragma unroll
   for (int m = 0; m < 2; ++m)
@@ -509,12 +538,13 @@ pair_sums_vec(MapView ma, MapView mb, int C, int H, int W, int pix_per_split, ty
 #pragma unroll
         for (int j = 0; j < V; ++j) s[m][k][j] += __shfl_xor_sync(0xffffffffu, s[m][k][j], o);
   constexpr int kCh = VECS * V;  // channels per block
-  static_assert(kCh <= 256, "the folded finish takes one thread per channel");
+  static_assert(kCh <= 256, "the folded and block finishes take one thread per channel");
   // Both maps' sums at once where they take at most 24 KB, else one map after the other (16-bit maps, 32
   // vectors: 48 KB, past the static limit).
   constexpr int kMaps = 8 * 2 * 3 * kCh * sizeof(A) <= 24576 ? 2 : 1;
   __shared__ A sh[8][kMaps][3][kCh];
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  A whole[2][3] = {};  // kFinBlock: thread cc's channel, both maps' sums over the block
 #pragma unroll
   for (int m0 = 0; m0 < 2; m0 += kMaps) {
     if (m0 > 0) __syncthreads();  // the first map's sums are read before the second's overwrite them
@@ -527,18 +557,41 @@ pair_sums_vec(MapView ma, MapView mb, int C, int H, int W, int pix_per_split, ty
           for (int j = 0; j < V; ++j) sh[warp][mm][k][lane * V + j] = s[m0 + mm][k][j];
     }
     __syncthreads();
-    for (int i = threadIdx.x; i < kMaps * 3 * kCh; i += 256) {
-      const int cc = i % kCh, k = (i / kCh) % 3, mm = i / (3 * kCh);
-      const int c = (blockIdx.x % groups) * kCh + cc;
-      if (c < C) {
-        A t = 0;
+    if constexpr (FIN == kFinBlock) {  // the same adds in the same order as below
+      if (threadIdx.x < kCh) {
 #pragma unroll
-        for (int w8 = 0; w8 < 8; ++w8) t += sh[w8][mm][k][cc];
-        part[((static_cast<long long>(blockIdx.y) * 2 + m0 + mm) * NC + n * C + c) * 3 + k] = t;
+        for (int mm = 0; mm < kMaps; ++mm)
+#pragma unroll
+          for (int k = 0; k < 3; ++k) {
+            A t = 0;
+#pragma unroll
+            for (int w8 = 0; w8 < 8; ++w8) t += sh[w8][mm][k][threadIdx.x];
+            whole[m0 + mm][k] = t;
+          }
+      }
+    } else {
+      for (int i = threadIdx.x; i < kMaps * 3 * kCh; i += 256) {
+        const int cc = i % kCh, k = (i / kCh) % 3, mm = i / (3 * kCh);
+        const int c = (blockIdx.x % groups) * kCh + cc;
+        if (c < C) {
+          A t = 0;
+#pragma unroll
+          for (int w8 = 0; w8 < 8; ++w8) t += sh[w8][mm][k][cc];
+          part[((static_cast<long long>(blockIdx.y) * 2 + m0 + mm) * NC + n * C + c) * 3 + k] = t;
+        }
       }
     }
   }
-  if (!FOLD) return;
+  if constexpr (FIN == kFinBlock) {
+    // This block's sums are whole planes' (one run per column): its stats here, its loss share for sum_shares.
+    const int c = (blockIdx.x % groups) * kCh + threadIdx.x;
+    double d = 0;
+    if (c < C && threadIdx.x < kCh) d = plane_stats(whole, NC, n * C + c, fin.e0, fin.ex, fin.ey, fin.stats);
+    d = block_sum1<double, 256>(d);
+    if (threadIdx.x == 0) fin.loss_parts[blockIdx.x] = d;
+    return;
+  }
+  if constexpr (FIN == kFinKernel) return;
   // The last block of this column to finish its run finishes the column's planes (all runs' sums are out).
   __shared__ bool last;
   __threadfence();  // this thread's partial sums are visible before the block's ticket
@@ -562,11 +615,7 @@ pair_sums_vec(MapView ma, MapView mb, int C, int H, int W, int pix_per_split, ty
   __syncthreads();
   if (!last_column) return;
   __threadfence();
-  double t = 0;
-  for (int b = threadIdx.x; b < static_cast<int>(gridDim.x); b += 256)
-    t += static_cast<volatile double*>(fin.loss_parts)[b];
-  t = block_sum1<double, 256>(t);
-  if (threadIdx.x == 0) *fin.loss = static_cast<A>(t / static_cast<double>(2 * NC));
+  loss_from_shares<A, 256>(fin.loss_parts, static_cast<int>(gridDim.x), NC, fin.loss);
 }
 
 // Raw sums -> stats and the loss = mean over (n, c, {x, y}) of the squared centroid difference: one thread
@@ -589,11 +638,15 @@ finish_pairs(const A* part, int splits, long long NC, FinishArgs<A> fin) {
   __syncthreads();
   if (!last) return;
   __threadfence();
-  double t = 0;
-  for (int b = threadIdx.x; b < static_cast<int>(gridDim.x); b += kFinishThreads)
-    t += static_cast<volatile double*>(fin.loss_parts)[b];
-  t = block_sum1<double, kFinishThreads>(t);
-  if (threadIdx.x == 0) *fin.loss = static_cast<A>(t / static_cast<double>(2 * NC));
+  loss_from_shares<A, kFinishThreads>(fin.loss_parts, static_cast<int>(gridDim.x), NC, fin.loss);
+}
+
+// The loss from the two-map kernel's loss shares, one per column, where each block finished its own planes
+// (Plan::block): one block, no ticket.
+template <typename A>
+__global__ void __launch_bounds__(kFinishThreads)
+sum_shares(const double* shares, int count, long long NC, A* loss) {
+  loss_from_shares<A, kFinishThreads>(shares, count, NC, loss);
 }
 
 // grad = a*u[w] + b*v[h] + k for plane i of map `which`.
@@ -761,7 +814,7 @@ int pair_blocks_per_sm() {
   static int cache[kDevices] = {};
   return once_per_device(cache, [] {
     int n = 0;
-    if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, pair_sums_vec<T, VECS, false, false>, 256, 0) !=
+    if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, pair_sums_vec<T, VECS, kFinKernel, false>, 256, 0) !=
             cudaSuccess ||
         n < 1) {
       cudaGetLastError();  // not sticky; fall back to the launch bound's 2
@@ -776,7 +829,7 @@ int pair_blocks_per_sm() {
 // Shared memory decides: 16-bit maps take 32 KB a stage, so 3 stages on sm_90 (2 blocks in its 228 KB) and
 // 2 on sm_80 (164 KB); fp32 48 KB, so 2 on sm_90 and none on sm_80. Sets the kernel's dynamic shared memory
 // limit to match; asked once per device.
-template <typename T, int VECS, bool FOLD>
+template <typename T, int VECS, Fin FIN>
 int async_stages() {
   static int cache[kDevices] = {};
   return once_per_device(cache, [] {
@@ -784,9 +837,9 @@ int async_stages() {
     for (int s = 3; s >= 2; --s) {
       const size_t bytes = s * kStageBytes<T>;
       int n = 0;
-      if (cudaFuncSetAttribute(pair_sums_vec<T, VECS, FOLD, true>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+      if (cudaFuncSetAttribute(pair_sums_vec<T, VECS, FIN, true>, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                static_cast<int>(bytes)) != cudaSuccess ||
-          cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, pair_sums_vec<T, VECS, FOLD, true>, 256, bytes) !=
+          cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, pair_sums_vec<T, VECS, FIN, true>, 256, bytes) !=
               cudaSuccess) {
         cudaGetLastError();  // a refused size is not sticky; clear only that error
         continue;
@@ -801,6 +854,8 @@ int async_stages() {
 // scratch memory (partial sums, the loss partials, the tickets).
 struct Plan {
   bool pair = false, fold = false, async_copy = false;
+  bool block = false;  // each block finishes its own planes (one run per column), sum_shares the loss
+
   int vecs = kPairVecs;  // channel vectors a block of the two-map kernel takes
   int stages = 0;  // of the async-copy kernel's ring
   long long groups = 0, columns = 0;
@@ -808,6 +863,12 @@ struct Plan {
   long long finish_blocks = 0, tickets = 1;
   size_t part_bytes = 0, loss_offset = 0, counter_offset = 0, bytes = 0;
 };
+
+template <typename T, int VECS>
+int async_stages_for(const Plan& p) {
+  return p.fold ? async_stages<T, VECS, kFinFold>()
+                : p.block ? async_stages<T, VECS, kFinBlock>() : async_stages<T, VECS, kFinKernel>();
+}
 
 template <typename T>
 Plan plan_t(const MapView& a, const MapView& b, long long N, long long C, int H, int W, const ForwardOptions& o) {
@@ -836,42 +897,42 @@ Plan plan_t(const MapView& a, const MapView& b, long long N, long long C, int H,
     const long long pix = (HW + want - 1) / want;
     p.pix_per_split = static_cast<int>((pix + unit - 1) / unit * unit);
     p.splits = (HW + p.pix_per_split - 1) / p.pix_per_split;
-    p.part_bytes = static_cast<size_t>(p.splits) * 2 * NC * 3 * sizeof(A);
+    p.block = o.block_finish && !p.fold && p.splits == 1;
+    p.part_bytes = p.block ? 0 : static_cast<size_t>(p.splits) * 2 * NC * 3 * sizeof(A);
     // the same runs with either loads: the same sums in the same order, so the same bits
-    if (o.async_copy && p.vecs == kWideVecs)
-      p.stages = p.fold ? async_stages<T, kWideVecs, true>() : async_stages<T, kWideVecs, false>();
-    else if (o.async_copy)
-      p.stages = p.fold ? async_stages<T, kPairVecs, true>() : async_stages<T, kPairVecs, false>();
+    if (o.async_copy)
+      p.stages = p.vecs == kWideVecs ? async_stages_for<T, kWideVecs>(p) : async_stages_for<T, kPairVecs>(p);
     p.async_copy = p.stages > 0;
   }
-  // loss partials: finish_pairs' per block, or the folded finish's per column; tickets: one, or a column's each
-  // and one for the loss
+  // loss partials: finish_pairs' per block, or a column's each (folded, or finished in blocks); tickets: one,
+  // or a column's each and one for the loss
   p.tickets = p.fold ? p.columns + 1 : 1;
   p.loss_offset = (p.part_bytes + 15) / 16 * 16;
-  p.counter_offset = p.loss_offset + static_cast<size_t>(p.fold ? p.columns : p.finish_blocks) * sizeof(double);
+  p.counter_offset =
+      p.loss_offset + static_cast<size_t>(p.fold || p.block ? p.columns : p.finish_blocks) * sizeof(double);
   p.bytes = p.counter_offset + static_cast<size_t>(p.tickets) * sizeof(unsigned);
   return p;
 }
 
-template <typename T, int VECS, bool FOLD>
+template <typename T, int VECS, Fin FIN>
 void launch_pair_as(const Plan& p, MapView a, MapView b, int C, int H, int W, typename AccOf<T>::type su,
                     typename AccOf<T>::type sv, typename AccOf<T>::type* part,
                     FinishArgs<typename AccOf<T>::type> fin, cudaStream_t stream) {
   const dim3 grid(static_cast<unsigned>(p.columns), p.splits);
   if (p.async_copy)
-    pair_sums_vec<T, VECS, FOLD, true><<<grid, 256, p.stages * kStageBytes<T>, stream>>>(
+    pair_sums_vec<T, VECS, FIN, true><<<grid, 256, p.stages * kStageBytes<T>, stream>>>(
         a, b, C, H, W, p.pix_per_split, su, sv, part, fin, p.stages);
   else
-    pair_sums_vec<T, VECS, FOLD, false><<<grid, 256, 0, stream>>>(a, b, C, H, W, p.pix_per_split, su, sv, part, fin,
-                                                                  0);
+    pair_sums_vec<T, VECS, FIN, false><<<grid, 256, 0, stream>>>(a, b, C, H, W, p.pix_per_split, su, sv, part, fin,
+                                                                 0);
 }
 
-template <typename T, bool FOLD>
+template <typename T, Fin FIN>
 void launch_pair(const Plan& p, MapView a, MapView b, int C, int H, int W, typename AccOf<T>::type su,
                  typename AccOf<T>::type sv, typename AccOf<T>::type* part,
                  FinishArgs<typename AccOf<T>::type> fin, cudaStream_t stream) {
-  if (p.vecs == kWideVecs) launch_pair_as<T, kWideVecs, FOLD>(p, a, b, C, H, W, su, sv, part, fin, stream);
-  else launch_pair_as<T, kPairVecs, FOLD>(p, a, b, C, H, W, su, sv, part, fin, stream);
+  if (p.vecs == kWideVecs) launch_pair_as<T, kWideVecs, FIN>(p, a, b, C, H, W, su, sv, part, fin, stream);
+  else launch_pair_as<T, kPairVecs, FIN>(p, a, b, C, H, W, su, sv, part, fin, stream);
 }
 
 template <typename T>
@@ -897,10 +958,15 @@ cudaError_t forward_t(MapView a, MapView b, long long N, long long C, int H, int
       const cudaError_t err =
           cudaMemsetAsync(fin.tickets, 0, static_cast<size_t>(p.tickets) * sizeof(unsigned), stream);
       if (err != cudaSuccess) return err;
-      launch_pair<T, true>(p, a, b, static_cast<int>(C), H, W, su, sv, pp, fin, stream);
+      launch_pair<T, kFinFold>(p, a, b, static_cast<int>(C), H, W, su, sv, pp, fin, stream);
       return cudaGetLastError();
     }
-    launch_pair<T, false>(p, a, b, static_cast<int>(C), H, W, su, sv, pp, fin, stream);
+    if (p.block) {
+      launch_pair<T, kFinBlock>(p, a, b, static_cast<int>(C), H, W, su, sv, pp, fin, stream);
+      sum_shares<A><<<1, kFinishThreads, 0, stream>>>(fin.loss_parts, static_cast<int>(p.columns), NC, fin.loss);
+      return cudaGetLastError();
+    }
+    launch_pair<T, kFinKernel>(p, a, b, static_cast<int>(C), H, W, su, sv, pp, fin, stream);
     part = pp;
   } else {
     cudaError_t err = map_sums_t<T>(a, N, C, H, W, fin.stats, stream);

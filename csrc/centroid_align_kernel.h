@@ -23,6 +23,9 @@ struct ForwardOptions {
   bool fold = false;  // the finish in the kernel's last blocks: a memset of their tickets and one kernel, not two
   bool async_copy = false;  // the kernel's loads staged through shared memory (cp.async), several steps ahead
   bool wide = false;  // blocks of 32 channel vectors (a warp loads 512 contiguous bytes), where C has that many
+  // where the plan gives each column of blocks one run (whole planes), unfolded: each block turns its planes'
+  // sums into stats and a loss share, and one block adds the shares (no finish_pairs)
+  bool block_finish = false;
 };
 
 // Scratch bytes launch_forward needs for these maps with these options.

@@ -464,6 +464,32 @@ def test_cuda_wide_blocks_match_the_default(dtype, plan, monkeypatch):
     assert torch.isfinite(g_p).all()
 
 
+@cuda_ext
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", [(3, 104, 9, 13), (16, 512, 32, 32)], ids=["one-step", "training"])
+@pytest.mark.parametrize("plan", [{}, dict(ASYNC="1"), dict(WIDE="1")],
+                         ids=lambda p: ",".join(f"{k}={v}" for k, v in p.items()) or "alone")
+def test_cuda_block_finish_matches_the_default(dtype, shape, plan, monkeypatch):
+    """DMFN_CENTROID_BLOCK_FINISH: where a column of blocks is one run ([3, 104, 9, 13]: 117 pixels, less than one
+    step of any dtype; fp32 [16, 512, 32, 32] on a card of 132 SMs), each block turns its planes' sums into stats
+    and a loss share and one block adds the shares; elsewhere the plan without it. Either way the same plan's
+    stats bit for bit, its loss to rounding (the shares add in another order), the same bits on a rerun, and
+    the same gradient bit for bit (it follows from the stats)."""
+    a, b = _plan_maps(shape, 37, dtype, monkeypatch)
+    for k, v in plan.items():
+        monkeypatch.setenv(f"DMFN_CENTROID_{k}", v)
+    loss, st = torch.ops.dmfn_fast.centroid_align_fwd(a, b)
+    g = torch.autograd.grad(ca.centroid_align_loss(a, b, impl="fast"), a)[0]
+    monkeypatch.setenv("DMFN_CENTROID_BLOCK_FINISH", "1")
+    for _ in range(3):
+        loss_p, st_p = torch.ops.dmfn_fast.centroid_align_fwd(a, b)
+        assert torch.equal(st_p, st)
+        torch.testing.assert_close(loss_p, loss, rtol=1e-6, atol=1e-12)
+    assert torch.equal(torch.ops.dmfn_fast.centroid_align_fwd(a, b)[0], loss_p)
+    assert torch.equal(torch.autograd.grad(ca.centroid_align_loss(a, b, impl="fast"), a)[0], g)
+    assert torch.isfinite(g).all()
+
+
 _REFUSALS = """
 import os, sys, torch
 from dmfn_fast.ops import centroid_align as ca
@@ -497,7 +523,8 @@ def test_cuda_bad_plan_values_are_refused():
     CUDA op with a RuntimeError that names it, called directly and through autograd, after a dtype mismatch
     refused by the CPU and the CUDA kernels. In a child process: on the H200 (s15) the first such refusal
     through autograd ended the process with a segmentation fault; the markers say which call did."""
-    names = ["DMFN_CENTROID_FOLD", "DMFN_CENTROID_ASYNC", "DMFN_CENTROID_WIDE", "DMFN_CENTROID_GRAD_ROWS"]
+    names = ["DMFN_CENTROID_FOLD", "DMFN_CENTROID_ASYNC", "DMFN_CENTROID_WIDE", "DMFN_CENTROID_BLOCK_FINISH",
+             "DMFN_CENTROID_GRAD_ROWS"]
     env = {k: v for k, v in os.environ.items() if not k.startswith("DMFN_CENTROID_")}
     env["PYTHONPATH"] = os.pathsep.join(p for p in (ROOT, env.get("PYTHONPATH")) if p)
     r = subprocess.run([sys.executable, "-c", _REFUSALS, *names], capture_output=True, text=True, env=env,

@@ -132,18 +132,20 @@ H200_SHARED = 228 * 1024  # shared memory per SM on sm_90 (the async-copy kernel
 
 
 def emu_forward(driver, a_map, b_map, dtype, sms=4, occ=2, seed=0, fold=False, async_copy=False, wide=False,
-                shared=H200_SHARED, report=False, grids=False):
+                block=False, shared=H200_SHARED, report=False, grids=False):
     """The forward's (stats, loss); fold: the two-map kernel's finish folded into its last blocks; async_copy:
     its loads staged through shared memory (cp.async), as many stages as `shared` bytes per SM allow; wide:
-    its blocks take 32 channel vectors where the map has them. report: also the most dynamic shared memory a
-    launch took (the async-copy kernel's ring; 0 without it); grids: also each launch's (grid x, grid y)."""
+    its blocks take 32 channel vectors where the map has them; block: each block finishes its own planes where
+    a column of blocks is one run. report: also the most dynamic shared memory a launch took (the async-copy
+    kernel's ring; 0 without it); grids: also each launch's (grid x, grid y)."""
     _, d = driver
     (ba, oa, sa, a), (bb, ob, sb, b) = a_map, b_map
     write(ba, d / "a.bin")
     write(bb, d / "b.bin")
     N, C, H, W = a.shape
-    out = run(driver, ["forward", CODES[dtype], N, C, H, W, sms, occ, int(fold), int(async_copy), int(wide), shared,
-                       seed, d / "a.bin", oa, *sa, d / "b.bin", ob, *sb, d / "stats.bin", d / "loss.bin"])
+    out = run(driver, ["forward", CODES[dtype], N, C, H, W, sms, occ, int(fold), int(async_copy), int(wide),
+                       int(block), shared, seed, d / "a.bin", oa, *sa, d / "b.bin", ob, *sb, d / "stats.bin",
+                       d / "loss.bin"])
     acc = torch.float64 if dtype == torch.float64 else torch.float32
     result = read(d / "stats.bin", acc, (2, N, C, 3)).clone(), read(d / "loss.bin", acc, ()).clone()
     if report:
@@ -325,6 +327,52 @@ def test_wide_blocks_need_32_vectors(driver):
     wide = emu_forward(driver, *maps, dtype, seed=1, wide=True, grids=True)
     assert wide[2] == plain[2] and wide[2][0][0] == 2, wide[2]
     assert torch.equal(wide[0], plain[0]) and torch.equal(wide[1], plain[1])
+
+
+# DMFN_CENTROID_BLOCK_FINISH, where a column of blocks is one run (the card's blocks, sms * occ, no more than
+# the columns: here one SM for one block): the pair cases, and wide blocks with more planes than finish_pairs'
+# 256 a block (528 and 256 planes)
+BLOCK_CASES = {**{c: (FORWARD_CASES[c][0], False) for c in PAIR_CASES},
+               **{c: (shape, True) for c, shape in WIDE_CASES.items()}}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+@pytest.mark.parametrize("case", list(BLOCK_CASES))
+def test_block_finish_matches_the_default(driver, case, dtype):
+    """Each block turns its whole planes' sums into stats and a loss share, and sum_shares (one block) adds the
+    shares in column order: against float64; the default's stats bit for bit (the same adds in the same order),
+    its loss to rounding (the double shares add in another order); the same bits in other block orders and
+    with the loads staged. Its launches: the pair kernel, then one block where finish_pairs took its own."""
+    shape, wide = BLOCK_CASES[case]
+    seed = sum(map(ord, case)) + CODES[dtype]
+    a_map, b_map = make_map(shape, "channels_last", dtype, seed), make_map(shape, "channels_last", dtype, seed + 1)
+    plain = emu_forward(driver, a_map, b_map, dtype, sms=1, occ=1, seed=seed, wide=wide, grids=True)
+    blocks = emu_forward(driver, a_map, b_map, dtype, sms=1, occ=1, seed=seed + 1, wide=wide, block=True, grids=True)
+    check_forward(*blocks[:2], a_map[3], b_map[3], dtype)
+    columns = plain[2][0][0]
+    assert plain[2][0] == (columns, 1), "the plan gave a column more than one run"
+    assert blocks[2] == [(columns, 1), (1, 1)], blocks[2]
+    assert torch.equal(blocks[0], plain[0]), "finishing in the blocks changed a plane's stats"
+    torch.testing.assert_close(blocks[1], plain[1], rtol=1e-6 if dtype != torch.float64 else 1e-14, atol=0)
+    again = emu_forward(driver, a_map, b_map, dtype, sms=1, occ=1, seed=seed + 2, wide=wide, block=True)
+    assert torch.equal(again[0], blocks[0]) and torch.equal(again[1], blocks[1])
+    staged = emu_forward(driver, a_map, b_map, dtype, sms=1, occ=1, seed=seed + 3, wide=wide, block=True,
+                         async_copy=True, report=True)
+    assert staged[2] > 0 or (wide and dtype == torch.float32), "the async-copy kernel did not run"
+    assert torch.equal(staged[0], blocks[0]) and torch.equal(staged[1], blocks[1])
+
+
+@pytest.mark.parametrize("fold", [False, True])
+def test_block_finish_needs_one_run_per_column(driver, fold):
+    """Where a column of blocks has several runs (4 SMs of 2 blocks for 4 columns: 2 runs of 192 pixels each),
+    or the finish is folded, DMFN_CENTROID_BLOCK_FINISH keeps the default's plan: its launches and its bits."""
+    shape, dtype = (2, 40, 17, 19), torch.float32
+    maps = make_map(shape, "channels_last", dtype, 43), make_map(shape, "channels_last", dtype, 44)
+    plain = emu_forward(driver, *maps, dtype, fold=fold, grids=True)
+    blocks = emu_forward(driver, *maps, dtype, seed=1, fold=fold, block=True, grids=True)
+    assert plain[2][0][1] > 1, plain[2]
+    assert blocks[2] == plain[2]
+    assert torch.equal(blocks[0], plain[0]) and torch.equal(blocks[1], plain[1])
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
