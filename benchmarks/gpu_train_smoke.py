@@ -1,5 +1,5 @@
-"""train.py as a user runs it, on one GPU: `--amp` (bf16), `--amp --amp-dtype fp16`, `--amp --cuda-graphs`
-and `--amp --compile --compile-mode reduce-overhead`, 50 steps each at 256x256, batch 16, the paper's model,
+"""train.py as a user runs it, on one GPU: `--amp` (bf16), `--amp --amp-dtype fp16`, `--amp --cuda-graphs` (bf16,
+then fp16) and `--amp --compile --compile-mode reduce-overhead`, 50 steps each at 256x256, batch 16, the paper's model,
 the built-in demo set and a random VGG (no weights offline).
 Passes when each run exits 0 and logs 50 training steps with finite losses; prints each run's speed.
 
@@ -27,12 +27,16 @@ RUNS = {"bf16": ["--amp"], "fp16": ["--amp", "--amp-dtype", "fp16"],
         # compiled run, which a cut stage loses first)
         "bf16 cuda-graphs": ["--amp", "--cuda-graphs", "--val-every", "20", "--sample-every", "20", "--ckpt-every",
                              "20"],
+        # the same in fp16: GradScaler's scale read by the replays, its checks and update after each
+        "fp16 cuda-graphs": ["--amp", "--amp-dtype", "fp16", "--cuda-graphs", "--val-every", "20", "--sample-every",
+                             "20", "--ckpt-every", "20"],
         # every module compiled, as CUDA graph replays, with validation, samples and checkpoints in between
         "bf16 compile-ro": ["--amp", "--compile", "--compile-mode", "reduce-overhead", "--val-every", "20",
                             "--sample-every", "20", "--ckpt-every", "20"]}
 if args.dry:  # the CPU has no CUDA graphs, and Inductor's CPU build of the step takes minutes
     RUNS.pop("bf16 compile-ro")
     RUNS.pop("bf16 cuda-graphs")
+    RUNS.pop("fp16 cuda-graphs")
 
 failed = []
 with tempfile.TemporaryDirectory() as tmp:

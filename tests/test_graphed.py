@@ -14,13 +14,16 @@ from dmfn_fast.training.step import RealFake, train_step
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def setup(seed=0):
+def setup(seed=0, init_scale=None):
     """A tiny G (fused path where it runs: here the reference), D, the paper's loss with a random VGG, fused
-    Adam (its found_inf is what the graphed step skips with), and 5 batches whose boxes move."""
+    Adam (its found_inf is what the graphed step skips with), and 5 batches whose boxes move. init_scale: a
+    GradScaler on (fp16's) with that scale, growing after every step without an inf."""
     torch.manual_seed(seed)
     G, D = build.models(8, 1, 4, "auto", "cpu", torch.contiguous_format, seed)
     crit = build.criterion(build.vgg(random=True, quiet=True), "auto")
     parts = build.optimizers(G, D, fused=True)
+    if init_scale is not None:
+        parts.scaler = torch.amp.GradScaler("cpu", init_scale=init_scale, growth_interval=1)
     g = torch.Generator().manual_seed(seed + 1)
     batches = []
     for i in range(5):
@@ -47,6 +50,7 @@ def graphed_steps(G, D, crit, parts, batches, warmup=2):
 
 
 def assert_same(a, b):
+    assert a[3].scaler.state_dict() == b[3].scaler.state_dict()
     for part in ("G", "D"):
         sa, sb = getattr(a[3], part).state_dict(), getattr(b[3], part).state_dict()
         assert all(torch.equal(sa[k], sb[k]) for k in sa), part
@@ -83,11 +87,36 @@ def test_graphed_step_runs_in_a_graph_region(monkeypatch):
     assert depths and set(depths) == {1} and _impl._graphed == 0
 
 
+def test_graphed_step_with_a_grad_scaler_updates_as_train_step():
+    """fp16's GradScaler: the loss scaled in the graph, then, with no host read, each update skipped where its
+    gradients overflow, Adam unscaling them, and the scale backed off or grown as train_step's scaler.step and
+    update do. From 2^120, growing after each step, the scale doubles three times, then step 4's gradients
+    overflow (skipped, halved) and step 5 grows it again: the same scales, weights, Adam states and terms
+    as 5 of train_step, bit for bit."""
+    a, b = setup(init_scale=2.0 ** 120), setup(init_scale=2.0 ** 120)
+    eager, scales_e = [], []
+    for batch in a[4]:
+        eager += eager_steps(*a[:4], [batch])
+        scales_e.append(a[3].scaler.get_scale() / 2.0 ** 120)
+    step = graphed.GraphedStep(b[0], b[1], RealFake(b[1]), b[2], b[3].opt_G, b[3].opt_D, b[3].scaler, warmup=2,
+                               capture=False)
+    graph, scales_g = [], []
+    for batch in b[4]:
+        graph.append(step(*batch))
+        scales_g.append(b[3].scaler.get_scale() / 2.0 ** 120)
+    assert scales_e == scales_g == [2, 4, 8, 4, 8], (scales_e, scales_g)
+    for (te, oke), (tg, okg) in zip(eager, graph):
+        assert oke and okg and list(te) == list(tg) and all(torch.equal(te[k], tg[k]) for k in te)
+    assert_same(a, b)
+
+
+@pytest.mark.parametrize("init_scale", [None, 2.0 ** 16], ids=["no-scaler", "grad-scaler"])
 @pytest.mark.parametrize("bad", ["G", "D"])
-def test_graphed_step_skips_as_train_step(bad, monkeypatch):
+def test_graphed_step_skips_as_train_step(bad, init_scale, monkeypatch):
     """A non-finite G loss skips both updates, a non-finite D loss D's, on the device (found_inf), and the step
     says so; the next good step then updates as train_step's does after its skip (Adam's moments and step
-    count as if the bad step never ran)."""
+    count as if the bad step never ran). With a GradScaler, a non-finite G loss leaves its scale alone (train_step
+    calls no update) and a non-finite D loss's gradients do not back it off (D is not stepped)."""
     import dmfn_fast.training.step as S
 
     nan, state = float("nan"), {"n": 0}
@@ -110,11 +139,11 @@ def test_graphed_step_skips_as_train_step(bad, monkeypatch):
         state["n"] = 0
         monkeypatch.setattr(S, "rals_d_loss", d_loss)
         monkeypatch.setattr(graphed, "rals_d_loss", d_loss)
-        G, D, crit, parts, batches = setup()
+        G, D, crit, parts, batches = setup(init_scale=init_scale)
         args = (G, D, poisoned(crit), parts, batches[:2])
         steps = eager_steps(*args) if run == "eager" else graphed_steps(*args, warmup=1)[0]
         after_bad = copy.deepcopy((G.state_dict(), D.state_dict(), parts.opt_G.state_dict(),
-                                   parts.opt_D.state_dict()))
+                                   parts.opt_D.state_dict(), parts.scaler.state_dict()))
         args = (G, D, poisoned(crit), parts, batches[2:3])
         steps += eager_steps(*args) if run == "eager" else [graphed_steps(*args, warmup=0)[0][0]]
         assert [ok for _, ok in steps] == [True, False, True]
@@ -153,9 +182,6 @@ def test_graphed_body_reads_nothing_on_the_host():
 
 def test_graphed_step_refuses_what_its_graph_cannot_hold():
     G, D, crit, parts, batches = setup()
-    with pytest.raises(ValueError, match="no GradScaler"):
-        graphed.GraphedStep(G, D, RealFake(D), crit, parts.opt_G, parts.opt_D,
-                            torch.amp.GradScaler("cpu", enabled=True), capture=False)
     plain = build.optimizers(G, D)
     with pytest.raises(ValueError, match="fused Adam"):
         graphed.GraphedStep(G, D, RealFake(D), crit, plain.opt_G, plain.opt_D, plain.scaler, capture=False)
@@ -172,14 +198,16 @@ def test_graphed_step_refuses_what_its_graph_cannot_hold():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: the capture and replays (CPU: the body)")
-def test_cuda_graphed_step_trains_as_train_step():
+@pytest.mark.parametrize("init_scale", [None, 2.0 ** 16], ids=["no-scaler", "grad-scaler"])
+def test_cuda_graphed_step_trains_as_train_step(init_scale):
     """On a GPU, captured and replayed (1 eager step, then 4 replays with moving boxes), against 5 train_step
     calls: the same terms per step to 1e-4, the same Adam step counts, and the same weights but for the
     rounding of gradients summed in another order (the bilinear resizes' backward adds atomically): Adam's
     first steps move a weight by about lr whatever its gradient's size, so an element whose tiny gradient
     flips sign differs by up to 2 lr; such elements must stay rare (mean difference 1e-6, not the lr that a
     stale input or weight gives everywhere). The generator's reference path, fp32 without TF32: the capture
-    is what is checked here, the fused kernels under a graph by gpu_check's e2e and train-smoke stages."""
+    is what is checked here, the fused kernels under a graph by gpu_check's e2e and train-smoke stages. With
+    fp16's GradScaler (its scale doubling after each step, read by the captured loss scaling): the same scales."""
     prev = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     try:
@@ -189,6 +217,8 @@ def test_cuda_graphed_step_trains_as_train_step():
             G, D = build.models(8, 1, 4, "reference", "cuda", torch.channels_last, 0)
             crit = build.criterion(build.vgg(random=True, quiet=True).cuda(), "auto")
             parts = build.optimizers(G, D, device_type="cuda")
+            if init_scale is not None:
+                parts.scaler = torch.amp.GradScaler("cuda", init_scale=init_scale, growth_interval=1)
             _, _, _, _, batches = setup()
             batches = [(x.cuda().contiguous(memory_format=torch.channels_last), m.cuda(), b.pin_memory())
                        for x, m, b in batches]
@@ -200,6 +230,7 @@ def test_cuda_graphed_step_trains_as_train_step():
                 out = eager_steps(G, D, crit, parts, batches)
             runs.append((out, G, D, parts))
         (eager, *_), (graph, *_) = runs
+        assert runs[0][3].scaler.state_dict() == runs[1][3].scaler.state_dict()
         for (te, oke), (tg, okg) in zip(eager, graph):
             assert oke and okg and list(te) == list(tg)
             torch.testing.assert_close(torch.stack(list(tg.values())), torch.stack(list(te.values())), rtol=1e-4,

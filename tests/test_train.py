@@ -285,8 +285,6 @@ def test_compile_compiles_every_module_of_the_step(tmp_path, monkeypatch):
 @pytest.mark.parametrize("flags, env, why", [
     (["--cuda-graphs"], {}, "--cuda-graphs needs CUDA"),
     (["--cuda-graphs", "--compile"], {}, "both replay CUDA graphs"),
-    (["--cuda-graphs", "--amp", "--amp-dtype", "fp16"], {"cuda": True}, "does not take fp16"),
-    (["--cuda-graphs", "--amp"], {"cuda": True, "bf16": False}, "does not take fp16"),
     (["--cuda-graphs"], {"cuda": True, "WORLD_SIZE": "2"}, "runs one process"),
 ])
 def test_cuda_graphs_refused_before_work(tmp_path, capsys, monkeypatch, flags, env, why):
@@ -300,6 +298,17 @@ def test_cuda_graphs_refused_before_work(tmp_path, capsys, monkeypatch, flags, e
     with pytest.raises(SystemExit) as e:
         train.parse_args(TINY + ["--out", str(tmp_path / "r"), *flags])
     assert e.value.code == 2 and why in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize("flags, bf16", [(["--amp-dtype", "fp16"], True), ([], False), (["--amp-dtype", "bf16"], True)])
+def test_cuda_graphs_take_every_autocast(tmp_path, monkeypatch, flags, bf16):
+    """--cuda-graphs with --amp in fp16 (asked for, or the card has no bf16: GradScaler's checks and scale update run
+    on the device after each replay) or bf16 passes the flag checks on a (faked) card."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: bf16)
+    args = train.parse_args(TINY + ["--out", str(tmp_path / "r"), "--cuda-graphs", "--amp", *flags])
+    assert args.cuda_graphs and args.amp
     assert not (tmp_path / "r").exists()
 
 
@@ -391,16 +400,25 @@ def test_crop_boxes_gathers_what_a_crop_per_image_gives(size, channels_last):
         S.crop_boxes(x, same + torch.tensor([0, size, 0, 0]))
 
 
-def test_cuda_graphs_flag_trains_as_the_eager_step(tmp_path, monkeypatch):
+@pytest.mark.parametrize("scaled", [False, True], ids=["no-scaler", "grad-scaler"])
+def test_cuda_graphs_flag_trains_as_the_eager_step(tmp_path, monkeypatch, scaled):
     """train.py --cuda-graphs on the CPU, with the graph's body run eagerly as a replay runs it (capture=False;
     the capture is the GPU check's): 5 steps, 3 eager and 2 through the graphed step, give the eager run's
-    weights and Adam states bit for bit, and the same log rows. Both runs use fused Adam, the graphed step's."""
+    weights and Adam states bit for bit, and the same log rows. Both runs use fused Adam, the graphed step's;
+    scaled: both a GradScaler too (fp16's; this CPU runs fp32), its scale growing every other step, saved
+    alike."""
     import functools
 
     from dmfn_fast.training import build, config, graphed
 
     optimizers = build.optimizers
-    monkeypatch.setattr(build, "optimizers", lambda *a, **k: optimizers(*a, **dict(k, fused=True)))
+
+    def fused(*a, **k):
+        parts = optimizers(*a, **dict(k, fused=True))
+        if scaled:
+            parts.scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 16, growth_interval=2)
+        return parts
+    monkeypatch.setattr(build, "optimizers", fused)
     monkeypatch.setattr(config, "_check_cuda_graphs", lambda p, a: None)
     monkeypatch.setattr(train, "GraphedStep", functools.partial(graphed.GraphedStep, capture=False))
     run(tmp_path / "eager", "--batch", 4, "--steps", 5, "--ckpt-every", 5)
@@ -411,6 +429,7 @@ def test_cuda_graphs_flag_trains_as_the_eager_step(tmp_path, monkeypatch):
     for part in ("opt_G", "opt_D"):
         sa, sb = a[part]["state"], b[part]["state"]
         assert all(torch.equal(sa[i][k], sb[i][k]) for i in sa for k in sa[i]), part
+    assert a["scaler"] == b["scaler"] and (a["scaler"]["scale"] == 2.0 ** 18 if scaled else a["scaler"] is None)
     rows = [[{k: v for k, v in r.items() if k != "it_s"} for r in R.read_log(tmp_path / d / "log.jsonl")]
             for d in ("eager", "graphs")]
     assert rows[0] == rows[1] and len([r for r in rows[0] if r["kind"] == "train"]) == 5

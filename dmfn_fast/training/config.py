@@ -73,7 +73,7 @@ def build_parser(description=None):
       help="with --compile: torch.compile's mode; reduce-overhead replays CUDA graphs (CUDA only)")
     a("--cuda-graphs", action="store_true",
       help="run each training step as one CUDA graph replay (after 3 eager steps): no Python or launches per "
-           "op, for the eager step's host time (CUDA, one process, bf16 or fp32; not with --compile)")
+           "op, for the eager step's host time (CUDA, one process; not with --compile)")
     a("--impl", choices=IMPLS + ("fused",), default="auto",
       help="DMFB and alignment-loss kernels: auto (fast where measured faster), reference, fast "
            "('fused': old name of fast)")
@@ -231,8 +231,6 @@ def _on_cpu(a):
 
 def _check_cuda_graphs(p, a):
     """What a CUDA-graph step needs (dmfn_fast/training/graphed.py), before any work."""
-    import torch
-
     if a.compile:
         p.error("--cuda-graphs and --compile both replay CUDA graphs: for graphs of the compiled step use "
                 "--compile --compile-mode reduce-overhead, else drop --compile")
@@ -240,10 +238,6 @@ def _check_cuda_graphs(p, a):
         p.error("--cuda-graphs needs CUDA; this run is on the CPU: drop --cuda-graphs")
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         p.error("--cuda-graphs runs one process; under torchrun drop it (each rank's step stays eager)")
-    fp16 = a.amp and (a.amp_dtype == "fp16" or (a.amp_dtype == "auto" and not torch.cuda.is_bf16_supported()))
-    if fp16:
-        p.error("--cuda-graphs does not take fp16 autocast (its GradScaler reads on the host): use --amp-dtype "
-                "bf16 on a card with bf16, or drop --cuda-graphs")
 
 
 def _check_compile(p, a):
