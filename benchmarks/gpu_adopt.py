@@ -76,12 +76,14 @@ def decide(rows, per_call=True):
 GRAPHS = ("DMFN_BIAS_ACT", "DMFN_THIN_CONV", "DMFN_MAX_POOL", "DMFN_L1_KERNEL")
 
 
-def values(rows, per_call=True):
+def values(rows, per_call=True, decisions=None):
     """{switch: value to set} for the measured switches: 1 adopted; "graphs" for a GRAPHS switch that won in
-    GPU time only; else 0."""
-    gpu_wins = {switch for switch, on, _ in decide(rows, per_call=False) if on}
+    GPU time only; else 0. decisions: decide(rows, per_call), where the caller has it already."""
+    if decisions is None:
+        decisions = decide(rows, per_call)
+    gpu_wins = {switch for switch, on, _ in (decide(rows, per_call=False) if per_call else decisions) if on}
     return {switch: "1" if on else "graphs" if switch in GRAPHS and switch in gpu_wins else "0"
-            for switch, on, why in decide(rows, per_call) if why != "not measured"}
+            for switch, on, why in decisions if why != "not measured"}
 
 
 def main(folder, per_call=True):
@@ -93,8 +95,9 @@ def main(folder, per_call=True):
                 rows.append(json.loads(line))
             except ValueError:  # a line cut off by a timeout
                 pass
-    chosen = values(rows, per_call)
-    for switch, on, why in decide(rows, per_call):
+    decisions = decide(rows, per_call)
+    chosen = values(rows, per_call, decisions)
+    for switch, on, why in decisions:
         print(f"adopt: {switch}={chosen.get(switch, 'its default')}: {why}", file=sys.stderr)
     # both ways: a switch's default may be on (DMFN_TMA on sm_90); unmeasured ones keep their default
     print(" ".join(f"{switch}={value}" for switch, value in chosen.items()))
