@@ -61,7 +61,7 @@ def train(args, resume_from=None):
     if steps_per_epoch == 0:
         raise SystemExit(f"{len(train_set)} training images is fewer than the global batch "
                          f"{args.batch} x {rt.world}; lower --batch")
-    workers = args.workers if args.workers is not None else (4 if rt.cuda else 0)
+    workers = args.workers if args.workers is not None else build.default_workers(rt.cuda, rt.world)
     val_batches = build.val_batches(val_set, args.batch, rt.device, rt.memory_format)
     parts, criterion = build.training(args, rt)
     step, last_val = 0, None
@@ -102,20 +102,14 @@ def train(args, resume_from=None):
     bar = tqdm(total=args.steps, initial=step, disable=not rt.master, dynamic_ncols=True, smoothing=0.1)
 
     # ---- the loop
-    epoch, skip = divmod(step, steps_per_epoch)
-    batches = build.epoch_batches(train_set, args.batch, args.seed, rt.world, rt.rank, epoch, skip, workers, rt.cuda)
+    batches = build.train_batches(train_set, args.batch, args.seed, rt.world, rt.rank, step, workers, rt.cuda)
     sums, n_sum, t0, bad_steps, bad_images = None, 0, time.time(), 0, {}
     sigterm, code = build.StopOnSigterm(), 0
     G.train()
     parts.D.train()
     try:
         while step < args.steps:
-            batch = next(batches, None)
-            if batch is None:  # next epoch
-                epoch += 1
-                batches = build.epoch_batches(train_set, args.batch, args.seed, rt.world, rt.rank, epoch, 0,
-                                              workers, rt.cuda)
-                continue
+            batch = next(batches)
             for path, why in batch["bad"]:
                 if path not in bad_images:
                     bad_images[path] = why
@@ -191,6 +185,7 @@ def train(args, resume_from=None):
     finally:
         bar.close()
         sigterm.close()
+        batches = None  # noqa: F841  (its loader's workers end here, not at exit)
         if log is not None:
             log.close()
         if rt.ddp:

@@ -75,7 +75,7 @@ stage tests-centroid 90 $PY -m pytest tests/test_centroid_align.py tests/test_gr
 stage tests-recipe 60 $PY -m pytest tests/test_recipe.py -q -rs -p no:cacheprovider -k same_steps
 # train.py as users run it: --amp (bf16), --amp --amp-dtype fp16 and --amp --compile --compile-mode
 # reduce-overhead, 50 steps each at 256 px, finite losses
-stage train-smoke 270 $PY benchmarks/gpu_train_smoke.py "${DRYFLAG[@]}"
+stage train-smoke 330 $PY benchmarks/gpu_train_smoke.py "${DRYFLAG[@]}"
 # torch.compile of the fused ops must give what their eager runs give (op by op, and the generator); on
 # CUDA Inductor traces into the Triton kernels (the default; the interpreter cannot, so --dry runs opaque ops)
 stage compile-parity 150 $PY benchmarks/gpu_compile_parity.py "$OUT" "${DRYFLAG[@]}"

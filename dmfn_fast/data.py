@@ -104,7 +104,9 @@ class InpaintDataset(torch.utils.data.Dataset):
             return pil_to_rgb(im, str(item)), item
 
     def __getitem__(self, index):
-        key = [self.seed, self.epoch, index, self.rank] if self.train else [self.seed, 1 << 30, index]
+        # index, or (epoch, index) from training's sampler (its workers outlive any one epoch's self.epoch)
+        epoch, index = index if isinstance(index, tuple) else (self.epoch, index)
+        key = [self.seed, epoch, index, self.rank] if self.train else [self.seed, 1 << 30, index]
         rng = np.random.default_rng(key)
         bad = []  # an unreadable image is replaced by the next readable one, and reported
         for i in range(index, index + min(len(self.items), MAX_BAD_IN_A_ROW)):

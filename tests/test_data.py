@@ -74,3 +74,55 @@ def test_demo_images_load_offline():
     assert len(photos) >= 8 and "astronaut" in names
     for _, a in photos:
         assert a.dtype == np.uint8 and a.ndim == 3 and a.shape[2] == 3
+
+
+def _epoch_by_epoch(n, batch, seed, world, rank, epochs):
+    """The batches' keys as train.py took them before s18: a fresh DistributedSampler (and loader) per epoch."""
+    out = []
+    for epoch in range(epochs):
+        s = torch.utils.data.DistributedSampler(range(n), world, rank, shuffle=True, seed=seed, drop_last=True)
+        s.set_epoch(epoch)
+        idx = list(s)
+        idx = idx[: len(idx) // batch * batch]
+        out += [[(epoch, i) for i in idx[b:b + batch]] for b in range(0, len(idx), batch)]
+    return out
+
+
+@pytest.mark.parametrize("n,batch,world,rank", [(16, 16, 1, 0), (23, 4, 1, 0), (23, 3, 2, 1)])
+def test_epoch_batches_run_on_across_epochs_and_resume(n, batch, world, rank):
+    """One endless sampler gives each epoch's shuffle, cut to whole batches, as a loader per epoch did; started
+    at global batch k (a resume at step k) it gives the same batches from the k-th on."""
+    from dmfn_fast.training.build import EpochBatches
+
+    want = _epoch_by_epoch(n, batch, 5, world, rank, 4)
+    per_epoch = n // (batch * world)
+    assert len(want) == 4 * per_epoch
+    for start in (0, 1, per_epoch, 2 * per_epoch + per_epoch // 2):
+        it = iter(EpochBatches(range(n), batch, 5, world, rank, start))
+        got = [next(it) for _ in range(len(want) - start)]
+        assert got == want[start:], start
+
+
+class _PidSamples(InpaintDataset):
+    def __getitem__(self, index):
+        import os
+        return dict(super().__getitem__(index), pid=os.getpid())
+
+
+def test_train_batches_keep_one_set_of_workers(tmp_path):
+    """train.py's loader: the samples of an epoch key as the dataset's epoch does, and two workers serve five
+    epochs of one batch each (a loader per epoch started new workers every epoch: with the demo set, every
+    step)."""
+    from dmfn_fast.training.build import train_batches
+
+    paths = list_images(str(_images(tmp_path / "imgs", n=5)))
+    ds = _PidSamples(paths, 16, MaskSource("rect"), seed=3)
+    it = train_batches(ds, 4, 3, 1, 0, 0, 2, False)
+    got = [next(it) for _ in range(5)]
+    assert len({p for b in got for p in b["pid"].tolist()}) <= 2
+    keys = _epoch_by_epoch(5, 4, 3, 1, 0, 5)
+    for b, k in zip(got, keys):
+        for j, (epoch, i) in enumerate(k):
+            ds.epoch = epoch
+            assert torch.equal(b["image"][j], ds[i]["image"]) and torch.equal(b["mask"][j], ds[i]["mask"])
+    del it  # ends its workers

@@ -221,12 +221,45 @@ def val_batches(val_set, batch, device, memory_format):
     return [(b["image"].to(device, memory_format=memory_format), b["mask"].to(device)) for b in loader]
 
 
-def epoch_batches(dataset, batch, seed, world, rank, epoch, skip, workers, pin_memory):
-    """An iterator over one epoch's batches, the first `skip` left out (for resuming)."""
-    sampler = torch.utils.data.DistributedSampler(dataset, world, rank, shuffle=True, seed=seed, drop_last=True)
-    sampler.set_epoch(epoch)
-    dataset.epoch = epoch
-    idx = list(sampler)
-    idx = idx[skip * batch: len(idx) // batch * batch]
-    return iter(torch.utils.data.DataLoader(dataset, batch_size=batch, sampler=idx, num_workers=workers,
-                                            collate_fn=collate, pin_memory=pin_memory, drop_last=True))
+class EpochBatches(torch.utils.data.Sampler):
+    """Batches of (epoch, index) keys for every epoch from global batch `start` on, without end. Each epoch is
+    DistributedSampler's shuffle for that epoch, cut to whole batches; so one DataLoader, and one set of
+    workers that keep prefetching across epochs, serves the whole run. A fresh loader per epoch restarted its
+    workers and waited for its first batch each epoch: with the demo set (one batch an epoch at batch 16),
+    every step (H100, s18: 2.95 it/s for a 33 ms step)."""
+
+    def __init__(self, dataset, batch, seed, world, rank, start):
+        self.dataset, self.batch, self.seed, self.start = dataset, batch, seed, start
+        self.world, self.rank = world, rank
+
+    def epoch(self, epoch):
+        sampler = torch.utils.data.DistributedSampler(self.dataset, self.world, self.rank, shuffle=True,
+                                                      seed=self.seed, drop_last=True)
+        sampler.set_epoch(epoch)
+        idx = list(sampler)
+        return [[(epoch, i) for i in idx[b:b + self.batch]] for b in range(0, len(idx) // self.batch * self.batch,
+                                                                            self.batch)]
+
+    def __iter__(self):
+        epoch, skip = divmod(self.start, len(self.epoch(0)))
+        while True:
+            yield from self.epoch(epoch)[skip:]
+            epoch, skip = epoch + 1, 0
+
+
+def default_workers(cuda, world):
+    """Data loader processes per rank when --workers is not given: none on a CPU run (the step needs the
+    cores), else one per core this process may use, split among the ranks, at most 8. A CUDA-graph step at
+    256 px takes 16 images every 33 ms (H100); one worker prepares about 250 demo images a second."""
+    if not cuda:
+        return 0
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(8, cores // world))
+
+
+def train_batches(dataset, batch, seed, world, rank, start, workers, pin_memory):
+    """An endless iterator over the run's batches from global batch `start` on (resuming skips the batches
+    the run has had), through one DataLoader whose workers live as long as the iterator."""
+    return iter(torch.utils.data.DataLoader(dataset, batch_sampler=EpochBatches(dataset, batch, seed, world, rank,
+                                                                                start),
+                                            num_workers=workers, collate_fn=collate, pin_memory=pin_memory))

@@ -82,7 +82,7 @@ def build_parser(description=None):
       help="deterministic kernels (slower on CUDA); the DMFB then uses its PyTorch reference, since the fused "
            "kernels sum with atomics (with --impl fast this is an error)")
     a("--device", default="auto", help="auto, cpu, cuda, cuda:N")
-    a("--workers", type=int, help="data loader processes per rank (CUDA: 4; CPU: 0)")
+    a("--workers", type=int, help="data loader processes per rank (CUDA: the cores per rank, at most 8; CPU: 0)")
     a("--vgg-weights", default="auto", help="torchvision vgg19 .pth (auto: DMFN_VGG19_WEIGHTS, hub cache, download)")
     a("--random-vgg", action="store_true", help="train with a RANDOM VGG19 (smoke tests only)")
     a("--log-every", type=int, help="steps between log lines (50; demo 5)")
