@@ -67,9 +67,9 @@ int env_choice(const char* name, const char* allowed, int fallback, const char* 
 // - DMFN_CENTROID_BLOCK_FINISH=1: where each block sums whole planes (one run per column, unfolded: fp32
 //   [16, 512, 32, 32] on 132 SMs), each turns them into stats and a loss share, and a one-block kernel adds
 //   the shares, in place of finish_pairs (3.58 us in fp32, s15) with its fence and ticket.
-dmfn_fast_cuda::ForwardOptions forward_options() {
+dmfn_fast_cuda::ForwardOptions forward_options(const at::Device& device) {
   dmfn_fast_cuda::ForwardOptions o;
-  o.sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount *
+  o.sms = at::cuda::getDeviceProperties(device.index())->multiProcessorCount *
           env_choice("DMFN_CENTROID_WAVES", "1234", 1, "waves of blocks the centroid forward plans");
   o.fold = env_choice("DMFN_CENTROID_FOLD", "01", 0, "1 folds the centroid forward's finish into its sums") == 1;
   o.async_copy =
@@ -83,6 +83,9 @@ dmfn_fast_cuda::ForwardOptions forward_options() {
 std::tuple<at::Tensor, at::Tensor> fwd_cuda(const at::Tensor& f_out_in, const at::Tensor& f_tgt_in) {
   check_fwd_inputs(f_out_in, f_tgt_in);
   check_sizes(f_out_in);
+  // The switches first: a refusal before the guard and any allocation (a refusal after them crashed the
+  // process on the H200 and the H100, s15 and s18; the input checks above never did).
+  const dmfn_fast_cuda::ForwardOptions opt = forward_options(f_out_in.device());
   const c10::cuda::CUDAGuard guard(f_out_in.device());
   const at::Tensor f_out = walkable(f_out_in), f_tgt = walkable(f_tgt_in);
   const int64_t N = f_out.size(0), C = f_out.size(1);
@@ -91,7 +94,6 @@ std::tuple<at::Tensor, at::Tensor> fwd_cuda(const at::Tensor& f_out_in, const at
   at::Tensor stats = at::empty({2, N, C, 3}, f_out.options().dtype(acc));
   at::Tensor loss = at::empty({}, f_out.options().dtype(acc));
   const auto dt = dtype_of(f_out.scalar_type());
-  const dmfn_fast_cuda::ForwardOptions opt = forward_options();
   const dmfn_fast_cuda::MapView a = view_of(f_out), b = view_of(f_tgt);
   const size_t bytes = dmfn_fast_cuda::forward_work_bytes(a, b, dt, N, C, H, W, opt);
   at::Tensor work = at::empty({static_cast<int64_t>(bytes)}, f_out.options().dtype(at::kByte));
@@ -112,6 +114,7 @@ dmfn_fast_cuda::GradOptions grad_options() {
 at::Tensor bwd_cuda(const at::Tensor& grad, const at::Tensor& stats_in, const at::Tensor& like, int64_t which) {
   check_bwd_inputs(grad, stats_in, like, which);
   check_sizes(like);
+  const dmfn_fast_cuda::GradOptions opt = grad_options();  // before the guard, as the forward's
   const c10::cuda::CUDAGuard guard(like.device());
   const bool cl = grad_channels_last(like);
   at::Tensor out = at::empty(like.sizes(), like.options().memory_format(cl ? at::MemoryFormat::ChannelsLast
@@ -121,7 +124,7 @@ at::Tensor bwd_cuda(const at::Tensor& grad, const at::Tensor& stats_in, const at
   check_launch(dmfn_fast_cuda::launch_grad(g.const_data_ptr(), stats.const_data_ptr(), dtype_of(like.scalar_type()),
                                            like.size(0), like.size(1), static_cast<int>(like.size(2)),
                                            static_cast<int>(like.size(3)), static_cast<int>(which), cl,
-                                           out.data_ptr(), at::cuda::getCurrentCUDAStream(), grad_options()),
+                                           out.data_ptr(), at::cuda::getCurrentCUDAStream(), opt),
                "backward");
   return out;
 }

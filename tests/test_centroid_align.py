@@ -442,10 +442,12 @@ def test_cuda_wide_blocks_match_the_default(dtype, plan, monkeypatch):
     """DMFN_CENTROID_WIDE: blocks of 32 channel vectors (264 channels: a partial group in every dtype) add each
     plane's pixels in other runs, so the stats match the default's to rounding, not bit for bit; the same
     bits on a rerun; with the loads staged (the same runs) or the finish folded, the wide plan's stats bit for
-    bit (and with two waves, its own bits again); the gradient to rounding."""
+    bit (and with two waves, its own bits again); the gradient to rounding. The gradients are of the loss
+    times 2^16, as a GradScaler's: this loss's own are about 1e-7, below fp16's normal range, where one
+    rounding is a whole subnormal step (H100, s18: 6e-8 apart against an allowance of 1e-10)."""
     a, b = _plan_maps((3, 264, 33, 35), 35, dtype, monkeypatch)
     loss, st = torch.ops.dmfn_fast.centroid_align_fwd(a, b)
-    g = torch.autograd.grad(ca.centroid_align_loss(a, b, impl="fast"), a)[0]
+    g = torch.autograd.grad(ca.centroid_align_loss(a, b, impl="fast") * 2.0 ** 16, a)[0]
     monkeypatch.setenv("DMFN_CENTROID_WIDE", "1")
     monkeypatch.setenv("DMFN_CENTROID_WAVES", plan.get("WAVES", "1"))
     loss_w, st_w = torch.ops.dmfn_fast.centroid_align_fwd(a, b)
@@ -458,7 +460,7 @@ def test_cuda_wide_blocks_match_the_default(dtype, plan, monkeypatch):
             assert torch.equal(loss_p, loss_w)
     torch.testing.assert_close(st_p, st, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(loss_p, loss, rtol=1e-4, atol=1e-12)
-    g_p = torch.autograd.grad(ca.centroid_align_loss(a, b, impl="fast"), a)[0]
+    g_p = torch.autograd.grad(ca.centroid_align_loss(a, b, impl="fast") * 2.0 ** 16, a)[0]
     torch.testing.assert_close(g_p.float(), g.float(), rtol=1e-2 if dtype != torch.float32 else 1e-4,
                                atol=1e-3 * g.abs().max().item())
     assert torch.isfinite(g_p).all()
@@ -513,22 +515,28 @@ for name in sys.argv[1:]:
     x = a.clone().requires_grad_()
     refused(name + ", through autograd", lambda: torch.autograd.grad(ca.centroid_align_loss(x, a, impl="fast"), x),
             name + " must be one of")
-    del os.environ[name]
+    os.environ[name] = ""
 """
 
 
 @cuda_ext
-def test_cuda_bad_plan_values_are_refused():
+@pytest.mark.parametrize("preset", [False, True], ids=["added", "replaced"])
+def test_cuda_bad_plan_values_are_refused(preset):
     """A plan switch set to a value it does not take, after import (import refuses it itself), is refused by the
     CUDA op with a RuntimeError that names it, called directly and through autograd, after a dtype mismatch
-    refused by the CPU and the CUDA kernels. In a child process: on the H200 (s15) the first such refusal
-    through autograd ended the process with a segmentation fault; the markers say which call did."""
+    refused by the CPU and the CUDA kernels. In a child process, under faulthandler (a crash prints every
+    thread's Python stack): the first such refusal ended the process with a segmentation fault, through
+    autograd on the H200 (s15), called directly on the H100 (s18), while the dtype refusals, thrown from the
+    same C++ frame, passed. Both ways here: the switches added to the environment by the child (setenv
+    grows glibc's environ, which a thread reading it at that moment can fault on), and set blank beforehand
+    (setenv then replaces a value in place). The markers say which call crashed."""
     names = ["DMFN_CENTROID_FOLD", "DMFN_CENTROID_ASYNC", "DMFN_CENTROID_WIDE", "DMFN_CENTROID_BLOCK_FINISH",
              "DMFN_CENTROID_GRAD_ROWS"]
     env = {k: v for k, v in os.environ.items() if not k.startswith("DMFN_CENTROID_")}
+    env.update({k: "" for k in names} if preset else {})
     env["PYTHONPATH"] = os.pathsep.join(p for p in (ROOT, env.get("PYTHONPATH")) if p)
-    r = subprocess.run([sys.executable, "-c", _REFUSALS, *names], capture_output=True, text=True, env=env,
-                       timeout=300)
+    r = subprocess.run([sys.executable, "-X", "faulthandler", "-c", _REFUSALS, *names], capture_output=True,
+                       text=True, env=env, timeout=300)
     assert r.returncode == 0, f"rc {r.returncode} (-11: a segmentation fault)\n{r.stdout}\n{r.stderr[-3000:]}"
     assert r.stdout.count("refused:") == 2 + 2 * len(names), r.stdout
 

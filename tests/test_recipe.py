@@ -322,11 +322,19 @@ def test_authors_recipe_same_steps_on_reference_and_fast_paths(device, dtype, on
         # it at most twice as far as the bf16 reference does, plus 2% (5 bf16 ulps): the reference's own
         # distance is luck per term (H200, fourth session: after one update the adv term was 0.01% off in
         # the bf16 reference, 1.1% in the fast run; in the second the align term moved 4% between them).
+        # The align term is a mean square of centroid differences, small against the centroids (H100, s18,
+        # step 0: fp32 0.00158, the bf16 reference 0.7% off, the fast run 4.3%). A centroid of nonnegative
+        # features moves at most 2 eps / (1 - eps) when each feature moves by a relative eps: 2^-8 for one
+        # bf16 rounding (eps 2^-9), 2^-7 for the difference of two maps' centroids. So the term may also move
+        # 2 sqrt(align) 2^-7 + 2^-14 (Cauchy-Schwarz over its mean), 43% of it there.
         with torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
             exact_losses, exact_w = _three_steps("reference", "authors", device, None)
         for step, (a, b, e) in enumerate(zip(ref_losses, fast_losses, exact_losses)):
             for k in e:
-                assert abs(b[k] - e[k]) <= 2 * abs(a[k] - e[k]) + 2e-2 * abs(e[k]) + 1e-6, \
+                allow = 2 * abs(a[k] - e[k]) + 2e-2 * abs(e[k]) + 1e-6
+                if k == "align":
+                    allow += 2 * abs(e[k]) ** 0.5 * 2.0 ** -7 + 2.0 ** -14
+                assert abs(b[k] - e[k]) <= allow, \
                     f"step {step} {k}: fp32 {e[k]}, bf16 reference {a[k]}, bf16 fast {b[k]}"
         for k in weights:
             ref_off = (ref_w[k] - exact_w[k]).abs().max().item()
