@@ -121,16 +121,25 @@ stage e2e "${GPU_CHECK_E2E_LIMIT:-360}" env $ADOPT $PY benchmarks/gpu_e2e.py "$O
 # shellcheck disable=SC2086
 [ $DRY = 1 ] || stage e2e-opaque 240 env $ADOPT DMFN_TRITON_OP=0 $PY benchmarks/gpu_e2e.py "$OUT" --only fast+compile
 
-# 5. optional: ncu on the fused branch kernels (speed of light, memory), where ncu exists; --dry runs the
-#    profiled workload alone, interpreted, so the case cannot rot.
+# 5. optional: ncu on the fused branch kernels (speed of light, memory), then on the centroid op's kernels
+#    beside a streaming read (also occupancy and stall reasons, DRAM bytes), where ncu exists; --dry runs the
+#    profiled workloads alone, interpreted, so the cases cannot rot.
 if [ $DRY = 1 ]; then
   stage ncu-case 120 $PY benchmarks/gpu_ncu_case.py --dry
+  stage ncu-centroid-case 120 $PY benchmarks/gpu_ncu_case.py --dry --centroid
 elif command -v ncu >/dev/null; then
   NCU_TXT=$(mktemp)
   stage ncu 120 ncu --clock-control none --section SpeedOfLight --section MemoryWorkloadAnalysis \
     --section Occupancy --nvtx --nvtx-include "profile/" -k "regex:branches" --log-file "$NCU_TXT" \
     $PY benchmarks/gpu_ncu_case.py
   { echo "===== ncu report ====="; cat "$NCU_TXT"; } >> "$LOG"; rm -f "$NCU_TXT"
+  NCU_TXT=$(mktemp)
+  stage ncu-centroid 150 ncu --clock-control none --section SpeedOfLight --section Occupancy \
+    --section WarpStateStats --section LaunchStats \
+    --metrics dram__bytes_read.sum,dram__bytes_write.sum,lts__t_sector_hit_rate.pct,gpu__time_duration.sum \
+    --nvtx --nvtx-include "profile/" -k "regex:pair_sums|_read_sum|_read_columns|finish_pairs|grad_channels" \
+    --log-file "$NCU_TXT" $PY benchmarks/gpu_ncu_case.py --centroid
+  { echo "===== ncu centroid report ====="; cat "$NCU_TXT"; } >> "$LOG"; rm -f "$NCU_TXT"
 fi
 
 $PY benchmarks/gpu_summary.py "$OUT" >> "$LOG" 2>&1 || rc=1

@@ -38,7 +38,7 @@ def test_gpu_check_dry_run(tmp_path):
     # Every stage ran and passed.
     stages = (tmp_path / "stages.txt").read_text()
     for stage in ("tests-dmfb", "tests-centroid", "tests-recipe", "train-smoke", "compile-parity", "breakdown", "e2e",
-                  "ncu-case"):
+                  "ncu-case", "ncu-centroid-case"):
         assert f"{stage}: rc=0" in stages, stages
 
 
@@ -308,3 +308,36 @@ def test_adopt_sets_each_measured_switch_both_ways(tmp_path, capsys):
     assert gpu_adopt.values(rows) == {"DMFN_BIAS_ACT": "0"} == gpu_adopt.values(rows, per_call=False)
     from dmfn_fast.ops import _impl
     assert set(gpu_adopt.GRAPHS) == {k for k, v in _impl.SWITCHES.items() if "graphs" in v}
+
+
+_STREAMS = """
+import sys, torch
+sys.path.insert(0, sys.argv[1])
+from stream_kernels import column_read, stream_read, stream_write
+torch.manual_seed(0)
+for dt in (torch.float32, torch.float16):
+    for shape, runs in (((2, 64, 5, 7), 1), ((3, 128, 17, 19), 3), ((1, 64, 1, 300), 4)):
+        a, b = (torch.rand(shape).to(dt).contiguous(memory_format=torch.channels_last) for _ in range(2))
+        want = (a.double() + b.double()).sum(dim=(2, 3)).flatten()
+        torch.testing.assert_close(column_read(a, b, runs).double(), want, rtol=1e-5, atol=0)
+    x = torch.rand(5000).to(dt)
+    torch.testing.assert_close(stream_read(x, 1024, 4).double().sum(), x.double().sum(), rtol=1e-5, atol=0)
+    assert bool((stream_write(torch.empty(5000, dtype=dt), 0.25, 1024, 4) == 0.25).all())
+try:
+    column_read(torch.rand(1, 8, 2, 2), torch.rand(1, 8, 2, 2), 1)
+except ValueError as e:
+    assert "whole columns" in str(e)
+else:
+    sys.exit("a partial column was not refused")
+print("ok")
+"""
+
+
+def test_stream_kernels_read_and_write_every_element():
+    """The breakdown's floor readers and writer, interpreted: the pair-order read sums each (image, channel)
+    over every pixel of both maps, with any number of runs, including runs past the last pixel; the stream
+    read sums every element; the write writes every element; a partial column is refused."""
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    r = subprocess.run([sys.executable, "-c", _STREAMS, os.path.join(ROOT, "benchmarks")], capture_output=True,
+                       text=True, env=env, timeout=300)
+    assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stdout[-2000:] + r.stderr[-3000:]

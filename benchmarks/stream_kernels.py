@@ -1,0 +1,65 @@
+"""Streaming kernels with nothing else to do: a read that sums each program's elements and a write of one
+value. The breakdown's floor rows time them beside ATen's sum and fill_; the ncu case profiles the read beside
+the centroid op's own kernels."""
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _read_sum(x, out, n, BLOCK: tl.constexpr):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    v = tl.load(x + offs, mask=offs < n, other=0.0)
+    tl.store(out + tl.program_id(0), tl.sum(v.to(tl.float32), 0))
+
+
+def stream_read(x, block, warps):
+    """x's elements summed per program of `block`: a streaming read with nothing else to do (the floor rows'
+    reader beside ATen's sum)."""
+    out = torch.empty(triton.cdiv(x.numel(), block), device=x.device, dtype=torch.float32)
+    _read_sum[(out.numel(),)](x, out, x.numel(), BLOCK=block, num_warps=warps)
+    return out
+
+
+@triton.jit
+def _write_value(out, n, value, BLOCK: tl.constexpr):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    tl.store(out + offs, tl.full([BLOCK], value, out.dtype.element_ty), mask=offs < n)
+
+
+def stream_write(out, value, block, warps):
+    """value into every element of out, `block` a program: the floor rows' writer beside ATen's fill_."""
+    _write_value[(triton.cdiv(out.numel(), block),)](out, out.numel(), value, BLOCK=block, num_warps=warps)
+    return out
+
+
+@triton.jit
+def _read_columns(a, b, out, HW, C, RUN, PIX: tl.constexpr, CH: tl.constexpr):
+    # program (n, channel group, run of RUN pixels): CH channels of those pixels of image n in both [N, H*W, C]
+    # maps, PIX pixels a step: the centroid pair kernel's order of bytes, with nothing else to do
+    pid, run = tl.program_id(0), tl.program_id(1)
+    n, g = pid // (C // CH), pid % (C // CH)
+    rows = tl.arange(0, PIX)[:, None]
+    offs = n.to(tl.int64) * HW * C + rows * C + g * CH + tl.arange(0, CH)[None, :]
+    acc = tl.zeros([PIX, CH], tl.float32)
+    for p0 in range(run * RUN, tl.minimum(run * RUN + RUN, HW), PIX):
+        m = p0 + rows < HW
+        acc += tl.load(a + offs + p0 * C, mask=m, other=0.0).to(tl.float32)
+        acc += tl.load(b + offs + p0 * C, mask=m, other=0.0).to(tl.float32)
+    tl.store(out + (run * tl.num_programs(0) + pid) * CH + tl.arange(0, CH), tl.sum(acc, 0))
+
+
+def column_read(a, b, runs=1):
+    """Both channels-last maps summed per (image, 128 bytes of channels, run of pixels), 8 x 16-byte vectors of
+    channels by 32 rows of pixels a program, each row taking 4 pixels a step (the pair kernel takes 6 in fp32,
+    4 in 16 bits; Triton's tiles are powers of 2): the centroid forward's order of reads without its adds and
+    finish. runs=1 is its grid at [16, 512, 32, 32] in fp32 (one program a column, about 2 an SM); more runs,
+    more programs in flight (sm_90 cubin: 48 registers in fp32, 64 in 16 bits; 8 16-byte loads a step)."""
+    N, C, H, W = a.shape
+    ch, pix = 128 // a.element_size(), 128
+    if C % ch:
+        raise ValueError(f"column_read takes whole columns of {ch} channels, got {C}")
+    run = triton.cdiv(triton.cdiv(H * W, runs), pix) * pix
+    out = torch.empty(runs, N * C, device=a.device, dtype=torch.float32)
+    _read_columns[(N * (C // ch), runs)](a, b, out, H * W, C, run, PIX=pix, CH=ch, num_warps=8)
+    return out.sum(0)
