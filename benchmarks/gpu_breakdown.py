@@ -176,7 +176,7 @@ def centroid_cases():
             yield dt, layout, a.requires_grad_(), t
 
 
-from stream_kernels import column_read, stream_read, stream_write  # noqa: E402
+from stream_kernels import column_read, pixel_read, stream_read, stream_write  # noqa: E402
 
 for dt, layout, a, t in ([] if args.no_centroid else centroid_cases()):
     tag = str(dt).replace("torch.", "")
@@ -247,6 +247,15 @@ for dt, layout, a, t in ([] if args.no_centroid else centroid_cases()):
                 log_row(dict(group=fg, name=name, error=f"sums off by {(got - want).abs().max().item():.3g}"))
                 continue
             record(fg, name, lambda runs=runs: column_read(a.detach(), t, runs), 0, read_bytes)
+        # and pixel by pixel, every channel: each program's bytes contiguous, as a pixel-major pair kernel's
+        # would be (16 runs an image: the pair kernel's 256 blocks at this size; 64: more in flight)
+        for runs in (16, 64) if a.shape[1] & (a.shape[1] - 1) == 0 else ():
+            name = f"read both maps pixel by pixel (Triton, {runs} runs an image)"
+            got = pixel_read(a.detach(), t, runs).double()
+            if not torch.allclose(got, want, rtol=1e-4, atol=1e-3):
+                log_row(dict(group=fg, name=name, error=f"sums off by {(got - want).abs().max().item():.3g}"))
+                continue
+            record(fg, name, lambda runs=runs: pixel_read(a.detach(), t, runs), 0, read_bytes)
         # and the write by a kernel with nothing else to do (the bf16 fill wrote at 2.84 TB/s in s15, fp32's 4.13)
         for block, warps in ((4096, 4), (8192, 8)):
             name = f"write one map's bytes (Triton, {block} a program, {warps} warps)"

@@ -4,7 +4,7 @@ caches), then once inside the NVTX range "profile" that ncu filters on:
   its kernels called directly;
 - --centroid, the centroid op's forward+backward at [16, 512, 32, 32] channels-last: fp32 with its default, async
   copy and wide plans, then bf16 with its default, each after the streaming Triton read of the same two maps'
-  bytes and a Triton read of them in the pair kernel's order. Every variant of the op's pair kernel read at about 2.0 TB/s on the H100 (s18) and 2.8 on the H200
+  bytes and Triton reads of them in the pair kernel's order and pixel by pixel. Every variant of the op's pair kernel read at about 2.0 TB/s on the H100 (s18) and 2.8 on the H200
   (s15), two thirds of the copy rate, where that read reached the copy rate: ncu's DRAM bytes, occupancy and
   stall reasons say whether it moves more bytes than counted, or waits on what.
 --dry: tiny sizes on CPU under TRITON_INTERPRET=1 (the centroid op's CPU kernel)."""
@@ -47,7 +47,7 @@ def profiled(once):
 torch.manual_seed(0)
 if CENTROID:
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    from stream_kernels import column_read, stream_read  # noqa: E402
+    from stream_kernels import column_read, pixel_read, stream_read  # noqa: E402
 
     from dmfn_fast.ops import centroid_align as ca  # noqa: E402
 
@@ -62,6 +62,7 @@ if CENTROID:
                 stream_read(both, 4096, 4)
                 if not DRY:  # the dry maps' 8 channels make no whole column
                     column_read(a.detach(), t)
+                pixel_read(a.detach(), t, 16)
                 os.environ.update(env)
                 torch.autograd.grad(ca.centroid_align_loss(a, t, impl="fast"), a)
                 os.environ.update({k: "" for k in env})

@@ -63,3 +63,32 @@ def column_read(a, b, runs=1):
     out = torch.empty(runs, N * C, device=a.device, dtype=torch.float32)
     _read_columns[(N * (C // ch), runs)](a, b, out, H * W, C, run, PIX=pix, CH=ch, num_warps=8)
     return out.sum(0)
+
+
+@triton.jit
+def _read_pixels(a, b, out, HW, RUN, C: tl.constexpr, PIX: tl.constexpr):
+    # program (n, run of RUN pixels): every channel of those pixels of image n in both [N, H*W, C] maps, PIX
+    # pixels a step: contiguous bytes, summed per channel as the pair kernel sums
+    n, run = tl.program_id(0), tl.program_id(1)
+    rows = tl.arange(0, PIX)[:, None]
+    offs = n.to(tl.int64) * HW * C + rows * C + tl.arange(0, C)[None, :]
+    acc = tl.zeros([PIX, C], tl.float32)
+    for p0 in range(run * RUN, tl.minimum(run * RUN + RUN, HW), PIX):
+        m = p0 + rows < HW
+        acc += tl.load(a + offs + p0 * C, mask=m, other=0.0).to(tl.float32)
+        acc += tl.load(b + offs + p0 * C, mask=m, other=0.0).to(tl.float32)
+    tl.store(out + (run * tl.num_programs(0) + n) * C + tl.arange(0, C), tl.sum(acc, 0))
+
+
+def pixel_read(a, b, runs):
+    """Both channels-last maps summed per (image, channel) over runs of whole pixels (all C channels, C a power
+    of 2, 16 KB of each map a step: 4 16-byte loads a thread): the same sums as column_read, each program's bytes
+    contiguous."""
+    N, C, H, W = a.shape
+    if C & (C - 1):
+        raise ValueError(f"pixel_read takes a power-of-2 channel count, got {C}")
+    pix = max(1, 16384 // (C * a.element_size()))
+    run = triton.cdiv(triton.cdiv(H * W, runs), pix) * pix
+    out = torch.empty(runs, N * C, device=a.device, dtype=torch.float32)
+    _read_pixels[(N, runs)](a, b, out, H * W, run, C=C, PIX=pix, num_warps=8)
+    return out.sum(0)

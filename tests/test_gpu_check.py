@@ -313,13 +313,14 @@ def test_adopt_sets_each_measured_switch_both_ways(tmp_path, capsys):
 _STREAMS = """
 import sys, torch
 sys.path.insert(0, sys.argv[1])
-from stream_kernels import column_read, stream_read, stream_write
+from stream_kernels import column_read, pixel_read, stream_read, stream_write
 torch.manual_seed(0)
 for dt in (torch.float32, torch.float16):
     for shape, runs in (((2, 64, 5, 7), 1), ((3, 128, 17, 19), 3), ((1, 64, 1, 300), 4)):
         a, b = (torch.rand(shape).to(dt).contiguous(memory_format=torch.channels_last) for _ in range(2))
         want = (a.double() + b.double()).sum(dim=(2, 3)).flatten()
         torch.testing.assert_close(column_read(a, b, runs).double(), want, rtol=1e-5, atol=0)
+        torch.testing.assert_close(pixel_read(a, b, runs).double(), want, rtol=1e-5, atol=0)
     x = torch.rand(5000).to(dt)
     torch.testing.assert_close(stream_read(x, 1024, 4).double().sum(), x.double().sum(), rtol=1e-5, atol=0)
     assert bool((stream_write(torch.empty(5000, dtype=dt), 0.25, 1024, 4) == 0.25).all())
@@ -329,14 +330,21 @@ except ValueError as e:
     assert "whole columns" in str(e)
 else:
     sys.exit("a partial column was not refused")
+try:
+    pixel_read(torch.rand(1, 96, 2, 2), torch.rand(1, 96, 2, 2), 1)
+except ValueError as e:
+    assert "power-of-2" in str(e)
+else:
+    sys.exit("96 channels were not refused")
 print("ok")
 """
 
 
 def test_stream_kernels_read_and_write_every_element():
-    """The breakdown's floor readers and writer, interpreted: the pair-order read sums each (image, channel)
-    over every pixel of both maps, with any number of runs, including runs past the last pixel; the stream
-    read sums every element; the write writes every element; a partial column is refused."""
+    """The breakdown's floor readers and writer, interpreted: the pair-order and pixel-order reads sum each
+    (image, channel) over every pixel of both maps, with any number of runs, including runs past the last
+    pixel; the stream read sums every element; the write writes every element; shapes they do not take are
+    refused."""
     env = dict(os.environ, TRITON_INTERPRET="1")
     r = subprocess.run([sys.executable, "-c", _STREAMS, os.path.join(ROOT, "benchmarks")], capture_output=True,
                        text=True, env=env, timeout=300)
