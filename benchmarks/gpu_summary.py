@@ -399,4 +399,8 @@ def main(out):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1] if len(sys.argv) > 1 else "out")
+    folder = sys.argv[1] if len(sys.argv) > 1 else "out"
+    if len(sys.argv) > 2 or not os.path.isdir(folder):
+        sys.exit("usage: python benchmarks/gpu_summary.py OUT_DIR (a folder of gpu_check.sh's .jsonl files, "
+                 f"where summary.json and summary.md are written); {folder!r} is not a folder")
+    main(folder)
