@@ -237,25 +237,22 @@ for dt, layout, a, t in ([] if args.no_centroid else centroid_cases()):
             record(fg, name, lambda block=block, warps=warps: stream_read(both, block, warps), 0, read_bytes)
         # the same bytes in the pair kernel's order (columns of 128 bytes of channels, pixel rows a step), with
         # nothing else to do: every plan of the pair kernel read at two thirds of the stream's rate (s18). At the
-        # stream's rate, the order is not what costs; at the pair kernel's, it is (and with more runs, whether
-        # more programs in flight help)
+        # stream's rate, the order is not what costs; at the pair kernel's, it is (more runs: whether more
+        # programs in flight help). Then pixel by pixel, every channel: each program's bytes contiguous, as a
+        # pixel-major pair kernel's would be (16 runs an image: the pair kernel's 256 blocks at this size).
         want = (a.detach().double().sum(dim=(2, 3)) + t.double().sum(dim=(2, 3))).flatten()
-        for runs in (1, 4) if a.shape[1] % (128 // a.element_size()) == 0 else ():  # whole columns only
-            name = f"read both maps in the pair kernel's order (Triton, {runs} run{'s' * (runs > 1)} a column)"
-            got = column_read(a.detach(), t, runs).double()
+        C = a.shape[1]
+        readers = [(column_read, runs, f"read both maps in the pair kernel's order (Triton, {runs} run"
+                    f"{'s' * (runs > 1)} a column)") for runs in ((1, 4) if C % (128 // a.element_size()) == 0
+                                                                 else ())]
+        readers += [(pixel_read, runs, f"read both maps pixel by pixel (Triton, {runs} runs an image)")
+                    for runs in ((16, 64) if C & (C - 1) == 0 else ())]
+        for reader, runs, name in readers:
+            got = reader(a.detach(), t, runs).double()
             if not torch.allclose(got, want, rtol=1e-4, atol=1e-3):
                 log_row(dict(group=fg, name=name, error=f"sums off by {(got - want).abs().max().item():.3g}"))
                 continue
-            record(fg, name, lambda runs=runs: column_read(a.detach(), t, runs), 0, read_bytes)
-        # and pixel by pixel, every channel: each program's bytes contiguous, as a pixel-major pair kernel's
-        # would be (16 runs an image: the pair kernel's 256 blocks at this size; 64: more in flight)
-        for runs in (16, 64) if a.shape[1] & (a.shape[1] - 1) == 0 else ():
-            name = f"read both maps pixel by pixel (Triton, {runs} runs an image)"
-            got = pixel_read(a.detach(), t, runs).double()
-            if not torch.allclose(got, want, rtol=1e-4, atol=1e-3):
-                log_row(dict(group=fg, name=name, error=f"sums off by {(got - want).abs().max().item():.3g}"))
-                continue
-            record(fg, name, lambda runs=runs: pixel_read(a.detach(), t, runs), 0, read_bytes)
+            record(fg, name, lambda reader=reader, runs=runs: reader(a.detach(), t, runs), 0, read_bytes)
         # and the write by a kernel with nothing else to do (the bf16 fill wrote at 2.84 TB/s in s15, fp32's 4.13)
         for block, warps in ((4096, 4), (8192, 8)):
             name = f"write one map's bytes (Triton, {block} a program, {warps} warps)"

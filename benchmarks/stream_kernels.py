@@ -36,7 +36,7 @@ def stream_write(out, value, block, warps):
 @triton.jit
 def _read_columns(a, b, out, HW, C, RUN, PIX: tl.constexpr, CH: tl.constexpr):
     # program (n, channel group, run of RUN pixels): CH channels of those pixels of image n in both [N, H*W, C]
-    # maps, PIX pixels a step: the centroid pair kernel's order of bytes, with nothing else to do
+    # maps, PIX pixels a step, summed per channel: the centroid pair kernel's sums with nothing else to do
     pid, run = tl.program_id(0), tl.program_id(1)
     n, g = pid // (C // CH), pid % (C // CH)
     rows = tl.arange(0, PIX)[:, None]
@@ -49,46 +49,31 @@ def _read_columns(a, b, out, HW, C, RUN, PIX: tl.constexpr, CH: tl.constexpr):
     tl.store(out + (run * tl.num_programs(0) + pid) * CH + tl.arange(0, CH), tl.sum(acc, 0))
 
 
-def column_read(a, b, runs=1):
-    """Both channels-last maps summed per (image, 128 bytes of channels, run of pixels), 8 x 16-byte vectors of
-    channels by 32 rows of pixels a program, each row taking 4 pixels a step (the pair kernel takes 6 in fp32,
-    4 in 16 bits; Triton's tiles are powers of 2): the centroid forward's order of reads without its adds and
-    finish. runs=1 is its grid at [16, 512, 32, 32] in fp32 (one program a column, about 2 an SM); more runs,
-    more programs in flight (sm_90 cubin: 48 registers in fp32, 64 in 16 bits; 8 16-byte loads a step)."""
+def _columns(a, b, runs, ch, pix):
     N, C, H, W = a.shape
-    ch, pix = 128 // a.element_size(), 128
-    if C % ch:
-        raise ValueError(f"column_read takes whole columns of {ch} channels, got {C}")
     run = triton.cdiv(triton.cdiv(H * W, runs), pix) * pix
     out = torch.empty(runs, N * C, device=a.device, dtype=torch.float32)
     _read_columns[(N * (C // ch), runs)](a, b, out, H * W, C, run, PIX=pix, CH=ch, num_warps=8)
     return out.sum(0)
 
 
-@triton.jit
-def _read_pixels(a, b, out, HW, RUN, C: tl.constexpr, PIX: tl.constexpr):
-    # program (n, run of RUN pixels): every channel of those pixels of image n in both [N, H*W, C] maps, PIX
-    # pixels a step: contiguous bytes, summed per channel as the pair kernel sums
-    n, run = tl.program_id(0), tl.program_id(1)
-    rows = tl.arange(0, PIX)[:, None]
-    offs = n.to(tl.int64) * HW * C + rows * C + tl.arange(0, C)[None, :]
-    acc = tl.zeros([PIX, C], tl.float32)
-    for p0 in range(run * RUN, tl.minimum(run * RUN + RUN, HW), PIX):
-        m = p0 + rows < HW
-        acc += tl.load(a + offs + p0 * C, mask=m, other=0.0).to(tl.float32)
-        acc += tl.load(b + offs + p0 * C, mask=m, other=0.0).to(tl.float32)
-    tl.store(out + (run * tl.num_programs(0) + n) * C + tl.arange(0, C), tl.sum(acc, 0))
+def column_read(a, b, runs=1):
+    """Both channels-last maps summed per (image, channel) over the pixels, by columns of 128 bytes of channels
+    (8 x 16-byte vectors) by 32 rows of pixels a program, each row taking 4 pixels a step (the pair kernel takes
+    6 in fp32, 4 in 16 bits; Triton's tiles are powers of 2): the centroid forward's order of reads without its
+    adds and finish. runs=1 is its grid at [16, 512, 32, 32] in fp32 (one program a column, about 2 an SM);
+    more runs, more programs in flight (sm_90 cubin: 48 registers in fp32, 80 in bf16; 8 16-byte loads a
+    step)."""
+    ch = 128 // a.element_size()
+    if a.shape[1] % ch:
+        raise ValueError(f"column_read takes whole columns of {ch} channels, got {a.shape[1]}")
+    return _columns(a, b, runs, ch, 128)
 
 
 def pixel_read(a, b, runs):
-    """Both channels-last maps summed per (image, channel) over runs of whole pixels (all C channels, C a power
-    of 2, 16 KB of each map a step: 4 16-byte loads a thread): the same sums as column_read, each program's bytes
-    contiguous."""
-    N, C, H, W = a.shape
+    """The same sums over runs of whole pixels (every channel, C a power of 2, 16 KB of each map a step: 4
+    16-byte loads a thread), so each program's bytes are contiguous, as a pixel-major pair kernel's would be."""
+    C = a.shape[1]
     if C & (C - 1):
         raise ValueError(f"pixel_read takes a power-of-2 channel count, got {C}")
-    pix = max(1, 16384 // (C * a.element_size()))
-    run = triton.cdiv(triton.cdiv(H * W, runs), pix) * pix
-    out = torch.empty(runs, N * C, device=a.device, dtype=torch.float32)
-    _read_pixels[(N, runs)](a, b, out, H * W, run, C=C, PIX=pix, num_warps=8)
-    return out.sum(0)
+    return _columns(a, b, runs, C, max(1, 16384 // (C * a.element_size())))
