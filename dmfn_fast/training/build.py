@@ -222,7 +222,7 @@ def val_batches(val_set, batch, device, memory_format):
 
 
 class EpochBatches(torch.utils.data.Sampler):
-    """Batches of (epoch, index) keys for every epoch from global batch `start` on, without end. Each epoch is
+    """This rank's batches of (epoch, index) keys from step `start` on, without end. Each epoch is
     DistributedSampler's shuffle for that epoch, cut to whole batches; so one DataLoader, and one set of
     workers that keep prefetching across epochs, serves the whole run. A fresh loader per epoch restarted its
     workers and waited for its first batch each epoch: with the demo set (one batch an epoch at batch 16),
@@ -258,8 +258,8 @@ def default_workers(cuda, world):
 
 
 def train_batches(dataset, batch, seed, world, rank, start, workers, pin_memory):
-    """An endless iterator over the run's batches from global batch `start` on (resuming skips the batches
-    the run has had), through one DataLoader whose workers live as long as the iterator."""
+    """An endless iterator over this rank's batches from step `start` on (resuming skips the batches the run
+    has had), through one DataLoader whose workers live as long as the iterator."""
     return iter(torch.utils.data.DataLoader(dataset, batch_sampler=EpochBatches(dataset, batch, seed, world, rank,
                                                                                 start),
                                             num_workers=workers, collate_fn=collate, pin_memory=pin_memory))
