@@ -3,10 +3,11 @@ caches), then once inside the NVTX range "profile" that ncu filters on:
 - by default, one bf16 branch op with IN+ReLU, forward and backward, at the training shape (N=16, 64x64, C=64),
   its kernels called directly;
 - --centroid, the centroid op's forward+backward at [16, 512, 32, 32] channels-last: fp32 with its default, async
-  copy and wide plans, then bf16 with its default, each after the streaming Triton read of the same two maps'
-  bytes and Triton reads of them in the pair kernel's order and pixel by pixel. Every variant of the op's pair kernel read at about 2.0 TB/s on the H100 (s18) and 2.8 on the H200
-  (s15), two thirds of the copy rate, where that read reached the copy rate: ncu's DRAM bytes, occupancy and
-  stall reasons say whether it moves more bytes than counted, or waits on what.
+  copy and wide plans, then bf16 with its default, after three Triton reads of the same two maps' bytes (the
+  stream, the pair kernel's column order, pixel by pixel), once per dtype. Every variant of the op's pair
+  kernel read at about 2.0 TB/s on the H100 (s18) and 2.8 on the H200 (s15), two thirds of the copy rate,
+  where the stream reached the copy rate: ncu's DRAM bytes, occupancy and stall reasons say whether it moves
+  more bytes than counted, or waits on what.
 --dry: tiny sizes on CPU under TRITON_INTERPRET=1 (the centroid op's CPU kernel)."""
 import os
 import sys
@@ -57,16 +58,19 @@ if CENTROID:
             continue  # the interpreter has no bf16 math
         both = torch.rand(2, *shape, device=dev).to(dt)
         a, t = cl(both[0]).requires_grad_(), cl(both[1])
+
+        def reads():
+            stream_read(both, 4096, 4)
+            if not DRY:  # the dry maps' 8 channels make no whole column
+                column_read(a.detach(), t)
+            pixel_read(a.detach(), t, 16)
+        profiled(reads)
         for name, env in plans.items():
-            def once():
-                stream_read(both, 4096, 4)
-                if not DRY:  # the dry maps' 8 channels make no whole column
-                    column_read(a.detach(), t)
-                pixel_read(a.detach(), t, 16)
+            def op():
                 os.environ.update(env)
                 torch.autograd.grad(ca.centroid_align_loss(a, t, impl="fast"), a)
                 os.environ.update({k: "" for k in env})
-            profiled(once)
+            profiled(op)
             print(f"ncu case: centroid {dt} {name} done", flush=True)
 else:
     from dmfn_fast.ops import dmfb as ops  # noqa: E402

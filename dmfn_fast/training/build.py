@@ -241,7 +241,8 @@ class EpochBatches(torch.utils.data.Sampler):
                                                                             self.batch)]
 
     def __iter__(self):
-        epoch, skip = divmod(self.start, len(self.epoch(0)))
+        # DistributedSampler(drop_last=True) gives each rank len // world indices an epoch
+        epoch, skip = divmod(self.start, len(self.dataset) // self.world // self.batch)
         while True:
             yield from self.epoch(epoch)[skip:]
             epoch, skip = epoch + 1, 0
