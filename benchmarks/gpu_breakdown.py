@@ -189,8 +189,9 @@ for dt, layout, a, t in ([] if args.no_centroid else centroid_cases()):
         # the forward as planned by default, and on CUDA channels-last its A/B plans (DMFN_CENTROID_*, read per
         # call by the extension): two waves of shorter runs, the finish folded into the sums' last blocks, the
         # loads staged through shared memory, the gradient written by more blocks of fewer rows, blocks of 32
-        # channel vectors (a warp loads 512 contiguous bytes of one pixel), and each block finishing its own
-        # planes where a column of blocks is one run (no finish_pairs)
+        # channel vectors (a warp loads 512 contiguous bytes of one pixel), each block finishing its own
+        # planes where a column of blocks is one run (no finish_pairs), and blocks of whole pixels (each
+        # block's bytes contiguous: the pixel-by-pixel reader's order below)
         plans = [({}, "extension")]
         if CUDA and layout == "channels_last":
             plans += [({"WAVES": "2"}, "extension, two waves"), ({"FOLD": "1"}, "extension, folded finish"),
@@ -206,7 +207,10 @@ for dt, layout, a, t in ([] if args.no_centroid else centroid_cases()):
                       # one run per column (fp32 on 132 SMs; bf16 keeps two runs and finish_pairs, so its rows
                       # repeat the default's plan: a measure of the rows' noise)
                       ({"BLOCK_FINISH": "1"}, "extension, finish in blocks"),
-                      ({"BLOCK_FINISH": "1", "ASYNC": "1"}, "extension, finish in blocks, async copies")]
+                      ({"BLOCK_FINISH": "1", "ASYNC": "1"}, "extension, finish in blocks, async copies"),
+                      ({"PIXELS": "1"}, "extension, whole pixels"),
+                      ({"PIXELS": "1", "FOLD": "1"}, "extension, whole pixels, folded"),
+                      ({"PIXELS": "1", "WAVES": "2"}, "extension, whole pixels, two waves")]
         for env, name in plans:
             with mock.patch.dict(os.environ):  # restored after each plan
                 for k in CENTROID_SWITCHES:

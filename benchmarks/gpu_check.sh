@@ -134,7 +134,7 @@ elif command -v ncu >/dev/null; then
     $PY benchmarks/gpu_ncu_case.py
   { echo "===== ncu report ====="; cat "$NCU_TXT"; } >> "$LOG"; rm -f "$NCU_TXT"
   NCU_TXT=$(mktemp)
-  stage ncu-centroid 150 ncu --clock-control none --section SpeedOfLight --section Occupancy \
+  stage ncu-centroid 180 ncu --clock-control none --section SpeedOfLight --section Occupancy \
     --section WarpStateStats --section LaunchStats \
     --metrics dram__bytes_read.sum,dram__bytes_write.sum,lts__t_sector_hit_rate.pct,gpu__time_duration.sum \
     --nvtx --nvtx-include "profile/" -k "regex:pair_sums|_read_sum|_read_columns|finish_pairs|grad_channels" \

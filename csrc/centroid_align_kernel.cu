@@ -314,24 +314,34 @@ __device__ __forceinline__ double plane_stats(const A (&s)[2][3], long long NC, 
 }
 
 // Plane i's stats (plane_stats) from its `splits` partial sums part[(split * 2 + map) * NC + i][k], added in
-// split order. VOL: part was written by other blocks of the running kernel (read past L1, which is not coherent).
-template <typename A, bool VOL>
+// split order, CHUNK splits' loads issued before their adds. finish_pairs takes 16: all 16 runs a plane of
+// whole-pixel blocks ([16, 512, 32, 32] on 132 SMs) in one round trip, where nvcc's own 4x unroll of the loop
+// took one per 4 splits (s15-s18: finish_pairs 3.7 us with one split, 4.2 with four). The folded finish, inside
+// the pair kernel's 128 registers, takes 4. VOL: part was written by other blocks of the running kernel (read
+// past L1, which is not coherent).
+template <typename A, bool VOL, int CHUNK>
 __device__ __forceinline__ double finish_plane(const A* part, int splits, long long NC, long long i, A e0, A ex,
                                                A ey, A* stats) {
-  A s[2][3];
+  A s[2][3] = {};
+  for (int sp0 = 0; sp0 < splits; sp0 += CHUNK) {
+    A x[2][CHUNK][3];  // every load of the chunk issued before the first add
 #pragma unroll
-  for (int m = 0; m < 2; ++m) {
-    A s0 = 0, sx = 0, sy = 0;
-    for (int sp = 0; sp < splits; ++sp) {  // nvcc unrolls it 4x, the 12 loads issued together (sm_90 SASS)
-      const A* q = part + ((static_cast<long long>(sp) * 2 + m) * NC + i) * 3;
-      if (VOL) {
-        const volatile A* v = q;
-        s0 += v[0]; sx += v[1]; sy += v[2];
-      } else {
-        s0 += q[0]; sx += q[1]; sy += q[2];
-      }
-    }
-    s[m][0] = s0; s[m][1] = sx; s[m][2] = sy;
+    for (int m = 0; m < 2; ++m)
+#pragma unroll
+      for (int j = 0; j < CHUNK; ++j)
+        if (sp0 + j < splits) {
+          const A* q = part + ((static_cast<long long>(sp0 + j) * 2 + m) * NC + i) * 3;
+#pragma unroll
+          for (int k = 0; k < 3; ++k) x[m][j][k] = VOL ? static_cast<const volatile A*>(q)[k] : q[k];
+        }
+#pragma unroll
+    for (int m = 0; m < 2; ++m)
+#pragma unroll
+      for (int j = 0; j < CHUNK; ++j)
+        if (sp0 + j < splits) {
+#pragma unroll
+          for (int k = 0; k < 3; ++k) s[m][k] += x[m][j][k];
+        }
   }
   return plane_stats(s, NC, i, e0, ex, ey, stats);
 }
@@ -373,7 +383,11 @@ struct FinishArgs {
 // no ticket.
 // VECS (ForwardOptions::wide): 8 channel vectors a block, so a warp loads 4 pixels' 128 bytes each, or 32
 // (where the map has that many), so a warp loads 512 contiguous bytes of one pixel, as the gradient kernel
-// stores them (fp32: it wrote at 3.68 TB/s on the H200 where this kernel read at 2.82, s15).
+// stores them (fp32: it wrote at 3.68 TB/s on the H200 where this kernel read at 2.82, s15). Or
+// (ForwardOptions::pixels) 64, 128 or 256, at least the map's vectors: one column of blocks an image, each
+// block reading whole pixels, so its bytes are one contiguous run of each map (both the 8- and 32-vector blocks
+// read at 2.0 TB/s on the H100, 67% of copy, where a Triton stream read the same bytes at 2.95, s18). These
+// take only the register loads and the finish_pairs or folded finishes.
 constexpr int kPairVecs = 8;
 constexpr int kWideVecs = 32;
 // Pixels of both maps in flight per thread (sm_90 SASS: all their 16-byte loads issued before the first add).
@@ -528,7 +542,8 @@ pair_sums_vec(MapView ma, MapView mb, int C, int H, int W, int pix_per_split, ty
       }
     }
   }
-  // Add up the rows: the 32 / VECS rows within a warp, then the 8 warps in shared memory.
+  // Add up the rows: the 32 / VECS rows within a warp (VECS < 32), then in shared memory the block's kRows
+  // partial rows: its 8 warps, or (VECS > 32, every lane a vector of its own) its 256 / VECS thread rows.
 #pragma unroll
   for (int o = VECS; o < 32; o <<= 1)
 #pragma unroll
@@ -538,23 +553,25 @@ pair_sums_vec(MapView ma, MapView mb, int C, int H, int W, int pix_per_split, ty
 #pragma unroll
         for (int j = 0; j < V; ++j) s[m][k][j] += __shfl_xor_sync(0xffffffffu, s[m][k][j], o);
   constexpr int kCh = VECS * V;  // channels per block
-  static_assert(kCh <= 256, "the folded and block finishes take one thread per channel");
-  // Both maps' sums at once where they take at most 24 KB, else one map after the other (16-bit maps, 32
-  // vectors: 48 KB, past the static limit).
-  constexpr int kMaps = 8 * 2 * 3 * kCh * sizeof(A) <= 24576 ? 2 : 1;
-  __shared__ A sh[8][kMaps][3][kCh];
+  static_assert(FIN != kFinBlock || kCh <= 256, "the block finish takes one thread per channel");
+  constexpr int kRows = VECS <= 32 ? 8 : 256 / VECS;
+  // Both maps' sums at once where they take at most 24 KB, else one map after the other (16-bit maps, 32 or
+  // more vectors: 48 KB, past the static limit).
+  constexpr int kMaps = kRows * 2 * 3 * kCh * sizeof(A) <= 24576 ? 2 : 1;
+  __shared__ A sh[kRows][kMaps][3][kCh];
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int prow = VECS <= 32 ? warp : threadIdx.x / VECS, slot = threadIdx.x % VECS;  // = lane where VECS <= 32
   A whole[2][3] = {};  // kFinBlock: thread cc's channel, both maps' sums over the block
 #pragma unroll
   for (int m0 = 0; m0 < 2; m0 += kMaps) {
     if (m0 > 0) __syncthreads();  // the first map's sums are read before the second's overwrite them
-    if (lane < VECS) {
+    if (VECS >= 32 || lane < VECS) {
 #pragma unroll
       for (int mm = 0; mm < kMaps; ++mm)
 #pragma unroll
         for (int k = 0; k < 3; ++k)
 #pragma unroll
-          for (int j = 0; j < V; ++j) sh[warp][mm][k][lane * V + j] = s[m0 + mm][k][j];
+          for (int j = 0; j < V; ++j) sh[prow][mm][k][slot * V + j] = s[m0 + mm][k][j];
     }
     __syncthreads();
     if constexpr (FIN == kFinBlock) {  // the same adds in the same order as below
@@ -565,7 +582,7 @@ pair_sums_vec(MapView ma, MapView mb, int C, int H, int W, int pix_per_split, ty
           for (int k = 0; k < 3; ++k) {
             A t = 0;
 #pragma unroll
-            for (int w8 = 0; w8 < 8; ++w8) t += sh[w8][mm][k][threadIdx.x];
+            for (int r = 0; r < kRows; ++r) t += sh[r][mm][k][threadIdx.x];
             whole[m0 + mm][k] = t;
           }
       }
@@ -576,7 +593,7 @@ pair_sums_vec(MapView ma, MapView mb, int C, int H, int W, int pix_per_split, ty
         if (c < C) {
           A t = 0;
 #pragma unroll
-          for (int w8 = 0; w8 < 8; ++w8) t += sh[w8][mm][k][cc];
+          for (int r = 0; r < kRows; ++r) t += sh[r][mm][k][cc];
           part[((static_cast<long long>(blockIdx.y) * 2 + m0 + mm) * NC + n * C + c) * 3 + k] = t;
         }
       }
@@ -600,10 +617,11 @@ pair_sums_vec(MapView ma, MapView mb, int C, int H, int W, int pix_per_split, ty
   __syncthreads();
   if (!last) return;
   __threadfence();
-  double d = 0;
-  const int c = (blockIdx.x % groups) * kCh + threadIdx.x;
-  if (c < C && threadIdx.x < kCh)
-    d = finish_plane<A, true>(part, gridDim.y, NC, n * C + c, fin.e0, fin.ex, fin.ey, fin.stats);
+  double d = 0;  // a thread a channel (up to 256 channels a block: one, so the same bits as ever)
+  for (int cc = threadIdx.x; cc < kCh; cc += 256) {
+    const int c = (blockIdx.x % groups) * kCh + cc;
+    if (c < C) d += finish_plane<A, true, 4>(part, gridDim.y, NC, n * C + c, fin.e0, fin.ex, fin.ey, fin.stats);
+  }
   d = block_sum1<double, 256>(d);
   // Then the last column to finish adds the columns' loss partials up in column order: deterministic.
   __shared__ bool last_column;
@@ -627,7 +645,7 @@ __global__ void __launch_bounds__(kFinishThreads)
 finish_pairs(const A* part, int splits, long long NC, FinishArgs<A> fin) {
   const long long i = static_cast<long long>(blockIdx.x) * kFinishThreads + threadIdx.x;
   double d = 0;
-  if (i < NC) d = finish_plane<A, false>(part, splits, NC, i, fin.e0, fin.ex, fin.ey, fin.stats);
+  if (i < NC) d = finish_plane<A, false, 16>(part, splits, NC, i, fin.e0, fin.ex, fin.ey, fin.stats);
   d = block_sum1<double, kFinishThreads>(d);
   __shared__ bool last;
   if (threadIdx.x == 0) {
@@ -885,22 +903,27 @@ Plan plan_t(const MapView& a, const MapView& b, long long N, long long C, int H,
     p.fold = o.fold;
     const long long vecs = C / Vec<T>::n;
     p.vecs = o.wide && vecs >= kWideVecs ? kWideVecs : kPairVecs;
+    if (o.pixels && vecs > 16 && vecs <= 256)  // whole pixels a block, at least half its lanes busy
+      p.vecs = vecs <= 32 ? 32 : vecs <= 64 ? 64 : vecs <= 128 ? 128 : 256;
     p.groups = (vecs + p.vecs - 1) / p.vecs;
     p.columns = N * p.groups;
     // the unfolded kernel's occupancy for both: the same runs, so the folded stats are the unfolded ones' bits
-    const int per_sm = p.vecs == kWideVecs ? pair_blocks_per_sm<T, kWideVecs>() : pair_blocks_per_sm<T, kPairVecs>();
+    const int per_sm = p.vecs == kPairVecs ? pair_blocks_per_sm<T, kPairVecs>()
+                       : p.vecs == kWideVecs ? pair_blocks_per_sm<T, kWideVecs>()
+                       : p.vecs == 64 ? pair_blocks_per_sm<T, 64>()
+                       : p.vecs == 128 ? pair_blocks_per_sm<T, 128>() : pair_blocks_per_sm<T, 256>();
     const long long fit = static_cast<long long>(per_sm) * std::max(o.sms, 1);
-    const int rows = 256 / p.vecs, step = kPairPix<T> * rows, unit = p.vecs == kWideVecs ? rows : step;
+    const int rows = 256 / p.vecs, step = kPairPix<T> * rows, unit = p.vecs >= kWideVecs ? rows : step;
     const int HW = H * W;
     const long long most = (HW + step - 1) / step;  // runs of at least one step
     const long long want = std::min(most, std::max(1LL, fit / p.columns));
     const long long pix = (HW + want - 1) / want;
     p.pix_per_split = static_cast<int>((pix + unit - 1) / unit * unit);
     p.splits = (HW + p.pix_per_split - 1) / p.pix_per_split;
-    p.block = o.block_finish && !p.fold && p.splits == 1;
+    p.block = o.block_finish && !p.fold && p.splits == 1 && p.vecs <= kWideVecs;
     p.part_bytes = p.block ? 0 : static_cast<size_t>(p.splits) * 2 * NC * 3 * sizeof(A);
     // the same runs with either loads: the same sums in the same order, so the same bits
-    if (o.async_copy)
+    if (o.async_copy && p.vecs <= kWideVecs)
       p.stages = p.vecs == kWideVecs ? async_stages_for<T, kWideVecs>(p) : async_stages_for<T, kPairVecs>(p);
     p.async_copy = p.stages > 0;
   }
@@ -919,12 +942,14 @@ void launch_pair_as(const Plan& p, MapView a, MapView b, int C, int H, int W, ty
                     typename AccOf<T>::type sv, typename AccOf<T>::type* part,
                     FinishArgs<typename AccOf<T>::type> fin, cudaStream_t stream) {
   const dim3 grid(static_cast<unsigned>(p.columns), p.splits);
-  if (p.async_copy)
-    pair_sums_vec<T, VECS, FIN, true><<<grid, 256, p.stages * kStageBytes<T>, stream>>>(
-        a, b, C, H, W, p.pix_per_split, su, sv, part, fin, p.stages);
-  else
-    pair_sums_vec<T, VECS, FIN, false><<<grid, 256, 0, stream>>>(a, b, C, H, W, p.pix_per_split, su, sv, part, fin,
-                                                                 0);
+  if constexpr (VECS <= kWideVecs) {  // whole-pixel blocks take only the register loads
+    if (p.async_copy) {
+      pair_sums_vec<T, VECS, FIN, true><<<grid, 256, p.stages * kStageBytes<T>, stream>>>(
+          a, b, C, H, W, p.pix_per_split, su, sv, part, fin, p.stages);
+      return;
+    }
+  }
+  pair_sums_vec<T, VECS, FIN, false><<<grid, 256, 0, stream>>>(a, b, C, H, W, p.pix_per_split, su, sv, part, fin, 0);
 }
 
 template <typename T, Fin FIN>
@@ -932,7 +957,12 @@ void launch_pair(const Plan& p, MapView a, MapView b, int C, int H, int W, typen
                  typename AccOf<T>::type sv, typename AccOf<T>::type* part,
                  FinishArgs<typename AccOf<T>::type> fin, cudaStream_t stream) {
   if (p.vecs == kWideVecs) launch_pair_as<T, kWideVecs, FIN>(p, a, b, C, H, W, su, sv, part, fin, stream);
-  else launch_pair_as<T, kPairVecs, FIN>(p, a, b, C, H, W, su, sv, part, fin, stream);
+  else if (p.vecs == kPairVecs) launch_pair_as<T, kPairVecs, FIN>(p, a, b, C, H, W, su, sv, part, fin, stream);
+  else if constexpr (FIN != kFinBlock) {  // whole-pixel blocks (the plan gives them no block finish)
+    if (p.vecs == 64) launch_pair_as<T, 64, FIN>(p, a, b, C, H, W, su, sv, part, fin, stream);
+    else if (p.vecs == 128) launch_pair_as<T, 128, FIN>(p, a, b, C, H, W, su, sv, part, fin, stream);
+    else launch_pair_as<T, 256, FIN>(p, a, b, C, H, W, su, sv, part, fin, stream);
+  }
 }
 
 template <typename T>

@@ -26,6 +26,9 @@ struct ForwardOptions {
   // where the plan gives each column of blocks one run (whole planes), unfolded: each block turns its planes'
   // sums into stats and a loss share, and one block adds the shares (no finish_pairs)
   bool block_finish = false;
+  // blocks of every channel vector of a run of pixels (32 as wide, or 64, 128 or 256: those take the register
+  // loads and no block finish), where the map has 17 to 256: one column of blocks an image, contiguous bytes
+  bool pixels = false;
 };
 
 // Scratch bytes launch_forward needs for these maps with these options.

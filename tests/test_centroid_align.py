@@ -438,17 +438,21 @@ def test_cuda_forward_plans_match_the_default(dtype, plan, monkeypatch):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("plan", [{}, dict(FOLD="1"), dict(ASYNC="1"), dict(WAVES="2")],
                          ids=lambda p: ",".join(f"{k}={v}" for k, v in p.items()) or "alone")
-def test_cuda_wide_blocks_match_the_default(dtype, plan, monkeypatch):
-    """DMFN_CENTROID_WIDE: blocks of 32 channel vectors (264 channels: a partial group in every dtype) add each
-    plane's pixels in other runs, so the stats match the default's to rounding, not bit for bit; the same
-    bits on a rerun; with the loads staged (the same runs) or the finish folded, the wide plan's stats bit for
-    bit (and with two waves, its own bits again); the gradient to rounding. The gradients are of the loss
-    times 2^16, as a GradScaler's: this loss's own are about 1e-7, below fp16's normal range, where one
-    rounding is a whole subnormal step (H100, s18: 6e-8 apart against an allowance of 1e-10)."""
-    a, b = _plan_maps((3, 264, 33, 35), 35, dtype, monkeypatch)
+@pytest.mark.parametrize("switch,shape", [("WIDE", (3, 264, 33, 35)), ("PIXELS", (3, 264, 33, 35)),
+                                          ("PIXELS", (16, 512, 32, 32))], ids=["wide", "pixels", "pixels-training"])
+def test_cuda_wide_and_pixel_blocks_match_the_default(dtype, plan, switch, shape, monkeypatch):
+    """DMFN_CENTROID_WIDE: blocks of 32 channel vectors (264 channels: a partial group in every dtype), and
+    DMFN_CENTROID_PIXELS: blocks of every vector of their pixels (264 channels: 64 or 128 vectors, idle lanes;
+    512 at the training size: 64 or 128, none idle), add each plane's pixels in other runs, so the stats match
+    the default's to rounding, not bit for bit; the same bits on a rerun; with the loads staged (the same runs,
+    or for whole pixels the switch ignored) or the finish folded, the plan's own stats bit for bit (and with two
+    waves, its own bits again); the gradient to rounding. The gradients are of the loss times 2^16, as a
+    GradScaler's: this loss's own are about 1e-7, below fp16's normal range, where one rounding is a whole
+    subnormal step (H100, s18: 6e-8 apart against an allowance of 1e-10)."""
+    a, b = _plan_maps(shape, 35, dtype, monkeypatch)
     loss, st = torch.ops.dmfn_fast.centroid_align_fwd(a, b)
     g = torch.autograd.grad(ca.centroid_align_loss(a, b, impl="fast") * 2.0 ** 16, a)[0]
-    monkeypatch.setenv("DMFN_CENTROID_WIDE", "1")
+    monkeypatch.setenv(f"DMFN_CENTROID_{switch}", "1")
     monkeypatch.setenv("DMFN_CENTROID_WAVES", plan.get("WAVES", "1"))
     loss_w, st_w = torch.ops.dmfn_fast.centroid_align_fwd(a, b)
     for k, v in plan.items():
@@ -531,7 +535,7 @@ def test_cuda_bad_plan_values_are_refused(preset):
     grows glibc's environ, which a thread reading it at that moment can fault on), and set blank beforehand
     (setenv then replaces a value in place). The markers say which call crashed."""
     names = ["DMFN_CENTROID_FOLD", "DMFN_CENTROID_ASYNC", "DMFN_CENTROID_WIDE", "DMFN_CENTROID_BLOCK_FINISH",
-             "DMFN_CENTROID_GRAD_ROWS"]
+             "DMFN_CENTROID_PIXELS", "DMFN_CENTROID_GRAD_ROWS"]
     env = {k: v for k, v in os.environ.items() if not k.startswith("DMFN_CENTROID_")}
     env.update({k: "" for k in names} if preset else {})
     env["PYTHONPATH"] = os.pathsep.join(p for p in (ROOT, env.get("PYTHONPATH")) if p)

@@ -132,19 +132,20 @@ H200_SHARED = 228 * 1024  # shared memory per SM on sm_90 (the async-copy kernel
 
 
 def emu_forward(driver, a_map, b_map, dtype, sms=4, occ=2, seed=0, fold=False, async_copy=False, wide=False,
-                block=False, shared=H200_SHARED, report=False, grids=False):
+                block=False, pixels=False, shared=H200_SHARED, report=False, grids=False):
     """The forward's (stats, loss); fold: the two-map kernel's finish folded into its last blocks; async_copy:
     its loads staged through shared memory (cp.async), as many stages as `shared` bytes per SM allow; wide:
     its blocks take 32 channel vectors where the map has them; block: each block finishes its own planes where
-    a column of blocks is one run. report: also the most dynamic shared memory a launch took (the async-copy
-    kernel's ring; 0 without it); grids: also each launch's (grid x, grid y)."""
+    a column of blocks is one run; pixels: its blocks take every channel vector of their pixels. report: also
+    the most dynamic shared memory a launch took (the async-copy kernel's ring; 0 without it); grids: also each
+    launch's (grid x, grid y)."""
     _, d = driver
     (ba, oa, sa, a), (bb, ob, sb, b) = a_map, b_map
     write(ba, d / "a.bin")
     write(bb, d / "b.bin")
     N, C, H, W = a.shape
     out = run(driver, ["forward", CODES[dtype], N, C, H, W, sms, occ, int(fold), int(async_copy), int(wide),
-                       int(block), shared, seed, d / "a.bin", oa, *sa, d / "b.bin", ob, *sb, d / "stats.bin",
+                       int(block), int(pixels), shared, seed, d / "a.bin", oa, *sa, d / "b.bin", ob, *sb, d / "stats.bin",
                        d / "loss.bin"])
     acc = torch.float64 if dtype == torch.float64 else torch.float32
     result = read(d / "stats.bin", acc, (2, N, C, 3)).clone(), read(d / "loss.bin", acc, ()).clone()
@@ -373,6 +374,62 @@ def test_block_finish_needs_one_run_per_column(driver, fold):
     assert plain[2][0][1] > 1, plain[2]
     assert blocks[2] == plain[2]
     assert torch.equal(blocks[0], plain[0]) and torch.equal(blocks[1], plain[1])
+
+
+# DMFN_CENTROID_PIXELS: (channels, the block's vectors in fp32, bf16, fp64), C a multiple of 8 with
+# 17..256 vectors in each dtype where it is listed: blocks of 32, 64, 128 and 256 vectors, most with idle lanes,
+# and blocks of more than 256 channels (the folded finish's thread takes several)
+PIXEL_CASES = {72: (32, None, 64), 136: (64, 32, 128), 264: (128, 64, 256), 520: (256, 128, None),
+               1032: (None, 256, None)}
+PIXEL_DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float64: 2}
+
+
+@pytest.mark.parametrize("dtype", list(PIXEL_DTYPES))
+@pytest.mark.parametrize("C", list(PIXEL_CASES))
+def test_whole_pixel_blocks_match_float64(driver, C, dtype):
+    """Blocks of every channel vector of a run of pixels: against float64; one column of blocks an image, cut
+    into runs; the same bits in other block and thread orders; the folded finish the same stats bit for bit;
+    the async-copy and block-finish switches ignored (the same launches and bits); the gradient from its
+    stats. A map with 16 vectors or fewer, or more than 256, keeps the default's plan (its launches and bits)."""
+    vecs = PIXEL_CASES[C][PIXEL_DTYPES[dtype]]
+    shape = (2, C, 5, 7)
+    seed = C + CODES[dtype]
+    a_map, b_map = make_map(shape, "channels_last", dtype, seed), make_map(shape, "channels_last", dtype, seed + 1)
+    plain = emu_forward(driver, a_map, b_map, dtype, sms=3, seed=seed, grids=True)
+    pix = emu_forward(driver, a_map, b_map, dtype, sms=3, seed=seed + 1, pixels=True, grids=True)
+    if vecs is None:
+        assert pix[2] == plain[2] and torch.equal(pix[0], plain[0]) and torch.equal(pix[1], plain[1])
+        return
+    check_forward(*pix[:2], a_map[3], b_map[3], dtype)
+    # 6 blocks (3 SMs, 2 each) over 2 images: 3 runs an image of whole thread rows, each at least one step of
+    # the kernel's pixels in flight (6 a thread in fp32, else 4), the last partial
+    rows = 256 // vecs
+    step = (6 if dtype == torch.float32 else 4) * rows
+    runs = min(-(-35 // step), 3)
+    run = -(-(-(-35 // runs)) // rows) * rows
+    assert pix[2][0] == (2, -(-35 // run)), pix[2]
+    again = emu_forward(driver, a_map, b_map, dtype, sms=3, seed=seed + 2, pixels=True)
+    assert torch.equal(again[0], pix[0]) and torch.equal(again[1], pix[1])
+    folded = emu_forward(driver, a_map, b_map, dtype, sms=3, seed=seed + 3, pixels=True, fold=True, grids=True)
+    check_forward(*folded[:2], a_map[3], b_map[3], dtype)
+    assert folded[2] == pix[2][:1], folded[2]  # no finish_pairs
+    assert torch.equal(folded[0], pix[0]), "the folded finish changed a plane's stats"
+    if vecs > 32:
+        others = emu_forward(driver, a_map, b_map, dtype, sms=3, seed=seed + 4, pixels=True, async_copy=True,
+                             block=True, wide=True, report=True, grids=True)
+        assert others[3] == pix[2] and others[2] == 0, "an async-copy or block-finish launch for whole pixels"
+        assert torch.equal(others[0], pix[0]) and torch.equal(others[1], pix[1])
+    check_grads(driver, pix[0], a_map[3], b_map[3], dtype, True, seed)
+
+
+def test_whole_pixel_blocks_with_one_run_an_image(driver):
+    """One block an image (1 SM), runs of every pixel: whole-pixel blocks still take finish_pairs, not the
+    block finish, and match float64."""
+    shape, dtype = (2, 264, 4, 9), torch.float32
+    maps = make_map(shape, "channels_last", dtype, 51), make_map(shape, "channels_last", dtype, 52)
+    got = emu_forward(driver, *maps, dtype, sms=1, occ=1, pixels=True, block=True, grids=True)
+    assert got[2] == [(2, 1), (3, 1)], got[2]  # finish_pairs: 528 planes, 256 a block
+    check_forward(*got[:2], maps[0][3], maps[1][3], dtype)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

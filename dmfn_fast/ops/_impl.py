@@ -45,6 +45,7 @@ SWITCHES = {
     "DMFN_CENTROID_ASYNC": ("0", "1"),
     "DMFN_CENTROID_WIDE": ("0", "1"),
     "DMFN_CENTROID_BLOCK_FINISH": ("0", "1"),
+    "DMFN_CENTROID_PIXELS": ("0", "1"),
     "DMFN_CENTROID_GRAD_ROWS": ("4", "1", "2"),
 }
 # DMFN_* variables that are not switches: a file (the VGG weights), the build's and the benchmarks' own
