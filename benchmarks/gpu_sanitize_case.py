@@ -61,8 +61,8 @@ plans += [("0", staged, "4", w, "1", "0", c) for staged in ("0", "1") for w, c i
           [("0", c) for c in cases[1:4]] + [("1", c) for c in wide]]
 # blocks of whole pixels (DMFN_CENTROID_PIXELS): 264 channels (64 vectors a block in bf16, 128 in fp32), 520 in
 # fp32 and 1032 in bf16 (256), over 40x42 pixels (runs, the last partial), finish_pairs or folded
-pixels = wide + [(torch.float32, 520, 40, torch.channels_last, None), (torch.bfloat16, 1032, 40, torch.channels_last,
-                                                                         None)]
+pixels = [(dt, C, 40, torch.channels_last, None)
+          for dt, C in ((torch.bfloat16, 264), (torch.float32, 264), (torch.float32, 520), (torch.bfloat16, 1032))]
 plans += [(fold, "0", "4", "0", "0", "1", c) for fold in ("0", "1") for c in pixels]
 for fold, staged, rows, wide, block, pix, (dt, C, HW, mf, mf_tgt) in plans:
     os.environ.update(DMFN_CENTROID_FOLD=fold, DMFN_CENTROID_ASYNC=staged, DMFN_CENTROID_GRAD_ROWS=rows,

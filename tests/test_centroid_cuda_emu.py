@@ -432,6 +432,21 @@ def test_whole_pixel_blocks_with_one_run_an_image(driver):
     check_forward(*got[:2], maps[0][3], maps[1][3], dtype)
 
 
+@pytest.mark.parametrize("fold", [False, True])
+def test_finish_adds_many_runs_a_plane(driver, fold):
+    """More runs a plane than a finishing thread loads at once (finish_pairs 16, the folded finish 4): blocks of
+    256 vectors (520 fp32 channels, one pixel a thread row, steps of 6) over 135 pixels on 20 SMs of 2 blocks
+    make 23 runs an image. Against float64, and the folded finish's stats bit for bit (the same adds in the
+    same order, loaded in other chunks)."""
+    shape, dtype = (1, 520, 9, 15), torch.float32
+    maps = make_map(shape, "channels_last", dtype, 53), make_map(shape, "channels_last", dtype, 54)
+    got = emu_forward(driver, *maps, dtype, sms=20, pixels=True, fold=fold, grids=True)
+    assert got[2][0] == (1, 23), got[2]
+    check_forward(*got[:2], maps[0][3], maps[1][3], dtype)
+    other = emu_forward(driver, *maps, dtype, sms=20, seed=1, pixels=True, fold=not fold)
+    assert torch.equal(other[0], got[0])
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("case", ["pair-runs-partial-group", "pair-wide-rows", "pair-many-runs"])
 def test_gradient_rows_per_block_change_no_bit(driver, case, dtype):
