@@ -5,6 +5,7 @@ turns at __syncthreads and warp shuffles in a random order, blocks run in a rand
 AddressSanitizer. It checks each launch path's numerics, its barriers and tickets, and its bounds, on a
 machine without a GPU; the same kernels' speed, and their memory ordering between blocks, are for the GPU
 (test_centroid_align.py's CUDA tests, benchmarks/gpu_check.sh)."""
+import math
 import os
 import re
 import shutil
@@ -405,9 +406,9 @@ def test_whole_pixel_blocks_match_float64(driver, C, dtype):
     # the kernel's pixels in flight (6 a thread in fp32, else 4), the last partial
     rows = 256 // vecs
     step = (6 if dtype == torch.float32 else 4) * rows
-    runs = min(-(-35 // step), 3)
-    run = -(-(-(-35 // runs)) // rows) * rows
-    assert pix[2][0] == (2, -(-35 // run)), pix[2]
+    runs = min(math.ceil(35 / step), 3)
+    run = math.ceil(math.ceil(35 / runs) / rows) * rows
+    assert pix[2][0] == (2, math.ceil(35 / run)), pix[2]
     again = emu_forward(driver, a_map, b_map, dtype, sms=3, seed=seed + 2, pixels=True)
     assert torch.equal(again[0], pix[0]) and torch.equal(again[1], pix[1])
     folded = emu_forward(driver, a_map, b_map, dtype, sms=3, seed=seed + 3, pixels=True, fold=True, grids=True)
