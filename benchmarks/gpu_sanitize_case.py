@@ -49,30 +49,31 @@ cases = ((torch.float32, 8, 5, torch.contiguous_format, None),
          (torch.bfloat16, 16, 40, torch.channels_last, None),
          (torch.bfloat16, 16, 5, torch.channels_last, torch.contiguous_format),
          (torch.bfloat16, 6, 5, torch.channels_last, None))
-plans = [("0", "0", "4", "0", "0", "0", c) for c in cases]
-plans += [(fold, staged, rows, "0", "0", "0", c)
+# each plan: the switches it sets, over their defaults here
+DEFAULTS = dict(FOLD="0", ASYNC="0", GRAD_ROWS="4", WIDE="0", BLOCK_FINISH="0", PIXELS="0")
+plans = [({}, c) for c in cases]
+plans += [(dict(FOLD=fold, ASYNC=staged, GRAD_ROWS=rows), c)
           for fold, staged, rows in (("1", "0", "4"), ("0", "1", "4"), ("1", "1", "1")) for c in cases[1:4]]
 # blocks of 32 channel vectors (DMFN_CENTROID_WIDE): 264 channels, a partial group in both dtypes
 wide = [(dt, 264, 5, torch.channels_last, None) for dt in (torch.bfloat16, torch.float32)]
-plans += [(fold, staged, "4", "1", "0", "0", c) for fold, staged in (("0", "0"), ("1", "1")) for c in wide]
+plans += [(dict(WIDE="1", FOLD=both, ASYNC=both), c) for both in ("0", "1") for c in wide]
 # each block finishing its own planes (DMFN_CENTROID_BLOCK_FINISH): 5x7 pixels are one run per column; the
 # 40x42 case keeps finish_pairs
-plans += [("0", staged, "4", w, "1", "0", c) for staged in ("0", "1") for w, c in
+plans += [(dict(BLOCK_FINISH="1", ASYNC=staged, WIDE=w), c) for staged in ("0", "1") for w, c in
           [("0", c) for c in cases[1:4]] + [("1", c) for c in wide]]
 # blocks of whole pixels (DMFN_CENTROID_PIXELS): 264 channels (64 vectors a block in bf16, 128 in fp32), 520 in
 # fp32 and 1032 in bf16 (256), over 40x42 pixels (runs, the last partial), finish_pairs or folded
 pixels = [(dt, C, 40, torch.channels_last, None)
           for dt, C in ((torch.bfloat16, 264), (torch.float32, 264), (torch.float32, 520), (torch.bfloat16, 1032))]
-plans += [(fold, "0", "4", "0", "0", "1", c) for fold in ("0", "1") for c in pixels]
-for fold, staged, rows, wide, block, pix, (dt, C, HW, mf, mf_tgt) in plans:
-    os.environ.update(DMFN_CENTROID_FOLD=fold, DMFN_CENTROID_ASYNC=staged, DMFN_CENTROID_GRAD_ROWS=rows,
-                      DMFN_CENTROID_WIDE=wide, DMFN_CENTROID_BLOCK_FINISH=block, DMFN_CENTROID_PIXELS=pix)
+plans += [(dict(PIXELS="1", FOLD=fold), c) for fold in ("0", "1") for c in pixels]
+for switches, (dt, C, HW, mf, mf_tgt) in plans:
+    os.environ.update({f"DMFN_CENTROID_{k}": v for k, v in dict(DEFAULTS, **switches).items()})
     a = torch.rand(2, C, HW, HW + 2, device="cuda", dtype=dt).contiguous(memory_format=mf).requires_grad_()
     b = torch.rand_like(a).contiguous(memory_format=mf_tgt or mf)
     loss = ca.centroid_align_loss(a, b, impl="fast")
     loss.backward()
     assert torch.isfinite(loss) and torch.isfinite(a.grad).all()
-for k in ("FOLD", "ASYNC", "GRAD_ROWS", "WIDE", "BLOCK_FINISH", "PIXELS"):
+for k in DEFAULTS:
     os.environ.pop(f"DMFN_CENTROID_{k}")
 # the convolutions' bias + activation kernel: a partial channel tile (40) and a partial pixel tile, both forms
 xb = torch.randn(2, 40, 9, 13, device="cuda", dtype=torch.bfloat16).contiguous(memory_format=torch.channels_last)

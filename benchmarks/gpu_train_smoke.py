@@ -1,6 +1,6 @@
-"""train.py as a user runs it, on one GPU: `--amp` (bf16), `--amp --amp-dtype fp16`, `--amp --cuda-graphs` (bf16,
-then fp16) and `--amp --compile --compile-mode reduce-overhead`, 50 steps each at 256x256, batch 16, the paper's model,
-the built-in demo set and a random VGG (no weights offline).
+"""train.py as a user runs it, on one GPU: `--amp` (bf16), `--amp --amp-dtype fp16`, `--amp --cuda-graphs`
+(bf16, then fp16) and `--amp --compile --compile-mode reduce-overhead`, 50 steps each at 256x256, batch 16, the
+paper's model, the built-in demo set and a random VGG (no weights offline).
 Passes when each run exits 0 and logs 50 training steps with finite losses; prints each run's speed.
 
     python benchmarks/gpu_train_smoke.py          # CUDA
@@ -22,17 +22,15 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 2 if args.dry else 50
 SIZES = (["--size", "32", "--batch", "2", "--nf", "8", "--n-blocks", "1", "--d-nf", "8"] if args.dry else
          ["--size", "256", "--batch", "16", "--nf", "64", "--n-blocks", "8", "--d-nf", "64"])
+EVERY_20 = ["--val-every", "20", "--sample-every", "20", "--ckpt-every", "20"]  # evaluations between replays
 RUNS = {"bf16": ["--amp"], "fp16": ["--amp", "--amp-dtype", "fp16"],
         # the whole step as one CUDA graph replay after 3 eager steps, with evaluations in between (before the
         # compiled run, which a cut stage loses first)
-        "bf16 cuda-graphs": ["--amp", "--cuda-graphs", "--val-every", "20", "--sample-every", "20", "--ckpt-every",
-                             "20"],
+        "bf16 cuda-graphs": ["--amp", "--cuda-graphs", *EVERY_20],
         # the same in fp16: GradScaler's scale read by the replays, its checks and update after each
-        "fp16 cuda-graphs": ["--amp", "--amp-dtype", "fp16", "--cuda-graphs", "--val-every", "20", "--sample-every",
-                             "20", "--ckpt-every", "20"],
+        "fp16 cuda-graphs": ["--amp", "--amp-dtype", "fp16", "--cuda-graphs", *EVERY_20],
         # every module compiled, as CUDA graph replays, with validation, samples and checkpoints in between
-        "bf16 compile-ro": ["--amp", "--compile", "--compile-mode", "reduce-overhead", "--val-every", "20",
-                            "--sample-every", "20", "--ckpt-every", "20"]}
+        "bf16 compile-ro": ["--amp", "--compile", "--compile-mode", "reduce-overhead", *EVERY_20]}
 if args.dry:  # the CPU has no CUDA graphs, and Inductor's CPU build of the step takes minutes
     RUNS.pop("bf16 compile-ro")
     RUNS.pop("bf16 cuda-graphs")

@@ -882,6 +882,18 @@ struct Plan {
   size_t part_bytes = 0, loss_offset = 0, counter_offset = 0, bytes = 0;
 };
 
+// f(std::integral_constant<int, VECS>{}) for a plan's block width: the one list of the two-map kernel's widths.
+template <typename F>
+decltype(auto) with_vecs(int vecs, F f) {
+  switch (vecs) {
+    case kPairVecs: return f(std::integral_constant<int, kPairVecs>{});
+    case kWideVecs: return f(std::integral_constant<int, kWideVecs>{});
+    case 64: return f(std::integral_constant<int, 64>{});
+    case 128: return f(std::integral_constant<int, 128>{});
+    default: return f(std::integral_constant<int, 256>{});
+  }
+}
+
 template <typename T, int VECS>
 int async_stages_for(const Plan& p) {
   return p.fold ? async_stages<T, VECS, kFinFold>()
@@ -908,10 +920,7 @@ Plan plan_t(const MapView& a, const MapView& b, long long N, long long C, int H,
     p.groups = (vecs + p.vecs - 1) / p.vecs;
     p.columns = N * p.groups;
     // the unfolded kernel's occupancy for both: the same runs, so the folded stats are the unfolded ones' bits
-    const int per_sm = p.vecs == kPairVecs ? pair_blocks_per_sm<T, kPairVecs>()
-                       : p.vecs == kWideVecs ? pair_blocks_per_sm<T, kWideVecs>()
-                       : p.vecs == 64 ? pair_blocks_per_sm<T, 64>()
-                       : p.vecs == 128 ? pair_blocks_per_sm<T, 128>() : pair_blocks_per_sm<T, 256>();
+    const int per_sm = with_vecs(p.vecs, [](auto v) { return pair_blocks_per_sm<T, decltype(v)::value>(); });
     const long long fit = static_cast<long long>(per_sm) * std::max(o.sms, 1);
     const int rows = 256 / p.vecs, step = kPairPix<T> * rows, unit = p.vecs >= kWideVecs ? rows : step;
     const int HW = H * W;
@@ -923,8 +932,11 @@ Plan plan_t(const MapView& a, const MapView& b, long long N, long long C, int H,
     p.block = o.block_finish && !p.fold && p.splits == 1 && p.vecs <= kWideVecs;
     p.part_bytes = p.block ? 0 : static_cast<size_t>(p.splits) * 2 * NC * 3 * sizeof(A);
     // the same runs with either loads: the same sums in the same order, so the same bits
-    if (o.async_copy && p.vecs <= kWideVecs)
-      p.stages = p.vecs == kWideVecs ? async_stages_for<T, kWideVecs>(p) : async_stages_for<T, kPairVecs>(p);
+    if (o.async_copy)
+      p.stages = with_vecs(p.vecs, [&](auto v) {
+        if constexpr (decltype(v)::value <= kWideVecs) return async_stages_for<T, decltype(v)::value>(p);
+        else return 0;  // whole-pixel blocks take the register loads
+      });
     p.async_copy = p.stages > 0;
   }
   // loss partials: finish_pairs' per block, or a column's each (folded, or finished in blocks); tickets: one,
@@ -956,13 +968,11 @@ template <typename T, Fin FIN>
 void launch_pair(const Plan& p, MapView a, MapView b, int C, int H, int W, typename AccOf<T>::type su,
                  typename AccOf<T>::type sv, typename AccOf<T>::type* part,
                  FinishArgs<typename AccOf<T>::type> fin, cudaStream_t stream) {
-  if (p.vecs == kWideVecs) launch_pair_as<T, kWideVecs, FIN>(p, a, b, C, H, W, su, sv, part, fin, stream);
-  else if (p.vecs == kPairVecs) launch_pair_as<T, kPairVecs, FIN>(p, a, b, C, H, W, su, sv, part, fin, stream);
-  else if constexpr (FIN != kFinBlock) {  // whole-pixel blocks (the plan gives them no block finish)
-    if (p.vecs == 64) launch_pair_as<T, 64, FIN>(p, a, b, C, H, W, su, sv, part, fin, stream);
-    else if (p.vecs == 128) launch_pair_as<T, 128, FIN>(p, a, b, C, H, W, su, sv, part, fin, stream);
-    else launch_pair_as<T, 256, FIN>(p, a, b, C, H, W, su, sv, part, fin, stream);
-  }
+  with_vecs(p.vecs, [&](auto v) {
+    // whole-pixel blocks: the plan gives them no block finish
+    if constexpr (decltype(v)::value <= kWideVecs || FIN != kFinBlock)
+      launch_pair_as<T, decltype(v)::value, FIN>(p, a, b, C, H, W, su, sv, part, fin, stream);
+  });
 }
 
 template <typename T>

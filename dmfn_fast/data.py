@@ -91,7 +91,6 @@ class InpaintDataset(torch.utils.data.Dataset):
     def __init__(self, items, size, masks, seed=0, rank=0, train=True, min_scale=1.0, flip=False):
         self.items, self.size, self.masks = list(items), size, masks
         self.seed, self.rank, self.train, self.min_scale, self.flip = seed, rank, train, min_scale, flip
-        self.epoch = 0
 
     def __len__(self):
         return len(self.items)
@@ -104,8 +103,8 @@ class InpaintDataset(torch.utils.data.Dataset):
             return pil_to_rgb(im, str(item)), item
 
     def __getitem__(self, index):
-        # index, or (epoch, index) from training's sampler (its workers outlive any one epoch's self.epoch)
-        epoch, index = index if isinstance(index, tuple) else (self.epoch, index)
+        # (epoch, index) from training's sampler (build.EpochBatches); a bare index is epoch 0's
+        epoch, index = index if isinstance(index, tuple) else (0, index)
         key = [self.seed, epoch, index, self.rank] if self.train else [self.seed, 1 << 30, index]
         rng = np.random.default_rng(key)
         bad = []  # an unreadable image is replaced by the next readable one, and reported
