@@ -69,7 +69,7 @@ XDIST=()
 stage tests-dmfb 240 $PY -m pytest tests/test_dmfb_cuda.py -q -rs -p no:cacheprovider --durations=8 "${XDIST[@]}"
 # the CUDA tests only (the CPU ones and the nvcc check run in CI): the centroid op's, and the training step
 # captured as a CUDA graph (train.py --cuda-graphs) against the eager step
-stage tests-centroid 90 $PY -m pytest tests/test_centroid_align.py tests/test_graphed.py -q -rs -p no:cacheprovider \
+stage tests-centroid 150 $PY -m pytest tests/test_centroid_align.py tests/test_graphed.py -q -rs -p no:cacheprovider \
   -k "cuda and not compile_without_spills"
 # recipe="authors": reference and fast paths (fused DMFB + C++ op on CUDA) give the same 3 training steps
 stage tests-recipe 60 $PY -m pytest tests/test_recipe.py -q -rs -p no:cacheprovider -k same_steps
@@ -137,7 +137,8 @@ elif command -v ncu >/dev/null; then
   stage ncu-centroid 180 ncu --clock-control none --section SpeedOfLight --section Occupancy \
     --section WarpStateStats --section LaunchStats \
     --metrics dram__bytes_read.sum,dram__bytes_write.sum,lts__t_sector_hit_rate.pct,gpu__time_duration.sum \
-    --nvtx --nvtx-include "profile/" -k "regex:pair_sums|_read_sum|_read_columns|finish_pairs|grad_channels" \
+    --nvtx --nvtx-include "profile/" \
+    -k "regex:pair_sums|_read_sum|_read_columns|finish_pairs|centroid_finish|grad_channels" \
     --log-file "$NCU_TXT" $PY benchmarks/gpu_ncu_case.py --centroid
   { echo "===== ncu centroid report ====="; cat "$NCU_TXT"; } >> "$LOG"; rm -f "$NCU_TXT"
 fi

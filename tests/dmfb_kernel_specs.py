@@ -161,9 +161,36 @@ def l1_loss_specs(dtype="bf16"):
     return out
 
 
+def centroid_sums_specs(dtype="bf16"):
+    """The centroid loss's Triton forward (ops/centroid_align.py, DMFN_CENTROID_TRITON): the two-map sums at the
+    training plan ([16, 512, 32, 32] on 132 SMs) and at 1032 channels (2 groups of 1024 in 16 bits, 3 of 512 in
+    fp32), and the finish. "bf16" also compiles fp16."""
+    from dmfn_fast.kernels import centroid_sums as kc
+    from dmfn_fast.ops import centroid_align as ca
+
+    out = []
+    for dt in (dtype, "fp16") if dtype == "bf16" else (dtype,):
+        size = 4 if dt == "fp32" else 2
+        for C in (512, 1032):
+            cb, _, pix, _, _, warps = ca.triton_forward_plan((16, C, 32, 32), size, 132)
+            sig = dict(a="*" + dt, b="*" + dt, part="*fp32", ticket="*i32", HW="i32", W="i32", C="i32", NC="i32",
+                       RUN="i32", step_u="fp32", step_v="fp32", PIX="constexpr", CB="constexpr")
+            label = f"centroid_pair_sums C{C}" + (" fp16" if dt != dtype else "")
+            out.append((label, kc.centroid_pair_sums, sig, dict(PIX=pix, CB=cb), dict(num_warps=warps),
+                        ("a", "b", "part", "C", "NC")))
+    if dtype == "fp32":  # the finish reads and writes fp32 whatever the maps' dtype
+        sig = dict(part="*fp32", stats="*fp32", loss_parts="*fp64", ticket="*i32", loss="*fp32", NC="i32",
+                   SPLITS="i32", e0="fp32", ex="fp32", ey="fp32", BLOCK="constexpr", PARTS="constexpr",
+                   CHUNK="constexpr")
+        out.append(("centroid_finish", kc.centroid_finish, sig,
+                    dict(BLOCK=kc.FINISH_BLOCK, PARTS=kc.PARTS, CHUNK=kc.FINISH_CHUNK),
+                    dict(num_warps=kc.FINISH_WARPS), ("part", "stats", "NC")))
+    return out
+
+
 def compile_specs(dtype="bf16"):
     """Every DMFB kernel's specs for `dtype`. "tf32" only changes the kernels with dots (the branches', the thin
     convolution's)."""
     dots = branches_specs(dtype) + thin_conv_specs(dtype)
     return dots + ([] if dtype == "tf32" else instance_norm_specs(dtype) + bias_act_specs(dtype)
-                   + max_pool_specs(dtype) + l1_loss_specs(dtype))
+                   + max_pool_specs(dtype) + l1_loss_specs(dtype) + centroid_sums_specs(dtype))

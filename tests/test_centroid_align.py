@@ -213,6 +213,55 @@ def test_torch_compile_smoke():
     assert_grads_close(a.grad, a2.grad, 1e-5)
 
 
+_TRITON_TRACE = r"""
+import os, torch
+from torch._dynamo.backends.common import aot_autograd
+from dmfn_fast.ops import centroid_align as ca, dmfb
+assert ca.extension_available()
+graphs = []
+class Captured(Exception):
+    pass
+def capture(gm, example_inputs):
+    graphs.append(gm.code)
+    def run(*args):
+        raise Captured
+    return run
+os.environ["DMFN_CENTROID_TRITON"] = "1"
+ca.triton_forward_why_not = lambda *args: ""  # it refuses CPU tensors: the graph is captured, never run
+cl = torch.channels_last
+a = torch.rand(2, 16, 6, 5).contiguous(memory_format=cl).requires_grad_()
+b = torch.rand(2, 16, 6, 5).contiguous(memory_format=cl)
+fn = torch.compile(lambda x, y: ca.centroid_align_loss(x, y, impl="fast"), fullgraph=True,
+                   backend=aot_autograd(fw_compiler=capture, bw_compiler=capture))
+try:
+    fn(a, b)
+except Captured:
+    pass
+print("TRITON_OP", dmfb._USE_TRITON_OP)
+print("LAUNCHES", sum("triton_kernel_wrapper" in ln and "= torch.ops" in ln for ln in graphs[0].splitlines()))
+print("CPP_FWD", "centroid_align_fwd(" in graphs[0])
+"""
+
+
+@ext
+def test_triton_forward_traces_into_its_kernels():
+    """torch.compile(fullgraph=True) of the loss with DMFN_CENTROID_TRITON=1 (traced with CPU tensors: the graph
+    is captured, never run): the Triton forward's op is a triton_op, so the AOT forward graph holds its two
+    kernel launches, not the C++ forward."""
+    if ca._kcs is None:
+        pytest.skip("the Triton centroid forward did not import (Triton missing?)")
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env.pop("TRITON_INTERPRET", None)  # wrap_triton cannot trace interpreted kernels
+    env.pop("DMFN_IMPL", None)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (ROOT, env.get("PYTHONPATH")) if p)
+    p = subprocess.run([sys.executable, "-c", _TRITON_TRACE], capture_output=True, text=True, timeout=600, env=env)
+    assert p.returncode == 0, p.stderr[-3000:]
+    out = dict(ln.split(" ", 1) for ln in p.stdout.splitlines() if " " in ln)
+    if out["TRITON_OP"] == "False":
+        pytest.skip("this torch has no torch.library.triton_op / wrap_triton")
+    assert (out["LAUNCHES"], out["CPP_FWD"]) == ("2", "False"), p.stdout
+
+
 @ext
 def test_auto_uses_the_extension():
     a, b = rand((1, 3, 4, 5), 21), rand((1, 3, 4, 5), 22)
@@ -468,6 +517,40 @@ def test_cuda_wide_and_pixel_blocks_match_the_default(dtype, plan, switch, shape
     torch.testing.assert_close(g_p.float(), g.float(), rtol=1e-2 if dtype != torch.float32 else 1e-4,
                                atol=1e-3 * g.abs().max().item())
     assert torch.isfinite(g_p).all()
+
+
+@cuda_ext
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("waves", ["1", "2", "4"])
+@pytest.mark.parametrize("shape", [(3, 264, 33, 35), (2, 1032, 7, 9), (16, 512, 32, 32)],
+                         ids=["odd", "groups", "training"])
+def test_cuda_triton_forward_matches_the_cpp_op(dtype, waves, shape, monkeypatch):
+    """DMFN_CENTROID_TRITON=1: the forward by kernels/centroid_sums.py (whole pixels a program, its own finish
+    and ticket) gives the C++ op's stats and loss to rounding (another order of sums), the same bits on a rerun,
+    and through centroid_align_loss the C++ backward's gradient to rounding, in 1 to 4 waves of programs
+    (DMFN_CENTROID_WAVES). [3, 264, 33, 35]: runs cut short, idle lanes; [2, 1032, 7, 9]: partial channel
+    groups. The gradients are of the loss times 2^16, as in the test above."""
+    if ca._kcs is None:
+        pytest.skip("the Triton centroid forward did not import (Triton missing?)")
+    a, b = _plan_maps(shape, 41, dtype, monkeypatch)
+    loss, st = torch.ops.dmfn_fast.centroid_align_fwd(a, b)
+    g = torch.autograd.grad(ca.centroid_align_loss(a, b, impl="fast") * 2.0 ** 16, a)[0]
+    monkeypatch.setenv("DMFN_CENTROID_WAVES", waves)
+    loss_t, st_t = ca._fwd_triton(a.detach(), b)
+    for _ in range(2):
+        loss_r, st_r = ca._fwd_triton(a.detach(), b)
+        assert torch.equal(st_r, st_t) and torch.equal(loss_r, loss_t)
+    torch.testing.assert_close(st_t, st, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(loss_t, loss, rtol=1e-4, atol=1e-12)
+    monkeypatch.setenv("DMFN_CENTROID_TRITON", "1")
+    calls = []
+    real = ca._fwd_triton
+    monkeypatch.setattr(ca, "_fwd_triton", lambda *args: calls.append(1) or real(*args))
+    g_t = torch.autograd.grad(ca.centroid_align_loss(a, b, impl="fast") * 2.0 ** 16, a)[0]
+    assert calls == [1]
+    torch.testing.assert_close(g_t.float(), g.float(), rtol=1e-2 if dtype != torch.float32 else 1e-4,
+                               atol=1e-3 * g.abs().max().item())
+    assert torch.isfinite(g_t).all()
 
 
 @cuda_ext

@@ -124,6 +124,17 @@ def test_thin_conv_kernels(compiled):
             assert compiled[key]["LDG.E.64"] > 0, f"{key}: no 8-byte gathers"
 
 
+def test_centroid_sums_kernels(compiled):
+    """The centroid loss's Triton forward reads each pixel's channels as 16-byte vectors, both maps' PIX pixels a
+    step (16 loads at the training plan, 8 pixels in fp32 and in 16 bits), with no narrower global load; the
+    finish compiles (the spill check above covers both)."""
+    sums = [k for k in compiled if k.split()[2] == "centroid_pair_sums" and " C512" in k]
+    assert len(sums) == 2 * 3  # sm_80, sm_90 x fp32, bf16, fp16
+    for key in sums:
+        assert compiled[key]["LDG.E.128"] == 16 and compiled[key]["LDG.E.64"] == 0, (key, compiled[key])
+    assert any(k.split()[2] == "centroid_finish" for k in compiled)
+
+
 def test_l1_loss_kernels(compiled):
     """The losses' L1 forward rounds each product before the subtraction, as ATen does. Plain multiplies (even
     rounded to 16 bits right after) were narrowed and contracted with the subtraction into one FMA

@@ -105,6 +105,14 @@ for _dt in ("fp32", "fp16"):
         CASES[f"l1-loss-{_dt}-N{_n}"] = ("l1_loss", dict(dtype=_dt, N=_n))
 CASES["l1-loss-bf16-N3"] = ("l1_loss", dict(dtype="bf16", N=3))  # the interpreter truncates bf16: not exact
 CASES["l1-loss-in-dmfn-loss"] = ("l1_in_loss", dict(N=2, H=32, W=32))
+# The centroid loss's Triton forward (DMFN_CENTROID_TRITON=1): runs of whole pixels, a last run cut short, a
+# partial channel group (1032 channels: 3 groups of 512 in fp32, 2 of 1024 in 16 bits), the authors' grid
+for _dt, _n, _c, _h, _w, _grid in (("fp32", 1, 8, 5, 7, "paper"), ("fp32", 3, 40, 9, 8, "paper"),
+                                   ("fp32", 2, 1032, 3, 4, "paper"), ("fp16", 3, 40, 9, 8, "paper"),
+                                   ("fp16", 2, 1032, 3, 4, "paper"), ("bf16", 2, 24, 7, 6, "paper"),
+                                   ("fp32", 2, 16, 6, 6, "authors")):
+    CASES[f"centroid-triton-{_dt}-{_n}x{_c}x{_h}x{_w}-{_grid}"] = (
+        "centroid_triton", dict(dtype=_dt, N=_n, C=_c, H=_h, W=_w, grid=_grid))
 
 
 # ----------------------------------------------------------------------------- checks (child process)
@@ -743,6 +751,64 @@ def check_l1_loss(dtype, N):
     return out
 
 
+def check_centroid_triton(dtype, N, C, H, W, grid):
+    """The centroid loss's Triton forward (ops/centroid_align.py, kernels/centroid_sums.py), every tensor its
+    launcher allocates filled with garbage first (a ticket of 7, NaN elsewhere: the kernels must write what they
+    read): its stats against the C++ op's (CPU kernel) per component, its loss against float64, the same bits
+    on a rerun. Then through centroid_align_loss with DMFN_CENTROID_TRITON=1 (one Triton forward, the C++
+    backward): the loss and gradient against float64 on `grid`; an NCHW map, the authors' grid (its NCHW means)
+    or the switch at 0 take the C++ forward. The maps are exact in their dtype, so the sums' error is fp32's;
+    fp16/bf16 gradients are rounded once by the backward."""
+    from dmfn_fast.ops import centroid_align as ca
+
+    assert ca.extension_available(), ca._ext_state["why"]
+    dt = DTYPES[dtype]
+    cl = torch.channels_last
+    a = torch.rand(N, C, H, W).to(dt).contiguous(memory_format=cl)
+    b = torch.rand(N, C, H, W).to(dt).contiguous(memory_format=cl)
+    plan = ca.triton_forward_plan(a.shape, a.element_size(), 3)
+    real_empty = torch.empty
+
+    def dirty(*args, **kwargs):
+        t = real_empty(*args, **kwargs)
+        return t.fill_(7 if t.dtype == torch.int32 else float("nan"))
+    torch.empty = dirty
+    try:
+        loss, st = ca._fwd_triton_fn(a, b)
+        loss2, st2 = ca._fwd_triton_fn(a, b)
+    finally:
+        torch.empty = real_empty
+    assert torch.equal(loss, loss2) and torch.equal(st, st2), "not the same bits on a rerun"
+    loss_c, st_c = torch.ops.dmfn_fast.centroid_align_fwd(a, b)
+    errs = [(f"stats {k} vs C++ op", _err(st[..., i], st_c[..., i]), 1e-5) for i, k in enumerate(("S0", "cx", "cy"))]
+    errs.append(("loss vs float64", _err(loss, ca.centroid_align_loss_reference(a.double(), b.double())), 1e-5))
+    calls = []
+    real_op = ca._fwd_triton
+    ca._fwd_triton = lambda *args: calls.append(1) or real_op(*args)
+    os.environ["DMFN_CENTROID_TRITON"] = "1"
+    try:
+        x = _leaf(a)
+        lt = ca.centroid_align_loss(x, b, impl="fast", grid=grid)
+        (gx,) = torch.autograd.grad(lt, x)
+        want = 1 if grid == "paper" else 0  # the authors' grid: the op on NCHW means over H, the C++ forward
+        assert len(calls) == want, len(calls)
+        xr = _leaf(a.double())
+        lr = ca.centroid_align_loss_reference(xr, b.double(), grid)
+        (gr,) = torch.autograd.grad(lr, xr)
+        errs += [(f"{grid} loss", _err(lt, lr), 1e-5), (f"{grid} grad", _err(gx, gr), TOL[dtype])]
+        ca.centroid_align_loss(a.contiguous(), b.contiguous(), impl="fast", grid=grid)  # NCHW: the C++ forward
+        os.environ["DMFN_CENTROID_TRITON"] = "0"
+        ca.centroid_align_loss(a, b, impl="fast", grid=grid)
+        assert len(calls) == want, len(calls)
+    finally:
+        ca._fwd_triton = real_op
+        os.environ.pop("DMFN_CENTROID_TRITON")
+    run, runs = plan[3], plan[4]
+    covered = 0 <= H * W - (runs - 1) * run <= run
+    errs.append((f"plan {plan}: its runs cover the {H * W} pixels once", float(not covered), 0.0))
+    return errs
+
+
 def check_l1_in_loss(N, H, W):
     """DMFNLoss with impl="fast" (the L1 kernels for its guided, VGG and discriminator feature-matching terms,
     8 calls) against impl="reference" (the VGG's kernels off in both, so the features are the same): each term
@@ -1027,7 +1093,11 @@ def check_opcheck(N, H, W, C, device="cpu"):
     wt = (torch.randn(C, 4, 5, 5, device=device) / 10).requires_grad_()
     yt = ops.thin_conv(xt.detach(), wt.detach(), None, 1, 2, 1, 0.2)
     yp = ops.max_pool2x2(x.detach())
+    from dmfn_fast.ops import centroid_align as ca  # noqa: F401  (defines its Triton forward op)
     from dmfn_fast.ops import l1_loss  # noqa: F401  (defines its ops)
+
+    assert ca.extension_available(), ca._ext_state["why"]  # the Triton forward's backward is the C++ op's
+    ac = torch.rand(N, C, H, W, device=device).contiguous(memory_format=cl).requires_grad_()
 
     xl = x.detach().requires_grad_()
     gl = 1 + torch.rand(N, 1, H, W, device=device)
@@ -1058,6 +1128,8 @@ def check_opcheck(N, H, W, C, device="cpu"):
         ("l1_mean_sign nchw", ops.l1_mean_sign.default, (xn, torch.randn_like(xn), None)),
         ("l1_mean_sign nchw guided", ops.l1_mean_sign.default, (xn, torch.randn_like(xn), gl)),
         ("l1_mean_sign_backward", ops.l1_mean_sign_backward.default, (sl, gl, torch.tensor(0.5, device=device))),
+        ("centroid_align_fwd_triton", ops.centroid_align_fwd_triton.default,
+         (ac, torch.rand_like(ac).contiguous(memory_format=cl))),
     ]
     missed = set(dmfb.DEFINED) - {name.split()[0] for name, _, _ in cases}
     assert not missed, f"ops with no opcheck case: {missed}"

@@ -13,13 +13,18 @@ The fast path is the C++/CUDA op dmfn_fast::centroid_align_fwd/_bwd: one read of
 each map forward, one write backward. Its schema, fake kernel and autograd are
 registered here at import; its CPU/CUDA kernels (csrc/, TORCH_LIBRARY_IMPL only)
 come from the module built by setup.py, else from a one-off JIT build (cached by
-torch) on first use, else the reference runs with one warning.
+torch) on first use, else the reference runs with one warning. DMFN_CENTROID_TRITON=1
+(an A/B, off by default) runs the forward of channels-last CUDA maps by Triton kernels
+instead (kernels/centroid_sums.py), with the same C++ backward.
 """
+import functools
 import os
+import struct
 
 import torch
 
 from . import _impl
+from . import dmfb as _d
 
 EPS = 1e-7
 GRIDS = ("paper", "authors")
@@ -176,6 +181,98 @@ torch.library.register_fake("dmfn_fast::centroid_align_bwd", _bwd_fake, lib=_lib
 torch.library.register_autograd("dmfn_fast::centroid_align_fwd", _backward, setup_context=_setup_context, lib=_lib)
 
 
+# ---------------------------------------------------------------- the forward in Triton (an A/B)
+
+# DMFN_CENTROID_TRITON=1 (read per call, as the extension reads its plan switches): the forward of dense
+# channels-last CUDA maps in fp32/fp16/bf16 by kernels/centroid_sums.py, whole pixels a program, its stats
+# those the C++ backward reads. The C++ op's two-map kernel read at 2.0 TB/s on the H100 in every plan, where
+# a Triton stream read the same bytes at 2.95 (s18): the next breakdown times this beside it.
+_kcs = _d.import_kernel_module("centroid_sums", "centroid forward kernel", "the C++ op's forward runs")
+
+
+def triton_forward_why_not(f_out: torch.Tensor, f_tgt: torch.Tensor) -> str:
+    """"" when the Triton forward can take these maps (already promoted to one dtype), else why not."""
+    if _kcs is None:
+        return f"its kernels did not import ({_d.triton_unavailable_reason() or 'see the warning'})"
+    why = _d.kernels_why_not(f_out, "the Triton centroid forward")
+    if why:
+        return why
+    if not (f_out.is_contiguous(memory_format=torch.channels_last)
+            and f_tgt.is_contiguous(memory_format=torch.channels_last)):
+        return "it takes dense channels-last maps"
+    if f_out.numel() == 0:
+        return "empty feature map"
+    return ""
+
+
+@functools.lru_cache(maxsize=None)
+def _sms(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def triton_forward_plan(shape, element_size: int, sms: int, waves: int = 1):
+    """(CB channels a program, groups of them, PIX pixels a step, pixels a run, runs an image, warps): 16-byte
+    loads (4 warps in fp32 at 512 channels, 2 in 16 bits), runs of whole steps sized so the programs fill the
+    card `waves` times at two a SM."""
+    N, C, H, W = (int(s) for s in shape)  # a traced shape specializes here, as the DMFB ops' tiles do
+    HW = H * W
+    cb = min(_d.triton.next_power_of_2(C), _kcs.MAX_GROUP_BYTES // element_size)
+    groups = _d._cdiv(C, cb)
+    pix = max(1, min(_kcs.MAX_PIX, _kcs.STEP_BYTES // (cb * element_size)))
+    runs = max(1, _d._cdiv(2 * sms * waves, N * groups))
+    run = _d._cdiv(_d._cdiv(HW, runs), pix) * pix
+    warps = max(1, min(4, cb * element_size // 512))
+    return cb, groups, pix, run, _d._cdiv(HW, run), warps
+
+
+def _f32(x: float) -> float:
+    return struct.unpack("f", struct.pack("f", x))[0]
+
+
+@functools.lru_cache(maxsize=None)
+def _eps_terms(H: int, W: int) -> tuple[float, float, float]:
+    """The reference's eps in closed form, as the C++ op's: sum(eps), sum(eps*u), sum(eps*v) over a plane, u
+    and v rounded as the kernels make them in fp32 (plain Python: no tensors, so tracing sees none)."""
+    su, sv = _f32(2.0 / W), _f32(2.0 / H)
+    sum_u = sum(_f32(_f32(w * su) - 1.0) for w in range(W))
+    sum_v = sum(_f32(_f32(h * sv) - 1.0) for h in range(H))
+    return EPS * H * W, EPS * H * sum_u, EPS * W * sum_v
+
+
+def _fwd_triton_fn(f_out: torch.Tensor, f_tgt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    N, C, H, W = (int(s) for s in f_out.shape)
+    f_out = f_out.contiguous(memory_format=torch.channels_last)
+    f_tgt = f_tgt.contiguous(memory_format=torch.channels_last)
+    if not f_out.is_cuda:  # the interpreter's tests, or a trace: several runs an image with the smallest maps
+        sms = 3
+    else:
+        sms = _sms(f_out.device.index if f_out.device.index is not None else torch.cuda.current_device())
+    cb, groups, pix, run, runs, warps = triton_forward_plan(
+        f_out.shape, f_out.element_size(), sms, int(_impl.env_switch("DMFN_CENTROID_WAVES")))
+    NC = N * C
+    e0, ex, ey = _eps_terms(H, W)
+    dev = f_out.device
+    if runs * 6 * NC >= 2 ** 31:  # the kernels index the partial sums in int32
+        raise RuntimeError(f"the Triton centroid forward's partial sums for maps of shape {tuple(f_out.shape)} "
+                           "exceed 2^31 elements: unset DMFN_CENTROID_TRITON for the C++ forward")
+    part = torch.empty(runs * 6 * NC, device=dev, dtype=torch.float32)
+    stats = torch.empty(2, N, C, 3, device=dev, dtype=torch.float32)
+    loss = torch.empty((), device=dev, dtype=torch.float32)
+    fin = _d._cdiv(NC, _kcs.FINISH_BLOCK)
+    loss_parts = torch.empty(fin, device=dev, dtype=torch.float64)
+    ticket = torch.empty(1, device=dev, dtype=torch.int32)
+    _d._kernel(_kcs.centroid_pair_sums, f_out)[(N * groups, runs)](
+        f_out, f_tgt, part, ticket, H * W, W, C, NC, run, 2.0 / W, 2.0 / H, PIX=pix, CB=cb, num_warps=warps)
+    _d._kernel(_kcs.centroid_finish, f_out)[(fin,)](
+        part, stats, loss_parts, ticket, loss, NC, runs, e0, ex, ey, BLOCK=_kcs.FINISH_BLOCK, PARTS=_kcs.PARTS,
+        CHUNK=_kcs.FINISH_CHUNK, num_warps=_kcs.FINISH_WARPS)
+    return loss, stats
+
+
+if _kcs is not None:
+    _fwd_triton = _d._define("centroid_align_fwd_triton", _fwd_triton_fn, _backward, _setup_context)
+
+
 # ---------------------------------------------------------------- public entry point
 
 def _fast_why_not(f_out: torch.Tensor) -> str:
@@ -223,6 +320,14 @@ def centroid_align_loss(f_out: torch.Tensor, f_tgt: torch.Tensor, impl: str = "a
             # over H (one row, whose cy is the same constant for both) gives half their loss.
             acc = torch.float64 if f_out.dtype == torch.float64 else torch.float32
             f_out, f_tgt = (f.mean(2, keepdim=True, dtype=acc) for f in (f_out, f_tgt))
-            return 2 * torch.ops.dmfn_fast.centroid_align_fwd(f_out, f_tgt)[0]
-        return torch.ops.dmfn_fast.centroid_align_fwd(f_out, f_tgt)[0]
+            return 2 * _forward(f_out, f_tgt)[0]
+        return _forward(f_out, f_tgt)[0]
     return centroid_align_loss_reference(f_out, f_tgt, grid)
+
+
+def _forward(f_out: torch.Tensor, f_tgt: torch.Tensor):
+    """(loss, stats) by the C++ op, or by the Triton forward where DMFN_CENTROID_TRITON=1 and it takes the maps;
+    the C++ backward either way."""
+    if _impl.env_switch("DMFN_CENTROID_TRITON") == "1" and not triton_forward_why_not(f_out, f_tgt):
+        return _fwd_triton(f_out, f_tgt)
+    return torch.ops.dmfn_fast.centroid_align_fwd(f_out, f_tgt)

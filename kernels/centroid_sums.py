@@ -1,0 +1,113 @@
+"""The centroid loss's forward in Triton, for dense channels-last maps: an A/B beside the C++ op's two-map
+kernel (DMFN_CENTROID_TRITON=1, dmfn_fast/ops/centroid_align.py), which read at 2.0 TB/s on the H100 in every
+plan where a Triton stream read the same bytes at 2.95 (s18). The C++ backward takes its stats.
+
+centroid_pair_sums: program (n * groups + g, r) takes CB channels (every channel where C <= CB) of run r of
+image n's pixels in both maps, PIX pixels a step, each pixel one vector of CB channels (16 bytes a thread at
+512 channels), so a program's bytes are contiguous, as a stream's. It adds x, x*u and x*v per channel
+(u = 2w/W - 1, v = 2h/H - 1) into part[(r * 6 + map * 3 + k) * NC + plane].
+centroid_finish: a lane per plane adds its runs in run order, then the reference's eps terms, and writes stats
+[2, NC, 3] (S0, cx, cy, as the C++ op's); each program's squared centroid differences go to loss_parts, which
+the last program to take the ticket adds up in program order into the loss. Deterministic: fixed-order sums,
+no float atomics. centroid_pair_sums's first program zeroes the ticket, so no memset runs."""
+import triton
+import triton.language as tl
+
+STEP_BYTES = 16384  # bytes of each map a program reads a step, at most (8 pixels of 512 fp32 channels)
+MAX_PIX = 8  # pixels a step: their loads stay in registers (64 in fp32 and 16 bits at 16 bytes a thread)
+MAX_GROUP_BYTES = 2048  # channels a program takes, in bytes of one pixel: 4 warps of 16-byte loads in fp32
+FINISH_BLOCK = 256  # planes a finish program
+FINISH_WARPS = 4
+PARTS = 1024  # loss parts the last finish program adds a step
+FINISH_CHUNK = 8  # runs a finish lane loads before adding them (48 loads in flight)
+
+
+@triton.jit
+def centroid_pair_sums(a, b, part, ticket, HW, W, C, NC, RUN, step_u, step_v, PIX: tl.constexpr,
+                       CB: tl.constexpr):
+    pid, r = tl.program_id(0), tl.program_id(1)
+    groups = tl.cdiv(C, CB)
+    n, g = pid // groups, pid % groups
+    c = g * CB + tl.arange(0, CB)
+    cm = c < C
+    base = n.to(tl.int64) * HW * C + c
+    s0a = tl.zeros([CB], tl.float32)
+    sxa = tl.zeros([CB], tl.float32)
+    sya = tl.zeros([CB], tl.float32)
+    s0b = tl.zeros([CB], tl.float32)
+    sxb = tl.zeros([CB], tl.float32)
+    syb = tl.zeros([CB], tl.float32)
+    start = r * RUN
+    end = tl.minimum(start + RUN, HW)
+    for p0 in range(start, end, PIX):
+        for j in tl.static_range(PIX):
+            p = p0 + j
+            m = cm & (p < end)
+            xa = tl.load(a + base + p.to(tl.int64) * C, mask=m, other=0.0).to(tl.float32)
+            xb = tl.load(b + base + p.to(tl.int64) * C, mask=m, other=0.0).to(tl.float32)
+            h = p // W
+            u = (p - h * W).to(tl.float32) * step_u - 1.0
+            v = h.to(tl.float32) * step_v - 1.0
+            s0a += xa
+            sxa += xa * u
+            sya += xa * v
+            s0b += xb
+            sxb += xb * u
+            syb += xb * v
+    if (pid == 0) & (r == 0):
+        tl.store(ticket, 0)
+    q = part + r * 6 * NC + n * C + c
+    tl.store(q, s0a, mask=cm)
+    tl.store(q + NC, sxa, mask=cm)
+    tl.store(q + 2 * NC, sya, mask=cm)
+    tl.store(q + 3 * NC, s0b, mask=cm)
+    tl.store(q + 4 * NC, sxb, mask=cm)
+    tl.store(q + 5 * NC, syb, mask=cm)
+
+
+@triton.jit
+def _centroids(s0, sx, sy, e0, ex, ey, stats, i, m):
+    s0 = s0 + e0
+    cx = (sx + ex) / s0
+    cy = (sy + ey) / s0
+    tl.store(stats + i * 3, s0, mask=m)
+    tl.store(stats + i * 3 + 1, cx, mask=m)
+    tl.store(stats + i * 3 + 2, cy, mask=m)
+    return cx, cy
+
+
+@triton.jit
+def centroid_finish(part, stats, loss_parts, ticket, loss, NC, SPLITS, e0, ex, ey, BLOCK: tl.constexpr,
+                    PARTS: tl.constexpr, CHUNK: tl.constexpr):
+    pid = tl.program_id(0)
+    i = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    m = i < NC
+    s0a = tl.zeros([BLOCK], tl.float32)
+    sxa = tl.zeros([BLOCK], tl.float32)
+    sya = tl.zeros([BLOCK], tl.float32)
+    s0b = tl.zeros([BLOCK], tl.float32)
+    sxb = tl.zeros([BLOCK], tl.float32)
+    syb = tl.zeros([BLOCK], tl.float32)
+    for sp0 in range(0, SPLITS, CHUNK):  # CHUNK runs' loads in flight, added in run order
+        for j in tl.static_range(CHUNK):
+            mj = m & (sp0 + j < SPLITS)
+            q = part + (sp0 + j) * 6 * NC + i  # part has under 2^31 elements (the launcher checks)
+            s0a += tl.load(q, mask=mj, other=0.0)
+            sxa += tl.load(q + NC, mask=mj, other=0.0)
+            sya += tl.load(q + 2 * NC, mask=mj, other=0.0)
+            s0b += tl.load(q + 3 * NC, mask=mj, other=0.0)
+            sxb += tl.load(q + 4 * NC, mask=mj, other=0.0)
+            syb += tl.load(q + 5 * NC, mask=mj, other=0.0)
+    cxa, cya = _centroids(s0a, sxa, sya, e0, ex, ey, stats, i, m)
+    cxb, cyb = _centroids(s0b, sxb, syb, e0, ex, ey, stats + NC * 3, i, m)
+    dx = (cxa - cxb).to(tl.float64)
+    dy = (cya - cyb).to(tl.float64)
+    tl.store(loss_parts + pid, tl.sum(tl.where(m, dx * dx + dy * dy, 0.0), 0))
+    tl.debug_barrier()  # every lane's stores before the ticket (acq_rel: they are visible to its last taker)
+    programs = tl.num_programs(0)
+    if tl.atomic_add(ticket, 1, sem="acq_rel") == programs - 1:
+        total = tl.zeros([PARTS], tl.float64)
+        for j0 in range(0, programs, PARTS):
+            j = j0 + tl.arange(0, PARTS)
+            total += tl.load(loss_parts + j, mask=j < programs, other=0.0, volatile=True)
+        tl.store(loss, (tl.sum(total, 0) / (2 * NC).to(tl.float64)).to(loss.dtype.element_ty))
