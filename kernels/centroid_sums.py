@@ -3,9 +3,11 @@ kernel (DMFN_CENTROID_TRITON=1, dmfn_fast/ops/centroid_align.py), which read at 
 plan where a Triton stream read the same bytes at 2.95 (s18). The C++ backward takes its stats.
 
 centroid_pair_sums: program (n * groups + g, r) takes CB channels (every channel where C <= CB) of run r of
-image n's pixels in both maps, PIX pixels a step, each pixel one vector of CB channels (16 bytes a thread at
-512 channels), so a program's bytes are contiguous, as a stream's. It adds x, x*u and x*v per channel
-(u = 2w/W - 1, v = 2h/H - 1) into part[(r * 6 + map * 3 + k) * NC + plane].
+image n's pixels in both maps, so a program's bytes are contiguous, as a stream's. Its 8 warps form ROWS rows,
+each loading one pixel's CB channels at 16 bytes a thread; a step is STEPS such loads of ROWS consecutive
+pixels in each map, one [STEPS, ROWS, CB] tensor a map, so all of a thread's loads are issued before its adds
+(sm_90: 16 in fp32, 8 in 16 bits), which sum over STEPS in its registers. It adds x, x*u and x*v per channel
+(u = 2w/W - 1, v = 2h/H - 1) and writes the run's sums to part[(r * 6 + map * 3 + k) * NC + plane].
 centroid_finish: a lane per plane adds its runs in run order, then the reference's eps terms, and writes stats
 [2, NC, 3] (S0, cx, cy, as the C++ op's); each program's squared centroid differences go to loss_parts, which
 the last program to take the ticket adds up in program order into the loss. Deterministic: fixed-order sums,
@@ -13,9 +15,12 @@ no float atomics. centroid_pair_sums's first program zeroes the ticket, so no me
 import triton
 import triton.language as tl
 
-STEP_BYTES = 16384  # bytes of each map a program reads a step, at most (8 pixels of 512 fp32 channels)
-MAX_PIX = 8  # pixels a step: their loads stay in registers (64 in fp32 and 16 bits at 16 bytes a thread)
-MAX_GROUP_BYTES = 2048  # channels a program takes, in bytes of one pixel: 4 warps of 16-byte loads in fp32
+MAX_GROUP_BYTES = 2048  # channels a program takes, in bytes of one pixel (512 fp32, 1024 16-bit)
+WARPS = 8  # of the sums kernel: ROWS rows of warps, each row one pixel's CB channels at 16 bytes a thread
+MAX_ROWS = 8
+# loads of ROWS pixels of each map a thread issues before their adds, by bytes an element: 16 loads in fp32, 8
+# in 16 bits (their unpacked values take as many registers; 16 took 185 on sm_90: one program an SM)
+STEPS = {4: 8, 2: 4}
 FINISH_BLOCK = 256  # planes a finish program
 FINISH_WARPS = 4
 PARTS = 1024  # loss parts the last finish program adds a step
@@ -23,46 +28,45 @@ FINISH_CHUNK = 8  # runs a finish lane loads before adding them (48 loads in fli
 
 
 @triton.jit
-def centroid_pair_sums(a, b, part, ticket, HW, W, C, NC, RUN, step_u, step_v, PIX: tl.constexpr,
-                       CB: tl.constexpr):
+def centroid_pair_sums(a, b, part, ticket, HW, W, C, NC, RUN, step_u, step_v, ROWS: tl.constexpr,
+                       STEPS: tl.constexpr, CB: tl.constexpr):
     pid, r = tl.program_id(0), tl.program_id(1)
     groups = tl.cdiv(C, CB)
     n, g = pid // groups, pid % groups
     c = g * CB + tl.arange(0, CB)
-    cm = c < C
-    base = n.to(tl.int64) * HW * C + c
-    s0a = tl.zeros([CB], tl.float32)
-    sxa = tl.zeros([CB], tl.float32)
-    sya = tl.zeros([CB], tl.float32)
-    s0b = tl.zeros([CB], tl.float32)
-    sxb = tl.zeros([CB], tl.float32)
-    syb = tl.zeros([CB], tl.float32)
+    cm = (c < C)[None, None, :]
+    # a step: [STEPS, ROWS, CB], ROWS consecutive pixels a load (rows of warps), the STEPS loads each thread
+    # holds (one tensor: all issued before the first add), summed over STEPS in its registers
+    pix = (tl.arange(0, STEPS)[:, None] * ROWS + tl.arange(0, ROWS)[None, :])[:, :, None]
+    base = n.to(tl.int64) * HW * C + c[None, None, :]
+    z = tl.zeros([ROWS, CB], tl.float32)  # S0, Sx, Sy of both maps, a row per pixel of a load:
+    s0a, sxa, sya, s0b, sxb, syb = z, z, z, z, z, z
     start = r * RUN
     end = tl.minimum(start + RUN, HW)
-    for p0 in range(start, end, PIX):
-        for j in tl.static_range(PIX):
-            p = p0 + j
-            m = cm & (p < end)
-            xa = tl.load(a + base + p.to(tl.int64) * C, mask=m, other=0.0).to(tl.float32)
-            xb = tl.load(b + base + p.to(tl.int64) * C, mask=m, other=0.0).to(tl.float32)
-            h = p // W
-            u = (p - h * W).to(tl.float32) * step_u - 1.0
-            v = h.to(tl.float32) * step_v - 1.0
-            s0a += xa
-            sxa += xa * u
-            sya += xa * v
-            s0b += xb
-            sxb += xb * u
-            syb += xb * v
+    for p0 in range(start, end, ROWS * STEPS):
+        p = p0 + pix
+        m = cm & (p < end)
+        xa = tl.load(a + base + p.to(tl.int64) * C, mask=m, other=0.0).to(tl.float32)
+        xb = tl.load(b + base + p.to(tl.int64) * C, mask=m, other=0.0).to(tl.float32)
+        h = p // W
+        u = (p - h * W).to(tl.float32) * step_u - 1.0
+        v = h.to(tl.float32) * step_v - 1.0
+        s0a += tl.sum(xa, 0)
+        sxa += tl.sum(xa * u, 0)
+        sya += tl.sum(xa * v, 0)
+        s0b += tl.sum(xb, 0)
+        sxb += tl.sum(xb * u, 0)
+        syb += tl.sum(xb * v, 0)
     if (pid == 0) & (r == 0):
         tl.store(ticket, 0)
     q = part + r * 6 * NC + n * C + c
-    tl.store(q, s0a, mask=cm)
-    tl.store(q + NC, sxa, mask=cm)
-    tl.store(q + 2 * NC, sya, mask=cm)
-    tl.store(q + 3 * NC, s0b, mask=cm)
-    tl.store(q + 4 * NC, sxb, mask=cm)
-    tl.store(q + 5 * NC, syb, mask=cm)
+    cm1 = c < C
+    tl.store(q, tl.sum(s0a, 0), mask=cm1)
+    tl.store(q + NC, tl.sum(sxa, 0), mask=cm1)
+    tl.store(q + 2 * NC, tl.sum(sya, 0), mask=cm1)
+    tl.store(q + 3 * NC, tl.sum(s0b, 0), mask=cm1)
+    tl.store(q + 4 * NC, tl.sum(sxb, 0), mask=cm1)
+    tl.store(q + 5 * NC, tl.sum(syb, 0), mask=cm1)
 
 
 @triton.jit
@@ -82,12 +86,8 @@ def centroid_finish(part, stats, loss_parts, ticket, loss, NC, SPLITS, e0, ex, e
     pid = tl.program_id(0)
     i = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     m = i < NC
-    s0a = tl.zeros([BLOCK], tl.float32)
-    sxa = tl.zeros([BLOCK], tl.float32)
-    sya = tl.zeros([BLOCK], tl.float32)
-    s0b = tl.zeros([BLOCK], tl.float32)
-    sxb = tl.zeros([BLOCK], tl.float32)
-    syb = tl.zeros([BLOCK], tl.float32)
+    z = tl.zeros([BLOCK], tl.float32)  # S0, Sx, Sy of both maps:
+    s0a, sxa, sya, s0b, sxb, syb = z, z, z, z, z, z
     for sp0 in range(0, SPLITS, CHUNK):  # CHUNK runs' loads in flight, added in run order
         for j in tl.static_range(CHUNK):
             mj = m & (sp0 + j < SPLITS)

@@ -172,12 +172,12 @@ def centroid_sums_specs(dtype="bf16"):
     for dt in (dtype, "fp16") if dtype == "bf16" else (dtype,):
         size = 4 if dt == "fp32" else 2
         for C in (512, 1032):
-            cb, _, pix, _, _, warps = ca.triton_forward_plan((16, C, 32, 32), size, 132)
+            cb, _, rows, steps, _, _ = ca.triton_forward_plan((16, C, 32, 32), size, 132)
             sig = dict(a="*" + dt, b="*" + dt, part="*fp32", ticket="*i32", HW="i32", W="i32", C="i32", NC="i32",
-                       RUN="i32", step_u="fp32", step_v="fp32", PIX="constexpr", CB="constexpr")
+                       RUN="i32", step_u="fp32", step_v="fp32", ROWS="constexpr", STEPS="constexpr", CB="constexpr")
             label = f"centroid_pair_sums C{C}" + (" fp16" if dt != dtype else "")
-            out.append((label, kc.centroid_pair_sums, sig, dict(PIX=pix, CB=cb), dict(num_warps=warps),
-                        ("a", "b", "part", "C", "NC")))
+            out.append((label, kc.centroid_pair_sums, sig, dict(ROWS=rows, STEPS=steps, CB=cb),
+                        dict(num_warps=kc.WARPS), ("a", "b", "part", "C", "NC")))
     if dtype == "fp32":  # the finish reads and writes fp32 whatever the maps' dtype
         sig = dict(part="*fp32", stats="*fp32", loss_parts="*fp64", ticket="*i32", loss="*fp32", NC="i32",
                    SPLITS="i32", e0="fp32", ex="fp32", ey="fp32", BLOCK="constexpr", PARTS="constexpr",

@@ -214,18 +214,9 @@ def test_torch_compile_smoke():
 
 
 _TRITON_TRACE = r"""
-import os, torch
-from torch._dynamo.backends.common import aot_autograd
+import os
 from dmfn_fast.ops import centroid_align as ca, dmfb
 assert ca.extension_available()
-graphs = []
-class Captured(Exception):
-    pass
-def capture(gm, example_inputs):
-    graphs.append(gm.code)
-    def run(*args):
-        raise Captured
-    return run
 os.environ["DMFN_CENTROID_TRITON"] = "1"
 ca.triton_forward_why_not = lambda *args: ""  # it refuses CPU tensors: the graph is captured, never run
 cl = torch.channels_last
@@ -254,7 +245,10 @@ def test_triton_forward_traces_into_its_kernels():
     env.pop("TRITON_INTERPRET", None)  # wrap_triton cannot trace interpreted kernels
     env.pop("DMFN_IMPL", None)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (ROOT, env.get("PYTHONPATH")) if p)
-    p = subprocess.run([sys.executable, "-c", _TRITON_TRACE], capture_output=True, text=True, timeout=600, env=env)
+    from test_dmfb_triton import CAPTURE_SCRIPT
+
+    p = subprocess.run([sys.executable, "-c", CAPTURE_SCRIPT + _TRITON_TRACE], capture_output=True, text=True,
+                       timeout=600, env=env)
     assert p.returncode == 0, p.stderr[-3000:]
     out = dict(ln.split(" ", 1) for ln in p.stdout.splitlines() if " " in ln)
     if out["TRITON_OP"] == "False":

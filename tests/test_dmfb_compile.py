@@ -125,13 +125,16 @@ def test_thin_conv_kernels(compiled):
 
 
 def test_centroid_sums_kernels(compiled):
-    """The centroid loss's Triton forward reads each pixel's channels as 16-byte vectors, both maps' PIX pixels a
-    step (16 loads at the training plan, 8 pixels in fp32 and in 16 bits), with no narrower global load; the
-    finish compiles (the spill check above covers both)."""
+    """The centroid loss's Triton forward reads each pixel's channels as 16-byte vectors, both maps' STEPS loads a
+    step (at the training plan 8 a map in fp32, 4 in 16 bits), with no narrower global load; the finish compiles
+    (the spill check above covers both)."""
+    from dmfn_fast.kernels import centroid_sums as kc
+
     sums = [k for k in compiled if k.split()[2] == "centroid_pair_sums" and " C512" in k]
     assert len(sums) == 2 * 3  # sm_80, sm_90 x fp32, bf16, fp16
     for key in sums:
-        assert compiled[key]["LDG.E.128"] == 16 and compiled[key]["LDG.E.64"] == 0, (key, compiled[key])
+        loads = 2 * kc.STEPS[4 if " fp32 " in key else 2]
+        assert compiled[key]["LDG.E.128"] == loads and compiled[key]["LDG.E.64"] == 0, (key, compiled[key])
     assert any(k.split()[2] == "centroid_finish" for k in compiled)
 
 

@@ -211,18 +211,19 @@ def _sms(device_index: int) -> int:
 
 
 def triton_forward_plan(shape, element_size: int, sms: int, waves: int = 1):
-    """(CB channels a program, groups of them, PIX pixels a step, pixels a run, runs an image, warps): 16-byte
-    loads (4 warps in fp32 at 512 channels, 2 in 16 bits), runs of whole steps sized so the programs fill the
-    card `waves` times at two a SM."""
+    """(CB channels a program, groups of them, ROWS pixels a load, STEPS loads a step, pixels a run, runs an
+    image): 8 warps a program, ROWS rows of warps each taking one pixel's CB channels at 16 bytes a thread
+    (fp32: 2 rows of 512 channels; 16 bits: 4), STEPS loads of each map in flight; runs of whole steps sized so
+    the programs fill the card `waves` times at two an SM."""
     N, C, H, W = (int(s) for s in shape)  # a traced shape specializes here, as the DMFB ops' tiles do
     HW = H * W
     cb = min(_d.triton.next_power_of_2(C), _kcs.MAX_GROUP_BYTES // element_size)
     groups = _d._cdiv(C, cb)
-    pix = max(1, min(_kcs.MAX_PIX, _kcs.STEP_BYTES // (cb * element_size)))
+    rows = max(1, min(_kcs.MAX_ROWS, _kcs.WARPS * 32 * 16 // (cb * element_size)))
+    steps = _kcs.STEPS[element_size]
     runs = max(1, _d._cdiv(2 * sms * waves, N * groups))
-    run = _d._cdiv(_d._cdiv(HW, runs), pix) * pix
-    warps = max(1, min(4, cb * element_size // 512))
-    return cb, groups, pix, run, _d._cdiv(HW, run), warps
+    run = _d._cdiv(_d._cdiv(HW, runs), rows * steps) * rows * steps
+    return cb, groups, rows, steps, run, _d._cdiv(HW, run)
 
 
 def _f32(x: float) -> float:
@@ -247,7 +248,7 @@ def _fwd_triton_fn(f_out: torch.Tensor, f_tgt: torch.Tensor) -> tuple[torch.Tens
         sms = 3
     else:
         sms = _sms(f_out.device.index if f_out.device.index is not None else torch.cuda.current_device())
-    cb, groups, pix, run, runs, warps = triton_forward_plan(
+    cb, groups, rows, steps, run, runs = triton_forward_plan(
         f_out.shape, f_out.element_size(), sms, int(_impl.env_switch("DMFN_CENTROID_WAVES")))
     NC = N * C
     e0, ex, ey = _eps_terms(H, W)
@@ -262,7 +263,8 @@ def _fwd_triton_fn(f_out: torch.Tensor, f_tgt: torch.Tensor) -> tuple[torch.Tens
     loss_parts = torch.empty(fin, device=dev, dtype=torch.float64)
     ticket = torch.empty(1, device=dev, dtype=torch.int32)
     _d._kernel(_kcs.centroid_pair_sums, f_out)[(N * groups, runs)](
-        f_out, f_tgt, part, ticket, H * W, W, C, NC, run, 2.0 / W, 2.0 / H, PIX=pix, CB=cb, num_warps=warps)
+        f_out, f_tgt, part, ticket, H * W, W, C, NC, run, 2.0 / W, 2.0 / H, ROWS=rows, STEPS=steps, CB=cb,
+        num_warps=_kcs.WARPS)
     _d._kernel(_kcs.centroid_finish, f_out)[(fin,)](
         part, stats, loss_parts, ticket, loss, NC, runs, e0, ex, ey, BLOCK=_kcs.FINISH_BLOCK, PARTS=_kcs.PARTS,
         CHUNK=_kcs.FINISH_CHUNK, num_warps=_kcs.FINISH_WARPS)
