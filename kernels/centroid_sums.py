@@ -39,7 +39,7 @@ def centroid_pair_sums(a, b, part, ticket, HW, W, C, NC, RUN, step_u, step_v, RO
     # holds (one tensor: all issued before the first add), summed over STEPS in its registers
     pix = (tl.arange(0, STEPS)[:, None] * ROWS + tl.arange(0, ROWS)[None, :])[:, :, None]
     base = n.to(tl.int64) * HW * C + c[None, None, :]
-    z = tl.zeros([ROWS, CB], tl.float32)  # S0, Sx, Sy of both maps, a row per pixel of a load:
+    z = tl.zeros([ROWS, CB], tl.float32)  # S0, Sx, Sy of both maps, a row per pixel of a load
     s0a, sxa, sya, s0b, sxb, syb = z, z, z, z, z, z
     start = r * RUN
     end = tl.minimum(start + RUN, HW)
@@ -72,8 +72,8 @@ def centroid_pair_sums(a, b, part, ticket, HW, W, C, NC, RUN, step_u, step_v, RO
 @triton.jit
 def _centroids(s0, sx, sy, e0, ex, ey, stats, i, m):
     s0 = s0 + e0
-    cx = (sx + ex) / s0
-    cy = (sy + ey) / s0
+    cx = tl.math.div_rn(sx + ex, s0)  # IEEE, as the C++ op's (Triton's / is div.full, within 2 ulp)
+    cy = tl.math.div_rn(sy + ey, s0)
     tl.store(stats + i * 3, s0, mask=m)
     tl.store(stats + i * 3 + 1, cx, mask=m)
     tl.store(stats + i * 3 + 2, cy, mask=m)
@@ -86,7 +86,7 @@ def centroid_finish(part, stats, loss_parts, ticket, loss, NC, SPLITS, e0, ex, e
     pid = tl.program_id(0)
     i = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     m = i < NC
-    z = tl.zeros([BLOCK], tl.float32)  # S0, Sx, Sy of both maps:
+    z = tl.zeros([BLOCK], tl.float32)  # S0, Sx, Sy of both maps
     s0a, sxa, sya, s0b, sxb, syb = z, z, z, z, z, z
     for sp0 in range(0, SPLITS, CHUNK):  # CHUNK runs' loads in flight, added in run order
         for j in tl.static_range(CHUNK):
