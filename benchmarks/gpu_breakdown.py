@@ -211,11 +211,13 @@ for dt, layout, a, t in ([] if args.no_centroid else centroid_cases()):
                       ({"PIXELS": "1"}, "extension, whole pixels"),
                       ({"PIXELS": "1", "FOLD": "1"}, "extension, whole pixels, folded"),
                       ({"PIXELS": "1", "WAVES": "2"}, "extension, whole pixels, two waves"),
-                      # the forward by Triton kernels, whole pixels a program (DMFN_CENTROID_TRITON), two,
-                      # four or eight programs an SM; the C++ backward
+                      # the forward by Triton kernels, whole pixels a program (DMFN_CENTROID_TRITON=1), two,
+                      # four or eight programs an SM; the C++ backward, or (=2) the Triton one
                       ({"TRITON": "1"}, "extension, Triton forward"),
                       ({"TRITON": "1", "WAVES": "2"}, "extension, Triton forward, two waves"),
-                      ({"TRITON": "1", "WAVES": "4"}, "extension, Triton forward, four waves")]
+                      ({"TRITON": "1", "WAVES": "4"}, "extension, Triton forward, four waves"),
+                      ({"TRITON": "2"}, "extension, Triton forward and backward"),
+                      ({"TRITON": "2", "WAVES": "2"}, "extension, Triton forward and backward, two waves")]
         for env, name in plans:
             with mock.patch.dict(os.environ):  # restored after each plan
                 for k in CENTROID_SWITCHES:

@@ -3,8 +3,8 @@ caches), then once inside the NVTX range "profile" that ncu filters on:
 - by default, one bf16 branch op with IN+ReLU, forward and backward, at the training shape (N=16, 64x64, C=64),
   its kernels called directly;
 - --centroid, the centroid op's forward+backward at [16, 512, 32, 32] channels-last: fp32 with its default, async
-  copy, wide and whole-pixel plans and the Triton forward, then bf16 with its default, whole pixels and the
-  Triton forward, each dtype after three
+  copy, wide and whole-pixel plans and the Triton kernels (both passes), then bf16 with its default, whole
+  pixels and the Triton kernels, each dtype after three
   Triton reads of the same two maps' bytes (the stream, the pair kernel's column order, pixel by pixel). Every
   variant of the op's pair kernel read at about 2.0 TB/s on the H100 (s18) and 2.8 on the H200 (s15), two
   thirds of the copy rate, where the stream reached the copy rate: ncu's DRAM bytes, occupancy and stall
@@ -20,8 +20,8 @@ if DRY:
 # The plan switches this case sets are set blank now, before any thread starts: setting them later replaces
 # a value in place rather than growing the environment (tests/test_centroid_align.py's refusal test).
 PLANS = {"default": {}, "async copies": {"DMFN_CENTROID_ASYNC": "1"}, "wide blocks": {"DMFN_CENTROID_WIDE": "1"},
-         "whole pixels": {"DMFN_CENTROID_PIXELS": "1"}, "Triton forward": {"DMFN_CENTROID_TRITON": "1"}}
-PLANS_16 = {k: PLANS[k] for k in ("default", "whole pixels", "Triton forward")}
+         "whole pixels": {"DMFN_CENTROID_PIXELS": "1"}, "Triton": {"DMFN_CENTROID_TRITON": "2"}}
+PLANS_16 = {k: PLANS[k] for k in ("default", "whole pixels", "Triton")}
 for _name in {k for p in PLANS.values() for k in p}:
     os.environ.setdefault(_name, "")
 

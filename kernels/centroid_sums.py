@@ -1,6 +1,8 @@
 """The centroid loss's forward in Triton, for dense channels-last maps: an A/B beside the C++ op's two-map
 kernel (DMFN_CENTROID_TRITON=1, dmfn_fast/ops/centroid_align.py), which read at 2.0 TB/s on the H100 in every
-plan where a Triton stream read the same bytes at 2.95 (s18). The C++ backward takes its stats.
+plan where a Triton stream read the same bytes at 2.95 (s18). The C++ backward takes its stats, or with
+DMFN_CENTROID_TRITON=2 centroid_grad (the C++ gradient wrote at 2.7 TB/s in bf16 where a Triton stream wrote
+at 3.4, s18).
 
 centroid_pair_sums: program (n * groups + g, r) takes CB channels (every channel where C <= CB) of run r of
 image n's pixels in both maps, so a program's bytes are contiguous, as a stream's. Its 8 warps form ROWS rows,
@@ -11,7 +13,8 @@ pixels in each map, one [STEPS, ROWS, CB] tensor a map, so all of a thread's loa
 centroid_finish: a lane per plane adds its runs in run order, then the reference's eps terms, and writes stats
 [2, NC, 3] (S0, cx, cy, as the C++ op's); each program's squared centroid differences go to loss_parts, which
 the last program to take the ticket adds up in program order into the loss. Deterministic: fixed-order sums,
-no float atomics. centroid_pair_sums's first program zeroes the ticket, so no memset runs."""
+no float atomics. centroid_pair_sums's first program zeroes the ticket, so no memset runs.
+centroid_grad (DMFN_CENTROID_TRITON=2): the backward, written in the sums kernel's tiles from the stats."""
 import triton
 import triton.language as tl
 
@@ -111,3 +114,39 @@ def centroid_finish(part, stats, loss_parts, ticket, loss, NC, SPLITS, e0, ex, e
             j = j0 + tl.arange(0, PARTS)
             total += tl.load(loss_parts + j, mask=j < programs, other=0.0, volatile=True)
         tl.store(loss, (tl.sum(total, 0) / (2 * NC).to(tl.float64)).to(loss.dtype.element_ty))
+
+
+@triton.jit
+def centroid_grad(grad, stats, out, HW, W, C, NC, RUN, step_u, step_v, WHICH, ROWS: tl.constexpr,
+                  STEPS: tl.constexpr, CB: tl.constexpr):
+    # d loss / d f[n, c, h, w] = a*u[w] + b*v[h] + k for map WHICH (the C++ op's grad_coeffs), written over a run
+    # of one image's pixels in the sums kernel's tiles: a stream of stores
+    pid, r = tl.program_id(0), tl.program_id(1)
+    groups = tl.cdiv(C, CB)
+    n, g = pid // groups, pid % groups
+    c = g * CB + tl.arange(0, CB)
+    cm1 = c < C
+    i = n * C + c
+    so = stats + i * 3
+    st = stats + (NC + i) * 3
+    mine = stats + (WHICH * NC + i) * 3
+    gl = tl.load(grad).to(tl.float32)
+    gl = tl.math.div_rn(tl.where(WHICH == 1, -gl, gl), NC.to(tl.float32))
+    gx = gl * (tl.load(so + 1, mask=cm1, other=0.0) - tl.load(st + 1, mask=cm1, other=0.0))
+    gy = gl * (tl.load(so + 2, mask=cm1, other=0.0) - tl.load(st + 2, mask=cm1, other=0.0))
+    s0 = tl.load(mine, mask=cm1, other=1.0)
+    a = tl.math.div_rn(gx, s0)[None, None, :]
+    b = tl.math.div_rn(gy, s0)[None, None, :]
+    k = tl.math.div_rn(-(gx * tl.load(mine + 1, mask=cm1, other=0.0) + gy * tl.load(mine + 2, mask=cm1, other=0.0)),
+                       s0)[None, None, :]
+    cm = cm1[None, None, :]
+    pix = (tl.arange(0, STEPS)[:, None] * ROWS + tl.arange(0, ROWS)[None, :])[:, :, None]
+    base = n.to(tl.int64) * HW * C + c[None, None, :]
+    start = r * RUN
+    end = tl.minimum(start + RUN, HW)
+    for p0 in range(start, end, ROWS * STEPS):
+        p = p0 + pix
+        h = p // W
+        u = (p - h * W).to(tl.float32) * step_u - 1.0
+        v = h.to(tl.float32) * step_v - 1.0
+        tl.store(out + base + p.to(tl.int64) * C, (a * u + b * v + k).to(out.dtype.element_ty), mask=cm & (p < end))

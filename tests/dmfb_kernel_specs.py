@@ -162,9 +162,9 @@ def l1_loss_specs(dtype="bf16"):
 
 
 def centroid_sums_specs(dtype="bf16"):
-    """The centroid loss's Triton forward (ops/centroid_align.py, DMFN_CENTROID_TRITON): the two-map sums at the
-    training plan ([16, 512, 32, 32] on 132 SMs) and at 1032 channels (2 groups of 1024 in 16 bits, 3 of 512 in
-    fp32), and the finish. "bf16" also compiles fp16."""
+    """The centroid loss's Triton kernels (ops/centroid_align.py, DMFN_CENTROID_TRITON): the two-map sums and the
+    gradient at the training plan ([16, 512, 32, 32] on 132 SMs) and at 1032 channels (2 groups of 1024 in 16
+    bits, 3 of 512 in fp32), and the finish. "bf16" also compiles fp16."""
     from dmfn_fast.kernels import centroid_sums as kc
     from dmfn_fast.ops import centroid_align as ca
 
@@ -178,6 +178,10 @@ def centroid_sums_specs(dtype="bf16"):
             label = f"centroid_pair_sums C{C}" + (" fp16" if dt != dtype else "")
             out.append((label, kc.centroid_pair_sums, sig, dict(ROWS=rows, STEPS=steps, CB=cb),
                         dict(num_warps=kc.WARPS), ("a", "b", "part", "C", "NC")))
+            sig = dict(grad="*fp32", stats="*fp32", out="*" + dt, HW="i32", W="i32", C="i32", NC="i32", RUN="i32",
+                       step_u="fp32", step_v="fp32", WHICH="i32", ROWS="constexpr", STEPS="constexpr", CB="constexpr")
+            out.append((label.replace("pair_sums", "grad"), kc.centroid_grad, sig, dict(ROWS=rows, STEPS=steps, CB=cb),
+                        dict(num_warps=kc.WARPS), ("stats", "out", "C", "NC")))
     if dtype == "fp32":  # the finish reads and writes fp32 whatever the maps' dtype
         sig = dict(part="*fp32", stats="*fp32", loss_parts="*fp64", ticket="*i32", loss="*fp32", NC="i32",
                    SPLITS="i32", e0="fp32", ex="fp32", ey="fp32", BLOCK="constexpr", PARTS="constexpr",

@@ -45,7 +45,8 @@ def _compile_and_inspect(fn, signature, constexprs, options, divisible, cap):
         sass = subprocess.run([_cuobjdump(), "-sass", path], capture_output=True, text=True, check=True).stdout
     usage = {k: int(v) for k, v in re.findall(r"\b(REG|STACK|LOCAL):(\d+)", res)}
     ops = {op: len(re.findall(r"\b" + re.escape(op) + r"\b", sass))
-           for op in ("HMMA", "HGMMA", "LDL", "STL", "UTMALDG", "LDG.E.64", "LDG.E.128", "FFMA", "HMUL2")}
+           for op in ("HMMA", "HGMMA", "LDL", "STL", "UTMALDG", "LDG.E.64", "LDG.E.128", "STG.E.128", "FFMA",
+                      "HMUL2")}
     ops["ptx mul.rn.f32"] = kernel.asm["ptx"].count("mul.rn.f32")
     return dict(usage, **ops)
 
@@ -126,8 +127,8 @@ def test_thin_conv_kernels(compiled):
 
 def test_centroid_sums_kernels(compiled):
     """The centroid loss's Triton forward reads each pixel's channels as 16-byte vectors, both maps' STEPS loads a
-    step (at the training plan 8 a map in fp32, 4 in 16 bits), with no narrower global load; the finish compiles
-    (the spill check above covers both)."""
+    step (at the training plan 8 a map in fp32, 4 in 16 bits), with no narrower global load; the finish compiles;
+    the gradient stores 16 bytes a thread (the spill check above covers them all)."""
     from dmfn_fast.kernels import centroid_sums as kc
 
     sums = [k for k in compiled if k.split()[2] == "centroid_pair_sums" and " C512" in k]
@@ -136,6 +137,10 @@ def test_centroid_sums_kernels(compiled):
         loads = 2 * kc.STEPS[4 if " fp32 " in key else 2]
         assert compiled[key]["LDG.E.128"] == loads and compiled[key]["LDG.E.64"] == 0, (key, compiled[key])
     assert any(k.split()[2] == "centroid_finish" for k in compiled)
+    grads = [k for k in compiled if k.split()[2] == "centroid_grad" and " C512" in k]
+    assert len(grads) == 2 * 3
+    for key in grads:  # its stores: 16 bytes a thread, as the loads
+        assert compiled[key]["STG.E.128"] > 0 and compiled[key]["LDG.E.64"] == 0, (key, compiled[key])
 
 
 def test_l1_loss_kernels(compiled):

@@ -755,10 +755,11 @@ def check_centroid_triton(dtype, N, C, H, W, grid):
     """The centroid loss's Triton forward (ops/centroid_align.py, kernels/centroid_sums.py), every tensor its
     launcher allocates filled with garbage first (a ticket of 7, NaN elsewhere: the kernels must write what they
     read): its stats against the C++ op's (CPU kernel) per component, its loss against float64, the same bits
-    on a rerun. Then through centroid_align_loss with DMFN_CENTROID_TRITON=1 (one Triton forward, the C++
-    backward): the loss and gradient against float64 on `grid`; an NCHW map, the authors' grid (its NCHW means)
-    or the switch at 0 take the C++ forward. The maps are exact in their dtype, so the sums' error is fp32's;
-    fp16/bf16 gradients are rounded once by the backward."""
+    on a rerun. Then through centroid_align_loss with DMFN_CENTROID_TRITON=1 (the Triton forward, the C++
+    backward) and 2 (both in Triton, both maps' gradients, channels-last): the loss and gradients against
+    float64 on `grid`; an NCHW map, the authors' grid (its NCHW means) or the switch at 0 take the C++ op. The
+    maps are exact in their dtype, so the sums' error is fp32's; fp16/bf16 gradients are rounded once by the
+    backward."""
     from dmfn_fast.ops import centroid_align as ca
 
     assert ca.extension_available(), ca._ext_state["why"]
@@ -782,26 +783,37 @@ def check_centroid_triton(dtype, N, C, H, W, grid):
     loss_c, st_c = torch.ops.dmfn_fast.centroid_align_fwd(a, b)
     errs = [(f"stats {k} vs C++ op", _err(st[..., i], st_c[..., i]), 1e-5) for i, k in enumerate(("S0", "cx", "cy"))]
     errs.append(("loss vs float64", _err(loss, ca.centroid_align_loss_reference(a.double(), b.double())), 1e-5))
-    calls = []
-    real_op = ca._fwd_triton
-    ca._fwd_triton = lambda *args: calls.append(1) or real_op(*args)
-    os.environ["DMFN_CENTROID_TRITON"] = "1"
+    calls = {"fwd": 0, "bwd": 0}
+    real_fwd, real_bwd = ca._fwd_triton, ca._bwd_triton
+
+    def counted(name, real):
+        def run(*args):
+            calls[name] += 1
+            return real(*args)
+        return run
+    ca._fwd_triton, ca._bwd_triton = counted("fwd", real_fwd), counted("bwd", real_bwd)
+    want = 1 if grid == "paper" else 0  # the authors' grid: the op on NCHW means over H, the C++ forward
     try:
-        x = _leaf(a)
-        lt = ca.centroid_align_loss(x, b, impl="fast", grid=grid)
-        (gx,) = torch.autograd.grad(lt, x)
-        want = 1 if grid == "paper" else 0  # the authors' grid: the op on NCHW means over H, the C++ forward
-        assert len(calls) == want, len(calls)
-        xr = _leaf(a.double())
-        lr = ca.centroid_align_loss_reference(xr, b.double(), grid)
-        (gr,) = torch.autograd.grad(lr, xr)
-        errs += [(f"{grid} loss", _err(lt, lr), 1e-5), (f"{grid} grad", _err(gx, gr), TOL[dtype])]
+        # 1: the Triton forward, the C++ backward; 2: both passes in Triton, both maps' gradients
+        for mode, both in (("1", False), ("2", True)):
+            os.environ["DMFN_CENTROID_TRITON"] = mode
+            x, y = _leaf(a), (_leaf(b) if both else b)
+            xr, yr = _leaf(a.double()), (_leaf(b.double()) if both else b.double())
+            grads = torch.autograd.grad(ca.centroid_align_loss(x, y, impl="fast", grid=grid), (x, y)[:1 + both])
+            lr = ca.centroid_align_loss_reference(xr, yr, grid)
+            errs.append((f"{grid} loss, mode {mode}", _err(ca.centroid_align_loss(a, b, impl="fast", grid=grid),
+                                                          lr), 1e-5))
+            for name, gk, gref in zip(("out", "tgt"), grads, torch.autograd.grad(lr, (xr, yr)[:1 + both])):
+                errs.append((f"{grid} grad {name}, mode {mode}", _err(gk, gref), TOL[dtype]))
+                if mode == "2" and want:
+                    assert gk.is_contiguous(memory_format=cl), f"{name} gradient not channels-last"
+        assert calls == {"fwd": 4 * want, "bwd": 2 * want}, calls  # mode 2: a gradient a map
         ca.centroid_align_loss(a.contiguous(), b.contiguous(), impl="fast", grid=grid)  # NCHW: the C++ forward
         os.environ["DMFN_CENTROID_TRITON"] = "0"
         ca.centroid_align_loss(a, b, impl="fast", grid=grid)
-        assert len(calls) == want, len(calls)
+        assert calls == {"fwd": 4 * want, "bwd": 2 * want}, calls  # mode 2: a gradient a map
     finally:
-        ca._fwd_triton = real_op
+        ca._fwd_triton, ca._bwd_triton = real_fwd, real_bwd
         os.environ.pop("DMFN_CENTROID_TRITON")
     run, runs = plan[-2:]
     covered = 0 <= H * W - (runs - 1) * run <= run
@@ -1130,6 +1142,9 @@ def check_opcheck(N, H, W, C, device="cpu"):
         ("l1_mean_sign_backward", ops.l1_mean_sign_backward.default, (sl, gl, torch.tensor(0.5, device=device))),
         ("centroid_align_fwd_triton", ops.centroid_align_fwd_triton.default,
          (ac, torch.rand_like(ac).contiguous(memory_format=cl))),
+        ("centroid_align_bwd_triton", ops.centroid_align_bwd_triton.default,
+         (torch.tensor(0.5, device=device), ops.centroid_align_fwd(ac.detach(), ac.detach().flip(0))[1],
+          ac.detach(), 1)),
     ]
     missed = set(dmfb.DEFINED) - {name.split()[0] for name, _, _ in cases}
     assert not missed, f"ops with no opcheck case: {missed}"

@@ -15,7 +15,7 @@ registered here at import; its CPU/CUDA kernels (csrc/, TORCH_LIBRARY_IMPL only)
 come from the module built by setup.py, else from a one-off JIT build (cached by
 torch) on first use, else the reference runs with one warning. DMFN_CENTROID_TRITON=1
 (an A/B, off by default) runs the forward of channels-last CUDA maps by Triton kernels
-instead (kernels/centroid_sums.py), with the same C++ backward.
+instead (kernels/centroid_sums.py), with the same C++ backward; =2 the backward too.
 """
 import functools
 import os
@@ -164,7 +164,7 @@ def _backward(ctx, grad_loss, _grad_stats):
     if grad_loss is None:  # not materialized: nothing flowed into the loss
         return None, None
     stats, f_out, f_tgt = ctx.saved_tensors
-    bwd = torch.ops.dmfn_fast.centroid_align_bwd
+    bwd = _bwd_triton if getattr(ctx, "triton_grad", False) else torch.ops.dmfn_fast.centroid_align_bwd
     g_out = bwd(grad_loss, stats, f_out, 0) if ctx.needs_input_grad[0] else None
     g_tgt = bwd(grad_loss, stats, f_tgt, 1) if ctx.needs_input_grad[1] else None
     return g_out, g_tgt
@@ -185,8 +185,9 @@ torch.library.register_autograd("dmfn_fast::centroid_align_fwd", _backward, setu
 
 # DMFN_CENTROID_TRITON=1 (read per call, as the extension reads its plan switches): the forward of dense
 # channels-last CUDA maps in fp32/fp16/bf16 by kernels/centroid_sums.py, whole pixels a program, its stats
-# those the C++ backward reads. The C++ op's two-map kernel read at 2.0 TB/s on the H100 in every plan, where
-# a Triton stream read the same bytes at 2.95 (s18): the next breakdown times this beside it.
+# those the C++ backward reads; 2: the backward by its Triton kernel too. The C++ op's two-map kernel read at
+# 2.0 TB/s on the H100 in every plan, where a Triton stream read the same bytes at 2.95 (s18): the next
+# breakdown times this beside it.
 _kcs = _d.import_kernel_module("centroid_sums", "centroid forward kernel", "the C++ op's forward runs")
 
 
@@ -271,8 +272,29 @@ def _fwd_triton_fn(f_out: torch.Tensor, f_tgt: torch.Tensor) -> tuple[torch.Tens
     return loss, stats
 
 
+def _bwd_triton_fn(grad: torch.Tensor, stats: torch.Tensor, like: torch.Tensor, which: int) -> torch.Tensor:
+    """The C++ backward's gradient (centroid_align_bwd) for a dense channels-last map, by centroid_grad."""
+    N, C, H, W = (int(s) for s in like.shape)
+    sms = _sms(like.device.index if like.device.index is not None else torch.cuda.current_device()) \
+        if like.is_cuda else 3
+    # a stream of stores, no partial sums to add: short runs, four times the forward's programs
+    cb, groups, rows, steps, run, runs = triton_forward_plan(like.shape, like.element_size(), sms, 4)
+    out = torch.empty_like(like, memory_format=torch.channels_last)
+    _d._kernel(_kcs.centroid_grad, like)[(N * groups, runs)](
+        grad.float(), stats.contiguous(), out, H * W, W, C, N * C, run, 2.0 / W, 2.0 / H, which, ROWS=rows,
+        STEPS=steps, CB=cb, num_warps=_kcs.WARPS)
+    return out
+
+
+def _setup_context_triton(ctx, inputs, output):
+    _setup_context(ctx, inputs, output)
+    # DMFN_CENTROID_TRITON=2: the backward by centroid_grad too (its maps are dense channels-last)
+    ctx.triton_grad = _impl.env_switch("DMFN_CENTROID_TRITON") == "2"
+
+
 if _kcs is not None:
-    _fwd_triton = _d._define("centroid_align_fwd_triton", _fwd_triton_fn, _backward, _setup_context)
+    _fwd_triton = _d._define("centroid_align_fwd_triton", _fwd_triton_fn, _backward, _setup_context_triton)
+    _bwd_triton = _d._define("centroid_align_bwd_triton", _bwd_triton_fn)
 
 
 # ---------------------------------------------------------------- public entry point
@@ -330,6 +352,6 @@ def centroid_align_loss(f_out: torch.Tensor, f_tgt: torch.Tensor, impl: str = "a
 def _forward(f_out: torch.Tensor, f_tgt: torch.Tensor):
     """(loss, stats) by the C++ op, or by the Triton forward where DMFN_CENTROID_TRITON=1 and it takes the maps;
     the C++ backward either way."""
-    if _impl.env_switch("DMFN_CENTROID_TRITON") == "1" and not triton_forward_why_not(f_out, f_tgt):
+    if _impl.env_switch("DMFN_CENTROID_TRITON") != "0" and not triton_forward_why_not(f_out, f_tgt):
         return _fwd_triton(f_out, f_tgt)
     return torch.ops.dmfn_fast.centroid_align_fwd(f_out, f_tgt)
