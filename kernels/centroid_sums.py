@@ -31,36 +31,47 @@ FINISH_CHUNK = 8  # runs a finish lane loads before adding them (48 loads in fli
 
 
 @triton.jit
+def _image_channels(C, CB: tl.constexpr):
+    """Program (n * groups + g, run)'s image n and channels c, CB a group."""
+    pid = tl.program_id(0)
+    groups = tl.cdiv(C, CB)
+    return pid // groups, (pid % groups) * CB + tl.arange(0, CB)
+
+
+@triton.jit
+def _step(p0, STEPS: tl.constexpr, ROWS: tl.constexpr, W, step_u, step_v):
+    """A step's pixels from p0, [STEPS, ROWS, 1]: ROWS consecutive pixels a load (the rows of warps), STEPS loads
+    a thread; and their u = 2w/W - 1, v = 2h/H - 1 in fp32."""
+    p = p0 + (tl.arange(0, STEPS)[:, None] * ROWS + tl.arange(0, ROWS)[None, :])[:, :, None]
+    h = p // W
+    return p, (p - h * W).to(tl.float32) * step_u - 1.0, h.to(tl.float32) * step_v - 1.0
+
+
+@triton.jit
 def centroid_pair_sums(a, b, part, ticket, HW, W, C, NC, RUN, step_u, step_v, ROWS: tl.constexpr,
                        STEPS: tl.constexpr, CB: tl.constexpr):
-    pid, r = tl.program_id(0), tl.program_id(1)
-    groups = tl.cdiv(C, CB)
-    n, g = pid // groups, pid % groups
-    c = g * CB + tl.arange(0, CB)
+    n, c = _image_channels(C, CB)
+    r = tl.program_id(1)
     cm = (c < C)[None, None, :]
-    # a step: [STEPS, ROWS, CB], ROWS consecutive pixels a load (rows of warps), the STEPS loads each thread
-    # holds (one tensor: all issued before the first add), summed over STEPS in its registers
-    pix = (tl.arange(0, STEPS)[:, None] * ROWS + tl.arange(0, ROWS)[None, :])[:, :, None]
     base = n.to(tl.int64) * HW * C + c[None, None, :]
     z = tl.zeros([ROWS, CB], tl.float32)  # S0, Sx, Sy of both maps, a row per pixel of a load
     s0a, sxa, sya, s0b, sxb, syb = z, z, z, z, z, z
     start = r * RUN
     end = tl.minimum(start + RUN, HW)
     for p0 in range(start, end, ROWS * STEPS):
-        p = p0 + pix
+        # a step: one [STEPS, ROWS, CB] tensor a map, so all of a thread's loads are issued before its first
+        # add; summed over STEPS in its registers
+        p, u, v = _step(p0, STEPS, ROWS, W, step_u, step_v)
         m = cm & (p < end)
         xa = tl.load(a + base + p.to(tl.int64) * C, mask=m, other=0.0).to(tl.float32)
         xb = tl.load(b + base + p.to(tl.int64) * C, mask=m, other=0.0).to(tl.float32)
-        h = p // W
-        u = (p - h * W).to(tl.float32) * step_u - 1.0
-        v = h.to(tl.float32) * step_v - 1.0
         s0a += tl.sum(xa, 0)
         sxa += tl.sum(xa * u, 0)
         sya += tl.sum(xa * v, 0)
         s0b += tl.sum(xb, 0)
         sxb += tl.sum(xb * u, 0)
         syb += tl.sum(xb * v, 0)
-    if (pid == 0) & (r == 0):
+    if (tl.program_id(0) == 0) & (r == 0):
         tl.store(ticket, 0)
     q = part + r * 6 * NC + n * C + c
     cm1 = c < C
@@ -121,10 +132,7 @@ def centroid_grad(grad, stats, out, HW, W, C, NC, RUN, step_u, step_v, WHICH, RO
                   STEPS: tl.constexpr, CB: tl.constexpr):
     # d loss / d f[n, c, h, w] = a*u[w] + b*v[h] + k for map WHICH (the C++ op's grad_coeffs), written over a run
     # of one image's pixels in the sums kernel's tiles: a stream of stores
-    pid, r = tl.program_id(0), tl.program_id(1)
-    groups = tl.cdiv(C, CB)
-    n, g = pid // groups, pid % groups
-    c = g * CB + tl.arange(0, CB)
+    n, c = _image_channels(C, CB)
     cm1 = c < C
     i = n * C + c
     so = stats + i * 3
@@ -140,13 +148,9 @@ def centroid_grad(grad, stats, out, HW, W, C, NC, RUN, step_u, step_v, WHICH, RO
     k = tl.math.div_rn(-(gx * tl.load(mine + 1, mask=cm1, other=0.0) + gy * tl.load(mine + 2, mask=cm1, other=0.0)),
                        s0)[None, None, :]
     cm = cm1[None, None, :]
-    pix = (tl.arange(0, STEPS)[:, None] * ROWS + tl.arange(0, ROWS)[None, :])[:, :, None]
     base = n.to(tl.int64) * HW * C + c[None, None, :]
-    start = r * RUN
+    start = tl.program_id(1) * RUN
     end = tl.minimum(start + RUN, HW)
     for p0 in range(start, end, ROWS * STEPS):
-        p = p0 + pix
-        h = p // W
-        u = (p - h * W).to(tl.float32) * step_u - 1.0
-        v = h.to(tl.float32) * step_v - 1.0
+        p, u, v = _step(p0, STEPS, ROWS, W, step_u, step_v)
         tl.store(out + base + p.to(tl.int64) * C, (a * u + b * v + k).to(out.dtype.element_ty), mask=cm & (p < end))
