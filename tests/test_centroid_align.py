@@ -522,13 +522,12 @@ def test_cuda_triton_forward_matches_the_cpp_op(dtype, waves, shape, monkeypatch
     """DMFN_CENTROID_TRITON=1: the forward by kernels/centroid_sums.py (whole pixels a program, its own finish
     and ticket) gives the C++ op's stats and loss to rounding (another order of sums), the same bits on a rerun,
     and through centroid_align_loss both maps' gradients to rounding, by the C++ backward (1) or the Triton one
-    (2), in 1 to 4 waves of programs (DMFN_CENTROID_WAVES). [3, 264, 33, 35]: runs cut short, idle lanes; [2, 1032, 7, 9]: partial channel
-    groups. The gradients are of the loss times 2^16, as in the test above."""
+    (2), in 1 to 4 waves of programs (DMFN_CENTROID_WAVES). [3, 264, 33, 35]: runs cut short, idle lanes;
+    [2, 1032, 7, 9]: partial channel groups. The gradients are of the loss times 2^16, as in the test above."""
     if ca._kcs is None:
         pytest.skip("the Triton centroid forward did not import (Triton missing?)")
     a, b = _plan_maps(shape, 41, dtype, monkeypatch)
     loss, st = torch.ops.dmfn_fast.centroid_align_fwd(a, b)
-    g = torch.autograd.grad(ca.centroid_align_loss(a, b, impl="fast") * 2.0 ** 16, a)[0]
     monkeypatch.setenv("DMFN_CENTROID_WAVES", waves)
     loss_t, st_t = ca._fwd_triton(a.detach(), b)
     for _ in range(2):
