@@ -48,16 +48,13 @@ def _step(p0, STEPS: tl.constexpr, ROWS: tl.constexpr, W, step_u, step_v):
 
 
 @triton.jit
-def centroid_pair_sums(a, b, part, ticket, HW, W, C, NC, RUN, step_u, step_v, ROWS: tl.constexpr,
-                       STEPS: tl.constexpr, CB: tl.constexpr):
-    n, c = _image_channels(C, CB)
-    r = tl.program_id(1)
+def _run_sums(a, b, n, c, start, end, HW, W, C, step_u, step_v, ROWS: tl.constexpr, STEPS: tl.constexpr,
+              CB: tl.constexpr):
+    """S0, Sx, Sy of map a, then of map b, over pixels [start, end) of image n in channels c: [CB] each."""
     cm = (c < C)[None, None, :]
     base = n.to(tl.int64) * HW * C + c[None, None, :]
-    z = tl.zeros([ROWS, CB], tl.float32)  # S0, Sx, Sy of both maps, a row per pixel of a load
+    z = tl.zeros([ROWS, CB], tl.float32)  # a row per pixel of a load
     s0a, sxa, sya, s0b, sxb, syb = z, z, z, z, z, z
-    start = r * RUN
-    end = tl.minimum(start + RUN, HW)
     for p0 in range(start, end, ROWS * STEPS):
         # a step: one [STEPS, ROWS, CB] tensor a map, so all of a thread's loads are issued before its first
         # add; summed over STEPS in its registers
@@ -71,16 +68,27 @@ def centroid_pair_sums(a, b, part, ticket, HW, W, C, NC, RUN, step_u, step_v, RO
         s0b += tl.sum(xb, 0)
         sxb += tl.sum(xb * u, 0)
         syb += tl.sum(xb * v, 0)
+    return tl.sum(s0a, 0), tl.sum(sxa, 0), tl.sum(sya, 0), tl.sum(s0b, 0), tl.sum(sxb, 0), tl.sum(syb, 0)
+
+
+@triton.jit
+def centroid_pair_sums(a, b, part, ticket, HW, W, C, NC, RUN, step_u, step_v, ROWS: tl.constexpr,
+                       STEPS: tl.constexpr, CB: tl.constexpr):
+    n, c = _image_channels(C, CB)
+    r = tl.program_id(1)
+    start = r * RUN
+    s0a, sxa, sya, s0b, sxb, syb = _run_sums(a, b, n, c, start, tl.minimum(start + RUN, HW), HW, W, C, step_u,
+                                             step_v, ROWS, STEPS, CB)
     if (tl.program_id(0) == 0) & (r == 0):
         tl.store(ticket, 0)
     q = part + r * 6 * NC + n * C + c
-    cm1 = c < C
-    tl.store(q, tl.sum(s0a, 0), mask=cm1)
-    tl.store(q + NC, tl.sum(sxa, 0), mask=cm1)
-    tl.store(q + 2 * NC, tl.sum(sya, 0), mask=cm1)
-    tl.store(q + 3 * NC, tl.sum(s0b, 0), mask=cm1)
-    tl.store(q + 4 * NC, tl.sum(sxb, 0), mask=cm1)
-    tl.store(q + 5 * NC, tl.sum(syb, 0), mask=cm1)
+    cm = c < C
+    tl.store(q, s0a, mask=cm)
+    tl.store(q + NC, sxa, mask=cm)
+    tl.store(q + 2 * NC, sya, mask=cm)
+    tl.store(q + 3 * NC, s0b, mask=cm)
+    tl.store(q + 4 * NC, sxb, mask=cm)
+    tl.store(q + 5 * NC, syb, mask=cm)
 
 
 @triton.jit
@@ -92,6 +100,26 @@ def _centroids(s0, sx, sy, e0, ex, ey, stats, i, m):
     tl.store(stats + i * 3 + 1, cx, mask=m)
     tl.store(stats + i * 3 + 2, cy, mask=m)
     return cx, cy
+
+
+@triton.jit
+def _plane_pair(s0a, sxa, sya, s0b, sxb, syb, e0, ex, ey, stats, NC, i, m):
+    """Both maps' stats of planes i into stats [2, NC, 3]; their squared centroid differences summed, fp64."""
+    cxa, cya = _centroids(s0a, sxa, sya, e0, ex, ey, stats, i, m)
+    cxb, cyb = _centroids(s0b, sxb, syb, e0, ex, ey, stats + NC * 3, i, m)
+    dx = (cxa - cxb).to(tl.float64)
+    dy = (cya - cyb).to(tl.float64)
+    return tl.sum(tl.where(m, dx * dx + dy * dy, 0.0), 0)
+
+
+@triton.jit
+def _loss_from_parts(loss_parts, count, loss, NC, PARTS: tl.constexpr):
+    """The loss: the count parts added in order (a fixed tree: deterministic), over the 2 * NC differences."""
+    total = tl.zeros([PARTS], tl.float64)
+    for j0 in range(0, count, PARTS):
+        j = j0 + tl.arange(0, PARTS)
+        total += tl.load(loss_parts + j, mask=j < count, other=0.0, volatile=True)
+    tl.store(loss, (tl.sum(total, 0) / (2 * NC).to(tl.float64)).to(loss.dtype.element_ty))
 
 
 @triton.jit
@@ -112,19 +140,29 @@ def centroid_finish(part, stats, loss_parts, ticket, loss, NC, SPLITS, e0, ex, e
             s0b += tl.load(q + 3 * NC, mask=mj, other=0.0)
             sxb += tl.load(q + 4 * NC, mask=mj, other=0.0)
             syb += tl.load(q + 5 * NC, mask=mj, other=0.0)
-    cxa, cya = _centroids(s0a, sxa, sya, e0, ex, ey, stats, i, m)
-    cxb, cyb = _centroids(s0b, sxb, syb, e0, ex, ey, stats + NC * 3, i, m)
-    dx = (cxa - cxb).to(tl.float64)
-    dy = (cya - cyb).to(tl.float64)
-    tl.store(loss_parts + pid, tl.sum(tl.where(m, dx * dx + dy * dy, 0.0), 0))
+    tl.store(loss_parts + pid, _plane_pair(s0a, sxa, sya, s0b, sxb, syb, e0, ex, ey, stats, NC, i, m))
     tl.debug_barrier()  # every lane's stores before the ticket (acq_rel: they are visible to its last taker)
     programs = tl.num_programs(0)
     if tl.atomic_add(ticket, 1, sem="acq_rel") == programs - 1:
-        total = tl.zeros([PARTS], tl.float64)
-        for j0 in range(0, programs, PARTS):
-            j = j0 + tl.arange(0, PARTS)
-            total += tl.load(loss_parts + j, mask=j < programs, other=0.0, volatile=True)
-        tl.store(loss, (tl.sum(total, 0) / (2 * NC).to(tl.float64)).to(loss.dtype.element_ty))
+        _loss_from_parts(loss_parts, programs, loss, NC, PARTS)
+
+
+@triton.jit
+def centroid_plane_sums(a, b, stats, loss_parts, HW, W, C, NC, step_u, step_v, e0, ex, ey, ROWS: tl.constexpr,
+                        STEPS: tl.constexpr, CB: tl.constexpr):
+    # DMFN_CENTROID_TRITON=3: program n * groups + g sums CB channels (128 or 64 bytes of a pixel) over every
+    # pixel of image n, so it finishes its own planes: stats and a loss share, no partial sums, no finish
+    # kernel (the C++ op's block finish, its fastest fp32 plan in s18). The order of the column_read rows.
+    n, c = _image_channels(C, CB)
+    s0a, sxa, sya, s0b, sxb, syb = _run_sums(a, b, n, c, 0, HW, HW, W, C, step_u, step_v, ROWS, STEPS, CB)
+    share = _plane_pair(s0a, sxa, sya, s0b, sxb, syb, e0, ex, ey, stats, NC, n * C + c, c < C)
+    tl.store(loss_parts + tl.program_id(0), share)
+
+
+@triton.jit
+def centroid_sum_shares(loss_parts, loss, count, NC, PARTS: tl.constexpr):
+    # one program: centroid_plane_sums's loss shares into the loss
+    _loss_from_parts(loss_parts, count, loss, NC, PARTS)
 
 
 @triton.jit

@@ -164,7 +164,8 @@ def l1_loss_specs(dtype="bf16"):
 def centroid_sums_specs(dtype="bf16"):
     """The centroid loss's Triton kernels (ops/centroid_align.py, DMFN_CENTROID_TRITON): the two-map sums and the
     gradient at the training plan ([16, 512, 32, 32] on 132 SMs) and at 1032 channels (2 groups of 1024 in 16
-    bits, 3 of 512 in fp32), and the finish. "bf16" also compiles fp16."""
+    bits, 3 of 512 in fp32), the whole-plane sums at the training plan, the finish and the shares' sum. "bf16"
+    also compiles fp16."""
     from dmfn_fast.kernels import centroid_sums as kc
     from dmfn_fast.ops import centroid_align as ca
 
@@ -182,6 +183,12 @@ def centroid_sums_specs(dtype="bf16"):
                        step_u="fp32", step_v="fp32", WHICH="i32", ROWS="constexpr", STEPS="constexpr", CB="constexpr")
             out.append((label.replace("pair_sums", "grad"), kc.centroid_grad, sig, dict(ROWS=rows, STEPS=steps, CB=cb),
                         dict(num_warps=kc.WARPS), ("stats", "out", "C", "NC")))
+        cb, _, rows, steps = ca.triton_planes_plan((16, 512, 32, 32), size, 132)
+        sig = dict(a="*" + dt, b="*" + dt, stats="*fp32", loss_parts="*fp64", HW="i32", W="i32", C="i32", NC="i32",
+                   step_u="fp32", step_v="fp32", e0="fp32", ex="fp32", ey="fp32", ROWS="constexpr", STEPS="constexpr",
+                   CB="constexpr")
+        out.append(("centroid_plane_sums" + (" fp16" if dt != dtype else ""), kc.centroid_plane_sums, sig,
+                    dict(ROWS=rows, STEPS=steps, CB=cb), dict(num_warps=kc.WARPS), ("a", "b", "stats", "C", "NC")))
     if dtype == "fp32":  # the finish reads and writes fp32 whatever the maps' dtype
         sig = dict(part="*fp32", stats="*fp32", loss_parts="*fp64", ticket="*i32", loss="*fp32", NC="i32",
                    SPLITS="i32", e0="fp32", ex="fp32", ey="fp32", BLOCK="constexpr", PARTS="constexpr",
@@ -189,6 +196,9 @@ def centroid_sums_specs(dtype="bf16"):
         out.append(("centroid_finish", kc.centroid_finish, sig,
                     dict(BLOCK=kc.FINISH_BLOCK, PARTS=kc.PARTS, CHUNK=kc.FINISH_CHUNK),
                     dict(num_warps=kc.FINISH_WARPS), ("part", "stats", "NC")))
+        sig = dict(loss_parts="*fp64", loss="*fp32", count="i32", NC="i32", PARTS="constexpr")
+        out.append(("centroid_sum_shares", kc.centroid_sum_shares, sig, dict(PARTS=kc.PARTS),
+                    dict(num_warps=kc.FINISH_WARPS), ("loss_parts",)))
     return out
 
 

@@ -217,7 +217,7 @@ _TRITON_TRACE = r"""
 import os
 from dmfn_fast.ops import centroid_align as ca, dmfb
 assert ca.extension_available()
-os.environ["DMFN_CENTROID_TRITON"] = "1"
+os.environ["DMFN_CENTROID_TRITON"] = MODE
 ca.triton_forward_why_not = lambda *args: ""  # it refuses CPU tensors: the graph is captured, never run
 cl = torch.channels_last
 a = torch.rand(2, 16, 6, 5).contiguous(memory_format=cl).requires_grad_()
@@ -235,10 +235,11 @@ print("CPP_FWD", "centroid_align_fwd(" in graphs[0])
 
 
 @ext
-def test_triton_forward_traces_into_its_kernels():
-    """torch.compile(fullgraph=True) of the loss with DMFN_CENTROID_TRITON=1 (traced with CPU tensors: the graph
-    is captured, never run): the Triton forward's op is a triton_op, so the AOT forward graph holds its two
-    kernel launches, not the C++ forward."""
+@pytest.mark.parametrize("mode", ["1", "3"])
+def test_triton_forward_traces_into_its_kernels(mode):
+    """torch.compile(fullgraph=True) of the loss with DMFN_CENTROID_TRITON=1 or 3 (traced with CPU tensors: the
+    graph is captured, never run): the Triton forward's op is a triton_op, so the AOT forward graph holds its two
+    kernel launches (sums and finish; whole-plane sums and the shares' sum), not the C++ forward."""
     if ca._kcs is None:
         pytest.skip("the Triton centroid forward did not import (Triton missing?)")
     env = dict(os.environ, OMP_NUM_THREADS="1")
@@ -247,8 +248,8 @@ def test_triton_forward_traces_into_its_kernels():
     env["PYTHONPATH"] = os.pathsep.join(p for p in (ROOT, env.get("PYTHONPATH")) if p)
     from test_dmfb_triton import CAPTURE_SCRIPT
 
-    p = subprocess.run([sys.executable, "-c", CAPTURE_SCRIPT + _TRITON_TRACE], capture_output=True, text=True,
-                       timeout=600, env=env)
+    p = subprocess.run([sys.executable, "-c", CAPTURE_SCRIPT + f"MODE = {mode!r}\n" + _TRITON_TRACE],
+                       capture_output=True, text=True, timeout=600, env=env)
     assert p.returncode == 0, p.stderr[-3000:]
     out = dict(ln.split(" ", 1) for ln in p.stdout.splitlines() if " " in ln)
     if out["TRITON_OP"] == "False":
@@ -522,32 +523,36 @@ def test_cuda_triton_forward_matches_the_cpp_op(dtype, waves, shape, monkeypatch
     """DMFN_CENTROID_TRITON=1: the forward by kernels/centroid_sums.py (whole pixels a program, its own finish
     and ticket) gives the C++ op's stats and loss to rounding (another order of sums), the same bits on a rerun,
     and through centroid_align_loss both maps' gradients to rounding, by the C++ backward (1) or the Triton one
-    (2), in 1 to 4 waves of programs (DMFN_CENTROID_WAVES). [3, 264, 33, 35]: runs cut short, idle lanes;
-    [2, 1032, 7, 9]: partial channel groups. The gradients are of the loss times 2^16, as in the test above."""
+    (2), in 1 to 4 waves of programs (DMFN_CENTROID_WAVES); and in whole planes a program (3), the same.
+    [3, 264, 33, 35]: runs cut short, idle lanes; [2, 1032, 7, 9]: partial channel groups. The gradients are
+    of the loss times 2^16, as in the test above."""
     if ca._kcs is None:
         pytest.skip("the Triton centroid forward did not import (Triton missing?)")
     a, b = _plan_maps(shape, 41, dtype, monkeypatch)
     loss, st = torch.ops.dmfn_fast.centroid_align_fwd(a, b)
     monkeypatch.setenv("DMFN_CENTROID_WAVES", waves)
-    loss_t, st_t = ca._fwd_triton(a.detach(), b)
-    for _ in range(2):
-        loss_r, st_r = ca._fwd_triton(a.detach(), b)
-        assert torch.equal(st_r, st_t) and torch.equal(loss_r, loss_t)
-    torch.testing.assert_close(st_t, st, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(loss_t, loss, rtol=1e-4, atol=1e-12)
+    for mode in ("1", "3"):  # runs of whole pixels, or whole planes a program
+        monkeypatch.setenv("DMFN_CENTROID_TRITON", mode)
+        loss_t, st_t = ca._fwd_triton(a.detach(), b)
+        for _ in range(2):
+            loss_r, st_r = ca._fwd_triton(a.detach(), b)
+            assert torch.equal(st_r, st_t) and torch.equal(loss_r, loss_t)
+        torch.testing.assert_close(st_t, st, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(loss_t, loss, rtol=1e-4, atol=1e-12)
     calls = []
     real = ca._fwd_triton
     monkeypatch.setattr(ca, "_fwd_triton", lambda *args: calls.append(1) or real(*args))
+    monkeypatch.setenv("DMFN_CENTROID_TRITON", "0")
     bt = b.detach().clone().requires_grad_()
     g2 = torch.autograd.grad(ca.centroid_align_loss(a, bt, impl="fast") * 2.0 ** 16, (a, bt))
-    for mode in ("1", "2"):  # 2: the gradients by the Triton kernel too, both maps', channels-last
+    for mode in ("1", "2", "3"):  # 2: the gradients by the Triton kernel too, both maps', channels-last; 3: planes
         monkeypatch.setenv("DMFN_CENTROID_TRITON", mode)
         g_t = torch.autograd.grad(ca.centroid_align_loss(a, bt, impl="fast") * 2.0 ** 16, (a, bt))
         for got, want in zip(g_t, g2):
             torch.testing.assert_close(got.float(), want.float(), rtol=1e-2 if dtype != torch.float32 else 1e-4,
                                        atol=1e-3 * want.abs().max().item())
             assert torch.isfinite(got).all() and got.is_contiguous(memory_format=torch.channels_last)
-    assert calls == [1, 1]
+    assert calls == [1, 1, 1]
 
 
 @cuda_ext

@@ -127,8 +127,9 @@ def test_thin_conv_kernels(compiled):
 
 def test_centroid_sums_kernels(compiled):
     """The centroid loss's Triton forward reads each pixel's channels as 16-byte vectors, both maps' STEPS loads a
-    step (at the training plan 8 a map in fp32, 4 in 16 bits), with no narrower global load; the finish compiles;
-    the gradient stores 16 bytes a thread (the spill check above covers them all)."""
+    step (at the training plan 8 a map in fp32, 4 in 16 bits), with no narrower global load, in runs of pixels and
+    in whole planes; the finishes compile; the gradient stores 16 bytes a thread (the spill check above covers
+    them all)."""
     from dmfn_fast.kernels import centroid_sums as kc
 
     sums = [k for k in compiled if k.split()[2] == "centroid_pair_sums" and " C512" in k]
@@ -137,6 +138,12 @@ def test_centroid_sums_kernels(compiled):
         loads = 2 * kc.STEPS[4 if " fp32 " in key else 2]
         assert compiled[key]["LDG.E.128"] == loads and compiled[key]["LDG.E.64"] == 0, (key, compiled[key])
     assert any(k.split()[2] == "centroid_finish" for k in compiled)
+    planes = [k for k in compiled if k.split()[2] == "centroid_plane_sums"]
+    assert len(planes) == 2 * 3
+    for key in planes:
+        loads = 2 * kc.STEPS[4 if " fp32 " in key else 2]
+        assert compiled[key]["LDG.E.128"] == loads and compiled[key]["LDG.E.64"] == 0, (key, compiled[key])
+    assert any(k.split()[2] == "centroid_sum_shares" for k in compiled)
     grads = [k for k in compiled if k.split()[2] == "centroid_grad" and " C512" in k]
     assert len(grads) == 2 * 3
     for key in grads:  # its stores: 16 bytes a thread, as the loads

@@ -755,8 +755,9 @@ def check_centroid_triton(dtype, N, C, H, W, grid):
     """The centroid loss's Triton forward (ops/centroid_align.py, kernels/centroid_sums.py), every tensor its
     launcher allocates filled with garbage first (a ticket of 7, NaN elsewhere: the kernels must write what they
     read): its stats against the C++ op's (CPU kernel) per component, its loss against float64, the same bits
-    on a rerun. Then through centroid_align_loss with DMFN_CENTROID_TRITON=1 (the Triton forward, the C++
-    backward) and 2 (both in Triton, both maps' gradients, channels-last): the loss and gradients against
+    on a rerun, in runs of pixels (DMFN_CENTROID_TRITON=1) and whole planes (3). Then through
+    centroid_align_loss with the switch at 1 (the Triton forward, the C++ backward), 2 (both in Triton, both
+    maps' gradients, channels-last) and 3 (2 in whole planes): the loss and gradients against
     float64 on `grid`; an NCHW map, the authors' grid (its NCHW means) or the switch at 0 take the C++ op. The
     maps are exact in their dtype, so the sums' error is fp32's; fp16/bf16 gradients are rounded once by the
     backward."""
@@ -773,16 +774,22 @@ def check_centroid_triton(dtype, N, C, H, W, grid):
     def dirty(*args, **kwargs):
         t = real_empty(*args, **kwargs)
         return t.fill_(7 if t.dtype == torch.int32 else float("nan"))
-    torch.empty = dirty
-    try:
-        loss, st = ca._fwd_triton_fn(a, b)
-        loss2, st2 = ca._fwd_triton_fn(a, b)
-    finally:
-        torch.empty = real_empty
-    assert torch.equal(loss, loss2) and torch.equal(st, st2), "not the same bits on a rerun"
     loss_c, st_c = torch.ops.dmfn_fast.centroid_align_fwd(a, b)
-    errs = [(f"stats {k} vs C++ op", _err(st[..., i], st_c[..., i]), 1e-5) for i, k in enumerate(("S0", "cx", "cy"))]
-    errs.append(("loss vs float64", _err(loss, ca.centroid_align_loss_reference(a.double(), b.double())), 1e-5))
+    errs = []
+    for mode in ("1", "3"):  # runs of whole pixels, or whole planes a program
+        os.environ["DMFN_CENTROID_TRITON"] = mode
+        torch.empty = dirty
+        try:
+            loss, st = ca._fwd_triton_fn(a, b)
+            loss2, st2 = ca._fwd_triton_fn(a, b)
+        finally:
+            torch.empty = real_empty
+            os.environ.pop("DMFN_CENTROID_TRITON")
+        assert torch.equal(loss, loss2) and torch.equal(st, st2), f"mode {mode}: not the same bits on a rerun"
+        errs += [(f"mode {mode} stats {k} vs C++ op", _err(st[..., i], st_c[..., i]), 1e-5)
+                 for i, k in enumerate(("S0", "cx", "cy"))]
+        errs.append((f"mode {mode} loss vs float64",
+                     _err(loss, ca.centroid_align_loss_reference(a.double(), b.double())), 1e-5))
     calls = {"fwd": 0, "bwd": 0}
     real_fwd, real_bwd = ca._fwd_triton, ca._bwd_triton
 
@@ -794,8 +801,9 @@ def check_centroid_triton(dtype, N, C, H, W, grid):
     ca._fwd_triton, ca._bwd_triton = counted("fwd", real_fwd), counted("bwd", real_bwd)
     want = 1 if grid == "paper" else 0  # the authors' grid: the op on NCHW means over H, the C++ forward
     try:
-        # 1: the Triton forward, the C++ backward; 2: both passes in Triton, both maps' gradients
-        for mode, both in (("1", False), ("2", True)):
+        # 1: the Triton forward, the C++ backward; 2: both passes in Triton, both maps' gradients; 3: 2 with the
+        # forward in whole planes
+        for mode, both in (("1", False), ("2", True), ("3", True)):
             os.environ["DMFN_CENTROID_TRITON"] = mode
             x, y = _leaf(a), (_leaf(b) if both else b)
             xr, yr = _leaf(a.double()), (_leaf(b.double()) if both else b.double())
@@ -805,13 +813,13 @@ def check_centroid_triton(dtype, N, C, H, W, grid):
                                                           lr), 1e-5))
             for name, gk, gref in zip(("out", "tgt"), grads, torch.autograd.grad(lr, (xr, yr)[:1 + both])):
                 errs.append((f"{grid} grad {name}, mode {mode}", _err(gk, gref), TOL[dtype]))
-                if mode == "2" and want:
+                if mode != "1" and want:
                     assert gk.is_contiguous(memory_format=cl), f"{name} gradient not channels-last"
-        assert calls == {"fwd": 4 * want, "bwd": 2 * want}, calls  # mode 2: a gradient a map
+        assert calls == {"fwd": 6 * want, "bwd": 4 * want}, calls  # modes 2 and 3: a gradient a map
         ca.centroid_align_loss(a.contiguous(), b.contiguous(), impl="fast", grid=grid)  # NCHW: the C++ forward
         os.environ["DMFN_CENTROID_TRITON"] = "0"
         ca.centroid_align_loss(a, b, impl="fast", grid=grid)
-        assert calls == {"fwd": 4 * want, "bwd": 2 * want}, calls  # mode 2: a gradient a map
+        assert calls == {"fwd": 6 * want, "bwd": 4 * want}, calls
     finally:
         ca._fwd_triton, ca._bwd_triton = real_fwd, real_bwd
         os.environ.pop("DMFN_CENTROID_TRITON")

@@ -15,7 +15,8 @@ registered here at import; its CPU/CUDA kernels (csrc/, TORCH_LIBRARY_IMPL only)
 come from the module built by setup.py, else from a one-off JIT build (cached by
 torch) on first use, else the reference runs with one warning. DMFN_CENTROID_TRITON=1
 (an A/B, off by default) runs the forward of channels-last CUDA maps by Triton kernels
-instead (kernels/centroid_sums.py), with the same C++ backward; =2 the backward too.
+instead (kernels/centroid_sums.py), with the same C++ backward; =2 the backward too;
+=3 as 2 with the forward in whole planes a program.
 """
 import functools
 import os
@@ -185,7 +186,8 @@ torch.library.register_autograd("dmfn_fast::centroid_align_fwd", _backward, setu
 
 # DMFN_CENTROID_TRITON=1 (read per call, as the extension reads its plan switches): the forward of dense
 # channels-last CUDA maps in fp32/fp16/bf16 by kernels/centroid_sums.py, whole pixels a program, its stats
-# those the C++ backward reads; 2: the backward by its Triton kernel too. The C++ op's two-map kernel read at
+# those the C++ backward reads; 2: the backward by its Triton kernel too; 3: as 2, with the forward in whole
+# planes a program (column order, no partial sums to finish). The C++ op's two-map kernel read at
 # 2.0 TB/s on the H100 in every plan, where a Triton stream read the same bytes at 2.95 (s18): the next
 # breakdown times this beside it.
 _kcs = _d.import_kernel_module("centroid_sums", "centroid forward kernel", "the C++ op's forward runs")
@@ -227,6 +229,17 @@ def triton_forward_plan(shape, element_size: int, sms: int, waves: int = 1):
     return cb, groups, rows, steps, run, _d._cdiv(HW, run)
 
 
+def triton_planes_plan(shape, element_size: int, sms: int):
+    """DMFN_CENTROID_TRITON=3's (CB channels a program, groups of them, ROWS pixels a load, STEPS loads a step):
+    128 bytes of each pixel a program (64 where that leaves an SM idle), over every pixel of its image; 8 warps,
+    8 or 4 threads a pixel, so 32 or 64 pixels a load."""
+    N, C = int(shape[0]), int(shape[1])
+    cb_bytes = 128 if N * _d._cdiv(C, 128 // element_size) >= sms else 64
+    cb = min(_d.triton.next_power_of_2(C), max(1, cb_bytes // element_size))
+    rows = max(1, min(64, _kcs.WARPS * 32 * 16 // (cb * element_size)))
+    return cb, _d._cdiv(C, cb), rows, _kcs.STEPS[element_size]
+
+
 def _f32(x: float) -> float:
     return struct.unpack("f", struct.pack("f", x))[0]
 
@@ -249,17 +262,26 @@ def _fwd_triton_fn(f_out: torch.Tensor, f_tgt: torch.Tensor) -> tuple[torch.Tens
         sms = 3
     else:
         sms = _sms(f_out.device.index if f_out.device.index is not None else torch.cuda.current_device())
-    cb, groups, rows, steps, run, runs = triton_forward_plan(
-        f_out.shape, f_out.element_size(), sms, int(_impl.env_switch("DMFN_CENTROID_WAVES")))
     NC = N * C
     e0, ex, ey = _eps_terms(H, W)
     dev = f_out.device
+    stats = torch.empty(2, N, C, 3, device=dev, dtype=torch.float32)
+    loss = torch.empty((), device=dev, dtype=torch.float32)
+    if _impl.env_switch("DMFN_CENTROID_TRITON") == "3":  # whole planes a program: no partial sums to finish
+        cb, groups, rows, steps = triton_planes_plan(f_out.shape, f_out.element_size(), sms)
+        shares = torch.empty(N * groups, device=dev, dtype=torch.float64)
+        _d._kernel(_kcs.centroid_plane_sums, f_out)[(N * groups,)](
+            f_out, f_tgt, stats, shares, H * W, W, C, NC, 2.0 / W, 2.0 / H, e0, ex, ey, ROWS=rows, STEPS=steps,
+            CB=cb, num_warps=_kcs.WARPS)
+        _d._kernel(_kcs.centroid_sum_shares, f_out)[(1,)](shares, loss, N * groups, NC, PARTS=_kcs.PARTS,
+                                                           num_warps=_kcs.FINISH_WARPS)
+        return loss, stats
+    cb, groups, rows, steps, run, runs = triton_forward_plan(
+        f_out.shape, f_out.element_size(), sms, int(_impl.env_switch("DMFN_CENTROID_WAVES")))
     if runs * 6 * NC >= 2 ** 31:  # the kernels index the partial sums in int32
         raise RuntimeError(f"the Triton centroid forward's partial sums for maps of shape {tuple(f_out.shape)} "
                            "exceed 2^31 elements: unset DMFN_CENTROID_TRITON for the C++ forward")
     part = torch.empty(runs * 6 * NC, device=dev, dtype=torch.float32)
-    stats = torch.empty(2, N, C, 3, device=dev, dtype=torch.float32)
-    loss = torch.empty((), device=dev, dtype=torch.float32)
     fin = _d._cdiv(NC, _kcs.FINISH_BLOCK)
     loss_parts = torch.empty(fin, device=dev, dtype=torch.float64)
     ticket = torch.empty(1, device=dev, dtype=torch.int32)
@@ -288,8 +310,8 @@ def _bwd_triton_fn(grad: torch.Tensor, stats: torch.Tensor, like: torch.Tensor, 
 
 def _setup_context_triton(ctx, inputs, output):
     _setup_context(ctx, inputs, output)
-    # DMFN_CENTROID_TRITON=2: the backward by centroid_grad too (its maps are dense channels-last)
-    ctx.triton_grad = _impl.env_switch("DMFN_CENTROID_TRITON") == "2"
+    # DMFN_CENTROID_TRITON=2 or 3: the backward by centroid_grad too (its maps are dense channels-last)
+    ctx.triton_grad = _impl.env_switch("DMFN_CENTROID_TRITON") in ("2", "3")
 
 
 if _kcs is not None:
