@@ -14,13 +14,15 @@ centroid_finish: a lane per plane adds its runs in run order, then the reference
 [2, NC, 3] (S0, cx, cy, as the C++ op's); each program's squared centroid differences go to loss_parts, which
 the last program to take the ticket adds up in program order into the loss. Deterministic: fixed-order sums,
 no float atomics. centroid_pair_sums's first program zeroes the ticket, so no memset runs.
-centroid_grad (DMFN_CENTROID_TRITON=2): the backward, written in the sums kernel's tiles from the stats."""
+centroid_plane_sums (DMFN_CENTROID_TRITON=3): whole planes a program instead, 128 or 64 bytes of each pixel
+over the image, its stats and a loss share written by itself; centroid_sum_shares adds the shares.
+centroid_grad (DMFN_CENTROID_TRITON=2 and 3): the backward, written in the sums kernel's tiles from the stats."""
 import triton
 import triton.language as tl
 
 MAX_GROUP_BYTES = 2048  # channels a program takes, in bytes of one pixel (512 fp32, 1024 16-bit)
 WARPS = 8  # of the sums kernel: ROWS rows of warps, each row one pixel's CB channels at 16 bytes a thread
-MAX_ROWS = 8
+MAX_ROWS = 8  # (runs of pixels; whole planes take up to 64: 4 or 8 threads a pixel)
 # loads of ROWS pixels of each map a thread issues before their adds, by bytes an element: 16 loads in fp32, 8
 # in 16 bits (their unpacked values take as many registers; 16 took 185 on sm_90: one program an SM)
 STEPS = {4: 8, 2: 4}
