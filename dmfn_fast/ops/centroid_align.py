@@ -208,9 +208,10 @@ def triton_forward_why_not(f_out: torch.Tensor, f_tgt: torch.Tensor) -> str:
     return ""
 
 
-@functools.lru_cache(maxsize=None)
-def _sms(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
+def _sms(t: torch.Tensor) -> int:
+    """The SMs the launch plans fill: t's GPU's, or 3 for CPU tensors (the interpreter's tests, or a trace:
+    several runs an image with the smallest maps)."""
+    return _d.sm_count(t) if t.is_cuda else 3
 
 
 def triton_forward_plan(shape, element_size: int, sms: int, waves: int = 1):
@@ -258,10 +259,7 @@ def _fwd_triton_fn(f_out: torch.Tensor, f_tgt: torch.Tensor) -> tuple[torch.Tens
     N, C, H, W = (int(s) for s in f_out.shape)
     f_out = f_out.contiguous(memory_format=torch.channels_last)
     f_tgt = f_tgt.contiguous(memory_format=torch.channels_last)
-    if not f_out.is_cuda:  # the interpreter's tests, or a trace: several runs an image with the smallest maps
-        sms = 3
-    else:
-        sms = _sms(f_out.device.index if f_out.device.index is not None else torch.cuda.current_device())
+    sms = _sms(f_out)
     NC = N * C
     e0, ex, ey = _eps_terms(H, W)
     dev = f_out.device
@@ -297,10 +295,8 @@ def _fwd_triton_fn(f_out: torch.Tensor, f_tgt: torch.Tensor) -> tuple[torch.Tens
 def _bwd_triton_fn(grad: torch.Tensor, stats: torch.Tensor, like: torch.Tensor, which: int) -> torch.Tensor:
     """The C++ backward's gradient (centroid_align_bwd) for a dense channels-last map, by centroid_grad."""
     N, C, H, W = (int(s) for s in like.shape)
-    sms = _sms(like.device.index if like.device.index is not None else torch.cuda.current_device()) \
-        if like.is_cuda else 3
     # a stream of stores, no partial sums to add: short runs, four times the forward's programs
-    cb, groups, rows, steps, run, runs = triton_forward_plan(like.shape, like.element_size(), sms, 4)
+    cb, groups, rows, steps, run, runs = triton_forward_plan(like.shape, like.element_size(), _sms(like), 4)
     out = torch.empty_like(like, memory_format=torch.channels_last)
     _d._kernel(_kcs.centroid_grad, like)[(N * groups, runs)](
         grad.float(), stats.contiguous(), out, H * W, W, C, N * C, run, 2.0 / W, 2.0 / H, which, ROWS=rows,
@@ -372,8 +368,8 @@ def centroid_align_loss(f_out: torch.Tensor, f_tgt: torch.Tensor, impl: str = "a
 
 
 def _forward(f_out: torch.Tensor, f_tgt: torch.Tensor):
-    """(loss, stats) by the C++ op, or by the Triton forward where DMFN_CENTROID_TRITON=1 and it takes the maps;
-    the C++ backward either way."""
+    """(loss, stats) by the C++ op, or by the Triton forward where DMFN_CENTROID_TRITON is 1, 2 or 3 and it takes
+    the maps (its backward: the C++ one at 1, the Triton one at 2 and 3)."""
     if _impl.env_switch("DMFN_CENTROID_TRITON") != "0" and not triton_forward_why_not(f_out, f_tgt):
         return _fwd_triton(f_out, f_tgt)
     return torch.ops.dmfn_fast.centroid_align_fwd(f_out, f_tgt)

@@ -274,6 +274,17 @@ def _sums32(k, N, C, like):
     return _zeros32(k, N, C, like=like).unbind(0)
 
 
+@functools.lru_cache(maxsize=None)
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def sm_count(t: torch.Tensor) -> int:
+    """The multiprocessors of t's GPU (its index, else the current device), cached per device: what the
+    kernels' launch plans size their programs by (traced with fake tensors too)."""
+    return _sm_count(t.device.index if t.device.index is not None else torch.cuda.current_device())
+
+
 def _cdiv(a, b):
     # Plain integer math: triton.cdiv is a ConstexprFunction in Triton >= 3.7, ~15 us a host call.
     return -(-a // b)

@@ -11,7 +11,6 @@ are ATen's to the bit on a GPU (the interpreter's bf16 rounding truncates). impl
 DMFN_L1_KERNEL says (by default in a CUDA-graph step only: _impl.switch_on); impl="fast" takes them; never
 under torch.compile, whose Inductor fuses the reference itself. Twice differentiable, as the formula (the
 gradient is linear in the loss's gradient)."""
-import functools
 from typing import Optional, Tuple
 
 import torch
@@ -43,11 +42,6 @@ def _format(a):
     return torch.contiguous_format if a.is_contiguous() else torch.channels_last
 
 
-@functools.lru_cache(maxsize=None)
-def _programs(device_index):
-    return _kl1.PROGRAMS_PER_SM * torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
 def _blocks(K):
     # int(): a traced K (dynamic shapes) specializes here; next_power_of_2's bit twiddling on a symbolic K
     # built expressions that took opcheck's dynamic-shape test minutes
@@ -66,7 +60,7 @@ def _l1_mean_sign_fn(a: torch.Tensor, b: torch.Tensor, g: Optional[torch.Tensor]
     if _d.INTERPRET:  # few programs: several tiles each, some past the end
         programs = min(tiles, 3)
     else:  # traced (fake tensors) too: the compiled graph launches with the number it records here
-        programs = min(tiles, _programs(a.device.index if a.device.index is not None else torch.cuda.current_device()))
+        programs = min(tiles, _kl1.PROGRAMS_PER_SM * _d.sm_count(a))
     part = torch.empty(max(programs, 1), device=a.device, dtype=torch.float32)
     if R and K:
         _d._kernel(_kl1.l1_sign_fwd, a)[(programs,)](

@@ -14,7 +14,6 @@ Plain eager calls, and calls inside a selective checkpoint (the generator's trai
 mode is not a trace), run the same Python through _ThinConvEager with the kernels launched directly.
 impl="auto" takes it as use_fast says (the generator's anywhere, the discriminator's in a CUDA-graph step, by
 default); impl="fast" takes it, eager and compiled."""
-import functools
 from typing import Optional, Tuple
 
 import torch
@@ -66,12 +65,6 @@ def _shape(x, w, stride, padding):
     return N, C, H, W, O, KH, KW, OH, OW, cx
 
 
-@functools.lru_cache(maxsize=None)
-def _programs(device_index):
-    """The weight gradient's programs: two per SM, each summing a run of pixel tiles."""
-    return 2 * torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
 def _forward(x, w, b, stride, padding, act, slope, launch):
     """y = act(conv(x) + b), channels-last. launch(kernel, *tensors) -> kernel ready for [grid](...)."""
     x, w = _padded(_d._cl(x), w)
@@ -102,8 +95,9 @@ def _wgrad(x, y, dy, w, stride, padding, act, slope, launch):
         kern, tiles, programs = _ktc.thin_conv_wgrad, dict(BLOCK_M=16), 3
     else:
         kern, tiles = _ktc.TUNED["wgrad", "f32" if x.dtype == torch.float32 else "lowp"], {}
-        # traced (fake tensors) too: the compiled graph launches with the number it records here
-        programs = _programs(x.device.index if x.device.index is not None else torch.cuda.current_device())
+        # two per SM, each summing a run of pixel tiles; traced (fake tensors) too: the compiled graph launches
+        # with the number it records here
+        programs = 2 * _d.sm_count(x)
     launch(kern, x)[(programs,)](x, y, dy, dw32, db32, M, H, W, OH, OW, O, float(slope), programs, ACT=act, **cx,
                                  **_d.dot_flags(x.dtype), **tiles)
     # rows k = (ky * KW + kx) * C + c -> [O, C, KH, KW] (a padded channel dropped), in w's dtype and strides (no
