@@ -105,8 +105,9 @@ for _dt in ("fp32", "fp16"):
         CASES[f"l1-loss-{_dt}-N{_n}"] = ("l1_loss", dict(dtype=_dt, N=_n))
 CASES["l1-loss-bf16-N3"] = ("l1_loss", dict(dtype="bf16", N=3))  # the interpreter truncates bf16: not exact
 CASES["l1-loss-in-dmfn-loss"] = ("l1_in_loss", dict(N=2, H=32, W=32))
-# The centroid loss's Triton forward (DMFN_CENTROID_TRITON=1): runs of whole pixels, a last run cut short, a
-# partial channel group (1032 channels: 3 groups of 512 in fp32, 2 of 1024 in 16 bits), the authors' grid
+# The centroid loss's Triton kernels (DMFN_CENTROID_TRITON 1 to 3): runs of whole pixels, a last run cut short,
+# whole planes, a partial channel group (1032 channels: 3 groups of 512 in fp32, 2 of 1024 in 16 bits), the
+# authors' grid
 for _dt, _n, _c, _h, _w, _grid in (("fp32", 1, 8, 17, 19, "paper"), ("fp32", 3, 40, 9, 8, "paper"),
                                    ("fp32", 2, 1032, 3, 4, "paper"), ("fp16", 3, 40, 9, 8, "paper"),
                                    ("fp16", 2, 1032, 3, 4, "paper"), ("bf16", 2, 24, 7, 6, "paper"),
