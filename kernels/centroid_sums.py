@@ -7,7 +7,7 @@ at 3.4, s18).
 centroid_pair_sums: program (n * groups + g, r) takes CB channels (every channel where C <= CB) of run r of
 image n's pixels in both maps, so a program's bytes are contiguous, as a stream's. Its 8 warps form ROWS rows,
 each loading one pixel's CB channels at 16 bytes a thread; a step is STEPS such loads of ROWS consecutive
-pixels in each map, one [STEPS, ROWS, CB] tensor a map, so all of a thread's loads are issued before its adds
+pixels in each map, one [STEPS * ROWS, CB] tensor a map, so all of a thread's loads are issued before its adds
 (sm_90: 16 in fp32, 8 in 16 bits), which sum over STEPS in its registers. It adds x, x*u and x*v per channel
 (u = 2w/W - 1, v = 2h/H - 1) and writes the run's sums to part[(r * 6 + map * 3 + k) * NC + plane].
 centroid_finish: a lane per plane adds its runs in run order, then the reference's eps terms, and writes stats
@@ -42,34 +42,41 @@ def _image_channels(C, CB: tl.constexpr):
 
 @triton.jit
 def _step(p0, STEPS: tl.constexpr, ROWS: tl.constexpr, W, step_u, step_v):
-    """A step's pixels from p0, [STEPS, ROWS, 1]: ROWS consecutive pixels a load (the rows of warps), STEPS loads
-    a thread; and their u = 2w/W - 1, v = 2h/H - 1 in fp32."""
-    p = p0 + (tl.arange(0, STEPS)[:, None] * ROWS + tl.arange(0, ROWS)[None, :])[:, :, None]
+    """A step's pixels from p0, [STEPS * ROWS, 1]: ROWS consecutive pixels a load (the rows of warps), STEPS loads
+    a thread; and their u = 2w/W - 1, v = 2h/H - 1 in fp32. 2-D, not [STEPS, ROWS, 1]: Triton 3.6 broke the tie
+    between the two pixel dims by putting warps along STEPS, so each step's sum crossed warps (171-255 registers)."""
+    p = p0 + tl.arange(0, STEPS * ROWS)[:, None]
     h = p // W
     return p, (p - h * W).to(tl.float32) * step_u - 1.0, h.to(tl.float32) * step_v - 1.0
+
+
+@triton.jit
+def _fold(x, STEPS: tl.constexpr, ROWS: tl.constexpr, CB: tl.constexpr):
+    """[STEPS * ROWS, CB] -> [ROWS, CB], summed over STEPS: row s * ROWS + r sits in the thread of row r."""
+    return tl.sum(tl.reshape(x, [STEPS, ROWS, CB]), 0)
 
 
 @triton.jit
 def _run_sums(a, b, n, c, start, end, HW, W, C, step_u, step_v, ROWS: tl.constexpr, STEPS: tl.constexpr,
               CB: tl.constexpr):
     """S0, Sx, Sy of map a, then of map b, over pixels [start, end) of image n in channels c: [CB] each."""
-    cm = (c < C)[None, None, :]
-    base = n.to(tl.int64) * HW * C + c[None, None, :]
+    cm = (c < C)[None, :]
+    base = n.to(tl.int64) * HW * C + c[None, :]
     z = tl.zeros([ROWS, CB], tl.float32)  # a row per pixel of a load
     s0a, sxa, sya, s0b, sxb, syb = z, z, z, z, z, z
     for p0 in range(start, end, ROWS * STEPS):
-        # a step: one [STEPS, ROWS, CB] tensor a map, so all of a thread's loads are issued before its first
+        # a step: one [STEPS * ROWS, CB] tensor a map, so all of a thread's loads are issued before its first
         # add; summed over STEPS in its registers
         p, u, v = _step(p0, STEPS, ROWS, W, step_u, step_v)
         m = cm & (p < end)
         xa = tl.load(a + base + p.to(tl.int64) * C, mask=m, other=0.0).to(tl.float32)
         xb = tl.load(b + base + p.to(tl.int64) * C, mask=m, other=0.0).to(tl.float32)
-        s0a += tl.sum(xa, 0)
-        sxa += tl.sum(xa * u, 0)
-        sya += tl.sum(xa * v, 0)
-        s0b += tl.sum(xb, 0)
-        sxb += tl.sum(xb * u, 0)
-        syb += tl.sum(xb * v, 0)
+        s0a += _fold(xa, STEPS, ROWS, CB)
+        sxa += _fold(xa * u, STEPS, ROWS, CB)
+        sya += _fold(xa * v, STEPS, ROWS, CB)
+        s0b += _fold(xb, STEPS, ROWS, CB)
+        sxb += _fold(xb * u, STEPS, ROWS, CB)
+        syb += _fold(xb * v, STEPS, ROWS, CB)
     return tl.sum(s0a, 0), tl.sum(sxa, 0), tl.sum(sya, 0), tl.sum(s0b, 0), tl.sum(sxb, 0), tl.sum(syb, 0)
 
 
@@ -183,12 +190,12 @@ def centroid_grad(grad, stats, out, HW, W, C, NC, RUN, step_u, step_v, WHICH, RO
     gx = gl * (tl.load(so + 1, mask=cm1, other=0.0) - tl.load(st + 1, mask=cm1, other=0.0))
     gy = gl * (tl.load(so + 2, mask=cm1, other=0.0) - tl.load(st + 2, mask=cm1, other=0.0))
     s0 = tl.load(mine, mask=cm1, other=1.0)
-    a = tl.math.div_rn(gx, s0)[None, None, :]
-    b = tl.math.div_rn(gy, s0)[None, None, :]
+    a = tl.math.div_rn(gx, s0)[None, :]
+    b = tl.math.div_rn(gy, s0)[None, :]
     k = tl.math.div_rn(-(gx * tl.load(mine + 1, mask=cm1, other=0.0) + gy * tl.load(mine + 2, mask=cm1, other=0.0)),
-                       s0)[None, None, :]
-    cm = cm1[None, None, :]
-    base = n.to(tl.int64) * HW * C + c[None, None, :]
+                       s0)[None, :]
+    cm = cm1[None, :]
+    base = n.to(tl.int64) * HW * C + c[None, :]
     start = tl.program_id(1) * RUN
     end = tl.minimum(start + RUN, HW)
     for p0 in range(start, end, ROWS * STEPS):
