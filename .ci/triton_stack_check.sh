@@ -16,13 +16,15 @@ if ! "$PY" -c "import triton, sys; sys.exit(triton.__version__ != '$PIN')" 2>/de
   rm -rf "$VENV"
   python3 -m venv "$VENV"
   # torch's CPU wheel (on this machine's disk) only imports the package; the compiles need no GPU
-  if ! quiet "$PY" -m pip install -q --no-compile torch==2.13.0 "triton==$PIN" numpy pillow pytest setuptools wheel; then
+  if ! quiet "$PY" -m pip install -q --no-compile torch==2.13.0 "triton==$PIN" numpy pillow pytest setuptools \
+      wheel; then
     echo "triton_stack_check: could not install triton==$PIN (no network?): skipped"
     rm -rf "$VENV"
     exit 0
   fi
 fi
 DMFN_NO_EXT=1 quiet "$PY" -m pip install -q --no-deps --no-build-isolation -e .
-echo "triton_stack_check: $("$PY" -c 'import torch, triton; print("torch", torch.__version__, "triton", triton.__version__)')"
+versions=$("$PY" -c 'import torch, triton; print("torch", torch.__version__, "triton", triton.__version__)')
+echo "triton_stack_check: $versions"
 "$PY" -m pytest -q -p no:cacheprovider tests/test_dmfb_compile.py
 echo "triton_stack_check: ok in $(( $(date +%s) - start )) s"
