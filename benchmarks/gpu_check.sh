@@ -13,6 +13,22 @@ cd "$(dirname "$0")/.."
 DRY=0
 if [ "${1:-}" = --dry ]; then DRY=1; shift; fi
 OUT=${1:?usage: gpu_check.sh [--dry] OUT_DIR}
+# every stage's name (tests/test_gpu_check.py holds this to the stage calls below): a misspelt skip would run a
+# stage the lease has no time for, so it is refused before any work
+STAGES="install build-ext tests-dmfb tests-centroid tests-recipe train-smoke compile-parity compile-parity-opaque
+        sanitizer breakdown e2e e2e-opaque ncu-case ncu-centroid-case ncu ncu-centroid"
+for s in ${GPU_CHECK_SKIP:-}; do
+  if [[ " $(echo $STAGES) " != *" $s "* ]]; then
+    echo "GPU_CHECK_SKIP: there is no stage '$s'; the stages are: $(echo $STAGES)" >&2
+    exit 2
+  fi
+done
+for a in ${GPU_CHECK_BREAKDOWN_ARGS:-}; do  # gpu_breakdown.py's options are all switches
+  if ! grep -q -- "add_argument(\"$a\", action=\"store_true\"" benchmarks/gpu_breakdown.py; then
+    echo "GPU_CHECK_BREAKDOWN_ARGS: gpu_breakdown.py has no switch '$a' (python benchmarks/gpu_breakdown.py -h)" >&2
+    exit 2
+  fi
+done
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
 PY=${PYTHON:-python3}

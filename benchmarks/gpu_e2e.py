@@ -35,8 +35,20 @@ ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 ap.add_argument("out")
 ap.add_argument("--dry", action="store_true", help="CPU, TRITON_INTERPRET=1, tiny sizes")
 ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile variants")
-ap.add_argument("--only", help="comma-separated variants to run, e.g. fast+compile (default: all)")
+ap.add_argument("--only", help="comma-separated variants to run, e.g. fast+compile (default: all); a variant as "
+                               "CASE:VARIANT runs in that case alone (generator, step or inference)")
 args = ap.parse_args()
+INDUCTOR_NORMS = "fast+compile-ro-inductor-norms"  # --only name of the generator row with DMFN_COMPILED_NORMS=0
+# every variant --only can name (want() holds its callers to it); a misspelt name would run nothing
+VARIANTS = ("fast", "amp", "baseline", "fast+graphs", "amp+graphs", "amp+compile", "fast+compile", "fast+compile-ro",
+            "amp+compile-ro", "fast (no recompute)", "fast (no flag reads)", "fast+compile (no flag reads)",
+            INDUCTOR_NORMS)
+CASES = ("generator", "step", "inference")
+for _name in (args.only.split(",") if args.only else ()):
+    _case, _, _variant = _name.rpartition(":")
+    if _variant not in VARIANTS or _case not in ("",) + CASES:
+        ap.error(f"--only: no variant {_name!r}; the variants: {', '.join(VARIANTS)}, each also as CASE:VARIANT "
+                 f"with CASE one of {', '.join(CASES)}")
 if args.dry:
     os.environ["TRITON_INTERPRET"] = "1"
 
@@ -257,12 +269,11 @@ gflop = {}
 ONLY = set(args.only.split(",")) if args.only else None
 
 
-INDUCTOR_NORMS = "fast+compile-ro-inductor-norms"  # --only name of the generator row with DMFN_COMPILED_NORMS=0
-
 
 def want(variant, case=None):
     """Whether --only asks for the variant, in every case or (as "CASE:VARIANT", CASE one of generator, step,
     inference) in this case alone: "generator:amp+compile" compiles the generator without the step."""
+    assert variant in VARIANTS and case in (None,) + CASES, (variant, case)
     return ONLY is None or variant in ONLY or (case is not None and f"{case}:{variant}" in ONLY)
 
 

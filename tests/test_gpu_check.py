@@ -1,6 +1,7 @@
 """The staged GPU check cannot rot between GPU leases: its --dry mode runs every stage on the CPU (tiny
 sizes, kernels interpreted) and must write the same files, with every ratio key issue targets use."""
 import json
+import re
 import os
 import subprocess
 import sys
@@ -40,6 +41,39 @@ def test_gpu_check_dry_run(tmp_path):
     for stage in ("tests-dmfb", "tests-centroid", "tests-recipe", "train-smoke", "compile-parity", "breakdown", "e2e",
                   "ncu-case", "ncu-centroid-case"):
         assert f"{stage}: rc=0" in stages, stages
+
+
+def test_gpu_check_refuses_an_unknown_stage_to_skip(tmp_path):
+    """A misspelt GPU_CHECK_SKIP name (it would run a stage a lease has no time for) or breakdown switch (the
+    breakdown stage would fail) is refused before any work; the script's list of names is exactly the stages
+    it runs."""
+    script = os.path.join(ROOT, "benchmarks", "gpu_check.sh")
+    env = dict(os.environ, PYTHON=sys.executable, GPU_CHECK_SKIP="tests-dmfb  tests-centriod")
+    p = subprocess.run(["bash", script, "--dry", str(tmp_path / "out")], env=env, capture_output=True, text=True,
+                       timeout=60)
+    assert p.returncode == 2 and "no stage 'tests-centriod'" in p.stderr, (p.returncode, p.stderr)
+    assert not (tmp_path / "out").exists()
+    env = dict(env, GPU_CHECK_SKIP="ncu", GPU_CHECK_BREAKDOWN_ARGS="--no-compile --centroid_only")
+    p = subprocess.run(["bash", script, "--dry", str(tmp_path / "out")], env=env, capture_output=True, text=True,
+                       timeout=60)
+    assert p.returncode == 2 and "no switch '--centroid_only'" in p.stderr, (p.returncode, p.stderr)
+    assert not (tmp_path / "out").exists()
+    text = open(script).read()
+    listed = re.search(r'STAGES="([^"]*)"', text).group(1).split()
+    code = "\n".join(re.sub(r"(^|\s)#.*", "", line) for line in text.splitlines())  # comments out
+    called = re.findall(r"(?:^|\|\| |&& )\s*stage ([a-z][a-z0-9-]*)\s", code, re.M)
+    assert sorted(listed) == sorted(set(called)) and len(listed) == len(set(listed)), (listed, called)
+
+
+def test_e2e_refuses_an_unknown_variant(tmp_path):
+    """gpu_e2e.py --only (GPU_CHECK_E2E_ONLY): a misspelt variant or case is refused before any work (it
+    would run nothing); names as CASE:VARIANT pass the check."""
+    script = os.path.join(ROOT, "benchmarks", "gpu_e2e.py")
+    for only, bad in (("fast,step:amp+compile,fast+compil", "fast+compil"), ("steps:fast", "steps:fast")):
+        p = subprocess.run([sys.executable, script, str(tmp_path / "out"), "--dry", "--only", only],
+                           capture_output=True, text=True, timeout=60)
+        assert p.returncode == 2 and f"no variant {bad!r}" in p.stderr, (p.returncode, p.stderr[-2000:])
+        assert not (tmp_path / "out").exists()
 
 
 def test_compiled_step_rows_are_held_to_their_eager_base():
