@@ -17,9 +17,10 @@ OUT=${1:?usage: gpu_check.sh [--dry] OUT_DIR}
 # stage the lease has no time for, so it is refused before any work
 STAGES="install build-ext tests-dmfb tests-centroid tests-recipe train-smoke compile-parity compile-parity-opaque
         sanitizer breakdown e2e e2e-opaque ncu-case ncu-centroid-case ncu ncu-centroid"
+STAGES=$(echo $STAGES)  # one space between names
 for s in ${GPU_CHECK_SKIP:-}; do
-  if [[ " $(echo $STAGES) " != *" $s "* ]]; then
-    echo "GPU_CHECK_SKIP: there is no stage '$s'; the stages are: $(echo $STAGES)" >&2
+  if [[ " $STAGES " != *" $s "* ]]; then
+    echo "GPU_CHECK_SKIP: there is no stage '$s'; the stages are: $STAGES" >&2
     exit 2
   fi
 done

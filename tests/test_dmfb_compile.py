@@ -140,16 +140,12 @@ def test_centroid_sums_kernels(compiled):
     assert not over, over
 
     sums = [k for k in compiled if k.split()[2] == "centroid_pair_sums" and " C512" in k]
-    assert len(sums) == 2 * 3  # sm_80, sm_90 x fp32, bf16, fp16
-    for key in sums:
+    planes = [k for k in compiled if k.split()[2] == "centroid_plane_sums"]
+    assert len(sums) == len(planes) == 2 * 3  # sm_80, sm_90 x fp32, bf16, fp16
+    for key in sums + planes:
         loads = 2 * kc.STEPS[4 if " fp32 " in key else 2]
         assert compiled[key]["LDG.E.128"] == loads and compiled[key]["LDG.E.64"] == 0, (key, compiled[key])
     assert any(k.split()[2] == "centroid_finish" for k in compiled)
-    planes = [k for k in compiled if k.split()[2] == "centroid_plane_sums"]
-    assert len(planes) == 2 * 3
-    for key in planes:
-        loads = 2 * kc.STEPS[4 if " fp32 " in key else 2]
-        assert compiled[key]["LDG.E.128"] == loads and compiled[key]["LDG.E.64"] == 0, (key, compiled[key])
     assert any(k.split()[2] == "centroid_sum_shares" for k in compiled)
     grads = [k for k in compiled if k.split()[2] == "centroid_grad" and " C512" in k]
     assert len(grads) == 2 * 3

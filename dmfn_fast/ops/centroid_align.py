@@ -214,6 +214,11 @@ def _sms(t: torch.Tensor) -> int:
     return _d.sm_count(t) if t.is_cuda else 3
 
 
+def _rows(cb: int, element_size: int, cap: int) -> int:
+    """Pixels a load: the program's 8 warps at 16 bytes a thread over CB channels a pixel, at most cap."""
+    return max(1, min(cap, _kcs.WARPS * 32 * 16 // (cb * element_size)))
+
+
 def triton_forward_plan(shape, element_size: int, sms: int, waves: int = 1):
     """(CB channels a program, groups of them, ROWS pixels a load, STEPS loads a step, pixels a run, runs an
     image): 8 warps a program, ROWS rows of warps each taking one pixel's CB channels at 16 bytes a thread
@@ -223,7 +228,7 @@ def triton_forward_plan(shape, element_size: int, sms: int, waves: int = 1):
     HW = H * W
     cb = min(_d.triton.next_power_of_2(C), _kcs.MAX_GROUP_BYTES // element_size)
     groups = _d._cdiv(C, cb)
-    rows = max(1, min(_kcs.MAX_ROWS, _kcs.WARPS * 32 * 16 // (cb * element_size)))
+    rows = _rows(cb, element_size, _kcs.MAX_ROWS)
     steps = _kcs.STEPS[element_size]
     runs = max(1, _d._cdiv(2 * sms * waves, N * groups))
     run = _d._cdiv(_d._cdiv(HW, runs), rows * steps) * rows * steps
@@ -237,8 +242,7 @@ def triton_planes_plan(shape, element_size: int, sms: int):
     N, C = int(shape[0]), int(shape[1])
     cb_bytes = 128 if N * _d._cdiv(C, 128 // element_size) >= sms else 64
     cb = min(_d.triton.next_power_of_2(C), max(1, cb_bytes // element_size))
-    rows = max(1, min(64, _kcs.WARPS * 32 * 16 // (cb * element_size)))
-    return cb, _d._cdiv(C, cb), rows, _kcs.STEPS[element_size]
+    return cb, _d._cdiv(C, cb), _rows(cb, element_size, 64), _kcs.STEPS[element_size]
 
 
 def _f32(x: float) -> float:
