@@ -214,9 +214,10 @@ for dt, layout, a, t in ([] if args.no_centroid else centroid_cases()):
                       ({"TRITON": "1", "WAVES": "4"}, "extension, Triton forward, four waves"),
                       ({"TRITON": "2"}, "extension, Triton forward and backward"),
                       ({"TRITON": "2", "WAVES": "2"}, "extension, Triton forward and backward, two waves"),
-                      # both in Triton, the forward in whole planes a program (3): the column_read rows' order,
-                      # no partial sums, no finish kernel
-                      ({"TRITON": "3"}, "extension, Triton whole planes and backward")]
+                      # the forward in whole planes a program: the column_read rows' order, no partial sums, no
+                      # finish kernel; with the Triton backward (3) or the C++ one (4)
+                      ({"TRITON": "3"}, "extension, Triton whole planes and backward"),
+                      ({"TRITON": "4"}, "extension, Triton whole planes")]
         for env, name in plans:
             with mock.patch.dict(os.environ):  # restored after each plan
                 for k in CENTROID_SWITCHES:

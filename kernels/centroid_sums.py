@@ -14,7 +14,7 @@ centroid_finish: a lane per plane adds its runs in run order, then the reference
 [2, NC, 3] (S0, cx, cy, as the C++ op's); each program's squared centroid differences go to loss_parts, which
 the last program to take the ticket adds up in program order into the loss. Deterministic: fixed-order sums,
 no float atomics. centroid_pair_sums's first program zeroes the ticket, so no memset runs.
-centroid_plane_sums (DMFN_CENTROID_TRITON=3): whole planes a program instead, 128 or 64 bytes of each pixel
+centroid_plane_sums (DMFN_CENTROID_TRITON=3 and 4): whole planes a program instead, 128 or 64 bytes of each pixel
 over the image, its stats and a loss share written by itself; centroid_sum_shares adds the shares.
 centroid_grad (DMFN_CENTROID_TRITON=2 and 3): the backward, written in the sums kernel's tiles from the stats."""
 import triton
@@ -159,7 +159,7 @@ def centroid_finish(part, stats, loss_parts, ticket, loss, NC, SPLITS, e0, ex, e
 @triton.jit
 def centroid_plane_sums(a, b, stats, loss_parts, HW, W, C, NC, step_u, step_v, e0, ex, ey, ROWS: tl.constexpr,
                         STEPS: tl.constexpr, CB: tl.constexpr):
-    # DMFN_CENTROID_TRITON=3: program n * groups + g sums CB channels (128 or 64 bytes of a pixel) over every
+    # DMFN_CENTROID_TRITON=3 and 4: program n * groups + g sums CB channels (128 or 64 bytes of a pixel) over every
     # pixel of image n, so it finishes its own planes: stats and a loss share, no partial sums, no finish
     # kernel (the C++ op's block finish, its fastest fp32 plan in s18). The order of the column_read rows.
     n, c = _image_channels(C, CB)

@@ -523,7 +523,8 @@ def test_cuda_triton_forward_matches_the_cpp_op(dtype, waves, shape, monkeypatch
     """DMFN_CENTROID_TRITON=1: the forward by kernels/centroid_sums.py (whole pixels a program, its own finish
     and ticket) gives the C++ op's stats and loss to rounding (another order of sums), the same bits on a rerun,
     and through centroid_align_loss both maps' gradients to rounding, by the C++ backward (1) or the Triton one
-    (2), in 1 to 4 waves of programs (DMFN_CENTROID_WAVES); and in whole planes a program (3), the same.
+    (2), in 1 to 4 waves of programs (DMFN_CENTROID_WAVES); and in whole planes a program, with the Triton
+    backward (3) or the C++ one (4), the same.
     [3, 264, 33, 35]: runs cut short, idle lanes; [2, 1032, 7, 9]: partial channel groups. The gradients are
     of the loss times 2^16, as in the test above."""
     if ca._kcs is None:
@@ -545,14 +546,14 @@ def test_cuda_triton_forward_matches_the_cpp_op(dtype, waves, shape, monkeypatch
     monkeypatch.setenv("DMFN_CENTROID_TRITON", "0")
     bt = b.detach().clone().requires_grad_()
     g2 = torch.autograd.grad(ca.centroid_align_loss(a, bt, impl="fast") * 2.0 ** 16, (a, bt))
-    for mode in ("1", "2", "3"):  # 2: the gradients by the Triton kernel too, both maps', channels-last; 3: planes
+    for mode in ("1", "2", "3", "4"):  # 2: the gradients by the Triton kernel too, both maps'; 3, 4: planes
         monkeypatch.setenv("DMFN_CENTROID_TRITON", mode)
         g_t = torch.autograd.grad(ca.centroid_align_loss(a, bt, impl="fast") * 2.0 ** 16, (a, bt))
         for got, want in zip(g_t, g2):
             torch.testing.assert_close(got.float(), want.float(), rtol=1e-2 if dtype != torch.float32 else 1e-4,
                                        atol=1e-3 * want.abs().max().item())
             assert torch.isfinite(got).all() and got.is_contiguous(memory_format=torch.channels_last)
-    assert calls == [1, 1, 1]
+    assert calls == [1, 1, 1, 1]
 
 
 @cuda_ext

@@ -105,7 +105,7 @@ for _dt in ("fp32", "fp16"):
         CASES[f"l1-loss-{_dt}-N{_n}"] = ("l1_loss", dict(dtype=_dt, N=_n))
 CASES["l1-loss-bf16-N3"] = ("l1_loss", dict(dtype="bf16", N=3))  # the interpreter truncates bf16: not exact
 CASES["l1-loss-in-dmfn-loss"] = ("l1_in_loss", dict(N=2, H=32, W=32))
-# The centroid loss's Triton kernels (DMFN_CENTROID_TRITON 1 to 3): runs of whole pixels, a last run cut short,
+# The centroid loss's Triton kernels (DMFN_CENTROID_TRITON 1 to 4): runs of whole pixels, a last run cut short,
 # whole planes, a partial channel group (1032 channels: 3 groups of 512 in fp32, 2 of 1024 in 16 bits), the
 # authors' grid
 for _dt, _n, _c, _h, _w, _grid in (("fp32", 1, 8, 17, 19, "paper"), ("fp32", 3, 40, 9, 8, "paper"),
@@ -758,7 +758,8 @@ def check_centroid_triton(dtype, N, C, H, W, grid):
     read): its stats against the C++ op's (CPU kernel) per component, its loss against float64, the same bits
     on a rerun, in runs of pixels (DMFN_CENTROID_TRITON=1) and whole planes (3). Then through
     centroid_align_loss with the switch at 1 (the Triton forward, the C++ backward), 2 (both in Triton, both
-    maps' gradients, channels-last) and 3 (2 in whole planes): the loss and gradients against
+    maps' gradients, channels-last), 3 (2 in whole planes) and 4 (whole planes, the C++ backward, both maps'
+    gradients): the loss and gradients against
     float64 on `grid`; an NCHW map, the authors' grid (its NCHW means) or the switch at 0 take the C++ op. The
     maps are exact in their dtype, so the sums' error is fp32's; fp16/bf16 gradients are rounded once by the
     backward."""
@@ -803,8 +804,8 @@ def check_centroid_triton(dtype, N, C, H, W, grid):
     want = 1 if grid == "paper" else 0  # the authors' grid: the op on NCHW means over H, the C++ forward
     try:
         # 1: the Triton forward, the C++ backward; 2: both passes in Triton, both maps' gradients; 3: 2 with the
-        # forward in whole planes
-        for mode, both in (("1", False), ("2", True), ("3", True)):
+        # forward in whole planes; 4: that forward, the C++ backward of both maps
+        for mode, both in (("1", False), ("2", True), ("3", True), ("4", True)):
             os.environ["DMFN_CENTROID_TRITON"] = mode
             x, y = _leaf(a), (_leaf(b) if both else b)
             xr, yr = _leaf(a.double()), (_leaf(b.double()) if both else b.double())
@@ -816,11 +817,11 @@ def check_centroid_triton(dtype, N, C, H, W, grid):
                 errs.append((f"{grid} grad {name}, mode {mode}", _err(gk, gref), TOL[dtype]))
                 if mode != "1" and want:
                     assert gk.is_contiguous(memory_format=cl), f"{name} gradient not channels-last"
-        assert calls == {"fwd": 6 * want, "bwd": 4 * want}, calls  # modes 2 and 3: a gradient a map
+        assert calls == {"fwd": 8 * want, "bwd": 4 * want}, calls  # modes 2 and 3: a gradient a map
         ca.centroid_align_loss(a.contiguous(), b.contiguous(), impl="fast", grid=grid)  # NCHW: the C++ forward
         os.environ["DMFN_CENTROID_TRITON"] = "0"
         ca.centroid_align_loss(a, b, impl="fast", grid=grid)
-        assert calls == {"fwd": 6 * want, "bwd": 4 * want}, calls
+        assert calls == {"fwd": 8 * want, "bwd": 4 * want}, calls
     finally:
         ca._fwd_triton, ca._bwd_triton = real_fwd, real_bwd
         os.environ.pop("DMFN_CENTROID_TRITON")

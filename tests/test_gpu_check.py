@@ -65,6 +65,25 @@ def test_gpu_check_refuses_an_unknown_stage_to_skip(tmp_path):
     assert sorted(listed) == sorted(set(called)) and len(listed) == len(set(listed)), (listed, called)
 
 
+def test_breakdown_centroid_plans_are_switch_values():
+    """Every A/B plan of the centroid rows (gpu_breakdown.py, CUDA only: the --dry run never sets them) names
+    DMFN_CENTROID_* switches and values the op takes, and each row name once: a plan the op refused would cost a
+    lease its row, and a repeated name would hide one."""
+    import ast
+
+    from dmfn_fast.ops._impl import SWITCHES
+
+    text = open(os.path.join(ROOT, "benchmarks", "gpu_breakdown.py")).read()
+    plans = [(ast.literal_eval(env), name) for env, name in re.findall(r'\((\{[^{}]*\}), "(extension[^"]*)"\)', text)]
+    assert len(plans) > 20, plans
+    bad = [(env, name) for env, name in plans
+           if any(SWITCHES.get(f"DMFN_CENTROID_{k}", ()).count(v) != 1 for k, v in env.items())]
+    assert not bad, bad
+    names = [name for _, name in plans]
+    assert len(set(names)) == len(names), sorted(n for n in names if names.count(n) > 1)
+    assert ({"TRITON": "4"}, "extension, Triton whole planes") in plans
+
+
 def test_e2e_refuses_an_unknown_variant(tmp_path):
     """gpu_e2e.py --only (GPU_CHECK_E2E_ONLY): a misspelt variant or case is refused before any work (it
     would run nothing); names as CASE:VARIANT pass the check."""

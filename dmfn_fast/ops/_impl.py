@@ -47,8 +47,9 @@ SWITCHES = {
     "DMFN_CENTROID_BLOCK_FINISH": ("0", "1"),
     "DMFN_CENTROID_PIXELS": ("0", "1"),
     "DMFN_CENTROID_GRAD_ROWS": ("4", "1", "2"),
-    # the forward (1), both passes (2), both with the forward in whole planes (3), by Triton kernels
-    "DMFN_CENTROID_TRITON": ("0", "1", "2", "3"),
+    # by Triton kernels: the forward (1), both passes (2), both with the forward in whole planes (3), the
+    # forward in whole planes alone (4)
+    "DMFN_CENTROID_TRITON": ("0", "1", "2", "3", "4"),
 }
 # DMFN_* variables that are not switches: a file (the VGG weights), the build's and the benchmarks' own
 OTHER_VARIABLES = ("DMFN_VGG19_WEIGHTS", "DMFN_NO_EXT", "DMFN_BENCH_QUICK", "DMFN_CUDA_VENV")

@@ -187,7 +187,8 @@ torch.library.register_autograd("dmfn_fast::centroid_align_fwd", _backward, setu
 # DMFN_CENTROID_TRITON=1 (read per call, as the extension reads its plan switches): the forward of dense
 # channels-last CUDA maps in fp32/fp16/bf16 by kernels/centroid_sums.py, whole pixels a program, its stats
 # those the C++ backward reads; 2: the backward by its Triton kernel too; 3: as 2, with the forward in whole
-# planes a program (column order, no partial sums to finish). The C++ op's two-map kernel read at
+# planes a program (column order, no partial sums to finish); 4: that forward with the C++ backward, so that
+# each forward is timed with each backward. The C++ op's two-map kernel read at
 # 2.0 TB/s on the H100 in every plan, where a Triton stream read the same bytes at 2.95 (s18): the next
 # breakdown times this beside it.
 _kcs = _d.import_kernel_module("centroid_sums", "centroid forward kernel", "the C++ op's forward runs")
@@ -236,7 +237,7 @@ def triton_forward_plan(shape, element_size: int, sms: int, waves: int = 1):
 
 
 def triton_planes_plan(shape, element_size: int, sms: int):
-    """DMFN_CENTROID_TRITON=3's (CB channels a program, groups of them, ROWS pixels a load, STEPS loads a step):
+    """DMFN_CENTROID_TRITON=3 and 4's (CB channels a program, groups of them, ROWS pixels a load, STEPS loads a step):
     128 bytes of each pixel a program (64 where that leaves an SM idle), over every pixel of its image; 8 warps,
     8 or 4 threads a pixel, so 32 or 64 pixels a load."""
     N, C = int(shape[0]), int(shape[1])
@@ -269,7 +270,7 @@ def _fwd_triton_fn(f_out: torch.Tensor, f_tgt: torch.Tensor) -> tuple[torch.Tens
     dev = f_out.device
     stats = torch.empty(2, N, C, 3, device=dev, dtype=torch.float32)
     loss = torch.empty((), device=dev, dtype=torch.float32)
-    if _impl.env_switch("DMFN_CENTROID_TRITON") == "3":  # whole planes a program: no partial sums to finish
+    if _impl.env_switch("DMFN_CENTROID_TRITON") in ("3", "4"):  # whole planes a program: no partial sums
         cb, groups, rows, steps = triton_planes_plan(f_out.shape, f_out.element_size(), sms)
         shares = torch.empty(N * groups, device=dev, dtype=torch.float64)
         _d._kernel(_kcs.centroid_plane_sums, f_out)[(N * groups,)](
@@ -372,8 +373,8 @@ def centroid_align_loss(f_out: torch.Tensor, f_tgt: torch.Tensor, impl: str = "a
 
 
 def _forward(f_out: torch.Tensor, f_tgt: torch.Tensor):
-    """(loss, stats) by the C++ op, or by the Triton forward where DMFN_CENTROID_TRITON is 1, 2 or 3 and it takes
-    the maps (its backward: the C++ one at 1, the Triton one at 2 and 3)."""
+    """(loss, stats) by the C++ op, or by the Triton forward where DMFN_CENTROID_TRITON is 1 to 4 and it takes
+    the maps (its backward: the C++ one at 1 and 4, the Triton one at 2 and 3)."""
     if _impl.env_switch("DMFN_CENTROID_TRITON") != "0" and not triton_forward_why_not(f_out, f_tgt):
         return _fwd_triton(f_out, f_tgt)
     return torch.ops.dmfn_fast.centroid_align_fwd(f_out, f_tgt)
