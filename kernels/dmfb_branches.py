@@ -90,6 +90,17 @@ def _next_k(tap, k0, C, BLOCK_K: tl.constexpr):
 
 
 @triton.jit
+def _pixel_rows(H, W, BLOCK_P: tl.constexpr):
+    """Program (pixel tile, channel tile)'s image n and its BLOCK_P pixels p of that image (tiles of one image
+    each), their mask and (y, x): the pointer kernels' 1-D strips."""
+    HW = H * W
+    tiles = tl.cdiv(HW, BLOCK_P)
+    pid_p = tl.program_id(0)
+    p = (pid_p % tiles) * BLOCK_P + tl.arange(0, BLOCK_P)
+    return pid_p // tiles, p, p < HW, p // W, p % W
+
+
+@triton.jit
 def branches_fwd(
     h_ptr, w_ptr, b_ptr, out_ptr,
     dt_ptr, mean_ptr, rstd_ptr, sa_ptr, sb_ptr,
@@ -108,17 +119,10 @@ def branches_fwd(
     relu(IN(k)) into dk, and write the suffix sums G_j = dk_j + ... + dk_4, with the epilogue EPI
     (branches_grad); MODE 0 takes EPI 0.
     """
-    pid_p = tl.program_id(0)
-    pid_n = tl.program_id(1)
+    n, p, pmask, y, x = _pixel_rows(H, W, BLOCK_P)
     HW = H * W
     C4 = 4 * C
-    tiles = tl.cdiv(HW, BLOCK_P)
-    n = pid_p // tiles
-    p = (pid_p % tiles) * BLOCK_P + tl.arange(0, BLOCK_P)
-    pmask = p < HW
-    y = p // W
-    x = p % W
-    co = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    co = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     cmask = co < C
     ks = tl.arange(0, BLOCK_K)
     h_base = h_ptr + n.to(tl.int64) * HW * C
@@ -439,17 +443,10 @@ def branches_dgrad(
 ):
     """dh = sum_j conv_transpose_j(G_j): a dilated conv of the suffix sums G_j with flipped,
     transposed weights. g_ptr holds G = [G_1..G_4] as [N, H*W, 4C]."""
-    pid_p = tl.program_id(0)
-    pid_n = tl.program_id(1)
+    n, p, pmask, y, x = _pixel_rows(H, W, BLOCK_P)
     HW = H * W
     C4 = 4 * C
-    tiles = tl.cdiv(HW, BLOCK_P)
-    n = pid_p // tiles
-    p = (pid_p % tiles) * BLOCK_P + tl.arange(0, BLOCK_P)
-    pmask = p < HW
-    y = p // W
-    x = p % W
-    ci = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    ci = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     cimask = ci < C
     ks = tl.arange(0, BLOCK_K)
     g_base = g_ptr + n.to(tl.int64) * HW * C4
