@@ -172,7 +172,7 @@ def centroid_cases():
             yield dt, layout, a.requires_grad_(), t
 
 
-from stream_kernels import column_read, pixel_read, stream_read, stream_write  # noqa: E402
+from stream_kernels import column_read, pixel_read, stream_read, stream_read_pair, stream_write  # noqa: E402
 
 for dt, layout, a, t in ([] if args.no_centroid else centroid_cases()):
     tag = str(dt).replace("torch.", "")
@@ -246,6 +246,18 @@ for dt, layout, a, t in ([] if args.no_centroid else centroid_cases()):
                 log_row(dict(group=fg, name=name, error=f"its sum {got} is not the buffer's {want}"))
                 continue
             record(fg, name, lambda block=block, warps=warps: stream_read(both, block, warps), 0, read_bytes)
+        # the same stream over the op's two maps as allocated: both at the same offsets at once (as every pair
+        # kernel reads them), then half a map apart. Their distance in memory goes in the rows
+        fa, ft = (x.detach().permute(0, 2, 3, 1).reshape(-1) for x in (a, t))  # views: dense channels-last
+        want = fa.double().sum().item() + ft.double().sum().item()
+        for shift, how in ((0, "at the same offsets"), (fa.numel() // 8192 // 2, "half a map apart")):
+            name = f"read both maps as two buffers, {how} (Triton, 8192 a program, 8 warps)"
+            got = stream_read_pair(fa, ft, 8192, 8, shift).double().sum().item()
+            if abs(got - want) > 1e-4 * abs(want):
+                log_row(dict(group=fg, name=name, error=f"its sum {got} is not the maps' {want}"))
+                continue
+            record(fg, name, lambda shift=shift: stream_read_pair(fa, ft, 8192, 8, shift), 0, read_bytes,
+                   maps_apart_bytes=t.data_ptr() - a.data_ptr())
         # the same bytes in the pair kernel's order (columns of 128 bytes of channels, pixel rows a step), with
         # nothing else to do: every plan of the pair kernel read at two thirds of the stream's rate (s18). At the
         # stream's rate, the order is not what costs; at the pair kernel's, it is (more runs: whether more

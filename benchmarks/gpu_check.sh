@@ -155,7 +155,7 @@ elif command -v ncu >/dev/null; then
     --section WarpStateStats --section LaunchStats \
     --metrics dram__bytes_read.sum,dram__bytes_write.sum,lts__t_sector_hit_rate.pct,gpu__time_duration.sum \
     --nvtx --nvtx-include "profile/" \
-    -k "regex:pair_sums|plane_sums|_read_sum|_read_columns|finish_pairs|centroid_finish|grad_channels|centroid_grad" \
+    -k "regex:pair_sums|plane_sums|_read_sum|_read_pair|_read_columns|finish_pairs|centroid_finish|grad_channels|centroid_grad" \
     --log-file "$NCU_TXT" $PY benchmarks/gpu_ncu_case.py --centroid
   { echo "===== ncu centroid report ====="; cat "$NCU_TXT"; } >> "$LOG"; rm -f "$NCU_TXT"
 fi

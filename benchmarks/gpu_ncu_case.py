@@ -4,8 +4,8 @@ caches), then once inside the NVTX range "profile" that ncu filters on:
   its kernels called directly;
 - --centroid, the centroid op's forward+backward at [16, 512, 32, 32] channels-last: in fp32, then bf16, its
   default and whole-pixel plans and the Triton kernels (both passes, the forward in runs of pixels or whole
-  planes), each dtype after three
-  Triton reads of the same two maps' bytes (the stream, the pair kernel's column order, pixel by pixel). Every
+  planes), each dtype after five Triton reads of the same two maps' bytes (the stream of one buffer; the two maps
+  streamed at the same offsets and half a map apart; the pair kernel's column order; pixel by pixel). Every
   variant of the op's pair kernel read at about 2.0 TB/s on the H100 (s18) and 2.8 on the H200 (s15), two
   thirds of the copy rate, where the stream reached the copy rate: ncu's DRAM bytes, occupancy and stall
   reasons say whether it moves more bytes than counted, or waits on what.
@@ -52,7 +52,7 @@ def profiled(once):
 torch.manual_seed(0)
 if CENTROID:
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    from stream_kernels import column_read, pixel_read, stream_read  # noqa: E402
+    from stream_kernels import column_read, pixel_read, stream_read, stream_read_pair  # noqa: E402
 
     from dmfn_fast.ops import centroid_align as ca  # noqa: E402
 
@@ -65,6 +65,9 @@ if CENTROID:
 
         def reads():
             stream_read(both, 4096, 4)
+            fa, ft = (x.detach().permute(0, 2, 3, 1).reshape(-1) for x in (a, t))
+            for shift in (0, fa.numel() // 8192 // 2):  # the two maps at the same offsets, half a map apart
+                stream_read_pair(fa, ft, 8192, 8, shift)
             if not DRY:  # the dry maps' 8 channels make no whole column
                 column_read(a.detach(), t)
             pixel_read(a.detach(), t, 16)

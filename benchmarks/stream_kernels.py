@@ -22,6 +22,31 @@ def stream_read(x, block, warps):
 
 
 @triton.jit
+def _read_pair(a, b, out, n, SHIFT, BLOCK: tl.constexpr):
+    # program i: a's block i and b's block (i + SHIFT) mod the blocks, summed
+    nb = tl.num_programs(0)
+    i = tl.program_id(0)
+    offs_a = i.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    offs_b = ((i + SHIFT) % nb).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    va = tl.load(a + offs_a, mask=offs_a < n, other=0.0)
+    vb = tl.load(b + offs_b, mask=offs_b < n, other=0.0)
+    tl.store(out + i, tl.sum(va.to(tl.float32), 0) + tl.sum(vb.to(tl.float32), 0))
+
+
+def stream_read_pair(a, b, block, warps, shift=0):
+    """Two buffers of a size read as stream_read reads one: program i sums a's block i and b's block i + shift
+    (wrapping). shift 0 reads both at the same offsets at once, as every centroid pair kernel reads its two maps
+    (which read at 2.0 TB/s on the H100 where one buffer of both streamed at 2.95, s18); shift = half the
+    blocks reads them half a map apart. Same rates: reading two maps costs nothing; a slower shift 0: the maps'
+    same offsets contend (their distance in memory is in the row)."""
+    if a.numel() != b.numel():
+        raise ValueError(f"stream_read_pair takes buffers of one size, got {a.numel()} and {b.numel()}")
+    out = torch.empty(triton.cdiv(a.numel(), block), device=a.device, dtype=torch.float32)
+    _read_pair[(out.numel(),)](a, b, out, a.numel(), shift % out.numel(), BLOCK=block, num_warps=warps)
+    return out
+
+
+@triton.jit
 def _write_value(out, n, value, BLOCK: tl.constexpr):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     tl.store(out + offs, tl.full([BLOCK], value, out.dtype.element_ty), mask=offs < n)

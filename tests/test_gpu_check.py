@@ -366,7 +366,7 @@ def test_adopt_sets_each_measured_switch_both_ways(tmp_path, capsys):
 _STREAMS = """
 import sys, torch
 sys.path.insert(0, sys.argv[1])
-from stream_kernels import column_read, pixel_read, stream_read, stream_write
+from stream_kernels import column_read, pixel_read, stream_read, stream_read_pair, stream_write
 torch.manual_seed(0)
 for dt in (torch.float32, torch.float16):
     for shape, runs in (((2, 64, 5, 7), 1), ((3, 128, 17, 19), 3), ((1, 64, 1, 300), 4)):
@@ -376,7 +376,18 @@ for dt in (torch.float32, torch.float16):
         torch.testing.assert_close(pixel_read(a, b, runs).double(), want, rtol=1e-5, atol=0)
     x = torch.rand(5000).to(dt)
     torch.testing.assert_close(stream_read(x, 1024, 4).double().sum(), x.double().sum(), rtol=1e-5, atol=0)
+    y = torch.rand(5000).to(dt)
+    for shift in (0, 1, 2, 5):  # 5 blocks of 1024, the last cut short: every element of both once
+        got = stream_read_pair(x, y, 1024, 4, shift).double()
+        torch.testing.assert_close(got.sum(), x.double().sum() + y.double().sum(), rtol=1e-5, atol=0)
+        assert got.numel() == 5
     assert bool((stream_write(torch.empty(5000, dtype=dt), 0.25, 1024, 4) == 0.25).all())
+try:
+    stream_read_pair(torch.rand(10), torch.rand(11), 4, 1)
+except ValueError as e:
+    assert "one size" in str(e)
+else:
+    sys.exit("stream_read_pair took buffers of two sizes")
 for reader, channels, why in ((column_read, 8, "whole columns"), (pixel_read, 96, "power-of-2")):
     try:
         reader(torch.rand(1, channels, 2, 2), torch.rand(1, channels, 2, 2), 1)
@@ -391,8 +402,8 @@ print("ok")
 def test_stream_kernels_read_and_write_every_element():
     """The breakdown's floor readers and writer, interpreted: the pair-order and pixel-order reads sum each
     (image, channel) over every pixel of both maps, with any number of runs, including runs past the last
-    pixel; the stream read sums every element; the write writes every element; shapes they do not take are
-    refused."""
+    pixel; the stream read sums every element, and the paired read every element of both buffers at any shift;
+    the write writes every element; shapes they do not take are refused."""
     env = dict(os.environ, TRITON_INTERPRET="1")
     r = subprocess.run([sys.executable, "-c", _STREAMS, os.path.join(ROOT, "benchmarks")], capture_output=True,
                        text=True, env=env, timeout=300)
