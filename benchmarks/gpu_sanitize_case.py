@@ -50,7 +50,8 @@ cases = ((torch.float32, 8, 5, torch.contiguous_format, None),
          (torch.bfloat16, 16, 5, torch.channels_last, torch.contiguous_format),
          (torch.bfloat16, 6, 5, torch.channels_last, None))
 # each plan: the switches it sets, over their defaults here
-DEFAULTS = dict(FOLD="0", ASYNC="0", GRAD_ROWS="4", WIDE="0", BLOCK_FINISH="0", PIXELS="0", TRITON="0", WAVES="1")
+DEFAULTS = dict(FOLD="0", ASYNC="0", GRAD_ROWS="4", WIDE="0", BLOCK_FINISH="0", PIXELS="0", TRITON="0", WAVES="1",
+                APART="0")
 plans = [({}, c) for c in cases]
 plans += [(dict(FOLD=fold, ASYNC=staged, GRAD_ROWS=rows), c)
           for fold, staged, rows in (("1", "0", "4"), ("0", "1", "4"), ("1", "1", "1")) for c in cases[1:4]]
@@ -70,6 +71,8 @@ plans += [(dict(PIXELS="1", FOLD=fold), c) for fold in ("0", "1") for c in pixel
 # with the forward in whole planes (3); the same maps, 5x7 (one short run an image), a partial channel group
 # (1032 in fp32)
 plans += [(dict(TRITON=t, WAVES=w), c) for t, w in (("2", "4"), ("3", "1")) for c in pixels + cases[1:4:2]]
+# and the pair sums with map b read from the image half the batch ahead (DMFN_CENTROID_APART: 2 images, swapped)
+plans += [(dict(TRITON="1", WAVES="4", APART="1"), c) for c in pixels]
 for switches, (dt, C, HW, mf, mf_tgt) in plans:
     os.environ.update({f"DMFN_CENTROID_{k}": v for k, v in dict(DEFAULTS, **switches).items()})
     a = torch.rand(2, C, HW, HW + 2, device="cuda", dtype=dt).contiguous(memory_format=mf).requires_grad_()

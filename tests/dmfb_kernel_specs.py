@@ -175,10 +175,13 @@ def centroid_sums_specs(dtype="bf16"):
         for C in (512, 1032):
             cb, _, rows, steps, _, _ = ca.triton_forward_plan((16, C, 32, 32), size, 132)
             sig = dict(a="*" + dt, b="*" + dt, part="*fp32", ticket="*i32", HW="i32", W="i32", C="i32", NC="i32",
-                       RUN="i32", step_u="fp32", step_v="fp32", ROWS="constexpr", STEPS="constexpr", CB="constexpr")
+                       RUN="i32", step_u="fp32", step_v="fp32", ROWS="constexpr", STEPS="constexpr", CB="constexpr",
+                       APART="constexpr")
             label = f"centroid_pair_sums C{C}" + (" fp16" if dt != dtype else "")
-            out.append((label, kc.centroid_pair_sums, sig, dict(ROWS=rows, STEPS=steps, CB=cb),
-                        dict(num_warps=kc.WARPS), ("a", "b", "part", "C", "NC")))
+            for apart in (False, True) if C == 512 else (False,):  # DMFN_CENTROID_APART: map b half a batch ahead
+                out.append((label + " apart" * apart, kc.centroid_pair_sums, sig,
+                            dict(ROWS=rows, STEPS=steps, CB=cb, APART=apart), dict(num_warps=kc.WARPS),
+                            ("a", "b", "part", "C", "NC")))
             sig = dict(grad="*fp32", stats="*fp32", out="*" + dt, HW="i32", W="i32", C="i32", NC="i32", RUN="i32",
                        step_u="fp32", step_v="fp32", WHICH="i32", ROWS="constexpr", STEPS="constexpr", CB="constexpr")
             out.append((label.replace("pair_sums", "grad"), kc.centroid_grad, sig, dict(ROWS=rows, STEPS=steps, CB=cb),

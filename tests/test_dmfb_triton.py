@@ -756,7 +756,8 @@ def check_centroid_triton(dtype, N, C, H, W, grid):
     """The centroid loss's Triton forward (ops/centroid_align.py, kernels/centroid_sums.py), every tensor its
     launcher allocates filled with garbage first (a ticket of 7, NaN elsewhere: the kernels must write what they
     read): its stats against the C++ op's (CPU kernel) per component, its loss against float64, the same bits
-    on a rerun, in runs of pixels (DMFN_CENTROID_TRITON=1) and whole planes (3). Then through
+    on a rerun, in runs of pixels (DMFN_CENTROID_TRITON=1; with DMFN_CENTROID_APART=1 the same bits) and whole
+    planes (3). Then through
     centroid_align_loss with the switch at 1 (the Triton forward, the C++ backward), 2 (both in Triton, both
     maps' gradients, channels-last), 3 (2 in whole planes) and 4 (whole planes, the C++ backward, both maps'
     gradients): the loss and gradients against
@@ -788,6 +789,16 @@ def check_centroid_triton(dtype, N, C, H, W, grid):
             torch.empty = real_empty
             os.environ.pop("DMFN_CENTROID_TRITON")
         assert torch.equal(loss, loss2) and torch.equal(st, st2), f"mode {mode}: not the same bits on a rerun"
+        if mode == "1":  # map b's runs read by the programs of the image half the batch ahead: the same sums
+            os.environ.update(DMFN_CENTROID_TRITON="1", DMFN_CENTROID_APART="1")
+            torch.empty = dirty
+            try:
+                loss_ap, st_ap = ca._fwd_triton_fn(a, b)
+            finally:
+                torch.empty = real_empty
+                os.environ.pop("DMFN_CENTROID_TRITON")
+                os.environ.pop("DMFN_CENTROID_APART")
+            assert torch.equal(loss_ap, loss) and torch.equal(st_ap, st), "DMFN_CENTROID_APART: other sums"
         errs += [(f"mode {mode} stats {k} vs C++ op", _err(st[..., i], st_c[..., i]), 1e-5)
                  for i, k in enumerate(("S0", "cx", "cy"))]
         errs.append((f"mode {mode} loss vs float64",

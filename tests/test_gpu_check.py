@@ -82,6 +82,7 @@ def test_breakdown_centroid_plans_are_switch_values():
     names = [name for _, name in plans]
     assert len(set(names)) == len(names), sorted(n for n in names if names.count(n) > 1)
     assert ({"TRITON": "4"}, "extension, Triton whole planes") in plans
+    assert ({"TRITON": "1", "APART": "1"}, "extension, Triton forward, maps apart") in plans
 
 
 def test_e2e_refuses_an_unknown_variant(tmp_path):

@@ -290,7 +290,7 @@ def _fwd_triton_fn(f_out: torch.Tensor, f_tgt: torch.Tensor) -> tuple[torch.Tens
     ticket = torch.empty(1, device=dev, dtype=torch.int32)
     _d._kernel(_kcs.centroid_pair_sums, f_out)[(N * groups, runs)](
         f_out, f_tgt, part, ticket, H * W, W, C, NC, run, 2.0 / W, 2.0 / H, ROWS=rows, STEPS=steps, CB=cb,
-        num_warps=_kcs.WARPS)
+        APART=_impl.env_switch("DMFN_CENTROID_APART") == "1", num_warps=_kcs.WARPS)
     _d._kernel(_kcs.centroid_finish, f_out)[(fin,)](
         part, stats, loss_parts, ticket, loss, NC, runs, e0, ex, ey, BLOCK=_kcs.FINISH_BLOCK, PARTS=_kcs.PARTS,
         CHUNK=_kcs.FINISH_CHUNK, num_warps=_kcs.FINISH_WARPS)
