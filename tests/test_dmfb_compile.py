@@ -128,8 +128,8 @@ def test_thin_conv_kernels(compiled):
 def test_centroid_sums_kernels(compiled):
     """The centroid loss's Triton forward reads each pixel's channels as 16-byte vectors, both maps' STEPS loads a
     step (at the training plan 8 a map in fp32, 4 in 16 bits), with no narrower global load, in runs of pixels (map
-    b from the same image, or with DMFN_CENTROID_APART the image half the batch ahead) and in whole planes; the finishes compile; the gradient stores 16 bytes a thread (the spill check above covers
-    them all). On sm_90 the sums kernels fit 128 registers, so two programs of 8 warps share an SM as the plans
+    b from the same image, or with DMFN_CENTROID_APART the image half the batch ahead) and in whole planes; the
+    finishes compile; the gradient stores 16 bytes a thread (the spill check above covers them all). On sm_90 the sums kernels fit 128 registers, so two programs of 8 warps share an SM as the plans
     assume (Triton 3.6 once took 171-255 for them without spilling: .ci/triton_stack_check.sh)."""
     from dmfn_fast.kernels import centroid_sums as kc
 
