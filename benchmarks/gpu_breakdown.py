@@ -214,9 +214,11 @@ for dt, layout, a, t in ([] if args.no_centroid else centroid_cases()):
                       ({"TRITON": "1", "WAVES": "4"}, "extension, Triton forward, four waves"),
                       ({"TRITON": "2"}, "extension, Triton forward and backward"),
                       ({"TRITON": "2", "WAVES": "2"}, "extension, Triton forward and backward, two waves"),
-                      # the pair sums reading map b half a batch ahead of map a (the floor's "half a map apart")
+                      # the sums reading map b's pixels half a run ahead of map a's, half the loads a step (the
+                      # floor's paired rows: do the same offsets at once cost?)
                       ({"TRITON": "1", "APART": "1"}, "extension, Triton forward, maps apart"),
                       ({"TRITON": "2", "APART": "1"}, "extension, Triton forward and backward, maps apart"),
+                      ({"TRITON": "4", "APART": "1"}, "extension, Triton whole planes, maps apart"),
                       # the forward in whole planes a program: the column_read rows' order, no partial sums, no
                       # finish kernel; with the Triton backward (3) or the C++ one (4)
                       ({"TRITON": "3"}, "extension, Triton whole planes and backward"),

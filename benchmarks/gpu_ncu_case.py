@@ -22,8 +22,8 @@ if DRY:
 # (the async and wide plans, profiled until s19, read as the default did in s18: left out to keep the stage
 # inside its limit)
 PLANS = {"default": {}, "whole pixels": {"DMFN_CENTROID_PIXELS": "1"}, "Triton": {"DMFN_CENTROID_TRITON": "2"},
-         "Triton, maps apart": {"DMFN_CENTROID_TRITON": "1", "DMFN_CENTROID_APART": "1"},
-         "Triton planes": {"DMFN_CENTROID_TRITON": "3"}}
+         "Triton planes": {"DMFN_CENTROID_TRITON": "3"},
+         "Triton planes, maps apart": {"DMFN_CENTROID_TRITON": "3", "DMFN_CENTROID_APART": "1"}}
 for _name in {k for p in PLANS.values() for k in p}:
     os.environ.setdefault(_name, "")
 

@@ -71,8 +71,8 @@ plans += [(dict(PIXELS="1", FOLD=fold), c) for fold in ("0", "1") for c in pixel
 # with the forward in whole planes (3); the same maps, 5x7 (one short run an image), a partial channel group
 # (1032 in fp32)
 plans += [(dict(TRITON=t, WAVES=w), c) for t, w in (("2", "4"), ("3", "1")) for c in pixels + cases[1:4:2]]
-# and the pair sums with map b read from the image half the batch ahead (DMFN_CENTROID_APART: 2 images, swapped)
-plans += [(dict(TRITON="1", WAVES="4", APART="1"), c) for c in pixels]
+# and both forwards with map b's pixels half a run ahead of map a's (DMFN_CENTROID_APART; runs cut short)
+plans += [(dict(TRITON=t, WAVES="4", APART="1"), c) for t in ("1", "3") for c in pixels]
 for switches, (dt, C, HW, mf, mf_tgt) in plans:
     os.environ.update({f"DMFN_CENTROID_{k}": v for k, v in dict(DEFAULTS, **switches).items()})
     a = torch.rand(2, C, HW, HW + 2, device="cuda", dtype=dt).contiguous(memory_format=mf).requires_grad_()

@@ -10,8 +10,8 @@ each loading one pixel's CB channels at 16 bytes a thread; a step is STEPS such 
 pixels in each map, one [STEPS * ROWS, CB] tensor a map, so all of a thread's loads are issued before its adds
 (sm_90: 16 in fp32, 8 in 16 bits), which sum over STEPS in its registers. It adds x, x*u and x*v per channel
 (u = 2w/W - 1, v = 2h/H - 1) and writes the run's sums to part[(r * 6 + map * 3 + k) * NC + plane]. APART
-(DMFN_CENTROID_APART=1): map b's run is that of the image half the batch ahead, so the two maps are read half a
-map apart rather than at the same offsets at once (the same runs: the same sums).
+(DMFN_CENTROID_APART=1, in the whole-plane sums too): map b's pixels in the run's order rotated by half the run,
+so the two maps are never read at the same offsets at once (the same pixels, added in another order).
 centroid_finish: a lane per plane adds its runs in run order, then the reference's eps terms, and writes stats
 [2, NC, 3] (S0, cx, cy, as the C++ op's); each program's squared centroid differences go to loss_parts, which
 the last program to take the ticket adds up in program order into the loss. Deterministic: fixed-order sums,
@@ -59,13 +59,13 @@ def _fold(x, STEPS: tl.constexpr, ROWS: tl.constexpr, CB: tl.constexpr):
 
 
 @triton.jit
-def _run_sums(a, b, n, nb, c, start, end, HW, W, C, step_u, step_v, ROWS: tl.constexpr, STEPS: tl.constexpr,
-              CB: tl.constexpr):
-    """S0, Sx, Sy of map a over pixels [start, end) of image n, then of map b over those of image nb, in channels
-    c: [CB] each."""
+def _run_sums(a, b, n, c, start, end, HW, W, C, step_u, step_v, ROWS: tl.constexpr, STEPS: tl.constexpr,
+              CB: tl.constexpr, APART: tl.constexpr):
+    """S0, Sx, Sy of map a, then of map b, over pixels [start, end) of image n in channels c: [CB] each. APART:
+    map b's pixels in the run's order rotated by half the run, so the two maps are never read at the same offsets
+    at once (whichever programs are in flight)."""
     cm = (c < C)[None, :]
     base = n.to(tl.int64) * HW * C + c[None, :]
-    base_b = nb.to(tl.int64) * HW * C + c[None, :]
     z = tl.zeros([ROWS, CB], tl.float32)  # a row per pixel of a load
     s0a, sxa, sya, s0b, sxb, syb = z, z, z, z, z, z
     for p0 in range(start, end, ROWS * STEPS):
@@ -74,13 +74,20 @@ def _run_sums(a, b, n, nb, c, start, end, HW, W, C, step_u, step_v, ROWS: tl.con
         p, u, v = _step(p0, STEPS, ROWS, W, step_u, step_v)
         m = cm & (p < end)
         xa = tl.load(a + base + p.to(tl.int64) * C, mask=m, other=0.0).to(tl.float32)
-        xb = tl.load(b + base_b + p.to(tl.int64) * C, mask=m, other=0.0).to(tl.float32)
+        pb, ub, vb = p, u, v
+        if APART:
+            q = p + (end - start) // 2  # a bijection of [start, end): masked lanes stay masked
+            pb = tl.where(q >= end, q - (end - start), q)
+            hb = pb // W
+            ub = (pb - hb * W).to(tl.float32) * step_u - 1.0
+            vb = hb.to(tl.float32) * step_v - 1.0
+        xb = tl.load(b + base + pb.to(tl.int64) * C, mask=m, other=0.0).to(tl.float32)
         s0a += _fold(xa, STEPS, ROWS, CB)
         sxa += _fold(xa * u, STEPS, ROWS, CB)
         sya += _fold(xa * v, STEPS, ROWS, CB)
         s0b += _fold(xb, STEPS, ROWS, CB)
-        sxb += _fold(xb * u, STEPS, ROWS, CB)
-        syb += _fold(xb * v, STEPS, ROWS, CB)
+        sxb += _fold(xb * ub, STEPS, ROWS, CB)
+        syb += _fold(xb * vb, STEPS, ROWS, CB)
     return tl.sum(s0a, 0), tl.sum(sxa, 0), tl.sum(sya, 0), tl.sum(s0b, 0), tl.sum(sxb, 0), tl.sum(syb, 0)
 
 
@@ -88,24 +95,20 @@ def _run_sums(a, b, n, nb, c, start, end, HW, W, C, step_u, step_v, ROWS: tl.con
 def centroid_pair_sums(a, b, part, ticket, HW, W, C, NC, RUN, step_u, step_v, ROWS: tl.constexpr,
                        STEPS: tl.constexpr, CB: tl.constexpr, APART: tl.constexpr):
     n, c = _image_channels(C, CB)
-    nb = n
-    if APART:  # map b's run of the image half the batch ahead: the two maps read half a map apart
-        N = tl.num_programs(0) // tl.cdiv(C, CB)
-        nb = (n + N // 2) % N
     r = tl.program_id(1)
     start = r * RUN
-    s0a, sxa, sya, s0b, sxb, syb = _run_sums(a, b, n, nb, c, start, tl.minimum(start + RUN, HW), HW, W, C,
-                                             step_u, step_v, ROWS, STEPS, CB)
+    s0a, sxa, sya, s0b, sxb, syb = _run_sums(a, b, n, c, start, tl.minimum(start + RUN, HW), HW, W, C, step_u,
+                                             step_v, ROWS, STEPS, CB, APART)
     if (tl.program_id(0) == 0) & (r == 0):
         tl.store(ticket, 0)
-    q = part + r * 6 * NC + c
+    q = part + r * 6 * NC + n * C + c
     cm = c < C
-    tl.store(q + n * C, s0a, mask=cm)
-    tl.store(q + NC + n * C, sxa, mask=cm)
-    tl.store(q + 2 * NC + n * C, sya, mask=cm)
-    tl.store(q + 3 * NC + nb * C, s0b, mask=cm)
-    tl.store(q + 4 * NC + nb * C, sxb, mask=cm)
-    tl.store(q + 5 * NC + nb * C, syb, mask=cm)
+    tl.store(q, s0a, mask=cm)
+    tl.store(q + NC, sxa, mask=cm)
+    tl.store(q + 2 * NC, sya, mask=cm)
+    tl.store(q + 3 * NC, s0b, mask=cm)
+    tl.store(q + 4 * NC, sxb, mask=cm)
+    tl.store(q + 5 * NC, syb, mask=cm)
 
 
 @triton.jit
@@ -166,12 +169,12 @@ def centroid_finish(part, stats, loss_parts, ticket, loss, NC, SPLITS, e0, ex, e
 
 @triton.jit
 def centroid_plane_sums(a, b, stats, loss_parts, HW, W, C, NC, step_u, step_v, e0, ex, ey, ROWS: tl.constexpr,
-                        STEPS: tl.constexpr, CB: tl.constexpr):
+                        STEPS: tl.constexpr, CB: tl.constexpr, APART: tl.constexpr):
     # DMFN_CENTROID_TRITON=3 and 4: program n * groups + g sums CB channels (128 or 64 bytes of a pixel) over every
     # pixel of image n, so it finishes its own planes: stats and a loss share, no partial sums, no finish
     # kernel (the C++ op's block finish, its fastest fp32 plan in s18). The order of the column_read rows.
     n, c = _image_channels(C, CB)
-    s0a, sxa, sya, s0b, sxb, syb = _run_sums(a, b, n, n, c, 0, HW, HW, W, C, step_u, step_v, ROWS, STEPS, CB)
+    s0a, sxa, sya, s0b, sxb, syb = _run_sums(a, b, n, c, 0, HW, HW, W, C, step_u, step_v, ROWS, STEPS, CB, APART)
     share = _plane_pair(s0a, sxa, sya, s0b, sxb, syb, e0, ex, ey, stats, NC, n * C + c, c < C)
     tl.store(loss_parts + tl.program_id(0), share)
 

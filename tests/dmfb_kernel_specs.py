@@ -178,9 +178,10 @@ def centroid_sums_specs(dtype="bf16"):
                        RUN="i32", step_u="fp32", step_v="fp32", ROWS="constexpr", STEPS="constexpr", CB="constexpr",
                        APART="constexpr")
             label = f"centroid_pair_sums C{C}" + (" fp16" if dt != dtype else "")
-            for apart in (False, True) if C == 512 else (False,):  # DMFN_CENTROID_APART: map b half a batch ahead
+            for apart in (False, True) if C == 512 else (False,):  # DMFN_CENTROID_APART: map b half a run ahead
+                steps_ = ca.triton_forward_plan((16, C, 32, 32), size, 132, apart=apart)[3]
                 out.append((label + " apart" * apart, kc.centroid_pair_sums, sig,
-                            dict(ROWS=rows, STEPS=steps, CB=cb, APART=apart), dict(num_warps=kc.WARPS),
+                            dict(ROWS=rows, STEPS=steps_, CB=cb, APART=apart), dict(num_warps=kc.WARPS),
                             ("a", "b", "part", "C", "NC")))
             sig = dict(grad="*fp32", stats="*fp32", out="*" + dt, HW="i32", W="i32", C="i32", NC="i32", RUN="i32",
                        step_u="fp32", step_v="fp32", WHICH="i32", ROWS="constexpr", STEPS="constexpr", CB="constexpr")
@@ -189,9 +190,12 @@ def centroid_sums_specs(dtype="bf16"):
         cb, _, rows, steps = ca.triton_planes_plan((16, 512, 32, 32), size, 132)
         sig = dict(a="*" + dt, b="*" + dt, stats="*fp32", loss_parts="*fp64", HW="i32", W="i32", C="i32", NC="i32",
                    step_u="fp32", step_v="fp32", e0="fp32", ex="fp32", ey="fp32", ROWS="constexpr", STEPS="constexpr",
-                   CB="constexpr")
-        out.append(("centroid_plane_sums" + (" fp16" if dt != dtype else ""), kc.centroid_plane_sums, sig,
-                    dict(ROWS=rows, STEPS=steps, CB=cb), dict(num_warps=kc.WARPS), ("a", "b", "stats", "C", "NC")))
+                   CB="constexpr", APART="constexpr")
+        for apart in (False, True):
+            steps = ca.triton_planes_plan((16, 512, 32, 32), size, 132, apart)[3]
+            out.append(("centroid_plane_sums" + (" fp16" if dt != dtype else "") + " apart" * apart,
+                        kc.centroid_plane_sums, sig, dict(ROWS=rows, STEPS=steps, CB=cb, APART=apart),
+                        dict(num_warps=kc.WARPS), ("a", "b", "stats", "C", "NC")))
     if dtype == "fp32":  # the finish reads and writes fp32 whatever the maps' dtype
         sig = dict(part="*fp32", stats="*fp32", loss_parts="*fp64", ticket="*i32", loss="*fp32", NC="i32",
                    SPLITS="i32", e0="fp32", ex="fp32", ey="fp32", BLOCK="constexpr", PARTS="constexpr",

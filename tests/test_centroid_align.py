@@ -524,8 +524,8 @@ def test_cuda_triton_forward_matches_the_cpp_op(dtype, waves, shape, monkeypatch
     and ticket) gives the C++ op's stats and loss to rounding (another order of sums), the same bits on a rerun,
     and through centroid_align_loss both maps' gradients to rounding, by the C++ backward (1) or the Triton one
     (2), in 1 to 4 waves of programs (DMFN_CENTROID_WAVES); and in whole planes a program, with the Triton
-    backward (3) or the C++ one (4), the same. With DMFN_CENTROID_APART=1 (map b's runs summed by the programs of
-    the image half the batch ahead) mode 1 gives its own stats and loss bit for bit.
+    backward (3) or the C++ one (4), the same. Both forwards with DMFN_CENTROID_APART=1 (map b's pixels half a run
+    ahead of map a's, half the loads a step) give the same to rounding, and the same bits on a rerun.
     [3, 264, 33, 35]: runs cut short, idle lanes; [2, 1032, 7, 9]: partial channel groups. The gradients are
     of the loss times 2^16, as in the test above."""
     if ca._kcs is None:
@@ -541,11 +541,12 @@ def test_cuda_triton_forward_matches_the_cpp_op(dtype, waves, shape, monkeypatch
             assert torch.equal(st_r, st_t) and torch.equal(loss_r, loss_t)
         torch.testing.assert_close(st_t, st, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(loss_t, loss, rtol=1e-4, atol=1e-12)
-        if mode == "1":  # map b read from the image half the batch ahead: the same runs, the same bits
-            monkeypatch.setenv("DMFN_CENTROID_APART", "1")
-            loss_ap, st_ap = ca._fwd_triton(a.detach(), b)
-            monkeypatch.setenv("DMFN_CENTROID_APART", "0")
-            assert torch.equal(st_ap, st_t) and torch.equal(loss_ap, loss_t)
+        monkeypatch.setenv("DMFN_CENTROID_APART", "1")  # map b's pixels half a run ahead: the sums to rounding
+        loss_ap, st_ap = ca._fwd_triton(a.detach(), b)
+        assert torch.equal(ca._fwd_triton(a.detach(), b)[1], st_ap)
+        monkeypatch.setenv("DMFN_CENTROID_APART", "0")
+        torch.testing.assert_close(st_ap, st, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(loss_ap, loss, rtol=1e-4, atol=1e-12)
     calls = []
     real = ca._fwd_triton
     monkeypatch.setattr(ca, "_fwd_triton", lambda *args: calls.append(1) or real(*args))

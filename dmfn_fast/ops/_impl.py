@@ -50,7 +50,7 @@ SWITCHES = {
     # by Triton kernels: the forward (1), both passes (2), both with the forward in whole planes (3), the
     # forward in whole planes alone (4)
     "DMFN_CENTROID_TRITON": ("0", "1", "2", "3", "4"),
-    # 1: the Triton pair sums (TRITON 1 and 2) read map b half the batch ahead of map a
+    # 1: the Triton sums (TRITON 1 to 4) read map b's pixels half a run ahead of map a's
     "DMFN_CENTROID_APART": ("0", "1"),
 }
 # DMFN_* variables that are not switches: a file (the VGG weights), the build's and the benchmarks' own

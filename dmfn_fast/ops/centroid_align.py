@@ -220,30 +220,31 @@ def _rows(cb: int, element_size: int, cap: int) -> int:
     return max(1, min(cap, _kcs.WARPS * 32 * 16 // (cb * element_size)))
 
 
-def triton_forward_plan(shape, element_size: int, sms: int, waves: int = 1):
+def triton_forward_plan(shape, element_size: int, sms: int, waves: int = 1, apart: bool = False):
     """(CB channels a program, groups of them, ROWS pixels a load, STEPS loads a step, pixels a run, runs an
     image): 8 warps a program, ROWS rows of warps each taking one pixel's CB channels at 16 bytes a thread
     (fp32: 2 rows of 512 channels; 16 bits: 4), STEPS loads of each map in flight; runs of whole steps sized so
-    the programs fill the card `waves` times at two an SM."""
+    the programs fill the card `waves` times at two an SM. apart (DMFN_CENTROID_APART): half the loads a step,
+    for the registers map b's own pixel coordinates take (still 2 programs an SM)."""
     N, C, H, W = (int(s) for s in shape)  # a traced shape specializes here, as the DMFB ops' tiles do
     HW = H * W
     cb = min(_d.triton.next_power_of_2(C), _kcs.MAX_GROUP_BYTES // element_size)
     groups = _d._cdiv(C, cb)
     rows = _rows(cb, element_size, _kcs.MAX_ROWS)
-    steps = _kcs.STEPS[element_size]
+    steps = _kcs.STEPS[element_size] // (2 if apart else 1)
     runs = max(1, _d._cdiv(2 * sms * waves, N * groups))
     run = _d._cdiv(_d._cdiv(HW, runs), rows * steps) * rows * steps
     return cb, groups, rows, steps, run, _d._cdiv(HW, run)
 
 
-def triton_planes_plan(shape, element_size: int, sms: int):
+def triton_planes_plan(shape, element_size: int, sms: int, apart: bool = False):
     """DMFN_CENTROID_TRITON=3 and 4's (CB channels a program, groups of them, ROWS pixels a load, STEPS loads a step):
     128 bytes of each pixel a program (64 where that leaves an SM idle), over every pixel of its image; 8 warps,
     8 or 4 threads a pixel, so 32 or 64 pixels a load."""
     N, C = int(shape[0]), int(shape[1])
     cb_bytes = 128 if N * _d._cdiv(C, 128 // element_size) >= sms else 64
     cb = min(_d.triton.next_power_of_2(C), max(1, cb_bytes // element_size))
-    return cb, _d._cdiv(C, cb), _rows(cb, element_size, 64), _kcs.STEPS[element_size]
+    return cb, _d._cdiv(C, cb), _rows(cb, element_size, 64), _kcs.STEPS[element_size] // (2 if apart else 1)
 
 
 def _f32(x: float) -> float:
@@ -270,17 +271,18 @@ def _fwd_triton_fn(f_out: torch.Tensor, f_tgt: torch.Tensor) -> tuple[torch.Tens
     dev = f_out.device
     stats = torch.empty(2, N, C, 3, device=dev, dtype=torch.float32)
     loss = torch.empty((), device=dev, dtype=torch.float32)
+    apart = _impl.env_switch("DMFN_CENTROID_APART") == "1"  # map b's pixels half a run ahead of map a's
     if _impl.env_switch("DMFN_CENTROID_TRITON") in ("3", "4"):  # whole planes a program: no partial sums
-        cb, groups, rows, steps = triton_planes_plan(f_out.shape, f_out.element_size(), sms)
+        cb, groups, rows, steps = triton_planes_plan(f_out.shape, f_out.element_size(), sms, apart)
         shares = torch.empty(N * groups, device=dev, dtype=torch.float64)
         _d._kernel(_kcs.centroid_plane_sums, f_out)[(N * groups,)](
             f_out, f_tgt, stats, shares, H * W, W, C, NC, 2.0 / W, 2.0 / H, e0, ex, ey, ROWS=rows, STEPS=steps,
-            CB=cb, num_warps=_kcs.WARPS)
+            CB=cb, APART=apart, num_warps=_kcs.WARPS)
         _d._kernel(_kcs.centroid_sum_shares, f_out)[(1,)](shares, loss, N * groups, NC, PARTS=_kcs.PARTS,
                                                            num_warps=_kcs.FINISH_WARPS)
         return loss, stats
     cb, groups, rows, steps, run, runs = triton_forward_plan(
-        f_out.shape, f_out.element_size(), sms, int(_impl.env_switch("DMFN_CENTROID_WAVES")))
+        f_out.shape, f_out.element_size(), sms, int(_impl.env_switch("DMFN_CENTROID_WAVES")), apart)
     if runs * 6 * NC >= 2 ** 31:  # the kernels index the partial sums in int32
         raise RuntimeError(f"the Triton centroid forward's partial sums for maps of shape {tuple(f_out.shape)} "
                            "exceed 2^31 elements: unset DMFN_CENTROID_TRITON for the C++ forward")
@@ -290,7 +292,7 @@ def _fwd_triton_fn(f_out: torch.Tensor, f_tgt: torch.Tensor) -> tuple[torch.Tens
     ticket = torch.empty(1, device=dev, dtype=torch.int32)
     _d._kernel(_kcs.centroid_pair_sums, f_out)[(N * groups, runs)](
         f_out, f_tgt, part, ticket, H * W, W, C, NC, run, 2.0 / W, 2.0 / H, ROWS=rows, STEPS=steps, CB=cb,
-        APART=_impl.env_switch("DMFN_CENTROID_APART") == "1", num_warps=_kcs.WARPS)
+        APART=apart, num_warps=_kcs.WARPS)
     _d._kernel(_kcs.centroid_finish, f_out)[(fin,)](
         part, stats, loss_parts, ticket, loss, NC, runs, e0, ex, ey, BLOCK=_kcs.FINISH_BLOCK, PARTS=_kcs.PARTS,
         CHUNK=_kcs.FINISH_CHUNK, num_warps=_kcs.FINISH_WARPS)
