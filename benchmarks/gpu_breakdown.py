@@ -172,7 +172,7 @@ def centroid_cases():
             yield dt, layout, a.requires_grad_(), t
 
 
-from stream_kernels import column_read, pixel_read, stream_read, stream_read_pair, stream_write  # noqa: E402
+from stream_kernels import column_read, flat, pixel_read, stream_read, stream_read_pair, stream_write  # noqa: E402
 
 for dt, layout, a, t in ([] if args.no_centroid else centroid_cases()):
     tag = str(dt).replace("torch.", "")
@@ -253,7 +253,7 @@ for dt, layout, a, t in ([] if args.no_centroid else centroid_cases()):
             record(fg, name, lambda block=block, warps=warps: stream_read(both, block, warps), 0, read_bytes)
         # the same stream over the op's two maps as allocated: both at the same offsets at once (as every pair
         # kernel reads them), then half a map apart. Their distance in memory goes in the rows
-        fa, ft = (x.detach().permute(0, 2, 3, 1).reshape(-1) for x in (a, t))  # views: dense channels-last
+        fa, ft = flat(a), flat(t)
         want = fa.double().sum().item() + ft.double().sum().item()
         for shift, how in ((0, "at the same offsets"), (fa.numel() // 8192 // 2, "half a map apart")):
             name = f"read both maps as two buffers, {how} (Triton, 8192 a program, 8 warps)"

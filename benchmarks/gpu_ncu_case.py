@@ -53,7 +53,7 @@ def profiled(once):
 torch.manual_seed(0)
 if CENTROID:
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    from stream_kernels import column_read, pixel_read, stream_read, stream_read_pair  # noqa: E402
+    from stream_kernels import column_read, flat, pixel_read, stream_read, stream_read_pair  # noqa: E402
 
     from dmfn_fast.ops import centroid_align as ca  # noqa: E402
 
@@ -66,7 +66,7 @@ if CENTROID:
 
         def reads():
             stream_read(both, 4096, 4)
-            fa, ft = (x.detach().permute(0, 2, 3, 1).reshape(-1) for x in (a, t))
+            fa, ft = flat(a), flat(t)
             for shift in (0, fa.numel() // 8192 // 2):  # the two maps at the same offsets, half a map apart
                 stream_read_pair(fa, ft, 8192, 8, shift)
             if not DRY:  # the dry maps' 8 channels make no whole column

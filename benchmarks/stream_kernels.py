@@ -33,6 +33,11 @@ def _read_pair(a, b, out, n, SHIFT, BLOCK: tl.constexpr):
     tl.store(out + i, tl.sum(va.to(tl.float32), 0) + tl.sum(vb.to(tl.float32), 0))
 
 
+def flat(x):
+    """A dense channels-last map's elements in memory order, as one 1-D view (no copy)."""
+    return x.detach().permute(0, 2, 3, 1).reshape(-1)
+
+
 def stream_read_pair(a, b, block, warps, shift=0):
     """Two buffers of a size read as stream_read reads one: program i sums a's block i and b's block i + shift
     (wrapping). shift 0 reads both at the same offsets at once, as every centroid pair kernel reads its two maps

@@ -48,8 +48,15 @@ def _step(p0, STEPS: tl.constexpr, ROWS: tl.constexpr, W, step_u, step_v):
     a thread; and their u = 2w/W - 1, v = 2h/H - 1 in fp32. 2-D, not [STEPS, ROWS, 1]: Triton 3.6 broke the tie
     between the two pixel dims by putting warps along STEPS, so each step's sum crossed warps (171-255 registers)."""
     p = p0 + tl.arange(0, STEPS * ROWS)[:, None]
+    u, v = _coords(p, W, step_u, step_v)
+    return p, u, v
+
+
+@triton.jit
+def _coords(p, W, step_u, step_v):
+    """Pixels p's u = 2w/W - 1 and v = 2h/H - 1 in fp32."""
     h = p // W
-    return p, (p - h * W).to(tl.float32) * step_u - 1.0, h.to(tl.float32) * step_v - 1.0
+    return (p - h * W).to(tl.float32) * step_u - 1.0, h.to(tl.float32) * step_v - 1.0
 
 
 @triton.jit
@@ -78,9 +85,7 @@ def _run_sums(a, b, n, c, start, end, HW, W, C, step_u, step_v, ROWS: tl.constex
         if APART:
             q = p + (end - start) // 2  # a bijection of [start, end): masked lanes stay masked
             pb = tl.where(q >= end, q - (end - start), q)
-            hb = pb // W
-            ub = (pb - hb * W).to(tl.float32) * step_u - 1.0
-            vb = hb.to(tl.float32) * step_v - 1.0
+            ub, vb = _coords(pb, W, step_u, step_v)
         xb = tl.load(b + base + pb.to(tl.int64) * C, mask=m, other=0.0).to(tl.float32)
         s0a += _fold(xa, STEPS, ROWS, CB)
         sxa += _fold(xa * u, STEPS, ROWS, CB)

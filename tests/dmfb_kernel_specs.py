@@ -187,12 +187,11 @@ def centroid_sums_specs(dtype="bf16"):
                        step_u="fp32", step_v="fp32", WHICH="i32", ROWS="constexpr", STEPS="constexpr", CB="constexpr")
             out.append((label.replace("pair_sums", "grad"), kc.centroid_grad, sig, dict(ROWS=rows, STEPS=steps, CB=cb),
                         dict(num_warps=kc.WARPS), ("stats", "out", "C", "NC")))
-        cb, _, rows, steps = ca.triton_planes_plan((16, 512, 32, 32), size, 132)
         sig = dict(a="*" + dt, b="*" + dt, stats="*fp32", loss_parts="*fp64", HW="i32", W="i32", C="i32", NC="i32",
                    step_u="fp32", step_v="fp32", e0="fp32", ex="fp32", ey="fp32", ROWS="constexpr", STEPS="constexpr",
                    CB="constexpr", APART="constexpr")
         for apart in (False, True):
-            steps = ca.triton_planes_plan((16, 512, 32, 32), size, 132, apart)[3]
+            cb, _, rows, steps = ca.triton_planes_plan((16, 512, 32, 32), size, 132, apart)
             out.append(("centroid_plane_sums" + (" fp16" if dt != dtype else "") + " apart" * apart,
                         kc.centroid_plane_sums, sig, dict(ROWS=rows, STEPS=steps, CB=cb, APART=apart),
                         dict(num_warps=kc.WARPS), ("a", "b", "stats", "C", "NC")))

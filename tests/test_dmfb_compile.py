@@ -129,8 +129,9 @@ def test_centroid_sums_kernels(compiled):
     """The centroid loss's Triton forward reads each pixel's channels as 16-byte vectors, both maps' STEPS loads a
     step (at the training plan 8 a map in fp32, 4 in 16 bits), with no narrower global load, in runs of pixels and
     in whole planes (with DMFN_CENTROID_APART, map b's pixels half a run ahead of map a's, half those loads); the
-    finishes compile; the gradient stores 16 bytes a thread (the spill check above covers them all). On sm_90 the sums kernels fit 128 registers, so two programs of 8 warps share an SM as the plans
-    assume (Triton 3.6 once took 171-255 for them without spilling: .ci/triton_stack_check.sh)."""
+    finishes compile; the gradient stores 16 bytes a thread (the spill check above covers them all). On sm_90 the
+    sums kernels fit 128 registers, so two programs of 8 warps share an SM as the plans assume (Triton 3.6 once
+    took 171-255 for them without spilling: .ci/triton_stack_check.sh)."""
     from dmfn_fast.kernels import centroid_sums as kc
 
     two_a_sm = [k for k in compiled if k.startswith("sm_90") and k.split()[2] in ("centroid_pair_sums",
