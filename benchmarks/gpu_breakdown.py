@@ -14,6 +14,7 @@ Baselines: cuDNN channels-last in the same dtype (eager), and torch.compile of t
 import argparse
 import contextlib
 import json
+import math
 import os
 import sys
 import time
@@ -172,7 +173,8 @@ def centroid_cases():
             yield dt, layout, a.requires_grad_(), t
 
 
-from stream_kernels import column_read, flat, pixel_read, stream_read, stream_read_pair, stream_write  # noqa: E402
+from stream_kernels import (column_read, flat, pair_shifts, pixel_read, stream_read, stream_read_pair,  # noqa: E402
+                            stream_read_strided, stream_write)
 
 for dt, layout, a, t in ([] if args.no_centroid else centroid_cases()):
     tag = str(dt).replace("torch.", "")
@@ -219,6 +221,12 @@ for dt, layout, a, t in ([] if args.no_centroid else centroid_cases()):
                       ({"TRITON": "1", "APART": "1"}, "extension, Triton forward, maps apart"),
                       ({"TRITON": "2", "APART": "1"}, "extension, Triton forward and backward, maps apart"),
                       ({"TRITON": "4", "APART": "1"}, "extension, Triton whole planes, maps apart"),
+                      # each run a step of every R of its image, so an image's programs read adjacent steps at
+                      # once (the stream's dense window, against runs far apart: the floor's strided read)
+                      ({"TRITON": "1", "INTERLEAVE": "1"}, "extension, Triton forward, interleaved runs"),
+                      ({"TRITON": "2", "INTERLEAVE": "1"}, "extension, Triton forward and backward, interleaved runs"),
+                      ({"TRITON": "1", "INTERLEAVE": "1", "APART": "1"},
+                       "extension, Triton forward, interleaved runs, maps apart"),
                       # the forward in whole planes a program: the column_read rows' order, no partial sums, no
                       # finish kernel; with the Triton backward (3) or the C++ one (4)
                       ({"TRITON": "3"}, "extension, Triton whole planes and backward"),
@@ -251,18 +259,34 @@ for dt, layout, a, t in ([] if args.no_centroid else centroid_cases()):
                 log_row(dict(group=fg, name=name, error=f"its sum {got} is not the buffer's {want}"))
                 continue
             record(fg, name, lambda block=block, warps=warps: stream_read(both, block, warps), 0, read_bytes)
+        # the same blocks as runs, the programs in flight each in another: as the Triton pair sums' programs read
+        # their runs (one a program, both maps: 512 runs of 128 KB in fp32 here), where the stream's programs
+        # read adjacent blocks. Slower: many places read at once cost, and DMFN_CENTROID_INTERLEAVE is the remedy
+        _, groups, _, _, _, runs = ca.triton_forward_plan(a.shape, a.element_size(), ca._sms(a))
+        streams = math.gcd(-(-both.numel() // 8192), 2 * a.shape[0] * groups * runs)
+        name = f"read both maps' bytes in {streams} run{'s' * (streams > 1)} at once (Triton, 8192 a program, 8 warps)"
+        got = stream_read_strided(both, 8192, 8, streams).double().sum().item()
+        if abs(got - want) > 1e-4 * abs(want):
+            log_row(dict(group=fg, name=name, error=f"its sum {got} is not the buffer's {want}"))
+        else:
+            record(fg, name, lambda: stream_read_strided(both, 8192, 8, streams), 0, read_bytes,
+                   run_bytes=both.numel() // streams * both.element_size())
         # the same stream over the op's two maps as allocated: both at the same offsets at once (as every pair
-        # kernel reads them), then half a map apart. Their distance in memory goes in the rows
+        # kernel reads them); map b as far ahead as DMFN_CENTROID_APART takes it (half a run of the Triton
+        # sums, half an image of the whole planes: if the same offsets contend, do those distances clear
+        # it?); half a map apart. The maps' distance in memory goes in the rows
         fa, ft = flat(a), flat(t)
         want = fa.double().sum().item() + ft.double().sum().item()
-        for shift, how in ((0, "at the same offsets"), (fa.numel() // 8192 // 2, "half a map apart")):
+        run = ca.triton_forward_plan(a.shape, a.element_size(), ca._sms(a), apart=True)[4]
+        block_bytes = 8192 * a.element_size()
+        for shift, how in pair_shifts(a.shape, a.element_size(), run, 8192).items():
             name = f"read both maps as two buffers, {how} (Triton, 8192 a program, 8 warps)"
             got = stream_read_pair(fa, ft, 8192, 8, shift).double().sum().item()
             if abs(got - want) > 1e-4 * abs(want):
                 log_row(dict(group=fg, name=name, error=f"its sum {got} is not the maps' {want}"))
                 continue
             record(fg, name, lambda shift=shift: stream_read_pair(fa, ft, 8192, 8, shift), 0, read_bytes,
-                   maps_apart_bytes=t.data_ptr() - a.data_ptr())
+                   maps_apart_bytes=t.data_ptr() - a.data_ptr(), shift_bytes=shift * block_bytes)
         # the same bytes in the pair kernel's order (columns of 128 bytes of channels, pixel rows a step), with
         # nothing else to do: every plan of the pair kernel read at two thirds of the stream's rate (s18). At the
         # stream's rate, the order is not what costs; at the pair kernel's, it is (more runs: whether more

@@ -3,9 +3,10 @@ caches), then once inside the NVTX range "profile" that ncu filters on:
 - by default, one bf16 branch op with IN+ReLU, forward and backward, at the training shape (N=16, 64x64, C=64),
   its kernels called directly;
 - --centroid, the centroid op's forward+backward at [16, 512, 32, 32] channels-last: in fp32, then bf16, its
-  default and whole-pixel plans and the Triton kernels (both passes, the forward in runs of pixels or whole
-  planes), each dtype after five Triton reads of the same two maps' bytes (the stream of one buffer; the two maps
-  streamed at the same offsets and half a map apart; the pair kernel's column order; pixel by pixel). Every
+  default and whole-pixel plans and the Triton kernels (both passes, the forward in runs of pixels, interleaved
+  or not, or whole planes), each dtype after six Triton reads of the same two maps' bytes (the stream of one
+  buffer, in order and as 512 runs read at once; the two maps streamed at the same offsets and half a map apart;
+  the pair kernel's column order; pixel by pixel). Every
   variant of the op's pair kernel read at about 2.0 TB/s on the H100 (s18) and 2.8 on the H200 (s15), two
   thirds of the copy rate, where the stream reached the copy rate: ncu's DRAM bytes, occupancy and stall
   reasons say whether it moves more bytes than counted, or waits on what.
@@ -23,7 +24,8 @@ if DRY:
 # inside its limit)
 PLANS = {"default": {}, "whole pixels": {"DMFN_CENTROID_PIXELS": "1"}, "Triton": {"DMFN_CENTROID_TRITON": "2"},
          "Triton planes": {"DMFN_CENTROID_TRITON": "3"},
-         "Triton planes, maps apart": {"DMFN_CENTROID_TRITON": "3", "DMFN_CENTROID_APART": "1"}}
+         "Triton planes, maps apart": {"DMFN_CENTROID_TRITON": "3", "DMFN_CENTROID_APART": "1"},
+         "Triton, interleaved runs": {"DMFN_CENTROID_TRITON": "1", "DMFN_CENTROID_INTERLEAVE": "1"}}
 for _name in {k for p in PLANS.values() for k in p}:
     os.environ.setdefault(_name, "")
 
@@ -53,7 +55,8 @@ def profiled(once):
 torch.manual_seed(0)
 if CENTROID:
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    from stream_kernels import column_read, flat, pixel_read, stream_read, stream_read_pair  # noqa: E402
+    from stream_kernels import (column_read, flat, pixel_read, stream_read, stream_read_pair,  # noqa: E402
+                                stream_read_strided)
 
     from dmfn_fast.ops import centroid_align as ca  # noqa: E402
 
@@ -66,6 +69,7 @@ if CENTROID:
 
         def reads():
             stream_read(both, 4096, 4)
+            stream_read_strided(both, 8192, 8, 1 if DRY else 512)  # as the Triton pair sums' 512 runs
             fa, ft = flat(a), flat(t)
             for shift in (0, fa.numel() // 8192 // 2):  # the two maps at the same offsets, half a map apart
                 stream_read_pair(fa, ft, 8192, 8, shift)

@@ -51,7 +51,7 @@ cases = ((torch.float32, 8, 5, torch.contiguous_format, None),
          (torch.bfloat16, 6, 5, torch.channels_last, None))
 # each plan: the switches it sets, over their defaults here
 DEFAULTS = dict(FOLD="0", ASYNC="0", GRAD_ROWS="4", WIDE="0", BLOCK_FINISH="0", PIXELS="0", TRITON="0", WAVES="1",
-                APART="0")
+                APART="0", INTERLEAVE="0")
 plans = [({}, c) for c in cases]
 plans += [(dict(FOLD=fold, ASYNC=staged, GRAD_ROWS=rows), c)
           for fold, staged, rows in (("1", "0", "4"), ("0", "1", "4"), ("1", "1", "1")) for c in cases[1:4]]
@@ -73,6 +73,10 @@ plans += [(dict(PIXELS="1", FOLD=fold), c) for fold in ("0", "1") for c in pixel
 plans += [(dict(TRITON=t, WAVES=w), c) for t, w in (("2", "4"), ("3", "1")) for c in pixels + cases[1:4:2]]
 # and both forwards with map b's pixels half a run ahead of map a's (DMFN_CENTROID_APART; runs cut short)
 plans += [(dict(TRITON=t, WAVES="4", APART="1"), c) for t in ("1", "3") for c in pixels]
+# and the runs' steps interleaved over an image's programs (DMFN_CENTROID_INTERLEAVE), alone in one wave, and
+# with map b half an image ahead in two
+plans += [(dict(TRITON="1", WAVES=w, INTERLEAVE="1", APART=ap), c) for w, ap in (("1", "0"), ("2", "1"))
+          for c in pixels]
 for switches, (dt, C, HW, mf, mf_tgt) in plans:
     os.environ.update({f"DMFN_CENTROID_{k}": v for k, v in dict(DEFAULTS, **switches).items()})
     a = torch.rand(2, C, HW, HW + 2, device="cuda", dtype=dt).contiguous(memory_format=mf).requires_grad_()

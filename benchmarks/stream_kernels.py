@@ -22,6 +22,27 @@ def stream_read(x, block, warps):
 
 
 @triton.jit
+def _read_sum_strided(x, out, n, STREAMS, PER, BLOCK: tl.constexpr):
+    # program i: block i % STREAMS of every PER, the (i // STREAMS)-th block of its stream
+    i = tl.program_id(0)
+    offs = ((i % STREAMS) * PER + i // STREAMS).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    v = tl.load(x + offs, mask=offs < n, other=0.0)
+    tl.store(out + i, tl.sum(v.to(tl.float32), 0))
+
+
+def stream_read_strided(x, block, warps, streams):
+    """stream_read's sums in another order: x as `streams` runs of whole blocks, the programs in flight each at
+    the same block of another run, as the centroid pair sums' programs read their runs; stream_read's programs
+    in flight read adjacent blocks. Slower than stream_read: reading many places at once costs."""
+    blocks = triton.cdiv(x.numel(), block)
+    if blocks % streams:
+        raise ValueError(f"stream_read_strided takes whole runs: {blocks} blocks of {block} in {streams} streams")
+    out = torch.empty(blocks, device=x.device, dtype=torch.float32)
+    _read_sum_strided[(blocks,)](x, out, x.numel(), streams, blocks // streams, BLOCK=block, num_warps=warps)
+    return out
+
+
+@triton.jit
 def _read_pair(a, b, out, n, SHIFT, BLOCK: tl.constexpr):
     # program i: a's block i and b's block (i + SHIFT) mod the blocks, summed
     nb = tl.num_programs(0)
@@ -49,6 +70,23 @@ def stream_read_pair(a, b, block, warps, shift=0):
     out = torch.empty(triton.cdiv(a.numel(), block), device=a.device, dtype=torch.float32)
     _read_pair[(out.numel(),)](a, b, out, a.numel(), shift % out.numel(), BLOCK=block, num_warps=warps)
     return out
+
+
+def pair_shifts(shape, element_size, run, block):
+    """{stream_read_pair's shift in blocks: the row's name} for a map of shape [N, C, H, W] channels-last: the
+    same offsets; map b as far ahead as DMFN_CENTROID_APART takes it (half a run of `run` pixels of the Triton
+    sums, half an image of the whole planes); half a map. A distance under a block rounds up to one; the first
+    name of a shift is kept (tiny maps are one block: one row)."""
+    N, C, H, W = (int(s) for s in shape)
+    pixel, blocks = C * element_size, -(-N * C * H * W // block)
+    shifts = {}
+    for apart, how in ((0, "at the same offsets"), (run // 2 * pixel, "half a run of the Triton sums apart"),
+                       (H * W // 2 * pixel, "half an image apart"), (N * H * W * pixel // 2, "half a map apart")):
+        shift = max(round(apart / (block * element_size)), 1 if apart else 0) % blocks
+        nbytes = shift * block * element_size
+        size = f"{nbytes // 1024} KiB" if nbytes >= 1024 else f"{nbytes} B"
+        shifts.setdefault(shift, f"{how}, {size}" if shift else how)
+    return shifts
 
 
 @triton.jit

@@ -12,6 +12,8 @@ pixels in each map, one [STEPS * ROWS, CB] tensor a map, so all of a thread's lo
 (u = 2w/W - 1, v = 2h/H - 1) and writes the run's sums to part[(r * 6 + map * 3 + k) * NC + plane]. APART
 (DMFN_CENTROID_APART=1, in the whole-plane sums too): map b's pixels in the run's order rotated by half the run,
 so the two maps are never read at the same offsets at once (the same pixels, added in another order).
+INTERLEAVE (DMFN_CENTROID_INTERLEAVE=1): run r of R is steps r, r + R, ... of its image, so the programs in
+flight read one dense window of each image, as a stream's do, not R places 1/R of an image apart.
 centroid_finish: a lane per plane adds its runs in run order, then the reference's eps terms, and writes stats
 [2, NC, 3] (S0, cx, cy, as the C++ op's); each program's squared centroid differences go to loss_parts, which
 the last program to take the ticket adds up in program order into the loss. Deterministic: fixed-order sums,
@@ -66,44 +68,61 @@ def _fold(x, STEPS: tl.constexpr, ROWS: tl.constexpr, CB: tl.constexpr):
 
 
 @triton.jit
-def _run_sums(a, b, n, c, start, end, HW, W, C, step_u, step_v, ROWS: tl.constexpr, STEPS: tl.constexpr,
-              CB: tl.constexpr, APART: tl.constexpr):
-    """S0, Sx, Sy of map a, then of map b, over pixels [start, end) of image n in channels c: [CB] each. APART:
+def _add_step(a, b, base, cm, p0, lo, hi, W, C, step_u, step_v, s0a, sxa, sya, s0b, sxb, syb, ROWS: tl.constexpr,
+              STEPS: tl.constexpr, CB: tl.constexpr, APART: tl.constexpr):
+    """One step's pixels from p0 (those below hi) added to the sums: one [STEPS * ROWS, CB] tensor a map, so all
+    of a thread's loads are issued before its first add; summed over STEPS in its registers. APART: map b's
+    pixels rotated by half of [lo, hi)."""
+    p, u, v = _step(p0, STEPS, ROWS, W, step_u, step_v)
+    m = cm & (p < hi)
+    xa = tl.load(a + base + p.to(tl.int64) * C, mask=m, other=0.0).to(tl.float32)
+    pb, ub, vb = p, u, v
+    if APART:
+        q = p + (hi - lo) // 2  # a bijection of [lo, hi): masked lanes stay masked
+        pb = tl.where(q >= hi, q - (hi - lo), q)
+        ub, vb = _coords(pb, W, step_u, step_v)
+    xb = tl.load(b + base + pb.to(tl.int64) * C, mask=m, other=0.0).to(tl.float32)
+    s0a += _fold(xa, STEPS, ROWS, CB)
+    sxa += _fold(xa * u, STEPS, ROWS, CB)
+    sya += _fold(xa * v, STEPS, ROWS, CB)
+    s0b += _fold(xb, STEPS, ROWS, CB)
+    sxb += _fold(xb * ub, STEPS, ROWS, CB)
+    syb += _fold(xb * vb, STEPS, ROWS, CB)
+    return s0a, sxa, sya, s0b, sxb, syb
+
+
+@triton.jit
+def _run_sums(a, b, n, c, r, RUN, HW, W, C, step_u, step_v, ROWS: tl.constexpr, STEPS: tl.constexpr,
+              CB: tl.constexpr, APART: tl.constexpr, INTERLEAVE: tl.constexpr):
+    """S0, Sx, Sy of map a, then of map b, over run r of RUN pixels of image n in channels c: [CB] each. APART:
     map b's pixels in the run's order rotated by half the run, so the two maps are never read at the same offsets
-    at once (whichever programs are in flight)."""
+    at once (whichever programs are in flight). INTERLEAVE (RUN a whole number of steps): run r is steps r, r + R,
+    r + 2R, ... of the image, R its runs, so an image's programs read adjacent steps at once; APART then rotates
+    map b's pixels by half the image."""
     cm = (c < C)[None, :]
     base = n.to(tl.int64) * HW * C + c[None, :]
     z = tl.zeros([ROWS, CB], tl.float32)  # a row per pixel of a load
     s0a, sxa, sya, s0b, sxb, syb = z, z, z, z, z, z
-    for p0 in range(start, end, ROWS * STEPS):
-        # a step: one [STEPS * ROWS, CB] tensor a map, so all of a thread's loads are issued before its first
-        # add; summed over STEPS in its registers
-        p, u, v = _step(p0, STEPS, ROWS, W, step_u, step_v)
-        m = cm & (p < end)
-        xa = tl.load(a + base + p.to(tl.int64) * C, mask=m, other=0.0).to(tl.float32)
-        pb, ub, vb = p, u, v
-        if APART:
-            q = p + (end - start) // 2  # a bijection of [start, end): masked lanes stay masked
-            pb = tl.where(q >= end, q - (end - start), q)
-            ub, vb = _coords(pb, W, step_u, step_v)
-        xb = tl.load(b + base + pb.to(tl.int64) * C, mask=m, other=0.0).to(tl.float32)
-        s0a += _fold(xa, STEPS, ROWS, CB)
-        sxa += _fold(xa * u, STEPS, ROWS, CB)
-        sya += _fold(xa * v, STEPS, ROWS, CB)
-        s0b += _fold(xb, STEPS, ROWS, CB)
-        sxb += _fold(xb * ub, STEPS, ROWS, CB)
-        syb += _fold(xb * vb, STEPS, ROWS, CB)
+    if INTERLEAVE:
+        for p0 in range(r * (ROWS * STEPS), HW, tl.cdiv(HW, RUN) * (ROWS * STEPS)):
+            s0a, sxa, sya, s0b, sxb, syb = _add_step(a, b, base, cm, p0, 0, HW, W, C, step_u, step_v, s0a, sxa, sya,
+                                                     s0b, sxb, syb, ROWS, STEPS, CB, APART)
+    else:
+        start = r * RUN
+        end = tl.minimum(start + RUN, HW)
+        for p0 in range(start, end, ROWS * STEPS):
+            s0a, sxa, sya, s0b, sxb, syb = _add_step(a, b, base, cm, p0, start, end, W, C, step_u, step_v, s0a, sxa,
+                                                     sya, s0b, sxb, syb, ROWS, STEPS, CB, APART)
     return tl.sum(s0a, 0), tl.sum(sxa, 0), tl.sum(sya, 0), tl.sum(s0b, 0), tl.sum(sxb, 0), tl.sum(syb, 0)
 
 
 @triton.jit
 def centroid_pair_sums(a, b, part, ticket, HW, W, C, NC, RUN, step_u, step_v, ROWS: tl.constexpr,
-                       STEPS: tl.constexpr, CB: tl.constexpr, APART: tl.constexpr):
+                       STEPS: tl.constexpr, CB: tl.constexpr, APART: tl.constexpr, INTERLEAVE: tl.constexpr):
     n, c = _image_channels(C, CB)
     r = tl.program_id(1)
-    start = r * RUN
-    s0a, sxa, sya, s0b, sxb, syb = _run_sums(a, b, n, c, start, tl.minimum(start + RUN, HW), HW, W, C, step_u,
-                                             step_v, ROWS, STEPS, CB, APART)
+    s0a, sxa, sya, s0b, sxb, syb = _run_sums(a, b, n, c, r, RUN, HW, W, C, step_u, step_v, ROWS, STEPS, CB, APART,
+                                             INTERLEAVE)
     if (tl.program_id(0) == 0) & (r == 0):
         tl.store(ticket, 0)
     q = part + r * 6 * NC + n * C + c
@@ -179,7 +198,8 @@ def centroid_plane_sums(a, b, stats, loss_parts, HW, W, C, NC, step_u, step_v, e
     # pixel of image n, so it finishes its own planes: stats and a loss share, no partial sums, no finish
     # kernel (the C++ op's block finish, its fastest fp32 plan in s18). The order of the column_read rows.
     n, c = _image_channels(C, CB)
-    s0a, sxa, sya, s0b, sxb, syb = _run_sums(a, b, n, c, 0, HW, HW, W, C, step_u, step_v, ROWS, STEPS, CB, APART)
+    s0a, sxa, sya, s0b, sxb, syb = _run_sums(a, b, n, c, 0, HW, HW, W, C, step_u, step_v, ROWS, STEPS, CB, APART,
+                                             False)
     share = _plane_pair(s0a, sxa, sya, s0b, sxb, syb, e0, ex, ey, stats, NC, n * C + c, c < C)
     tl.store(loss_parts + tl.program_id(0), share)
 

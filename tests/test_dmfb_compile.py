@@ -128,7 +128,8 @@ def test_thin_conv_kernels(compiled):
 def test_centroid_sums_kernels(compiled):
     """The centroid loss's Triton forward reads each pixel's channels as 16-byte vectors, both maps' STEPS loads a
     step (at the training plan 8 a map in fp32, 4 in 16 bits), with no narrower global load, in runs of pixels and
-    in whole planes (with DMFN_CENTROID_APART, map b's pixels half a run ahead of map a's, half those loads); the
+    in whole planes (with DMFN_CENTROID_APART, map b's pixels half a run ahead of map a's, half those loads; the
+    runs also with DMFN_CENTROID_INTERLEAVE, their steps interleaved over the image's programs); the
     finishes compile; the gradient stores 16 bytes a thread (the spill check above covers them all). On sm_90 the
     sums kernels fit 128 registers, so two programs of 8 warps share an SM as the plans assume (Triton 3.6 once
     took 171-255 for them without spilling: .ci/triton_stack_check.sh)."""
@@ -136,13 +137,14 @@ def test_centroid_sums_kernels(compiled):
 
     two_a_sm = [k for k in compiled if k.startswith("sm_90") and k.split()[2] in ("centroid_pair_sums",
                                                                                     "centroid_plane_sums")]
-    assert len(two_a_sm) == 3 * 5  # fp32, bf16, fp16 x pair sums (C 512, C 512 apart, C 1032), plane sums (apart)
+    # fp32, bf16, fp16 x pair sums (C 512 x apart x interleaved, C 1032), plane sums (apart or not)
+    assert len(two_a_sm) == 3 * 7
     over = {k: compiled[k]["REG"] for k in two_a_sm if compiled[k]["REG"] > 65536 // (2 * 32 * kc.WARPS)}
     assert not over, over
 
     sums = [k for k in compiled if k.split()[2] == "centroid_pair_sums" and " C512" in k]
     planes = [k for k in compiled if k.split()[2] == "centroid_plane_sums"]
-    assert len(sums) == len(planes) == 2 * 2 * 3  # sm_80, sm_90 x fp32, bf16, fp16 x apart or not
+    assert len(sums) == 2 * len(planes) == 2 * 2 * 2 * 3  # sm_80, sm_90 x fp32, bf16, fp16 x apart (x interleaved)
     for key in sums + planes:
         loads = 2 * kc.STEPS[4 if " fp32 " in key else 2] // (2 if key.endswith(" apart") else 1)
         assert compiled[key]["LDG.E.128"] == loads and compiled[key]["LDG.E.64"] == 0, (key, compiled[key])

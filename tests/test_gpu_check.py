@@ -367,7 +367,7 @@ def test_adopt_sets_each_measured_switch_both_ways(tmp_path, capsys):
 _STREAMS = """
 import sys, torch
 sys.path.insert(0, sys.argv[1])
-from stream_kernels import column_read, pixel_read, stream_read, stream_read_pair, stream_write
+from stream_kernels import column_read, pixel_read, stream_read, stream_read_pair, stream_read_strided, stream_write
 torch.manual_seed(0)
 for dt in (torch.float32, torch.float16):
     for shape, runs in (((2, 64, 5, 7), 1), ((3, 128, 17, 19), 3), ((1, 64, 1, 300), 4)):
@@ -383,6 +383,19 @@ for dt in (torch.float32, torch.float16):
         torch.testing.assert_close(got.sum(), x.double().sum() + y.double().sum(), rtol=1e-5, atol=0)
         assert got.numel() == 5
     assert bool((stream_write(torch.empty(5000, dtype=dt), 0.25, 1024, 4) == 0.25).all())
+    z = torch.rand(6 * 1024 - 5).to(dt)  # 6 blocks, the last cut short: 3 runs of 2, or 6 of 1
+    for streams in (1, 3, 6):  # program i reads block i % streams of every 6 // streams
+        got = stream_read_strided(z, 1024, 4, streams).double()
+        torch.testing.assert_close(got.sum(), z.double().sum(), rtol=1e-5, atol=0)
+        per = 6 // streams
+        assert got.tolist() == stream_read(z, 1024, 4).double()[[i % streams * per + i // streams
+                                                                 for i in range(6)]].tolist()
+try:
+    stream_read_strided(torch.rand(5000), 1024, 4, 2)
+except ValueError as e:
+    assert "whole runs" in str(e)
+else:
+    sys.exit("stream_read_strided took 5 blocks in 2 streams")
 try:
     stream_read_pair(torch.rand(10), torch.rand(11), 4, 1)
 except ValueError as e:
@@ -409,3 +422,26 @@ def test_stream_kernels_read_and_write_every_element():
     r = subprocess.run([sys.executable, "-c", _STREAMS, os.path.join(ROOT, "benchmarks")], capture_output=True,
                        text=True, env=env, timeout=300)
     assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stdout[-2000:] + r.stderr[-3000:]
+
+
+def test_pair_shifts_are_the_maps_apart_distances():
+    """The floor's paired reads put map b where DMFN_CENTROID_APART's kernels read it against map a, at the
+    lease's shape on 132 SMs: half a run of the Triton sums (64 KiB in fp32, 32 in bf16), half an image of the
+    whole planes (1 MiB, 512 KiB), half a map (16 MiB, 8 MiB), and the same offsets; a tiny map is one block,
+    so one row."""
+    pytest.importorskip("triton")
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    from stream_kernels import pair_shifts
+    from dmfn_fast.ops.centroid_align import triton_forward_plan
+    shape = (16, 512, 32, 32)
+    for size, half_run_kib in ((4, 64), (2, 32)):
+        run = triton_forward_plan(shape, size, 132, apart=True)[4]
+        assert run // 2 * 512 * size == half_run_kib * 1024
+        got = pair_shifts(shape, size, run, 8192)  # blocks of 32 KiB in fp32, 16 in bf16
+        assert got == {0: "at the same offsets", 2: f"half a run of the Triton sums apart, {half_run_kib} KiB",
+                       32: f"half an image apart, {256 * size} KiB", 512: f"half a map apart, {4096 * size} KiB"}
+    assert pair_shifts((2, 8, 5, 6), 4, 8, 8192) == {0: "at the same offsets"}
+    # blocks of 256 bytes: half a run (32 bytes) still moves map b by one; half an image is 2, half a map 4;
+    # two distances that round alike keep the first one's name
+    assert list(pair_shifts((2, 4, 8, 8), 4, 4, 64)) == [0, 1, 2, 4]
+    assert pair_shifts((2, 4, 8, 8), 4, 64, 64)[2] == "half a run of the Triton sums apart, 512 B"

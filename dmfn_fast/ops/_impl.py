@@ -50,8 +50,10 @@ SWITCHES = {
     # by Triton kernels: the forward (1), both passes (2), both with the forward in whole planes (3), the
     # forward in whole planes alone (4)
     "DMFN_CENTROID_TRITON": ("0", "1", "2", "3", "4"),
-    # 1: the Triton sums (TRITON 1 to 4) read map b's pixels half a run ahead of map a's
+    # 1: the Triton sums (TRITON 1 to 4) read map b's pixels half a run (with INTERLEAVE: an image) ahead of map a's
     "DMFN_CENTROID_APART": ("0", "1"),
+    # 1: the Triton pair sums (TRITON 1 and 2) take each image's steps in turn, so its programs read adjacent steps
+    "DMFN_CENTROID_INTERLEAVE": ("0", "1"),
 }
 # DMFN_* variables that are not switches: a file (the VGG weights), the build's and the benchmarks' own
 OTHER_VARIABLES = ("DMFN_VGG19_WEIGHTS", "DMFN_NO_EXT", "DMFN_BENCH_QUICK", "DMFN_CUDA_VENV")

@@ -271,7 +271,7 @@ def _fwd_triton_fn(f_out: torch.Tensor, f_tgt: torch.Tensor) -> tuple[torch.Tens
     dev = f_out.device
     stats = torch.empty(2, N, C, 3, device=dev, dtype=torch.float32)
     loss = torch.empty((), device=dev, dtype=torch.float32)
-    apart = _impl.env_switch("DMFN_CENTROID_APART") == "1"  # map b's pixels half a run ahead of map a's
+    apart = _impl.env_switch("DMFN_CENTROID_APART") == "1"  # map b's pixels half a run (interleaved: image) ahead
     if _impl.env_switch("DMFN_CENTROID_TRITON") in ("3", "4"):  # whole planes a program: no partial sums
         cb, groups, rows, steps = triton_planes_plan(f_out.shape, f_out.element_size(), sms, apart)
         shares = torch.empty(N * groups, device=dev, dtype=torch.float64)
@@ -290,9 +290,11 @@ def _fwd_triton_fn(f_out: torch.Tensor, f_tgt: torch.Tensor) -> tuple[torch.Tens
     fin = _d._cdiv(NC, _kcs.FINISH_BLOCK)
     loss_parts = torch.empty(fin, device=dev, dtype=torch.float64)
     ticket = torch.empty(1, device=dev, dtype=torch.int32)
+    # INTERLEAVE: each run a step of every R of its image, so the programs in flight read one window of it
+    interleave = _impl.env_switch("DMFN_CENTROID_INTERLEAVE") == "1"
     _d._kernel(_kcs.centroid_pair_sums, f_out)[(N * groups, runs)](
         f_out, f_tgt, part, ticket, H * W, W, C, NC, run, 2.0 / W, 2.0 / H, ROWS=rows, STEPS=steps, CB=cb,
-        APART=apart, num_warps=_kcs.WARPS)
+        APART=apart, INTERLEAVE=interleave, num_warps=_kcs.WARPS)
     _d._kernel(_kcs.centroid_finish, f_out)[(fin,)](
         part, stats, loss_parts, ticket, loss, NC, runs, e0, ex, ey, BLOCK=_kcs.FINISH_BLOCK, PARTS=_kcs.PARTS,
         CHUNK=_kcs.FINISH_CHUNK, num_warps=_kcs.FINISH_WARPS)
