@@ -98,8 +98,9 @@ stage train-smoke 330 $PY benchmarks/gpu_train_smoke.py "${DRYFLAG[@]}"
 stage compile-parity 150 $PY benchmarks/gpu_compile_parity.py "$OUT" "${DRYFLAG[@]}"
 # the same with the ops opaque to the compiler (DMFN_TRITON_OP=0)
 [ $DRY = 1 ] || stage compile-parity-opaque 150 env DMFN_TRITON_OP=0 $PY benchmarks/gpu_compile_parity.py "$OUT"
+# (48 s in s18; the Triton plans since, each dtype's kernels compiled once under the tool, may take 40-60 s more)
 if [ $DRY = 0 ] && command -v compute-sanitizer >/dev/null; then
-  stage sanitizer 120 compute-sanitizer --tool memcheck --error-exitcode 7 $PY benchmarks/gpu_sanitize_case.py
+  stage sanitizer 180 compute-sanitizer --tool memcheck --error-exitcode 7 $PY benchmarks/gpu_sanitize_case.py
 fi
 
 # 3. per-kernel breakdown and op baselines; 4. end to end.

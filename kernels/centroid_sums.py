@@ -96,9 +96,9 @@ def _run_sums(a, b, n, c, r, RUN, HW, W, C, step_u, step_v, ROWS: tl.constexpr, 
               CB: tl.constexpr, APART: tl.constexpr, INTERLEAVE: tl.constexpr):
     """S0, Sx, Sy of map a, then of map b, over run r of RUN pixels of image n in channels c: [CB] each. APART:
     map b's pixels in the run's order rotated by half the run, so the two maps are never read at the same offsets
-    at once (whichever programs are in flight). INTERLEAVE (RUN a whole number of steps): run r is steps r, r + R,
-    r + 2R, ... of the image, R its runs, so an image's programs read adjacent steps at once; APART then rotates
-    map b's pixels by half the image."""
+    at once (whichever programs are in flight). INTERLEAVE: run r is steps r, r + R, r + 2R, ... of the image, R
+    its runs (the grid's), so an image's programs read adjacent steps at once; APART then rotates map b's pixels
+    by half the image."""
     cm = (c < C)[None, :]
     base = n.to(tl.int64) * HW * C + c[None, :]
     z = tl.zeros([ROWS, CB], tl.float32)  # a row per pixel of a load
