@@ -416,8 +416,9 @@ print("ok")
 def test_stream_kernels_read_and_write_every_element():
     """The breakdown's floor readers and writer, interpreted: the pair-order and pixel-order reads sum each
     (image, channel) over every pixel of both maps, with any number of runs, including runs past the last
-    pixel; the stream read sums every element, and the paired read every element of both buffers at any shift;
-    the write writes every element; shapes they do not take are refused."""
+    pixel; the stream read sums every element, the strided read every block once in its order of runs, and the
+    paired read every element of both buffers at any shift; the write writes every element; shapes they do not
+    take are refused."""
     env = dict(os.environ, TRITON_INTERPRET="1")
     r = subprocess.run([sys.executable, "-c", _STREAMS, os.path.join(ROOT, "benchmarks")], capture_output=True,
                        text=True, env=env, timeout=300)
