@@ -7,38 +7,30 @@ import triton.language as tl
 
 
 @triton.jit
-def _read_sum(x, out, n, BLOCK: tl.constexpr):
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    v = tl.load(x + offs, mask=offs < n, other=0.0)
-    tl.store(out + tl.program_id(0), tl.sum(v.to(tl.float32), 0))
-
-
-def stream_read(x, block, warps):
-    """x's elements summed per program of `block`: a streaming read with nothing else to do (the floor rows'
-    reader beside ATen's sum)."""
-    out = torch.empty(triton.cdiv(x.numel(), block), device=x.device, dtype=torch.float32)
-    _read_sum[(out.numel(),)](x, out, x.numel(), BLOCK=block, num_warps=warps)
-    return out
-
-
-@triton.jit
-def _read_sum_strided(x, out, n, STREAMS, PER, BLOCK: tl.constexpr):
-    # program i: block i % STREAMS of every PER, the (i // STREAMS)-th block of its stream
+def _read_sum(x, out, n, STREAMS, PER, BLOCK: tl.constexpr):
+    # program i: block i % STREAMS of every PER, the (i // STREAMS)-th block of its stream (STREAMS 1, which the
+    # launch specializes: block i, the same SASS as a plain stream's)
     i = tl.program_id(0)
     offs = ((i % STREAMS) * PER + i // STREAMS).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     v = tl.load(x + offs, mask=offs < n, other=0.0)
     tl.store(out + i, tl.sum(v.to(tl.float32), 0))
 
 
+def stream_read(x, block, warps):
+    """x's elements summed per program of `block`: a streaming read with nothing else to do (the floor rows'
+    reader beside ATen's sum)."""
+    return stream_read_strided(x, block, warps, 1)
+
+
 def stream_read_strided(x, block, warps, streams):
     """stream_read's sums in another order: x as `streams` runs of whole blocks, the programs in flight each at
     the same block of another run, as the centroid pair sums' programs read their runs; stream_read's programs
-    in flight read adjacent blocks. Slower than stream_read: reading many places at once costs."""
+    in flight read adjacent blocks. Slower than stream_read where reading many places at once costs."""
     blocks = triton.cdiv(x.numel(), block)
     if blocks % streams:
         raise ValueError(f"stream_read_strided takes whole runs: {blocks} blocks of {block} in {streams} streams")
     out = torch.empty(blocks, device=x.device, dtype=torch.float32)
-    _read_sum_strided[(blocks,)](x, out, x.numel(), streams, blocks // streams, BLOCK=block, num_warps=warps)
+    _read_sum[(blocks,)](x, out, x.numel(), streams, blocks // streams, BLOCK=block, num_warps=warps)
     return out
 
 
