@@ -185,29 +185,19 @@ for dt, layout, a, t in ([] if args.no_centroid else centroid_cases()):
     record(g, "torch formula", lambda: torch.autograd.grad(ca.centroid_align_loss_reference(a, t), a), 0, nbytes)
     if ca.extension_available() and ca.has_kernel(DEV):
         # the forward as planned by default, and on CUDA channels-last its A/B plans (DMFN_CENTROID_*, read per
-        # call by the extension): two waves of shorter runs, the finish folded into the sums' last blocks, the
-        # loads staged through shared memory, the gradient written by more blocks of fewer rows, blocks of 32
-        # channel vectors (a warp loads 512 contiguous bytes of one pixel), each block finishing its own
-        # planes where a column of blocks is one run (no finish_pairs), and blocks of whole pixels (each
-        # block's bytes contiguous: the pixel-by-pixel reader's order below)
+        # call by the extension): two waves of shorter runs, the gradient written by more blocks of fewer rows,
+        # each block finishing its own planes where a column of blocks is one run (no finish_pairs), and blocks
+        # of whole pixels (each block's bytes contiguous: the pixel-by-pixel reader's order below). (The folded
+        # finish, the async copies and 32-vector blocks, never faster on the H200 or the H100, are gone: s24.)
         plans = [({}, "extension")]
         if CUDA and layout == "channels_last":
-            plans += [({"WAVES": "2"}, "extension, two waves"), ({"FOLD": "1"}, "extension, folded finish"),
-                      ({"FOLD": "1", "WAVES": "2"}, "extension, folded, two waves"),
-                      ({"ASYNC": "1"}, "extension, async copies"),
-                      ({"ASYNC": "1", "FOLD": "1"}, "extension, async copies, folded"),
+            plans += [({"WAVES": "2"}, "extension, two waves"),
                       ({"GRAD_ROWS": "2"}, "extension, gradient 2 rows a block"),
                       ({"GRAD_ROWS": "1"}, "extension, gradient 1 row a block"),
-                      ({"ASYNC": "1", "FOLD": "1", "GRAD_ROWS": "2"}, "extension, async, folded, gradient 2 rows"),
-                      ({"WIDE": "1"}, "extension, wide blocks"),
-                      ({"WIDE": "1", "ASYNC": "1"}, "extension, wide blocks, async copies"),
-                      ({"WIDE": "1", "FOLD": "1"}, "extension, wide blocks, folded"),
-                      # one run per column (fp32 on 132 SMs; bf16 keeps two runs and finish_pairs, so its rows
-                      # repeat the default's plan: a measure of the rows' noise)
+                      # one run per column (fp32 on 132 SMs; bf16 keeps two runs and finish_pairs, so its row
+                      # repeats the default's plan: a measure of the rows' noise)
                       ({"BLOCK_FINISH": "1"}, "extension, finish in blocks"),
-                      ({"BLOCK_FINISH": "1", "ASYNC": "1"}, "extension, finish in blocks, async copies"),
                       ({"PIXELS": "1"}, "extension, whole pixels"),
-                      ({"PIXELS": "1", "FOLD": "1"}, "extension, whole pixels, folded"),
                       ({"PIXELS": "1", "WAVES": "2"}, "extension, whole pixels, two waves"),
                       # the forward by Triton kernels, whole pixels a program (DMFN_CENTROID_TRITON=1), two,
                       # four or eight programs an SM; the C++ backward, or (=2) the Triton one

@@ -20,8 +20,6 @@ if DRY:
     os.environ["TRITON_INTERPRET"] = "1"
 # The plan switches this case sets are set blank now, before any thread starts: setting them later replaces
 # a value in place rather than growing the environment (tests/test_centroid_align.py's refusal test).
-# (the async and wide plans, profiled until s19, read as the default did in s18: left out to keep the stage
-# inside its limit)
 PLANS = {"default": {}, "whole pixels": {"DMFN_CENTROID_PIXELS": "1"}, "Triton": {"DMFN_CENTROID_TRITON": "2"},
          "Triton planes": {"DMFN_CENTROID_TRITON": "3"},
          "Triton planes, maps apart": {"DMFN_CENTROID_TRITON": "3", "DMFN_CENTROID_APART": "1"},

@@ -40,9 +40,8 @@ if torch.cuda.get_device_capability()[0] >= 9:
 # every centroid kernel: planes (NCHW), both maps in one launch with 16-byte channels-last loads (C a multiple
 # of 8 in bf16, 4 in fp32; 40x42: 14 runs of 128 pixels, the last partial, rows wider than a thread's 32-pixel
 # step), 16-byte channels-last one map at a time (the target NCHW), and scalar channels-last (C = 6 in bf16);
-# then the two-map cases again with the finish folded into that kernel (DMFN_CENTROID_FOLD, read per call), with
-# its loads staged through shared memory by cp.async (DMFN_CENTROID_ASYNC), and with both and the gradient in
-# blocks of one image row (DMFN_CENTROID_GRAD_ROWS)
+# then the two-map cases again with the gradient in blocks of one image row (DMFN_CENTROID_GRAD_ROWS, read per
+# call) in two waves
 cases = ((torch.float32, 8, 5, torch.contiguous_format, None),
          (torch.bfloat16, 24, 5, torch.channels_last, None),
          (torch.float32, 12, 5, torch.channels_last, None),
@@ -50,23 +49,18 @@ cases = ((torch.float32, 8, 5, torch.contiguous_format, None),
          (torch.bfloat16, 16, 5, torch.channels_last, torch.contiguous_format),
          (torch.bfloat16, 6, 5, torch.channels_last, None))
 # each plan: the switches it sets, over their defaults here
-DEFAULTS = dict(FOLD="0", ASYNC="0", GRAD_ROWS="4", WIDE="0", BLOCK_FINISH="0", PIXELS="0", TRITON="0", WAVES="1",
-                APART="0", INTERLEAVE="0")
+DEFAULTS = dict(GRAD_ROWS="4", BLOCK_FINISH="0", PIXELS="0", TRITON="0", WAVES="1", APART="0", INTERLEAVE="0")
 plans = [({}, c) for c in cases]
-plans += [(dict(FOLD=fold, ASYNC=staged, GRAD_ROWS=rows), c)
-          for fold, staged, rows in (("1", "0", "4"), ("0", "1", "4"), ("1", "1", "1")) for c in cases[1:4]]
-# blocks of 32 channel vectors (DMFN_CENTROID_WIDE): 264 channels, a partial group in both dtypes
-wide = [(dt, 264, 5, torch.channels_last, None) for dt in (torch.bfloat16, torch.float32)]
-plans += [(dict(WIDE="1", FOLD=both, ASYNC=both), c) for both in ("0", "1") for c in wide]
+plans += [(dict(GRAD_ROWS="1", WAVES="2"), c) for c in cases[1:4]]
 # each block finishing its own planes (DMFN_CENTROID_BLOCK_FINISH): 5x7 pixels are one run per column; the
-# 40x42 case keeps finish_pairs
-plans += [(dict(BLOCK_FINISH="1", ASYNC=staged, WIDE=w), c) for staged in ("0", "1") for w, c in
-          [("0", c) for c in cases[1:4]] + [("1", c) for c in wide]]
+# 40x42 case keeps finish_pairs; and in whole-pixel blocks of 32 vectors (fp32, 104 channels: 26 vectors)
+plans += [(dict(BLOCK_FINISH="1"), c) for c in cases[1:4]]
+plans += [(dict(BLOCK_FINISH="1", PIXELS="1"), (torch.float32, 104, 5, torch.channels_last, None))]
 # blocks of whole pixels (DMFN_CENTROID_PIXELS): 264 channels (64 vectors a block in bf16, 128 in fp32), 520 in
-# fp32 and 1032 in bf16 (256), over 40x42 pixels (runs, the last partial), finish_pairs or folded
+# fp32 and 1032 in bf16 (256), over 40x42 pixels (runs, the last partial), and 264 in fp32 over 5x7 (one run)
 pixels = [(dt, C, 40, torch.channels_last, None)
           for dt, C in ((torch.bfloat16, 264), (torch.float32, 264), (torch.float32, 520), (torch.bfloat16, 1032))]
-plans += [(dict(PIXELS="1", FOLD=fold), c) for fold in ("0", "1") for c in pixels]
+plans += [(dict(PIXELS="1"), c) for c in pixels + [(torch.float32, 264, 5, torch.channels_last, None)]]
 # the Triton kernels (DMFN_CENTROID_TRITON; 1 runs 2's forward kernels): both passes in four waves (2), and
 # with the forward in whole planes (3); the same maps, 5x7 (one short run an image), a partial channel group
 # (1032 in fp32)

@@ -57,27 +57,17 @@ int env_choice(const char* name, const char* allowed, int fallback, const char* 
 // - DMFN_CENTROID_WAVES=1..4: pixel runs sized to fill the SMs that many times (default one wave). The fp32
 //   forward read at 2.88 TB/s in one wave (s10): does overlapping one block's tail with the next block's loads
 //   win?
-// - DMFN_CENTROID_FOLD=1: the finish in the two-map kernel's last blocks, one launch (for a memset) fewer.
-// - DMFN_CENTROID_ASYNC=1: the two-map kernel's loads staged through shared memory (cp.async), 2-3 steps
-//   ahead of its adds, where the stages fit (else the register loads): more bytes in flight (s10: bf16 read at
-//   3.06 TB/s, fp32 2.88, against 4.15 copy).
-// - DMFN_CENTROID_WIDE=1: the two-map kernel's blocks take 32 channel vectors, not 8, where the map has them:
-//   a warp loads 512 contiguous bytes of one pixel, not 128 of each of four (fp32 read at 2.82 TB/s, s15), in
-//   4x the runs (finish_pairs adds more).
-// - DMFN_CENTROID_BLOCK_FINISH=1: where each block sums whole planes (one run per column, unfolded: fp32
+// - DMFN_CENTROID_BLOCK_FINISH=1: where each block sums whole planes (one run per column: fp32
 //   [16, 512, 32, 32] on 132 SMs), each turns them into stats and a loss share, and a one-block kernel adds
 //   the shares, in place of finish_pairs (3.58 us in fp32, s15) with its fence and ticket.
 // - DMFN_CENTROID_PIXELS=1: the two-map kernel's blocks take every channel of a run of pixels, where the map
-//   has 17 to 256 channel vectors: each block's bytes are contiguous, as a plain stream's. Both blocks of 8 and
-//   of 32 vectors read at 2.0 TB/s on the H100 (67% of copy) where a Triton stream read at 2.95 (s18).
+//   has 17 to 256 channel vectors: each block's bytes are contiguous, as a plain stream's. Blocks of 8 vectors
+//   read at 2.0 TB/s on the H100 (67% of copy) where a Triton stream read at 2.95 (s18).
+// (The folded-finish, async-copy and 32-vector-block switches, never faster on the H200 or the H100, went in s24.)
 dmfn_fast_cuda::ForwardOptions forward_options(const at::Device& device) {
   dmfn_fast_cuda::ForwardOptions o;
   o.sms = at::cuda::getDeviceProperties(device.index())->multiProcessorCount *
           env_choice("DMFN_CENTROID_WAVES", "1234", 1, "waves of blocks the centroid forward plans");
-  o.fold = env_choice("DMFN_CENTROID_FOLD", "01", 0, "1 folds the centroid forward's finish into its sums") == 1;
-  o.async_copy =
-      env_choice("DMFN_CENTROID_ASYNC", "01", 0, "1 stages the centroid forward's loads in shared memory") == 1;
-  o.wide = env_choice("DMFN_CENTROID_WIDE", "01", 0, "1 gives the centroid forward's blocks 32 channel vectors") == 1;
   o.block_finish =
       env_choice("DMFN_CENTROID_BLOCK_FINISH", "01", 0, "1 finishes whole planes in the forward's blocks") == 1;
   o.pixels = env_choice("DMFN_CENTROID_PIXELS", "01", 0, "1 gives the centroid forward's blocks whole pixels") == 1;

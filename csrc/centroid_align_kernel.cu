@@ -7,16 +7,14 @@
 // Channels-last maps with 16-byte loads (the layout training uses) take both maps
 // in one launch, split over pixels as well as channels (pair_sums_vec); other
 // layouts take one launch per map: one block per (n, c) plane (NCHW) or per
-// (n, a group of channels). The two-map kernel can finish in its own last blocks
-// instead (ForwardOptions::fold), or, where each block sums whole planes, in every
-// block (ForwardOptions::block_finish), and stage its loads through shared memory
-// (ForwardOptions::async_copy). Backward writes A*u[w] + B*v[h] + K per element.
+// (n, a group of channels). Where each block of the two-map kernel sums whole
+// planes, it can finish them itself (ForwardOptions::block_finish). Backward writes
+// A*u[w] + B*v[h] + K per element.
 #include <algorithm>
 #include <type_traits>
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
-#include <cuda_pipeline_primitives.h>
 #include <cuda_runtime.h>
 
 #include "centroid_align_kernel.h"
@@ -39,10 +37,6 @@ template <> struct Vec<float> {
     const float4 v = __ldg(reinterpret_cast<const float4*>(p));
     x[0] = v.x; x[1] = v.y; x[2] = v.z; x[3] = v.w;
   }
-  __device__ static void lds(const void* p, float (&x)[4]) {  // a vector staged in shared memory
-    const float4 v = *static_cast<const float4*>(p);
-    x[0] = v.x; x[1] = v.y; x[2] = v.z; x[3] = v.w;
-  }
   __device__ static void store(float* p, const float (&x)[4]) {
     *reinterpret_cast<float4*>(p) = make_float4(x[0], x[1], x[2], x[3]);
   }
@@ -53,10 +47,6 @@ template <> struct Vec<double> {
     const double2 v = __ldg(reinterpret_cast<const double2*>(p));
     x[0] = v.x; x[1] = v.y;
   }
-  __device__ static void lds(const void* p, double (&x)[2]) {
-    const double2 v = *static_cast<const double2*>(p);
-    x[0] = v.x; x[1] = v.y;
-  }
   __device__ static void store(double* p, const double (&x)[2]) {
     *reinterpret_cast<double2*>(p) = make_double2(x[0], x[1]);
   }
@@ -65,7 +55,6 @@ template <typename H, void (*Unpack)(unsigned, float&, float&), unsigned short (
 struct Vec16 {  // eight 16-bit floats in one uint4
   static constexpr int n = 8;
   __device__ static void load(const H* p, float (&x)[8]) { unpack(__ldg(reinterpret_cast<const uint4*>(p)), x); }
-  __device__ static void lds(const void* p, float (&x)[8]) { unpack(*static_cast<const uint4*>(p), x); }
   __device__ static void unpack(const uint4 v, float (&x)[8]) {
     Unpack(v.x, x[0], x[1]);
     Unpack(v.y, x[2], x[3]);
@@ -314,14 +303,13 @@ __device__ __forceinline__ double plane_stats(const A (&s)[2][3], long long NC, 
 }
 
 // Plane i's stats (plane_stats) from its `splits` partial sums part[(split * 2 + map) * NC + i][k], added in
-// split order, CHUNK splits' loads issued before their adds. finish_pairs takes 16: all 16 runs a plane of
-// whole-pixel blocks ([16, 512, 32, 32] on 132 SMs) in one round trip, where nvcc's own 4x unroll of the loop
-// took one per 4 splits (s15-s18: finish_pairs 3.7 us with one split, 4.2 with four). The folded finish, inside
-// the pair kernel's 128 registers, takes 4. VOL: part was written by other blocks of the running kernel (read
-// past L1, which is not coherent).
-template <typename A, bool VOL, int CHUNK>
+// split order, CHUNK splits' loads issued before their adds: all 16 runs a plane of whole-pixel blocks
+// ([16, 512, 32, 32] on 132 SMs) in one round trip, where nvcc's own 4x unroll of the loop took one per 4
+// splits (s15-s18: finish_pairs 3.7 us with one split, 4.2 with four).
+template <typename A>
 __device__ __forceinline__ double finish_plane(const A* part, int splits, long long NC, long long i, A e0, A ex,
                                                A ey, A* stats) {
+  constexpr int CHUNK = 16;
   A s[2][3] = {};
   for (int sp0 = 0; sp0 < splits; sp0 += CHUNK) {
     A x[2][CHUNK][3];  // every load of the chunk issued before the first add
@@ -332,7 +320,7 @@ __device__ __forceinline__ double finish_plane(const A* part, int splits, long l
         if (sp0 + j < splits) {
           const A* q = part + ((static_cast<long long>(sp0 + j) * 2 + m) * NC + i) * 3;
 #pragma unroll
-          for (int k = 0; k < 3; ++k) x[m][j][k] = VOL ? static_cast<const volatile A*>(q)[k] : q[k];
+          for (int k = 0; k < 3; ++k) x[m][j][k] = q[k];
         }
 #pragma unroll
     for (int m = 0; m < 2; ++m)
@@ -356,16 +344,16 @@ __device__ __forceinline__ void loss_from_shares(const double* shares, int count
   if (threadIdx.x == 0) *loss = static_cast<A>(t / static_cast<double>(2 * NC));
 }
 
-// What the finish needs: the eps terms, the outputs, the loss partials (one per finish_pairs block, or folded
-// into pair_sums_vec one per column of blocks) and the tickets (finish_pairs' one, or the folded finish's
-// [columns + 1]), zero when the finish starts.
+// What the finish needs: the eps terms, the outputs, the loss partials (one per finish_pairs block, or with
+// the block finish one per column of blocks) and finish_pairs' ticket, which the two-map kernel zeroes (else a
+// memset), so it is zero when the finish starts.
 template <typename A>
 struct FinishArgs {
   A e0, ex, ey;
   A* stats;
   A* loss;
   double* loss_parts;
-  unsigned* tickets;
+  unsigned* ticket;
 };
 
 // Channels last, 16-byte loads, both maps in one pass (the forward's fast path): one block per (n, VECS
@@ -375,39 +363,32 @@ struct FinishArgs {
 // plan_t sizes the runs so the blocks fill the card once (the blocks per SM from the occupancy API): the H200
 // ran an earlier plan (2 pixels in flight, runs for "4 blocks per SM" of which 2 fit) at 28.5 us fwd+bwd on
 // [16, 512, 32, 32] bf16, 42% of copy bandwidth. Raw sums go to part[(split * 2 + map) * NC + n * C + c][k].
-// Then (FIN) either finish_pairs adds the splits up in a second launch; or (kFinFold) the last block of each
-// column (n, channel group) to finish its run finishes that column's planes, and the last column adds up the
-// loss: one launch fewer, for a memset of the tickets (finish_pairs took 3.7-4.2 us on the H200, s10); or
-// (kFinBlock, one run per column: fp32 [16, 512, 32, 32] on 132 SMs) each block turns its whole planes' sums
-// into stats and its loss share, and sum_shares, one block, adds the shares: no re-read of the sums, no fence,
-// no ticket.
-// VECS (ForwardOptions::wide): 8 channel vectors a block, so a warp loads 4 pixels' 128 bytes each, or 32
-// (where the map has that many), so a warp loads 512 contiguous bytes of one pixel, as the gradient kernel
-// stores them (fp32: it wrote at 3.68 TB/s on the H200 where this kernel read at 2.82, s15). Or
-// (ForwardOptions::pixels) 64, 128 or 256, at least the map's vectors: one column of blocks an image, each
-// block reading whole pixels, so its bytes are one contiguous run of each map (both the 8- and 32-vector blocks
-// read at 2.0 TB/s on the H100, 67% of copy, where a Triton stream read the same bytes at 2.95, s18). These
-// take only the register loads and the finish_pairs or folded finishes.
+// Then (FIN) either finish_pairs adds the splits up in a second launch, or (kFinBlock, one run per column: fp32
+// [16, 512, 32, 32] on 132 SMs) each block turns its whole planes' sums into stats and its loss share, and
+// sum_shares, one block, adds the shares: no re-read of the sums, no fence, no ticket.
+// VECS: 8 channel vectors a block, so a warp loads 4 pixels' 128 bytes each; or (ForwardOptions::pixels) 32,
+// 64, 128 or 256, at least the map's vectors: one column of blocks an image, each block reading whole pixels,
+// so its bytes are one contiguous run of each map (8-vector blocks, and 32-vector ones that took 512 contiguous
+// bytes a warp, both read at 2.0 TB/s on the H100, 67% of copy, where a Triton stream read the same bytes at
+// 2.95, s18). 64 vectors and more take no block finish.
+// (Measured and dropped, s11-s18, RESULTS.md: on the H200 and the H100, the finish folded into the last blocks,
+// +0.8 to +1.7 us, and the loads staged through shared memory by cp.async, a tie to +1.3 us; on the H100,
+// 32-vector blocks on maps of more vectors, -0.7% to +2.9%.)
 constexpr int kPairVecs = 8;
-constexpr int kWideVecs = 32;
+constexpr int kWarpVecs = 32;  // a lane a vector: the widest blocks whose sums a warp shuffle still adds
 // Pixels of both maps in flight per thread (sm_90 SASS: all their 16-byte loads issued before the first add).
 // fp32: 6, 12 loads (it read at 2.88 TB/s with 8 on the H200, s10: bytes in flight; 8 pixels spilled on sm_80);
 // 16-bit: 4, 8 loads (their unpacked values take 64 registers).
 template <typename T> constexpr int kPairPix = 4;
 template <> constexpr int kPairPix<float> = 6;
-// ASYNC (ForwardOptions::async_copy): each thread's loads go to its own slots of a ring in shared memory
-// (cp.async, L1 bypassed), `stages` steps of kPairPix<T> pixels ahead of its adds: up to 3x (16-bit) or 2x
-// (fp32) the bytes in flight of the register loads, in fewer registers, and later steps' loads overlap this
-// step's adds. Each thread reads only the slots it filled: a wait on its own copies is all the order it needs.
-template <typename T> constexpr size_t kStageBytes = 2 * kPairPix<T> * 256 * 16;  // one step of a block's loads
 
-enum Fin { kFinKernel, kFinFold, kFinBlock };  // how the two-map kernel's sums are finished (above)
+enum Fin { kFinKernel, kFinBlock };  // how the two-map kernel's sums are finished (above)
 
-template <typename T, int VECS, Fin FIN, bool ASYNC>
+template <typename T, int VECS, Fin FIN>
 __global__ void __launch_bounds__(256, 2)
 pair_sums_vec(MapView ma, MapView mb, int C, int H, int W, int pix_per_split, typename AccOf<T>::type step_u,
               typename AccOf<T>::type step_v, typename AccOf<T>::type* part,
-              FinishArgs<typename AccOf<T>::type> fin, int stages) {
+              FinishArgs<typename AccOf<T>::type> fin) {
   using A = typename AccOf<T>::type;
   constexpr int V = Vec<T>::n, ROWS = 256 / VECS;
   const int vecs = C / V, groups = (vecs + VECS - 1) / VECS;
@@ -415,7 +396,7 @@ pair_sums_vec(MapView ma, MapView mb, int C, int H, int W, int pix_per_split, ty
   const int cv = (blockIdx.x % groups) * VECS + threadIdx.x % VECS;
   const int row = threadIdx.x / VECS;
   if (FIN == kFinKernel && blockIdx.x == 0 && blockIdx.y == 0 && threadIdx.x == 0)
-    *fin.tickets = 0u;  // finish_pairs' ticket
+    *fin.ticket = 0u;  // finish_pairs' ticket
   A s[2][3][V];
 #pragma unroll
   for (int m = 0; m < 2; ++m)
@@ -463,85 +444,34 @@ pair_sums_vec(MapView ma, MapView mb, int C, int H, int W, int pix_per_split, ty
     at.w = p - at.h * W;
     at.a = pa + at.h * ma.sH + at.w * ma.sW;
     at.b = pb + at.h * mb.sH + at.w * mb.sW;
-    if constexpr (ASYNC) {
-      // slot (stage s, load j) of this thread: ring[(s * 2 * kPairPix<T> + j) * 256 + thread], j = 2 * pixel + map
-      extern __shared__ uint4 ring[];
-      uint4* const mine = ring + threadIdx.x;
-      constexpr int kStep = kPairPix<T> * ROWS, kSlots = 2 * kPairPix<T> * 256;
-      At ahead = at;  // the next step to issue
-      int p_ahead = p;
-      // One step's copies as one group (none past the run: an empty group keeps the count). Runs are whole steps
-      // but for the last run's last step (wide blocks: whole rows, so any run's last step), whose pixels past the
-      // run are skipped (the checks compiled only there).
-      auto copy_step = [&](uint4* slot, auto whole) {
+    for (; p + (kPairPix<T> - 1) * ROWS < p_end; p += kPairPix<T> * ROWS) {
+      At qs[kPairPix<T>];
+      A x[kPairPix<T>][2][V];  // every load issued before the first add
 #pragma unroll
-        for (int r = 0; r < kPairPix<T>; ++r) {
-          if (decltype(whole)::value || p_ahead + r * ROWS < p_end) {
-            __pipeline_memcpy_async(slot + 2 * r * 256, ahead.a, 16);
-            __pipeline_memcpy_async(slot + (2 * r + 1) * 256, ahead.b, 16);
-          }
-          next(ahead);
-        }
-      };
-      auto issue = [&](int s) {
-        uint4* const slot = mine + s * kSlots;
-        if (p_ahead + (kPairPix<T> - 1) * ROWS < p_end) copy_step(slot, std::true_type{});
-        else if (p_ahead < p_end) copy_step(slot, std::false_type{});
-        p_ahead += kStep;
-        __pipeline_commit();
-      };
-      auto add_step = [&](const uint4* slot, auto whole) {
-#pragma unroll
-        for (int r = 0; r < kPairPix<T>; ++r) {
-          if (decltype(whole)::value || p + r * ROWS < p_end) {
-            A x[2][V];
-            Vec<T>::lds(slot + 2 * r * 256, x[0]);
-            Vec<T>::lds(slot + (2 * r + 1) * 256, x[1]);
-            add(at.h, at.w, x);
-          }
-          next(at);
-        }
-      };
-      for (int s = 0; s < stages; ++s) issue(s);
-      for (int s = 0; p < p_end; p += kStep) {
-        // this step's group landed (async_stages gives 2 or 3)
-        if (stages == 3) __pipeline_wait_prior(2); else __pipeline_wait_prior(1);
-        const uint4* const slot = mine + s * kSlots;
-        if (p + (kPairPix<T> - 1) * ROWS < p_end) add_step(slot, std::true_type{});
-        else add_step(slot, std::false_type{});
-        issue(s);  // the step `stages` ahead, into the slots just read
-        s = s + 1 == stages ? 0 : s + 1;
+      for (int r = 0; r < kPairPix<T>; ++r) {
+        qs[r] = at;
+        next(at);
+        load(qs[r], x[r]);
       }
-    } else {
-      for (; p + (kPairPix<T> - 1) * ROWS < p_end; p += kPairPix<T> * ROWS) {
-        At qs[kPairPix<T>];
-        A x[kPairPix<T>][2][V];  // every load issued before the first add
 #pragma unroll
-        for (int r = 0; r < kPairPix<T>; ++r) {
-          qs[r] = at;
-          next(at);
-          load(qs[r], x[r]);
-        }
-#pragma unroll
-        for (int r = 0; r < kPairPix<T>; ++r) add(qs[r].h, qs[r].w, x[r]);
-      }
-      if (p < p_end) {  // the run's last pixels, fewer than a step: their loads issued together too
-        At qs[kPairPix<T>];
-        A x[kPairPix<T>][2][V];
-        bool in[kPairPix<T>];
-#pragma unroll
-        for (int r = 0; r < kPairPix<T>; ++r) {
-          qs[r] = at;
-          next(at);
-          in[r] = p + r * ROWS < p_end;
-          if (in[r]) load(qs[r], x[r]);
-        }
-#pragma unroll
-        for (int r = 0; r < kPairPix<T>; ++r)
-          if (in[r]) add(qs[r].h, qs[r].w, x[r]);
-      }
+      for (int r = 0; r < kPairPix<T>; ++r) add(qs[r].h, qs[r].w, x[r]);
     }
-  }
+    if (p < p_end) {  // the run's last pixels, fewer than a step: their loads issued together too
+      At qs[kPairPix<T>];
+      A x[kPairPix<T>][2][V];
+      bool in[kPairPix<T>];
+#pragma unroll
+      for (int r = 0; r < kPairPix<T>; ++r) {
+        qs[r] = at;
+        next(at);
+        in[r] = p + r * ROWS < p_end;
+        if (in[r]) load(qs[r], x[r]);
+      }
+#pragma unroll
+      for (int r = 0; r < kPairPix<T>; ++r)
+        if (in[r]) add(qs[r].h, qs[r].w, x[r]);
+    }
+}
   // Add up the rows: the 32 / VECS rows within a warp (VECS < 32), then in shared memory the block's kRows
   // partial rows: its 8 warps, or (VECS > 32, every lane a vector of its own) its 256 / VECS thread rows.
 #pragma unroll
@@ -606,52 +536,25 @@ pair_sums_vec(MapView ma, MapView mb, int C, int H, int W, int pix_per_split, ty
     if (c < C && threadIdx.x < kCh) d = plane_stats(whole, NC, n * C + c, fin.e0, fin.ex, fin.ey, fin.stats);
     d = block_sum1<double, 256>(d);
     if (threadIdx.x == 0) fin.loss_parts[blockIdx.x] = d;
-    return;
   }
-  if constexpr (FIN == kFinKernel) return;
-  // The last block of this column to finish its run finishes the column's planes (all runs' sums are out).
-  __shared__ bool last;
-  __threadfence();  // this thread's partial sums are visible before the block's ticket
-  __syncthreads();
-  if (threadIdx.x == 0) last = atomicAdd(&fin.tickets[blockIdx.x], 1u) == gridDim.y - 1;
-  __syncthreads();
-  if (!last) return;
-  __threadfence();
-  double d = 0;  // a thread a channel (up to 256 channels a block: one, so the same bits as ever)
-  for (int cc = threadIdx.x; cc < kCh; cc += 256) {
-    const int c = (blockIdx.x % groups) * kCh + cc;
-    if (c < C) d += finish_plane<A, true, 4>(part, gridDim.y, NC, n * C + c, fin.e0, fin.ex, fin.ey, fin.stats);
-  }
-  d = block_sum1<double, 256>(d);
-  // Then the last column to finish adds the columns' loss partials up in column order: deterministic.
-  __shared__ bool last_column;
-  if (threadIdx.x == 0) {
-    fin.loss_parts[blockIdx.x] = d;
-    __threadfence();
-    last_column = atomicAdd(&fin.tickets[gridDim.x], 1u) == gridDim.x - 1;
-  }
-  __syncthreads();
-  if (!last_column) return;
-  __threadfence();
-  loss_from_shares<A, 256>(fin.loss_parts, static_cast<int>(gridDim.x), NC, fin.loss);
 }
 
 // Raw sums -> stats and the loss = mean over (n, c, {x, y}) of the squared centroid difference: one thread
 // per plane (finish_plane; part may be stats itself when splits == 1); each block's loss partial goes to
-// fin.loss_parts, and the last block to finish (the ticket fin.tickets[0], which starts at 0) adds them up in
+// fin.loss_parts, and the last block to finish (the ticket *fin.ticket, which starts at 0) adds them up in
 // block order: deterministic.
 template <typename A>
 __global__ void __launch_bounds__(kFinishThreads)
 finish_pairs(const A* part, int splits, long long NC, FinishArgs<A> fin) {
   const long long i = static_cast<long long>(blockIdx.x) * kFinishThreads + threadIdx.x;
   double d = 0;
-  if (i < NC) d = finish_plane<A, false, 16>(part, splits, NC, i, fin.e0, fin.ex, fin.ey, fin.stats);
+  if (i < NC) d = finish_plane(part, splits, NC, i, fin.e0, fin.ex, fin.ey, fin.stats);
   d = block_sum1<double, kFinishThreads>(d);
   __shared__ bool last;
   if (threadIdx.x == 0) {
     fin.loss_parts[blockIdx.x] = d;
     __threadfence();  // this block's partial is visible before its ticket
-    last = atomicAdd(fin.tickets, 1u) == gridDim.x - 1;
+    last = atomicAdd(fin.ticket, 1u) == gridDim.x - 1;
   }
   __syncthreads();
   if (!last) return;
@@ -825,14 +728,14 @@ int once_per_device(int (&cache)[kDevices], Ask ask) {
   return cache[dev] - 1;
 }
 
-// Blocks of pair_sums_vec<T, VECS, false, false> that fit on one SM of the current device (registers decide:
+// Blocks of pair_sums_vec<T, VECS, kFinKernel> that fit on one SM of the current device (registers decide:
 // 2 on sm_90).
 template <typename T, int VECS>
 int pair_blocks_per_sm() {
   static int cache[kDevices] = {};
   return once_per_device(cache, [] {
     int n = 0;
-    if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, pair_sums_vec<T, VECS, kFinKernel, false>, 256, 0) !=
+    if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, pair_sums_vec<T, VECS, kFinKernel>, 256, 0) !=
             cudaSuccess ||
         n < 1) {
       cudaGetLastError();  // not sticky; fall back to the launch bound's 2
@@ -842,43 +745,15 @@ int pair_blocks_per_sm() {
   });
 }
 
-// Ring stages (3, else 2) with which the async-copy kernel still fits as many blocks per SM as the register
-// kernel (the plan's runs are sized for those), or 0 where neither does (the register loads serve then).
-// Shared memory decides: 16-bit maps take 32 KB a stage, so 3 stages on sm_90 (2 blocks in its 228 KB) and
-// 2 on sm_80 (164 KB); fp32 48 KB, so 2 on sm_90 and none on sm_80. Sets the kernel's dynamic shared memory
-// limit to match; asked once per device.
-template <typename T, int VECS, Fin FIN>
-int async_stages() {
-  static int cache[kDevices] = {};
-  return once_per_device(cache, [] {
-    const int want = pair_blocks_per_sm<T, VECS>();
-    for (int s = 3; s >= 2; --s) {
-      const size_t bytes = s * kStageBytes<T>;
-      int n = 0;
-      if (cudaFuncSetAttribute(pair_sums_vec<T, VECS, FIN, true>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                               static_cast<int>(bytes)) != cudaSuccess ||
-          cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, pair_sums_vec<T, VECS, FIN, true>, 256, bytes) !=
-              cudaSuccess) {
-        cudaGetLastError();  // a refused size is not sticky; clear only that error
-        continue;
-      }
-      if (n >= want) return s;
-    }
-    return 0;
-  });
-}
-
 // The forward's launch plan: the two-map kernel where both maps allow it, how it splits the pixels, and the
-// scratch memory (partial sums, the loss partials, the tickets).
+// scratch memory (partial sums, the loss partials, finish_pairs' ticket).
 struct Plan {
-  bool pair = false, fold = false, async_copy = false;
+  bool pair = false;
   bool block = false;  // each block finishes its own planes (one run per column), sum_shares the loss
-
   int vecs = kPairVecs;  // channel vectors a block of the two-map kernel takes
-  int stages = 0;  // of the async-copy kernel's ring
   long long groups = 0, columns = 0;
   int pix_per_split = 0, splits = 1;
-  long long finish_blocks = 0, tickets = 1;
+  long long finish_blocks = 0;
   size_t part_bytes = 0, loss_offset = 0, counter_offset = 0, bytes = 0;
 };
 
@@ -887,17 +762,11 @@ template <typename F>
 decltype(auto) with_vecs(int vecs, F f) {
   switch (vecs) {
     case kPairVecs: return f(std::integral_constant<int, kPairVecs>{});
-    case kWideVecs: return f(std::integral_constant<int, kWideVecs>{});
+    case kWarpVecs: return f(std::integral_constant<int, kWarpVecs>{});
     case 64: return f(std::integral_constant<int, 64>{});
     case 128: return f(std::integral_constant<int, 128>{});
     default: return f(std::integral_constant<int, 256>{});
   }
-}
-
-template <typename T, int VECS>
-int async_stages_for(const Plan& p) {
-  return p.fold ? async_stages<T, VECS, kFinFold>()
-                : p.block ? async_stages<T, VECS, kFinBlock>() : async_stages<T, VECS, kFinKernel>();
 }
 
 template <typename T>
@@ -909,69 +778,44 @@ Plan plan_t(const MapView& a, const MapView& b, long long N, long long C, int H,
   p.pair = channel_vectors<T>(a, N, C) && channel_vectors<T>(b, N, C);
   if (p.pair) {
     // As many blocks as fit on the card at once (more runs would only add a second, short wave of blocks,
-    // each with its reduction), each over whole kPairPix<T>-pixel steps of its rows; with wide blocks, over
-    // whole rows (fp32's step is 48 pixels there: whole steps would cut [16, 512, 32, 32] into runs of 288,
-    // 288, 288 and 160 pixels).
-    p.fold = o.fold;
+    // each with its reduction), each over whole kPairPix<T>-pixel steps of its rows; with whole-pixel blocks,
+    // over whole rows (fp32's step is 48 pixels in 32-vector blocks: whole steps would cut [16, 512, 32, 32]
+    // into runs of 288, 288, 288 and 160 pixels).
     const long long vecs = C / Vec<T>::n;
-    p.vecs = o.wide && vecs >= kWideVecs ? kWideVecs : kPairVecs;
+    p.vecs = kPairVecs;
     if (o.pixels && vecs > 16 && vecs <= 256)  // whole pixels a block, at least half its lanes busy
       p.vecs = vecs <= 32 ? 32 : vecs <= 64 ? 64 : vecs <= 128 ? 128 : 256;
     p.groups = (vecs + p.vecs - 1) / p.vecs;
     p.columns = N * p.groups;
-    // the unfolded kernel's occupancy for both: the same runs, so the folded stats are the unfolded ones' bits
     const int per_sm = with_vecs(p.vecs, [](auto v) { return pair_blocks_per_sm<T, decltype(v)::value>(); });
     const long long fit = static_cast<long long>(per_sm) * std::max(o.sms, 1);
-    const int rows = 256 / p.vecs, step = kPairPix<T> * rows, unit = p.vecs >= kWideVecs ? rows : step;
+    const int rows = 256 / p.vecs, step = kPairPix<T> * rows, unit = p.vecs >= kWarpVecs ? rows : step;
     const int HW = H * W;
     const long long most = (HW + step - 1) / step;  // runs of at least one step
     const long long want = std::min(most, std::max(1LL, fit / p.columns));
     const long long pix = (HW + want - 1) / want;
     p.pix_per_split = static_cast<int>((pix + unit - 1) / unit * unit);
     p.splits = (HW + p.pix_per_split - 1) / p.pix_per_split;
-    p.block = o.block_finish && !p.fold && p.splits == 1 && p.vecs <= kWideVecs;
+    p.block = o.block_finish && p.splits == 1 && p.vecs <= kWarpVecs;
     p.part_bytes = p.block ? 0 : static_cast<size_t>(p.splits) * 2 * NC * 3 * sizeof(A);
-    // the same runs with either loads: the same sums in the same order, so the same bits
-    if (o.async_copy)
-      p.stages = with_vecs(p.vecs, [&](auto v) {
-        if constexpr (decltype(v)::value <= kWideVecs) return async_stages_for<T, decltype(v)::value>(p);
-        else return 0;  // whole-pixel blocks take the register loads
-      });
-    p.async_copy = p.stages > 0;
   }
-  // loss partials: finish_pairs' per block, or a column's each (folded, or finished in blocks); tickets: one,
-  // or a column's each and one for the loss
-  p.tickets = p.fold ? p.columns + 1 : 1;
+  // loss partials: finish_pairs' per block, or a column's each (finished in blocks); then the ticket
   p.loss_offset = (p.part_bytes + 15) / 16 * 16;
-  p.counter_offset =
-      p.loss_offset + static_cast<size_t>(p.fold || p.block ? p.columns : p.finish_blocks) * sizeof(double);
-  p.bytes = p.counter_offset + static_cast<size_t>(p.tickets) * sizeof(unsigned);
+  p.counter_offset = p.loss_offset + static_cast<size_t>(p.block ? p.columns : p.finish_blocks) * sizeof(double);
+  p.bytes = p.counter_offset + sizeof(unsigned);
   return p;
-}
-
-template <typename T, int VECS, Fin FIN>
-void launch_pair_as(const Plan& p, MapView a, MapView b, int C, int H, int W, typename AccOf<T>::type su,
-                    typename AccOf<T>::type sv, typename AccOf<T>::type* part,
-                    FinishArgs<typename AccOf<T>::type> fin, cudaStream_t stream) {
-  const dim3 grid(static_cast<unsigned>(p.columns), p.splits);
-  if constexpr (VECS <= kWideVecs) {  // whole-pixel blocks take only the register loads
-    if (p.async_copy) {
-      pair_sums_vec<T, VECS, FIN, true><<<grid, 256, p.stages * kStageBytes<T>, stream>>>(
-          a, b, C, H, W, p.pix_per_split, su, sv, part, fin, p.stages);
-      return;
-    }
-  }
-  pair_sums_vec<T, VECS, FIN, false><<<grid, 256, 0, stream>>>(a, b, C, H, W, p.pix_per_split, su, sv, part, fin, 0);
 }
 
 template <typename T, Fin FIN>
 void launch_pair(const Plan& p, MapView a, MapView b, int C, int H, int W, typename AccOf<T>::type su,
                  typename AccOf<T>::type sv, typename AccOf<T>::type* part,
                  FinishArgs<typename AccOf<T>::type> fin, cudaStream_t stream) {
+  const dim3 grid(static_cast<unsigned>(p.columns), p.splits);
   with_vecs(p.vecs, [&](auto v) {
-    // whole-pixel blocks: the plan gives them no block finish
-    if constexpr (decltype(v)::value <= kWideVecs || FIN != kFinBlock)
-      launch_pair_as<T, decltype(v)::value, FIN>(p, a, b, C, H, W, su, sv, part, fin, stream);
+    // wider whole-pixel blocks: the plan gives them no block finish
+    if constexpr (decltype(v)::value <= kWarpVecs || FIN != kFinBlock)
+      pair_sums_vec<T, decltype(v)::value, FIN><<<grid, 256, 0, stream>>>(a, b, C, H, W, p.pix_per_split, su, sv,
+                                                                          part, fin);
   });
 }
 
@@ -994,13 +838,6 @@ cudaError_t forward_t(MapView a, MapView b, long long N, long long C, int H, int
   const A* part = fin.stats;  // one launch per map: the raw sums go to stats, which finish_pairs turns in place
   if (p.pair) {
     A* pp = reinterpret_cast<A*>(ws);
-    if (p.fold) {
-      const cudaError_t err =
-          cudaMemsetAsync(fin.tickets, 0, static_cast<size_t>(p.tickets) * sizeof(unsigned), stream);
-      if (err != cudaSuccess) return err;
-      launch_pair<T, kFinFold>(p, a, b, static_cast<int>(C), H, W, su, sv, pp, fin, stream);
-      return cudaGetLastError();
-    }
     if (p.block) {
       launch_pair<T, kFinBlock>(p, a, b, static_cast<int>(C), H, W, su, sv, pp, fin, stream);
       sum_shares<A><<<1, kFinishThreads, 0, stream>>>(fin.loss_parts, static_cast<int>(p.columns), NC, fin.loss);
@@ -1011,7 +848,7 @@ cudaError_t forward_t(MapView a, MapView b, long long N, long long C, int H, int
   } else {
     cudaError_t err = map_sums_t<T>(a, N, C, H, W, fin.stats, stream);
     if (err == cudaSuccess) err = map_sums_t<T>(b, N, C, H, W, fin.stats + NC * 3, stream);
-    if (err == cudaSuccess) err = cudaMemsetAsync(fin.tickets, 0, sizeof(unsigned), stream);
+    if (err == cudaSuccess) err = cudaMemsetAsync(fin.ticket, 0, sizeof(unsigned), stream);
     if (err != cudaSuccess) return err;
   }
   finish_pairs<A><<<static_cast<unsigned>(p.finish_blocks), kFinishThreads, 0, stream>>>(

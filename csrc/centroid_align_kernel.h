@@ -20,14 +20,11 @@ struct MapView {
 // How the forward plans the two-map kernel (other layouts ignore it).
 struct ForwardOptions {
   int sms = 1;        // multiprocessors whose blocks the pixel runs fill once: the card's count times the waves
-  bool fold = false;  // the finish in the kernel's last blocks: a memset of their tickets and one kernel, not two
-  bool async_copy = false;  // the kernel's loads staged through shared memory (cp.async), several steps ahead
-  bool wide = false;  // blocks of 32 channel vectors (a warp loads 512 contiguous bytes), where C has that many
-  // where the plan gives each column of blocks one run (whole planes), unfolded: each block turns its planes'
-  // sums into stats and a loss share, and one block adds the shares (no finish_pairs)
+  // where the plan gives each column of blocks one run (whole planes): each block turns its planes' sums into
+  // stats and a loss share, and one block adds the shares (no finish_pairs)
   bool block_finish = false;
-  // blocks of every channel vector of a run of pixels (32 as wide, or 64, 128 or 256: those take the register
-  // loads and no block finish), where the map has 17 to 256: one column of blocks an image, contiguous bytes
+  // blocks of every channel vector of a run of pixels (32, or 64, 128 or 256: those take no block finish),
+  // where the map has 17 to 256: one column of blocks an image, contiguous bytes
   bool pixels = false;
 };
 

@@ -434,13 +434,10 @@ def test_cuda_two_map_launch_matches_one_map_launches(dtype):
     torch.testing.assert_close(loss, ca.centroid_align_loss_reference(a, b).to(loss.dtype), rtol=tol, atol=1e-12)
 
 
-# The forward's A/B plans (DMFN_CENTROID_*, read per call), each against the default plan with the same waves
-# (the same runs): FOLD, the finish in the two-map kernel's last blocks, where blocks run at once and only
-# __threadfence orders their sums (the CPU emulation runs them one by one); ASYNC, the loads staged through
-# shared memory by cp.async, where the copies really land late (the emulation lands them at the wait); GRAD_ROWS,
-# the gradient written by more blocks of fewer image rows. Two waves: several runs per column of blocks.
-PLANS = [dict(FOLD="1"), dict(FOLD="1", WAVES="2"), dict(ASYNC="1"), dict(ASYNC="1", WAVES="2"),
-         dict(ASYNC="1", FOLD="1"), dict(GRAD_ROWS="1"), dict(GRAD_ROWS="2")]
+# The A/B plans (DMFN_CENTROID_*, read per call) that keep the default's runs, each against the default plan with
+# the same waves: GRAD_ROWS, the gradient written by more blocks of fewer image rows, in one wave and in two
+# (several runs per column of blocks).
+PLANS = [dict(GRAD_ROWS="1"), dict(GRAD_ROWS="2"), dict(GRAD_ROWS="1", WAVES="2")]
 
 
 def _plan_maps(shape, seed, dtype, monkeypatch):
@@ -456,10 +453,9 @@ def _plan_maps(shape, seed, dtype, monkeypatch):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("plan", PLANS, ids=lambda p: ",".join(f"{k}={v}" for k, v in p.items()))
 def test_cuda_forward_plans_match_the_default(dtype, plan, monkeypatch):
-    """The same stats bit for bit (each plane's runs added in the same order, each thread's pixels too), the
-    loss bit for bit unless folded (then to its sum order), the same bits on a rerun, and the same gradient
-    bit for bit (it follows from the stats alone); [3, 104, 33, 35]: the last run ends inside a step. Where
-    the async stages do not fit, the register loads serve. (A bad value: test_cuda_bad_plan_values_are_refused.)"""
+    """The same stats and loss bit for bit, the same bits on a rerun, and the same gradient bit for bit (each
+    element's arithmetic is its own); [3, 104, 33, 35]: the last run ends inside a step. (A bad value:
+    test_cuda_bad_plan_values_are_refused.)"""
     a, b = _plan_maps((3, 104, 33, 35), 33, dtype, monkeypatch)
     monkeypatch.setenv("DMFN_CENTROID_WAVES", plan.get("WAVES", "1"))
     loss, st = torch.ops.dmfn_fast.centroid_align_fwd(a, b)
@@ -468,11 +464,7 @@ def test_cuda_forward_plans_match_the_default(dtype, plan, monkeypatch):
         monkeypatch.setenv(f"DMFN_CENTROID_{k}", v)
     for _ in range(3):
         loss_p, st_p = torch.ops.dmfn_fast.centroid_align_fwd(a, b)
-        assert torch.equal(st_p, st)
-        if "FOLD" in plan:
-            torch.testing.assert_close(loss_p, loss, rtol=1e-6, atol=1e-12)
-        else:
-            assert torch.equal(loss_p, loss)
+        assert torch.equal(st_p, st) and torch.equal(loss_p, loss)
     assert torch.equal(torch.ops.dmfn_fast.centroid_align_fwd(a, b)[0], loss_p)
     assert torch.equal(torch.autograd.grad(ca.centroid_align_loss(a, b, impl="fast"), a)[0], g)
     assert torch.isfinite(g).all()
@@ -480,32 +472,26 @@ def test_cuda_forward_plans_match_the_default(dtype, plan, monkeypatch):
 
 @cuda_ext
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("plan", [{}, dict(FOLD="1"), dict(ASYNC="1"), dict(WAVES="2")],
+@pytest.mark.parametrize("plan", [{}, dict(WAVES="2")],
                          ids=lambda p: ",".join(f"{k}={v}" for k, v in p.items()) or "alone")
-@pytest.mark.parametrize("switch,shape", [("WIDE", (3, 264, 33, 35)), ("PIXELS", (3, 264, 33, 35)),
-                                          ("PIXELS", (16, 512, 32, 32))], ids=["wide", "pixels", "pixels-training"])
-def test_cuda_wide_and_pixel_blocks_match_the_default(dtype, plan, switch, shape, monkeypatch):
-    """DMFN_CENTROID_WIDE: blocks of 32 channel vectors (264 channels: a partial group in every dtype), and
-    DMFN_CENTROID_PIXELS: blocks of every vector of their pixels (264 channels: 64 or 128 vectors, idle lanes;
-    512 at the training size: 64 or 128, none idle), add each plane's pixels in other runs, so the stats match
-    the default's to rounding, not bit for bit; the same bits on a rerun; with the loads staged (the same runs,
-    or for whole pixels the switch ignored) or the finish folded, the plan's own stats bit for bit (and with two
-    waves, its own bits again); the gradient to rounding. The gradients are of the loss times 2^16, as a
+@pytest.mark.parametrize("shape", [(3, 264, 33, 35), (16, 512, 32, 32)], ids=["pixels", "pixels-training"])
+def test_cuda_pixel_blocks_match_the_default(dtype, plan, shape, monkeypatch):
+    """DMFN_CENTROID_PIXELS: blocks of every vector of their pixels (264 channels: 64 or 128 vectors, idle
+    lanes; 512 at the training size: 64 or 128, none idle) add each plane's pixels in other runs, so the stats
+    match the default's to rounding, not bit for bit; the same bits on a rerun (in one wave and in two: its own
+    bits each); the gradient to rounding. The gradients are of the loss times 2^16, as a
     GradScaler's: this loss's own are about 1e-7, below fp16's normal range, where one rounding is a whole
     subnormal step (H100, s18: 6e-8 apart against an allowance of 1e-10)."""
     a, b = _plan_maps(shape, 35, dtype, monkeypatch)
     loss, st = torch.ops.dmfn_fast.centroid_align_fwd(a, b)
     g = torch.autograd.grad(ca.centroid_align_loss(a, b, impl="fast") * 2.0 ** 16, a)[0]
-    monkeypatch.setenv(f"DMFN_CENTROID_{switch}", "1")
-    monkeypatch.setenv("DMFN_CENTROID_WAVES", plan.get("WAVES", "1"))
-    loss_w, st_w = torch.ops.dmfn_fast.centroid_align_fwd(a, b)
+    monkeypatch.setenv("DMFN_CENTROID_PIXELS", "1")
     for k, v in plan.items():
         monkeypatch.setenv(f"DMFN_CENTROID_{k}", v)
+    loss_w, st_w = torch.ops.dmfn_fast.centroid_align_fwd(a, b)
     for _ in range(3):
         loss_p, st_p = torch.ops.dmfn_fast.centroid_align_fwd(a, b)
-        assert torch.equal(st_p, st_w)
-        if "FOLD" not in plan:  # the folded finish adds the loss in another order
-            assert torch.equal(loss_p, loss_w)
+        assert torch.equal(st_p, st_w) and torch.equal(loss_p, loss_w)
     torch.testing.assert_close(st_p, st, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(loss_p, loss, rtol=1e-4, atol=1e-12)
     g_p = torch.autograd.grad(ca.centroid_align_loss(a, b, impl="fast") * 2.0 ** 16, a)[0]
@@ -573,12 +559,13 @@ def test_cuda_triton_forward_matches_the_cpp_op(dtype, waves, shape, monkeypatch
 @cuda_ext
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("shape", [(3, 104, 9, 13), (16, 512, 32, 32)], ids=["one-step", "training"])
-@pytest.mark.parametrize("plan", [{}, dict(ASYNC="1"), dict(WIDE="1")],
+@pytest.mark.parametrize("plan", [{}, dict(PIXELS="1")],
                          ids=lambda p: ",".join(f"{k}={v}" for k, v in p.items()) or "alone")
 def test_cuda_block_finish_matches_the_default(dtype, shape, plan, monkeypatch):
     """DMFN_CENTROID_BLOCK_FINISH: where a column of blocks is one run ([3, 104, 9, 13]: 117 pixels, less than one
     step of any dtype; fp32 [16, 512, 32, 32] on a card of 132 SMs), each block turns its planes' sums into stats
-    and a loss share and one block adds the shares; elsewhere the plan without it. Either way the same plan's
+    and a loss share and one block adds the shares (with PIXELS, fp32's 26 vectors a pixel in blocks of 32);
+    elsewhere the plan without it. Either way the same plan's
     stats bit for bit, its loss to rounding (the shares add in another order), the same bits on a rerun, and
     the same gradient bit for bit (it follows from the stats)."""
     a, b = _plan_maps(shape, 37, dtype, monkeypatch)
@@ -634,8 +621,7 @@ def test_cuda_bad_plan_values_are_refused(preset):
     same C++ frame, passed. Both ways here: the switches added to the environment by the child (setenv
     grows glibc's environ, which a thread reading it at that moment can fault on), and set blank beforehand
     (setenv then replaces a value in place). The markers say which call crashed."""
-    names = ["DMFN_CENTROID_FOLD", "DMFN_CENTROID_ASYNC", "DMFN_CENTROID_WIDE", "DMFN_CENTROID_BLOCK_FINISH",
-             "DMFN_CENTROID_PIXELS", "DMFN_CENTROID_GRAD_ROWS"]
+    names = ["DMFN_CENTROID_BLOCK_FINISH", "DMFN_CENTROID_PIXELS", "DMFN_CENTROID_GRAD_ROWS"]
     env = {k: v for k, v in os.environ.items() if not k.startswith("DMFN_CENTROID_")}
     env.update({k: "" for k in names} if preset else {})
     env["PYTHONPATH"] = os.pathsep.join(p for p in (ROOT, env.get("PYTHONPATH")) if p)

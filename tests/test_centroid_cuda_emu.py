@@ -31,8 +31,6 @@ def cpu_launches(src: str) -> tuple[str, int]:
     one static copy that would otherwise keep the last block's values). Returns (source, launches found)."""
     pat = re.compile(r"(\w+(?:<[^<>;]*>)?)<<<(.*?)>>>\(", re.S)
     src, launches = pat.subn(lambda m: f"::emu::launch({m.group(1)}, ::emu::config({m.group(2)}), ", src)
-    # dynamic shared memory: the launch's buffer, poisoned per block by the stand-in
-    src = re.sub(r"extern __shared__ (\w+) (\w+)\[\];", r"\1* \2 = reinterpret_cast<\1*>(::emu::dyn_shared);", src)
     shared = re.compile(r"(__shared__\s+[^;]+?\s(\w+)\s*(?:\[[^\]]*\]\s*)*;)")
     src, declared = shared.subn(lambda m: f"{m.group(1)} ::emu::poison_once(&{m.group(2)}, sizeof({m.group(2)}));", src)
     assert declared >= 5, "the kernel file's __shared__ declarations were not all found"
@@ -129,29 +127,19 @@ def reference(a, b):
     return stats, (stats[0, ..., 1:] - stats[1, ..., 1:]).pow(2).mean()
 
 
-H200_SHARED = 228 * 1024  # shared memory per SM on sm_90 (the async-copy kernel's stages follow it)
-
-
-def emu_forward(driver, a_map, b_map, dtype, sms=4, occ=2, seed=0, fold=False, async_copy=False, wide=False,
-                block=False, pixels=False, shared=H200_SHARED, report=False, grids=False):
-    """The forward's (stats, loss); fold: the two-map kernel's finish folded into its last blocks; async_copy:
-    its loads staged through shared memory (cp.async), as many stages as `shared` bytes per SM allow; wide:
-    its blocks take 32 channel vectors where the map has them; block: each block finishes its own planes where
-    a column of blocks is one run; pixels: its blocks take every channel vector of their pixels. report: also
-    the most dynamic shared memory a launch took (the async-copy kernel's ring; 0 without it); grids: also each
-    launch's (grid x, grid y)."""
+def emu_forward(driver, a_map, b_map, dtype, sms=4, occ=2, seed=0, block=False, pixels=False, grids=False):
+    """The forward's (stats, loss) on `sms` multiprocessors of `occ` blocks each; block: each block of the
+    two-map kernel finishes its own planes where a column of blocks is one run; pixels: its blocks take every
+    channel vector of their pixels. grids: also each launch's (grid x, grid y)."""
     _, d = driver
     (ba, oa, sa, a), (bb, ob, sb, b) = a_map, b_map
     write(ba, d / "a.bin")
     write(bb, d / "b.bin")
     N, C, H, W = a.shape
-    out = run(driver, ["forward", CODES[dtype], N, C, H, W, sms, occ, int(fold), int(async_copy), int(wide),
-                       int(block), int(pixels), shared, seed, d / "a.bin", oa, *sa, d / "b.bin", ob, *sb, d / "stats.bin",
-                       d / "loss.bin"])
+    out = run(driver, ["forward", CODES[dtype], N, C, H, W, sms, occ, int(block), int(pixels), seed,
+                       d / "a.bin", oa, *sa, d / "b.bin", ob, *sb, d / "stats.bin", d / "loss.bin"])
     acc = torch.float64 if dtype == torch.float64 else torch.float32
     result = read(d / "stats.bin", acc, (2, N, C, 3)).clone(), read(d / "loss.bin", acc, ()).clone()
-    if report:
-        result = (*result, int(re.search(r"dynamic shared bytes: (\d+)", out).group(1)))
     if grids:
         line = re.search(r"grids:(.*)", out).group(1)
         result = (*result, [tuple(map(int, g.split(","))) for g in line.split()])
@@ -234,108 +222,23 @@ def test_forward_is_deterministic_across_block_and_thread_orders(driver):
         assert torch.equal(first[0], again[0]) and torch.equal(first[1], again[1])
 
 
-@pytest.mark.parametrize("fold", [False, True])
 @pytest.mark.parametrize("sms,occ", [(1, 1), (3, 2), (200, 4)])
-def test_forward_plans_for_other_cards(driver, sms, occ, fold):
+def test_forward_plans_for_other_cards(driver, sms, occ):
     """The pixel runs per block follow the card's multiprocessors and the blocks that fit on one (one run per
-    column of blocks up to 9 here), with the finish in its own launch or folded into the last blocks."""
+    column of blocks up to 9 here)."""
     shape, dtype = (2, 16, 11, 13), torch.float32
     a_map, b_map = make_map(shape, "channels_last", dtype, 7), make_map(shape, "channels_last", dtype, 8)
-    stats, loss = emu_forward(driver, a_map, b_map, dtype, sms=sms, occ=occ, fold=fold)
+    stats, loss = emu_forward(driver, a_map, b_map, dtype, sms=sms, occ=occ)
     check_forward(stats, loss, a_map[3], b_map[3], dtype)
 
 
 PAIR_CASES = [c for c in FORWARD_CASES if c.startswith("pair-")]
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
-@pytest.mark.parametrize("case", PAIR_CASES)
-def test_folded_finish_matches_float64(driver, case, dtype):
-    """The finish folded into the two-map kernel (DMFN_CENTROID_FOLD) against float64. It adds each plane's runs
-    in finish_pairs' order, so its stats are the default's bit for bit; only the loss's sum order differs."""
-    shape, la, lb = FORWARD_CASES[case]
-    seed = sum(map(ord, case)) + CODES[dtype]
-    a_map, b_map = make_map(shape, la, dtype, seed), make_map(shape, lb, dtype, seed + 1)
-    plain = emu_forward(driver, a_map, b_map, dtype, seed=seed)
-    folded = emu_forward(driver, a_map, b_map, dtype, seed=seed + 1, fold=True)
-    for stats, loss in (plain, folded):
-        check_forward(stats, loss, a_map[3], b_map[3], dtype)
-    assert torch.equal(plain[0], folded[0]), "the folded finish changed a plane's stats"
-
-
-def test_folded_forward_is_deterministic_across_block_orders(driver):
-    """Which block of a column finishes it depends on the block order; the result must not."""
-    shape = (2, 40, 9, 15)
-    maps = [make_map(shape, "channels_last", torch.bfloat16, s) for s in (5, 6)]
-    first = emu_forward(driver, *maps, torch.bfloat16, sms=3, seed=1, fold=True)
-    for seed in (2, 3, 4):
-        again = emu_forward(driver, *maps, torch.bfloat16, sms=3, seed=seed, fold=True)
-        assert torch.equal(first[0], again[0]) and torch.equal(first[1], again[1])
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
-@pytest.mark.parametrize("case", PAIR_CASES)
-def test_async_copy_matches_register_loads(driver, case, dtype):
-    """DMFN_CENTROID_ASYNC: the two-map kernel's loads staged through shared memory (cp.async), against float64
-    and against the register loads: the same runs, each thread adding its pixels in the same order, so the
-    same bits. In the stand-in a copy lands only at its thread's wait, so a slot read early reads garbage."""
-    shape, la, lb = FORWARD_CASES[case]
-    seed = sum(map(ord, case)) + CODES[dtype]
-    a_map, b_map = make_map(shape, la, dtype, seed), make_map(shape, lb, dtype, seed + 1)
-    plain = emu_forward(driver, a_map, b_map, dtype, seed=seed)
-    staged = emu_forward(driver, a_map, b_map, dtype, seed=seed + 1, async_copy=True, report=True)
-    check_forward(*staged[:2], a_map[3], b_map[3], dtype)
-    assert staged[2] > 0, "the async-copy kernel did not run"
-    assert torch.equal(plain[0], staged[0]) and torch.equal(plain[1], staged[1])
-    folded = emu_forward(driver, a_map, b_map, dtype, seed=seed + 2, async_copy=True, fold=True)
-    assert torch.equal(plain[0], folded[0]), "the folded async-copy kernel changed a plane's stats"
-
-
-# Maps with at least 32 channel vectors in every dtype, for DMFN_CENTROID_WIDE: 264 channels are 33 vectors in
-# 16 bits (a full group of 32 and a partial one), 66 in fp32 (2 and a partial), 132 in fp64; 256 is whole groups
-WIDE_CASES = {"wide-runs-partial-group": (2, 264, 9, 15), "wide-N1-one-run": (1, 256, 3, 5)}
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
-@pytest.mark.parametrize("case", list(WIDE_CASES))
-def test_wide_blocks_match_float64(driver, case, dtype):
-    """DMFN_CENTROID_WIDE: the two-map kernel's blocks take 32 channel vectors (N * ceil(vectors / 32) columns
-    of blocks, runs of whole rows), against float64, the same bits in other block and thread orders, and with
-    the finish folded or the loads staged (the same runs) the same stats bit for bit."""
-    shape = WIDE_CASES[case]
-    seed = sum(map(ord, case)) + CODES[dtype]
-    a_map, b_map = make_map(shape, "channels_last", dtype, seed), make_map(shape, "channels_last", dtype, seed + 1)
-    N, C = shape[:2]
-    vecs = C // (16 // torch.empty((), dtype=dtype).element_size())
-    wide = emu_forward(driver, a_map, b_map, dtype, sms=16, seed=seed, wide=True, grids=True)
-    check_forward(*wide[:2], a_map[3], b_map[3], dtype)
-    assert wide[2][0][0] == N * -(-vecs // 32), wide[2]
-    again = emu_forward(driver, a_map, b_map, dtype, sms=16, seed=seed + 1, wide=True)
-    assert torch.equal(again[0], wide[0]) and torch.equal(again[1], wide[1])
-    folded = emu_forward(driver, a_map, b_map, dtype, sms=16, seed=seed + 2, wide=True, fold=True)
-    check_forward(*folded, a_map[3], b_map[3], dtype)
-    assert torch.equal(folded[0], wide[0]), "the folded finish changed a plane's stats"
-    staged = emu_forward(driver, a_map, b_map, dtype, sms=16, seed=seed + 3, wide=True, async_copy=True, report=True)
-    assert staged[2] > 0, "the async-copy kernel did not run"
-    assert torch.equal(staged[0], wide[0]) and torch.equal(staged[1], wide[1])
-
-
-def test_wide_blocks_need_32_vectors(driver):
-    """Where the map has fewer than 32 channel vectors (40 bf16 channels: 5), DMFN_CENTROID_WIDE keeps the
-    default's blocks of 8, and so its bits."""
-    shape, dtype = (2, 40, 9, 15), torch.bfloat16
-    maps = make_map(shape, "channels_last", dtype, 41), make_map(shape, "channels_last", dtype, 42)
-    plain = emu_forward(driver, *maps, dtype, grids=True)
-    wide = emu_forward(driver, *maps, dtype, seed=1, wide=True, grids=True)
-    assert wide[2] == plain[2] and wide[2][0][0] == 2, wide[2]
-    assert torch.equal(wide[0], plain[0]) and torch.equal(wide[1], plain[1])
-
-
 # DMFN_CENTROID_BLOCK_FINISH, where a column of blocks is one run (the card's blocks, sms * occ, no more than
-# the columns: here one SM for one block): the pair cases, and wide blocks with more planes than finish_pairs'
-# 256 a block (528 and 256 planes)
-BLOCK_CASES = {**{c: (FORWARD_CASES[c][0], False) for c in PAIR_CASES},
-               **{c: (shape, True) for c, shape in WIDE_CASES.items()}}
+# the columns: here one SM for one block): the pair cases, and whole-pixel blocks of 32 vectors (24 of them busy,
+# 2 of 3 images' planes in a block) with more planes than finish_pairs' 256 a block in fp32 and 16 bits
+BLOCK_CASES = {**{c: (FORWARD_CASES[c][0], False) for c in PAIR_CASES}, "pixels-24-vectors": (None, True)}
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
@@ -343,35 +246,33 @@ BLOCK_CASES = {**{c: (FORWARD_CASES[c][0], False) for c in PAIR_CASES},
 def test_block_finish_matches_the_default(driver, case, dtype):
     """Each block turns its whole planes' sums into stats and a loss share, and sum_shares (one block) adds the
     shares in column order: against float64; the default's stats bit for bit (the same adds in the same order),
-    its loss to rounding (the double shares add in another order); the same bits in other block orders and
-    with the loads staged. Its launches: the pair kernel, then one block where finish_pairs took its own."""
-    shape, wide = BLOCK_CASES[case]
+    its loss to rounding (the double shares add in another order); the same bits in other block orders. Its
+    launches: the pair kernel, then one block where finish_pairs took its own."""
+    shape, pixels = BLOCK_CASES[case]
+    if shape is None:
+        shape = (3, 24 * 16 // torch.empty((), dtype=dtype).element_size(), 5, 7)
     seed = sum(map(ord, case)) + CODES[dtype]
     a_map, b_map = make_map(shape, "channels_last", dtype, seed), make_map(shape, "channels_last", dtype, seed + 1)
-    plain = emu_forward(driver, a_map, b_map, dtype, sms=1, occ=1, seed=seed, wide=wide, grids=True)
-    blocks = emu_forward(driver, a_map, b_map, dtype, sms=1, occ=1, seed=seed + 1, wide=wide, block=True, grids=True)
+    plain = emu_forward(driver, a_map, b_map, dtype, sms=1, occ=1, seed=seed, pixels=pixels, grids=True)
+    blocks = emu_forward(driver, a_map, b_map, dtype, sms=1, occ=1, seed=seed + 1, pixels=pixels, block=True,
+                         grids=True)
     check_forward(*blocks[:2], a_map[3], b_map[3], dtype)
     columns = plain[2][0][0]
     assert plain[2][0] == (columns, 1), "the plan gave a column more than one run"
     assert blocks[2] == [(columns, 1), (1, 1)], blocks[2]
     assert torch.equal(blocks[0], plain[0]), "finishing in the blocks changed a plane's stats"
     torch.testing.assert_close(blocks[1], plain[1], rtol=1e-6 if dtype != torch.float64 else 1e-14, atol=0)
-    again = emu_forward(driver, a_map, b_map, dtype, sms=1, occ=1, seed=seed + 2, wide=wide, block=True)
+    again = emu_forward(driver, a_map, b_map, dtype, sms=1, occ=1, seed=seed + 2, pixels=pixels, block=True)
     assert torch.equal(again[0], blocks[0]) and torch.equal(again[1], blocks[1])
-    staged = emu_forward(driver, a_map, b_map, dtype, sms=1, occ=1, seed=seed + 3, wide=wide, block=True,
-                         async_copy=True, report=True)
-    assert staged[2] > 0 or (wide and dtype == torch.float32), "the async-copy kernel did not run"
-    assert torch.equal(staged[0], blocks[0]) and torch.equal(staged[1], blocks[1])
 
 
-@pytest.mark.parametrize("fold", [False, True])
-def test_block_finish_needs_one_run_per_column(driver, fold):
+def test_block_finish_needs_one_run_per_column(driver):
     """Where a column of blocks has several runs (4 SMs of 2 blocks for 4 columns: 2 runs of 192 pixels each),
-    or the finish is folded, DMFN_CENTROID_BLOCK_FINISH keeps the default's plan: its launches and its bits."""
+    DMFN_CENTROID_BLOCK_FINISH keeps the default's plan: its launches and its bits."""
     shape, dtype = (2, 40, 17, 19), torch.float32
     maps = make_map(shape, "channels_last", dtype, 43), make_map(shape, "channels_last", dtype, 44)
-    plain = emu_forward(driver, *maps, dtype, fold=fold, grids=True)
-    blocks = emu_forward(driver, *maps, dtype, seed=1, fold=fold, block=True, grids=True)
+    plain = emu_forward(driver, *maps, dtype, grids=True)
+    blocks = emu_forward(driver, *maps, dtype, seed=1, block=True, grids=True)
     assert plain[2][0][1] > 1, plain[2]
     assert blocks[2] == plain[2]
     assert torch.equal(blocks[0], plain[0]) and torch.equal(blocks[1], plain[1])
@@ -379,7 +280,7 @@ def test_block_finish_needs_one_run_per_column(driver, fold):
 
 # DMFN_CENTROID_PIXELS: (channels, the block's vectors in fp32, bf16, fp64), C a multiple of 8 with
 # 17..256 vectors in each dtype where it is listed: blocks of 32, 64, 128 and 256 vectors, most with idle lanes,
-# and blocks of more than 256 channels (the folded finish's thread takes several)
+# and blocks of more than 256 channels
 PIXEL_CASES = {72: (32, None, 64), 136: (64, 32, 128), 264: (128, 64, 256), 520: (256, 128, None),
                1032: (None, 256, None)}
 PIXEL_DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float64: 2}
@@ -389,9 +290,9 @@ PIXEL_DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float64: 2}
 @pytest.mark.parametrize("C", list(PIXEL_CASES))
 def test_whole_pixel_blocks_match_float64(driver, C, dtype):
     """Blocks of every channel vector of a run of pixels: against float64; one column of blocks an image, cut
-    into runs; the same bits in other block and thread orders; the folded finish the same stats bit for bit;
-    the async-copy and block-finish switches ignored (the same launches and bits); the gradient from its
-    stats. A map with 16 vectors or fewer, or more than 256, keeps the default's plan (its launches and bits)."""
+    into runs; the same bits in other block and thread orders; blocks of more than 32 vectors take no block
+    finish (the same launches and bits); the gradient from its stats. A map with 16 vectors or fewer, or more
+    than 256, keeps the default's plan (its launches and bits)."""
     vecs = PIXEL_CASES[C][PIXEL_DTYPES[dtype]]
     shape = (2, C, 5, 7)
     seed = C + CODES[dtype]
@@ -411,14 +312,9 @@ def test_whole_pixel_blocks_match_float64(driver, C, dtype):
     assert pix[2][0] == (2, math.ceil(35 / run)), pix[2]
     again = emu_forward(driver, a_map, b_map, dtype, sms=3, seed=seed + 2, pixels=True)
     assert torch.equal(again[0], pix[0]) and torch.equal(again[1], pix[1])
-    folded = emu_forward(driver, a_map, b_map, dtype, sms=3, seed=seed + 3, pixels=True, fold=True, grids=True)
-    check_forward(*folded[:2], a_map[3], b_map[3], dtype)
-    assert folded[2] == pix[2][:1], folded[2]  # no finish_pairs
-    assert torch.equal(folded[0], pix[0]), "the folded finish changed a plane's stats"
     if vecs > 32:
-        others = emu_forward(driver, a_map, b_map, dtype, sms=3, seed=seed + 4, pixels=True, async_copy=True,
-                             block=True, wide=True, report=True, grids=True)
-        assert others[3] == pix[2] and others[2] == 0, "an async-copy or block-finish launch for whole pixels"
+        others = emu_forward(driver, a_map, b_map, dtype, sms=3, seed=seed + 4, pixels=True, block=True, grids=True)
+        assert others[2] == pix[2], "a block-finish launch for whole pixels of more than 32 vectors"
         assert torch.equal(others[0], pix[0]) and torch.equal(others[1], pix[1])
     check_grads(driver, pix[0], a_map[3], b_map[3], dtype, True, seed)
 
@@ -433,19 +329,17 @@ def test_whole_pixel_blocks_with_one_run_an_image(driver):
     check_forward(*got[:2], maps[0][3], maps[1][3], dtype)
 
 
-@pytest.mark.parametrize("fold", [False, True])
-def test_finish_adds_many_runs_a_plane(driver, fold):
-    """More runs a plane than a finishing thread loads at once (finish_pairs 16, the folded finish 4): blocks of
-    256 vectors (520 fp32 channels, one pixel a thread row, steps of 6) over 135 pixels on 20 SMs of 2 blocks
-    make 23 runs an image. Against float64, and the folded finish's stats bit for bit (the same adds in the
-    same order, loaded in other chunks)."""
+def test_finish_adds_many_runs_a_plane(driver):
+    """More runs a plane than finish_pairs' thread loads at once (16): blocks of 256 vectors (520 fp32
+    channels, one pixel a thread row, steps of 6) over 135 pixels on 20 SMs of 2 blocks make 23 runs an
+    image. Against float64, and the same bits in another block and thread order."""
     shape, dtype = (1, 520, 9, 15), torch.float32
     maps = make_map(shape, "channels_last", dtype, 53), make_map(shape, "channels_last", dtype, 54)
-    got = emu_forward(driver, *maps, dtype, sms=20, pixels=True, fold=fold, grids=True)
+    got = emu_forward(driver, *maps, dtype, sms=20, pixels=True, grids=True)
     assert got[2][0] == (1, 23), got[2]
     check_forward(*got[:2], maps[0][3], maps[1][3], dtype)
-    other = emu_forward(driver, *maps, dtype, sms=20, seed=1, pixels=True, fold=not fold)
-    assert torch.equal(other[0], got[0])
+    other = emu_forward(driver, *maps, dtype, sms=20, seed=1, pixels=True)
+    assert torch.equal(other[0], got[0]) and torch.equal(other[1], got[1])
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -460,21 +354,6 @@ def test_gradient_rows_per_block_change_no_bit(driver, case, dtype):
     four = emu_grad(driver, g, stats, a_map[3], 0, True)
     for rows in (1, 2):
         assert torch.equal(emu_grad(driver, g, stats, a_map[3], 0, True, seed=rows, rows=rows), four)
-
-
-# (dtype, shared memory per SM, the ring the kernel takes): 3 stages where 2 blocks still fit (sm_90, 16-bit
-# maps: 32 KB a stage), else 2, else the register loads (fp32 on sm_80: 2 x 2 x 48 KB > 164 KB)
-STAGE_CASES = [(torch.bfloat16, 228 * 1024, 3 * 32768), (torch.bfloat16, 164 * 1024, 2 * 32768),
-               (torch.float32, 228 * 1024, 2 * 49152), (torch.float32, 164 * 1024, 0), (torch.float16, 60 * 1024, 0)]
-
-
-@pytest.mark.parametrize("dtype,shared,ring", STAGE_CASES)
-def test_async_copy_stages_follow_shared_memory(driver, dtype, shared, ring):
-    shape = (2, 16, 11, 13)
-    a_map, b_map = make_map(shape, "channels_last", dtype, 21), make_map(shape, "channels_last", dtype, 22)
-    stats, loss, took = emu_forward(driver, a_map, b_map, dtype, async_copy=True, shared=shared, report=True)
-    assert took == ring
-    check_forward(stats, loss, a_map[3], b_map[3], dtype)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -539,31 +418,18 @@ def test_emulator_reports_a_missing_barrier(driver, tmp_path):
 
 
 def test_emulator_reports_an_early_ticket(driver, tmp_path):
-    """A column finished by its first block to end (not its last) reads runs not yet summed: garbage here, in
-    some block order, as on a GPU."""
-    broken = _broken_driver(driver, tmp_path, r"last = atomicAdd\(&fin\.tickets\[blockIdx\.x\], 1u\) == gridDim\.y - 1;",
-                            "last = atomicAdd(&fin.tickets[blockIdx.x], 1u) == 0;")
-    shape, dtype = (1, 8, 17, 19), torch.float32  # 323 pixels: two runs of 192 (6 steps of 32 rows)
+    """finish_pairs' loss added by its first block to end (not its last) misses the shares of the blocks not
+    yet run: a wrong loss here (their shares are garbage), as on a GPU, while every plane's stats stay right."""
+    broken = _broken_driver(driver, tmp_path, r"last = atomicAdd\(fin\.ticket, 1u\) == gridDim\.x - 1;",
+                            "last = atomicAdd(fin.ticket, 1u) == 0;")
+    shape, dtype = (3, 200, 5, 7), torch.float32  # 600 planes: 3 finish_pairs blocks
     maps = make_map(shape, "channels_last", dtype, 17), make_map(shape, "channels_last", dtype, 18)
-    with pytest.raises(AssertionError, match="not close"):  # the first run to end finishes alone
-        for seed in range(3):
-            stats, loss = emu_forward(broken, *maps, dtype, sms=3, seed=seed, fold=True)
-            check_forward(stats, loss, maps[0][3], maps[1][3], dtype)
-
-
-@pytest.mark.parametrize("stages,wait,shared,other", [(3, 2, 228 * 1024, 164 * 1024), (2, 1, 164 * 1024, 228 * 1024)])
-def test_emulator_reports_a_copy_read_before_its_wait(driver, tmp_path, stages, wait, shared, other):
-    """Waiting for all but the `stages` newest groups (one short) leaves the step being added still in flight:
-    its slots read as garbage here (on a GPU they may hold the step before's pixels), and the last steps'
-    copies are never waited for. The other stage count's wait is untouched, and its runs stay right."""
-    broken = _broken_driver(driver, tmp_path, rf"__pipeline_wait_prior\({wait}\);", f"__pipeline_wait_prior({stages});")
-    shape, dtype = (1, 16, 17, 19), torch.bfloat16
-    maps = make_map(shape, "channels_last", dtype, 23), make_map(shape, "channels_last", dtype, 24)
-    with pytest.raises(AssertionError, match="never waited for|not close|nan"):
-        stats, loss = emu_forward(broken, *maps, dtype, async_copy=True, shared=shared)
-        check_forward(stats, loss, maps[0][3], maps[1][3], dtype)
-    stats, loss = emu_forward(broken, *maps, dtype, async_copy=True, shared=other)
-    check_forward(stats, loss, maps[0][3], maps[1][3], dtype)
+    want_stats, want_loss = reference(maps[0][3], maps[1][3])
+    for seed in range(3):
+        stats, loss = emu_forward(broken, *maps, dtype, sms=3, seed=seed)
+        torch.testing.assert_close(stats.double(), want_stats, rtol=1e-5, atol=1e-5)
+        with pytest.raises(AssertionError, match="not close"):
+            torch.testing.assert_close(loss.double(), want_loss, rtol=1e-4, atol=1e-14)
 
 
 def test_emulator_reports_a_misaligned_vector_load(driver, tmp_path):

@@ -41,9 +41,6 @@ SWITCHES = {
     "DMFN_WGRAD_TMA": ("1", "0"),  # 0: no TMA weight-gradient kernel (sm_90)
     # the centroid extension's kernel plans, read by its C++ per call (benchmark A/B switches)
     "DMFN_CENTROID_WAVES": ("1", "2", "3", "4"),
-    "DMFN_CENTROID_FOLD": ("0", "1"),
-    "DMFN_CENTROID_ASYNC": ("0", "1"),
-    "DMFN_CENTROID_WIDE": ("0", "1"),
     "DMFN_CENTROID_BLOCK_FINISH": ("0", "1"),
     "DMFN_CENTROID_PIXELS": ("0", "1"),
     "DMFN_CENTROID_GRAD_ROWS": ("4", "1", "2"),

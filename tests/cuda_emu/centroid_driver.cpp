@@ -1,9 +1,8 @@
 // Runs the centroid op's CUDA launchers (csrc/centroid_align_kernel.cu, its launches rewritten for the CPU
 // stand-in in include/) on maps read from files, for tests/test_centroid_cuda_emu.py. Buffers have the exact
 // size of the data, so AddressSanitizer sees a read past one; scratch and outputs start as garbage.
-//   forward DTYPE N C H W SMS OCC FOLD ASYNC WIDE BLOCK PIXELS SHARED SEED A OFF sN sC sH sW B OFF sN sC sH sW
-//     STATS_OUT LOSS_OUT
-//     (OCC: blocks per SM by registers; SHARED: shared memory bytes per SM, for the async-copy kernel's stages)
+//   forward DTYPE N C H W SMS OCC BLOCK PIXELS SEED A OFF sN sC sH sW B OFF sN sC sH sW STATS_OUT LOSS_OUT
+//     (OCC: blocks per SM by registers)
 //   grad DTYPE N C H W WHICH CHANNELS_LAST SEED GRAD STATS OUT [ROWS]
 //   round DTYPE IN OUT   (fp16 or bf16: float32 in, the 16-bit values and their floats out; checks the stand-in)
 #include <cstdio>
@@ -66,29 +65,24 @@ int main(int argc, char** argv) {
   const std::string op = argv[1];
   std::vector<long long> v;
   auto num = [&](int i) { return std::atoll(argv[i]); };
-  if (op == "forward" && argc == 30) {
+  if (op == "forward" && argc == 26) {
     const DType dt = static_cast<DType>(num(2));
     const long long N = num(3), C = num(4);
     const int H = static_cast<int>(num(5)), W = static_cast<int>(num(6));
     ForwardOptions opt;
     opt.sms = static_cast<int>(num(7));
     emu::occupancy = static_cast<int>(num(8));
-    opt.fold = num(9) != 0;
-    opt.async_copy = num(10) != 0;
-    opt.wide = num(11) != 0;
-    opt.block_finish = num(12) != 0;
-    opt.pixels = num(13) != 0;
-    emu::shared_per_sm = static_cast<size_t>(num(14));
-    emu::rng.seed(static_cast<unsigned>(num(15)));
-    const auto a = read_file(argv[16]), b = read_file(argv[22]);
-    const MapView ma{static_cast<char*>(a->p) + num(17) * elem_size(dt), num(18), num(19), num(20), num(21)};
-    const MapView mb{static_cast<char*>(b->p) + num(23) * elem_size(dt), num(24), num(25), num(26), num(27)};
+    opt.block_finish = num(9) != 0;
+    opt.pixels = num(10) != 0;
+    emu::rng.seed(static_cast<unsigned>(num(11)));
+    const auto a = read_file(argv[12]), b = read_file(argv[18]);
+    const MapView ma{static_cast<char*>(a->p) + num(13) * elem_size(dt), num(14), num(15), num(16), num(17)};
+    const MapView mb{static_cast<char*>(b->p) + num(19) * elem_size(dt), num(20), num(21), num(22), num(23)};
     Buf stats(2 * N * C * 3 * acc_size(dt), 0xA5), loss(acc_size(dt), 0xA5);
     Buf work(forward_work_bytes(ma, mb, dt, N, C, H, W, opt), 0xA5);
     check(launch_forward(ma, mb, dt, N, C, H, W, opt, stats.p, loss.p, work.p, nullptr), "launch_forward");
-    write_file(argv[28], stats.p, stats.n);
-    write_file(argv[29], loss.p, loss.n);
-    std::printf("dynamic shared bytes: %zu\n", emu::most_shared);
+    write_file(argv[24], stats.p, stats.n);
+    write_file(argv[25], loss.p, loss.n);
     std::printf("grids:%s\n", emu::grids.c_str());
     return 0;
   }

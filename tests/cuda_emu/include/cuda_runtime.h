@@ -14,7 +14,6 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
-#include <deque>
 #include <functional>
 #include <memory>
 #include <random>
@@ -71,7 +70,6 @@ namespace emu {
 
 inline cudaError_t last_error = cudaSuccess;
 inline int occupancy = 2;  // what cudaOccupancyMaxActiveBlocksPerMultiprocessor answers (the test sets it)
-inline size_t max_dynamic_shared = 48 * 1024;  // cudaFuncSetAttribute's limit (one for every kernel here)
 inline std::mt19937 rng(1);
 [[noreturn]] inline void fail(const char* what) {
   std::fprintf(stderr, "cuda_emu: %s (block %u,%u thread %u,%u)\n", what, blockIdx.x, blockIdx.y, threadIdx.x,
@@ -94,16 +92,8 @@ struct Fiber {
   bool done = false;
 };
 
-struct Copy {  // one cp.async: its bytes land at the thread's wait, not at the copy
-  void* dst;
-  const void* src;
-  size_t n, read;  // bytes written; of them read from src (the rest zero)
-};
-
 struct Block {
   std::vector<Fiber> fibers;
-  std::vector<std::vector<Copy>> open;              // per thread: copies since its last commit
-  std::vector<std::deque<std::vector<Copy>>> groups;  // per thread: committed groups not yet waited for
   std::vector<std::unique_ptr<char[]>> stacks;  // not zeroed: a 1024-thread block would touch them all
   Barrier block_bar;
   std::vector<Barrier> warp_bar;
@@ -116,12 +106,6 @@ struct Block {
 };
 inline Block* block = nullptr;
 inline unsigned long block_serial = 0;  // one per block run
-// The launch's dynamic shared memory (extern __shared__ arrays, which the test rewrites to point here), and
-// what cudaOccupancyMaxActiveBlocksPerMultiprocessor divides among blocks (the test sets it).
-inline char* dyn_shared = nullptr;
-inline size_t dyn_bytes = 0;
-inline size_t shared_per_sm = size_t(1) << 30;
-inline size_t most_shared = 0;  // the most dynamic shared memory a launch asked for (the driver reports it)
 inline std::string grids;  // " x,y" per launch, in launch order (the driver reports it)
 inline std::unordered_map<const void*, unsigned long> poisoned;
 
@@ -154,9 +138,6 @@ inline void fiber_main() {
   block->body();
   Fiber& f = block->fibers[block->cur];
   f.done = true;
-  bool in_flight = !block->open[block->cur].empty();
-  for (const auto& g : block->groups[block->cur]) in_flight = in_flight || !g.empty();
-  if (in_flight) fail("a thread exited with cp.async copies it never waited for");
   // An exited thread no longer holds up __syncthreads; a warp with an exited lane may not shuffle.
   Barrier& b = block->block_bar;
   if (--b.expected == b.arrived && b.arrived > 0) { b.arrived = 0; ++b.gen; }
@@ -178,9 +159,6 @@ inline void run_block(const dim3& bid, const std::function<void()>& body) {
   B.warp_live.assign(warps, 0);
   for (int t = 0; t < n; ++t) { ++B.warp_bar[t / 32].expected; ++B.warp_live[t / 32]; }
   B.slots.assign(static_cast<size_t>(warps) * 64, 0);
-  B.open.assign(n, {});
-  B.groups.assign(n, {});
-  if (dyn_bytes) std::memset(dyn_shared, 0xFF, dyn_bytes);  // a block's shared memory starts as garbage
   B.parity.assign(n, 0);
   B.fibers.assign(n, Fiber{});
   for (int t = 0; t < n; ++t) {
@@ -226,18 +204,9 @@ void launch(void (*kernel)(P...), Config c, A&&... args) {
     last_error = cudaErrorInvalidConfiguration;
     return;
   }
+  if (c.shared) fail("a launch with dynamic shared memory: not emulated");
   std::tuple<P...> params(std::forward<A>(args)...);  // by value, as CUDA passes kernel parameters
-  if (c.shared > max_dynamic_shared) {  // above the kernel's cudaFuncAttributeMaxDynamicSharedMemorySize
-    last_error = cudaErrorInvalidValue;
-    return;
-  }
-  most_shared = std::max(most_shared, c.shared);
   grids += " " + std::to_string(c.grid.x) + "," + std::to_string(c.grid.y);
-  std::unique_ptr<uint4[]> shared(new uint4[c.shared / 16 + 1]);  // 16-byte aligned, as on a GPU
-  char* outer_shared = dyn_shared;
-  const size_t outer_bytes = dyn_bytes;
-  dyn_shared = reinterpret_cast<char*>(shared.get());
-  dyn_bytes = c.shared;
   Block B;
   for (unsigned long long t = 0; t < n; ++t) B.stacks.emplace_back(new char[kStack]);
   Block* outer = block;
@@ -251,34 +220,6 @@ void launch(void (*kernel)(P...), Config c, A&&... args) {
   std::shuffle(order.begin(), order.end(), rng);
   for (const dim3& bid : order) run_block(bid, [&] { std::apply(kernel, params); });
   block = outer;
-  dyn_shared = outer_shared;
-  dyn_bytes = outer_bytes;
-}
-
-// cp.async (cuda_pipeline_primitives.h): the destination holds garbage until the thread waits for its group.
-inline void async_copy(void* dst, const void* src, size_t n, size_t zfill) {
-  const auto d = reinterpret_cast<std::uintptr_t>(dst), s = reinterpret_cast<std::uintptr_t>(src);
-  if ((n != 4 && n != 8 && n != 16) || zfill > n) fail("cp.async of an unsupported size");
-  if (d % n || s % n) fail("misaligned cp.async: a GPU faults here");
-  if (!(dst >= static_cast<void*>(dyn_shared) && d + n <= reinterpret_cast<std::uintptr_t>(dyn_shared) + dyn_bytes))
-    fail("cp.async to outside the launch's dynamic shared memory");
-  std::memset(dst, 0xFF, n);
-  block->open[block->cur].push_back(Copy{dst, src, n, n - zfill});
-}
-inline void async_commit() {
-  auto& open = block->open[block->cur];
-  block->groups[block->cur].push_back(std::move(open));
-  open.clear();
-}
-inline void async_wait(size_t prior) {  // all but the `prior` newest groups land, oldest first
-  auto& groups = block->groups[block->cur];
-  while (groups.size() > prior) {
-    for (const Copy& c : groups.front()) {
-      std::memcpy(c.dst, c.src, c.read);
-      std::memset(static_cast<char*>(c.dst) + c.read, 0, c.n - c.read);
-    }
-    groups.pop_front();
-  }
 }
 
 }  // namespace emu
@@ -316,14 +257,7 @@ inline cudaError_t cudaGetDevice(int* d) {
   return cudaSuccess;
 }
 template <typename K>
-inline cudaError_t cudaOccupancyMaxActiveBlocksPerMultiprocessor(int* n, K, int, size_t shared) {
-  *n = static_cast<int>(std::min<size_t>(emu::occupancy, shared ? emu::shared_per_sm / shared : emu::occupancy));
-  return cudaSuccess;
-}
-enum cudaFuncAttribute { cudaFuncAttributeMaxDynamicSharedMemorySize = 8 };
-template <typename K>
-inline cudaError_t cudaFuncSetAttribute(K, cudaFuncAttribute, int value) {
-  if (value < 0 || static_cast<size_t>(value) > emu::shared_per_sm) return emu::last_error = cudaErrorInvalidValue;
-  emu::max_dynamic_shared = static_cast<size_t>(value);
+inline cudaError_t cudaOccupancyMaxActiveBlocksPerMultiprocessor(int* n, K, int, size_t) {
+  *n = emu::occupancy;
   return cudaSuccess;
 }
