@@ -14,9 +14,11 @@ pixels in each map, one [STEPS * ROWS, CB] tensor a map, so all of a thread's lo
 so the two maps are never read at the same offsets at once (the same pixels, added in another order).
 INTERLEAVE (DMFN_CENTROID_INTERLEAVE=1): run r of R is steps r, r + R, ... of its image, so the programs in
 flight read one dense window of each image, as a stream's do, not R places 1/R of an image apart.
-centroid_finish: a lane per plane adds its runs in run order, then the reference's eps terms, and writes stats
-[2, NC, 3] (S0, cx, cy, as the C++ op's); each program's squared centroid differences go to loss_parts, which
-the last program to take the ticket adds up in program order into the loss. Deterministic: fixed-order sums,
+centroid_finish: a program per PLANES planes loads RUNS runs of their sums at once (one [RUNS, PLANES] tile of
+each of the 6 sums: one round trip where a lane per plane took two, and 4x the programs), adds them over the
+runs, chunk after chunk, then the reference's eps terms, and writes stats [2, NC, 3] (S0, cx, cy, as the C++
+op's); each program's squared centroid differences go to loss_parts, which the last program to take the
+ticket adds up in program order into the loss. Deterministic: fixed-order sums (a compiled reduction's tree),
 no float atomics. centroid_pair_sums's first program zeroes the ticket, so no memset runs.
 centroid_plane_sums (DMFN_CENTROID_TRITON=3 and 4): whole planes a program instead, 128 or 64 bytes of each pixel
 over the image, its stats and a loss share written by itself; centroid_sum_shares adds the shares.
@@ -30,10 +32,12 @@ MAX_ROWS = 8  # (runs of pixels; whole planes take up to 64: 4 or 8 threads a pi
 # loads of ROWS pixels of each map a thread issues before their adds, by bytes an element: 16 loads in fp32, 8
 # in 16 bits (their unpacked values take as many registers; 16 took 185 on sm_90: one program an SM)
 STEPS = {4: 8, 2: 4}
-FINISH_BLOCK = 256  # planes a finish program
-FINISH_WARPS = 4
+# planes a finish program: 128 programs at the training size (8192 planes), on 132 SMs, each loading its 16 runs'
+# 24 KB at once (a lane per plane in 32 programs of 256 took two round trips of 48 KB an SM)
+FINISH_PLANES = 64
+FINISH_RUNS = 32  # at most, runs a finish program loads at once (the 16 of one wave: 6 16-byte loads a thread)
+FINISH_WARPS = 8  # (4 warps' 12 loads a thread: ptxas put 4 of them after the first add)
 PARTS = 1024  # loss parts the last finish program adds a step
-FINISH_CHUNK = 8  # runs a finish lane loads before adding them (48 loads in flight)
 
 
 @triton.jit
@@ -167,23 +171,30 @@ def _loss_from_parts(loss_parts, count, loss, NC, PARTS: tl.constexpr):
 
 
 @triton.jit
-def centroid_finish(part, stats, loss_parts, ticket, loss, NC, SPLITS, e0, ex, ey, BLOCK: tl.constexpr,
-                    PARTS: tl.constexpr, CHUNK: tl.constexpr):
+def centroid_finish(part, stats, loss_parts, ticket, loss, NC, SPLITS, e0, ex, ey, PLANES: tl.constexpr,
+                    RUNS: tl.constexpr, PARTS: tl.constexpr):
     pid = tl.program_id(0)
-    i = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    i = pid * PLANES + tl.arange(0, PLANES)  # part has under 2^31 elements (the launcher checks)
     m = i < NC
-    z = tl.zeros([BLOCK], tl.float32)  # S0, Sx, Sy of both maps
+    z = tl.zeros([PLANES], tl.float32)  # S0, Sx, Sy of both maps
     s0a, sxa, sya, s0b, sxb, syb = z, z, z, z, z, z
-    for sp0 in range(0, SPLITS, CHUNK):  # CHUNK runs' loads in flight, added in run order
-        for j in tl.static_range(CHUNK):
-            mj = m & (sp0 + j < SPLITS)
-            q = part + (sp0 + j) * 6 * NC + i  # part has under 2^31 elements (the launcher checks)
-            s0a += tl.load(q, mask=mj, other=0.0)
-            sxa += tl.load(q + NC, mask=mj, other=0.0)
-            sya += tl.load(q + 2 * NC, mask=mj, other=0.0)
-            s0b += tl.load(q + 3 * NC, mask=mj, other=0.0)
-            sxb += tl.load(q + 4 * NC, mask=mj, other=0.0)
-            syb += tl.load(q + 5 * NC, mask=mj, other=0.0)
+    for r0 in range(0, SPLITS, RUNS):
+        r = r0 + tl.arange(0, RUNS)[:, None]
+        mr = (r < SPLITS) & m[None, :]
+        q = part + r * (6 * NC) + i[None, :]
+        # all six tiles' loads before the first sum (its barriers would hold back the loads after it)
+        x0 = tl.load(q, mask=mr, other=0.0)
+        x1 = tl.load(q + NC, mask=mr, other=0.0)
+        x2 = tl.load(q + 2 * NC, mask=mr, other=0.0)
+        x3 = tl.load(q + 3 * NC, mask=mr, other=0.0)
+        x4 = tl.load(q + 4 * NC, mask=mr, other=0.0)
+        x5 = tl.load(q + 5 * NC, mask=mr, other=0.0)
+        s0a += tl.sum(x0, 0)
+        sxa += tl.sum(x1, 0)
+        sya += tl.sum(x2, 0)
+        s0b += tl.sum(x3, 0)
+        sxb += tl.sum(x4, 0)
+        syb += tl.sum(x5, 0)
     tl.store(loss_parts + pid, _plane_pair(s0a, sxa, sya, s0b, sxb, syb, e0, ex, ey, stats, NC, i, m))
     tl.debug_barrier()  # every lane's stores before the ticket (acq_rel: they are visible to its last taker)
     programs = tl.num_programs(0)

@@ -199,11 +199,13 @@ def centroid_sums_specs(dtype="bf16"):
                         dict(num_warps=kc.WARPS), ("a", "b", "stats", "C", "NC")))
     if dtype == "fp32":  # the finish reads and writes fp32 whatever the maps' dtype
         sig = dict(part="*fp32", stats="*fp32", loss_parts="*fp64", ticket="*i32", loss="*fp32", NC="i32",
-                   SPLITS="i32", e0="fp32", ex="fp32", ey="fp32", BLOCK="constexpr", PARTS="constexpr",
-                   CHUNK="constexpr")
-        out.append(("centroid_finish", kc.centroid_finish, sig,
-                    dict(BLOCK=kc.FINISH_BLOCK, PARTS=kc.PARTS, CHUNK=kc.FINISH_CHUNK),
-                    dict(num_warps=kc.FINISH_WARPS), ("part", "stats", "NC")))
+                   SPLITS="i32", e0="fp32", ex="fp32", ey="fp32", PLANES="constexpr", RUNS="constexpr",
+                   PARTS="constexpr")
+        # 16 runs (one wave at the training size) and the most a round (4 waves: 64 runs in two)
+        for runs in (16, kc.FINISH_RUNS):
+            out.append((f"centroid_finish runs{runs}", kc.centroid_finish, sig,
+                        dict(PLANES=kc.FINISH_PLANES, RUNS=runs, PARTS=kc.PARTS),
+                        dict(num_warps=kc.FINISH_WARPS), ("part", "stats", "NC")))
         sig = dict(loss_parts="*fp64", loss="*fp32", count="i32", NC="i32", PARTS="constexpr")
         out.append(("centroid_sum_shares", kc.centroid_sum_shares, sig, dict(PARTS=kc.PARTS),
                     dict(num_warps=kc.FINISH_WARPS), ("loss_parts",)))

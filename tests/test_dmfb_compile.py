@@ -129,10 +129,10 @@ def test_centroid_sums_kernels(compiled):
     """The centroid loss's Triton forward reads each pixel's channels as 16-byte vectors, both maps' STEPS loads a
     step (at the training plan 8 a map in fp32, 4 in 16 bits), with no narrower global load, in runs of pixels and
     in whole planes (with DMFN_CENTROID_APART, map b's pixels half a run ahead of map a's, half those loads; the
-    runs also with DMFN_CENTROID_INTERLEAVE, their steps interleaved over the image's programs); the
-    finishes compile; the gradient stores 16 bytes a thread (the spill check above covers them all). On sm_90 the
-    sums kernels fit 128 registers, so two programs of 8 warps share an SM as the plans assume (Triton 3.6 once
-    took 171-255 for them without spilling: .ci/triton_stack_check.sh)."""
+    runs also with DMFN_CENTROID_INTERLEAVE, their steps interleaved over the image's programs); the finish
+    loads its runs' sums 16 bytes a thread; the gradient stores 16 bytes a thread (the spill check above covers
+    them all). On sm_90 the sums kernels fit 128 registers, so two programs of 8 warps share an SM as the plans
+    assume (Triton 3.6 once took 171-255 for them without spilling: .ci/triton_stack_check.sh)."""
     from dmfn_fast.kernels import centroid_sums as kc
 
     two_a_sm = [k for k in compiled if k.startswith("sm_90") and k.split()[2] in ("centroid_pair_sums",
@@ -148,7 +148,12 @@ def test_centroid_sums_kernels(compiled):
     for key in sums + planes:
         loads = 2 * kc.STEPS[4 if " fp32 " in key else 2] // (2 if key.endswith(" apart") else 1)
         assert compiled[key]["LDG.E.128"] == loads and compiled[key]["LDG.E.64"] == 0, (key, compiled[key])
-    assert any(k.split()[2] == "centroid_finish" for k in compiled)
+    finishes = [k for k in compiled if k.split()[2] == "centroid_finish"]
+    assert len(finishes) == 2 * 2  # sm_80, sm_90 x 16 runs a round, FINISH_RUNS
+    for key in finishes:  # each thread's share of the [RUNS, PLANES] tiles in 16-byte loads, one a tile per 4 values
+        runs = int(key.split()[3][len("runs"):])
+        assert compiled[key]["LDG.E.128"] == 6 * runs * kc.FINISH_PLANES // (kc.FINISH_WARPS * 32 * 4), (key,
+                                                                                                      compiled[key])
     assert any(k.split()[2] == "centroid_sum_shares" for k in compiled)
     grads = [k for k in compiled if k.split()[2] == "centroid_grad" and " C512" in k]
     assert len(grads) == 2 * 3

@@ -114,6 +114,8 @@ for _dt, _n, _c, _h, _w, _grid in (("fp32", 1, 8, 17, 19, "paper"), ("fp32", 3, 
                                    ("fp32", 2, 16, 6, 6, "authors")):
     CASES[f"centroid-triton-{_dt}-{_n}x{_c}x{_h}x{_w}-{_grid}"] = (
         "centroid_triton", dict(dtype=_dt, N=_n, C=_c, H=_h, W=_w, grid=_grid))
+# Its finish alone, over more runs than a program loads at once (the cases above fit in one round)
+CASES["centroid-finish-rounds"] = ("centroid_finish", dict(NC=150, R=5))
 
 
 # ----------------------------------------------------------------------------- checks (child process)
@@ -835,6 +837,38 @@ def check_centroid_triton(dtype, N, C, H, W, grid):
     run, runs = plan[-2:]
     covered = 0 <= H * W - (runs - 1) * run <= run
     errs.append((f"plan {plan}: its runs cover the {H * W} pixels once", float(not covered), 0.0))
+    return errs
+
+
+def check_centroid_finish(NC, R):
+    """centroid_finish (kernels/centroid_sums.py) on R runs of random partial sums of NC planes (not a multiple of
+    a program's planes: the last program's are partly masked), loaded 2 runs a round (3 rounds, the last
+    partial) and all at once: its stats and loss against float64 sums of the same partial sums, every output
+    filled with NaN first, and the ticket's last taker the only program to write the loss."""
+    from dmfn_fast.kernels import centroid_sums as kc
+
+    g = torch.Generator().manual_seed(6)
+    part = torch.rand(R * 6 * NC, generator=g) + 0.5  # S0 terms stay positive; the others any sign below
+    part.view(R, 6, NC)[:, [1, 2, 4, 5]] -= 1.0
+    e0, ex, ey = 3e-4, 2e-5, -1e-5
+    sums = part.double().view(R, 6, NC).sum(0)
+    want = []
+    for m in range(2):
+        s0 = sums[3 * m] + e0
+        want.append(torch.stack([s0, (sums[3 * m + 1] + ex) / s0, (sums[3 * m + 2] + ey) / s0], -1))
+    want_stats = torch.stack(want)
+    want_loss = (want_stats[0, :, 1:] - want_stats[1, :, 1:]).pow(2).mean()
+    errs = []
+    programs = -(-NC // kc.FINISH_PLANES)
+    for runs in (2, 8):
+        stats = torch.full((2, NC, 3), float("nan"))
+        loss_parts = torch.full((programs,), float("nan"), dtype=torch.float64)
+        ticket, loss = torch.zeros(1, dtype=torch.int32), torch.full((), float("nan"))
+        kc.centroid_finish[(programs,)](part, stats, loss_parts, ticket, loss, NC, R, e0, ex, ey,
+                                        PLANES=kc.FINISH_PLANES, RUNS=runs, PARTS=kc.PARTS, num_warps=kc.FINISH_WARPS)
+        errs.append((f"{runs} runs a round: stats vs float64", _err(stats, want_stats), 1e-6))
+        errs.append((f"{runs} runs a round: loss vs float64", _err(loss, want_loss), 1e-6))
+        errs.append((f"{runs} runs a round: every program took the ticket", float(ticket.item() != programs), 0.0))
     return errs
 
 

@@ -237,6 +237,11 @@ def triton_forward_plan(shape, element_size: int, sms: int, waves: int = 1, apar
     return cb, groups, rows, steps, run, _d._cdiv(HW, run)
 
 
+def finish_runs(runs: int) -> int:
+    """Runs centroid_finish loads at once: all of them (a power of two), at most FINISH_RUNS a round."""
+    return min(_d.triton.next_power_of_2(runs), _kcs.FINISH_RUNS)
+
+
 def triton_planes_plan(shape, element_size: int, sms: int, apart: bool = False):
     """DMFN_CENTROID_TRITON=3 and 4's (CB channels a program, groups of them, ROWS pixels a load, STEPS loads a step):
     128 bytes of each pixel a program (64 where that leaves an SM idle), over every pixel of its image; 8 warps,
@@ -287,7 +292,7 @@ def _fwd_triton_fn(f_out: torch.Tensor, f_tgt: torch.Tensor) -> tuple[torch.Tens
         raise RuntimeError(f"the Triton centroid forward's partial sums for maps of shape {tuple(f_out.shape)} "
                            "exceed 2^31 elements: unset DMFN_CENTROID_TRITON for the C++ forward")
     part = torch.empty(runs * 6 * NC, device=dev, dtype=torch.float32)
-    fin = _d._cdiv(NC, _kcs.FINISH_BLOCK)
+    fin = _d._cdiv(NC, _kcs.FINISH_PLANES)
     loss_parts = torch.empty(fin, device=dev, dtype=torch.float64)
     ticket = torch.empty(1, device=dev, dtype=torch.int32)
     # INTERLEAVE: each run a step of every R of its image, so the programs in flight read one window of it
@@ -296,8 +301,8 @@ def _fwd_triton_fn(f_out: torch.Tensor, f_tgt: torch.Tensor) -> tuple[torch.Tens
         f_out, f_tgt, part, ticket, H * W, W, C, NC, run, 2.0 / W, 2.0 / H, ROWS=rows, STEPS=steps, CB=cb,
         APART=apart, INTERLEAVE=interleave, num_warps=_kcs.WARPS)
     _d._kernel(_kcs.centroid_finish, f_out)[(fin,)](
-        part, stats, loss_parts, ticket, loss, NC, runs, e0, ex, ey, BLOCK=_kcs.FINISH_BLOCK, PARTS=_kcs.PARTS,
-        CHUNK=_kcs.FINISH_CHUNK, num_warps=_kcs.FINISH_WARPS)
+        part, stats, loss_parts, ticket, loss, NC, runs, e0, ex, ey, PLANES=_kcs.FINISH_PLANES,
+        RUNS=finish_runs(runs), PARTS=_kcs.PARTS, num_warps=_kcs.FINISH_WARPS)
     return loss, stats
 
 
