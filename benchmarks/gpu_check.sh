@@ -16,7 +16,7 @@ OUT=${1:?usage: gpu_check.sh [--dry] OUT_DIR}
 # every stage's name (tests/test_gpu_check.py holds this to the stage calls below): a misspelt skip would run a
 # stage the lease has no time for, so it is refused before any work
 STAGES="install build-ext tests-dmfb tests-centroid tests-recipe train-smoke compile-parity compile-parity-opaque
-        sanitizer breakdown e2e e2e-opaque ncu-case ncu-centroid-case ncu ncu-centroid"
+        sanitizer sanitizer-case breakdown e2e e2e-opaque ncu-case ncu-centroid-case ncu ncu-centroid"
 STAGES=$(echo $STAGES)  # one space between names
 for s in ${GPU_CHECK_SKIP:-}; do
   if [[ " $STAGES " != *" $s "* ]]; then
@@ -101,6 +101,8 @@ stage compile-parity 150 $PY benchmarks/gpu_compile_parity.py "$OUT" "${DRYFLAG[
 # (48 s in s18; the Triton plans since, each dtype's kernels compiled once under the tool, may take 40-60 s more)
 if [ $DRY = 0 ] && command -v compute-sanitizer >/dev/null; then
   stage sanitizer 180 compute-sanitizer --tool memcheck --error-exitcode 7 $PY benchmarks/gpu_sanitize_case.py
+elif [ $DRY = 1 ]; then  # its centroid plans and small kernels, interpreted, so the workload cannot rot
+  stage sanitizer-case 120 $PY benchmarks/gpu_sanitize_case.py --dry
 fi
 
 # 3. per-kernel breakdown and op baselines; 4. end to end.

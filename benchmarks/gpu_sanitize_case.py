@@ -2,18 +2,32 @@
 wgrad among them) and the opt-in 9-tap wgrad kernel, the centroid op in each of its kernel paths on CUDA,
 the convolutions' bias + activation kernel, the thin-input convolution, the index-free max pool, the losses'
 L1 kernels, and a tiny training step captured as a CUDA graph and replayed: the workload gpu_check.sh runs
-under compute-sanitizer memcheck. Exits non-zero if a result is not finite."""
+under compute-sanitizer memcheck. Exits non-zero if a result is not finite.
+
+    python benchmarks/gpu_sanitize_case.py          # CUDA (gpu_check.sh runs it under compute-sanitizer)
+    python benchmarks/gpu_sanitize_case.py --dry    # CPU, kernels interpreted, fp32, smaller maps: the centroid
+                                                    # plans and the small kernels' cases, so the script cannot rot
+"""
 import os
+import sys
 
-import torch
+DRY = "--dry" in sys.argv
+if DRY:
+    os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported
 
-from dmfn_fast.models import DMFB
-from dmfn_fast.ops import bias_act as ba
-from dmfn_fast.ops import centroid_align as ca
-from dmfn_fast.ops import thin_conv as tc
+import torch  # noqa: E402
 
+from dmfn_fast.models import DMFB  # noqa: E402
+from dmfn_fast.ops import bias_act as ba  # noqa: E402
+from dmfn_fast.ops import centroid_align as ca  # noqa: E402
+from dmfn_fast.ops import thin_conv as tc  # noqa: E402
+
+DEV = "cpu" if DRY else "cuda"
+# the interpreter has no bf16 math: fp32 alone there
+DTYPES = (torch.float32,) if DRY else (torch.bfloat16, torch.float32)
 torch.manual_seed(0)
-for dt in (torch.bfloat16, torch.float32):
+# (not in --dry: the fused DMFB under the interpreter takes minutes; its interpreter tests cover it)
+for dt in () if DRY else (torch.bfloat16, torch.float32):
     m = DMFB(64, 16, impl="fast").cuda().to(dt).to(memory_format=torch.channels_last)
     x = torch.randn(2, 64, 13, 11, device="cuda", dtype=dt).contiguous(memory_format=torch.channels_last)
     x.requires_grad_()
@@ -22,7 +36,7 @@ for dt in (torch.bfloat16, torch.float32):
     assert torch.isfinite(y).all() and torch.isfinite(x.grad).all()
 # the sm_90 kernel alternatives (DMFN_TMA, DMFN_WGRAD9, DMFN_WGRAD_TMA) at an odd size: TMA forward, grad and
 # dgrad (the grad's autotuner runs its three epilogues), 9-tap and TMA wgrad
-if torch.cuda.get_device_capability()[0] >= 9:
+if not DRY and torch.cuda.get_device_capability()[0] >= 9:
     from dmfn_fast.ops import dmfb as ops
 
     C, dt = 64, torch.bfloat16
@@ -64,7 +78,7 @@ plans += [(dict(PIXELS="1"), c) for c in pixels + [(torch.float32, 264, 5, torch
 # the Triton kernels (DMFN_CENTROID_TRITON; 1 runs 2's forward kernels): both passes in four waves (2), and
 # with the forward in whole planes (3); the same maps, 5x7 (one short run an image), a partial channel group
 # (1032 in fp32)
-plans += [(dict(TRITON=t, WAVES=w), c) for t, w in (("2", "4"), ("3", "1")) for c in pixels + cases[1:4:2]]
+plans += [(dict(TRITON=t, WAVES=w), c) for t, w in (("2", "4"), ("3", "1")) for c in pixels + list(cases[1:4:2])]
 # and both forwards with map b's pixels half a run ahead of map a's (DMFN_CENTROID_APART; runs cut short)
 plans += [(dict(TRITON=t, WAVES="4", APART="1"), c) for t in ("1", "3") for c in pixels]
 # and the runs' steps interleaved over an image's programs (DMFN_CENTROID_INTERLEAVE), alone in one wave, and
@@ -72,8 +86,10 @@ plans += [(dict(TRITON=t, WAVES="4", APART="1"), c) for t in ("1", "3") for c in
 plans += [(dict(TRITON="1", WAVES=w, INTERLEAVE="1", APART=ap), c) for w, ap in (("1", "0"), ("2", "1"))
           for c in pixels]
 for switches, (dt, C, HW, mf, mf_tgt) in plans:
+    if DRY:  # fp32, and 7x9 for 40x42: the interpreter runs a Triton program at a time
+        dt, HW = torch.float32, min(HW, 7)
     os.environ.update({f"DMFN_CENTROID_{k}": v for k, v in dict(DEFAULTS, **switches).items()})
-    a = torch.rand(2, C, HW, HW + 2, device="cuda", dtype=dt).contiguous(memory_format=mf).requires_grad_()
+    a = torch.rand(2, C, HW, HW + 2, device=DEV, dtype=dt).contiguous(memory_format=mf).requires_grad_()
     b = torch.rand_like(a).contiguous(memory_format=mf_tgt or mf)
     loss = ca.centroid_align_loss(a, b, impl="fast")
     loss.backward()
@@ -81,8 +97,9 @@ for switches, (dt, C, HW, mf, mf_tgt) in plans:
 for k in DEFAULTS:
     os.environ.pop(f"DMFN_CENTROID_{k}")
 # the convolutions' bias + activation kernel: a partial channel tile (40) and a partial pixel tile, both forms
-xb = torch.randn(2, 40, 9, 13, device="cuda", dtype=torch.bfloat16).contiguous(memory_format=torch.channels_last)
-for bias, act in ((torch.randn(40, device="cuda", dtype=torch.bfloat16), "lrelu"), (None, "relu")):
+bdt = DTYPES[0]
+xb = torch.randn(2, 40, 9, 13, device=DEV, dtype=bdt).contiguous(memory_format=torch.channels_last)
+for bias, act in ((torch.randn(40, device=DEV, dtype=bdt), "lrelu"), (None, "relu")):
     yb = ba.bias_act(xb.requires_grad_(), bias, act)
     yb.float().sum().backward()
     assert torch.isfinite(yb).all() and torch.isfinite(xb.grad).all()
@@ -90,11 +107,11 @@ for bias, act in ((torch.randn(40, device="cuda", dtype=torch.bfloat16), "lrelu"
 # the thin-input convolution (the generator's input convolution; the discriminator's, 3 channels padded to 4):
 # a partial pixel tile, stride 2, 8 channels, 24 outputs, forward and the weight, bias and input gradients in
 # bf16 and fp32
-for dt in (torch.bfloat16, torch.float32):
+for dt in DTYPES:
     for C, K, stride, pad in ((4, 5, 1, 2), (3, 5, 2, 2), (8, 3, 2, 1)):
-        xt = torch.randn(2, C, 13, 11, device="cuda", dtype=dt).contiguous(memory_format=torch.channels_last)
-        wt = torch.randn(24, C, K, K, device="cuda", dtype=dt).requires_grad_()
-        bt = torch.randn(24, device="cuda", dtype=dt).requires_grad_()
+        xt = torch.randn(2, C, 13, 11, device=DEV, dtype=dt).contiguous(memory_format=torch.channels_last)
+        wt = torch.randn(24, C, K, K, device=DEV, dtype=dt).requires_grad_()
+        bt = torch.randn(24, device=DEV, dtype=dt).requires_grad_()
         yt = tc.thin_conv(xt.requires_grad_(), wt, bt, stride, pad, "relu")
         grads = torch.autograd.grad(yt.float().square().sum(), (xt, wt, bt))
         assert torch.isfinite(yt).all() and all(torch.isfinite(g).all() for g in grads)
@@ -102,8 +119,8 @@ for dt in (torch.bfloat16, torch.float32):
 # pixel tile, forward and backward in bf16 and fp32
 from dmfn_fast.ops import max_pool as mp  # noqa: E402
 
-for dt in (torch.bfloat16, torch.float32):
-    xp = torch.randn(2, 80, 13, 11, device="cuda", dtype=dt).contiguous(memory_format=torch.channels_last)
+for dt in DTYPES:
+    xp = torch.randn(2, 80, 13, 11, device=DEV, dtype=dt).contiguous(memory_format=torch.channels_last)
     yp = mp.max_pool2x2(xp.requires_grad_())
     (dxp,) = torch.autograd.grad(yp.float().sum(), xp)
     assert torch.isfinite(yp).all() and torch.isfinite(dxp).all()
@@ -111,14 +128,17 @@ for dt in (torch.bfloat16, torch.float32):
 # forward and backward in bf16 and fp32
 from dmfn_fast.ops import l1_loss as l1k  # noqa: E402
 
-for dt in (torch.bfloat16, torch.float32):
+for dt in DTYPES:
     for fmt, guided in ((torch.channels_last, True), (torch.contiguous_format, True), (torch.channels_last, False)):
-        la = torch.randn(2, 80, 13, 11, device="cuda", dtype=dt).contiguous(memory_format=fmt).requires_grad_()
+        la = torch.randn(2, 80, 13, 11, device=DEV, dtype=dt).contiguous(memory_format=fmt).requires_grad_()
         lb = torch.randn_like(la)
-        lg = (1 + torch.rand(2, 1, 13, 11, device="cuda")).to(dt) if guided else None
+        lg = (1 + torch.rand(2, 1, 13, 11, device=DEV)).to(dt) if guided else None
         loss = l1k.l1_mean(la, lb, lg)
         (dla,) = torch.autograd.grad(loss, la)
         assert torch.isfinite(loss) and torch.isfinite(dla).all()
+if DRY:  # CUDA graphs need CUDA
+    print("sanitize case ok (dry: the centroid plans and the small kernels, interpreted)")
+    sys.exit(0)
 # the training step as a CUDA graph (train.py --cuda-graphs): a tiny model at 64 px, 1 eager step, the capture,
 # then replays with moving crop boxes, bf16. The generator's reference path: the fused kernels were checked
 # above, and their autotuning at new shapes would take minutes under memcheck; the loss's extension runs

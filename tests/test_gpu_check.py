@@ -39,7 +39,7 @@ def test_gpu_check_dry_run(tmp_path):
     # Every stage ran and passed.
     stages = (tmp_path / "stages.txt").read_text()
     for stage in ("tests-dmfb", "tests-centroid", "tests-recipe", "train-smoke", "compile-parity", "breakdown", "e2e",
-                  "ncu-case", "ncu-centroid-case"):
+                  "ncu-case", "ncu-centroid-case", "sanitizer-case"):
         assert f"{stage}: rc=0" in stages, stages
 
 
