@@ -183,9 +183,10 @@ def _built(build, variant):
         return build(variant)
     except Exception as e:  # noqa: BLE001: one failed variant must not stop the others
         traceback.print_exc()
+        err = e  # the handler's end unbinds `e`, in a closure too: fail() raised NameError in its place
 
         def fail():
-            raise e
+            raise err
         return fail
 
 

@@ -85,6 +85,24 @@ def test_breakdown_centroid_plans_are_switch_values():
     assert ({"TRITON": "1", "APART": "1"}, "extension, Triton forward, maps apart") in plans
 
 
+def test_e2e_failed_build_raises_its_own_error():
+    """gpu_e2e.py's _built: a variant whose build fails becomes a step that raises the build's error when run
+    (record() logs it as that variant's row), not a NameError of the handler's unbound `e`."""
+    import ast
+    import traceback
+    import types
+
+    src = open(os.path.join(ROOT, "benchmarks", "gpu_e2e.py")).read()
+    fn = next(n for n in ast.parse(src).body if isinstance(n, ast.FunctionDef) and n.name == "_built")
+    ns = dict(traceback=traceback, torch=types.SimpleNamespace(_dynamo=types.SimpleNamespace(reset=lambda: None)))
+    exec(compile(ast.Module([fn], []), "gpu_e2e.py", "exec"), ns)
+
+    def build(variant):
+        raise ValueError(f"{variant}: no such card")
+    with pytest.raises(ValueError, match="fast\\+compile: no such card"):
+        ns["_built"](build, "fast+compile")()
+
+
 def test_e2e_refuses_an_unknown_variant(tmp_path):
     """gpu_e2e.py --only (GPU_CHECK_E2E_ONLY): a misspelt variant or case is refused before any work (it
     would run nothing); names as CASE:VARIANT pass the check."""
