@@ -471,7 +471,7 @@ pair_sums_vec(MapView ma, MapView mb, int C, int H, int W, int pix_per_split, ty
       for (int r = 0; r < kPairPix<T>; ++r)
         if (in[r]) add(qs[r].h, qs[r].w, x[r]);
     }
-}
+  }
   // Add up the rows: the 32 / VECS rows within a warp (VECS < 32), then in shared memory the block's kRows
   // partial rows: its 8 warps, or (VECS > 32, every lane a vector of its own) its 256 / VECS thread rows.
 #pragma unroll
