@@ -217,6 +217,12 @@ for dt, layout, a, t in ([] if args.no_centroid else centroid_cases()):
                       ({"TRITON": "2", "INTERLEAVE": "1"}, "extension, Triton forward and backward, interleaved runs"),
                       ({"TRITON": "1", "INTERLEAVE": "1", "APART": "1"},
                        "extension, Triton forward, interleaved runs, maps apart"),
+                      # a program a map, map a's dispatched first: each program streams one buffer, as the
+                      # stream over both maps' bytes (against the floor's two buffers read at once)
+                      ({"TRITON": "1", "ONE_MAP": "1"}, "extension, Triton forward, one map a program"),
+                      ({"TRITON": "2", "ONE_MAP": "1"}, "extension, Triton forward and backward, one map a program"),
+                      ({"TRITON": "1", "ONE_MAP": "1", "INTERLEAVE": "1"},
+                       "extension, Triton forward, one map a program, interleaved runs"),
                       # the forward in whole planes a program: the column_read rows' order, no partial sums, no
                       # finish kernel; with the Triton backward (3) or the C++ one (4)
                       ({"TRITON": "3"}, "extension, Triton whole planes and backward"),

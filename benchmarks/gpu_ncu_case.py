@@ -23,7 +23,8 @@ if DRY:
 PLANS = {"default": {}, "whole pixels": {"DMFN_CENTROID_PIXELS": "1"}, "Triton": {"DMFN_CENTROID_TRITON": "2"},
          "Triton planes": {"DMFN_CENTROID_TRITON": "3"},
          "Triton planes, maps apart": {"DMFN_CENTROID_TRITON": "3", "DMFN_CENTROID_APART": "1"},
-         "Triton, interleaved runs": {"DMFN_CENTROID_TRITON": "1", "DMFN_CENTROID_INTERLEAVE": "1"}}
+         "Triton, interleaved runs": {"DMFN_CENTROID_TRITON": "1", "DMFN_CENTROID_INTERLEAVE": "1"},
+         "Triton, one map a program": {"DMFN_CENTROID_TRITON": "1", "DMFN_CENTROID_ONE_MAP": "1"}}
 for _name in {k for p in PLANS.values() for k in p}:
     os.environ.setdefault(_name, "")
 

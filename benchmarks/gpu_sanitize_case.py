@@ -63,7 +63,8 @@ cases = ((torch.float32, 8, 5, torch.contiguous_format, None),
          (torch.bfloat16, 16, 5, torch.channels_last, torch.contiguous_format),
          (torch.bfloat16, 6, 5, torch.channels_last, None))
 # each plan: the switches it sets, over their defaults here
-DEFAULTS = dict(GRAD_ROWS="4", BLOCK_FINISH="0", PIXELS="0", TRITON="0", WAVES="1", APART="0", INTERLEAVE="0")
+DEFAULTS = dict(GRAD_ROWS="4", BLOCK_FINISH="0", PIXELS="0", TRITON="0", WAVES="1", APART="0", INTERLEAVE="0",
+                ONE_MAP="0")
 plans = [({}, c) for c in cases]
 plans += [(dict(GRAD_ROWS="1", WAVES="2"), c) for c in cases[1:4]]
 # each block finishing its own planes (DMFN_CENTROID_BLOCK_FINISH): 5x7 pixels are one run per column; the
@@ -84,6 +85,9 @@ plans += [(dict(TRITON=t, WAVES="4", APART="1"), c) for t in ("1", "3") for c in
 # and the runs' steps interleaved over an image's programs (DMFN_CENTROID_INTERLEAVE), alone in one wave, and
 # with map b half an image ahead in two
 plans += [(dict(TRITON="1", WAVES=w, INTERLEAVE="1", APART=ap), c) for w, ap in (("1", "0"), ("2", "1"))
+          for c in pixels]
+# and a program a map (DMFN_CENTROID_ONE_MAP), in order in one wave and interleaved in two
+plans += [(dict(TRITON="1", WAVES=w, ONE_MAP="1", INTERLEAVE=i), c) for w, i in (("1", "0"), ("2", "1"))
           for c in pixels]
 for switches, (dt, C, HW, mf, mf_tgt) in plans:
     if DRY:  # fp32, and 7x9 for 40x42: the interpreter runs a Triton program at a time

@@ -14,6 +14,9 @@ pixels in each map, one [STEPS * ROWS, CB] tensor a map, so all of a thread's lo
 so the two maps are never read at the same offsets at once (the same pixels, added in another order).
 INTERLEAVE (DMFN_CENTROID_INTERLEAVE=1): run r of R is steps r, r + R, ... of its image, so the programs in
 flight read one dense window of each image, as a stream's do, not R places 1/R of an image apart.
+ONE_MAP (DMFN_CENTROID_ONE_MAP=1): program (., r, m) reads map m alone, two steps in flight, so every
+program streams one buffer; the grid's last axis is the map, so map a's programs are dispatched first, then
+map b's, as a stream over both maps' bytes reads one map, then the other (the same partial sums; APART moot).
 centroid_finish: a program per PLANES planes loads RUNS runs of their sums at once (one [RUNS, PLANES] tile of
 each of the 6 sums: one round trip where a lane per plane took two, and 4x the programs), adds them over the
 runs, chunk after chunk, then the reference's eps terms, and writes stats [2, NC, 3] (S0, cx, cy, as the C++
@@ -96,6 +99,33 @@ def _add_step(a, b, base, cm, p0, lo, hi, W, C, step_u, step_v, s0a, sxa, sya, s
 
 
 @triton.jit
+def _run_one(x, n, c, r, RUN, HW, W, C, step_u, step_v, ROWS: tl.constexpr, STEPS: tl.constexpr, CB: tl.constexpr,
+             INTERLEAVE: tl.constexpr):
+    """S0, Sx, Sy of one map over run r of image n in channels c ([CB] each), in _run_sums' orders, a step of
+    2 * STEPS loads (the pair sums' loads of both maps) as one [2 * STEPS * ROWS, CB] tensor, its pixels'
+    coordinates made after the load: sm_90, 11 of the 16 loads in fp32 before the first add (made before it,
+    5; two loads of half a step, 8)."""
+    cm = (c < C)[None, :]
+    base = n.to(tl.int64) * HW * C + c[None, :]
+    z = tl.zeros([ROWS, CB], tl.float32)
+    s0, sx, sy = z, z, z
+    step: tl.constexpr = 2 * STEPS * ROWS
+    if INTERLEAVE:
+        hi, first, stride = HW, r * step, tl.cdiv(HW, RUN) * step
+    else:
+        hi = tl.minimum(r * RUN + RUN, HW)
+        first, stride = r * RUN, step
+    for p0 in range(first, hi, stride):
+        p = p0 + tl.arange(0, step)[:, None]
+        xv = tl.load(x + base + p.to(tl.int64) * C, mask=cm & (p < hi), other=0.0).to(tl.float32)
+        u, v = _coords(p, W, step_u, step_v)
+        s0 += _fold(xv, 2 * STEPS, ROWS, CB)
+        sx += _fold(xv * u, 2 * STEPS, ROWS, CB)
+        sy += _fold(xv * v, 2 * STEPS, ROWS, CB)
+    return tl.sum(s0, 0), tl.sum(sx, 0), tl.sum(sy, 0)
+
+
+@triton.jit
 def _run_sums(a, b, n, c, r, RUN, HW, W, C, step_u, step_v, ROWS: tl.constexpr, STEPS: tl.constexpr,
               CB: tl.constexpr, APART: tl.constexpr, INTERLEAVE: tl.constexpr):
     """S0, Sx, Sy of map a, then of map b, over run r of RUN pixels of image n in channels c: [CB] each. APART:
@@ -122,15 +152,27 @@ def _run_sums(a, b, n, c, r, RUN, HW, W, C, step_u, step_v, ROWS: tl.constexpr, 
 
 @triton.jit
 def centroid_pair_sums(a, b, part, ticket, HW, W, C, NC, RUN, step_u, step_v, ROWS: tl.constexpr,
-                       STEPS: tl.constexpr, CB: tl.constexpr, APART: tl.constexpr, INTERLEAVE: tl.constexpr):
+                       STEPS: tl.constexpr, CB: tl.constexpr, APART: tl.constexpr, INTERLEAVE: tl.constexpr,
+                       ONE_MAP: tl.constexpr):
     n, c = _image_channels(C, CB)
     r = tl.program_id(1)
+    q = part + r * 6 * NC + n * C + c
+    cm = c < C
+    if ONE_MAP:  # map program_id(2) alone
+        m = tl.program_id(2)
+        s0, sx, sy = _run_one(tl.where(m == 0, a, b), n, c, r, RUN, HW, W, C, step_u, step_v, ROWS, STEPS, CB,
+                              INTERLEAVE)
+        if (tl.program_id(0) == 0) & (r == 0) & (m == 0):
+            tl.store(ticket, 0)
+        q += m * 3 * NC
+        tl.store(q, s0, mask=cm)
+        tl.store(q + NC, sx, mask=cm)
+        tl.store(q + 2 * NC, sy, mask=cm)
+        return
     s0a, sxa, sya, s0b, sxb, syb = _run_sums(a, b, n, c, r, RUN, HW, W, C, step_u, step_v, ROWS, STEPS, CB, APART,
                                              INTERLEAVE)
     if (tl.program_id(0) == 0) & (r == 0):
         tl.store(ticket, 0)
-    q = part + r * 6 * NC + n * C + c
-    cm = c < C
     tl.store(q, s0a, mask=cm)
     tl.store(q + NC, sxa, mask=cm)
     tl.store(q + 2 * NC, sya, mask=cm)

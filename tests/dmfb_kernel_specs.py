@@ -176,14 +176,16 @@ def centroid_sums_specs(dtype="bf16"):
             cb, _, rows, steps, _, _ = ca.triton_forward_plan((16, C, 32, 32), size, 132)
             sig = dict(a="*" + dt, b="*" + dt, part="*fp32", ticket="*i32", HW="i32", W="i32", C="i32", NC="i32",
                        RUN="i32", step_u="fp32", step_v="fp32", ROWS="constexpr", STEPS="constexpr", CB="constexpr",
-                       APART="constexpr", INTERLEAVE="constexpr")
+                       APART="constexpr", INTERLEAVE="constexpr", ONE_MAP="constexpr")
             label = f"centroid_pair_sums C{C}" + (" fp16" if dt != dtype else "")
-            # DMFN_CENTROID_APART (map b half a run ahead) and DMFN_CENTROID_INTERLEAVE (runs of interleaved steps)
-            variants = ((False, False), (True, False), (False, True), (True, True)) if C == 512 else ((False, False),)
-            for apart, inter in variants:
-                steps_ = ca.triton_forward_plan((16, C, 32, 32), size, 132, apart=apart)[3]
-                out.append((label + " interleaved" * inter + " apart" * apart, kc.centroid_pair_sums, sig,
-                            dict(ROWS=rows, STEPS=steps_, CB=cb, APART=apart, INTERLEAVE=inter),
+            # DMFN_CENTROID_APART (map b half a run ahead), DMFN_CENTROID_INTERLEAVE (runs of interleaved steps) and
+            # DMFN_CENTROID_ONE_MAP (a program a map)
+            variants = ((False, False, False), (True, False, False), (False, True, False), (True, True, False),
+                        (False, False, True), (False, True, True)) if C == 512 else ((False, False, False),)
+            for apart, inter, one in variants:
+                steps_ = ca.triton_forward_plan((16, C, 32, 32), size, 132, apart=apart, one_map=one)[3]
+                out.append((label + " interleaved" * inter + " one map" * one + " apart" * apart, kc.centroid_pair_sums,
+                            sig, dict(ROWS=rows, STEPS=steps_, CB=cb, APART=apart, INTERLEAVE=inter, ONE_MAP=one),
                             dict(num_warps=kc.WARPS), ("a", "b", "part", "C", "NC")))
             sig = dict(grad="*fp32", stats="*fp32", out="*" + dt, HW="i32", W="i32", C="i32", NC="i32", RUN="i32",
                        step_u="fp32", step_v="fp32", WHICH="i32", ROWS="constexpr", STEPS="constexpr", CB="constexpr")

@@ -512,8 +512,8 @@ def test_cuda_triton_forward_matches_the_cpp_op(dtype, waves, shape, monkeypatch
     (2), in 1 to 4 waves of programs (DMFN_CENTROID_WAVES); and in whole planes a program, with the Triton
     backward (3) or the C++ one (4), the same. Both forwards with DMFN_CENTROID_APART=1 (map b's pixels half a run
     ahead of map a's, half the loads a step), and the runs with DMFN_CENTROID_INTERLEAVE=1 (their steps
-    interleaved over the image's programs), with or without APART, give the same to rounding, and the same bits
-    on a rerun.
+    interleaved over the image's programs), with or without APART, or with DMFN_CENTROID_ONE_MAP=1 (a program a
+    map, map a's dispatched first), interleaved or not, give the same to rounding, and the same bits on a rerun.
     [3, 264, 33, 35]: runs cut short, idle lanes; [2, 1032, 7, 9]: partial channel groups. The gradients are
     of the loss times 2^16, as in the test above."""
     if ca._kcs is None:
@@ -529,17 +529,19 @@ def test_cuda_triton_forward_matches_the_cpp_op(dtype, waves, shape, monkeypatch
             assert torch.equal(st_r, st_t) and torch.equal(loss_r, loss_t)
         torch.testing.assert_close(st_t, st, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(loss_t, loss, rtol=1e-4, atol=1e-12)
-        # map b's pixels half a run ahead; the runs' steps interleaved (map b then half an image ahead): the sums
-        # to rounding
-        for apart, inter in (("1", "0"),) + ((("0", "1"), ("1", "1")) if mode == "1" else ()):
+        # map b's pixels half a run ahead; the runs' steps interleaved (map b then half an image ahead); a program
+        # a map: the sums to rounding
+        runs = (("0", "1", "0"), ("1", "1", "0"), ("0", "0", "1"), ("0", "1", "1")) if mode == "1" else ()
+        for apart, inter, one in (("1", "0", "0"),) + runs:
             monkeypatch.setenv("DMFN_CENTROID_APART", apart)
             monkeypatch.setenv("DMFN_CENTROID_INTERLEAVE", inter)
+            monkeypatch.setenv("DMFN_CENTROID_ONE_MAP", one)
             loss_ap, st_ap = ca._fwd_triton(a.detach(), b)
             assert torch.equal(ca._fwd_triton(a.detach(), b)[1], st_ap)
             torch.testing.assert_close(st_ap, st, rtol=1e-5, atol=1e-6)
             torch.testing.assert_close(loss_ap, loss, rtol=1e-4, atol=1e-12)
-        monkeypatch.setenv("DMFN_CENTROID_APART", "0")
-        monkeypatch.setenv("DMFN_CENTROID_INTERLEAVE", "0")
+        for k in ("APART", "INTERLEAVE", "ONE_MAP"):
+            monkeypatch.setenv(f"DMFN_CENTROID_{k}", "0")
     calls = []
     real = ca._fwd_triton
     monkeypatch.setattr(ca, "_fwd_triton", lambda *args: calls.append(1) or real(*args))

@@ -137,14 +137,15 @@ def test_centroid_sums_kernels(compiled):
 
     two_a_sm = [k for k in compiled if k.startswith("sm_90") and k.split()[2] in ("centroid_pair_sums",
                                                                                     "centroid_plane_sums")]
-    # fp32, bf16, fp16 x pair sums (C 512 x apart x interleaved, C 1032), plane sums (apart or not)
-    assert len(two_a_sm) == 3 * 7
+    # fp32, bf16, fp16 x pair sums (C 512: plain, apart, interleaved, both, one map, one map interleaved; C 1032),
+    # plane sums (apart or not)
+    assert len(two_a_sm) == 3 * 9
     over = {k: compiled[k]["REG"] for k in two_a_sm if compiled[k]["REG"] > 65536 // (2 * 32 * kc.WARPS)}
     assert not over, over
 
     sums = [k for k in compiled if k.split()[2] == "centroid_pair_sums" and " C512" in k]
     planes = [k for k in compiled if k.split()[2] == "centroid_plane_sums"]
-    assert len(sums) == 2 * len(planes) == 2 * 2 * 2 * 3  # sm_80, sm_90 x fp32, bf16, fp16 x apart (x interleaved)
+    assert len(sums) == 3 * len(planes) == 2 * 3 * 6  # sm_80, sm_90 x fp32, bf16, fp16 x the variants above
     for key in sums + planes:
         loads = 2 * kc.STEPS[4 if " fp32 " in key else 2] // (2 if key.endswith(" apart") else 1)
         assert compiled[key]["LDG.E.128"] == loads and compiled[key]["LDG.E.64"] == 0, (key, compiled[key])

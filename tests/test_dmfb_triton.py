@@ -760,7 +760,8 @@ def check_centroid_triton(dtype, N, C, H, W, grid):
     read): its stats against the C++ op's (CPU kernel) per component, its loss against float64, the same bits
     on a rerun, in runs of pixels (DMFN_CENTROID_TRITON=1) and whole planes (3), each also with map b's pixels
     half a run ahead of map a's (DMFN_CENTROID_APART=1), the runs also with their steps interleaved over the
-    image's programs (DMFN_CENTROID_INTERLEAVE=1), with and without APART. Then through
+    image's programs (DMFN_CENTROID_INTERLEAVE=1), with and without APART, and with a program a map
+    (DMFN_CENTROID_ONE_MAP=1), in order and interleaved. Then through
     centroid_align_loss with the switch at 1 (the Triton forward, the C++ backward), 2 (both in Triton, both
     maps' gradients, channels-last), 3 (2 in whole planes) and 4 (whole planes, the C++ backward, both maps'
     gradients): the loss and gradients against
@@ -783,20 +784,23 @@ def check_centroid_triton(dtype, N, C, H, W, grid):
     loss_c, st_c = torch.ops.dmfn_fast.centroid_align_fwd(a, b)
     errs = []
     # runs of whole pixels (1) or whole planes (3) a program; APART: map b's pixels half a run ahead of map a's;
-    # INTERLEAVE: the runs' steps interleaved over an image's programs (APART: map b half an image ahead)
-    for mode, apart, inter in (("1", "0", "0"), ("1", "1", "0"), ("1", "0", "1"), ("1", "1", "1"), ("3", "0", "0"),
-                               ("3", "1", "0")):
-        os.environ.update(DMFN_CENTROID_TRITON=mode, DMFN_CENTROID_APART=apart, DMFN_CENTROID_INTERLEAVE=inter)
+    # INTERLEAVE: the runs' steps interleaved over an image's programs (APART: map b half an image ahead); ONE_MAP:
+    # a program a map (APART moot: set here to show it is ignored)
+    for mode, apart, inter, one in (("1", "0", "0", "0"), ("1", "1", "0", "0"), ("1", "0", "1", "0"),
+                                    ("1", "1", "1", "0"), ("3", "0", "0", "0"), ("3", "1", "0", "0"),
+                                    ("1", "1", "0", "1"), ("1", "0", "1", "1")):
+        os.environ.update(DMFN_CENTROID_TRITON=mode, DMFN_CENTROID_APART=apart, DMFN_CENTROID_INTERLEAVE=inter,
+                          DMFN_CENTROID_ONE_MAP=one)
         torch.empty = dirty
         try:
             loss, st = ca._fwd_triton_fn(a, b)
             loss2, st2 = ca._fwd_triton_fn(a, b)
         finally:
             torch.empty = real_empty
-            for k in ("TRITON", "APART", "INTERLEAVE"):
+            for k in ("TRITON", "APART", "INTERLEAVE", "ONE_MAP"):
                 os.environ.pop(f"DMFN_CENTROID_{k}")
         assert torch.equal(loss, loss2) and torch.equal(st, st2), f"mode {mode}: not the same bits on a rerun"
-        mode += " interleaved" * (inter == "1") + " apart" * (apart == "1")
+        mode += " interleaved" * (inter == "1") + " apart" * (apart == "1") + " one map" * (one == "1")
         errs += [(f"mode {mode} stats {k} vs C++ op", _err(st[..., i], st_c[..., i]), 1e-5)
                  for i, k in enumerate(("S0", "cx", "cy"))]
         errs.append((f"mode {mode} loss vs float64",

@@ -51,6 +51,8 @@ SWITCHES = {
     "DMFN_CENTROID_APART": ("0", "1"),
     # 1: the Triton pair sums (TRITON 1 and 2) take each image's steps in turn, so its programs read adjacent steps
     "DMFN_CENTROID_INTERLEAVE": ("0", "1"),
+    # 1: each Triton pair-sums program (TRITON 1 and 2) reads one map: map a's programs first, then map b's
+    "DMFN_CENTROID_ONE_MAP": ("0", "1"),
 }
 # DMFN_* variables that are not switches: a file (the VGG weights), the build's and the benchmarks' own
 OTHER_VARIABLES = ("DMFN_VGG19_WEIGHTS", "DMFN_NO_EXT", "DMFN_BENCH_QUICK", "DMFN_CUDA_VENV")

@@ -220,20 +220,24 @@ def _rows(cb: int, element_size: int, cap: int) -> int:
     return max(1, min(cap, _kcs.WARPS * 32 * 16 // (cb * element_size)))
 
 
-def triton_forward_plan(shape, element_size: int, sms: int, waves: int = 1, apart: bool = False):
+def triton_forward_plan(shape, element_size: int, sms: int, waves: int = 1, apart: bool = False,
+                        one_map: bool = False):
     """(CB channels a program, groups of them, ROWS pixels a load, STEPS loads a step, pixels a run, runs an
     image): 8 warps a program, ROWS rows of warps each taking one pixel's CB channels at 16 bytes a thread
     (fp32: 2 rows of 512 channels; 16 bits: 4), STEPS loads of each map in flight; runs of whole steps sized so
     the programs fill the card `waves` times at two an SM. apart (DMFN_CENTROID_APART): half the loads a step,
-    for the registers map b's own pixel coordinates take (still 2 programs an SM)."""
+    for the registers map b's own pixel coordinates take (still 2 programs an SM). one_map
+    (DMFN_CENTROID_ONE_MAP): a program reads one map, two steps at once (the same loads in flight), runs of whole
+    pairs of steps; twice the programs: map a's wave, then map b's (APART does not apply)."""
     N, C, H, W = (int(s) for s in shape)  # a traced shape specializes here, as the DMFB ops' tiles do
     HW = H * W
     cb = min(_d.triton.next_power_of_2(C), _kcs.MAX_GROUP_BYTES // element_size)
     groups = _d._cdiv(C, cb)
     rows = _rows(cb, element_size, _kcs.MAX_ROWS)
-    steps = _kcs.STEPS[element_size] // (2 if apart else 1)
+    steps = _kcs.STEPS[element_size] // (2 if apart and not one_map else 1)
     runs = max(1, _d._cdiv(2 * sms * waves, N * groups))
-    run = _d._cdiv(_d._cdiv(HW, runs), rows * steps) * rows * steps
+    unit = rows * steps * (2 if one_map else 1)
+    run = _d._cdiv(_d._cdiv(HW, runs), unit) * unit
     return cb, groups, rows, steps, run, _d._cdiv(HW, run)
 
 
@@ -286,8 +290,10 @@ def _fwd_triton_fn(f_out: torch.Tensor, f_tgt: torch.Tensor) -> tuple[torch.Tens
         _d._kernel(_kcs.centroid_sum_shares, f_out)[(1,)](shares, loss, N * groups, NC, PARTS=_kcs.PARTS,
                                                            num_warps=_kcs.FINISH_WARPS)
         return loss, stats
+    # ONE_MAP: a program reads one map, map a's programs dispatched before map b's (APART moot)
+    one_map = _impl.env_switch("DMFN_CENTROID_ONE_MAP") == "1"
     cb, groups, rows, steps, run, runs = triton_forward_plan(
-        f_out.shape, f_out.element_size(), sms, int(_impl.env_switch("DMFN_CENTROID_WAVES")), apart)
+        f_out.shape, f_out.element_size(), sms, int(_impl.env_switch("DMFN_CENTROID_WAVES")), apart, one_map)
     if runs * 6 * NC >= 2 ** 31:  # the kernels index the partial sums in int32
         raise RuntimeError(f"the Triton centroid forward's partial sums for maps of shape {tuple(f_out.shape)} "
                            "exceed 2^31 elements: unset DMFN_CENTROID_TRITON for the C++ forward")
@@ -297,9 +303,9 @@ def _fwd_triton_fn(f_out: torch.Tensor, f_tgt: torch.Tensor) -> tuple[torch.Tens
     ticket = torch.empty(1, device=dev, dtype=torch.int32)
     # INTERLEAVE: each run a step of every R of its image, so the programs in flight read one window of it
     interleave = _impl.env_switch("DMFN_CENTROID_INTERLEAVE") == "1"
-    _d._kernel(_kcs.centroid_pair_sums, f_out)[(N * groups, runs)](
+    _d._kernel(_kcs.centroid_pair_sums, f_out)[(N * groups, runs, 2 if one_map else 1)](
         f_out, f_tgt, part, ticket, H * W, W, C, NC, run, 2.0 / W, 2.0 / H, ROWS=rows, STEPS=steps, CB=cb,
-        APART=apart, INTERLEAVE=interleave, num_warps=_kcs.WARPS)
+        APART=apart and not one_map, INTERLEAVE=interleave, ONE_MAP=one_map, num_warps=_kcs.WARPS)
     _d._kernel(_kcs.centroid_finish, f_out)[(fin,)](
         part, stats, loss_parts, ticket, loss, NC, runs, e0, ex, ey, PLANES=_kcs.FINISH_PLANES,
         RUNS=finish_runs(runs), PARTS=_kcs.PARTS, num_warps=_kcs.FINISH_WARPS)
