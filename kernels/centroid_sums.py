@@ -99,33 +99,6 @@ def _add_step(a, b, base, cm, p0, lo, hi, W, C, step_u, step_v, s0a, sxa, sya, s
 
 
 @triton.jit
-def _run_one(x, n, c, r, RUN, HW, W, C, step_u, step_v, ROWS: tl.constexpr, STEPS: tl.constexpr, CB: tl.constexpr,
-             INTERLEAVE: tl.constexpr):
-    """S0, Sx, Sy of one map over run r of image n in channels c ([CB] each), in _run_sums' orders, a step of
-    2 * STEPS loads (the pair sums' loads of both maps) as one [2 * STEPS * ROWS, CB] tensor, its pixels'
-    coordinates made after the load: sm_90, 11 of the 16 loads in fp32 before the first add (made before it,
-    5; two loads of half a step, 8)."""
-    cm = (c < C)[None, :]
-    base = n.to(tl.int64) * HW * C + c[None, :]
-    z = tl.zeros([ROWS, CB], tl.float32)
-    s0, sx, sy = z, z, z
-    step: tl.constexpr = 2 * STEPS * ROWS
-    if INTERLEAVE:
-        hi, first, stride = HW, r * step, tl.cdiv(HW, RUN) * step
-    else:
-        hi = tl.minimum(r * RUN + RUN, HW)
-        first, stride = r * RUN, step
-    for p0 in range(first, hi, stride):
-        p = p0 + tl.arange(0, step)[:, None]
-        xv = tl.load(x + base + p.to(tl.int64) * C, mask=cm & (p < hi), other=0.0).to(tl.float32)
-        u, v = _coords(p, W, step_u, step_v)
-        s0 += _fold(xv, 2 * STEPS, ROWS, CB)
-        sx += _fold(xv * u, 2 * STEPS, ROWS, CB)
-        sy += _fold(xv * v, 2 * STEPS, ROWS, CB)
-    return tl.sum(s0, 0), tl.sum(sx, 0), tl.sum(sy, 0)
-
-
-@triton.jit
 def _run_sums(a, b, n, c, r, RUN, HW, W, C, step_u, step_v, ROWS: tl.constexpr, STEPS: tl.constexpr,
               CB: tl.constexpr, APART: tl.constexpr, INTERLEAVE: tl.constexpr):
     """S0, Sx, Sy of map a, then of map b, over run r of RUN pixels of image n in channels c: [CB] each. APART:
@@ -148,6 +121,33 @@ def _run_sums(a, b, n, c, r, RUN, HW, W, C, step_u, step_v, ROWS: tl.constexpr, 
             s0a, sxa, sya, s0b, sxb, syb = _add_step(a, b, base, cm, p0, start, end, W, C, step_u, step_v, s0a, sxa,
                                                      sya, s0b, sxb, syb, ROWS, STEPS, CB, APART)
     return tl.sum(s0a, 0), tl.sum(sxa, 0), tl.sum(sya, 0), tl.sum(s0b, 0), tl.sum(sxb, 0), tl.sum(syb, 0)
+
+
+@triton.jit
+def _run_one(x, n, c, r, RUN, HW, W, C, step_u, step_v, ROWS: tl.constexpr, STEPS: tl.constexpr, CB: tl.constexpr,
+             INTERLEAVE: tl.constexpr):
+    """S0, Sx, Sy of one map over run r of image n in channels c ([CB] each), in _run_sums' orders, a step of
+    2 * STEPS loads (the pair sums' loads of both maps) as one [2 * STEPS * ROWS, CB] tensor, its pixels'
+    coordinates made after the load: sm_90, 11 of the 16 loads in fp32 before the first add (coordinates made
+    before the load: 5; two loads of half a step: 8)."""
+    cm = (c < C)[None, :]
+    base = n.to(tl.int64) * HW * C + c[None, :]
+    z = tl.zeros([ROWS, CB], tl.float32)
+    s0, sx, sy = z, z, z
+    step: tl.constexpr = 2 * STEPS * ROWS
+    if INTERLEAVE:
+        hi, first, stride = HW, r * step, tl.cdiv(HW, RUN) * step
+    else:
+        hi = tl.minimum(r * RUN + RUN, HW)
+        first, stride = r * RUN, step
+    for p0 in range(first, hi, stride):
+        p = p0 + tl.arange(0, step)[:, None]
+        xv = tl.load(x + base + p.to(tl.int64) * C, mask=cm & (p < hi), other=0.0).to(tl.float32)
+        u, v = _coords(p, W, step_u, step_v)
+        s0 += _fold(xv, 2 * STEPS, ROWS, CB)
+        sx += _fold(xv * u, 2 * STEPS, ROWS, CB)
+        sy += _fold(xv * v, 2 * STEPS, ROWS, CB)
+    return tl.sum(s0, 0), tl.sum(sx, 0), tl.sum(sy, 0)
 
 
 @triton.jit
