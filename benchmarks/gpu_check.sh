@@ -85,9 +85,10 @@ XDIST=()
 [ $DRY = 0 ] && $PY -c "import xdist" 2>/dev/null && XDIST=(-n 8)
 stage tests-dmfb 240 $PY -m pytest tests/test_dmfb_cuda.py -q -rs -p no:cacheprovider --durations=8 "${XDIST[@]}"
 # the CUDA tests only (the CPU ones and the nvcc check run in CI): the centroid op's, and the training step
-# captured as a CUDA graph (train.py --cuda-graphs) against the eager step
+# captured as a CUDA graph (train.py --cuda-graphs) against the eager step; in 8 processes too: the Triton
+# forward's test compiles about 90 kernel specializations (plans x dtypes x shapes), one at a time otherwise
 stage tests-centroid 150 $PY -m pytest tests/test_centroid_align.py tests/test_graphed.py -q -rs -p no:cacheprovider \
-  -k "cuda and not compile_without_spills"
+  -k "cuda and not compile_without_spills" "${XDIST[@]}"
 # recipe="authors": reference and fast paths (fused DMFB + C++ op on CUDA) give the same 3 training steps
 stage tests-recipe 60 $PY -m pytest tests/test_recipe.py -q -rs -p no:cacheprovider -k same_steps
 # train.py as users run it: --amp (bf16), --amp --amp-dtype fp16 and --amp --compile --compile-mode
