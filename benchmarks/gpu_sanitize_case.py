@@ -86,9 +86,10 @@ plans += [(dict(TRITON=t, WAVES="4", APART="1"), c) for t in ("1", "3") for c in
 # with map b half an image ahead in two
 plans += [(dict(TRITON="1", WAVES=w, INTERLEAVE="1", APART=ap), c) for w, ap in (("1", "0"), ("2", "1"))
           for c in pixels]
-# and a program a map (DMFN_CENTROID_ONE_MAP), in order in one wave and interleaved in two
+# and a program a map (DMFN_CENTROID_ONE_MAP), in order in one wave and interleaved in two, on the maps with a
+# partial channel group (fewer plans: each compiles under the tool)
 plans += [(dict(TRITON="1", WAVES=w, ONE_MAP="1", INTERLEAVE=i), c) for w, i in (("1", "0"), ("2", "1"))
-          for c in pixels]
+          for c in pixels[2:]]
 for switches, (dt, C, HW, mf, mf_tgt) in plans:
     if DRY:  # fp32, and 7x9 for 40x42: the interpreter runs a Triton program at a time
         dt, HW = torch.float32, min(HW, 7)
