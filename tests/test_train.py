@@ -12,6 +12,7 @@ import train  # noqa: E402
 from dmfn_fast.training import checkpoint as C, report as R  # noqa: E402
 from dmfn_fast.losses import DMFNLoss  # noqa: E402
 from dmfn_fast.models import Generator  # noqa: E402
+from test_train_faults import assert_same_state  # noqa: E402 (beside this file)
 
 TINY = ["--size", "32", "--nf", "8", "--n-blocks", "2", "--d-nf", "4", "--random-vgg", "--seed", "0",
         "--n-val", "2", "--log-every", "1"]
@@ -62,15 +63,7 @@ def test_demo_artefacts_and_exact_resume(tmp_path):
     for name, extra in (("b", ()), ("c", ("--workers", 2))):
         run(tmp_path / name, "--batch", 5, "--steps", 4, "--resume", a / "ckpt_0000002.pt", "--ckpt-every", 100,
             *extra)
-        resumed = torch.load(tmp_path / name / "ckpt_0000004.pt", weights_only=True)
-        for part in ("G", "D"):
-            for k, v in ckpt[part].items():
-                assert torch.equal(v, resumed[part][k]), f"{name}: {part}.{k} differs after resume"
-        for part in ("opt_G", "opt_D"):
-            for i, s in ckpt[part]["state"].items():
-                for k, v in s.items():
-                    assert torch.equal(v, resumed[part]["state"][i][k]), f"{name}: {part} state {i}.{k}"
-        assert resumed["sched_G"] == ckpt["sched_G"]
+        assert_same_state(ckpt, torch.load(tmp_path / name / "ckpt_0000004.pt", weights_only=True))
 
 
 def _bad_loss(monkeypatch, when, term="align", exc=None):
