@@ -118,7 +118,8 @@ def record(group, name, fn, flop=0, nbytes=0, **extra):
     row.update({k: v() if callable(v) else v for k, v in extra.items()})  # after the run: configs it chose
     log_row(row)
     msg = f"{row['ms']:9.4f} ms" if "ms" in row else "ERROR " + row["error"][:200]
-    perf = "".join(f"  {k}={row[k]:.3g}" for k in ("gpu_ms", "host_ms", "tflops", "pct_bf16_peak", "tbs", "pct_copy_bw") if k in row)
+    perf = "".join(f"  {k}={row[k]:.3g}" for k in ("gpu_ms", "host_ms", "tflops", "pct_bf16_peak", "tbs", "pct_copy_bw")
+                   if k in row)
     print(f"[{group}] {name}: {msg}{perf}", flush=True)
     if name.startswith("extension") and row.get("gpu_us_by_kernel"):  # the centroid op's launches, each plan
         print("    us by kernel: " + ", ".join(f"{k[:40]} {v}" for k, v in row["gpu_us_by_kernel"].items()), flush=True)
@@ -190,6 +191,9 @@ for dt, layout, a, t in ([] if args.no_centroid else centroid_cases()):
         # of whole pixels (each block's bytes contiguous: the pixel-by-pixel reader's order below). (The folded
         # finish, the async copies and 32-vector blocks, never faster on the H200 or the H100, are gone: s24.)
         plans = [({}, "extension")]
+        # the C++ op, where a measured plan (MEASURED_PLANS) is this card's default
+        if CUDA and layout == "channels_last" and (torch.cuda.get_device_capability()[0], a.dtype) in ca.MEASURED_PLANS:
+            plans.append(({"TRITON": "0"}, "extension, C++ forward"))
         if CUDA and layout == "channels_last":
             plans += [({"WAVES": "2"}, "extension, two waves"),
                       ({"GRAD_ROWS": "2"}, "extension, gradient 2 rows a block"),
@@ -231,8 +235,14 @@ for dt, layout, a, t in ([] if args.no_centroid else centroid_cases()):
             with mock.patch.dict(os.environ):  # restored after each plan
                 for k in CENTROID_SWITCHES:
                     os.environ.pop(k, None)
-                os.environ.update({f"DMFN_CENTROID_{k}": v for k, v in env.items()})
-                record(g, name, lambda: torch.autograd.grad(ca.centroid_align_loss(a, t, impl="fast"), a), 0, nbytes)
+                switches = {f"DMFN_CENTROID_{k}": v for k, v in env.items()}
+                os.environ.update(switches)
+                # the plan's switches (the default's: MEASURED_PLANS', Triton plans of channels-last maps), for
+                # gpu_summary's centroid_plan_to_adopt
+                dflt = dict(ca.default_plan(a)) if layout == "channels_last" else {}
+                record(g, name, lambda: torch.autograd.grad(ca.centroid_align_loss(a, t, impl="fast"), a), 0, nbytes,
+                       switches=switches or dflt,
+                       capability=list(torch.cuda.get_device_capability()) if CUDA else None)
     else:
         print(f"[{g}] extension not available: {ca._ext_state.get('why')}")
     if layout == "channels_last" and (CUDA or dt == torch.float32):  # the interpreter has no bf16 math
@@ -603,7 +613,8 @@ if CUDA:
         ok = tma_zero_fill_check()
         row = dict(group="design", name="TMA box load zero-fills negative coordinates", result=ok)
     except Exception as e:  # noqa: BLE001
-        row = dict(group="design", name="TMA box load zero-fills negative coordinates", error=f"{type(e).__name__}: {e}"[:500])
+        row = dict(group="design", name="TMA box load zero-fills negative coordinates",
+                   error=f"{type(e).__name__}: {e}"[:500])
     log_row(row)
     print("[design]", row, flush=True)
 

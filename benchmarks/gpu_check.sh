@@ -40,7 +40,9 @@ rc=0
 
 stage() {  # stage NAME LIMIT_S CMD...: run CMD under LIMIT_S seconds, append its output to log.txt
   local name=$1 limit=$2 t0=$SECONDS r; shift 2
-  if [[ " ${GPU_CHECK_SKIP:-} " == *" $name "* ]]; then echo "$name: skipped (GPU_CHECK_SKIP)" >> "$OUT/stages.txt"; return 0; fi
+  if [[ " ${GPU_CHECK_SKIP:-} " == *" $name "* ]]; then
+    echo "$name: skipped (GPU_CHECK_SKIP)" >> "$OUT/stages.txt"; return 0
+  fi
   echo "===== stage $name (limit ${limit}s) =====" >> "$LOG"
   timeout -k 5 "$limit" "$@" >> "$LOG" 2>&1; r=$?
   echo "$name: rc=$r, $((SECONDS - t0)) s (limit $limit s)" | tee -a "$OUT/stages.txt" >> "$LOG"
@@ -51,12 +53,18 @@ stage() {  # stage NAME LIMIT_S CMD...: run CMD under LIMIT_S seconds, append it
 {
   date -u +"date %Y-%m-%dT%H:%M:%SZ"
   uname -r
-  nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm,temperature.gpu --format=csv,noheader 2>&1 || true
-  $PY -c "import torch, triton, platform, sys; print('python', platform.python_version(), 'torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__); print('card', torch.cuda.get_device_name() if torch.cuda.is_available() else 'none')"
+  nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm,temperature.gpu \
+    --format=csv,noheader 2>&1 || true
+  $PY -c "import torch, triton, platform
+print('python', platform.python_version(), 'torch', torch.__version__, 'cuda', torch.version.cuda, 'triton',
+      triton.__version__)
+print('card', torch.cuda.get_device_name() if torch.cuda.is_available() else 'none')"
   $PY -c "import setuptools; print('setuptools', setuptools.__version__)"
   # the host's speed: eager rows are host-bound, and two H200 machines' hosts differed by about 1.5x
   grep -m1 'model name' /proc/cpuinfo || true
-  $PY -c "import time, torch; a = torch.ones(4); t = time.perf_counter(); [a.add(a) for _ in range(20000)]; print('host: %.2f us per torch.add of 4 CPU floats' % ((time.perf_counter() - t) / 20000 * 1e6))"
+  $PY -c "import time, torch
+a = torch.ones(4); t = time.perf_counter(); [a.add(a) for _ in range(20000)]
+print('host: %.2f us per torch.add of 4 CPU floats' % ((time.perf_counter() - t) / 20000 * 1e6))"
 } > "$OUT/env.txt" 2>&1
 cat "$OUT/env.txt"
 
@@ -72,8 +80,8 @@ if [ $DRY = 0 ]; then
     stage build-ext 240 $PY setup.py build_ext --inplace
   fi
   export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
-  $PY -c "from dmfn_fast.ops import centroid_align as ca; ca.extension_available(); print('extension:', ca._ext_state)" \
-    2>&1 | tee -a "$LOG" "$OUT/stages.txt"
+  $PY -c "from dmfn_fast.ops import centroid_align as ca
+ca.extension_available(); print('extension:', ca._ext_state)" 2>&1 | tee -a "$LOG" "$OUT/stages.txt"
 fi
 
 # 2. correctness on CUDA at full sizes: the Triton DMFB tests, then (extension built) the centroid tests,
@@ -155,11 +163,12 @@ elif command -v ncu >/dev/null; then
     $PY benchmarks/gpu_ncu_case.py
   { echo "===== ncu report ====="; cat "$NCU_TXT"; } >> "$LOG"; rm -f "$NCU_TXT"
   NCU_TXT=$(mktemp)
+  KERNELS="pair_sums|plane_sums|_read_sum|_read_pair|_read_columns|finish_pairs|centroid_finish|grad_channels"
   stage ncu-centroid 180 ncu --clock-control none --section SpeedOfLight --section Occupancy \
     --section WarpStateStats --section LaunchStats \
     --metrics dram__bytes_read.sum,dram__bytes_write.sum,lts__t_sector_hit_rate.pct,gpu__time_duration.sum \
     --nvtx --nvtx-include "profile/" \
-    -k "regex:pair_sums|plane_sums|_read_sum|_read_pair|_read_columns|finish_pairs|centroid_finish|grad_channels|centroid_grad" \
+    -k "regex:$KERNELS|centroid_grad" \
     --log-file "$NCU_TXT" $PY benchmarks/gpu_ncu_case.py --centroid
   { echo "===== ncu centroid report ====="; cat "$NCU_TXT"; } >> "$LOG"; rm -f "$NCU_TXT"
 fi

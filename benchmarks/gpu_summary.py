@@ -71,6 +71,8 @@ def latest_roofline():
     return json.load(open(os.path.join(folder, paths[-1]))) if paths else []
 
 
+# The centroid switches its C++ op reads itself (dmfn_fast/ops/centroid_align.py's MEASURED_PLANS takes the others)
+CPP_PLAN_SWITCHES = ("DMFN_CENTROID_PIXELS", "DMFN_CENTROID_BLOCK_FINISH", "DMFN_CENTROID_GRAD_ROWS")
 # The record_function ranges the e2e rows' GPU time counted as kernels before s10 (e2e_common.device_kernel_ms)
 ANNOTATIONS = ("G forward", "D forward (G step)", "losses", "VGG", "G backward", "D step", "optimizer")
 
@@ -239,6 +241,41 @@ def main(out):
                 plans[dt] = dict(rows, fastest=min(rows, key=rows.get))
         return plans
 
+    def cen_adopt():
+        """{dtype: the plan to make its default, or None to keep it}: docs/testing.md's rule, the fastest
+        channels-last plan in GPU time where it beats the default's row ("extension") by 3%. A Triton plan's
+        MEASURED_PLANS entry (dmfn_fast/ops/centroid_align.py) makes it the default on this card's compute
+        capability; a C++ plan's default is csrc/centroid_align_cuda.cpp's forward_options (it takes no dtype
+        yet). Adopt only where tests-centroid passed on the card (this folder's stages.txt)."""
+        stages_txt = os.path.join(out, "stages.txt")
+        stages = open(stages_txt).read() if os.path.exists(stages_txt) else ""
+        tests = ("passed" if "tests-centroid: rc=0" in stages else
+                 "not run or failed: adopt nothing" if stages else "unknown (no stages.txt)")
+        plans = {}
+        for dt in ("bfloat16", "float32"):
+            g = f"centroid fwd+bwd {dt} channels_last"
+            rows = {}
+            for r in bd:  # each plan's fastest run (a rerun's rows join a call's)
+                if (r.get("group", "").startswith(g) and r.get("name", "").startswith("extension")
+                        and r.get("gpu_ms") and "switches" in r):
+                    rows[r["name"]] = min(rows.get(r["name"], r), r, key=lambda x: x["gpu_ms"])
+            if "extension" not in rows:
+                continue
+            best, base = min(rows.values(), key=lambda r: r["gpu_ms"]), rows["extension"]
+            if best is base or best["gpu_ms"] > 0.97 * base["gpu_ms"]:
+                plans[dt] = None
+                continue
+            sw, major = best["switches"], (best.get("capability") or [None])[0]
+            triton = sw.get("DMFN_CENTROID_TRITON", "0") != "0" and not set(sw) & set(CPP_PLAN_SWITCHES)
+            where = (f"MEASURED_PLANS[({major}, torch.{dt})] = {sw}" if triton else
+                     f"del MEASURED_PLANS[({major}, torch.{dt})]" if sw == {"DMFN_CENTROID_TRITON": "0"} else
+                     "a C++ plan: its default in csrc/centroid_align_cuda.cpp's forward_options, given the dtype")
+            plans[dt] = dict(plan=best["name"], switches=sw, gpu_us=round(best["gpu_ms"] * 1e3, 2),
+                             default_gpu_us=round(base["gpu_ms"] * 1e3, 2),
+                             faster_pct=round(100 * (1 - best["gpu_ms"] / base["gpu_ms"]), 1), set=where,
+                             tests_centroid=tests)
+        return plans
+
     ratios = {
         **per_call,
         "generator_fwd_bwd_fast_vs_amp_compile": ratio(e("generator", "amp+compile"), e("generator", "fast")),
@@ -334,7 +371,7 @@ def main(out):
     opt_in = sorted({k for r in e2e for k in r.get("opt_in", [])})
     summary = dict(card=sorted(devices), date=datetime.date.today().isoformat(), env=env.strip(), opt_in=opt_in,
                    ceilings={k: ceil.get(k) for k in ("copy_tbs", "bf16_tflops", "tiny_kernel_us")}, ratios=ratios,
-                   ratios_gpu_time=gpu, centroid_plans_gpu_us=cen_plans(),
+                   ratios_gpu_time=gpu, centroid_plans_gpu_us=cen_plans(), centroid_plan_to_adopt=cen_adopt(),
                    compiled_step_first_terms_rel_diff=step_parity(e2e),
                    breakdown=bd, e2e=e2e, compile_parity=parity)
     with open(os.path.join(out, "summary.json"), "w") as f:
@@ -348,6 +385,8 @@ def main(out):
     lines += [f"| {k} | {v} |" for k, v in gpu.items()]
     lines += ["", "Centroid op fwd+bwd, channels-last, GPU us per plan of the extension's forward:", ""]
     lines += [f"- {dt}: {plans}" for dt, plans in summary["centroid_plans_gpu_us"].items()]
+    lines += ["", "The plan to make the default (3% faster than the default's row in GPU time; None: keep it):", ""]
+    lines += [f"- {dt}: {plan}" for dt, plan in summary["centroid_plan_to_adopt"].items()]
     lines += ["", "Compiled training steps: largest relative difference of the first step's loss terms from eager:",
               "", "| variant | max rel diff |", "|---|---|"]
     lines += [f"| {k} | {v} |" for k, v in summary["compiled_step_first_terms_rel_diff"].items()]

@@ -257,6 +257,42 @@ def test_triton_forward_traces_into_its_kernels(mode):
     assert (out["LAUNCHES"], out["CPP_FWD"]) == ("2", "False"), p.stdout
 
 
+def test_measured_plans_are_triton_plans():
+    """Each MEASURED_PLANS entry (the default plan a GPU run measured) is a (capability major, dtype) key and a
+    Triton plan in switches the Python side reads (the C++ op reads its own from the environment), each a value
+    the switch takes."""
+    for (major, dtype), plan in ca.MEASURED_PLANS.items():
+        assert isinstance(major, int) and dtype in (torch.float32, torch.float16, torch.bfloat16), (major, dtype)
+        assert set(plan) <= set(ca.TRITON_PLAN_SWITCHES) and plan.get("DMFN_CENTROID_TRITON", "0") != "0", plan
+        assert all(v in _impl.SWITCHES[k] for k, v in plan.items()), plan
+
+
+def test_measured_plan_applies_only_where_no_switch_is_set(monkeypatch):
+    """A measured plan is the default for its GPU and dtype alone: with any DMFN_CENTROID_* switch set (even to
+    its default) that plan runs, its unset switches at their defaults; no plans, no device query."""
+    for n in ca.PLAN_SWITCHES:
+        monkeypatch.delenv(n, raising=False)
+    f32, f16 = torch.zeros(1, 2, 3, 4), torch.zeros(1, 2, 3, 4, dtype=torch.float16)
+    monkeypatch.setattr(ca, "MEASURED_PLANS", {})
+    monkeypatch.setattr(ca, "_capability_major", lambda f: pytest.fail("a device query with no measured plan"))
+    assert ca.default_plan(f32) == {} and ca.plan_switch("DMFN_CENTROID_TRITON", f32) == "0"
+    plan = {"DMFN_CENTROID_TRITON": "2", "DMFN_CENTROID_ONE_MAP": "1"}
+    monkeypatch.setattr(ca, "MEASURED_PLANS", {(9, torch.float32): plan})
+    monkeypatch.setattr(ca, "_capability_major", lambda f: 9)
+    assert [ca.plan_switch(n, f32) for n in ca.TRITON_PLAN_SWITCHES] == ["2", "0", "0", "1", "1"]
+    assert ca.default_plan(f16) == {} and ca.plan_switch("DMFN_CENTROID_TRITON", f16) == "0"
+    monkeypatch.setenv("DMFN_CENTROID_APART", " ")  # blank: unset
+    assert ca.default_plan(f32) == plan
+    monkeypatch.setenv("DMFN_CENTROID_GRAD_ROWS", "4")
+    assert ca.default_plan(f32) == {} and ca.plan_switch("DMFN_CENTROID_TRITON", f32) == "0"
+    monkeypatch.setenv("DMFN_CENTROID_TRITON", "1")
+    assert [ca.plan_switch(n, f32) for n in ca.TRITON_PLAN_SWITCHES] == ["1", "0", "0", "0", "1"]
+    for n in ca.PLAN_SWITCHES:
+        monkeypatch.delenv(n, raising=False)
+    monkeypatch.setattr(ca, "_capability_major", lambda f: 8)  # another GPU
+    assert ca.default_plan(f32) == {}
+
+
 @ext
 def test_auto_uses_the_extension():
     a, b = rand((1, 3, 4, 5), 21), rand((1, 3, 4, 5), 22)
@@ -556,6 +592,40 @@ def test_cuda_triton_forward_matches_the_cpp_op(dtype, waves, shape, monkeypatch
                                        atol=1e-3 * want.abs().max().item())
             assert torch.isfinite(got).all() and got.is_contiguous(memory_format=torch.channels_last)
     assert calls == [1, 1, 1, 1]
+
+
+@cuda_ext
+def test_cuda_measured_plan_is_the_default(monkeypatch):
+    """A MEASURED_PLANS entry for this GPU and dtype (here the Triton forward and backward, a map a program) runs
+    where no switch is set, eager and under torch.compile (which folds the device query), with the C++ op's loss
+    and gradients to rounding; with a switch set, the C++ op runs."""
+    if ca._kcs is None:
+        pytest.skip("the Triton centroid forward did not import (Triton missing?)")
+    a, b = _plan_maps((3, 264, 33, 35), 45, torch.float32, monkeypatch)
+    bt = b.detach().clone().requires_grad_()
+    want = ca.centroid_align_loss(a, bt, impl="fast")
+    g_want = torch.autograd.grad(want, (a, bt))
+    major = torch.cuda.get_device_capability()[0]
+    monkeypatch.setattr(ca, "MEASURED_PLANS", {(major, torch.float32): {"DMFN_CENTROID_TRITON": "2",
+                                                                        "DMFN_CENTROID_ONE_MAP": "1"}})
+    calls = []
+    real_fwd, real_bwd = ca._fwd_triton, ca._bwd_triton
+    monkeypatch.setattr(ca, "_fwd_triton", lambda *args: calls.append("fwd") or real_fwd(*args))
+    monkeypatch.setattr(ca, "_bwd_triton", lambda *args: calls.append("bwd") or real_bwd(*args))
+    torch._dynamo.reset()
+    for loss_fn in (ca.centroid_align_loss, torch.compile(ca.centroid_align_loss, fullgraph=True)):
+        got = loss_fn(a, bt, impl="fast")
+        g_got = torch.autograd.grad(got, (a, bt))
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-12)
+        for x, y in zip(g_got, g_want):
+            torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-3 * y.abs().max().item())
+        if loss_fn is ca.centroid_align_loss:
+            assert calls == ["fwd", "bwd", "bwd"], calls  # a gradient a map
+    torch._dynamo.reset()
+    calls.clear()
+    monkeypatch.setenv("DMFN_CENTROID_WAVES", "1")
+    torch.autograd.grad(ca.centroid_align_loss(a, bt, impl="fast"), (a, bt))
+    assert calls == []
 
 
 @cuda_ext

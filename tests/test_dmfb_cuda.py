@@ -8,7 +8,6 @@ relative to the largest reference value).
 """
 import pytest
 import torch
-import torch.nn.functional as F
 
 from dmfn_fast.ops import dmfb
 

@@ -116,6 +116,8 @@ for _dt, _n, _c, _h, _w, _grid in (("fp32", 1, 8, 17, 19, "paper"), ("fp32", 3, 
         "centroid_triton", dict(dtype=_dt, N=_n, C=_c, H=_h, W=_w, grid=_grid))
 # Its finish alone, over more runs than a program loads at once (the cases above fit in one round)
 CASES["centroid-finish-rounds"] = ("centroid_finish", dict(NC=150, R=5))
+# A measured plan (MEASURED_PLANS) as the default, through the loss
+CASES["centroid-measured-plan"] = ("centroid_measured_plan", dict(N=2, C=24, H=7, W=6))
 
 
 # ----------------------------------------------------------------------------- checks (child process)
@@ -841,6 +843,46 @@ def check_centroid_triton(dtype, N, C, H, W, grid):
     run, runs = plan[-2:]
     covered = 0 <= H * W - (runs - 1) * run <= run
     errs.append((f"plan {plan}: its runs cover the {H * W} pixels once", float(not covered), 0.0))
+    return errs
+
+
+def check_centroid_measured_plan(N, C, H, W):
+    """MEASURED_PLANS (ops/centroid_align.py) through centroid_align_loss with no switch set: its plan for the
+    maps' GPU and dtype runs (here the Triton forward a map a program, and the Triton backward: every switch it
+    sets is read), the loss and both gradients against float64; fp16 maps, which it has no plan for, and any
+    switch set (even to its default) take the C++ op."""
+    from dmfn_fast.ops import centroid_align as ca
+
+    for n in ca.PLAN_SWITCHES:
+        os.environ.pop(n, None)
+    cl = torch.channels_last
+    a, b = (torch.rand(N, C, H, W).contiguous(memory_format=cl) for _ in range(2))
+    x, y, xr, yr = _leaf(a), _leaf(b), _leaf(a.double()), _leaf(b.double())
+    calls = []
+    real = ca._fwd_triton, ca._bwd_triton, ca.triton_forward_plan, ca._capability_major, ca.MEASURED_PLANS
+    ca._fwd_triton = lambda *args: calls.append("fwd") or real[0](*args)
+    ca._bwd_triton = lambda *args: calls.append("bwd") or real[1](*args)
+    # the forward's one_map argument; the backward's plan takes none
+    ca.triton_forward_plan = lambda *args: calls.append(("one map", args[5]) if len(args) > 5 else "plan") or real[2](
+        *args)
+    ca._capability_major = lambda f: 9  # a CPU tensor's is None: an H100's here
+    ca.MEASURED_PLANS = {(9, torch.float32): {"DMFN_CENTROID_TRITON": "2", "DMFN_CENTROID_ONE_MAP": "1"}}
+    try:
+        loss = ca.centroid_align_loss(x, y, impl="fast")
+        grads = torch.autograd.grad(loss, (x, y))
+        assert calls == ["fwd", ("one map", True), "bwd", "plan", "bwd", "plan"], calls
+        ref = ca.centroid_align_loss_reference(xr, yr)
+        errs = [("loss vs float64", _err(loss, ref), 1e-5)]
+        errs += [(f"grad {k} vs float64", _err(g, gr), 1e-5)
+                 for k, g, gr in zip(("out", "tgt"), grads, torch.autograd.grad(ref, (xr, yr)))]
+        calls.clear()
+        ca.centroid_align_loss(a.half(), b.half(), impl="fast")  # no plan for fp16: the C++ op
+        os.environ["DMFN_CENTROID_WAVES"] = "1"
+        torch.autograd.grad(ca.centroid_align_loss(x, y, impl="fast"), (x, y))
+        assert calls == [], calls
+    finally:
+        ca._fwd_triton, ca._bwd_triton, ca.triton_forward_plan, ca._capability_major, ca.MEASURED_PLANS = real
+        os.environ.pop("DMFN_CENTROID_WAVES", None)
     return errs
 
 

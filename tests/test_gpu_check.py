@@ -285,6 +285,49 @@ def test_centroid_input_read_share(tmp_path):
                                                              "fastest": "extension, finish in blocks"}}
 
 
+def test_centroid_plan_to_adopt(tmp_path):
+    """The adoption rule for the centroid op's default plan: per dtype, the fastest plan in GPU time where it beats
+    the default's row by 3% (a rerun's rows join the first's), as the MEASURED_PLANS entry a Triton plan takes on
+    the card's capability, and only where this run's tests-centroid passed; a C++ plan is named as one."""
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    import gpu_summary
+    from dmfn_fast.ops import centroid_align as ca
+
+    def row(dt, name, gpu_ms, **switches):
+        return dict(group=f"centroid fwd+bwd {dt} channels_last [16, 512, 32, 32]", name=name, ms=0.1,
+                    gpu_ms=gpu_ms, bytes=3 * 2 ** 24, capability=[9, 0],
+                    switches={f"DMFN_CENTROID_{k}": v for k, v in switches.items()})
+    rows = [row("float32", "extension", 0.0479), row("float32", "extension", 0.0470),  # a rerun: 47.0 counts
+            row("float32", "extension, Triton forward, one map a program", 0.0390, TRITON="1", ONE_MAP="1"),
+            row("float32", "extension, Triton forward and backward, one map a program", 0.0380, TRITON="2",
+                ONE_MAP="1"),
+            row("float32", "extension, Triton forward and backward, one map a program", 0.0420, TRITON="2",
+                ONE_MAP="1"),
+            row("bfloat16", "extension", 0.0282),
+            row("bfloat16", "extension, whole pixels", 0.0275, PIXELS="1"),  # 2.5% faster: keep the default
+            dict(row("bfloat16", "extension, two waves", 0.0, WAVES="2"), gpu_ms=None, error="RuntimeError")]
+    (tmp_path / "breakdown.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    (tmp_path / "stages.txt").write_text("tests-centroid: rc=0, 40 s (limit 150 s)\nbreakdown: rc=0, 25 s\n")
+    gpu_summary.main(str(tmp_path))
+    plans = json.loads((tmp_path / "summary.json").read_text())["centroid_plan_to_adopt"]
+    sw = {"DMFN_CENTROID_TRITON": "2", "DMFN_CENTROID_ONE_MAP": "1"}
+    assert plans == {"bfloat16": None, "float32": dict(
+        plan="extension, Triton forward and backward, one map a program", switches=sw, gpu_us=38.0,
+        default_gpu_us=47.0, faster_pct=19.1, set=f"MEASURED_PLANS[(9, torch.float32)] = {sw}",
+        tests_centroid="passed")}
+    assert f"- float32: {plans['float32']}" in (tmp_path / "summary.md").read_text()
+    # a C++ plan 3% faster; tests-centroid failed
+    rows[6] = row("bfloat16", "extension, whole pixels", 0.0270, PIXELS="1")
+    (tmp_path / "breakdown.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    (tmp_path / "stages.txt").write_text("tests-centroid: rc=1, 40 s (limit 150 s)\n")
+    gpu_summary.main(str(tmp_path))
+    plans = json.loads((tmp_path / "summary.json").read_text())["centroid_plan_to_adopt"]
+    assert plans["bfloat16"]["set"].startswith("a C++ plan") and plans["bfloat16"]["faster_pct"] == 4.3
+    assert plans["float32"]["tests_centroid"] == "not run or failed: adopt nothing"
+    # the C++ switches gpu_summary names are those MEASURED_PLANS may not set
+    assert set(gpu_summary.CPP_PLAN_SWITCHES) == set(ca.PLAN_SWITCHES) - set(ca.TRITON_PLAN_SWITCHES)
+
+
 def test_top_ops_names_the_ops_that_launched_the_most_gpu_time(tmp_path):
     """The e2e rows' top_ops: host-side ops only (kernels are not ops), by their own GPU time, per call; and
     the summary prints them under the row."""

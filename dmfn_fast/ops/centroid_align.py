@@ -14,9 +14,10 @@ each map forward, one write backward. Its schema, fake kernel and autograd are
 registered here at import; its CPU/CUDA kernels (csrc/, TORCH_LIBRARY_IMPL only)
 come from the module built by setup.py, else from a one-off JIT build (cached by
 torch) on first use, else the reference runs with one warning. DMFN_CENTROID_TRITON=1
-(an A/B, off by default) runs the forward of channels-last CUDA maps by Triton kernels
-instead (kernels/centroid_sums.py), with the same C++ backward; =2 the backward too;
-=3 as 2 with the forward in whole planes a program.
+(an A/B) runs the forward of channels-last CUDA maps by Triton kernels instead
+(kernels/centroid_sums.py), with the same C++ backward; =2 the backward too; =3 as 2 with
+the forward in whole planes a program. Where no DMFN_CENTROID_* switch is set, a GPU and
+dtype take the Triton plan in MEASURED_PLANS if a GPU run measured it faster, else the C++ op.
 """
 import functools
 import os
@@ -194,6 +195,37 @@ torch.library.register_autograd("dmfn_fast::centroid_align_fwd", _backward, setu
 _kcs = _d.import_kernel_module("centroid_sums", "centroid forward kernel", "the C++ op's forward runs")
 
 
+# The forward's plan where no DMFN_CENTROID_* switch is set, by (compute capability major, dtype): the plan a GPU
+# run timed at least 3% faster than the C++ op's default, its CUDA tests passed (benchmarks/gpu_summary.py's
+# centroid_plan_to_adopt names it). Triton plans only: their switches are read here, the C++ op reads its own.
+# Set any DMFN_CENTROID_* switch and that plan runs, its unset switches at their defaults. Empty: the C++ op.
+MEASURED_PLANS: dict[tuple[int, torch.dtype], dict[str, str]] = {}
+PLAN_SWITCHES = tuple(n for n in _impl.SWITCHES if n.startswith("DMFN_CENTROID_"))
+TRITON_PLAN_SWITCHES = ("DMFN_CENTROID_TRITON", "DMFN_CENTROID_APART", "DMFN_CENTROID_INTERLEAVE",
+                        "DMFN_CENTROID_ONE_MAP", "DMFN_CENTROID_WAVES")
+
+
+def _capability_major(f: torch.Tensor):
+    """f's GPU's compute capability major, None off CUDA (get_device_properties: torch.compile folds it)."""
+    return torch.cuda.get_device_properties(f.device).major if f.is_cuda else None
+
+
+def default_plan(f: torch.Tensor) -> dict[str, str]:
+    """The switches MEASURED_PLANS sets for maps like f where none is set in the environment, else {}."""
+    if not MEASURED_PLANS:
+        return {}
+    for n in PLAN_SWITCHES:
+        if os.environ.get(n, "").strip():
+            return {}
+    return MEASURED_PLANS.get((_capability_major(f), f.dtype), {})
+
+
+def plan_switch(name: str, f: torch.Tensor) -> str:
+    """Switch `name`'s value for the maps like f: as set in the environment, else default_plan's, else its
+    default."""
+    return default_plan(f).get(name) or _impl.env_switch(name)
+
+
 def triton_forward_why_not(f_out: torch.Tensor, f_tgt: torch.Tensor) -> str:
     """"" when the Triton forward can take these maps (already promoted to one dtype), else why not."""
     if _kcs is None:
@@ -280,8 +312,8 @@ def _fwd_triton_fn(f_out: torch.Tensor, f_tgt: torch.Tensor) -> tuple[torch.Tens
     dev = f_out.device
     stats = torch.empty(2, N, C, 3, device=dev, dtype=torch.float32)
     loss = torch.empty((), device=dev, dtype=torch.float32)
-    apart = _impl.env_switch("DMFN_CENTROID_APART") == "1"  # map b's pixels half a run (interleaved: image) ahead
-    if _impl.env_switch("DMFN_CENTROID_TRITON") in ("3", "4"):  # whole planes a program: no partial sums
+    apart = plan_switch("DMFN_CENTROID_APART", f_out) == "1"  # map b's pixels half a run (interleaved: image) ahead
+    if plan_switch("DMFN_CENTROID_TRITON", f_out) in ("3", "4"):  # whole planes a program: no partial sums
         cb, groups, rows, steps = triton_planes_plan(f_out.shape, f_out.element_size(), sms, apart)
         shares = torch.empty(N * groups, device=dev, dtype=torch.float64)
         _d._kernel(_kcs.centroid_plane_sums, f_out)[(N * groups,)](
@@ -291,9 +323,9 @@ def _fwd_triton_fn(f_out: torch.Tensor, f_tgt: torch.Tensor) -> tuple[torch.Tens
                                                            num_warps=_kcs.FINISH_WARPS)
         return loss, stats
     # ONE_MAP: a program reads one map, map a's programs dispatched before map b's (APART moot)
-    one_map = _impl.env_switch("DMFN_CENTROID_ONE_MAP") == "1"
+    one_map = plan_switch("DMFN_CENTROID_ONE_MAP", f_out) == "1"
     cb, groups, rows, steps, run, runs = triton_forward_plan(
-        f_out.shape, f_out.element_size(), sms, int(_impl.env_switch("DMFN_CENTROID_WAVES")), apart, one_map)
+        f_out.shape, f_out.element_size(), sms, int(plan_switch("DMFN_CENTROID_WAVES", f_out)), apart, one_map)
     if runs * 6 * NC >= 2 ** 31:  # the kernels index the partial sums in int32
         raise RuntimeError(f"the Triton centroid forward's partial sums for maps of shape {tuple(f_out.shape)} "
                            "exceed 2^31 elements: unset DMFN_CENTROID_TRITON for the C++ forward")
@@ -302,7 +334,7 @@ def _fwd_triton_fn(f_out: torch.Tensor, f_tgt: torch.Tensor) -> tuple[torch.Tens
     loss_parts = torch.empty(fin, device=dev, dtype=torch.float64)
     ticket = torch.empty(1, device=dev, dtype=torch.int32)
     # INTERLEAVE: each run a step of every R of its image, so the programs in flight read one window of it
-    interleave = _impl.env_switch("DMFN_CENTROID_INTERLEAVE") == "1"
+    interleave = plan_switch("DMFN_CENTROID_INTERLEAVE", f_out) == "1"
     _d._kernel(_kcs.centroid_pair_sums, f_out)[(N * groups, runs, 2 if one_map else 1)](
         f_out, f_tgt, part, ticket, H * W, W, C, NC, run, 2.0 / W, 2.0 / H, ROWS=rows, STEPS=steps, CB=cb,
         APART=apart and not one_map, INTERLEAVE=interleave, ONE_MAP=one_map, num_warps=_kcs.WARPS)
@@ -327,7 +359,7 @@ def _bwd_triton_fn(grad: torch.Tensor, stats: torch.Tensor, like: torch.Tensor, 
 def _setup_context_triton(ctx, inputs, output):
     _setup_context(ctx, inputs, output)
     # DMFN_CENTROID_TRITON=2 or 3: the backward by centroid_grad too (its maps are dense channels-last)
-    ctx.triton_grad = _impl.env_switch("DMFN_CENTROID_TRITON") in ("2", "3")
+    ctx.triton_grad = plan_switch("DMFN_CENTROID_TRITON", inputs[0]) in ("2", "3")
 
 
 if _kcs is not None:
@@ -390,6 +422,6 @@ def centroid_align_loss(f_out: torch.Tensor, f_tgt: torch.Tensor, impl: str = "a
 def _forward(f_out: torch.Tensor, f_tgt: torch.Tensor):
     """(loss, stats) by the C++ op, or by the Triton forward where DMFN_CENTROID_TRITON is 1 to 4 and it takes
     the maps (its backward: the C++ one at 1 and 4, the Triton one at 2 and 3)."""
-    if _impl.env_switch("DMFN_CENTROID_TRITON") != "0" and not triton_forward_why_not(f_out, f_tgt):
+    if plan_switch("DMFN_CENTROID_TRITON", f_out) != "0" and not triton_forward_why_not(f_out, f_tgt):
         return _fwd_triton(f_out, f_tgt)
     return torch.ops.dmfn_fast.centroid_align_fwd(f_out, f_tgt)
