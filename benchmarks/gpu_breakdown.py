@@ -191,9 +191,9 @@ for dt, layout, a, t in ([] if args.no_centroid else centroid_cases()):
         # of whole pixels (each block's bytes contiguous: the pixel-by-pixel reader's order below). (The folded
         # finish, the async copies and 32-vector blocks, never faster on the H200 or the H100, are gone: s24.)
         plans = [({}, "extension")]
-        # the C++ op, where a measured plan (MEASURED_PLANS) is this card's default
+        # the C++ op's defaults (a switch set: no measured plan), where a measured plan is this card's default
         if CUDA and layout == "channels_last" and (torch.cuda.get_device_capability()[0], a.dtype) in ca.MEASURED_PLANS:
-            plans.append(({"TRITON": "0"}, "extension, C++ forward"))
+            plans.append(({"TRITON": "0"}, "extension, the switches' defaults"))
         if CUDA and layout == "channels_last":
             plans += [({"WAVES": "2"}, "extension, two waves"),
                       ({"GRAD_ROWS": "2"}, "extension, gradient 2 rows a block"),
@@ -237,11 +237,9 @@ for dt, layout, a, t in ([] if args.no_centroid else centroid_cases()):
                     os.environ.pop(k, None)
                 switches = {f"DMFN_CENTROID_{k}": v for k, v in env.items()}
                 os.environ.update(switches)
-                # the plan's switches (the default's: MEASURED_PLANS', Triton plans of channels-last maps), for
-                # gpu_summary's centroid_plan_to_adopt
-                dflt = dict(ca.default_plan(a)) if layout == "channels_last" else {}
+                # the plan's switches (the default's: MEASURED_PLANS'), for gpu_summary's centroid_plan_to_adopt
                 record(g, name, lambda: torch.autograd.grad(ca.centroid_align_loss(a, t, impl="fast"), a), 0, nbytes,
-                       switches=switches or dflt,
+                       switches=switches or dict(ca.default_plan(a)),
                        capability=list(torch.cuda.get_device_capability()) if CUDA else None)
     else:
         print(f"[{g}] extension not available: {ca._ext_state.get('why')}")

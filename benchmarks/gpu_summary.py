@@ -71,8 +71,8 @@ def latest_roofline():
     return json.load(open(os.path.join(folder, paths[-1]))) if paths else []
 
 
-# The centroid switches its C++ op reads itself (dmfn_fast/ops/centroid_align.py's MEASURED_PLANS takes the others)
-CPP_PLAN_SWITCHES = ("DMFN_CENTROID_PIXELS", "DMFN_CENTROID_BLOCK_FINISH", "DMFN_CENTROID_GRAD_ROWS")
+# The centroid backward's plan switch (dmfn_fast/ops/centroid_align.py's MEASURED_PLANS takes forward plans)
+BACKWARD_PLAN_SWITCHES = ("DMFN_CENTROID_GRAD_ROWS",)
 # The record_function ranges the e2e rows' GPU time counted as kernels before s10 (e2e_common.device_kernel_ms)
 ANNOTATIONS = ("G forward", "D forward (G step)", "losses", "VGG", "G backward", "D step", "optimizer")
 
@@ -243,10 +243,10 @@ def main(out):
 
     def cen_adopt():
         """{dtype: the plan to make its default, or None to keep it}: docs/testing.md's rule, the fastest
-        channels-last plan in GPU time where it beats the default's row ("extension") by 3%. A Triton plan's
-        MEASURED_PLANS entry (dmfn_fast/ops/centroid_align.py) makes it the default on this card's compute
-        capability; a C++ plan's default is csrc/centroid_align_cuda.cpp's forward_options (it takes no dtype
-        yet). Adopt only where tests-centroid passed on the card (this folder's stages.txt)."""
+        channels-last plan in GPU time where it beats the default's row ("extension") by 3%, and the
+        MEASURED_PLANS entry (dmfn_fast/ops/centroid_align.py) that makes it the default on this card's compute
+        capability (a forward plan, Triton or C++; a backward plan's default is grad_options' in
+        csrc/centroid_align_cuda.cpp). Adopt only where tests-centroid passed on the card (stages.txt here)."""
         stages_txt = os.path.join(out, "stages.txt")
         stages = open(stages_txt).read() if os.path.exists(stages_txt) else ""
         tests = ("passed" if "tests-centroid: rc=0" in stages else
@@ -266,10 +266,10 @@ def main(out):
                 plans[dt] = None
                 continue
             sw, major = best["switches"], (best.get("capability") or [None])[0]
-            triton = sw.get("DMFN_CENTROID_TRITON", "0") != "0" and not set(sw) & set(CPP_PLAN_SWITCHES)
-            where = (f"MEASURED_PLANS[({major}, torch.{dt})] = {sw}" if triton else
-                     f"del MEASURED_PLANS[({major}, torch.{dt})]" if sw == {"DMFN_CENTROID_TRITON": "0"} else
-                     "a C++ plan: its default in csrc/centroid_align_cuda.cpp's forward_options, given the dtype")
+            key = f"MEASURED_PLANS[({major}, torch.{dt})]"
+            where = ("a backward plan: its default in csrc/centroid_align_cuda.cpp's grad_options"
+                     if set(sw) & set(BACKWARD_PLAN_SWITCHES) else
+                     f"del {key}" if sw == {"DMFN_CENTROID_TRITON": "0"} else f"{key} = {sw}")
             plans[dt] = dict(plan=best["name"], switches=sw, gpu_us=round(best["gpu_ms"] * 1e3, 2),
                              default_gpu_us=round(base["gpu_ms"] * 1e3, 2),
                              faster_pct=round(100 * (1 - best["gpu_ms"] / base["gpu_ms"]), 1), set=where,

@@ -142,8 +142,10 @@ void map_sums(const at::Tensor& f, const acc_t* u, const acc_t* v, acc_t* sums) 
   }
 }
 
-std::tuple<at::Tensor, at::Tensor> fwd_cpu(const at::Tensor& f_out_in, const at::Tensor& f_tgt_in) {
+// plan: the CUDA forward's launch plan (centroid_align_cuda.cpp); one loop here, so checked and unused
+std::tuple<at::Tensor, at::Tensor> fwd_cpu(const at::Tensor& f_out_in, const at::Tensor& f_tgt_in, int64_t plan) {
   check_fwd_inputs(f_out_in, f_tgt_in);
+  check_plan(plan);
   const at::Tensor f_out = walkable(f_out_in), f_tgt = walkable(f_tgt_in);
   const int64_t N = f_out.size(0), C = f_out.size(1), H = f_out.size(2), W = f_out.size(3);
   const auto acc = acc_type(f_out.scalar_type());

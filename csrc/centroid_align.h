@@ -38,6 +38,14 @@ inline void check_fwd_inputs(const at::Tensor& a, const at::Tensor& b) {
   TORCH_CHECK(a.numel() > 0, "centroid_align: empty feature maps, shape ", a.sizes());
 }
 
+// The CUDA forward's launch plan, the op's `plan` argument: -1 reads the DMFN_CENTROID_* switches from the
+// environment, per call; 0..15 is the plan a GPU run measured (dmfn_fast/ops/centroid_align.py's MEASURED_PLANS,
+// where no switch is set): bits 0-1 waves - 1, bit 2 the finish in blocks, bit 3 whole pixels.
+inline void check_plan(int64_t plan) {
+  TORCH_CHECK(plan >= -1 && plan < 16, "centroid_align_fwd: plan must be -1 (the environment's switches) or 0 to 15 "
+              "(bits 0-1 waves - 1, bit 2 the finish in blocks, bit 3 whole pixels), got ", plan);
+}
+
 // Accumulation (and loss, stats) dtype: fp32, or fp64 for fp64 maps.
 inline at::ScalarType acc_type(at::ScalarType st) { return st == at::kDouble ? at::kDouble : at::kFloat; }
 

@@ -64,22 +64,28 @@ int env_choice(const char* name, const char* allowed, int fallback, const char* 
 //   has 17 to 256 channel vectors: each block's bytes are contiguous, as a plain stream's. Blocks of 8 vectors
 //   read at 2.0 TB/s on the H100 (67% of copy) where a Triton stream read at 2.95 (s18).
 // (The folded-finish, async-copy and 32-vector-block switches, never faster on the H200 or the H100, went in s24.)
-dmfn_fast_cuda::ForwardOptions forward_options(const at::Device& device) {
+// plan: -1, the switches above; else the plan a GPU run measured (check_plan in centroid_align.h).
+dmfn_fast_cuda::ForwardOptions forward_options(const at::Device& device, int64_t plan) {
   dmfn_fast_cuda::ForwardOptions o;
-  o.sms = at::cuda::getDeviceProperties(device.index())->multiProcessorCount *
-          env_choice("DMFN_CENTROID_WAVES", "1234", 1, "waves of blocks the centroid forward plans");
-  o.block_finish =
-      env_choice("DMFN_CENTROID_BLOCK_FINISH", "01", 0, "1 finishes whole planes in the forward's blocks") == 1;
-  o.pixels = env_choice("DMFN_CENTROID_PIXELS", "01", 0, "1 gives the centroid forward's blocks whole pixels") == 1;
+  const bool env = plan < 0;
+  const int waves = env ? env_choice("DMFN_CENTROID_WAVES", "1234", 1, "waves of blocks the centroid forward plans")
+                        : static_cast<int>(plan & 3) + 1;
+  o.sms = at::cuda::getDeviceProperties(device.index())->multiProcessorCount * waves;
+  o.block_finish = env ? env_choice("DMFN_CENTROID_BLOCK_FINISH", "01", 0,
+                                    "1 finishes whole planes in the forward's blocks") == 1
+                       : (plan & 4) != 0;
+  o.pixels = env ? env_choice("DMFN_CENTROID_PIXELS", "01", 0, "1 gives the forward's blocks whole pixels") == 1
+                 : (plan & 8) != 0;
   return o;
 }
 
-std::tuple<at::Tensor, at::Tensor> fwd_cuda(const at::Tensor& f_out_in, const at::Tensor& f_tgt_in) {
+std::tuple<at::Tensor, at::Tensor> fwd_cuda(const at::Tensor& f_out_in, const at::Tensor& f_tgt_in, int64_t plan) {
   check_fwd_inputs(f_out_in, f_tgt_in);
   check_sizes(f_out_in);
+  check_plan(plan);
   // The switches first: a refusal before the guard and any allocation (a refusal after them crashed the
   // process on the H200 and the H100, s15 and s18; the input checks above never did).
-  const dmfn_fast_cuda::ForwardOptions opt = forward_options(f_out_in.device());
+  const dmfn_fast_cuda::ForwardOptions opt = forward_options(f_out_in.device(), plan);
   const c10::cuda::CUDAGuard guard(f_out_in.device());
   const at::Tensor f_out = walkable(f_out_in), f_tgt = walkable(f_tgt_in);
   const int64_t N = f_out.size(0), C = f_out.size(1);

@@ -190,6 +190,7 @@ def test_opcheck():
         a = rand((2, 3, 5, 4), 17, layout=layout).requires_grad_()
         b = rand((2, 3, 5, 4), 18, layout=layout)
         torch.library.opcheck(torch.ops.dmfn_fast.centroid_align_fwd.default, (a, b))
+        torch.library.opcheck(torch.ops.dmfn_fast.centroid_align_fwd.default, (a, b, 13))  # a measured plan
     # The backward op on a channels-last map: its fake kernel must predict the gradient's strides.
     loss, st = torch.ops.dmfn_fast.centroid_align_fwd(a.detach(), b)
     torch.library.opcheck(torch.ops.dmfn_fast.centroid_align_bwd.default, (torch.ones(()), st, a.detach(), 1))
@@ -257,14 +258,46 @@ def test_triton_forward_traces_into_its_kernels(mode):
     assert (out["LAUNCHES"], out["CPP_FWD"]) == ("2", "False"), p.stdout
 
 
-def test_measured_plans_are_triton_plans():
+def test_measured_plans_are_forward_plans():
     """Each MEASURED_PLANS entry (the default plan a GPU run measured) is a (capability major, dtype) key and a
-    Triton plan in switches the Python side reads (the C++ op reads its own from the environment), each a value
-    the switch takes."""
+    forward plan: a Triton one (TRITON 1 to 4, its switches read in Python) or the C++ op's (given as its plan
+    argument), no switch the other ignores, each a value the switch takes."""
     for (major, dtype), plan in ca.MEASURED_PLANS.items():
         assert isinstance(major, int) and dtype in (torch.float32, torch.float16, torch.bfloat16), (major, dtype)
-        assert set(plan) <= set(ca.TRITON_PLAN_SWITCHES) and plan.get("DMFN_CENTROID_TRITON", "0") != "0", plan
+        triton = plan.get("DMFN_CENTROID_TRITON", "0") != "0"
+        assert plan and set(plan) <= set(ca.TRITON_PLAN_SWITCHES if triton else ca.CPP_PLAN_SWITCHES), plan
         assert all(v in _impl.SWITCHES[k] for k, v in plan.items()), plan
+
+
+def test_measured_cpp_plan_is_the_ops_argument(monkeypatch):
+    """A measured plan of the C++ op reaches it as its plan argument (bits 0-1 waves - 1, bit 2 the finish in
+    blocks, bit 3 whole pixels; -1: the switches, read per call); none for another dtype, and none where a
+    measured Triton plan cannot take the maps. A plan outside 0..15 is refused; the CPU kernel has one plan."""
+    assert ca.cpp_plan({}) == -1
+    assert ca.cpp_plan({"DMFN_CENTROID_PIXELS": "1", "DMFN_CENTROID_WAVES": "2"}) == 9
+    assert ca.cpp_plan({"DMFN_CENTROID_BLOCK_FINISH": "1", "DMFN_CENTROID_WAVES": "4"}) == 7
+    assert ca.cpp_plan({"DMFN_CENTROID_TRITON": "0"}) == 0
+    for n in ca.PLAN_SWITCHES:
+        monkeypatch.delenv(n, raising=False)
+    a, b = rand((2, 3, 5, 4), 23), rand((2, 3, 5, 4), 24)
+    loss = fast(a, b)
+    plans = []
+    real = torch.ops.dmfn_fast.centroid_align_fwd
+    monkeypatch.setattr(torch.ops.dmfn_fast, "centroid_align_fwd",
+                        lambda x, y, plan=-1: plans.append(plan) or real(x, y, plan), raising=False)
+    monkeypatch.setattr(ca, "_capability_major", lambda f: 9)
+    monkeypatch.setattr(ca, "MEASURED_PLANS", {(9, torch.float32): {"DMFN_CENTROID_PIXELS": "1",
+                                                                    "DMFN_CENTROID_WAVES": "2"},
+                                               (9, torch.float16): {"DMFN_CENTROID_TRITON": "2",
+                                                                    "DMFN_CENTROID_WAVES": "2"}})
+    assert torch.equal(fast(a, b), loss)  # the CPU kernel: one plan
+    fast(a.double(), b.double())
+    fast(a.half(), b.half())  # a Triton plan, CPU maps it cannot take (no interpreter): the C++ op's defaults
+    monkeypatch.setenv("DMFN_CENTROID_GRAD_ROWS", "4")  # a switch set: no measured plan
+    fast(a, b)
+    assert plans == [9, -1, -1, -1], plans
+    with pytest.raises(RuntimeError, match="plan must be -1"):
+        real(a, b, 16)
 
 
 def test_measured_plan_applies_only_where_no_switch_is_set(monkeypatch):
@@ -376,7 +409,7 @@ def test_schema_fake_and_autograd_registered_at_import():
         "print(torch.ops.dmfn_fast.centroid_align_fwd.default._schema)\n")
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]
-    assert "centroid_align_fwd(Tensor f_out, Tensor f_tgt) -> (Tensor, Tensor)" in p.stdout
+    assert "centroid_align_fwd(Tensor f_out, Tensor f_tgt, int plan=-1) -> (Tensor, Tensor)" in p.stdout
 
 
 @ext
@@ -534,6 +567,7 @@ def test_cuda_pixel_blocks_match_the_default(dtype, plan, shape, monkeypatch):
     torch.testing.assert_close(g_p.float(), g.float(), rtol=1e-2 if dtype != torch.float32 else 1e-4,
                                atol=1e-3 * g.abs().max().item())
     assert torch.isfinite(g_p).all()
+    _same_by_argument(a, b, dict(plan, PIXELS="1"), loss_w, st_w, monkeypatch)
 
 
 @cuda_ext
@@ -598,7 +632,8 @@ def test_cuda_triton_forward_matches_the_cpp_op(dtype, waves, shape, monkeypatch
 def test_cuda_measured_plan_is_the_default(monkeypatch):
     """A MEASURED_PLANS entry for this GPU and dtype (here the Triton forward and backward, a map a program) runs
     where no switch is set, eager and under torch.compile (which folds the device query), with the C++ op's loss
-    and gradients to rounding; with a switch set, the C++ op runs."""
+    and gradients to rounding; with a switch set, the C++ op runs. A C++ plan (whole pixels) gives the bits of
+    that plan set by its switch."""
     if ca._kcs is None:
         pytest.skip("the Triton centroid forward did not import (Triton missing?)")
     a, b = _plan_maps((3, 264, 33, 35), 45, torch.float32, monkeypatch)
@@ -626,6 +661,14 @@ def test_cuda_measured_plan_is_the_default(monkeypatch):
     monkeypatch.setenv("DMFN_CENTROID_WAVES", "1")
     torch.autograd.grad(ca.centroid_align_loss(a, bt, impl="fast"), (a, bt))
     assert calls == []
+    # a measured plan of the C++ op: the bits of that plan set by its switch
+    monkeypatch.setenv("DMFN_CENTROID_PIXELS", "1")
+    want = ca._forward(a.detach(), b)
+    for n in ca.PLAN_SWITCHES:
+        monkeypatch.delenv(n, raising=False)
+    monkeypatch.setattr(ca, "MEASURED_PLANS", {(major, torch.float32): {"DMFN_CENTROID_PIXELS": "1"}})
+    got = ca._forward(a.detach(), b)
+    assert calls == [] and torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
 
 
 @cuda_ext
@@ -653,6 +696,16 @@ def test_cuda_block_finish_matches_the_default(dtype, shape, plan, monkeypatch):
     assert torch.equal(torch.ops.dmfn_fast.centroid_align_fwd(a, b)[0], loss_p)
     assert torch.equal(torch.autograd.grad(ca.centroid_align_loss(a, b, impl="fast"), a)[0], g)
     assert torch.isfinite(g).all()
+    _same_by_argument(a, b, dict(plan, BLOCK_FINISH="1"), loss_p, st_p, monkeypatch)
+
+
+def _same_by_argument(a, b, plan, loss, st, monkeypatch):
+    """The plan given as the op's argument (cpp_plan: a measured plan), its switches unset, gives its bits."""
+    code = ca.cpp_plan({f"DMFN_CENTROID_{k}": v for k, v in plan.items()})
+    for k in plan:
+        monkeypatch.delenv(f"DMFN_CENTROID_{k}")
+    loss_c, st_c = torch.ops.dmfn_fast.centroid_align_fwd(a, b, code)
+    assert code > 0 and torch.equal(st_c, st) and torch.equal(loss_c, loss), code
 
 
 _REFUSALS = """

@@ -288,7 +288,8 @@ def test_centroid_input_read_share(tmp_path):
 def test_centroid_plan_to_adopt(tmp_path):
     """The adoption rule for the centroid op's default plan: per dtype, the fastest plan in GPU time where it beats
     the default's row by 3% (a rerun's rows join the first's), as the MEASURED_PLANS entry a Triton plan takes on
-    the card's capability, and only where this run's tests-centroid passed; a C++ plan is named as one."""
+    the card's capability (a Triton or a C++ forward plan), and only where this run's tests-centroid passed; a
+    backward plan is named as one."""
     sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
     import gpu_summary
     from dmfn_fast.ops import centroid_align as ca
@@ -316,16 +317,20 @@ def test_centroid_plan_to_adopt(tmp_path):
         default_gpu_us=47.0, faster_pct=19.1, set=f"MEASURED_PLANS[(9, torch.float32)] = {sw}",
         tests_centroid="passed")}
     assert f"- float32: {plans['float32']}" in (tmp_path / "summary.md").read_text()
-    # a C++ plan 3% faster; tests-centroid failed
+    # a C++ plan 3% faster; a backward plan faster still in fp32; tests-centroid failed
     rows[6] = row("bfloat16", "extension, whole pixels", 0.0270, PIXELS="1")
+    rows.append(row("float32", "extension, gradient 2 rows a block", 0.0370, GRAD_ROWS="2"))
     (tmp_path / "breakdown.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
     (tmp_path / "stages.txt").write_text("tests-centroid: rc=1, 40 s (limit 150 s)\n")
     gpu_summary.main(str(tmp_path))
     plans = json.loads((tmp_path / "summary.json").read_text())["centroid_plan_to_adopt"]
-    assert plans["bfloat16"]["set"].startswith("a C++ plan") and plans["bfloat16"]["faster_pct"] == 4.3
+    assert plans["bfloat16"]["set"] == "MEASURED_PLANS[(9, torch.bfloat16)] = {'DMFN_CENTROID_PIXELS': '1'}"
+    assert plans["bfloat16"]["faster_pct"] == 4.3
+    assert plans["float32"]["set"].startswith("a backward plan")
     assert plans["float32"]["tests_centroid"] == "not run or failed: adopt nothing"
-    # the C++ switches gpu_summary names are those MEASURED_PLANS may not set
-    assert set(gpu_summary.CPP_PLAN_SWITCHES) == set(ca.PLAN_SWITCHES) - set(ca.TRITON_PLAN_SWITCHES)
+    # the switches MEASURED_PLANS may not set are the backward's
+    assert set(gpu_summary.BACKWARD_PLAN_SWITCHES) == (set(ca.PLAN_SWITCHES) - set(ca.TRITON_PLAN_SWITCHES)
+                                                       - set(ca.CPP_PLAN_SWITCHES))
 
 
 def test_top_ops_names_the_ops_that_launched_the_most_gpu_time(tmp_path):

@@ -142,7 +142,7 @@ def _grad_channels_last(like: torch.Tensor) -> bool:
     return like.is_contiguous(memory_format=torch.channels_last) and not like.is_contiguous()
 
 
-def _fwd_fake(f_out, f_tgt):
+def _fwd_fake(f_out, f_tgt, plan=-1):
     acc = torch.float64 if f_out.dtype == torch.float64 else torch.float32
     N, C = f_out.shape[:2]
     return f_out.new_empty((), dtype=acc), f_out.new_empty((2, N, C, 3), dtype=acc)
@@ -154,7 +154,8 @@ def _bwd_fake(grad, stats, like, which):
 
 
 def _setup_context(ctx, inputs, output):
-    f_out, f_tgt = inputs
+    f_out, f_tgt = inputs[:2]
+    ctx.inputs = len(inputs)  # the C++ op's plan too: no gradient
     ctx.save_for_backward(output[1], f_out, f_tgt)
     ctx.mark_non_differentiable(output[1])
     # no zeros for the stats' gradient, which backward never reads: a fill kernel per backward (0.77 us of
@@ -164,19 +165,21 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad_loss, _grad_stats):
     if grad_loss is None:  # not materialized: nothing flowed into the loss
-        return None, None
+        return (None,) * ctx.inputs
     stats, f_out, f_tgt = ctx.saved_tensors
     bwd = _bwd_triton if getattr(ctx, "triton_grad", False) else torch.ops.dmfn_fast.centroid_align_bwd
     g_out = bwd(grad_loss, stats, f_out, 0) if ctx.needs_input_grad[0] else None
     g_tgt = bwd(grad_loss, stats, f_tgt, 1) if ctx.needs_input_grad[1] else None
-    return g_out, g_tgt
+    return (g_out, g_tgt) + (None,) * (ctx.inputs - 2)
 
 
 # The schema lives here, not in the .so: fake and autograd can then be registered at import, before the
 # kernels are loaded (lazily: the first load may JIT-build). csrc/ registers only the kernels
 # (TORCH_LIBRARY_IMPL), whose signatures the dispatcher checks against this schema.
 _lib = torch.library.Library("dmfn_fast", "FRAGMENT")
-_lib.define("centroid_align_fwd(Tensor f_out, Tensor f_tgt) -> (Tensor, Tensor)")
+# plan: the CUDA forward's launch plan, -1 (the DMFN_CENTROID_* switches, read per call) or a measured one
+# (cpp_plan; check_plan in csrc/centroid_align.h)
+_lib.define("centroid_align_fwd(Tensor f_out, Tensor f_tgt, int plan=-1) -> (Tensor, Tensor)")
 _lib.define("centroid_align_bwd(Tensor grad, Tensor stats, Tensor like, int which) -> Tensor")
 torch.library.register_fake("dmfn_fast::centroid_align_fwd", _fwd_fake, lib=_lib)
 torch.library.register_fake("dmfn_fast::centroid_align_bwd", _bwd_fake, lib=_lib)
@@ -196,13 +199,14 @@ _kcs = _d.import_kernel_module("centroid_sums", "centroid forward kernel", "the 
 
 
 # The forward's plan where no DMFN_CENTROID_* switch is set, by (compute capability major, dtype): the plan a GPU
-# run timed at least 3% faster than the C++ op's default, its CUDA tests passed (benchmarks/gpu_summary.py's
-# centroid_plan_to_adopt names it). Triton plans only: their switches are read here, the C++ op reads its own.
-# Set any DMFN_CENTROID_* switch and that plan runs, its unset switches at their defaults. Empty: the C++ op.
+# run timed at least 3% faster than the default, its CUDA tests passed (benchmarks/gpu_summary.py's
+# centroid_plan_to_adopt names it): a Triton one, or the C++ op's (given to it as its plan argument). Set any
+# DMFN_CENTROID_* switch and that plan runs, its unset switches at their defaults. Empty: the C++ op's defaults.
 MEASURED_PLANS: dict[tuple[int, torch.dtype], dict[str, str]] = {}
 PLAN_SWITCHES = tuple(n for n in _impl.SWITCHES if n.startswith("DMFN_CENTROID_"))
 TRITON_PLAN_SWITCHES = ("DMFN_CENTROID_TRITON", "DMFN_CENTROID_APART", "DMFN_CENTROID_INTERLEAVE",
                         "DMFN_CENTROID_ONE_MAP", "DMFN_CENTROID_WAVES")
+CPP_PLAN_SWITCHES = ("DMFN_CENTROID_WAVES", "DMFN_CENTROID_BLOCK_FINISH", "DMFN_CENTROID_PIXELS")  # its forward's
 
 
 def _capability_major(f: torch.Tensor):
@@ -224,6 +228,16 @@ def plan_switch(name: str, f: torch.Tensor) -> str:
     """Switch `name`'s value for the maps like f: as set in the environment, else default_plan's, else its
     default."""
     return default_plan(f).get(name) or _impl.env_switch(name)
+
+
+def cpp_plan(plan: dict[str, str]) -> int:
+    """The C++ forward's plan argument for a measured plan (its unset switches at their defaults): bits 0-1 waves
+    - 1, bit 2 the finish in blocks, bit 3 whole pixels; -1 (no plan) reads the switches from the environment."""
+    if not plan:
+        return -1
+    value = {n: plan.get(n, _impl.SWITCHES[n][0]) for n in CPP_PLAN_SWITCHES}
+    return (int(value["DMFN_CENTROID_WAVES"]) - 1 | int(value["DMFN_CENTROID_BLOCK_FINISH"]) << 2
+            | int(value["DMFN_CENTROID_PIXELS"]) << 3)
 
 
 def triton_forward_why_not(f_out: torch.Tensor, f_tgt: torch.Tensor) -> str:
@@ -420,8 +434,11 @@ def centroid_align_loss(f_out: torch.Tensor, f_tgt: torch.Tensor, impl: str = "a
 
 
 def _forward(f_out: torch.Tensor, f_tgt: torch.Tensor):
-    """(loss, stats) by the C++ op, or by the Triton forward where DMFN_CENTROID_TRITON is 1 to 4 and it takes
-    the maps (its backward: the C++ one at 1 and 4, the Triton one at 2 and 3)."""
-    if plan_switch("DMFN_CENTROID_TRITON", f_out) != "0" and not triton_forward_why_not(f_out, f_tgt):
+    """(loss, stats) by the C++ op, or by the Triton forward where DMFN_CENTROID_TRITON is 1 to 4 (set, or a
+    measured plan's) and it takes the maps (its backward: the C++ one at 1 and 4, the Triton one at 2 and 3)."""
+    plan = default_plan(f_out)
+    triton = plan.get("DMFN_CENTROID_TRITON") or _impl.env_switch("DMFN_CENTROID_TRITON")
+    if triton != "0" and not triton_forward_why_not(f_out, f_tgt):
         return _fwd_triton(f_out, f_tgt)
-    return torch.ops.dmfn_fast.centroid_align_fwd(f_out, f_tgt)
+    # maps a measured Triton plan cannot take: the C++ op's defaults (-1 reads the switches, none set)
+    return torch.ops.dmfn_fast.centroid_align_fwd(f_out, f_tgt, -1 if triton != "0" else cpp_plan(plan))
