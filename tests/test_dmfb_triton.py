@@ -862,9 +862,11 @@ def check_centroid_measured_plan(N, C, H, W):
     real = ca._fwd_triton, ca._bwd_triton, ca.triton_forward_plan, ca._capability_major, ca.MEASURED_PLANS
     ca._fwd_triton = lambda *args: calls.append("fwd") or real[0](*args)
     ca._bwd_triton = lambda *args: calls.append("bwd") or real[1](*args)
-    # the forward's one_map argument; the backward's plan takes none
-    ca.triton_forward_plan = lambda *args: calls.append(("one map", args[5]) if len(args) > 5 else "plan") or real[2](
-        *args)
+
+    def plan(*args):  # the forward's one_map argument; the backward's plan takes none
+        calls.append(("one map", args[5]) if len(args) > 5 else "plan")
+        return real[2](*args)
+    ca.triton_forward_plan = plan
     ca._capability_major = lambda f: 9  # a CPU tensor's is None: an H100's here
     ca.MEASURED_PLANS = {(9, torch.float32): {"DMFN_CENTROID_TRITON": "2", "DMFN_CENTROID_ONE_MAP": "1"}}
     try:

@@ -17,7 +17,8 @@ torch) on first use, else the reference runs with one warning. DMFN_CENTROID_TRI
 (an A/B) runs the forward of channels-last CUDA maps by Triton kernels instead
 (kernels/centroid_sums.py), with the same C++ backward; =2 the backward too; =3 as 2 with
 the forward in whole planes a program. Where no DMFN_CENTROID_* switch is set, a GPU and
-dtype take the Triton plan in MEASURED_PLANS if a GPU run measured it faster, else the C++ op.
+dtype take the plan in MEASURED_PLANS (Triton, or the C++ op's) that a GPU run measured
+faster, else the C++ op's defaults.
 """
 import functools
 import os
@@ -231,8 +232,8 @@ def plan_switch(name: str, f: torch.Tensor) -> str:
 
 
 def cpp_plan(plan: dict[str, str]) -> int:
-    """The C++ forward's plan argument for a measured plan (its unset switches at their defaults): bits 0-1 waves
-    - 1, bit 2 the finish in blocks, bit 3 whole pixels; -1 (no plan) reads the switches from the environment."""
+    """The C++ forward's plan argument for a measured plan, its unset switches at their defaults (bits 0-1: the
+    waves less one; bit 2: the finish in blocks; bit 3: whole pixels); -1 for none: the op reads the switches."""
     if not plan:
         return -1
     value = {n: plan.get(n, _impl.SWITCHES[n][0]) for n in CPP_PLAN_SWITCHES}
