@@ -38,7 +38,7 @@ inline void check_fwd_inputs(const at::Tensor& a, const at::Tensor& b) {
   TORCH_CHECK(a.numel() > 0, "centroid_align: empty feature maps, shape ", a.sizes());
 }
 
-// The CUDA forward's launch plan, the op's `plan` argument: -1 reads the DMFN_CENTROID_* switches from the
+// The CUDA forward's launch plan, the op's `plan` argument: -1 reads the plan switches from the
 // environment, per call; 0..15 is the plan a GPU run measured (dmfn_fast/ops/centroid_align.py's MEASURED_PLANS,
 // where no switch is set): bits 0-1 waves - 1, bit 2 the finish in blocks, bit 3 whole pixels.
 inline void check_plan(int64_t plan) {

@@ -269,6 +269,12 @@ def test_measured_plans_are_forward_plans():
         assert all(v in _impl.SWITCHES[k] for k, v in plan.items()), plan
 
 
+def test_plan_switches_are_every_centroid_switch():
+    """The switches whose setting turns a measured plan off are every centroid switch the package has."""
+    assert set(ca.PLAN_SWITCHES) == {n for n in _impl.SWITCHES if n.startswith("DMFN_CENTROID_")}
+    assert set(ca.TRITON_PLAN_SWITCHES) | set(ca.CPP_PLAN_SWITCHES) < set(ca.PLAN_SWITCHES)
+
+
 def test_measured_cpp_plan_is_the_ops_argument(monkeypatch):
     """A measured plan of the C++ op reaches it as its plan argument (bits 0-1 waves - 1, bit 2 the finish in
     blocks, bit 3 whole pixels; -1: the switches, read per call); none for another dtype, and none where a

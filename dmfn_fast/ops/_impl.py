@@ -72,6 +72,14 @@ def env_switch(name: str) -> str:
     return value
 
 
+def any_switch_set(names) -> bool:
+    """Whether any of these switches is set (not blank), whatever its value (env_switch checks values)."""
+    for name in names:  # a loop, not any() over a generator: torch.compile traces the callers
+        if os.environ.get(name, "").strip():
+            return True
+    return False
+
+
 def check_environment() -> None:
     """Refuse, in one ValueError, every switch set to a value it does not take; warn once about each DMFN_*
     variable the package does not read (a misspelt switch would do nothing)."""

@@ -16,7 +16,7 @@ come from the module built by setup.py, else from a one-off JIT build (cached by
 torch) on first use, else the reference runs with one warning. DMFN_CENTROID_TRITON=1
 (an A/B) runs the forward of channels-last CUDA maps by Triton kernels instead
 (kernels/centroid_sums.py), with the same C++ backward; =2 the backward too; =3 as 2 with
-the forward in whole planes a program. Where no DMFN_CENTROID_* switch is set, a GPU and
+the forward in whole planes a program. Where no plan switch (PLAN_SWITCHES) is set, a GPU and
 dtype take the plan in MEASURED_PLANS (Triton, or the C++ op's) that a GPU run measured
 faster, else the C++ op's defaults.
 """
@@ -178,7 +178,7 @@ def _backward(ctx, grad_loss, _grad_stats):
 # kernels are loaded (lazily: the first load may JIT-build). csrc/ registers only the kernels
 # (TORCH_LIBRARY_IMPL), whose signatures the dispatcher checks against this schema.
 _lib = torch.library.Library("dmfn_fast", "FRAGMENT")
-# plan: the CUDA forward's launch plan, -1 (the DMFN_CENTROID_* switches, read per call) or a measured one
+# plan: the CUDA forward's launch plan, -1 (the plan switches, read per call) or a measured one
 # (cpp_plan; check_plan in csrc/centroid_align.h)
 _lib.define("centroid_align_fwd(Tensor f_out, Tensor f_tgt, int plan=-1) -> (Tensor, Tensor)")
 _lib.define("centroid_align_bwd(Tensor grad, Tensor stats, Tensor like, int which) -> Tensor")
@@ -199,15 +199,16 @@ torch.library.register_autograd("dmfn_fast::centroid_align_fwd", _backward, setu
 _kcs = _d.import_kernel_module("centroid_sums", "centroid forward kernel", "the C++ op's forward runs")
 
 
-# The forward's plan where no DMFN_CENTROID_* switch is set, by (compute capability major, dtype): the plan a GPU
-# run timed at least 3% faster than the default, its CUDA tests passed (benchmarks/gpu_summary.py's
+# The forward's plan where no plan switch (PLAN_SWITCHES) is set, by (compute capability major, dtype): the plan
+# a GPU run timed at least 3% faster than the default, its CUDA tests passed (benchmarks/gpu_summary.py's
 # centroid_plan_to_adopt names it): a Triton one, or the C++ op's (given to it as its plan argument). Set any
-# DMFN_CENTROID_* switch and that plan runs, its unset switches at their defaults. Empty: the C++ op's defaults.
+# plan switch and that plan runs, its unset switches at their defaults. Empty: the C++ op's defaults.
 MEASURED_PLANS: dict[tuple[int, torch.dtype], dict[str, str]] = {}
-PLAN_SWITCHES = tuple(n for n in _impl.SWITCHES if n.startswith("DMFN_CENTROID_"))
 TRITON_PLAN_SWITCHES = ("DMFN_CENTROID_TRITON", "DMFN_CENTROID_APART", "DMFN_CENTROID_INTERLEAVE",
                         "DMFN_CENTROID_ONE_MAP", "DMFN_CENTROID_WAVES")
 CPP_PLAN_SWITCHES = ("DMFN_CENTROID_WAVES", "DMFN_CENTROID_BLOCK_FINISH", "DMFN_CENTROID_PIXELS")  # its forward's
+# every plan switch: the forward's and the C++ backward's
+PLAN_SWITCHES = tuple(dict.fromkeys(TRITON_PLAN_SWITCHES + CPP_PLAN_SWITCHES + ("DMFN_CENTROID_GRAD_ROWS",)))
 
 
 def _capability_major(f: torch.Tensor):
@@ -217,11 +218,8 @@ def _capability_major(f: torch.Tensor):
 
 def default_plan(f: torch.Tensor) -> dict[str, str]:
     """The switches MEASURED_PLANS sets for maps like f where none is set in the environment, else {}."""
-    if not MEASURED_PLANS:
+    if not MEASURED_PLANS or _impl.any_switch_set(PLAN_SWITCHES):
         return {}
-    for n in PLAN_SWITCHES:
-        if os.environ.get(n, "").strip():
-            return {}
     return MEASURED_PLANS.get((_capability_major(f), f.dtype), {})
 
 
