@@ -516,11 +516,13 @@ PLANS = [dict(GRAD_ROWS="1"), dict(GRAD_ROWS="2"), dict(GRAD_ROWS="1", WAVES="2"
 
 
 def _plan_maps(shape, seed, dtype, monkeypatch):
-    """Two channels-last CUDA maps (the first requiring grad), with every plan switch unset."""
+    """Two channels-last CUDA maps (the first requiring grad), with every plan switch unset and no measured plan:
+    the plans are held to the C++ op's defaults, which the loss then runs too."""
     a, b = rand(shape, seed, dtype, "cuda", "channels_last"), rand(shape, seed + 1, dtype, "cuda", "channels_last")
     for k in _impl.SWITCHES:
         if k.startswith("DMFN_CENTROID_"):
             monkeypatch.delenv(k, raising=False)
+    monkeypatch.setattr(ca, "MEASURED_PLANS", {})
     return a.requires_grad_(), b
 
 
