@@ -192,7 +192,7 @@ for dt, layout, a, t in ([] if args.no_centroid else centroid_cases()):
         # finish, the async copies and 32-vector blocks, never faster on the H200 or the H100, are gone: s24.)
         plans = [({}, "extension")]
         # the C++ op's defaults (a switch set: no measured plan), where a measured plan is this card's default
-        if CUDA and layout == "channels_last" and (torch.cuda.get_device_capability()[0], a.dtype) in ca.MEASURED_PLANS:
+        if CUDA and layout == "channels_last" and (ca._capability_major(a), a.dtype) in ca.MEASURED_PLANS:
             plans.append(({"TRITON": "0"}, "extension, the switches' defaults"))
         if CUDA and layout == "channels_last":
             plans += [({"WAVES": "2"}, "extension, two waves"),

@@ -252,28 +252,25 @@ def main(out):
         tests = ("passed" if "tests-centroid: rc=0" in stages else
                  "not run or failed: adopt nothing" if stages else "unknown (no stages.txt)")
         plans = {}
-        for dt in ("bfloat16", "float32"):
-            g = f"centroid fwd+bwd {dt} channels_last"
-            rows = {}
-            for r in bd:  # each plan's fastest run (a rerun's rows join a call's)
-                if (r.get("group", "").startswith(g) and r.get("name", "").startswith("extension")
-                        and r.get("gpu_ms") and "switches" in r):
-                    rows[r["name"]] = min(rows.get(r["name"], r), r, key=lambda x: x["gpu_ms"])
-            if "extension" not in rows:
+        for dt, times in cen_plans().items():  # each plan's fastest GPU us (a rerun's rows join a call's)
+            best, base = times["fastest"], times.get("extension")
+            if base is None:
                 continue
-            best, base = min(rows.values(), key=lambda r: r["gpu_ms"]), rows["extension"]
-            if best is base or best["gpu_ms"] > 0.97 * base["gpu_ms"]:
+            if best == "extension" or times[best] > 0.97 * base:
                 plans[dt] = None
                 continue
-            sw, major = best["switches"], (best.get("capability") or [None])[0]
+            g = f"centroid fwd+bwd {dt} channels_last"
+            row = next((r for r in bd if r.get("group", "").startswith(g) and r.get("name") == best
+                        and "switches" in r), {})
+            sw, major = row.get("switches"), (row.get("capability") or [None])[0]
             key = f"MEASURED_PLANS[({major}, torch.{dt})]"
-            where = ("a backward plan: its default in csrc/centroid_align_cuda.cpp's grad_options"
+            where = ("its switches: gpu_breakdown.py's plan list (a row from before the rows recorded them)"
+                     if sw is None else
+                     "a backward plan: its default in csrc/centroid_align_cuda.cpp's grad_options"
                      if set(sw) & set(BACKWARD_PLAN_SWITCHES) else
                      f"del {key}" if sw == {"DMFN_CENTROID_TRITON": "0"} else f"{key} = {sw}")
-            plans[dt] = dict(plan=best["name"], switches=sw, gpu_us=round(best["gpu_ms"] * 1e3, 2),
-                             default_gpu_us=round(base["gpu_ms"] * 1e3, 2),
-                             faster_pct=round(100 * (1 - best["gpu_ms"] / base["gpu_ms"]), 1), set=where,
-                             tests_centroid=tests)
+            plans[dt] = dict(plan=best, switches=sw, gpu_us=times[best], default_gpu_us=base,
+                             faster_pct=round(100 * (1 - times[best] / base), 1), set=where, tests_centroid=tests)
         return plans
 
     ratios = {

@@ -314,18 +314,18 @@ def test_measured_plan_applies_only_where_no_switch_is_set(monkeypatch):
     f32, f16 = torch.zeros(1, 2, 3, 4), torch.zeros(1, 2, 3, 4, dtype=torch.float16)
     monkeypatch.setattr(ca, "MEASURED_PLANS", {})
     monkeypatch.setattr(ca, "_capability_major", lambda f: pytest.fail("a device query with no measured plan"))
-    assert ca.default_plan(f32) == {} and ca.plan_switch("DMFN_CENTROID_TRITON", f32) == "0"
+    assert ca.default_plan(f32) == {} and ca.plan_switch("DMFN_CENTROID_TRITON", ca.default_plan(f32)) == "0"
     plan = {"DMFN_CENTROID_TRITON": "2", "DMFN_CENTROID_ONE_MAP": "1"}
     monkeypatch.setattr(ca, "MEASURED_PLANS", {(9, torch.float32): plan})
     monkeypatch.setattr(ca, "_capability_major", lambda f: 9)
-    assert [ca.plan_switch(n, f32) for n in ca.TRITON_PLAN_SWITCHES] == ["2", "0", "0", "1", "1"]
-    assert ca.default_plan(f16) == {} and ca.plan_switch("DMFN_CENTROID_TRITON", f16) == "0"
+    assert [ca.plan_switch(n, ca.default_plan(f32)) for n in ca.TRITON_PLAN_SWITCHES] == ["2", "0", "0", "1", "1"]
+    assert ca.default_plan(f16) == {} and ca.plan_switch("DMFN_CENTROID_TRITON", ca.default_plan(f16)) == "0"
     monkeypatch.setenv("DMFN_CENTROID_APART", " ")  # blank: unset
     assert ca.default_plan(f32) == plan
     monkeypatch.setenv("DMFN_CENTROID_GRAD_ROWS", "4")
-    assert ca.default_plan(f32) == {} and ca.plan_switch("DMFN_CENTROID_TRITON", f32) == "0"
+    assert ca.default_plan(f32) == {} and ca.plan_switch("DMFN_CENTROID_TRITON", ca.default_plan(f32)) == "0"
     monkeypatch.setenv("DMFN_CENTROID_TRITON", "1")
-    assert [ca.plan_switch(n, f32) for n in ca.TRITON_PLAN_SWITCHES] == ["1", "0", "0", "0", "1"]
+    assert [ca.plan_switch(n, ca.default_plan(f32)) for n in ca.TRITON_PLAN_SWITCHES] == ["1", "0", "0", "0", "1"]
     for n in ca.PLAN_SWITCHES:
         monkeypatch.delenv(n, raising=False)
     monkeypatch.setattr(ca, "_capability_major", lambda f: 8)  # another GPU

@@ -223,10 +223,10 @@ def default_plan(f: torch.Tensor) -> dict[str, str]:
     return MEASURED_PLANS.get((_capability_major(f), f.dtype), {})
 
 
-def plan_switch(name: str, f: torch.Tensor) -> str:
-    """Switch `name`'s value for the maps like f: as set in the environment, else default_plan's, else its
-    default."""
-    return default_plan(f).get(name) or _impl.env_switch(name)
+def plan_switch(name: str, plan: dict[str, str]) -> str:
+    """Switch `name`'s value: `plan`'s (default_plan's for the maps, resolved once a call), else as set in the
+    environment, else its default."""
+    return plan.get(name) or _impl.env_switch(name)
 
 
 def cpp_plan(plan: dict[str, str]) -> int:
@@ -325,8 +325,9 @@ def _fwd_triton_fn(f_out: torch.Tensor, f_tgt: torch.Tensor) -> tuple[torch.Tens
     dev = f_out.device
     stats = torch.empty(2, N, C, 3, device=dev, dtype=torch.float32)
     loss = torch.empty((), device=dev, dtype=torch.float32)
-    apart = plan_switch("DMFN_CENTROID_APART", f_out) == "1"  # map b's pixels half a run (interleaved: image) ahead
-    if plan_switch("DMFN_CENTROID_TRITON", f_out) in ("3", "4"):  # whole planes a program: no partial sums
+    plan = default_plan(f_out)
+    apart = plan_switch("DMFN_CENTROID_APART", plan) == "1"  # map b's pixels half a run (interleaved: image) ahead
+    if plan_switch("DMFN_CENTROID_TRITON", plan) in ("3", "4"):  # whole planes a program: no partial sums
         cb, groups, rows, steps = triton_planes_plan(f_out.shape, f_out.element_size(), sms, apart)
         shares = torch.empty(N * groups, device=dev, dtype=torch.float64)
         _d._kernel(_kcs.centroid_plane_sums, f_out)[(N * groups,)](
@@ -336,9 +337,9 @@ def _fwd_triton_fn(f_out: torch.Tensor, f_tgt: torch.Tensor) -> tuple[torch.Tens
                                                            num_warps=_kcs.FINISH_WARPS)
         return loss, stats
     # ONE_MAP: a program reads one map, map a's programs dispatched before map b's (APART moot)
-    one_map = plan_switch("DMFN_CENTROID_ONE_MAP", f_out) == "1"
+    one_map = plan_switch("DMFN_CENTROID_ONE_MAP", plan) == "1"
     cb, groups, rows, steps, run, runs = triton_forward_plan(
-        f_out.shape, f_out.element_size(), sms, int(plan_switch("DMFN_CENTROID_WAVES", f_out)), apart, one_map)
+        f_out.shape, f_out.element_size(), sms, int(plan_switch("DMFN_CENTROID_WAVES", plan)), apart, one_map)
     if runs * 6 * NC >= 2 ** 31:  # the kernels index the partial sums in int32
         raise RuntimeError(f"the Triton centroid forward's partial sums for maps of shape {tuple(f_out.shape)} "
                            "exceed 2^31 elements: unset DMFN_CENTROID_TRITON for the C++ forward")
@@ -347,7 +348,7 @@ def _fwd_triton_fn(f_out: torch.Tensor, f_tgt: torch.Tensor) -> tuple[torch.Tens
     loss_parts = torch.empty(fin, device=dev, dtype=torch.float64)
     ticket = torch.empty(1, device=dev, dtype=torch.int32)
     # INTERLEAVE: each run a step of every R of its image, so the programs in flight read one window of it
-    interleave = plan_switch("DMFN_CENTROID_INTERLEAVE", f_out) == "1"
+    interleave = plan_switch("DMFN_CENTROID_INTERLEAVE", plan) == "1"
     _d._kernel(_kcs.centroid_pair_sums, f_out)[(N * groups, runs, 2 if one_map else 1)](
         f_out, f_tgt, part, ticket, H * W, W, C, NC, run, 2.0 / W, 2.0 / H, ROWS=rows, STEPS=steps, CB=cb,
         APART=apart and not one_map, INTERLEAVE=interleave, ONE_MAP=one_map, num_warps=_kcs.WARPS)
@@ -372,7 +373,7 @@ def _bwd_triton_fn(grad: torch.Tensor, stats: torch.Tensor, like: torch.Tensor, 
 def _setup_context_triton(ctx, inputs, output):
     _setup_context(ctx, inputs, output)
     # DMFN_CENTROID_TRITON=2 or 3: the backward by centroid_grad too (its maps are dense channels-last)
-    ctx.triton_grad = plan_switch("DMFN_CENTROID_TRITON", inputs[0]) in ("2", "3")
+    ctx.triton_grad = plan_switch("DMFN_CENTROID_TRITON", default_plan(inputs[0])) in ("2", "3")
 
 
 if _kcs is not None:
@@ -436,7 +437,7 @@ def _forward(f_out: torch.Tensor, f_tgt: torch.Tensor):
     """(loss, stats) by the C++ op, or by the Triton forward where DMFN_CENTROID_TRITON is 1 to 4 (set, or a
     measured plan's) and it takes the maps (its backward: the C++ one at 1 and 4, the Triton one at 2 and 3)."""
     plan = default_plan(f_out)
-    triton = plan.get("DMFN_CENTROID_TRITON") or _impl.env_switch("DMFN_CENTROID_TRITON")
+    triton = plan_switch("DMFN_CENTROID_TRITON", plan)
     if triton != "0" and not triton_forward_why_not(f_out, f_tgt):
         return _fwd_triton(f_out, f_tgt)
     # maps a measured Triton plan cannot take: the C++ op's defaults (-1 reads the switches, none set)
