@@ -101,7 +101,7 @@ stage tests-centroid 150 $PY -m pytest tests/test_centroid_align.py tests/test_g
 stage tests-recipe 60 $PY -m pytest tests/test_recipe.py -q -rs -p no:cacheprovider -k same_steps
 # train.py as users run it: --amp (bf16), --amp --amp-dtype fp16, both with --cuda-graphs, and --amp --compile
 # --compile-mode reduce-overhead, 50 steps each at 256 px, finite losses; two at once, the compiled run first (its
-# compile is host work, which the other runs' steps overlap: about 150 s where one at a time took about 290)
+# compile is host work, which the other runs' steps overlap: about 150 s expected, about 290 one at a time)
 stage train-smoke 330 $PY benchmarks/gpu_train_smoke.py "${DRYFLAG[@]}" --jobs 2
 # torch.compile of the fused ops must give what their eager runs give (op by op, and the generator); on
 # CUDA Inductor traces into the Triton kernels (the default; the interpreter cannot, so --dry runs opaque ops)
