@@ -19,6 +19,7 @@ import torch  # noqa: E402
 
 from dmfn_fast.models import DMFB  # noqa: E402
 from dmfn_fast.ops import bias_act as ba  # noqa: E402
+from dmfn_fast.ops import _impl  # noqa: E402
 from dmfn_fast.ops import centroid_align as ca  # noqa: E402
 from dmfn_fast.ops import thin_conv as tc  # noqa: E402
 
@@ -62,9 +63,8 @@ cases = ((torch.float32, 8, 5, torch.contiguous_format, None),
          (torch.bfloat16, 16, 40, torch.channels_last, None),
          (torch.bfloat16, 16, 5, torch.channels_last, torch.contiguous_format),
          (torch.bfloat16, 6, 5, torch.channels_last, None))
-# each plan: the switches it sets, over their defaults here
-DEFAULTS = dict(GRAD_ROWS="4", BLOCK_FINISH="0", PIXELS="0", TRITON="0", WAVES="1", APART="0", INTERLEAVE="0",
-                ONE_MAP="0")
+# each plan: the switches it sets, over the package's defaults (every switch set: no measured plan applies)
+DEFAULTS = {n[len("DMFN_CENTROID_"):]: _impl.SWITCHES[n][0] for n in ca.PLAN_SWITCHES}
 plans = [({}, c) for c in cases]
 plans += [(dict(GRAD_ROWS="1", WAVES="2"), c) for c in cases[1:4]]
 # each block finishing its own planes (DMFN_CENTROID_BLOCK_FINISH): 5x7 pixels are one run per column; the

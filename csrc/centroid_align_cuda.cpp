@@ -66,16 +66,15 @@ int env_choice(const char* name, const char* allowed, int fallback, const char* 
 // (The folded-finish, async-copy and 32-vector-block switches, never faster on the H200 or the H100, went in s24.)
 // plan: -1, the switches above; else the plan a GPU run measured (check_plan in centroid_align.h).
 dmfn_fast_cuda::ForwardOptions forward_options(const at::Device& device, int64_t plan) {
+  if (plan < 0) {  // the switches, in this order, as a plan's bits (dmfn_fast/ops/centroid_align.py's cpp_plan)
+    plan = env_choice("DMFN_CENTROID_WAVES", "1234", 1, "waves of blocks the centroid forward plans") - 1;
+    plan |= env_choice("DMFN_CENTROID_BLOCK_FINISH", "01", 0, "1 finishes whole planes in the forward's blocks") << 2;
+    plan |= env_choice("DMFN_CENTROID_PIXELS", "01", 0, "1 gives the forward's blocks whole pixels") << 3;
+  }
   dmfn_fast_cuda::ForwardOptions o;
-  const bool env = plan < 0;
-  const int waves = env ? env_choice("DMFN_CENTROID_WAVES", "1234", 1, "waves of blocks the centroid forward plans")
-                        : static_cast<int>(plan & 3) + 1;
-  o.sms = at::cuda::getDeviceProperties(device.index())->multiProcessorCount * waves;
-  o.block_finish = env ? env_choice("DMFN_CENTROID_BLOCK_FINISH", "01", 0,
-                                    "1 finishes whole planes in the forward's blocks") == 1
-                       : (plan & 4) != 0;
-  o.pixels = env ? env_choice("DMFN_CENTROID_PIXELS", "01", 0, "1 gives the forward's blocks whole pixels") == 1
-                 : (plan & 8) != 0;
+  o.sms = at::cuda::getDeviceProperties(device.index())->multiProcessorCount * static_cast<int>((plan & 3) + 1);
+  o.block_finish = (plan & 4) != 0;
+  o.pixels = (plan & 8) != 0;
   return o;
 }
 
