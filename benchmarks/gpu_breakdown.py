@@ -39,9 +39,6 @@ from dmfn_fast.models import DMFB  # noqa: E402
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from e2e_common import kernel_ms  # noqa: E402
 from dmfn_fast.ops import centroid_align as ca  # noqa: E402
-from dmfn_fast.ops._impl import SWITCHES  # noqa: E402
-
-CENTROID_SWITCHES = [k for k in SWITCHES if k.startswith("DMFN_CENTROID_")]  # the extension's plan switches
 from dmfn_fast.ops import dmfb as ops  # noqa: E402
 
 CUDA = torch.cuda.is_available() and not args.dry
@@ -233,7 +230,7 @@ for dt, layout, a, t in ([] if args.no_centroid else centroid_cases()):
                       ({"TRITON": "4"}, "extension, Triton whole planes")]
         for env, name in plans:
             with mock.patch.dict(os.environ):  # restored after each plan
-                for k in CENTROID_SWITCHES:
+                for k in ca.PLAN_SWITCHES:  # every centroid switch
                     os.environ.pop(k, None)
                 switches = {f"DMFN_CENTROID_{k}": v for k, v in env.items()}
                 os.environ.update(switches)

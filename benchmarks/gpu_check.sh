@@ -165,11 +165,12 @@ elif command -v ncu >/dev/null; then
   { echo "===== ncu report ====="; cat "$NCU_TXT"; } >> "$LOG"; rm -f "$NCU_TXT"
   NCU_TXT=$(mktemp)
   KERNELS="pair_sums|plane_sums|_read_sum|_read_pair|_read_columns|finish_pairs|centroid_finish|grad_channels"
+  KERNELS+="|centroid_grad"
   stage ncu-centroid 180 ncu --clock-control none --section SpeedOfLight --section Occupancy \
     --section WarpStateStats --section LaunchStats \
     --metrics dram__bytes_read.sum,dram__bytes_write.sum,lts__t_sector_hit_rate.pct,gpu__time_duration.sum \
     --nvtx --nvtx-include "profile/" \
-    -k "regex:$KERNELS|centroid_grad" \
+    -k "regex:$KERNELS" \
     --log-file "$NCU_TXT" $PY benchmarks/gpu_ncu_case.py --centroid
   { echo "===== ncu centroid report ====="; cat "$NCU_TXT"; } >> "$LOG"; rm -f "$NCU_TXT"
 fi

@@ -28,6 +28,12 @@ def fast(a, b):
     return ca.centroid_align_loss(a, b, impl="fast")
 
 
+def unset_plan_switches(monkeypatch):
+    """Unset every DMFN_CENTROID_* switch (ca.PLAN_SWITCHES), for this test."""
+    for n in ca.PLAN_SWITCHES:
+        monkeypatch.delenv(n, raising=False)
+
+
 def rand(shape, seed, dtype=torch.float32, device="cpu", layout="contiguous"):
     g = torch.Generator().manual_seed(seed)
     t = torch.rand(shape, generator=g, dtype=torch.float64)
@@ -283,8 +289,7 @@ def test_measured_cpp_plan_is_the_ops_argument(monkeypatch):
     assert ca.cpp_plan({"DMFN_CENTROID_PIXELS": "1", "DMFN_CENTROID_WAVES": "2"}) == 9
     assert ca.cpp_plan({"DMFN_CENTROID_BLOCK_FINISH": "1", "DMFN_CENTROID_WAVES": "4"}) == 7
     assert ca.cpp_plan({"DMFN_CENTROID_TRITON": "0"}) == 0
-    for n in ca.PLAN_SWITCHES:
-        monkeypatch.delenv(n, raising=False)
+    unset_plan_switches(monkeypatch)
     a, b = rand((2, 3, 5, 4), 23), rand((2, 3, 5, 4), 24)
     loss = fast(a, b)
     plans = []
@@ -309,8 +314,7 @@ def test_measured_cpp_plan_is_the_ops_argument(monkeypatch):
 def test_measured_plan_applies_only_where_no_switch_is_set(monkeypatch):
     """A measured plan is the default for its GPU and dtype alone: with any DMFN_CENTROID_* switch set (even to
     its default) that plan runs, its unset switches at their defaults; no plans, no device query."""
-    for n in ca.PLAN_SWITCHES:
-        monkeypatch.delenv(n, raising=False)
+    unset_plan_switches(monkeypatch)
     f32, f16 = torch.zeros(1, 2, 3, 4), torch.zeros(1, 2, 3, 4, dtype=torch.float16)
     monkeypatch.setattr(ca, "MEASURED_PLANS", {})
     monkeypatch.setattr(ca, "_capability_major", lambda f: pytest.fail("a device query with no measured plan"))
@@ -326,8 +330,7 @@ def test_measured_plan_applies_only_where_no_switch_is_set(monkeypatch):
     assert ca.default_plan(f32) == {} and ca.plan_switch("DMFN_CENTROID_TRITON", ca.default_plan(f32)) == "0"
     monkeypatch.setenv("DMFN_CENTROID_TRITON", "1")
     assert [ca.plan_switch(n, ca.default_plan(f32)) for n in ca.TRITON_PLAN_SWITCHES] == ["1", "0", "0", "0", "1"]
-    for n in ca.PLAN_SWITCHES:
-        monkeypatch.delenv(n, raising=False)
+    unset_plan_switches(monkeypatch)
     monkeypatch.setattr(ca, "_capability_major", lambda f: 8)  # another GPU
     assert ca.default_plan(f32) == {}
 
@@ -519,9 +522,7 @@ def _plan_maps(shape, seed, dtype, monkeypatch):
     """Two channels-last CUDA maps (the first requiring grad), with every plan switch unset and no measured plan:
     the plans are held to the C++ op's defaults, which the loss then runs too."""
     a, b = rand(shape, seed, dtype, "cuda", "channels_last"), rand(shape, seed + 1, dtype, "cuda", "channels_last")
-    for k in _impl.SWITCHES:
-        if k.startswith("DMFN_CENTROID_"):
-            monkeypatch.delenv(k, raising=False)
+    unset_plan_switches(monkeypatch)
     monkeypatch.setattr(ca, "MEASURED_PLANS", {})
     return a.requires_grad_(), b
 
@@ -672,8 +673,7 @@ def test_cuda_measured_plan_is_the_default(monkeypatch):
     # a measured plan of the C++ op: the bits of that plan set by its switch
     monkeypatch.setenv("DMFN_CENTROID_PIXELS", "1")
     want = ca._forward(a.detach(), b)
-    for n in ca.PLAN_SWITCHES:
-        monkeypatch.delenv(n, raising=False)
+    unset_plan_switches(monkeypatch)
     monkeypatch.setattr(ca, "MEASURED_PLANS", {(major, torch.float32): {"DMFN_CENTROID_PIXELS": "1"}})
     got = ca._forward(a.detach(), b)
     assert calls == [] and torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
